@@ -1,0 +1,229 @@
+"""notifier's settings: each defined once (type, default, help), read from ``NOTIFIER_*`` variables.
+
+``load_settings()`` reads the environment and checks every value at start-up; a bad value raises
+``SettingsError`` naming the variable and the problem. Nothing is read at import time.
+
+With no variables at all the service runs on the embedded default: a SQLite file and an
+embedded Redis server (started by ``notifier up``) on a Unix socket, both under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PREFIX", "SETTINGS", "Setting", "Settings", "SettingsError", "describe", "load_settings"]
+
+PREFIX = "NOTIFIER_"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """A setting has a value notifier cannot use; the message names the variable."""
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < 1:
+        raise ValueError("must be at least 0 and below 1")
+    return value
+
+
+def _schedule(raw: str) -> tuple[float, ...]:
+    steps = tuple(_positive_float(part) for part in raw.split(",") if part.strip())
+    if not steps:
+        raise ValueError("needs at least one delay in seconds")
+    return steps
+
+
+def _networks(raw: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip()) for part in raw.split(",") if part.strip())
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _embedded_socket(values: Mapping[str, Any]) -> Path:
+    return Path(values["data_dir"]) / "redis.sock"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its attribute name, how to parse it, its default and what it is for."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: str | Callable[[Mapping[str, Any]], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", _path, "notifier-data",
+            "Folder for the embedded default: the SQLite file and the embedded Redis socket."),
+    Setting("database_url", _text,
+            lambda v: f"sqlite:///{Path(v['data_dir']) / 'notifier.db'}",
+            "SQLAlchemy URL of the database, the source of truth (postgresql+psycopg://...)."),
+    Setting("broker_url", _text,
+            lambda v: f"redis+socket://{_embedded_socket(v)}",
+            "Celery broker URL (redis://... or amqp://...). Default: the embedded Redis."),
+    Setting("redis_url", _text,
+            lambda v: f"unix://{_embedded_socket(v)}",
+            "Redis for queues, slots and retry times. Default: the embedded Redis."),
+    Setting("redis_prefix", _text, "notifier",
+            "Prefix of every Redis key notifier writes, so one Redis can serve several installs."),
+    Setting("http_connect_timeout", _positive_float, "5",
+            "Seconds to wait for a webhook's TCP/TLS connection."),
+    Setting("http_read_timeout", _positive_float, "30",
+            "Seconds to wait for a webhook's response."),
+    Setting("max_response_bytes", _positive_int, "65536",
+            "Most bytes of a webhook's response that are read; the rest is dropped."),
+    Setting("retry_schedule", _schedule, "5,30,120,600,1800,3600,10800,21600,43200",
+            "Seconds before each retry, comma separated; the last one repeats until the horizon."),
+    Setting("retry_jitter", _fraction, "0.2",
+            "Random spread of each retry delay, as a fraction of it (0.2: +/-20%)."),
+    Setting("retry_horizon", _positive_float, str(3 * 24 * 3600),
+            "Seconds after ingestion past which a delivery is not retried again: it is dead."),
+    Setting("retry_after_max", _positive_float, str(24 * 3600),
+            "Largest Retry-After (seconds) a webhook may ask for; longer asks are cut to this."),
+    Setting("allow_private_networks", _networks, "",
+            "CIDRs a webhook may target besides public addresses, comma separated "
+            "(e.g. 127.0.0.0/8 for local tests)."),
+    Setting("slot_lease_seconds", _positive_float, "120",
+            "How long a delivery task may hold one of a webhook's connection slots; "
+            "a killed worker's slot comes back after this."),
+    Setting("batch_size", _positive_int, "10",
+            "Most deliveries of one webhook that one task carries over one connection slot."),
+    Setting("batch_time_budget", _positive_float, "5",
+            "Seconds after which a task takes no further delivery of its batch."),
+    Setting("sweep_interval", _positive_float, "1",
+            "Seconds between beat sweeps: due retries, expired leases, lost work."),
+    Setting("sla_check_interval", _positive_float, "30",
+            "Seconds between beat checks for deliveries past their webhook's SLA."),
+    Setting("visibility_timeout", _positive_float, "900",
+            "Seconds before the Redis broker hands an unacknowledged task to another worker."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, parsed and checked. Build with ``load_settings()``."""
+
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    redis_url: str
+    redis_prefix: str
+    http_connect_timeout: float
+    http_read_timeout: float
+    max_response_bytes: int
+    retry_schedule: tuple[float, ...]
+    retry_jitter: float
+    retry_horizon: float
+    retry_after_max: float
+    allow_private_networks: tuple[Network, ...]
+    slot_lease_seconds: float
+    batch_size: int
+    batch_time_budget: float
+    sweep_interval: float
+    sla_check_interval: float
+    visibility_timeout: float
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return self.redis_url == f"unix://{self.data_dir / 'redis.sock'}"
+
+    @property
+    def http_timeout(self) -> tuple[float, float]:
+        """The (connect, read) pair every outbound request uses."""
+        return (self.http_connect_timeout, self.http_read_timeout)
+
+    @property
+    def longest_task_seconds(self) -> float:
+        """Worst case of one delivery task: its time budget plus one last request."""
+        return self.batch_time_budget + self.http_connect_timeout + self.http_read_timeout
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting from ``environ`` (default: ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    known = {setting.env for setting in SETTINGS}
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known
+                     and not k.startswith(PREFIX + "TEST_"))
+    if unknown:
+        raise SettingsError(f"{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is None:
+            if callable(setting.default):
+                values[setting.name] = setting.default(values)
+                continue
+            raw = setting.default
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{setting.env}={raw!r}: {exc}") from exc
+    settings = Settings(**values)
+    _check_together(settings)
+    return settings
+
+
+def _check_together(settings: Settings) -> None:
+    if settings.slot_lease_seconds <= settings.longest_task_seconds:
+        raise SettingsError(
+            f"NOTIFIER_SLOT_LEASE_SECONDS={settings.slot_lease_seconds:g}: must exceed the longest "
+            f"delivery task ({settings.longest_task_seconds:g}s = NOTIFIER_BATCH_TIME_BUDGET + "
+            "NOTIFIER_HTTP_CONNECT_TIMEOUT + NOTIFIER_HTTP_READ_TIMEOUT), or a slow request would "
+            "outlive its slot and let one connection too many in")
+    if settings.visibility_timeout <= settings.slot_lease_seconds:
+        raise SettingsError(
+            f"NOTIFIER_VISIBILITY_TIMEOUT={settings.visibility_timeout:g}: must exceed "
+            f"NOTIFIER_SLOT_LEASE_SECONDS ({settings.slot_lease_seconds:g}), or Redis would hand "
+            "a running task to a second worker")
+    if settings.uses_embedded_redis and len(str(settings.data_dir / "redis.sock")) > 100:
+        raise SettingsError(
+            f"NOTIFIER_DATA_DIR={settings.data_dir}: too long a path for the embedded Redis "
+            "socket (Unix sockets allow about 100 characters); choose a shorter folder")
+
+
+def describe() -> str:
+    """Every setting with its variable, default and help, for ``notifier settings``."""
+    lines = []
+    for setting in SETTINGS:
+        default = "(derived)" if callable(setting.default) else repr(setting.default)
+        lines.append(f"{setting.env}  default {default}\n    {setting.help}")
+    return "\n".join(lines)
+
+
+# Keep the dataclass and the definitions in step: a setting defined in one but not the other is a bug.
+assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]

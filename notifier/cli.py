@@ -1,0 +1,197 @@
+"""The ``notifier`` command: run everything (``up``), migrate, and manage orgs and webhooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+from config import SettingsError, describe, load_settings
+
+__all__ = ["main"]
+
+
+def _settings() -> Any:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@click.group()
+def main() -> None:
+    """notifier: validated, signed webhook delivery for loyalty events."""
+
+
+@main.command()
+@click.option("--concurrency", "-c", default=2, show_default=True,
+              help="Worker processes (Celery prefork pool).")
+def up(concurrency: int) -> None:
+    """Run the whole service on this machine: Redis (embedded by default), migrations,
+    a worker and beat. Ctrl-C stops it all."""
+    from notifier.db import upgrade
+    from notifier.embedded import start_redis
+
+    settings = _settings()
+    redis_process = start_redis(settings.data_dir) if settings.uses_embedded_redis else None
+    upgrade(settings.database_url)
+    click.echo(f"database: {settings.database_url}")
+    click.echo(f"redis:    {settings.redis_url}")
+    celery = [sys.executable, "-m", "celery", "-A", "tasks"]
+    commands = {
+        "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)],
+        "beat": [*celery, "beat", "--loglevel", "INFO",
+                 "--schedule", str(settings.data_dir / "celerybeat-schedule")],
+    }
+    children = {name: subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+                for name, cmd in commands.items()}
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    click.echo("notifier is up (" + ", ".join(commands) + "); Ctrl-C to stop")
+    code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                click.echo(f"{name} exited with {child.returncode}; stopping", err=True)
+                code, stopping = child.returncode or 1, True
+        time.sleep(0.5)
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+    for child in children.values():
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    if redis_process is not None:
+        redis_process.terminate()
+        redis_process.wait(timeout=10)
+    sys.exit(code)
+
+
+@main.group()
+def db() -> None:
+    """The database."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations up to REVISION (default: the newest)."""
+    from notifier.db import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}: {settings.database_url}")
+
+
+@main.command("settings")
+def show_settings() -> None:
+    """Every NOTIFIER_* setting with its default and what it is for."""
+    click.echo(describe())
+
+
+@main.group()
+def orgs() -> None:
+    """Orgs (tenants)."""
+
+
+@orgs.command("create")
+@click.argument("org_id", type=int)
+@click.argument("name")
+@click.option("--parent", type=int, default=None, help="Parent org id.")
+def orgs_create(org_id: int, name: str, parent: int | None) -> None:
+    """Create org ORG_ID called NAME."""
+    from notifier import store
+    from notifier.db import Database
+    from notifier.errors import NotifierError
+
+    try:
+        store.create_org(Database(_settings().database_url), org_id, name, now_ms=_now_ms(),
+                         parent_id=parent)
+    except NotifierError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"org {org_id} created")
+
+
+def _header(_ctx: Any, _param: Any, values: tuple[str, ...]) -> dict[str, str]:
+    headers = {}
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{value!r}: expected NAME:VALUE")
+        headers[name.strip()] = content.strip()
+    return headers
+
+
+@main.group()
+def webhooks() -> None:
+    """Webhooks."""
+
+
+@webhooks.command("create")
+@click.option("--org", "org_id", type=int, required=True)
+@click.option("--name", required=True)
+@click.option("--url", required=True)
+@click.option("--event", "events", multiple=True, required=True, help="An event name; repeat.")
+@click.option("--header", "headers", multiple=True, callback=_header, help="NAME:VALUE; repeat.")
+@click.option("--max-connections", type=int, default=10, show_default=True)
+@click.option("--sla", type=int, default=3600, show_default=True, help="Delivery SLA, seconds.")
+def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
+                    headers: dict[str, str], max_connections: int, sla: int) -> None:
+    """Create a webhook; prints its id and its signing secret (shown only once)."""
+    from notifier import store
+    from notifier.db import Database
+    from notifier.errors import NotifierError
+    from notifier.schemas import load_catalog
+
+    try:
+        webhook_id, secret = store.create_webhook(
+            Database(_settings().database_url), load_catalog(), org_id=org_id, name=name,
+            url=url, event_names=list(events), headers=headers,
+            max_allowed_connections=max_connections, sla_in_seconds=sla, now_ms=_now_ms())
+    except NotifierError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"webHookId": webhook_id, "secret": secret}))
+
+
+@main.command()
+@click.argument("event_name")
+@click.option("--org", "org_id", type=int, required=True)
+@click.option("--data", default="{}", help="The event's data object, as JSON.")
+@click.option("--event-id", default=None)
+def publish(event_name: str, org_id: int, data: str, event_id: str | None) -> None:
+    """Publish one event through the broker, as a loyalty service would."""
+    from notifier.client import publish as publish_event
+    from notifier.errors import NotifierError
+
+    try:
+        parsed = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
+    try:
+        published = publish_event(event_name, parsed, org_id=org_id, event_id=event_id,
+                                  broker_url=_settings().broker_url)
+    except NotifierError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(published)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

@@ -1,0 +1,73 @@
+"""The producer client: ``publish`` an event without any of notifier's task code.
+
+It sends the ``notifier.ingest`` task by name over the broker, so a loyalty service needs only
+this module (and Celery's client side) to publish.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery
+
+from notifier.errors import InvalidEvent
+
+__all__ = ["INGEST_TASK", "QUEUE", "build_envelope", "publish"]
+
+INGEST_TASK = "notifier.ingest"
+QUEUE = "notifier"
+
+
+def build_envelope(event_name: str, data: Mapping[str, Any], *, org_id: int,
+                   event_id: str | None = None, ref_id: str | None = None,
+                   api_request_id: str | None = None, created_at: int | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """The InTouch event envelope, with ``eventId`` and ``createdAt`` filled in when missing."""
+    if not isinstance(event_name, str) or not event_name:
+        raise InvalidEvent("eventName", "must be a non-empty string")
+    if isinstance(org_id, bool) or not isinstance(org_id, int):
+        raise InvalidEvent("orgId", "must be an integer")
+    if not isinstance(data, Mapping):
+        raise InvalidEvent("data", "must be an object")
+    envelope: dict[str, Any] = {
+        "eventName": event_name,
+        "eventId": event_id or str(uuid.uuid4()),
+        "orgId": org_id,
+        "createdAt": created_at if created_at is not None else time.time_ns() // 1_000_000,
+        "data": dict(data),
+    }
+    if ref_id is not None:
+        envelope["refId"] = ref_id
+    if api_request_id is not None:
+        envelope["apiRequestId"] = api_request_id
+    envelope.update(extra)
+    return envelope
+
+
+@functools.cache
+def _producer(broker_url: str) -> Celery:
+    producer = Celery("notifier-client", broker=broker_url, set_as_current=False)
+    producer.conf.update(task_serializer="json", accept_content=["json"],
+                         broker_connection_retry_on_startup=True)
+    return producer
+
+
+def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
+            event_id: str | None = None, broker_url: str | None = None,
+            **envelope_fields: Any) -> str:
+    """Publish one event for notifier to deliver; returns its ``eventId``.
+
+    ``broker_url`` defaults to ``NOTIFIER_BROKER_URL`` (or the embedded Redis).
+    """
+    envelope = build_envelope(event_name, data, org_id=org_id, event_id=event_id,
+                              **envelope_fields)
+    if broker_url is None:
+        from config import load_settings
+
+        broker_url = load_settings().broker_url
+    _producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE)
+    return str(envelope["eventId"])

@@ -1,0 +1,64 @@
+"""The one exception tree of notifier.
+
+    NotifierError
+    ├── InvalidInput            bad input from a caller; names the field
+    │   └── InvalidEvent        an event that fails its envelope or schema check
+    ├── NotFound                an id that does not exist (or belongs to another org)
+    ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
+    └── TransientError          worth retrying: the same call may succeed later
+        ├── StoreUnavailable    the database did not answer
+        └── QueueUnavailable    Redis did not answer
+
+Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
+only ever catch these. Tasks retry ``TransientError``; the API maps each class to one status.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DestinationNotAllowed",
+    "InvalidEvent",
+    "InvalidInput",
+    "NotFound",
+    "NotifierError",
+    "QueueUnavailable",
+    "StoreUnavailable",
+    "TransientError",
+]
+
+
+class NotifierError(Exception):
+    """Root of every error notifier raises on purpose."""
+
+
+class InvalidInput(NotifierError):
+    """A caller sent something notifier cannot accept; ``field`` names where."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class InvalidEvent(InvalidInput):
+    """An event failed its envelope or schema check; ``field`` is a JSON path such as ``$.data``."""
+
+
+class NotFound(NotifierError):
+    """The thing asked for does not exist, or is not the caller's to see."""
+
+
+class DestinationNotAllowed(NotifierError):
+    """A webhook URL's scheme or address is outside what the operator allows."""
+
+
+class TransientError(NotifierError):
+    """A dependency failed in a way that may pass: retry later."""
+
+
+class StoreUnavailable(TransientError):
+    """The database could not be reached or gave up mid-transaction."""
+
+
+class QueueUnavailable(TransientError):
+    """Redis (queues, slots, retry times) could not be reached."""

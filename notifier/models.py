@@ -1,0 +1,189 @@
+"""The tables: orgs, webhooks and their subscriptions and secrets, events, deliveries, attempts.
+
+Times are integers of epoch milliseconds (``*_ms``), as InTouch's ``createdAt``: exact, portable
+between SQLite and PostgreSQL, and cheap to compare in SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Attempt",
+    "Base",
+    "Delivery",
+    "DeliveryStatus",
+    "Event",
+    "EventStatus",
+    "Org",
+    "SigningSecret",
+    "Webhook",
+    "WebhookSubscription",
+]
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only autoincrements INTEGER PRIMARY KEY, not BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class EventStatus(enum.StrEnum):
+    RECEIVED = "received"
+    REJECTED = "rejected"
+    DISPATCHED = "dispatched"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+FINAL_STATUSES = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.DEAD})
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Org(Base):
+    __tablename__ = "orgs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(200))
+    parent_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("orgs.id"))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Webhook(Base):
+    __tablename__ = "webhooks"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_webhooks_org_name"),)
+
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, str]] = mapped_column(JsonType, default=dict)
+    method_type: Mapped[str] = mapped_column(String(8), default="POST")
+    webhook_type: Mapped[str] = mapped_column(String(16), default="HTTP")
+    max_allowed_connections: Mapped[int] = mapped_column(Integer)
+    sla_in_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    consumer_group_id: Mapped[str] = mapped_column(String(36), unique=True)
+    listen_to_child_events: Mapped[bool] = mapped_column(Boolean, default=False)
+    till_details_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)
+    store_details_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)
+    customer_identifiers_to_be_enriched: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    card_number_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)
+    awarded_reference_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)
+    available_points_balance_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookSubscription(Base):
+    """One row per (webhook, event name): fan-out finds subscribers with one indexed join."""
+
+    __tablename__ = "webhook_subscriptions"
+    __table_args__ = (Index("ix_webhook_subscriptions_event_name", "event_name"),)
+
+    webhook_id: Mapped[str] = mapped_column(
+        String(24), ForeignKey("webhooks.id", ondelete="CASCADE"), primary_key=True)
+    event_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+
+
+class SigningSecret(Base):
+    """A webhook's ``whsec_`` secrets; during a rotation the old one lives until ``expires_at_ms``."""
+
+    __tablename__ = "signing_secrets"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(
+        String(24), ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        # Idempotency: one row per (org, eventId); another org's eventId never collides.
+        UniqueConstraint("org_id", "event_id", name="uq_events_org_event_id"),
+        Index("ix_events_event_id", "event_id"),
+        Index("ix_events_ref_id", "ref_id"),
+        Index("ix_events_api_request_id", "api_request_id"),
+        Index("ix_events_org_received", "org_id", "received_at_ms"),
+    )
+
+    pk: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(100))
+    event_name: Mapped[str] = mapped_column(String(100))
+    org_id: Mapped[int | None] = mapped_column(BigInteger)
+    ref_id: Mapped[str | None] = mapped_column(String(200))
+    api_request_id: Mapped[str | None] = mapped_column(String(200))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    received_at_ms: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    status: Mapped[str] = mapped_column(String(16))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_path: Mapped[str | None] = mapped_column(String(500))
+
+
+class Delivery(Base):
+    """One event to one webhook. ``id`` is the ``webhook-id`` header: the same on every retry."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_pk", "webhook_id", name="uq_deliveries_event_webhook"),
+        Index("ix_deliveries_webhook_ingested", "webhook_id", "ingested_at_ms"),
+        Index("ix_deliveries_status_next", "status", "next_attempt_at_ms"),
+        Index("ix_deliveries_sla_open", "sla_breach_at_ms", "status", "ingested_at_ms"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_pk: Mapped[int] = mapped_column(BigInteger, ForeignKey("events.pk"))
+    webhook_id: Mapped[str] = mapped_column(String(24), ForeignKey("webhooks.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    ingested_at_ms: Mapped[int] = mapped_column(BigInteger)
+    next_attempt_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    lease_until_ms: Mapped[int | None] = mapped_column(BigInteger)
+    started_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    ended_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    sla_breach_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("deliveries.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    started_at_ms: Mapped[int] = mapped_column(BigInteger)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error_class: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)

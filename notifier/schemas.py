@@ -1,0 +1,89 @@
+"""The event catalog: one draft-06 JSON schema per event name, loaded once from ``schemas/``.
+
+``$ref``s resolve against the files in that folder only; nothing is ever fetched over the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft6Validator
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+from referencing.exceptions import NoSuchResource
+from referencing.jsonschema import DRAFT6
+
+from notifier.errors import InvalidEvent
+
+__all__ = ["SCHEMAS_DIR", "EventCatalog", "json_path", "load_catalog"]
+
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+_NOT_EVENTS = {"commonEvent.json", "catalog.json"}
+
+
+def json_path(parts: Iterable[Any]) -> str:
+    """``['data', 'points', 0]`` -> ``$.data.points[0]``."""
+    path = "$"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+class EventCatalog:
+    """Every event schema of one folder, with a validator per event name built once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._registry: Registry[Any] = Registry(retrieve=self._retrieve)  # type: ignore[call-arg]
+        self._validators: dict[str, Draft6Validator] = {}
+        for path in sorted(folder.glob("*.json")):
+            if path.name in _NOT_EVENTS:
+                continue
+            schema = json.loads(path.read_text())
+            self._validators[path.stem] = Draft6Validator(
+                schema, registry=self._registry, format_checker=None)
+        catalog_file = folder / "catalog.json"
+        self.entries: Mapping[str, Mapping[str, str]] = (
+            json.loads(catalog_file.read_text()) if catalog_file.exists() else {})
+
+    def _retrieve(self, uri: str) -> Resource[Any]:
+        # Only plain relative names ("commonEvent.json", "internal/customer.json") are served,
+        # and only from this folder: a remote or escaping $ref is refused, never fetched.
+        relative = uri.removeprefix("./")
+        candidate = (self.folder / relative).resolve()
+        if "://" in uri or not candidate.is_relative_to(self.folder.resolve()) \
+                or not candidate.is_file():
+            raise NoSuchResource(ref=uri)
+        return DRAFT6.create_resource(json.loads(candidate.read_text()))
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._validators)
+
+    def schema(self, event_name: str) -> dict[str, Any]:
+        return dict(self._validator(event_name).schema)
+
+    def _validator(self, event_name: str) -> Draft6Validator:
+        try:
+            return self._validators[event_name]
+        except KeyError:
+            raise InvalidEvent("$.eventName", f"unknown event name {event_name!r}") from None
+
+    def validate(self, event: Mapping[str, Any]) -> None:
+        """Raise ``InvalidEvent`` naming the JSON path and the problem, or return quietly."""
+        name = event.get("eventName")
+        if not isinstance(name, str):
+            raise InvalidEvent("$.eventName", "is required and must be a string")
+        error: ValidationError | None = best_match(self._validator(name).iter_errors(event))
+        if error is not None:
+            raise InvalidEvent(json_path(error.absolute_path), error.message)
+
+
+@functools.cache
+def load_catalog(folder: Path = SCHEMAS_DIR) -> EventCatalog:
+    """The catalog of ``folder``, read once per process."""
+    return EventCatalog(folder)

@@ -1,0 +1,9 @@
+"""The Celery side of notifier: ``celery -A tasks worker`` / ``celery -A tasks beat``.
+
+Tasks are thin: ids and plain dicts in, one ``notifier.pipeline`` call, transient errors retried.
+"""
+
+from tasks.app import app
+from tasks import delivery  # noqa: F401 - registers the tasks on the app
+
+__all__ = ["app"]

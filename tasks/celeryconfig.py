@@ -1,0 +1,40 @@
+"""Celery settings derived from notifier's own; read when the app is first configured."""
+
+from datetime import timedelta
+
+from config import load_settings
+from notifier.client import QUEUE
+
+_settings = load_settings()
+
+broker_url = _settings.broker_url
+broker_connection_retry_on_startup = True
+# Redis hands an unacknowledged task to another worker after this; it must outlast the longest
+# task (checked in config), and it is set in all three places Celery reads it from.
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+visibility_timeout = _settings.visibility_timeout
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+# Delivery state lives in our tables; Celery results would only cost writes.
+task_ignore_result = True
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_cancel_long_running_tasks_on_connection_loss = True
+task_default_queue = QUEUE
+
+beat_schedule = {
+    "sweep": {
+        "task": "notifier.sweep",
+        "schedule": timedelta(seconds=_settings.sweep_interval),
+        "options": {"expires": _settings.sweep_interval * 5},
+    },
+    "check-sla": {
+        "task": "notifier.check_sla",
+        "schedule": timedelta(seconds=_settings.sla_check_interval),
+        "options": {"expires": _settings.sla_check_interval},
+    },
+}
