@@ -1,0 +1,349 @@
+"""Shared test plumbing: the real services (PostgreSQL, Redis), a real HTTP receiver, and
+notifier's own worker and beat processes.
+
+PostgreSQL and Redis are this machine's (``NOTIFIER_TEST_DATABASE_URL``,
+``NOTIFIER_TEST_REDIS_URL``). Without a Redis server the tests start the embedded one; without
+PostgreSQL its tests are skipped, except under CI, where a missing service is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from config import Settings, load_settings
+from notifier.db import Database, upgrade
+from notifier.models import Base
+
+PG_URL = os.environ.get("NOTIFIER_TEST_DATABASE_URL",
+                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("NOTIFIER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _unavailable(service: str, exc: Exception) -> None:
+    message = f"{service} unreachable ({exc})"
+    if IN_CI:
+        pytest.fail(message + "; .ci/run should have started it")
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    try:
+        engine = sa.create_engine(PG_URL)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+        engine.dispose()
+    except Exception as exc:  # any driver error means: no usable PostgreSQL here
+        _unavailable("PostgreSQL", exc)
+    upgrade(PG_URL)
+    return PG_URL
+
+
+def _truncate(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        names = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database: a fresh SQLite file, or the PostgreSQL test database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'notifier.db'}"
+        upgrade(url)
+        return url
+    url = request.getfixturevalue("pg_url")
+    _truncate(url)
+    return url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+# ---------------------------------------------------------------- redis
+
+
+@pytest.fixture(scope="session")
+def redis_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(redis-py URL prefix, kombu URL prefix) of a live Redis; db numbers are appended."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        yield REDIS_URL.rstrip("/"), REDIS_URL.rstrip("/")
+        return
+    except redis.exceptions.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis unreachable at {REDIS_URL} ({exc})")
+    from notifier.embedded import start_redis
+
+    folder = tmp_path_factory.mktemp("redis")
+    process = start_redis(folder)
+    socket_path = folder / "redis.sock"
+    yield f"unix://{socket_path}?db=", f"redis+socket://{socket_path}?virtual_host="
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _with_db(base: str, number: int) -> str:
+    return f"{base}{number}" if base.endswith("=") else f"{base}/{number}"
+
+
+@pytest.fixture
+def redis_url(redis_base: tuple[str, str]) -> str:
+    url = _with_db(redis_base[0], 15)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture
+def broker_url(redis_base: tuple[str, str]) -> str:
+    url = _with_db(redis_base[1], 14)
+    client = redis.Redis.from_url(_with_db(redis_base[0], 14))
+    client.flushdb()
+    client.close()
+    return url
+
+
+# ---------------------------------------------------------------- receiver
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every request and answers as scripted."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.scripts: dict[str, deque[Reply]] = defaultdict(deque)
+        self.holds: dict[str, float] = {}
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self.lock = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                reply = receiver._begin(self.path)
+                try:
+                    time.sleep(reply.delay)
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                finally:
+                    receiver._end(self.path, Received(
+                        self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                        time.monotonic()))
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def script(self, path: str, *replies: Reply | int) -> None:
+        with self.lock:
+            self.scripts[path].extend(r if isinstance(r, Reply) else Reply(r) for r in replies)
+
+    def hold(self, path: str, seconds: float) -> None:
+        self.holds[path] = seconds
+
+    def _begin(self, path: str) -> Reply:
+        with self.lock:
+            self.in_flight[path] += 1
+            self.peak[path] = max(self.peak[path], self.in_flight[path])
+            script = self.scripts[path]
+            reply = script.popleft() if script else Reply()
+            if path in self.holds:
+                reply = Reply(reply.status, reply.headers, reply.delay + self.holds[path])
+            # The request is counted when its handling starts: arrival is what tests observe.
+            return reply
+
+    def _end(self, path: str, received: Received) -> None:
+        with self.lock:
+            self.in_flight[path] -= 1
+            self.requests.append(received)
+            self.lock.notify_all()
+
+    def at(self, path: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+    def wait_for(self, count: int, path: str | None = None, timeout: float = 60.0,
+                 unique: bool = False) -> list[Received]:
+        """Block until ``count`` requests (to ``path``; distinct webhook-ids if ``unique``)."""
+        def seen() -> list[Received]:
+            got = [r for r in self.requests if path is None or r.path == path]
+            if unique:
+                got = list({r.headers["webhook-id"]: r for r in got}.values())
+            return got
+
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while len(seen()) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"receiver got {len(seen())} of {count} requests "
+                                f"to {path or 'any path'} in {timeout}s")
+                self.lock.wait(left)
+            return seen()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+class Stack:
+    """notifier's own processes (Celery workers and beat) against the test services."""
+
+    def __init__(self, env: dict[str, str], folder: Path) -> None:
+        self.env = env
+        self.folder = folder
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.settings: Settings = load_settings(
+            {k: v for k, v in env.items() if k.startswith("NOTIFIER_")})
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with (self.folder / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tasks", *args], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.folder)
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+    def worker(self, name: str = "w1", concurrency: int = 2, pool: str = "prefork") -> str:
+        self._spawn(name, ["worker", "--hostname", f"{name}@%h", "--pool", pool,
+                           "--concurrency", str(concurrency), "--loglevel", "INFO"])
+        wait_until(lambda: "ready." in self.log(name) or self.processes[name].poll() is not None,
+                   60, f"worker {name} to be ready")
+        assert self.processes[name].poll() is None, self.log(name)
+        return name
+
+    def beat(self) -> None:
+        self._spawn("beat", ["beat", "--loglevel", "INFO",
+                             "--schedule", str(self.folder / "celerybeat-schedule")])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and all its children (the prefork pool) at once."""
+        os.killpg(self.processes[name].pid, sig)
+        self.processes[name].wait(timeout=30)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path, pg_url: str, redis_url: str, broker_url: str) -> dict[str, str]:
+    """Settings for a fast-moving stack: short retries, timeouts and leases."""
+    _truncate(pg_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+    env.update({
+        "NOTIFIER_DATA_DIR": str(tmp_path),
+        "NOTIFIER_DATABASE_URL": pg_url,
+        "NOTIFIER_BROKER_URL": broker_url,
+        "NOTIFIER_REDIS_URL": redis_url,
+        "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        "NOTIFIER_RETRY_SCHEDULE": "0.3",
+        "NOTIFIER_RETRY_JITTER": "0",
+        "NOTIFIER_HTTP_CONNECT_TIMEOUT": "1",
+        "NOTIFIER_HTTP_READ_TIMEOUT": "1",
+        "NOTIFIER_BATCH_TIME_BUDGET": "1",
+        "NOTIFIER_SLOT_LEASE_SECONDS": "5",
+        "NOTIFIER_VISIBILITY_TIMEOUT": "30",
+        "NOTIFIER_SWEEP_INTERVAL": "0.5",
+        "NOTIFIER_SLA_CHECK_INTERVAL": "0.5",
+    })
+    return env
+
+
+@pytest.fixture
+def stack(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    running = Stack(stack_env, tmp_path)
+    yield running
+    running.stop()

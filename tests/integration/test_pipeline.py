@@ -1,0 +1,334 @@
+"""The whole delivery path: publish -> real broker -> real worker processes -> real HTTP receiver,
+with PostgreSQL as the store and Redis for queues and slots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from notifier import publish, store
+from notifier.db import Database
+from notifier.models import Attempt, Delivery, DeliveryStatus, Event, EventStatus
+from notifier.schemas import load_catalog
+from tests.conftest import Receiver, Reply, Stack, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+ORG = 51186
+
+
+def customer(n: int = 1) -> dict[str, Any]:
+    return {"customerIdentifiers": {"customerId": n}, "totalPointsIssued": 10}
+
+
+@pytest.fixture
+def database(stack: Stack) -> Iterator[Database]:
+    """The stack's database, with the test org in it."""
+    opened = Database(stack.settings.database_url)
+    store.create_org(opened, ORG, "test org", now_ms=0)
+    yield opened
+    opened.dispose()
+
+
+def hook(
+    database: Database,
+    receiver: Receiver,
+    path: str,
+    *,
+    events: tuple[str, ...] = ("pointsIssued",),
+    **options: Any,
+) -> tuple[str, str]:
+    return store.create_webhook(
+        database,
+        load_catalog(),
+        org_id=ORG,
+        name=path.strip("/"),
+        url=receiver.url(path),
+        event_names=list(events),
+        now_ms=0,
+        **options,
+    )
+
+
+def send(
+    stack: Stack,
+    event_name: str = "pointsIssued",
+    data: dict[str, Any] | None = None,
+    **fields: Any,
+) -> str:
+    return publish(
+        event_name,
+        customer() if data is None else data,
+        org_id=ORG,
+        broker_url=stack.settings.broker_url,
+        **fields,
+    )
+
+
+def deliveries(database: Database, **where: Any) -> list[Delivery]:
+    with database.session() as session:
+        query = select(Delivery)
+        for name, value in where.items():
+            query = query.where(getattr(Delivery, name) == value)
+        return list(session.scalars(query))
+
+
+def attempts_of(database: Database, delivery_id: str) -> list[Attempt]:
+    with database.session() as session:
+        return list(
+            session.scalars(
+                select(Attempt).where(Attempt.delivery_id == delivery_id).order_by(Attempt.number)
+            )
+        )
+
+
+def settled(database: Database, status: DeliveryStatus, count: int = 1) -> Any:
+    return lambda: len(deliveries(database, status=status)) >= count
+
+
+def test_fan_out_delivers_every_event_once_to_each_subscriber_signed(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    secrets = {}
+    for name in ("a", "b", "c"):
+        _, secrets[f"/{name}"] = hook(
+            database,
+            receiver,
+            f"/{name}",
+            headers={"X-Hook": name, "Authorization": f"Basic {name}"},
+        )
+    hook(database, receiver, "/other", events=("tierUpgraded",))
+    stack.worker("w1")
+    stack.worker("w2")
+    stack.beat()
+
+    sent = {send(stack, data=customer(n)) for n in range(200)}
+
+    got = receiver.wait_for(600, timeout=120)
+    assert len({r.headers["webhook-id"] for r in got}) == 600
+    for path, secret in secrets.items():
+        at_path = receiver.at(path)
+        assert len(at_path) == 200
+        assert {json.loads(r.body)["eventId"] for r in at_path} == sent
+        verifier = StandardWebhook(secret)
+        for request in at_path:
+            verifier.verify(request.body, request.headers)  # raises on a bad signature
+            assert request.headers["x-hook"] == path.strip("/")
+            assert request.headers["authorization"] == f"Basic {path.strip('/')}"
+            assert request.headers["content-type"] == "application/json"
+    assert receiver.at("/other") == []
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 600), 30, "600 delivered rows")
+    assert len(deliveries(database)) == 600
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(Attempt)) == 600
+
+
+def test_server_errors_are_retried_until_delivered(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/flaky")
+    receiver.script("/flaky", 500, 500, 200)
+    stack.worker()
+    stack.beat()
+
+    send(stack)
+
+    got = receiver.wait_for(3, "/flaky")
+    assert len({r.headers["webhook-id"] for r in got}) == 1
+    wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
+    (delivery,) = deliveries(database)
+    assert [a.status_code for a in attempts_of(database, delivery.id)] == [500, 500, 200]
+    assert delivery.attempt_count == 3
+
+
+def test_client_error_fails_after_one_attempt(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/bad")
+    receiver.script("/bad", Reply(400))
+    stack.worker()
+    stack.beat()
+
+    send(stack)
+
+    wait_until(settled(database, DeliveryStatus.FAILED), 30, "failed")
+    (delivery,) = deliveries(database)
+    assert [a.status_code for a in attempts_of(database, delivery.id)] == [400]
+    assert delivery.next_attempt_at_ms is None
+    assert len(receiver.at("/bad")) == 1
+
+
+def test_retry_after_is_honoured(stack: Stack, receiver: Receiver, database: Database) -> None:
+    hook(database, receiver, "/busy")
+    receiver.script("/busy", Reply(429, {"Retry-After": "2"}), Reply(200))
+    stack.worker()
+    stack.beat()
+
+    send(stack)
+
+    first, second = receiver.wait_for(2, "/busy", timeout=30)
+    # The schedule says 0.3 s; only the receiver's Retry-After can explain a wait of 2 s.
+    assert second.at - first.at >= 1.9
+    wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
+
+
+def test_timeout_is_retried(stack: Stack, receiver: Receiver, database: Database) -> None:
+    hook(database, receiver, "/slow")
+    receiver.script("/slow", Reply(200, delay=2.5), Reply(200))  # read timeout is 1 s
+    stack.worker()
+    stack.beat()
+
+    send(stack)
+
+    wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
+    (delivery,) = deliveries(database)
+    first, second = attempts_of(database, delivery.id)
+    assert first.status_code is None and "timed out" in (first.error_message or "").lower()
+    assert second.status_code == 200
+
+
+def test_schema_violation_is_rejected_with_the_field_and_never_delivered(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/h")
+    stack.worker()
+
+    event_id = send(stack, data={"totalPointsIssued": "ten"})
+
+    def stored() -> Event | None:
+        with database.session() as session:
+            return session.scalar(select(Event).where(Event.event_id == event_id))
+
+    event = wait_until(stored, 30, "the event row")
+    assert event.status == EventStatus.REJECTED
+    assert "customerIdentifiers" in (event.error_message or "")
+    assert deliveries(database) == []
+
+
+def test_max_allowed_connections_holds_across_worker_processes(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/capped", max_allowed_connections=3)
+    receiver.hold("/capped", 0.3)
+    stack.worker("w1", concurrency=2)
+    stack.worker("w2", concurrency=2)
+    stack.beat()
+
+    for n in range(30):
+        send(stack, data=customer(n))
+
+    receiver.wait_for(30, "/capped", timeout=60)
+    # Four pool processes could send four at once; the slots allow three, and three are used.
+    assert receiver.peak["/capped"] == 3
+
+
+def test_a_killed_worker_loses_nothing(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/k", max_allowed_connections=4)
+    receiver.hold("/k", 0.1)
+    stack.worker("w1", concurrency=2)
+    stack.worker("w2", concurrency=2)
+    stack.beat()
+    sent = {send(stack, data=customer(n)) for n in range(80)}
+
+    receiver.wait_for(10, "/k", timeout=60)
+    stack.kill("w1")
+
+    got = receiver.wait_for(80, "/k", timeout=120, unique=True)
+    assert {json.loads(r.body)["eventId"] for r in got} == sent
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 80), 60, "80 delivered rows")
+
+
+def test_a_flushed_redis_loses_nothing(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/f", max_allowed_connections=2)
+    receiver.hold("/f", 0.1)
+    stack.worker("w1")
+    stack.beat()
+    sent = {send(stack, data=customer(n)) for n in range(60)}
+
+    receiver.wait_for(10, "/f", timeout=60)
+    redis.Redis.from_url(stack.settings.redis_url).flushall()
+
+    got = receiver.wait_for(60, "/f", timeout=120, unique=True)
+    assert {json.loads(r.body)["eventId"] for r in got} == sent
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 60), 60, "60 delivered rows")
+
+
+def test_the_same_event_id_is_delivered_once_per_webhook(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/once")
+    # One solo worker takes tasks in order, so once the marker arrives, the duplicate's ingest
+    # (sent before it) has run, and any delivery it made would have arrived first.
+    stack.worker("solo", concurrency=1, pool="solo")
+    event_id = str(uuid.uuid4())
+
+    send(stack, event_id=event_id)
+    receiver.wait_for(1, "/once")
+    send(stack, event_id=event_id)
+    marker = send(stack)
+    receiver.wait_for(2, "/once")
+
+    ids = [json.loads(r.body)["eventId"] for r in receiver.at("/once")]
+    assert sorted(ids) == sorted([event_id, marker])
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(Event)) == 2
+
+
+def test_replay_from_the_celery_command_keeps_the_webhook_id(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/replay")
+    stack.worker()
+    send(stack)
+    (first,) = receiver.wait_for(1, "/replay")
+    wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "replay", first.headers["webhook-id"]],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "queued 1" in done.stdout
+    _, again = receiver.wait_for(2, "/replay")
+    assert again.headers["webhook-id"] == first.headers["webhook-id"]
+    assert again.body == first.body
+
+
+def test_sla_breach_is_flagged_by_beat(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/late", sla_in_seconds=1)
+    receiver.script("/late", *[500] * 50)
+    stack.worker()
+    stack.beat()
+    started = time.time_ns() // 1_000_000
+
+    send(stack)
+
+    (flagged,) = wait_until(
+        lambda: [d for d in deliveries(database) if d.sla_breach_at_ms is not None],
+        30,
+        "the SLA breach flag",
+    )
+    assert flagged.status != DeliveryStatus.DELIVERED
+    assert flagged.sla_breach_at_ms == flagged.ingested_at_ms + 1000
+    assert flagged.ingested_at_ms >= started
