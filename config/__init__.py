@@ -10,6 +10,7 @@ embedded Redis server (started by ``notifier up``) on a Unix socket, both under 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -29,8 +30,8 @@ class SettingsError(ValueError):
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if value <= 0:
-        raise ValueError("must be greater than zero")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number greater than zero")
     return value
 
 
@@ -43,7 +44,7 @@ def _positive_int(raw: str) -> int:
 
 def _fraction(raw: str) -> float:
     value = float(raw)
-    if not 0 <= value < 1:
+    if not math.isfinite(value) or not 0 <= value < 1:
         raise ValueError("must be at least 0 and below 1")
     return value
 

@@ -11,6 +11,7 @@ step; see the performance issue for the measurements).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections import defaultdict
@@ -22,6 +23,7 @@ from config import Settings
 from notifier import store
 from notifier.db import Database
 from notifier.enrich import enrich
+from notifier.errors import TransientError
 from notifier.models import DeliveryStatus
 from notifier.queues import Lease, Queues
 from notifier.retry import next_attempt_at_ms
@@ -53,8 +55,11 @@ __all__ = [
     "sweep",
 ]
 
+log = logging.getLogger(__name__)
+
 SendLease = Callable[[Lease], None]
 EXCERPT_BYTES = 1024
+_OWN_HEADERS = frozenset({"content-type", "content-length", "host"})
 
 
 def now_ms() -> int:
@@ -127,7 +132,8 @@ def render(payload: Mapping[str, Any]) -> bytes:
 def request_for(target: store.Target, delivery_id: str, body: bytes,
                 timestamp: int) -> OutboundRequest:
     """The signed request: the webhook's own headers, then ours (which a webhook cannot override)."""
-    headers = dict(target.headers)
+    headers = {name: value for name, value in target.headers.items()
+               if name.lower() not in _OWN_HEADERS and not name.lower().startswith("webhook-")}
     headers["Content-Type"] = "application/json"
     headers.update(signature_headers(target.secrets, delivery_id, timestamp, body))
     return OutboundRequest(target.url, headers, body)
@@ -197,9 +203,18 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed) -
         return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
                               error_class="WebhookInactive",
                               error_message="the webhook was deactivated")
-    body = render(enrich(claimed.event, target))
-    result = services.sender.send(request_for(target, claimed.id, body, started // 1000))
-    return judge(services, claimed, result, started)
+    try:
+        body = render(enrich(claimed.event, target))
+        result = services.sender.send(request_for(target, claimed.id, body, started // 1000))
+        return judge(services, claimed, result, started)
+    except TransientError:
+        raise
+    except Exception as exc:
+        # A bug in a step must not crash the worker and resend forever: record it as a failed
+        # attempt (replayable once fixed) and carry on with the batch.
+        log.exception("delivery %s failed in notifier itself", claimed.id)
+        return store.Finished(claimed, started, now_ms() - started, DeliveryStatus.FAILED,
+                              error_class=type(exc).__name__, error_message=str(exc)[:2000])
 
 
 def _give_back(services: Services, webhook_id: str, target: store.Target,

@@ -27,7 +27,7 @@ def next_attempt_at_ms(
     ``Retry-After`` longer than that delay wins, cut to ``retry_after_max``.
     """
     step = schedule[min(attempts_made, len(schedule)) - 1]
-    delay = step * (1 + (rng or random).uniform(-jitter, jitter))  # noqa: S311 - not a secret
+    delay = step * (1 + (rng or random).uniform(-jitter, jitter))
     if retry_after is not None:
         delay = max(delay, min(retry_after, retry_after_max))
     due = now_ms + round(delay * 1000)

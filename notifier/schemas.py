@@ -57,7 +57,7 @@ class EventCatalog:
         candidate = (self.folder / relative).resolve()
         if "://" in uri or not candidate.is_relative_to(self.folder.resolve()) \
                 or not candidate.is_file():
-            raise NoSuchResource(ref=uri)
+            raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
         return DRAFT6.create_resource(json.loads(candidate.read_text()))
 
     @property

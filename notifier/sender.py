@@ -92,7 +92,7 @@ def retry_after_seconds(result: Result, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdecimal():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -103,12 +103,16 @@ def retry_after_seconds(result: Result, now: float) -> float | None:
 
 def check_destination(url: str, allowed: Sequence[Network]) -> None:
     """Refuse a URL that is not http(s) or resolves to a non-public address outside ``allowed``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise DestinationNotAllowed(f"{url!r}: not a valid URL ({exc})") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DestinationNotAllowed(f"{url!r}: only http and https URLs with a host are allowed")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
+        infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
         raise DestinationNotAllowed(f"{parts.hostname!r} does not resolve: {exc}") from exc
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
@@ -145,7 +149,10 @@ class HttpSender:
     def _check(self, url: str) -> None:
         # A destination stays checked for a minute: resolving on every POST would cost more
         # than the POST on a keep-alive connection.
-        host = urlsplit(url).netloc
+        try:
+            host = urlsplit(url).netloc
+        except ValueError as exc:
+            raise DestinationNotAllowed(f"{url!r}: not a valid URL ({exc})") from exc
         now = time.monotonic()
         if self._checked.get(host, 0.0) > now:
             return

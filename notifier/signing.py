@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 __all__ = ["SECRET_PREFIX", "new_secret", "sign", "signature_headers"]
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 
 def new_secret() -> str:

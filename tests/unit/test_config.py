@@ -69,7 +69,6 @@ def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
     assert str(caught.value).startswith(f"{variable}=")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _positive_float accepts nan (nan <= 0 is False)")
 @pytest.mark.parametrize("variable", [
     "NOTIFIER_HTTP_READ_TIMEOUT", "NOTIFIER_VISIBILITY_TIMEOUT", "NOTIFIER_RETRY_SCHEDULE"])
 def test_nan_is_refused(variable: str) -> None:

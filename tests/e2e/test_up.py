@@ -1,0 +1,60 @@
+"""The README's first command: ``notifier up`` with no settings runs the whole service on the
+embedded default (SQLite file, embedded Redis), and the CLI drives it end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from tests.conftest import Receiver, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: Receiver) -> None:
+    command = shutil.which("notifier")
+    assert command, "the notifier command is not installed (pip install -e .)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+    # The only setting: the receiver listens on loopback, which webhooks may not target by default.
+    env["NOTIFIER_ALLOW_PRIVATE_NETWORKS"] = "127.0.0.0/8"
+    log = tmp_path / "up.log"
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([command, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with log.open("wb") as out:
+        up = subprocess.Popen([command, "up", "--concurrency", "1"], cwd=tmp_path, env=env,
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        wait_until(lambda: " ready." in log.read_text() or up.poll() is not None, 90,
+                   "the worker of notifier up")
+        assert up.poll() is None, log.read_text()
+        cli("orgs", "create", "100", "demo")
+        created = json.loads(cli("webhooks", "create", "--org", "100", "--name", "demo",
+                                 "--url", receiver.url("/demo"), "--event", "tierUpgraded",
+                                 "--header", "Authorization: Basic ZGVtbw=="))
+        event_id = cli("publish", "tierUpgraded", "--org", "100",
+                       "--data", '{"customerIdentifiers": {"customerId": 42}}').strip()
+
+        (request,) = receiver.wait_for(1, "/demo", timeout=60)
+        StandardWebhook(created["secret"]).verify(request.body, request.headers)
+        assert json.loads(request.body)["eventId"] == event_id
+        assert request.headers["authorization"] == "Basic ZGVtbw=="
+        assert (tmp_path / "notifier-data" / "notifier.db").exists()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, log.read_text()
+    assert not (tmp_path / "notifier-data" / "redis.sock").exists()

@@ -1,0 +1,186 @@
+"""The store on both databases: SQLite (the embedded default) and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select, update
+
+from notifier import store
+from notifier.db import Database
+from notifier.errors import InvalidInput, NotFound
+from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus
+from notifier.schemas import load_catalog
+
+pytestmark = pytest.mark.integration
+
+ORG = 7
+
+
+def event(event_id: str = "e-1", name: str = "pointsIssued", **data: Any) -> dict[str, Any]:
+    return {"eventName": name, "eventId": event_id, "orgId": ORG, "createdAt": 1,
+            "data": {"customerIdentifiers": {"customerId": 1}, **data}}
+
+
+@pytest.fixture
+def org(db: Database) -> Database:
+    store.create_org(db, ORG, "org", now_ms=0)
+    return db
+
+
+def webhook(db: Database, name: str, events: tuple[str, ...] = ("pointsIssued",),
+            **options: Any) -> str:
+    webhook_id, _ = store.create_webhook(db, load_catalog(), org_id=ORG, name=name,
+                                         url=f"https://example.com/{name}",
+                                         event_names=list(events), now_ms=0, **options)
+    return webhook_id
+
+
+def test_migrations_match_the_models(db: Database) -> None:
+    with db.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_ingest_fans_out_to_active_subscribers_only(org: Database) -> None:
+    subscribed = webhook(org, "a")
+    webhook(org, "other-event", events=("tierUpgraded",))
+    webhook(org, "inactive", active=False)
+
+    outcome = store.ingest(org, load_catalog(), event(), now_ms=1000)
+
+    assert outcome.created and outcome.status == EventStatus.DISPATCHED
+    assert [q.webhook_id for q in outcome.queued] == [subscribed]
+    with org.session() as session:
+        (delivery,) = session.scalars(select(Delivery))
+        assert delivery.status == DeliveryStatus.PENDING and delivery.ingested_at_ms == 1000
+
+
+def test_ingest_is_idempotent_on_org_and_event_id(org: Database) -> None:
+    webhook(org, "a")
+    first = store.ingest(org, load_catalog(), event(), now_ms=1000)
+    again = store.ingest(org, load_catalog(), event(), now_ms=2000)
+
+    assert not again.created
+    # An unfinished delivery is handed back so a crashed ingest can re-queue it.
+    assert [q.delivery_id for q in again.queued] == [q.delivery_id for q in first.queued]
+    with org.session() as session:
+        assert len(session.scalars(select(Event)).all()) == 1
+        assert len(session.scalars(select(Delivery)).all()) == 1
+
+
+def test_the_same_event_id_in_another_org_is_another_event(org: Database) -> None:
+    store.create_org(org, ORG + 1, "other", now_ms=0)
+    store.ingest(org, load_catalog(), event(), now_ms=1)
+    other = store.ingest(org, load_catalog(), {**event(), "orgId": ORG + 1}, now_ms=1)
+    assert other.created
+
+
+def test_invalid_events_are_kept_as_rejected_with_the_field(org: Database) -> None:
+    webhook(org, "a")
+    bad = event()
+    del bad["data"]["customerIdentifiers"]
+
+    outcome = store.ingest(org, load_catalog(), bad, now_ms=1)
+    unknown = store.ingest(org, load_catalog(), event("e-2", name="noSuchEvent"), now_ms=1)
+    no_org = store.ingest(org, load_catalog(), {**event("e-3"), "orgId": "x"}, now_ms=1)
+
+    assert outcome.status == EventStatus.REJECTED and "customerIdentifiers" in (outcome.error or "")
+    assert "noSuchEvent" in (unknown.error or "")
+    assert "$.orgId" in (no_org.error or "")
+    with org.session() as session:
+        rows = session.scalars(select(Event).order_by(Event.pk)).all()
+        assert [r.status for r in rows] == [EventStatus.REJECTED] * 3
+        assert rows[0].error_path == "$.data"
+        assert session.scalars(select(Delivery)).all() == []
+
+
+def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> None:
+    webhook(org, "a")
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+
+    first = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=5000)
+    second = store.claim(org, [queued.delivery_id], now_ms=3000, lease_ms=5000)
+    after_lease = store.claim(org, [queued.delivery_id], now_ms=8000, lease_ms=5000)
+
+    assert [c.id for c in first.claimed] == [queued.delivery_id]
+    assert second.claimed == () and second.later == ((queued.delivery_id, 7001),)
+    assert [c.id for c in after_lease.claimed] == [queued.delivery_id]
+
+
+def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -> None:
+    webhook(org, "a", sla_in_seconds=1)
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (stale,) = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=1000).claimed
+    (fresh,) = store.claim(org, [queued.delivery_id], now_ms=3500, lease_ms=1000).claimed
+
+    store.finish(org, [store.Finished(stale, 2000, 10, DeliveryStatus.FAILED, 400)],
+                 sla_in_seconds=1)
+    store.finish(org, [store.Finished(fresh, 3500, 20, DeliveryStatus.DELIVERED, 200)],
+                 sla_in_seconds=1)
+
+    with org.session() as session:
+        delivery = session.get(Delivery, queued.delivery_id)
+        assert delivery is not None
+        assert delivery.status == DeliveryStatus.DELIVERED  # the stale holder changed nothing
+        assert delivery.ended_at_ms == 3520
+        assert delivery.sla_breach_at_ms == 2000  # ingested at 1000, SLA 1 s
+        statuses = session.scalars(select(Attempt.status_code).order_by(Attempt.id)).all()
+        assert statuses == [400, 200]
+
+
+def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> None:
+    webhook(org, "a", sla_in_seconds=10)
+    store.ingest(org, load_catalog(), event("e-1"), now_ms=1000)
+    store.ingest(org, load_catalog(), event("e-2"), now_ms=50_000)
+
+    assert store.flag_sla_breaches(org, now_ms=20_000) == 1
+    assert store.flag_sla_breaches(org, now_ms=30_000) == 0
+    with org.session() as session:
+        flagged = session.scalars(select(Delivery.sla_breach_at_ms).order_by(
+            Delivery.ingested_at_ms)).all()
+    assert flagged == [11_000, None]
+
+
+def test_open_work_lists_unfinished_deliveries_with_their_due_times(org: Database) -> None:
+    webhook(org, "a")
+    (one,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1).queued
+    (two,) = store.ingest(org, load_catalog(), event("e-2"), now_ms=1).queued
+    (three,) = store.ingest(org, load_catalog(), event("e-3"), now_ms=1).queued
+    with org.session() as session:
+        session.execute(update(Delivery).where(Delivery.id == two.delivery_id).values(
+            status=DeliveryStatus.RETRYING, next_attempt_at_ms=99))
+        session.execute(update(Delivery).where(Delivery.id == three.delivery_id).values(
+            status=DeliveryStatus.DELIVERED))
+
+    work = {q.delivery_id: (status, due) for q, status, due in store.open_work(org)}
+    assert work == {one.delivery_id: (DeliveryStatus.PENDING, None),
+                    two.delivery_id: (DeliveryStatus.RETRYING, 99)}
+
+
+def test_replay_makes_finished_deliveries_pending_with_the_same_id(org: Database) -> None:
+    webhook(org, "a")
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1).queued
+    with org.session() as session:
+        session.execute(update(Delivery).values(status=DeliveryStatus.DEAD, ended_at_ms=5))
+
+    (again,) = store.replay(org, [queued.delivery_id])
+
+    assert again.delivery_id == queued.delivery_id
+    with pytest.raises(NotFound, match="msg_nope"):
+        store.replay(org, ["msg_nope"])
+
+
+def test_webhook_input_errors_name_the_field(org: Database) -> None:
+    webhook(org, "a")
+    cases = [({"name": "a"}, "name"), ({"event_names": []}, "eventNames"),
+             ({"event_names": ["pointsissued"]}, "eventNames"),
+             ({"max_allowed_connections": 0}, "maxAllowedConnections")]
+    for override, field in cases:
+        arguments: dict[str, Any] = {"org_id": ORG, "name": "b", "url": "https://x.example/h",
+                                     "event_names": ["pointsIssued"], "now_ms": 0, **override}
+        with pytest.raises(InvalidInput) as caught:
+            store.create_webhook(org, load_catalog(), **arguments)
+        assert caught.value.field == field
