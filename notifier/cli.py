@@ -36,9 +36,11 @@ def main() -> None:
 @main.command()
 @click.option("--concurrency", "-c", default=2, show_default=True,
               help="Worker processes (Celery prefork pool).")
-def up(concurrency: int) -> None:
+@click.option("--flower-port", default=5555, show_default=True,
+              help="Port of Flower, the Celery monitor, on 127.0.0.1; 0 to go without.")
+def up(concurrency: int, flower_port: int) -> None:
     """Run the whole service on this machine: Redis (embedded by default), migrations,
-    a worker and beat. Ctrl-C stops it all."""
+    a worker, beat and Flower. Ctrl-C stops it all."""
     from notifier.db import upgrade
     from notifier.embedded import start_redis
 
@@ -53,6 +55,8 @@ def up(concurrency: int) -> None:
         "beat": [*celery, "beat", "--loglevel", "INFO",
                  "--schedule", str(settings.data_dir / "celerybeat-schedule")],
     }
+    if flower_port:
+        commands["flower"] = [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"]
     children = {name: subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
                 for name, cmd in commands.items()}
     stopping = False
@@ -64,6 +68,8 @@ def up(concurrency: int) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     click.echo("notifier is up (" + ", ".join(commands) + "); Ctrl-C to stop")
+    if flower_port:
+        click.echo(f"flower:   http://127.0.0.1:{flower_port}/")
     code = 0
     while not stopping:
         for name, child in children.items():

@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from tests.conftest import Receiver, wait_until
@@ -25,6 +27,9 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
     # The only setting: the receiver listens on loopback, which webhooks may not target by default.
     env["NOTIFIER_ALLOW_PRIVATE_NETWORKS"] = "127.0.0.0/8"
     log = tmp_path / "up.log"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
 
     def cli(*args: str) -> str:
         done = subprocess.run([command, *args], cwd=tmp_path, env=env, capture_output=True,
@@ -33,7 +38,8 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
         return done.stdout
 
     with log.open("wb") as out:
-        up = subprocess.Popen([command, "up", "--concurrency", "1"], cwd=tmp_path, env=env,
+        up = subprocess.Popen([command, "up", "--concurrency", "1", "--flower-port", str(port)],
+                              cwd=tmp_path, env=env,
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True)
     try:
@@ -52,6 +58,15 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
         assert json.loads(request.body)["eventId"] == event_id
         assert request.headers["authorization"] == "Basic ZGVtbw=="
         assert (tmp_path / "notifier-data" / "notifier.db").exists()
+
+        def flower_lists_the_worker() -> bool:
+            try:
+                page = requests.get(f"http://127.0.0.1:{port}/workers", timeout=5)
+            except requests.ConnectionError:
+                return False
+            return page.status_code == 200 and "celery@" in page.text
+
+        wait_until(flower_lists_the_worker, 60, "Flower to list the worker")
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)

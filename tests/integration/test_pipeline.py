@@ -332,3 +332,23 @@ def test_sla_breach_is_flagged_by_beat(
     assert flagged.status != DeliveryStatus.DELIVERED
     assert flagged.sla_breach_at_ms == flagged.ingested_at_ms + 1000
     assert flagged.ingested_at_ms >= started
+
+
+def test_an_event_sent_with_celery_call_is_delivered(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(database, receiver, "/called")
+    stack.worker()
+    envelope = {"eventName": "pointsIssued", "orgId": ORG, "data": customer(7)}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "call", "notifier.ingest",
+         "--args", json.dumps([envelope])],
+        env=stack.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    (request,) = receiver.wait_for(1, "/called")
+    body = json.loads(request.body)
+    # eventId and createdAt were missing: notifier filled them in.
+    assert body["data"] == customer(7) and body["eventId"] and body["createdAt"] > 0
