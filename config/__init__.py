@@ -9,6 +9,7 @@ embedded Redis server (started by ``notifier up``) on a Unix socket, both under 
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import math
 import os
@@ -68,6 +69,20 @@ def _text(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
     return raw.strip()
+
+
+def _fernet_keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for key in keys:
+        try:
+            if len(base64.urlsafe_b64decode(key.encode())) != 32:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                "each key must be 32 url-safe base64 bytes (make one with: python -c "
+                "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+            ) from None
+    return keys
 
 
 def _embedded_socket(values: Mapping[str, Any]) -> Path:
@@ -132,6 +147,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between beat checks for deliveries past their webhook's SLA."),
     Setting("visibility_timeout", _positive_float, "900",
             "Seconds before the Redis broker hands an unacknowledged task to another worker."),
+    Setting("secret_keys", _fernet_keys, "",
+            "Fernet keys sealing webhook header values and signing secrets at rest, comma "
+            "separated; the first seals, all open (rotation). Default: data_dir/secret.key."),
 )
 
 
@@ -158,6 +176,7 @@ class Settings:
     sweep_interval: float
     sla_check_interval: float
     visibility_timeout: float
+    secret_keys: tuple[str, ...]
 
     @property
     def uses_embedded_redis(self) -> bool:

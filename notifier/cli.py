@@ -166,10 +166,13 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
     from notifier.db import Database
     from notifier.errors import NotifierError
     from notifier.schemas import load_catalog
+    from notifier.vault import vault_for
 
+    settings = _settings()
     try:
         webhook_id, secret = store.create_webhook(
-            Database(_settings().database_url), load_catalog(), org_id=org_id, name=name,
+            Database(settings.database_url), load_catalog(),
+            vault_for(settings.secret_keys, settings.data_dir), org_id=org_id, name=name,
             url=url, event_names=list(events), headers=headers,
             max_allowed_connections=max_connections, sla_in_seconds=sla, now_ms=_now_ms())
     except NotifierError as exc:

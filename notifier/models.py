@@ -20,10 +20,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "ApiKey",
     "Attempt",
     "Base",
     "Delivery",
@@ -69,7 +71,23 @@ class Org(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(200))
     parent_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("orgs.id"))
+    # Set by the operator (InTouch: a support ticket), not by the org: gates that enrichment.
+    available_points_balance_enrichment_enabled: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sa_false())
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """An org's API key; only its SHA-256 is kept, and a short prefix to tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Webhook(Base):
@@ -117,7 +135,7 @@ class SigningSecret(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     webhook_id: Mapped[str] = mapped_column(
         String(24), ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
-    secret: Mapped[str] = mapped_column(String(100))
+    secret: Mapped[str] = mapped_column(Text)  # sealed (see notifier.vault)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     expires_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 

@@ -38,6 +38,7 @@ from notifier.sender import (
     retry_after_seconds,
 )
 from notifier.signing import signature_headers
+from notifier.vault import Vault, vault_for
 
 __all__ = [
     "Services",
@@ -75,6 +76,7 @@ class Services:
     queues: Queues
     catalog: EventCatalog
     sender: Sender
+    vault: Vault
     rng: random.Random = field(default_factory=random.Random)
 
     @property
@@ -91,6 +93,7 @@ def build_services(settings: Settings) -> Services:
         sender=HttpSender(timeout=settings.http_timeout,
                           max_response_bytes=settings.max_response_bytes,
                           allowed_networks=settings.allow_private_networks),
+        vault=vault_for(settings.secret_keys, settings.data_dir),
     )
 
 
@@ -185,7 +188,7 @@ def _deliver_lease(services: Services, lease: Lease) -> None:
     services.queues.park([(lease.webhook_id, i, due) for i, due in claim.later])
     if not claim.claimed:
         return
-    target = store.target(services.db, lease.webhook_id, now_ms=now_ms())
+    target = store.target(services.db, services.vault, lease.webhook_id, now_ms=now_ms())
     for index, claimed in enumerate(claim.claimed):
         if index > 0 and time.monotonic() > budget_ends:
             _give_back(services, lease.webhook_id, target, claim.claimed[index:])

@@ -31,6 +31,7 @@ from notifier.models import (
 )
 from notifier.schemas import EventCatalog
 from notifier.signing import new_secret
+from notifier.vault import Vault
 
 __all__ = [
     "Claim",
@@ -258,7 +259,8 @@ class Target:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def target(db: Database, webhook_id: str, *, now_ms: int) -> Target:
+def target(db: Database, vault: Vault, webhook_id: str, *, now_ms: int) -> Target:
+    """The webhook ``webhook_id`` with its header values and live secrets opened."""
     with db.session() as session:
         hook = session.get(Webhook, webhook_id)
         if hook is None:
@@ -269,8 +271,10 @@ def target(db: Database, webhook_id: str, *, now_ms: int) -> Target:
                    or_(SigningSecret.expires_at_ms.is_(None),
                        SigningSecret.expires_at_ms > now_ms))
             .order_by(SigningSecret.id.desc())).all()
-        return Target(hook.id, hook.url, dict(hook.headers), tuple(live), hook.active,
-                      hook.sla_in_seconds, hook.max_allowed_connections)
+        return Target(hook.id, hook.url,
+                      {name: vault.open(value) for name, value in hook.headers.items()},
+                      tuple(vault.open(s) for s in live), hook.active, hook.sla_in_seconds,
+                      hook.max_allowed_connections)
 
 
 @dataclass(frozen=True)
@@ -355,7 +359,8 @@ def create_org(db: Database, org_id: int, name: str, *, now_ms: int,
         session.add(Org(id=org_id, name=name, parent_id=parent_id, created_at_ms=now_ms))
 
 
-def create_webhook(db: Database, catalog: EventCatalog, *, org_id: int, name: str, url: str,
+def create_webhook(db: Database, catalog: EventCatalog, vault: Vault, *, org_id: int, name: str,
+                   url: str,
                    event_names: Sequence[str], now_ms: int,
                    headers: Mapping[str, str] | None = None, max_allowed_connections: int = 10,
                    sla_in_seconds: int = 3600, active: bool = True) -> tuple[str, str]:
@@ -379,14 +384,16 @@ def create_webhook(db: Database, catalog: EventCatalog, *, org_id: int, name: st
                                                    Webhook.name == name)) is not None:
             raise InvalidInput("name", f"a webhook named {name!r} exists already in this org")
         session.add(Webhook(
-            id=webhook_id, org_id=org_id, name=name, url=url, headers=dict(headers or {}),
+            id=webhook_id, org_id=org_id, name=name, url=url,
+            headers={k: vault.seal(v) for k, v in (headers or {}).items()},
             max_allowed_connections=max_allowed_connections, sla_in_seconds=sla_in_seconds,
             active=active, consumer_group_id=str(uuid.uuid4()), customer_identifiers_to_be_enriched=[],
             created_at_ms=now_ms, updated_at_ms=now_ms))
         session.flush()
         session.add_all([WebhookSubscription(webhook_id=webhook_id, event_name=n)
                          for n in sorted(set(event_names))])
-        session.add(SigningSecret(webhook_id=webhook_id, secret=secret, created_at_ms=now_ms))
+        session.add(SigningSecret(webhook_id=webhook_id, secret=vault.seal(secret),
+                                  created_at_ms=now_ms))
     return webhook_id, secret
 
 

@@ -20,6 +20,7 @@ from notifier import publish, store
 from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event, EventStatus
 from notifier.schemas import load_catalog
+from notifier.vault import vault_for
 from tests.conftest import Receiver, Reply, Stack, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -41,6 +42,7 @@ def database(stack: Stack) -> Iterator[Database]:
 
 
 def hook(
+    stack: Stack,
     database: Database,
     receiver: Receiver,
     path: str,
@@ -51,6 +53,7 @@ def hook(
     return store.create_webhook(
         database,
         load_catalog(),
+        vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG,
         name=path.strip("/"),
         url=receiver.url(path),
@@ -102,12 +105,13 @@ def test_fan_out_delivers_every_event_once_to_each_subscriber_signed(
     secrets = {}
     for name in ("a", "b", "c"):
         _, secrets[f"/{name}"] = hook(
+            stack,
             database,
             receiver,
             f"/{name}",
             headers={"X-Hook": name, "Authorization": f"Basic {name}"},
         )
-    hook(database, receiver, "/other", events=("tierUpgraded",))
+    hook(stack, database, receiver, "/other", events=("tierUpgraded",))
     stack.worker("w1")
     stack.worker("w2")
     stack.beat()
@@ -136,7 +140,7 @@ def test_fan_out_delivers_every_event_once_to_each_subscriber_signed(
 def test_server_errors_are_retried_until_delivered(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/flaky")
+    hook(stack, database, receiver, "/flaky")
     receiver.script("/flaky", 500, 500, 200)
     stack.worker()
     stack.beat()
@@ -154,7 +158,7 @@ def test_server_errors_are_retried_until_delivered(
 def test_client_error_fails_after_one_attempt(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/bad")
+    hook(stack, database, receiver, "/bad")
     receiver.script("/bad", Reply(400))
     stack.worker()
     stack.beat()
@@ -169,7 +173,7 @@ def test_client_error_fails_after_one_attempt(
 
 
 def test_retry_after_is_honoured(stack: Stack, receiver: Receiver, database: Database) -> None:
-    hook(database, receiver, "/busy")
+    hook(stack, database, receiver, "/busy")
     receiver.script("/busy", Reply(429, {"Retry-After": "2"}), Reply(200))
     stack.worker()
     stack.beat()
@@ -183,7 +187,7 @@ def test_retry_after_is_honoured(stack: Stack, receiver: Receiver, database: Dat
 
 
 def test_timeout_is_retried(stack: Stack, receiver: Receiver, database: Database) -> None:
-    hook(database, receiver, "/slow")
+    hook(stack, database, receiver, "/slow")
     receiver.script("/slow", Reply(200, delay=2.5), Reply(200))  # read timeout is 1 s
     stack.worker()
     stack.beat()
@@ -200,7 +204,7 @@ def test_timeout_is_retried(stack: Stack, receiver: Receiver, database: Database
 def test_schema_violation_is_rejected_with_the_field_and_never_delivered(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/h")
+    hook(stack, database, receiver, "/h")
     stack.worker()
 
     event_id = send(stack, data={"totalPointsIssued": "ten"})
@@ -218,7 +222,7 @@ def test_schema_violation_is_rejected_with_the_field_and_never_delivered(
 def test_max_allowed_connections_holds_across_worker_processes(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/capped", max_allowed_connections=3)
+    hook(stack, database, receiver, "/capped", max_allowed_connections=3)
     receiver.hold("/capped", 0.3)
     stack.worker("w1", concurrency=2)
     stack.worker("w2", concurrency=2)
@@ -235,7 +239,7 @@ def test_max_allowed_connections_holds_across_worker_processes(
 def test_a_killed_worker_loses_nothing(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/k", max_allowed_connections=4)
+    hook(stack, database, receiver, "/k", max_allowed_connections=4)
     receiver.hold("/k", 0.1)
     stack.worker("w1", concurrency=2)
     stack.worker("w2", concurrency=2)
@@ -253,7 +257,7 @@ def test_a_killed_worker_loses_nothing(
 def test_a_flushed_redis_loses_nothing(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/f", max_allowed_connections=2)
+    hook(stack, database, receiver, "/f", max_allowed_connections=2)
     receiver.hold("/f", 0.1)
     stack.worker("w1")
     stack.beat()
@@ -270,7 +274,7 @@ def test_a_flushed_redis_loses_nothing(
 def test_the_same_event_id_is_delivered_once_per_webhook(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/once")
+    hook(stack, database, receiver, "/once")
     # One solo worker takes tasks in order, so once the marker arrives, the duplicate's ingest
     # (sent before it) has run, and any delivery it made would have arrived first.
     stack.worker("solo", concurrency=1, pool="solo")
@@ -291,7 +295,7 @@ def test_the_same_event_id_is_delivered_once_per_webhook(
 def test_replay_from_the_celery_command_keeps_the_webhook_id(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/replay")
+    hook(stack, database, receiver, "/replay")
     stack.worker()
     send(stack)
     (first,) = receiver.wait_for(1, "/replay")
@@ -316,7 +320,7 @@ def test_replay_from_the_celery_command_keeps_the_webhook_id(
 def test_sla_breach_is_flagged_by_beat(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/late", sla_in_seconds=1)
+    hook(stack, database, receiver, "/late", sla_in_seconds=1)
     receiver.script("/late", *[500] * 50)
     stack.worker()
     stack.beat()
@@ -337,7 +341,7 @@ def test_sla_breach_is_flagged_by_beat(
 def test_an_event_sent_with_celery_call_is_delivered(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
-    hook(database, receiver, "/called")
+    hook(stack, database, receiver, "/called")
     stack.worker()
     envelope = {"eventName": "pointsIssued", "orgId": ORG, "data": customer(7)}
 

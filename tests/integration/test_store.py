@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from cryptography.fernet import Fernet
 from sqlalchemy import select, update
 
 from notifier import store
-from notifier.db import Database
+from notifier.db import Database, upgrade
 from notifier.errors import InvalidInput, NotFound
 from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus
 from notifier.schemas import load_catalog
+from notifier.vault import Vault
 
 pytestmark = pytest.mark.integration
 
 ORG = 7
+VAULT = Vault([Fernet.generate_key().decode()])
 
 
 def event(event_id: str = "e-1", name: str = "pointsIssued", **data: Any) -> dict[str, Any]:
@@ -33,7 +38,7 @@ def org(db: Database) -> Database:
 
 def webhook(db: Database, name: str, events: tuple[str, ...] = ("pointsIssued",),
             **options: Any) -> str:
-    webhook_id, _ = store.create_webhook(db, load_catalog(), org_id=ORG, name=name,
+    webhook_id, _ = store.create_webhook(db, load_catalog(), VAULT, org_id=ORG, name=name,
                                          url=f"https://example.com/{name}",
                                          event_names=list(events), now_ms=0, **options)
     return webhook_id
@@ -182,5 +187,50 @@ def test_webhook_input_errors_name_the_field(org: Database) -> None:
         arguments: dict[str, Any] = {"org_id": ORG, "name": "b", "url": "https://x.example/h",
                                      "event_names": ["pointsIssued"], "now_ms": 0, **override}
         with pytest.raises(InvalidInput) as caught:
-            store.create_webhook(org, load_catalog(), **arguments)
+            store.create_webhook(org, load_catalog(), VAULT, **arguments)
         assert caught.value.field == field
+
+
+def test_header_values_and_secrets_are_sealed_at_rest(org: Database) -> None:
+    webhook_id, secret = store.create_webhook(
+        org, load_catalog(), VAULT, org_id=ORG, name="sealed", url="https://x.example/h",
+        event_names=["pointsIssued"], now_ms=0, headers={"Authorization": "Basic c2VjcmV0"})
+
+    with org.engine.connect() as connection:
+        raw = " ".join(str(value) for row in connection.exec_driver_sql(
+            "SELECT w.headers, s.secret FROM webhooks w JOIN signing_secrets s "
+            "ON s.webhook_id = w.id").all() for value in row)
+    assert "c2VjcmV0" not in raw and secret not in raw and "Authorization" in raw
+
+    opened = store.target(org, VAULT, webhook_id, now_ms=1)
+    assert opened.headers == {"Authorization": "Basic c2VjcmV0"}
+    assert opened.secrets == (secret,)
+
+
+def test_migration_0002_seals_secrets_written_in_the_clear(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = Fernet.generate_key().decode()
+    for name in [n for n in os.environ if n.startswith("NOTIFIER_") and "_TEST_" not in n]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NOTIFIER_SECRET_KEYS", key)
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0001")
+    old = Database(url)
+    with old.engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO orgs (id, name, created_at_ms) VALUES (1, 'o', 0)")
+        connection.exec_driver_sql(
+            "INSERT INTO webhooks VALUES ('w1', 1, 'n', 'https://x.example', "
+            "'{\"Authorization\": \"Basic old\"}', 'POST', 'HTTP', 1, 3600, 1, 'cg', 0, 0, 0, "
+            "'[]', 0, 0, 0, 0, 0)")
+        connection.exec_driver_sql(
+            "INSERT INTO signing_secrets (webhook_id, secret, created_at_ms) "
+            "VALUES ('w1', 'whsec_plain', 0)")
+    old.dispose()
+
+    upgrade(url)
+
+    migrated = Database(url)
+    opened = store.target(migrated, Vault([key]), "w1", now_ms=1)
+    migrated.dispose()
+    assert opened.headers == {"Authorization": "Basic old"}
+    assert opened.secrets == ("whsec_plain",)

@@ -33,7 +33,7 @@ def _services() -> Services:
     settings = replace(load_settings({}), retry_schedule=(10.0,), retry_jitter=0.0,
                        retry_horizon=24 * 3600.0, retry_after_max=3600.0)
     return Services(settings=settings, db=None, queues=None, catalog=None,  # type: ignore[arg-type]
-                    sender=None, rng=random.Random(0))  # type: ignore[arg-type]
+                    sender=None, vault=None, rng=random.Random(0))  # type: ignore[arg-type]
 
 
 def _claimed(ingested_at_ms: int, attempt_count: int = 0) -> Claimed:

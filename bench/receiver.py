@@ -1,0 +1,141 @@
+"""A fast HTTP/1.1 keep-alive receiver: N processes on one port (SO_REUSEPORT), each an epoll loop.
+
+Every request is answered ``200`` with a 2-byte body and counted in a shared array (one slot per
+process, so no lock). It parses just enough HTTP: headers up to a blank line, a Content-Length body.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import select
+import signal
+import socket
+import time
+from multiprocessing.sharedctypes import Synchronized
+
+__all__ = ["Receiver"]
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
+def _serve(port: int, counts: Synchronized, slot: int, ready: Synchronized) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    listener = _listen(port)
+    poll = select.epoll()
+    poll.register(listener.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    buffers: dict[int, bytes] = {}
+    with ready.get_lock():
+        ready.value += 1
+    served = 0
+    while True:
+        for fd, _ in poll.poll():
+            if fd == listener.fileno():
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conns[conn.fileno()] = conn
+                    buffers[conn.fileno()] = b""
+                    poll.register(conn.fileno(), select.EPOLLIN)
+                continue
+            conn = conns[fd]
+            try:
+                data = conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                poll.unregister(fd)
+                conn.close()
+                del conns[fd], buffers[fd]
+                continue
+            buf = buffers[fd] + data
+            replies = 0
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                total = end + 4 + _content_length(buf[:end])
+                if len(buf) < total:
+                    break
+                buf = buf[total:]
+                replies += 1
+            buffers[fd] = buf
+            if replies:
+                conn.setblocking(True)
+                conn.sendall(RESPONSE * replies)
+                conn.setblocking(False)
+                served += replies
+                counts[slot] = served
+
+
+class Receiver:
+    """Start with ``with Receiver(processes) as r:``; ``r.count`` is requests answered so far."""
+
+    def __init__(self, processes: int = 2, port: int = 0) -> None:
+        self.processes = processes
+        if port == 0:
+            probe = _listen(0)
+            port = probe.getsockname()[1]
+            probe.close()
+        self.port = port
+        ctx = mp.get_context("fork")
+        self._counts = ctx.RawArray("q", processes)
+        self._ready = ctx.Value("i", 0)
+        self._procs = [ctx.Process(target=_serve, args=(port, self._counts, i, self._ready),
+                                   daemon=True, name=f"receiver-{i}") for i in range(processes)]
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def __enter__(self) -> Receiver:
+        for proc in self._procs:
+            proc.start()
+        deadline = time.monotonic() + 10
+        while self._ready.value < self.processes:
+            if time.monotonic() > deadline:
+                raise RuntimeError("receiver did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in self._procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=5)

@@ -1,0 +1,393 @@
+"""The scenarios: raw receiver check, Floor A, Floor B and notifier; each returns one Sample."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+import requests
+import sqlalchemy as sa
+
+from bench.receiver import Receiver
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier_bench"
+REDIS = "redis://127.0.0.1:6379"
+FLOOR_B_BROKER = f"{REDIS}/12"
+NOTIFIER_BROKER = f"{REDIS}/13"
+NOTIFIER_REDIS = f"{REDIS}/11"
+ORG = 4242
+EVENT = "pointsIssued"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Sample:
+    seconds: float
+    deliveries: int
+    peak_rss: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.deliveries / self.seconds
+
+
+def event_data() -> dict[str, Any]:
+    """The event's ``data``: a valid pointsIssued, padded so the delivered body is about 1 KiB."""
+    return {
+        "customerIdentifiers": {"customerId": 42, "mobile": "919999999999",
+                                "email": "bench@example.com", "externalId": "ext-42"},
+        "totalPointsIssued": 120, "regularPointsIssued": 100, "programCurrentPoints": 5120,
+        "programLifetimePoints": 9120, "loyaltyProgramId": 7,
+        "loyaltyProgramDetails": {"id": 7, "name": "Gold Rewards", "isDefault": True,
+                                  "description": "x" * 420, "pointsToCurrencyRatio": 0.25,
+                                  "tiers": [{"tierNumber": 1, "tierName": "Silver"},
+                                            {"tierNumber": 2, "tierName": "Gold"}]},
+        "regularPointsBreakup": [{"points": 100, "expiryAt": "2027-11-28T00:00:00Z",
+                                  "awardedReferenceId": "ref-0001"}],
+    }
+
+
+def body() -> dict[str, Any]:
+    """What Floors A and B POST: an envelope like the one notifier delivers."""
+    return {"eventName": EVENT, "eventId": str(uuid.uuid4()), "orgId": ORG,
+            "createdAt": time.time_ns() // 1_000_000, "data": event_data()}
+
+
+# ---------------------------------------------------------------- memory
+
+
+class RssSampler:
+    """Peak summed RSS of some process trees, sampled every 50 ms in a thread."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree_rss(self) -> int:
+        total = 0
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += proc.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_rss())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._tree_rss())
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+class Processes:
+    """Celery subprocesses in their own sessions; ``stop`` kills each process group."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder = folder
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with (self.folder / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "celery", *args], env=self.env,
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=ROOT)
+        self.procs[name] = proc
+        return proc
+
+    def worker(self, app: str, name: str, concurrency: int) -> subprocess.Popen[bytes]:
+        proc = self.spawn(name, ["-A", app, "worker", "--hostname", f"{name}@%h", "--pool", "prefork",
+                                 "--concurrency", str(concurrency), "--loglevel", "INFO",
+                                 "--without-gossip", "--without-mingle", "--without-heartbeat"])
+        deadline = time.monotonic() + 60
+        while "ready." not in self.log(name):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"worker {name} did not start:\n{self.log(name)[-3000:]}")
+            time.sleep(0.05)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            # The prefork children are in the same group; make sure none outlives its parent.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _timeout(deliveries: int) -> float:
+    return 60 + deliveries / 50
+
+
+def _wait(receiver: Receiver, target: int, deliveries: int, what: str) -> None:
+    if not receiver.wait_for(target, _timeout(deliveries)):
+        raise BenchError(f"{what}: receiver got {receiver.count - (target - deliveries)} "
+                         f"of {deliveries} in {_timeout(deliveries):.0f}s")
+
+
+# ---------------------------------------------------------------- raw receiver check
+
+
+def _raw_client(url_port: int, count: int, payload: bytes, go: Any) -> None:
+    request = (b"POST /raw HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    sock = socket.create_connection(("127.0.0.1", url_port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    go.wait()
+    for _ in range(count):  # one request in flight at a time, like a requests.Session
+        sock.sendall(request)
+        got = b""
+        while not got.endswith(b"ok"):
+            got += sock.recv(4096)
+    sock.close()
+
+
+def receiver_check(receiver: Receiver, deliveries: int, clients: int) -> Sample:
+    """The receiver alone, driven by raw-socket clients: it must be far above Floor A."""
+    payload = json.dumps(body()).encode()
+    ctx = mp.get_context("fork")
+    go = ctx.Event()
+    per = deliveries // clients
+    procs = [ctx.Process(target=_raw_client, args=(receiver.port, per, payload, go))
+             for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    start_count = receiver.count
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    go.set()
+    try:
+        _wait(receiver, start_count + per * clients, per * clients, "receiver check")
+        seconds = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return Sample(seconds, per * clients)
+
+
+# ---------------------------------------------------------------- Floor A
+
+
+def _floor_a_client(url: str, count: int, payload: bytes, go: Any) -> None:
+    session = requests.Session()
+    session.trust_env = False
+    headers = {"Content-Type": "application/json"}
+    go.wait()
+    for _ in range(count):
+        session.post(url, data=payload, headers=headers, timeout=(5, 30)).raise_for_status()
+
+
+def floor_a(receiver: Receiver, deliveries: int, concurrency: int) -> Sample:
+    payload = json.dumps(body()).encode()
+    ctx = mp.get_context("fork")
+    go = ctx.Event()
+    per = deliveries // concurrency
+    procs = [ctx.Process(target=_floor_a_client, args=(receiver.url("/floor-a"), per, payload, go))
+             for _ in range(concurrency)]
+    for proc in procs:
+        proc.start()
+    start_count = receiver.count
+    time.sleep(0.2)
+    try:
+        with RssSampler([p.pid for p in procs if p.pid is not None]) as rss:
+            t0 = time.perf_counter()
+            go.set()
+            _wait(receiver, start_count + per * concurrency, per * concurrency, "Floor A")
+            seconds = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return Sample(seconds, per * concurrency, rss.peak)
+
+
+# ---------------------------------------------------------------- Floor B
+
+
+def _flush(*urls: str) -> None:
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def floor_b_worker(receiver: Receiver, folder: Path, concurrency: int) -> Iterator[Processes]:
+    _flush(FLOOR_B_BROKER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFIER_", "BENCH_"))}
+    env.update(BENCH_BROKER_URL=FLOOR_B_BROKER, BENCH_TARGET_URL=receiver.url("/floor-b"))
+    procs = Processes(folder, env)
+    try:
+        procs.worker("bench.floor_b", "floor-b", concurrency)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
+    os.environ["BENCH_BROKER_URL"] = FLOOR_B_BROKER
+    from bench.floor_b import app
+
+    payload = body()
+    start_count = receiver.count
+    with RssSampler([procs.procs["floor-b"].pid]) as rss:
+        t0 = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for _ in range(deliveries):
+                app.send_task("bench.post", args=[payload], producer=producer)
+        _wait(receiver, start_count + deliveries, deliveries, "Floor B")
+        seconds = time.perf_counter() - t0
+    return Sample(seconds, deliveries, rss.peak)
+
+
+# ---------------------------------------------------------------- notifier
+
+
+def ensure_database() -> None:
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = 'notifier_bench'").scalar() is None:
+            conn.exec_driver_sql("CREATE DATABASE notifier_bench")
+    admin.dispose()
+    from notifier.db import upgrade
+
+    upgrade(PG_URL)
+
+
+def _truncate(names: str) -> None:
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    engine.dispose()
+
+
+def notifier_env(folder: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFIER_", "BENCH_"))}
+    env.update({
+        "NOTIFIER_DATA_DIR": str(folder),
+        "NOTIFIER_DATABASE_URL": PG_URL,
+        "NOTIFIER_BROKER_URL": NOTIFIER_BROKER,
+        "NOTIFIER_REDIS_URL": NOTIFIER_REDIS,
+        "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+    })
+    return env
+
+
+@contextlib.contextmanager
+def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: int,
+                   connections: int) -> Iterator[Processes]:
+    """Fresh tables, one org with ``fanout`` webhooks to the receiver, a worker and beat."""
+    from config import load_settings
+    from notifier import store
+    from notifier.db import Database
+    from notifier.models import Base
+    from notifier.schemas import load_catalog
+    from notifier.vault import vault_for
+
+    _truncate(", ".join(t.name for t in Base.metadata.sorted_tables))
+    _flush(NOTIFIER_BROKER, NOTIFIER_REDIS)
+    env = notifier_env(folder)
+    settings = load_settings({k: v for k, v in env.items() if k.startswith("NOTIFIER_")})
+    db = Database(PG_URL)
+    try:
+        store.create_org(db, ORG, "bench", now_ms=0)
+        catalog, vault = load_catalog(), vault_for(settings.secret_keys, settings.data_dir)
+        for i in range(fanout):
+            store.create_webhook(db, catalog, vault, org_id=ORG, name=f"hook-{i}",
+                                 url=receiver.url(f"/notifier/{i}"), event_names=[EVENT], now_ms=0,
+                                 max_allowed_connections=connections)
+    finally:
+        db.dispose()
+    procs = Processes(folder, env)
+    try:
+        procs.worker("tasks", "notifier", concurrency)
+        procs.spawn("beat", ["-A", "tasks", "beat", "--loglevel", "INFO",
+                             "--schedule", str(folder / "celerybeat-schedule")])
+        yield procs
+    finally:
+        procs.stop()
+
+
+def _db_counts() -> tuple[int, int, int]:
+    engine = sa.create_engine(PG_URL)
+    with engine.connect() as conn:
+        delivered = conn.exec_driver_sql(
+            "SELECT count(*) FROM deliveries WHERE status = 'delivered'").scalar_one()
+        total = conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar_one()
+        attempts = conn.exec_driver_sql("SELECT count(*) FROM attempts").scalar_one()
+    engine.dispose()
+    return delivered, total, attempts
+
+
+def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int) -> Sample:
+    from notifier import publish
+
+    _truncate("attempts, deliveries, events")
+    events = deliveries // fanout
+    data = event_data()
+    start_count = receiver.count
+    with RssSampler([procs.procs["notifier"].pid]) as rss:
+        t0 = time.perf_counter()
+        for _ in range(events):
+            publish(EVENT, data, org_id=ORG, broker_url=NOTIFIER_BROKER)
+        _wait(receiver, start_count + events * fanout, events * fanout, "notifier")
+        seconds = time.perf_counter() - t0
+    # The receiver counts a request when it answers; the attempt is recorded just after.
+    deadline = time.monotonic() + 30
+    while (counts := _db_counts())[0] < events * fanout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    delivered, total, attempts = counts
+    note = f"db: {delivered}/{total} delivered, {attempts} attempts"
+    if (delivered, total, attempts) != (events * fanout,) * 3:
+        raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
+                         f"deliveries and attempts, {note}")
+    return Sample(seconds, events * fanout, rss.peak, [note])
