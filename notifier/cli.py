@@ -36,11 +36,13 @@ def main() -> None:
 @main.command()
 @click.option("--concurrency", "-c", default=2, show_default=True,
               help="Worker processes (Celery prefork pool).")
+@click.option("--port", default=8000, show_default=True,
+              help="Port of the HTTP API on 127.0.0.1; 0 to go without.")
 @click.option("--flower-port", default=5555, show_default=True,
               help="Port of Flower, the Celery monitor, on 127.0.0.1; 0 to go without.")
-def up(concurrency: int, flower_port: int) -> None:
+def up(concurrency: int, port: int, flower_port: int) -> None:
     """Run the whole service on this machine: Redis (embedded by default), migrations,
-    a worker, beat and Flower. Ctrl-C stops it all."""
+    the HTTP API, a worker, beat and Flower. Ctrl-C stops it all."""
     from notifier.db import upgrade
     from notifier.embedded import start_redis
 
@@ -55,6 +57,9 @@ def up(concurrency: int, flower_port: int) -> None:
         "beat": [*celery, "beat", "--loglevel", "INFO",
                  "--schedule", str(settings.data_dir / "celerybeat-schedule")],
     }
+    if port:
+        commands["api"] = [sys.executable, "-m", "uvicorn", "--factory", "notifier.api:create_app",
+                           "--host", "127.0.0.1", "--port", str(port)]
     if flower_port:
         commands["flower"] = [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"]
     children = {name: subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -68,6 +73,8 @@ def up(concurrency: int, flower_port: int) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     click.echo("notifier is up (" + ", ".join(commands) + "); Ctrl-C to stop")
+    if port:
+        click.echo(f"api:      http://127.0.0.1:{port}/docs")
     if flower_port:
         click.echo(f"flower:   http://127.0.0.1:{flower_port}/")
     code = 0
@@ -124,16 +131,64 @@ def orgs() -> None:
 @click.option("--parent", type=int, default=None, help="Parent org id.")
 def orgs_create(org_id: int, name: str, parent: int | None) -> None:
     """Create org ORG_ID called NAME."""
-    from notifier import store
+    from notifier import store, tenants
+    from notifier.db import Database
+    from notifier.errors import NotifierError
+
+    database = Database(_settings().database_url)
+    try:
+        store.create_org(database, org_id, name, now_ms=_now_ms(), parent_id=parent)
+        key = tenants.create_key(database, org_id, now_ms=_now_ms())
+    except NotifierError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"orgId": org_id, "apiKey": key}))
+
+
+@orgs.group("keys")
+def org_keys() -> None:
+    """An org's API keys (shown once, stored hashed)."""
+
+
+@org_keys.command("create")
+@click.argument("org_id", type=int)
+def org_keys_create(org_id: int) -> None:
+    """Print a new API key for ORG_ID."""
+    from notifier import tenants
     from notifier.db import Database
     from notifier.errors import NotifierError
 
     try:
-        store.create_org(Database(_settings().database_url), org_id, name, now_ms=_now_ms(),
-                         parent_id=parent)
+        click.echo(tenants.create_key(Database(_settings().database_url), org_id,
+                                      now_ms=_now_ms()))
     except NotifierError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"org {org_id} created")
+
+
+@org_keys.command("list")
+@click.argument("org_id", type=int)
+def org_keys_list(org_id: int) -> None:
+    """The prefixes of ORG_ID's keys, and whether each is revoked."""
+    from notifier import tenants
+    from notifier.db import Database
+
+    for prefix, _created, revoked in tenants.list_keys(Database(_settings().database_url), org_id):
+        click.echo(f"{prefix}...  {'revoked' if revoked else 'live'}")
+
+
+@org_keys.command("revoke")
+@click.argument("org_id", type=int)
+@click.argument("prefix")
+def org_keys_revoke(org_id: int, prefix: str) -> None:
+    """Revoke ORG_ID's key that starts with PREFIX."""
+    from notifier import tenants
+    from notifier.db import Database
+    from notifier.errors import NotifierError
+
+    try:
+        tenants.revoke_key(Database(_settings().database_url), org_id, prefix, now_ms=_now_ms())
+    except NotifierError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("revoked")
 
 
 def _header(_ctx: Any, _param: Any, values: tuple[str, ...]) -> dict[str, str]:
@@ -162,22 +217,26 @@ def webhooks() -> None:
 def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
                     headers: dict[str, str], max_connections: int, sla: int) -> None:
     """Create a webhook; prints its id and its signing secret (shown only once)."""
-    from notifier import store
+    from notifier import webhooks
     from notifier.db import Database
     from notifier.errors import NotifierError
     from notifier.schemas import load_catalog
     from notifier.vault import vault_for
 
     settings = _settings()
+    context = webhooks.Context(Database(settings.database_url), load_catalog(),
+                               vault_for(settings.secret_keys, settings.data_dir),
+                               settings.allow_private_networks)
+    body = {"name": name, "webHookUrl": url, "eventNames": list(events),
+            "webHookHeaders": headers, "maxAllowedConnections": max_connections,
+            "slaInSeconds": sla}
     try:
-        webhook_id, secret = store.create_webhook(
-            Database(settings.database_url), load_catalog(),
-            vault_for(settings.secret_keys, settings.data_dir), org_id=org_id, name=name,
-            url=url, event_names=list(events), headers=headers,
-            max_allowed_connections=max_connections, sla_in_seconds=sla, now_ms=_now_ms())
+        saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
     except NotifierError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps({"webHookId": webhook_id, "secret": secret}))
+    for warning in saved.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps({"webHookId": saved.view["webHookId"], "secret": saved.secret}))
 
 
 @main.command()

@@ -16,9 +16,10 @@ from celery import Celery
 
 from notifier.errors import InvalidEvent
 
-__all__ = ["INGEST_TASK", "QUEUE", "build_envelope", "publish"]
+__all__ = ["DELIVER_TASK", "INGEST_TASK", "QUEUE", "build_envelope", "producer", "publish"]
 
 INGEST_TASK = "notifier.ingest"
+DELIVER_TASK = "notifier.deliver"
 QUEUE = "notifier"
 
 
@@ -49,7 +50,8 @@ def build_envelope(event_name: str, data: Mapping[str, Any], *, org_id: int,
 
 
 @functools.cache
-def _producer(broker_url: str) -> Celery:
+def producer(broker_url: str) -> Celery:
+    """A client-only Celery app for ``broker_url``, made once per process, that sends by name."""
     producer = Celery("notifier-client", broker=broker_url, set_as_current=False)
     producer.conf.update(task_serializer="json", accept_content=["json"],
                          broker_connection_retry_on_startup=True)
@@ -69,5 +71,5 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
         from config import load_settings
 
         broker_url = load_settings().broker_url
-    _producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE)
+    producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE)
     return str(envelope["eventId"])

@@ -4,6 +4,7 @@
     ├── InvalidInput            bad input from a caller; names the field
     │   └── InvalidEvent        an event that fails its envelope or schema check
     ├── NotFound                an id that does not exist (or belongs to another org)
+    ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
@@ -16,6 +17,7 @@ only ever catch these. Tasks retry ``TransientError``; the API maps each class t
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationFailed",
     "DestinationNotAllowed",
     "InvalidEvent",
     "InvalidInput",
@@ -46,6 +48,10 @@ class InvalidEvent(InvalidInput):
 
 class NotFound(NotifierError):
     """The thing asked for does not exist, or is not the caller's to see."""
+
+
+class AuthenticationFailed(NotifierError):
+    """The request's API key is missing, unknown or revoked."""
 
 
 class DestinationNotAllowed(NotifierError):

@@ -67,6 +67,29 @@ class EventCatalog:
     def schema(self, event_name: str) -> dict[str, Any]:
         return dict(self._validator(event_name).schema)
 
+    def resolved(self, event_name: str) -> dict[str, Any]:
+        """The event's schema with every ``$ref`` replaced by what it points at."""
+        self._validator(event_name)  # unknown names fail as everywhere else
+        return dict(self._inline(self.schema(event_name), self.folder / f"{event_name}.json", 0))
+
+    def _inline(self, node: Any, base: Path, depth: int) -> Any:
+        if depth > 20:
+            raise ValueError(f"$ref nesting too deep in {base.name}")
+        if isinstance(node, list):
+            return [self._inline(item, base, depth) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if isinstance(node.get("$ref"), str):
+            file_part, _, pointer = node["$ref"].partition("#")
+            target = (base.parent / file_part).resolve() if file_part else base
+            resource = self._retrieve(str(target.relative_to(self.folder.resolve())))
+            found = resource.contents
+            for step in [s for s in pointer.split("/") if s]:
+                found = found[step.replace("~1", "/").replace("~0", "~")]
+            return self._inline(found, target, depth + 1)
+        return {key: self._inline(value, base, depth) for key, value in node.items()
+                if key != "definitions"}
+
     def _validator(self, event_name: str) -> Draft6Validator:
         try:
             return self._validators[event_name]

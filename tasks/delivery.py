@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 
 from notifier import pipeline
-from notifier.client import INGEST_TASK, QUEUE
+from notifier.client import DELIVER_TASK, INGEST_TASK, QUEUE
 from notifier.errors import TransientError
 from notifier.queues import Lease
 from tasks.app import app
@@ -44,7 +44,7 @@ def ingest(self: Task, envelope: dict[str, Any]) -> None:
         log.info("event %s rejected: %s", outcome.event_id, outcome.error)
 
 
-@app.task(name="notifier.deliver", bind=True, max_retries=3)
+@app.task(name=DELIVER_TASK, bind=True, max_retries=3)
 def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str]) -> None:
     """POST one lease's deliveries over one of the webhook's slots, then pump its queue.
 

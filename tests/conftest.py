@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -277,10 +278,11 @@ class Stack:
         self.settings: Settings = load_settings(
             {k: v for k, v in env.items() if k.startswith("NOTIFIER_")})
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str],
+               program: tuple[str, ...] = ("celery", "-A", "tasks")) -> subprocess.Popen[bytes]:
         with (self.folder / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tasks", *args], env=self.env,
+                [sys.executable, "-m", *program, *args], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=self.folder)
         self.processes[name] = process
@@ -300,6 +302,18 @@ class Stack:
     def beat(self) -> None:
         self._spawn("beat", ["beat", "--loglevel", "INFO",
                              "--schedule", str(self.folder / "celerybeat-schedule")])
+
+    def web(self) -> str:
+        """The HTTP API under uvicorn on a free loopback port; returns its base URL."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self._spawn("web", ["--factory", "notifier.api:create_app", "--host", "127.0.0.1",
+                            "--port", str(port)], program=("uvicorn",))
+        wait_until(lambda: "Uvicorn running" in self.log("web")
+                   or self.processes["web"].poll() is not None, 60, "the API to listen")
+        assert self.processes["web"].poll() is None, self.log("web")
+        return f"http://127.0.0.1:{port}"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process and all its children (the prefork pool) at once."""

@@ -20,6 +20,12 @@ from tests.conftest import Receiver, wait_until
 pytestmark = pytest.mark.e2e
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: Receiver) -> None:
     command = shutil.which("notifier")
     assert command, "the notifier command is not installed (pip install -e .)"
@@ -27,9 +33,7 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
     # The only setting: the receiver listens on loopback, which webhooks may not target by default.
     env["NOTIFIER_ALLOW_PRIVATE_NETWORKS"] = "127.0.0.0/8"
     log = tmp_path / "up.log"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port, api_port = free_port(), free_port()
 
     def cli(*args: str) -> str:
         done = subprocess.run([command, *args], cwd=tmp_path, env=env, capture_output=True,
@@ -38,7 +42,8 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
         return done.stdout
 
     with log.open("wb") as out:
-        up = subprocess.Popen([command, "up", "--concurrency", "1", "--flower-port", str(port)],
+        up = subprocess.Popen([command, "up", "--concurrency", "1", "--flower-port", str(port),
+                               "--port", str(api_port)],
                               cwd=tmp_path, env=env,
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True)
@@ -67,6 +72,8 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
             return page.status_code == 200 and "celery@" in page.text
 
         wait_until(flower_lists_the_worker, 60, "Flower to list the worker")
+        health = requests.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
+        assert health.json()["data"] == {"database": "ok", "redis": "ok"}
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)

@@ -1,0 +1,77 @@
+"""The ``{data, errors, warnings}`` envelope, and the one place errors become status codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from notifier.errors import (
+    AuthenticationFailed,
+    DestinationNotAllowed,
+    InvalidInput,
+    NotFound,
+    NotifierError,
+    TransientError,
+)
+
+__all__ = ["envelope", "error_body", "install_error_handlers"]
+
+# The first class that matches decides; NotifierError last, as the catch-all of our own tree.
+STATUSES: tuple[tuple[type[NotifierError], int, str], ...] = (
+    (AuthenticationFailed, 401, "UNAUTHORIZED"),
+    (NotFound, 404, "NOT_FOUND"),
+    (InvalidInput, 400, "INVALID_INPUT"),
+    (DestinationNotAllowed, 400, "DESTINATION_NOT_ALLOWED"),
+    (TransientError, 503, "UNAVAILABLE"),
+    (NotifierError, 500, "INTERNAL"),
+)
+
+
+def envelope(data: Any, *, status: int = 200, warnings: list[str] | None = None,
+             errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    return JSONResponse({"data": data, "errors": errors or None, "warnings": warnings or None},
+                        status_code=status)
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return body
+
+
+def _status_of(exc: NotifierError) -> tuple[int, str]:
+    return next((status, code) for kind, status, code in STATUSES if isinstance(exc, kind))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def notifier_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, NotifierError)
+        status, code = _status_of(exc)
+        field = exc.field if isinstance(exc, InvalidInput) else None
+        response = envelope(None, status=status, errors=[error_body(code, str(exc), field)])
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer, Basic realm="notifier"'
+        return response
+
+    async def invalid_request(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = []
+        for error in exc.errors():
+            location = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+            field = ".".join(location) or "body"
+            errors.append(error_body("INVALID_INPUT", f"{field}: {error.get('msg')}", field))
+        return envelope(None, status=400, errors=errors)
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return envelope(None, status=exc.status_code,
+                        errors=[error_body("HTTP_" + str(exc.status_code), str(exc.detail))])
+
+    app.add_exception_handler(NotifierError, notifier_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)

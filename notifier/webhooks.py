@@ -1,0 +1,345 @@
+"""Webhooks as the management API and the CLI see them: InTouch v3 ``webHooks`` fields in and out.
+
+Every check names the InTouch field it is about (``maxAllowedConnections must be greater than
+zero``), so an existing InTouch client gets errors it understands. Header values and signing
+secrets are sealed at rest and only ever shown masked; the secret is shown once, at creation and
+at rotation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from notifier.db import Database
+from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
+from notifier.models import Org, SigningSecret, Webhook, WebhookSubscription
+from notifier.schemas import EventCatalog
+from notifier.sender import check_destination
+from notifier.signing import new_secret
+from notifier.vault import Vault, mask
+
+__all__ = ["FLAGS", "SOURCES", "Context", "Saved", "create", "deactivate", "get", "list_all",
+           "rotate_secret", "update_webhook"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# InTouch flag name -> column.
+FLAGS = {
+    "tillDetailsEnrichmentEnabled": "till_details_enrichment",
+    "storeDetailsEnrichmentEnabled": "store_details_enrichment",
+    "cardNumberEnrichmentEnabled": "card_number_enrichment",
+    "awardedReferenceEnrichmentEnabled": "awarded_reference_enrichment",
+    "availablePointsBalanceEnrichmentEnabled": "available_points_balance_enrichment",
+    "listenToChildEvents": "listen_to_child_events",
+    "active": "active",
+}
+# Customer identifier sources, by lower-cased name (InTouch samples spell InStore "Instore").
+SOURCES = {"instore": "InStore", "wechat": "WeChat", "webengage": "WebEngage"}
+# Headers notifier sets itself; a webhook may not set them (Content-Type it may, to the same).
+_RESERVED = {"host", "content-length", "transfer-encoding", "connection"}
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConnections",
+          "slaInSeconds", "methodType", "webHookType", "customerIdentifiersToBeEnriched",
+          *FLAGS}
+# Read-only or not (yet) supported InTouch fields a client may send back: ignored, with a warning.
+_IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", "neoEnrichment",
+            "possibleValues", "orgId"}
+DEFAULT_SLA_SECONDS = 3600
+ROTATION_OVERLAP_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Context:
+    db: Database
+    catalog: EventCatalog
+    vault: Vault
+    allowed_networks: Sequence[Network] = ()
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A webhook as returned, plus the warnings its request earned and a secret shown once."""
+
+    view: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    secret: str | None = None
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _view(hook: Webhook, event_names: Sequence[str], vault: Vault) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "webHookId": hook.id,
+        "name": hook.name,
+        "eventNames": sorted(event_names),
+        "webHookUrl": hook.url,
+        "webHookType": hook.webhook_type,
+        "methodType": hook.method_type,
+        "webHookHeaders": {k: mask(vault.open(v)) for k, v in hook.headers.items()},
+        "maxAllowedConnections": hook.max_allowed_connections,
+        "slaInSeconds": hook.sla_in_seconds,
+        "consumerGroupId": hook.consumer_group_id,
+        "customerIdentifiersToBeEnriched": list(hook.customer_identifiers_to_be_enriched),
+        "noOfRetryAttempts": 0,
+        "attribution": {"createdOn": _iso(hook.created_at_ms), "createdOnISO": _iso(hook.created_at_ms),
+                        "lastUpdatedOn": _iso(hook.updated_at_ms),
+                        "lastUpdatedOnISO": _iso(hook.updated_at_ms)},
+    }
+    view.update({name: bool(getattr(hook, column)) for name, column in FLAGS.items()})
+    return view
+
+
+def _check_url(url: Any, allowed: Sequence[Network], warnings: list[str]) -> str:
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput("webHookUrl", "is required")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise InvalidInput("webHookUrl", f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput("webHookUrl", "must be an http or https URL with a host")
+    if any(c.isspace() for c in url.strip()):
+        raise InvalidInput("webHookUrl", "must not contain white space")
+    try:  # the same rule the sender applies before each POST
+        check_destination(url.strip(), allowed)
+    except DestinationNotAllowed as exc:
+        if "does not resolve" in str(exc):
+            warnings.append(f"webHookUrl: {parts.hostname} does not resolve from here yet")
+        else:
+            raise InvalidInput("webHookUrl", str(exc)) from None
+    return url.strip()
+
+
+def _check_headers(headers: Any) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidInput("webHookHeaders", "must be an object of header names to values")
+    checked = {}
+    for name, value in headers.items():
+        where = f"webHookHeaders.{name}"
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise InvalidInput(where, "is not a valid header name")
+        if not isinstance(value, str):
+            raise InvalidInput(where, "must be a string")
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise InvalidInput(where, "must not contain CR, LF or NUL")
+        lower = name.lower()
+        if lower in _RESERVED or lower.startswith("webhook-"):
+            raise InvalidInput(where, "is set by notifier and cannot be configured")
+        if lower == "content-type" and value.split(";")[0].strip().lower() != "application/json":
+            raise InvalidInput(where, "must be application/json: payloads are JSON")
+        checked[name] = value
+    return checked
+
+
+def _check_int(body: Mapping[str, Any], name: str, minimum: int, problem: str) -> int:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(name, "must be an integer")
+    if value < minimum:
+        raise InvalidInput(name, problem)
+    return value
+
+
+def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
+             current: Webhook | None, warnings: list[str]) -> tuple[dict[str, Any], list[str] | None]:
+    """Check a request body; returns the column values it sets and its event names (if given)."""
+    for name in body:
+        if name in _IGNORED:
+            warnings.append(f"{name} is read-only or not supported here; ignored")
+        elif name not in _KNOWN:
+            warnings.append(f"{name} is not a webHooks field; ignored")
+    if creating:
+        for required in ("name", "webHookUrl", "eventNames", "maxAllowedConnections"):
+            if body.get(required) is None:
+                raise InvalidInput(required, "is required")
+    values: dict[str, Any] = {}
+    if "name" in body:
+        if not isinstance(body["name"], str) or not body["name"].strip():
+            raise InvalidInput("name", "must be a non-empty string")
+        if len(body["name"]) > 200:
+            raise InvalidInput("name", "must be at most 200 characters")
+        values["name"] = body["name"].strip()
+    if "webHookUrl" in body:
+        values["url"] = _check_url(body["webHookUrl"], ctx.allowed_networks, warnings)
+    if "webHookHeaders" in body:
+        values["headers"] = {k: ctx.vault.seal(v)
+                             for k, v in _check_headers(body["webHookHeaders"]).items()}
+    if "maxAllowedConnections" in body:
+        values["max_allowed_connections"] = _check_int(
+            body, "maxAllowedConnections", 1, "must be greater than zero")
+    if body.get("slaInSeconds") is not None:
+        values["sla_in_seconds"] = _check_int(body, "slaInSeconds", 0, "must not be negative")
+    if body.get("methodType") not in (None, "POST"):
+        raise InvalidInput("methodType", "only POST is supported")
+    if body.get("webHookType") not in (None, "HTTP"):
+        raise InvalidInput("webHookType", "only HTTP is supported")
+    for name, column in FLAGS.items():
+        if body.get(name) is not None:
+            if not isinstance(body[name], bool):
+                raise InvalidInput(name, "must be true or false")
+            values[column] = body[name]
+    if body.get("customerIdentifiersToBeEnriched") is not None:
+        sources = body["customerIdentifiersToBeEnriched"]
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise InvalidInput("customerIdentifiersToBeEnriched", "must be a list of sources")
+        unknown = [s for s in sources if s.lower() not in SOURCES]
+        if unknown:
+            raise InvalidInput("customerIdentifiersToBeEnriched",
+                               f"unknown source(s) {unknown}; use {sorted(SOURCES.values())}")
+        values["customer_identifiers_to_be_enriched"] = sorted(
+            {SOURCES[s.lower()] for s in sources})
+    event_names = None
+    if "eventNames" in body:
+        names = body["eventNames"]
+        if not isinstance(names, list) or not names:
+            raise InvalidInput("eventNames", "can not be null or empty")
+        unknown = sorted({str(n) for n in names} - set(ctx.catalog.names))
+        if unknown:
+            raise InvalidInput("eventNames", f"unknown event name(s): {', '.join(unknown)}")
+        event_names = sorted(set(names))
+
+    def final(column: str) -> Any:
+        return values.get(column, getattr(current, column, None) if current else None)
+
+    if final("card_number_enrichment") and not final("customer_identifiers_to_be_enriched"):
+        raise InvalidInput("cardNumberEnrichmentEnabled",
+                           "needs a source in customerIdentifiersToBeEnriched first")
+    if values.get("available_points_balance_enrichment") and \
+            not org.available_points_balance_enrichment_enabled:
+        raise InvalidInput("availablePointsBalanceEnrichmentEnabled",
+                           "is not enabled for this org; ask the operator to enable it")
+    return values, event_names
+
+
+def _load(session: Session, org_id: int, webhook_id: str) -> Webhook:
+    hook = session.get(Webhook, webhook_id)
+    if hook is None or hook.org_id != org_id:  # another org's webhook does not exist for you
+        raise NotFound(f"webHookId {webhook_id} is invalid")
+    return hook
+
+
+def _events_of(session: Session, webhook_id: str) -> list[str]:
+    return list(session.scalars(select(WebhookSubscription.event_name)
+                                .where(WebhookSubscription.webhook_id == webhook_id)))
+
+
+def _org(session: Session, org_id: int) -> Org:
+    org = session.get(Org, org_id)
+    if org is None:
+        raise NotFound(f"org {org_id} does not exist")
+    return org
+
+
+def _name_taken(session: Session, org_id: int, name: str, other_than: str | None = None) -> None:
+    query = select(Webhook.id).where(Webhook.org_id == org_id, Webhook.name == name)
+    if other_than:
+        query = query.where(Webhook.id != other_than)
+    if session.scalar(query) is not None:
+        raise InvalidInput("name", f"a webhook named {name!r} exists already in this org")
+
+
+def create(ctx: Context, org_id: int, body: Mapping[str, Any], *, now_ms: int) -> Saved:
+    """Create a webhook from an InTouch ``POST /v3/webHooks`` body; the secret is in ``Saved``."""
+    warnings: list[str] = []
+    webhook_id, secret = secrets.token_hex(12), new_secret()
+    with ctx.db.session() as session:
+        org = _org(session, org_id)
+        values, event_names = _columns(ctx, org, body, creating=True, current=None,
+                                       warnings=warnings)
+        _name_taken(session, org_id, values["name"])
+        values.setdefault("sla_in_seconds", DEFAULT_SLA_SECONDS)
+        values.setdefault("headers", {})
+        values.setdefault("customer_identifiers_to_be_enriched", [])
+        hook = Webhook(id=webhook_id, org_id=org_id, consumer_group_id=str(uuid.uuid4()),
+                       created_at_ms=now_ms, updated_at_ms=now_ms, **values)
+        session.add(hook)
+        session.flush()
+        session.add_all([WebhookSubscription(webhook_id=webhook_id, event_name=n)
+                         for n in event_names or ()])
+        session.add(SigningSecret(webhook_id=webhook_id, secret=ctx.vault.seal(secret),
+                                  created_at_ms=now_ms))
+        session.flush()
+        view = _view(hook, event_names or (), ctx.vault)
+    return Saved(view, warnings, secret)
+
+
+def update_webhook(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *,
+                   now_ms: int) -> Saved:
+    """Apply an InTouch ``PUT /v3/webHooks/{id}`` body: every field optional."""
+    warnings: list[str] = []
+    with ctx.db.session() as session:
+        hook = _load(session, org_id, webhook_id)
+        values, event_names = _columns(ctx, _org(session, org_id), body, creating=False,
+                                       current=hook, warnings=warnings)
+        if "name" in values:
+            _name_taken(session, org_id, values["name"], other_than=webhook_id)
+        for column, value in values.items():
+            setattr(hook, column, value)
+        hook.updated_at_ms = now_ms
+        if event_names is not None:
+            session.execute(delete(WebhookSubscription).where(
+                WebhookSubscription.webhook_id == webhook_id))
+            session.add_all([WebhookSubscription(webhook_id=webhook_id, event_name=n)
+                             for n in event_names])
+        session.flush()
+        view = _view(hook, _events_of(session, webhook_id), ctx.vault)
+    return Saved(view, warnings)
+
+
+def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:
+    with ctx.db.session() as session:
+        hook = _load(session, org_id, webhook_id)
+        return _view(hook, _events_of(session, webhook_id), ctx.vault)
+
+
+def list_all(ctx: Context, org_id: int) -> list[dict[str, Any]]:
+    with ctx.db.session() as session:
+        hooks = session.scalars(select(Webhook).where(Webhook.org_id == org_id)
+                                .order_by(Webhook.created_at_ms, Webhook.id)).all()
+        subscriptions: dict[str, list[str]] = {h.id: [] for h in hooks}
+        for webhook_id, name in session.execute(
+                select(WebhookSubscription.webhook_id, WebhookSubscription.event_name)
+                .where(WebhookSubscription.webhook_id.in_(list(subscriptions)))):
+            subscriptions[webhook_id].append(name)
+        return [_view(h, subscriptions[h.id], ctx.vault) for h in hooks]
+
+
+def deactivate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> dict[str, Any]:
+    """InTouch's DELETE: the webhook stays, inactive, with its history."""
+    return update_webhook(ctx, org_id, webhook_id, {"active": False}, now_ms=now_ms).view
+
+
+def rotate_secret(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int,
+                  overlap_seconds: int = ROTATION_OVERLAP_SECONDS) -> str:
+    """A new signing secret; the current ones keep signing for ``overlap_seconds`` more."""
+    if overlap_seconds < 0:
+        raise InvalidInput("overlapSeconds", "must not be negative")
+    secret = new_secret()
+    ends = now_ms + overlap_seconds * 1000
+    with ctx.db.session() as session:
+        _load(session, org_id, webhook_id)
+        session.execute(
+            update(SigningSecret)
+            .where(SigningSecret.webhook_id == webhook_id,
+                   (SigningSecret.expires_at_ms.is_(None)) | (SigningSecret.expires_at_ms > ends))
+            .values(expires_at_ms=ends))
+        session.add(SigningSecret(webhook_id=webhook_id, secret=ctx.vault.seal(secret),
+                                  created_at_ms=now_ms))
+    return secret
