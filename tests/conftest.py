@@ -34,6 +34,9 @@ PG_URL = os.environ.get("NOTIFIER_TEST_DATABASE_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("NOTIFIER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Redis database numbers the tests flush and use: (queues, broker). Two suites can share one
+# Redis server by choosing different numbers.
+QUEUE_DB, BROKER_DB = (int(n) for n in os.environ.get("NOTIFIER_TEST_REDIS_DBS", "15,14").split(","))
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str,
@@ -130,7 +133,7 @@ def _with_db(base: str, number: int) -> str:
 
 @pytest.fixture
 def redis_url(redis_base: tuple[str, str]) -> str:
-    url = _with_db(redis_base[0], 15)
+    url = _with_db(redis_base[0], QUEUE_DB)
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
@@ -139,8 +142,8 @@ def redis_url(redis_base: tuple[str, str]) -> str:
 
 @pytest.fixture
 def broker_url(redis_base: tuple[str, str]) -> str:
-    url = _with_db(redis_base[1], 14)
-    client = redis.Redis.from_url(_with_db(redis_base[0], 14))
+    url = _with_db(redis_base[1], BROKER_DB)
+    client = redis.Redis.from_url(_with_db(redis_base[0], BROKER_DB))
     client.flushdb()
     client.close()
     return url
