@@ -101,8 +101,13 @@ def retry_after_seconds(result: Result, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def check_destination(url: str, allowed: Sequence[Network]) -> None:
-    """Refuse a URL that is not http(s) or resolves to a non-public address outside ``allowed``."""
+def check_destination(url: str, allowed: Sequence[Network], *, resolve: bool = True) -> None:
+    """Refuse a URL that is not http(s) or resolves to a non-public address outside ``allowed``.
+
+    With ``resolve=False`` (when a webhook is saved) only literal addresses and ``localhost``
+    are checked, so saving a webhook never waits on DNS; the sender checks again, resolving,
+    before every first POST to a host.
+    """
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -110,12 +115,21 @@ def check_destination(url: str, allowed: Sequence[Network]) -> None:
         raise DestinationNotAllowed(f"{url!r}: not a valid URL ({exc})") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DestinationNotAllowed(f"{url!r}: only http and https URLs with a host are allowed")
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise DestinationNotAllowed(f"{parts.hostname!r} does not resolve: {exc}") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
+    if not resolve:
+        host = parts.hostname.lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            host = "127.0.0.1"
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            return  # a name: resolved and checked when sent to
+    else:
+        try:
+            infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise DestinationNotAllowed(f"{parts.hostname!r} does not resolve: {exc}") from exc
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses:
         if address.is_global or any(address in network for network in allowed):
             continue
         raise DestinationNotAllowed(

@@ -102,9 +102,10 @@ def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
     a redelivered ingest task re-queues whatever a crash may have left out of Redis.
     """
     try:
+        _check_storable(envelope, "$")
         event = normalize_envelope(envelope, now_ms)
     except InvalidEvent as exc:
-        return _store_unusable(db, envelope, exc, now_ms)
+        return _store_unusable(db, _scrubbed(envelope), exc, now_ms)
     with db.session() as session:
         existing = session.scalar(select(Event).where(
             Event.org_id == event["orgId"], Event.event_id == event["eventId"]))
@@ -165,6 +166,38 @@ def _store_unusable(db: Database, envelope: Mapping[str, Any], exc: InvalidEvent
             payload=dict(envelope), status=EventStatus.REJECTED, error_message=str(exc),
             error_path=exc.field))
     return IngestOutcome(event_id, EventStatus.REJECTED, True, str(exc))
+
+
+def _bad_text(text: str) -> bool:
+    # PostgreSQL's JSON cannot hold NUL, and no UTF-8 can hold an unpaired surrogate.
+    if text.isascii():
+        return "\x00" in text
+    return "\x00" in text or any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _check_storable(value: Any, path: str) -> None:
+    if isinstance(value, str) and _bad_text(value):
+        raise InvalidEvent(path, "contains a NUL character or an unpaired surrogate")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if _bad_text(str(key)):
+                raise InvalidEvent(path, "has a key with a NUL character or an unpaired surrogate")
+            _check_storable(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_storable(item, f"{path}[{index}]")
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with every unstorable character replaced by U+FFFD, to keep what can be kept."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c
+                       for c in value)
+    if isinstance(value, Mapping):
+        return {_scrubbed(str(k)): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 def _short(value: Any) -> str | None:

@@ -103,7 +103,7 @@ def _view(hook: Webhook, event_names: Sequence[str], vault: Vault) -> dict[str, 
     return view
 
 
-def _check_url(url: Any, allowed: Sequence[Network], warnings: list[str]) -> str:
+def _check_url(url: Any, allowed: Sequence[Network]) -> str:
     if not isinstance(url, str) or not url.strip():
         raise InvalidInput("webHookUrl", "is required")
     try:
@@ -115,13 +115,10 @@ def _check_url(url: Any, allowed: Sequence[Network], warnings: list[str]) -> str
         raise InvalidInput("webHookUrl", "must be an http or https URL with a host")
     if any(c.isspace() for c in url.strip()):
         raise InvalidInput("webHookUrl", "must not contain white space")
-    try:  # the same rule the sender applies before each POST
-        check_destination(url.strip(), allowed)
+    try:  # the sender's own rule, without DNS (it resolves and checks again before sending)
+        check_destination(url.strip(), allowed, resolve=False)
     except DestinationNotAllowed as exc:
-        if "does not resolve" in str(exc):
-            warnings.append(f"webHookUrl: {parts.hostname} does not resolve from here yet")
-        else:
-            raise InvalidInput("webHookUrl", str(exc)) from None
+        raise InvalidInput("webHookUrl", str(exc)) from None
     return url.strip()
 
 
@@ -177,7 +174,7 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
             raise InvalidInput("name", "must be at most 200 characters")
         values["name"] = body["name"].strip()
     if "webHookUrl" in body:
-        values["url"] = _check_url(body["webHookUrl"], ctx.allowed_networks, warnings)
+        values["url"] = _check_url(body["webHookUrl"], ctx.allowed_networks)
     if "webHookHeaders" in body:
         values["headers"] = {k: ctx.vault.seal(v)
                              for k, v in _check_headers(body["webHookHeaders"]).items()}

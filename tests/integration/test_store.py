@@ -234,3 +234,20 @@ def test_migration_0002_seals_secrets_written_in_the_clear(
     migrated.dispose()
     assert opened.headers == {"Authorization": "Basic old"}
     assert opened.secrets == ("whsec_plain",)
+
+
+def test_unstorable_text_is_rejected_naming_where_and_kept_scrubbed(org: Database) -> None:
+    bad = event("e-nul")
+    bad["data"]["note"] = "a\x00b"
+    surrogate = event("e-sur")
+    surrogate["data"]["customerIdentifiers"]["\udc80"] = 1
+
+    first = store.ingest(org, load_catalog(), bad, now_ms=1)
+    second = store.ingest(org, load_catalog(), surrogate, now_ms=1)
+
+    assert first.status == EventStatus.REJECTED and "$.data.note" in (first.error or "")
+    assert "$.data.customerIdentifiers" in (second.error or "")
+    with org.session() as session:
+        payloads = session.scalars(select(Event.payload).order_by(Event.pk)).all()
+    assert payloads[0]["data"]["note"] == "a\ufffdb"
+    assert "\ufffd" in payloads[1]["data"]["customerIdentifiers"]

@@ -1,0 +1,33 @@
+"""Schemathesis against the live API's /openapi.json: no 5xx, no response off its schema."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from notifier import store, tenants
+from notifier.db import Database
+from tests.conftest import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+def test_fuzzing_the_api_finds_no_server_error_and_no_off_schema_response(stack: Stack) -> None:
+    command = shutil.which("schemathesis")
+    assert command, "schemathesis is not installed (pip install -e '.[test]')"
+    database = Database(stack.settings.database_url)
+    store.create_org(database, 1, "fuzz", now_ms=0)
+    key = tenants.create_key(database, 1, now_ms=0)
+    database.dispose()
+    base = stack.web()
+
+    done = subprocess.run(
+        [command, "run", f"{base}/openapi.json", "--header", f"Authorization: Bearer {key}",
+         "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
+         "--max-examples", "40", "--generation-deterministic", "--request-timeout", "20",
+         "--no-color"],
+        capture_output=True, text=True, timeout=600, check=False, cwd=stack.folder)
+
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
