@@ -10,6 +10,7 @@ import notifier
 from config import Settings, load_settings
 from notifier.api import routes_events, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
+from notifier.api.schemas import Envelope
 from notifier.client import DELIVER_TASK, QUEUE, producer
 from notifier.errors import TransientError
 from notifier.pipeline import SendLease, Services, build_services
@@ -40,7 +41,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(routes_webhooks.router)
     app.include_router(routes_events.router)
 
-    @app.get("/health", tags=["health"])
+    @app.get("/health", tags=["health"], responses={
+        200: {"model": Envelope[dict[str, str]]}, 503: {"model": Envelope[dict[str, str]]}})
     def health(request: Request) -> JSONResponse:
         """Database and Redis reachable: 200; otherwise 503 naming what is not."""
         running: Services = request.app.state.services

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from notifier import pipeline
 from notifier.api.auth import caller_org
 from notifier.api.envelope import envelope, error_body
+from notifier.api.schemas import AcceptedEvent, CatalogEntry, Envelope, answers
 from notifier.errors import NotFound
 
 __all__ = ["router"]
@@ -18,7 +19,10 @@ router = APIRouter(prefix="/v3/events", tags=["events"])
 Org = Annotated[int, Depends(caller_org)]
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses={
+    **answers(202, list[AcceptedEvent]),
+    400: {"model": Envelope[list[AcceptedEvent]],
+          "description": "Some events are invalid: they are stored as rejected; errors name the field"}})
 def ingest_events(
     request: Request,
     org: Org,
@@ -52,14 +56,14 @@ def ingest_events(
     return envelope(results, status=400 if errors else 202, errors=errors)
 
 
-@router.get("/catalog")
+@router.get("/catalog", responses=answers(200, list[CatalogEntry]))
 def catalog(request: Request) -> JSONResponse:
     """Every event name notifier knows, with its group and description."""
     known = request.app.state.services.catalog
     return envelope([{"eventName": name, **known.entries.get(name, {})} for name in known.names])
 
 
-@router.get("/catalog/{eventName}/schema")
+@router.get("/catalog/{eventName}/schema", responses=answers(200, dict[str, Any]))
 def event_schema(eventName: str, request: Request,
                  resolved: Annotated[bool, Query()] = False) -> JSONResponse:
     """The event's JSON schema (draft-06); ``?resolved=true`` inlines every ``$ref``."""

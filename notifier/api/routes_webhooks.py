@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from notifier import webhooks
 from notifier.api.auth import caller_org
 from notifier.api.envelope import envelope
+from notifier.api.schemas import CreatedWebhookOut, RotatedOut, WebhookOut, answers
 from notifier.pipeline import now_ms
 
 __all__ = ["router"]
@@ -56,7 +57,7 @@ def _given(body: WebhookBody) -> dict[str, Any]:
     return body.model_dump(exclude_unset=True)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=answers(201, CreatedWebhookOut))
 def create_webhook(body: WebhookBody, org: Org, request: Request) -> JSONResponse:
     """Create a webhook. The response carries ``signingSecret``, shown this once only."""
     saved = webhooks.create(_context(request), org, _given(body), now_ms=now_ms())
@@ -64,17 +65,17 @@ def create_webhook(body: WebhookBody, org: Org, request: Request) -> JSONRespons
                     warnings=saved.warnings)
 
 
-@router.get("")
+@router.get("", responses=answers(200, list[WebhookOut]))
 def list_webhooks(org: Org, request: Request) -> JSONResponse:
     return envelope(webhooks.list_all(_context(request), org))
 
 
-@router.get("/{webHookId}")
+@router.get("/{webHookId}", responses=answers(200, WebhookOut))
 def get_webhook(webHookId: str, org: Org, request: Request) -> JSONResponse:
     return envelope(webhooks.get(_context(request), org, webHookId))
 
 
-@router.put("/{webHookId}")
+@router.put("/{webHookId}", responses=answers(200, WebhookOut))
 def update_webhook(webHookId: str, body: WebhookBody, org: Org,
                    request: Request) -> JSONResponse:
     saved = webhooks.update_webhook(_context(request), org, webHookId, _given(body),
@@ -82,13 +83,13 @@ def update_webhook(webHookId: str, body: WebhookBody, org: Org,
     return envelope(saved.view, warnings=saved.warnings)
 
 
-@router.delete("/{webHookId}")
+@router.delete("/{webHookId}", responses=answers(200, WebhookOut))
 def delete_webhook(webHookId: str, org: Org, request: Request) -> JSONResponse:
     """Deactivate the webhook (InTouch's delete is soft: history stays)."""
     return envelope(webhooks.deactivate(_context(request), org, webHookId, now_ms=now_ms()))
 
 
-@router.post("/{webHookId}/secret/rotate")
+@router.post("/{webHookId}/secret/rotate", responses=answers(200, RotatedOut))
 def rotate_secret(webHookId: str, org: Org, request: Request,
                   body: RotateBody | None = None) -> JSONResponse:
     """A new signing secret, shown once; the old one keeps signing for ``overlapSeconds``."""

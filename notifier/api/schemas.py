@@ -1,0 +1,87 @@
+"""The response shapes, for /openapi.json: every answer is a ``{data, errors, warnings}`` envelope."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+__all__ = ["ERRORS", "Envelope", "ErrorItem", "WebhookOut", "answers"]
+
+T = TypeVar("T")
+
+
+class ErrorItem(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class Envelope(BaseModel, Generic[T]):
+    data: T | None
+    errors: list[ErrorItem] | None
+    warnings: list[str] | None
+
+
+class Attribution(BaseModel):
+    createdOn: str
+    createdOnISO: str
+    lastUpdatedOn: str
+    lastUpdatedOnISO: str
+
+
+class WebhookOut(BaseModel):
+    webHookId: str
+    name: str
+    eventNames: list[str]
+    webHookUrl: str
+    webHookType: str
+    methodType: str
+    webHookHeaders: dict[str, str]
+    maxAllowedConnections: int
+    slaInSeconds: int
+    consumerGroupId: str
+    customerIdentifiersToBeEnriched: list[str]
+    noOfRetryAttempts: int
+    attribution: Attribution
+    tillDetailsEnrichmentEnabled: bool
+    storeDetailsEnrichmentEnabled: bool
+    cardNumberEnrichmentEnabled: bool
+    awardedReferenceEnrichmentEnabled: bool
+    availablePointsBalanceEnrichmentEnabled: bool
+    listenToChildEvents: bool
+    active: bool
+
+
+class CreatedWebhookOut(WebhookOut):
+    signingSecret: str
+
+
+class RotatedOut(BaseModel):
+    webHookId: str
+    signingSecret: str
+    previousSecretsValidForSeconds: int
+
+
+class AcceptedEvent(BaseModel):
+    eventId: str
+    status: str
+
+
+class CatalogEntry(BaseModel):
+    eventName: str
+    group: str | None = None
+    description: str | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Envelope[None], "description": "Invalid input; each error names its field"},
+    401: {"model": Envelope[None], "description": "Missing, unknown or revoked API key"},
+    404: {"model": Envelope[None], "description": "No such resource in the caller's org"},
+    503: {"model": Envelope[None], "description": "Database or Redis unavailable; retry"},
+}
+
+
+def answers(status: int, model: Any) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: its success shape and the shared error shapes."""
+    return {status: {"model": Envelope[model]}, **ERRORS}
