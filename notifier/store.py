@@ -138,7 +138,7 @@ def _insert_and_fan_out(session: Any, catalog: EventCatalog, event: dict[str, An
     hooks = session.execute(
         select(Webhook.id, Webhook.max_allowed_connections)
         .join(WebhookSubscription, WebhookSubscription.webhook_id == Webhook.id)
-        .where(Webhook.org_id == row.org_id, Webhook.active.is_(True),
+        .where(_listeners(session, row.org_id), Webhook.active.is_(True),
                WebhookSubscription.event_name == row.event_name)
         .order_by(Webhook.id)).all()
     queued = tuple(Queued(hook_id, limit, new_delivery_id(), now_ms) for hook_id, limit in hooks)
@@ -149,6 +149,15 @@ def _insert_and_fan_out(session: Any, catalog: EventCatalog, event: dict[str, An
             for q in queued])
     row.status = EventStatus.DISPATCHED
     return IngestOutcome(row.event_id, row.status, True, queued=queued)
+
+
+def _listeners(session: Any, org_id: int) -> Any:
+    """Webhooks that hear an org's events: its own, and its parent's that listen to children."""
+    parent_id = session.scalar(select(Org.parent_id).where(Org.id == org_id))
+    if parent_id is None:
+        return Webhook.org_id == org_id
+    return or_(Webhook.org_id == org_id,
+               and_(Webhook.org_id == parent_id, Webhook.listen_to_child_events.is_(True)))
 
 
 def _store_unusable(db: Database, envelope: Mapping[str, Any], exc: InvalidEvent,

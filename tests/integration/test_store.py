@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from notifier import store
 from notifier.db import Database, upgrade
 from notifier.errors import InvalidInput, NotFound
-from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus
+from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
 
@@ -251,3 +251,16 @@ def test_unstorable_text_is_rejected_naming_where_and_kept_scrubbed(org: Databas
         payloads = session.scalars(select(Event.payload).order_by(Event.pk)).all()
     assert payloads[0]["data"]["note"] == "a\ufffdb"
     assert "\ufffd" in payloads[1]["data"]["customerIdentifiers"]
+
+
+def test_a_parent_webhook_listening_to_children_hears_a_childs_events(org: Database) -> None:
+    store.create_org(org, ORG + 10, "child", now_ms=0, parent_id=ORG)
+    listening = webhook(org, "listening")
+    webhook(org, "deaf")
+    with org.session() as session:
+        session.execute(update(Webhook).where(Webhook.id == listening)
+                        .values(listen_to_child_events=True))
+
+    outcome = store.ingest(org, load_catalog(), {**event(), "orgId": ORG + 10}, now_ms=1)
+
+    assert [q.webhook_id for q in outcome.queued] == [listening]
