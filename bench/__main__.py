@@ -63,7 +63,8 @@ def repeat(row: Row, times: int, once: Callable[[], run.Sample]) -> None:
 
 
 def table(rows: list[Row], floor_b: Row | None) -> str:
-    head = f"{'scenario':<26} {'deliveries':>10} {'median/s':>9} {'range/s':>13} {'/FloorB':>8} {'peak RSS MiB':>13}"
+    head = (f"{'scenario':<26} {'deliveries':>10} {'median/s':>9} {'range/s':>13} "
+            f"{'/FloorB':>8} {'peak RSS MiB':>13}")
     lines = [head, "-" * len(head)]
     base = floor_b.median if floor_b and floor_b.samples else None
     for row in rows:
@@ -71,7 +72,7 @@ def table(rows: list[Row], floor_b: Row | None) -> str:
             lines.append(f"{row.name:<26} FAILED: {row.error}")
             continue
         rates = [s.rate for s in row.samples]
-        ratio = f"{row.median / base:.2f}" if base else "-"
+        ratio = f"{row.median / base:.2f}" if base and not row.name.startswith("receiver") else "-"
         peak = max(s.peak_rss for s in row.samples)
         mem = f"{peak / 2**20:.0f}" if peak else "-"
         lines.append(f"{row.name:<26} {row.samples[0].deliveries:>10} {row.median:>9.0f} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -22,6 +23,7 @@ import psutil
 import redis
 import requests
 import sqlalchemy as sa
+from celery import Celery
 
 from bench.receiver import Receiver
 
@@ -32,6 +34,7 @@ REDIS = "redis://127.0.0.1:6379"
 FLOOR_B_BROKER = f"{REDIS}/12"
 NOTIFIER_BROKER = f"{REDIS}/13"
 NOTIFIER_REDIS = f"{REDIS}/11"
+FLOOR_B_QUEUE = "bench-floor-b"
 ORG = 4242
 EVENT = "pointsIssued"
 
@@ -114,6 +117,23 @@ class RssSampler:
 # ---------------------------------------------------------------- subprocesses
 
 
+def _hostname(name: str) -> str:
+    return f"{name}@{socket.gethostname()}"
+
+
+@functools.cache
+def _control(broker_url: str) -> Any:
+    return Celery("bench-control", broker=broker_url, set_as_current=False).control
+
+
+def _queue_length(broker_url: str, queue: str) -> int:
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return int(client.llen(queue))
+    finally:
+        client.close()
+
+
 class Processes:
     """Celery subprocesses in their own sessions; ``stop`` kills each process group."""
 
@@ -136,13 +156,26 @@ class Processes:
     def worker(self, app: str, name: str, concurrency: int) -> subprocess.Popen[bytes]:
         proc = self.spawn(name, ["-A", app, "worker", "--hostname", f"{name}@%h", "--pool", "prefork",
                                  "--concurrency", str(concurrency), "--loglevel", "INFO",
-                                 "--without-gossip", "--without-mingle", "--without-heartbeat"])
+                                 ])
         deadline = time.monotonic() + 60
         while "ready." not in self.log(name):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"worker {name} did not start:\n{self.log(name)[-3000:]}")
             time.sleep(0.05)
         return proc
+
+    def pause(self, broker_url: str, name: str, queue: str) -> None:
+        """Stop worker ``name`` consuming ``queue`` (remote control), so the queue can be filled."""
+        reply = _control(broker_url).cancel_consumer(queue, reply=True, timeout=10,
+                                                     destination=[_hostname(name)])
+        if not reply:
+            raise BenchError(f"worker {name} did not answer cancel_consumer")
+
+    def resume(self, broker_url: str, name: str, queue: str) -> None:
+        reply = _control(broker_url).add_consumer(queue, reply=True, timeout=10,
+                                                  destination=[_hostname(name)])
+        if not reply:
+            raise BenchError(f"worker {name} did not answer add_consumer")
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -279,14 +312,18 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
 
     payload = body()
     start_count = receiver.count
+    procs.pause(FLOOR_B_BROKER, "floor-b", FLOOR_B_QUEUE)
+    t0 = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for _ in range(deliveries):
+            app.send_task("bench.post", args=[payload], producer=producer, queue=FLOOR_B_QUEUE)
+    fill = time.perf_counter() - t0
     with RssSampler([procs.procs["floor-b"].pid]) as rss:
         t0 = time.perf_counter()
-        with app.producer_or_acquire() as producer:
-            for _ in range(deliveries):
-                app.send_task("bench.post", args=[payload], producer=producer)
+        procs.resume(FLOOR_B_BROKER, "floor-b", FLOOR_B_QUEUE)
         _wait(receiver, start_count + deliveries, deliveries, "Floor B")
         seconds = time.perf_counter() - t0
-    return Sample(seconds, deliveries, rss.peak)
+    return Sample(seconds, deliveries, rss.peak, [f"(queue filled at {deliveries / fill:.0f}/s)"])
 
 
 # ---------------------------------------------------------------- notifier
@@ -295,7 +332,8 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
 def ensure_database() -> None:
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = 'notifier_bench'").scalar() is None:
+        exists = "SELECT 1 FROM pg_database WHERE datname = 'notifier_bench'"
+        if conn.exec_driver_sql(exists).scalar() is None:
             conn.exec_driver_sql("CREATE DATABASE notifier_bench")
     admin.dispose()
     from notifier.db import upgrade
@@ -370,15 +408,23 @@ def _db_counts() -> tuple[int, int, int]:
 
 def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int) -> Sample:
     from notifier import publish
+    from notifier.client import QUEUE
 
     _truncate("attempts, deliveries, events")
     events = deliveries // fanout
     data = event_data()
     start_count = receiver.count
+    procs.pause(NOTIFIER_BROKER, "notifier", QUEUE)
+    t0 = time.perf_counter()
+    for _ in range(events):
+        publish(EVENT, data, org_id=ORG, broker_url=NOTIFIER_BROKER)
+    fill = time.perf_counter() - t0
+    # (beat's sweep tasks share the queue, so it may hold a few more)
+    if receiver.count != start_count or _queue_length(NOTIFIER_BROKER, QUEUE) < events:
+        raise BenchError("notifier: the paused worker consumed from its queue")
     with RssSampler([procs.procs["notifier"].pid]) as rss:
         t0 = time.perf_counter()
-        for _ in range(events):
-            publish(EVENT, data, org_id=ORG, broker_url=NOTIFIER_BROKER)
+        procs.resume(NOTIFIER_BROKER, "notifier", QUEUE)
         _wait(receiver, start_count + events * fanout, events * fanout, "notifier")
         seconds = time.perf_counter() - t0
     # The receiver counts a request when it answers; the attempt is recorded just after.
@@ -386,7 +432,7 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int)
     while (counts := _db_counts())[0] < events * fanout and time.monotonic() < deadline:
         time.sleep(0.1)
     delivered, total, attempts = counts
-    note = f"db: {delivered}/{total} delivered, {attempts} attempts"
+    note = f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at {events / fill:.0f}/s)"
     if (delivered, total, attempts) != (events * fanout,) * 3:
         raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
                          f"deliveries and attempts, {note}")
