@@ -101,7 +101,10 @@ class EventCatalog:
         name = event.get("eventName")
         if not isinstance(name, str):
             raise InvalidEvent("$.eventName", "is required and must be a string")
-        error: ValidationError | None = best_match(self._validator(name).iter_errors(event))
+        validator = self._validator(name)
+        if validator.is_valid(event):  # the common case, without collecting every error
+            return
+        error: ValidationError | None = best_match(validator.iter_errors(event))
         if error is not None:
             raise InvalidEvent(json_path(error.absolute_path), error.message)
 
