@@ -107,12 +107,15 @@ def _enqueue(services: Services, queued: Iterable[store.Queued]) -> list[str]:
     return list(by_hook)
 
 
-def accept(services: Services, envelope: Mapping[str, Any]) -> tuple[store.IngestOutcome, list[str]]:
+def accept(services: Services, envelope: Mapping[str, Any], *,
+           only_webhook: str | None = None) -> tuple[store.IngestOutcome, list[str]]:
     """Store, validate and fan out one event, then queue its deliveries.
 
-    Returns the outcome and the webhooks whose queues got work (to pump).
+    Returns the outcome and the webhooks whose queues got work (to pump). ``only_webhook``
+    narrows the fan-out to one webhook (see ``store.ingest``).
     """
-    outcome = store.ingest(services.db, services.catalog, envelope, now_ms=now_ms())
+    outcome = store.ingest(services.db, services.catalog, envelope, now_ms=now_ms(),
+                           only_webhook=only_webhook)
     return outcome, _enqueue(services, outcome.queued)
 
 

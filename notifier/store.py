@@ -94,12 +94,14 @@ def normalize_envelope(envelope: Mapping[str, Any], now_ms: int) -> dict[str, An
 
 
 def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
-           now_ms: int) -> IngestOutcome:
+           now_ms: int, only_webhook: str | None = None) -> IngestOutcome:
     """Store an event (once per org and eventId), validate it, and fan it out to its webhooks.
 
     Everything happens in one transaction, so an event is never stored without its deliveries.
     A second ingest of the same event changes nothing and returns its unfinished deliveries, so
     a redelivered ingest task re-queues whatever a crash may have left out of Redis.
+    ``only_webhook`` narrows the fan-out to that one webhook (a test send reaches only the
+    webhook under test); by default every subscribed webhook gets the event.
     """
     try:
         _check_storable(envelope, "$")
@@ -114,14 +116,14 @@ def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
                                  existing.error_message, _unfinished(session, existing.pk))
     try:
         with db.session() as session:
-            return _insert_and_fan_out(session, catalog, event, now_ms)
+            return _insert_and_fan_out(session, catalog, event, now_ms, only_webhook)
     except IntegrityError:
         # Another worker stored the same eventId between our look-up and insert.
-        return ingest(db, catalog, event, now_ms=now_ms)
+        return ingest(db, catalog, event, now_ms=now_ms, only_webhook=only_webhook)
 
 
 def _insert_and_fan_out(session: Any, catalog: EventCatalog, event: dict[str, Any],
-                        now_ms: int) -> IngestOutcome:
+                        now_ms: int, only_webhook: str | None = None) -> IngestOutcome:
     row = Event(event_id=event["eventId"], event_name=str(event.get("eventName", ""))[:100],
                 org_id=event["orgId"], ref_id=_short(event.get("refId")),
                 api_request_id=_short(event.get("apiRequestId")),
@@ -135,12 +137,14 @@ def _insert_and_fan_out(session: Any, catalog: EventCatalog, event: dict[str, An
     session.flush()
     if row.status == EventStatus.REJECTED:
         return IngestOutcome(row.event_id, row.status, True, row.error_message)
-    hooks = session.execute(
+    subscribers = (
         select(Webhook.id, Webhook.max_allowed_connections)
         .join(WebhookSubscription, WebhookSubscription.webhook_id == Webhook.id)
-        .where(_listeners(session, row.org_id), Webhook.active.is_(True),
-               WebhookSubscription.event_name == row.event_name)
-        .order_by(Webhook.id)).all()
+        .where(_listeners(session, event["orgId"]),  # an int: normalize_envelope checked it
+               Webhook.active.is_(True), WebhookSubscription.event_name == row.event_name))
+    if only_webhook is not None:
+        subscribers = subscribers.where(Webhook.id == only_webhook)
+    hooks = session.execute(subscribers.order_by(Webhook.id)).all()
     queued = tuple(Queued(hook_id, limit, new_delivery_id(), now_ms) for hook_id, limit in hooks)
     if queued:
         session.execute(insert(Delivery), [

@@ -8,7 +8,8 @@ from sqlalchemy import text
 
 import notifier
 from config import Settings, load_settings
-from notifier.api import routes_events, routes_webhooks
+from notifier import ui
+from notifier.api import routes_events, routes_logs, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.schemas import Envelope
 from notifier.client import DELIVER_TASK, QUEUE, producer
@@ -40,6 +41,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     install_error_handlers(app)
     app.include_router(routes_webhooks.router)
     app.include_router(routes_events.router)
+    app.include_router(routes_logs.router)
+    ui.install(app)
 
     @app.get("/health", tags=["health"], responses={
         200: {"model": Envelope[dict[str, str]]}, 503: {"model": Envelope[dict[str, str]]}})

@@ -1,0 +1,445 @@
+"""The admin web UI under ``/ui``: server-rendered pages over the same domain calls as the API.
+
+One signed-in org per browser session (a signed cookie, see ``notifier.ui.install``). Every
+change goes through ``notifier.webhooks`` / ``notifier.pipeline``, so the UI can do nothing the
+API could not, and an ``InvalidInput`` from them is shown next to the field it names.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+
+from notifier import logs, pipeline, store, tenants, webhooks
+from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
+from notifier.models import Delivery, Event, Org, Webhook
+from notifier.pipeline import Services, now_ms
+from notifier.ui import forms
+from notifier.webhooks import SOURCES
+
+__all__ = ["SignInRequired", "router"]
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class SignInRequired(Exception):
+    """No org in the session: the page answers with a redirect to the sign-in page."""
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _signed_in(request: Request) -> int:
+    org = request.session.get("org")
+    if not isinstance(org, int):
+        raise SignInRequired
+    return org
+
+
+OrgId = Annotated[int, Depends(_signed_in)]
+
+
+def _context(request: Request) -> webhooks.Context:
+    services = _services(request)
+    return webhooks.Context(services.db, services.catalog, services.vault,
+                            services.settings.allow_private_networks)
+
+
+def _flash(request: Request, message: str, kind: str = "ok") -> None:
+    request.session.setdefault("flash", []).append([kind, message])
+    request.session["flash"] = request.session["flash"]  # mark the session changed
+
+
+def _time(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False)
+
+
+templates.env.filters["time"] = _time
+templates.env.filters["pretty"] = _pretty
+
+
+def _page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    org = request.session.get("org")
+    context.setdefault("org_id", org)
+    context.setdefault("org_name", request.session.get("orgName", ""))
+    context["flashes"] = request.session.pop("flash", [])
+    return templates.TemplateResponse(request, template, context, status_code=status)
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+async def _pairs(request: Request) -> list[tuple[str, str]]:
+    # URL-encoded forms only (every form here is one); parsed by hand so the UI needs no
+    # multipart parser.
+    return parse_qsl((await request.body()).decode(), keep_blank_values=True)
+
+
+def _not_found(request: Request, what: str) -> HTMLResponse:
+    return _page(request, "message.html", status=404, title="Not found", message=what)
+
+
+# ---------------------------------------------------------------- sign-in
+
+
+@router.get("", response_model=None)
+@router.get("/", response_model=None)
+def home(request: Request) -> RedirectResponse:
+    return _redirect("/ui/notifications" if "org" in request.session else "/ui/login")
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request) -> HTMLResponse:
+    return _page(request, "login.html", form={}, error=None)
+
+
+@router.post("/login", response_model=None)
+async def login(request: Request) -> Response:
+    form = dict(await _pairs(request))
+    try:
+        org_id = int(form.get("orgId", "").strip())
+    except ValueError:
+        return _page(request, "login.html", status=400, form=form,
+                     error={"orgId": "Enter your numeric org id"})
+    try:
+        tenants.authenticate(_services(request).db, form.get("apiKey", "").strip(), org_id=org_id)
+    except AuthenticationFailed:
+        return _page(request, "login.html", status=401, form=form,
+                     error={"apiKey": "This API key is not a live key of that org"})
+    with _services(request).db.session() as session:
+        org = session.get(Org, org_id)
+        org_name = org.name if org else str(org_id)
+    request.session.clear()
+    request.session.update({"org": org_id, "orgName": org_name})
+    return _redirect("/ui/notifications")
+
+
+@router.post("/logout")
+def logout(request: Request) -> RedirectResponse:
+    request.session.clear()
+    return _redirect("/ui/login")
+
+
+# ---------------------------------------------------------------- notifications
+
+
+@router.get("/notifications", response_class=HTMLResponse)
+def notifications(request: Request, org: OrgId, inactive: bool = False) -> HTMLResponse:
+    hooks = webhooks.list_all(_context(request), org)
+    hidden = sum(1 for h in hooks if not h["active"])
+    shown = hooks if inactive else [h for h in hooks if h["active"]]
+    return _page(request, "notifications.html", hooks=shown, hidden=hidden,
+                 show_inactive=inactive, nav="notifications")
+
+
+def _form_page(request: Request, form: forms.NotificationForm, *, webhook_id: str | None,
+               errors: Mapping[str, str] | None = None, status: int = 200) -> HTMLResponse:
+    catalog = _services(request).catalog
+    events = [{"name": name, "group": catalog.entries.get(name, {}).get("group", ""),
+               "description": catalog.entries.get(name, {}).get("description", "")}
+              for name in catalog.names]
+    return _page(request, "form.html", status=status, form=form, errors=errors or {},
+                 webhook_id=webhook_id, events=events, sources=sorted(SOURCES.values()),
+                 flag_labels=forms.ENRICHMENT_FLAGS, nav="notifications")
+
+
+def _invalid(exc: InvalidInput) -> dict[str, str]:
+    return {forms.error_key(exc.field): exc.problem if "." not in exc.field
+            else f"{exc.field.split('.', 1)[1]}: {exc.problem}"}
+
+
+@router.get("/notifications/new", response_class=HTMLResponse)
+def new_notification(request: Request, org: OrgId) -> HTMLResponse:
+    del org
+    return _form_page(request, forms.NotificationForm(headers=[forms.HeaderRow("")]),
+                      webhook_id=None)
+
+
+@router.post("/notifications/new", response_model=None)
+async def create_notification(request: Request, org: OrgId) -> Response:
+    form = forms.read_form(await _pairs(request))
+    try:
+        saved = webhooks.create(_context(request), org, forms.body_of(form), now_ms=now_ms())
+    except InvalidInput as exc:
+        return _form_page(request, form, webhook_id=None, errors=_invalid(exc), status=400)
+    _flash(request, f"Notification “{saved.view['name']}” created.")
+    # The signing secret is shown this once, on this page, and never put in the cookie.
+    return _webhook_page(request, org, saved.view["webHookId"], secret=saved.secret)
+
+
+@router.get("/notifications/{webhook_id}/edit", response_class=HTMLResponse)
+def edit_notification(request: Request, org: OrgId, webhook_id: str) -> HTMLResponse:
+    try:
+        view = webhooks.get(_context(request), org, webhook_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    return _form_page(request, forms.form_from_view(view), webhook_id=webhook_id)
+
+
+@router.post("/notifications/{webhook_id}/edit", response_model=None)
+async def save_notification(request: Request, org: OrgId, webhook_id: str) -> Response:
+    ctx = _context(request)
+    try:
+        view = webhooks.get(ctx, org, webhook_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    form = forms.read_form(await _pairs(request), view["webHookHeaders"])
+    try:
+        stored = store.target(ctx.db, ctx.vault, webhook_id, now_ms=now_ms()).headers
+        webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form, stored),
+                                now_ms=now_ms())
+    except InvalidInput as exc:
+        return _form_page(request, form, webhook_id=webhook_id, errors=_invalid(exc), status=400)
+    _flash(request, "Changes saved.")
+    return _redirect(f"/ui/notifications/{webhook_id}")
+
+
+def _set_active(request: Request, org: int, webhook_id: str, active: bool, message: str,
+                to: str) -> Response:
+    try:
+        if active:
+            webhooks.update_webhook(_context(request), org, webhook_id, {"active": True},
+                                    now_ms=now_ms())
+        else:
+            webhooks.deactivate(_context(request), org, webhook_id, now_ms=now_ms())
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    _flash(request, message)
+    return _redirect(to)
+
+
+@router.post("/notifications/{webhook_id}/deactivate", response_model=None)
+def deactivate(request: Request, org: OrgId, webhook_id: str) -> Response:
+    return _set_active(request, org, webhook_id, False,
+                       "Notification deactivated: no new events are sent to it.",
+                       f"/ui/notifications/{webhook_id}")
+
+
+@router.post("/notifications/{webhook_id}/activate", response_model=None)
+def activate(request: Request, org: OrgId, webhook_id: str) -> Response:
+    return _set_active(request, org, webhook_id, True, "Notification activated.",
+                       f"/ui/notifications/{webhook_id}")
+
+
+@router.post("/notifications/{webhook_id}/delete", response_model=None)
+def delete(request: Request, org: OrgId, webhook_id: str) -> Response:
+    # InTouch's delete is soft: the webhook is deactivated and keeps its delivery history; the
+    # list hides it unless "Show inactive" is on.
+    return _set_active(request, org, webhook_id, False,
+                       "Notification deleted. Its delivery history is kept; "
+                       "“Show inactive” lists it.", "/ui/notifications")
+
+
+# ---------------------------------------------------------------- the webhook page
+
+DAYS = (1, 3, 7, 15, 30)
+STATUSES = ("delivered", "failed", "dead", "retrying", "pending", "in_flight")
+
+
+def _webhook_page(request: Request, org: int, webhook_id: str, *,
+                  secret: str | None = None) -> HTMLResponse:
+    try:
+        view = webhooks.get(_context(request), org, webhook_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    query = request.query_params
+    days = int(query["days"]) if query.get("days", "").isdigit() and \
+        int(query["days"]) in DAYS else 7
+    filters = {"eventName": query.get("eventName", ""), "status": query.get("status", "")}
+    activity = _activity(request, org, view, days, filters)
+    return _page(request, "webhook.html", hook=view, secret=secret, days=days, all_days=DAYS,
+                 filters=filters, statuses=STATUSES, form=forms.form_from_view(view),
+                 nav="notifications", qs=lambda **kw: urlencode(
+                     {k: v for k, v in {"days": days, **filters, **kw}.items() if v}),
+                 **activity)
+
+
+DAY_MS = 24 * 3600 * 1000
+PAGE_SIZE = 20
+
+
+def _activity(request: Request, org: int, view: Mapping[str, Any], days: int,
+              filters: Mapping[str, str]) -> dict[str, Any]:
+    """Metrics over ``days``, and one page of the delivery log with each delivery's attempts."""
+    db, now = _services(request).db, now_ms()
+    group, start = view["consumerGroupId"], now - days * DAY_MS
+    metrics = logs.consumer_group_metrics(db, org, group, now_ms=now, start_ms=start)
+    page = request.query_params.get("page", "0")
+    try:
+        found = logs.consumer_group_logs(
+            db, org, group, now_ms=now, start_ms=start, size=PAGE_SIZE,
+            page=int(page) if page.isdigit() else 0,
+            event_type=filters["eventName"] or None, status=filters["status"] or None)
+    except InvalidInput as exc:
+        found = {"content": [], "page": 0, "totalElements": 0, "totalPages": 0}
+        _flash(request, str(exc), "error")
+    deliveries = [logs.delivery_detail(db, org, record["deliveryId"])
+                  for record in found["content"]]
+    return {"metrics": metrics, "log": found, "deliveries": deliveries}
+
+
+@router.get("/notifications/{webhook_id}", response_class=HTMLResponse)
+def webhook_page(request: Request, org: OrgId, webhook_id: str) -> HTMLResponse:
+    return _webhook_page(request, org, webhook_id)
+
+
+@router.post("/notifications/{webhook_id}/deliveries/{delivery_id}/replay", response_model=None)
+def replay(request: Request, org: OrgId, webhook_id: str, delivery_id: str) -> Response:
+    services = _services(request)
+    try:
+        logs.require_delivery(services.db, org, delivery_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    if pipeline.replay(services, [delivery_id], request.app.state.send_lease):
+        _flash(request, f"Delivery {delivery_id} queued again, with the same webhook-id.")
+    else:
+        _flash(request, "That delivery is being sent right now; not replayed.", "warn")
+    return _redirect(f"/ui/notifications/{webhook_id}")
+
+
+@router.post("/notifications/{webhook_id}/test", response_model=None)
+async def test_send(request: Request, org: OrgId, webhook_id: str) -> Response:
+    services = _services(request)
+    name = dict(await _pairs(request)).get("eventName") or None
+    try:
+        event = logs.test_event(services.db, services.catalog, org, webhook_id, name,
+                                event_id=str(uuid.uuid4()), now_ms=now_ms())
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    except InvalidInput as exc:
+        _flash(request, f"Test not sent: {exc}", "error")
+        return _redirect(f"/ui/notifications/{webhook_id}")
+    outcome, touched = pipeline.accept(services, event, only_webhook=webhook_id)
+    pipeline.pump(services, touched, request.app.state.send_lease)
+    _flash(request, f"Test {event['eventName']} event {outcome.event_id} sent to this webhook.")
+    return _redirect(f"/ui/notifications/{webhook_id}")
+
+
+@router.get("/deliveries/{delivery_id}")
+def delivery(request: Request, org: OrgId, delivery_id: str) -> JSONResponse:
+    """One delivery's payloads, for the event feed's original/enriched toggle."""
+    try:
+        detail = logs.delivery_detail(_services(request).db, org, delivery_id)
+    except NotFound as exc:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+    return JSONResponse(detail)
+
+
+# ---------------------------------------------------------------- events
+
+
+@router.get("/schema/{event_name}")
+def schema(request: Request, org: OrgId, event_name: str) -> JSONResponse:
+    del org
+    catalog = _services(request).catalog
+    if event_name not in catalog.names:
+        return JSONResponse({"error": f"unknown event {event_name!r}"}, status_code=404)
+    # The event's own schema, as InTouch's ">" shows it; /v3/events/catalog/{name}/schema
+    # ?resolved=true has the $refs inlined.
+    return JSONResponse(catalog.schema(event_name))
+
+
+FEED_SIZE = 50
+
+
+def _feed(request: Request, org: int, event_name: str) -> list[dict[str, Any]]:
+    """The org's newest events of the last 30 days, each with the webhooks it went to."""
+    since = now_ms() - logs.DEFAULT_WINDOW_MS
+    with _services(request).db.session() as session:
+        query = select(Event).where(Event.org_id == org, Event.received_at_ms >= since)
+        if event_name:
+            query = query.where(Event.event_name == event_name)
+        events = session.scalars(query.order_by(Event.received_at_ms.desc(), Event.pk.desc())
+                                 .limit(FEED_SIZE)).all()
+        sent: dict[int, list[dict[str, str]]] = {}
+        for event_pk, delivery_id, status, hook_name in session.execute(
+                select(Delivery.event_pk, Delivery.id, Delivery.status, Webhook.name)
+                .join(Webhook, Webhook.id == Delivery.webhook_id)
+                .where(Delivery.event_pk.in_([e.pk for e in events]), Webhook.org_id == org)
+                .order_by(Webhook.name)):
+            sent.setdefault(event_pk, []).append(
+                {"id": delivery_id, "status": status, "webhook": hook_name})
+        return [{"eventId": e.event_id, "eventName": e.event_name, "status": e.status,
+                 "requestId": e.api_request_id, "refId": e.ref_id, "at": e.received_at_ms,
+                 "error": e.error_message, "payload": e.payload, "deliveries": sent.get(e.pk, [])}
+                for e in events]
+
+
+@router.get("/events", response_class=HTMLResponse)
+def event_feed(request: Request, org: OrgId, eventName: str = "") -> HTMLResponse:
+    with _services(request).db.session() as session:
+        total = session.scalar(select(func.count()).select_from(Event).where(
+            Event.org_id == org, Event.received_at_ms >= now_ms() - logs.DEFAULT_WINDOW_MS)) or 0
+    return _page(request, "events.html", events=_feed(request, org, eventName), total=total,
+                 event_name=eventName, names=_services(request).catalog.names, nav="events")
+
+
+def _example(request: Request, event_name: str) -> str:
+    if event_name not in _services(request).catalog.names:
+        return ""
+    example = logs.example_event(_services(request).catalog, event_name)
+    return _pretty(example.get("data", {}))
+
+
+@router.get("/example/{event_name}")
+def example(request: Request, org: OrgId, event_name: str) -> JSONResponse:
+    """A minimal valid ``data`` of the event, to start the publish form from."""
+    del org
+    if event_name not in _services(request).catalog.names:
+        return JSONResponse({"error": f"unknown event {event_name!r}"}, status_code=404)
+    return JSONResponse(logs.example_event(_services(request).catalog, event_name).get("data", {}))
+
+
+def _publish_page(request: Request, *, name: str = "", data: str = "",
+                  errors: Mapping[str, str] | None = None, result: Any = None,
+                  status: int = 200) -> HTMLResponse:
+    return _page(request, "publish.html", status=status, names=_services(request).catalog.names,
+                 name=name, data=data, errors=errors or {}, result=result, nav="publish")
+
+
+@router.get("/publish", response_class=HTMLResponse)
+def publish_page(request: Request, org: OrgId, eventName: str = "") -> HTMLResponse:
+    del org
+    return _publish_page(request, name=eventName, data=_example(request, eventName))
+
+
+@router.post("/publish", response_model=None)
+async def publish(request: Request, org: OrgId) -> Response:
+    form = dict(await _pairs(request))
+    name, raw = form.get("eventName", ""), form.get("data", "")
+    try:
+        data = json.loads(raw or "{}")
+    except json.JSONDecodeError as exc:
+        return _publish_page(request, name=name, data=raw, status=400,
+                             errors={"data": f"not JSON: {exc.msg} (line {exc.lineno})"})
+    services = _services(request)
+    outcome, touched = pipeline.accept(services, {"eventName": name, "data": data, "orgId": org})
+    pipeline.pump(services, touched, request.app.state.send_lease)
+    if outcome.error:
+        path, _, problem = outcome.error.partition(":")
+        field = "eventName" if path.strip() == "$.eventName" else "data"
+        return _publish_page(request, name=name, data=raw, status=400,
+                             errors={field: f"{path.strip()}: {problem.strip()}"},
+                             result=outcome)
+    return _publish_page(request, name=name, data=raw, result=outcome)
