@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from notifier.db import Database
 from notifier.errors import InvalidEvent, InvalidInput, NotFound
@@ -108,51 +109,58 @@ def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
         event = normalize_envelope(envelope, now_ms)
     except InvalidEvent as exc:
         return _store_unusable(db, _scrubbed(envelope), exc, now_ms)
-    with db.session() as session:
-        existing = session.scalar(select(Event).where(
-            Event.org_id == event["orgId"], Event.event_id == event["eventId"]))
-        if existing is not None:
-            return IngestOutcome(existing.event_id, existing.status, False,
-                                 existing.error_message, _unfinished(session, existing.pk))
-    try:
-        with db.session() as session:
-            return _insert_and_fan_out(session, catalog, event, now_ms, only_webhook)
-    except IntegrityError:
-        # Another worker stored the same eventId between our look-up and insert.
-        return ingest(db, catalog, event, now_ms=now_ms, only_webhook=only_webhook)
-
-
-def _insert_and_fan_out(session: Any, catalog: EventCatalog, event: dict[str, Any],
-                        now_ms: int, only_webhook: str | None = None) -> IngestOutcome:
-    row = Event(event_id=event["eventId"], event_name=str(event.get("eventName", ""))[:100],
-                org_id=event["orgId"], ref_id=_short(event.get("refId")),
-                api_request_id=_short(event.get("apiRequestId")),
-                created_at_ms=_as_int(event.get("createdAt"), now_ms), received_at_ms=now_ms,
-                payload=event, status=EventStatus.RECEIVED)
+    invalid: InvalidEvent | None = None
     try:
         catalog.validate(event)
     except InvalidEvent as exc:
-        row.status, row.error_message, row.error_path = EventStatus.REJECTED, str(exc), exc.field
-    session.add(row)
-    session.flush()
-    if row.status == EventStatus.REJECTED:
-        return IngestOutcome(row.event_id, row.status, True, row.error_message)
+        invalid = exc
+    with db.session() as session:
+        return _insert_and_fan_out(session, event, invalid, now_ms, only_webhook)
+
+
+def _insert_once(session: Any, values: dict[str, Any]) -> int | None:
+    """Insert an event unless its (org, eventId) is stored already: one statement, no race."""
+    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = (dialect_insert(Event).values(**values)
+                 .on_conflict_do_nothing(index_elements=["org_id", "event_id"])
+                 .returning(Event.pk))
+    pk = session.scalar(statement)
+    return None if pk is None else int(pk)
+
+
+def _insert_and_fan_out(session: Any, event: dict[str, Any], invalid: InvalidEvent | None,
+                        now_ms: int, only_webhook: str | None = None) -> IngestOutcome:
+    event_name = str(event.get("eventName", ""))[:100]
+    status = EventStatus.REJECTED if invalid else EventStatus.DISPATCHED
+    pk = _insert_once(session, {
+        "event_id": event["eventId"], "event_name": event_name, "org_id": event["orgId"],
+        "ref_id": _short(event.get("refId")), "api_request_id": _short(event.get("apiRequestId")),
+        "created_at_ms": _as_int(event.get("createdAt"), now_ms), "received_at_ms": now_ms,
+        "payload": event, "status": status,
+        "error_message": str(invalid) if invalid else None,
+        "error_path": invalid.field if invalid else None})
+    if pk is None:
+        existing = session.scalar(select(Event).where(
+            Event.org_id == event["orgId"], Event.event_id == event["eventId"]))
+        return IngestOutcome(existing.event_id, existing.status, False,
+                             existing.error_message, _unfinished(session, existing.pk))
+    if invalid:
+        return IngestOutcome(event["eventId"], status, True, str(invalid))
     subscribers = (
         select(Webhook.id, Webhook.max_allowed_connections)
         .join(WebhookSubscription, WebhookSubscription.webhook_id == Webhook.id)
         .where(_listeners(session, event["orgId"]),  # an int: normalize_envelope checked it
-               Webhook.active.is_(True), WebhookSubscription.event_name == row.event_name))
+               Webhook.active.is_(True), WebhookSubscription.event_name == event_name))
     if only_webhook is not None:
         subscribers = subscribers.where(Webhook.id == only_webhook)
     hooks = session.execute(subscribers.order_by(Webhook.id)).all()
     queued = tuple(Queued(hook_id, limit, new_delivery_id(), now_ms) for hook_id, limit in hooks)
     if queued:
         session.execute(insert(Delivery), [
-            {"id": q.delivery_id, "event_pk": row.pk, "webhook_id": q.webhook_id,
+            {"id": q.delivery_id, "event_pk": pk, "webhook_id": q.webhook_id,
              "status": DeliveryStatus.PENDING, "attempt_count": 0, "ingested_at_ms": now_ms}
             for q in queued])
-    row.status = EventStatus.DISPATCHED
-    return IngestOutcome(row.event_id, row.status, True, queued=queued)
+    return IngestOutcome(event["eventId"], status, True, queued=queued)
 
 
 def _listeners(session: Any, org_id: int) -> Any:
