@@ -73,7 +73,8 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
 
         wait_until(flower_lists_the_worker, 60, "Flower to list the worker")
         health = requests.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
-        assert health.json()["data"] == {"database": "ok", "redis": "ok"}
+        assert health.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok",
+                                         "workers": 1}
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)

@@ -259,9 +259,24 @@ def test_the_catalog_and_schemas(api: Api) -> None:
 def test_health(api: Api) -> None:
     response = api.client.get("/health")
     assert response.status_code == 200
-    assert response.json()["data"] == {"database": "ok", "redis": "ok"}
+    # No worker runs in these tests: counted, not required.
+    assert response.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok", "workers": 0}
 
 
 def test_openapi_is_served(api: Api) -> None:
     spec = api.client.get("/openapi.json").json()
     assert "/v3/webHooks/{webHookId}" in spec["paths"]
+
+
+def test_health_names_what_is_down(database_url: str, broker_url: str, tmp_path: Path) -> None:
+    settings = load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": "redis://127.0.0.1:1/0", "NOTIFIER_BROKER_URL": broker_url})
+    services = build_services(settings)
+    with TestClient(create_app(settings, services=services)) as client:
+        response = client.get("/health")
+    services.db.dispose()
+    assert response.status_code == 503
+    checks = response.json()["data"]
+    assert checks["database"] == "ok" and checks["broker"] == "ok"
+    assert "ConnectionError" in checks["redis"] or "QueueUnavailable" in checks["redis"]
