@@ -6,7 +6,7 @@ the same delivery (a re-queue after a lost lease, a broker redelivery) never bot
 
 from __future__ import annotations
 
-import secrets
+import ipaddress
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from notifier import webhooks
 from notifier.db import Database
 from notifier.errors import InvalidEvent, InvalidInput, NotFound
 from notifier.models import (
@@ -31,7 +32,6 @@ from notifier.models import (
     WebhookSubscription,
 )
 from notifier.schemas import EventCatalog
-from notifier.signing import new_secret
 from notifier.vault import Vault
 
 __all__ = [
@@ -414,41 +414,24 @@ def create_org(db: Database, org_id: int, name: str, *, now_ms: int,
 
 
 def create_webhook(db: Database, catalog: EventCatalog, vault: Vault, *, org_id: int, name: str,
-                   url: str,
-                   event_names: Sequence[str], now_ms: int,
+                   url: str, event_names: Sequence[str], now_ms: int,
                    headers: Mapping[str, str] | None = None, max_allowed_connections: int = 10,
                    sla_in_seconds: int = 3600, active: bool = True) -> tuple[str, str]:
-    """Create a webhook and its first signing secret; returns ``(webhookId, secret)``."""
-    if not name.strip():
-        raise InvalidInput("name", "must not be empty")
-    if not event_names:
-        raise InvalidInput("eventNames", "needs at least one event name")
-    unknown = sorted(set(event_names) - set(catalog.names))
-    if unknown:
-        raise InvalidInput("eventNames", f"unknown event name(s): {', '.join(unknown)}")
-    if max_allowed_connections < 1:
-        raise InvalidInput("maxAllowedConnections", "must be greater than zero")
-    if sla_in_seconds < 0:
-        raise InvalidInput("slaInSeconds", "must not be negative")
-    webhook_id, secret = secrets.token_hex(12), new_secret()
-    with db.session() as session:
-        if session.get(Org, org_id) is None:
-            raise NotFound(f"org {org_id} does not exist")
-        if session.scalar(select(Webhook.id).where(Webhook.org_id == org_id,
-                                                   Webhook.name == name)) is not None:
-            raise InvalidInput("name", f"a webhook named {name!r} exists already in this org")
-        session.add(Webhook(
-            id=webhook_id, org_id=org_id, name=name, url=url,
-            headers={k: vault.seal(v) for k, v in (headers or {}).items()},
-            max_allowed_connections=max_allowed_connections, sla_in_seconds=sla_in_seconds,
-            active=active, consumer_group_id=str(uuid.uuid4()), customer_identifiers_to_be_enriched=[],
-            created_at_ms=now_ms, updated_at_ms=now_ms))
-        session.flush()
-        session.add_all([WebhookSubscription(webhook_id=webhook_id, event_name=n)
-                         for n in sorted(set(event_names))])
-        session.add(SigningSecret(webhook_id=webhook_id, secret=vault.seal(secret),
-                                  created_at_ms=now_ms))
-    return webhook_id, secret
+    """Create a webhook with Python arguments; returns ``(webHookId, secret)``.
+
+    A shorthand for ``notifier.webhooks.create``, which holds every rule. Private addresses are
+    allowed here: callers (tests, tools) are trusted with their URLs.
+    """
+    context = webhooks.Context(db, catalog, vault, allowed_networks=_EVERY_NETWORK)
+    saved = webhooks.create(context, org_id, {
+        "name": name, "webHookUrl": url, "eventNames": list(event_names),
+        "webHookHeaders": dict(headers or {}), "maxAllowedConnections": max_allowed_connections,
+        "slaInSeconds": sla_in_seconds, "active": active}, now_ms=now_ms)
+    assert saved.secret is not None
+    return saved.view["webHookId"], saved.secret
+
+
+_EVERY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
 def replay(db: Database, delivery_ids: Sequence[str]) -> list[Queued]:
