@@ -2,7 +2,8 @@
 
     NotifierError
     ├── InvalidInput            bad input from a caller; names the field
-    │   └── InvalidEvent        an event that fails its envelope or schema check
+    │   ├── InvalidEvent        an event that fails its envelope or schema check
+    │   └── InvalidRows         bulk input with bad lines; lists each by number
     ├── NotFound                an id that does not exist (or belongs to another org)
     ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
@@ -16,11 +17,14 @@ only ever catch these. Tasks retry ``TransientError``; the API maps each class t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AuthenticationFailed",
     "DestinationNotAllowed",
     "InvalidEvent",
     "InvalidInput",
+    "InvalidRows",
     "NotFound",
     "NotifierError",
     "QueueUnavailable",
@@ -68,3 +72,16 @@ class StoreUnavailable(TransientError):
 
 class QueueUnavailable(TransientError):
     """Redis (queues, slots, retry times) could not be reached."""
+
+
+class InvalidRows(InvalidInput):
+    """Bulk input (a reference-data file) with bad lines, none of it applied.
+
+    ``rows`` holds ``(line number, problem)`` for every bad line, in file order.
+    """
+
+    def __init__(self, rows: Sequence[tuple[int, str]]) -> None:
+        line, problem = rows[0]
+        more = f" (and {len(rows) - 1} more bad lines)" if len(rows) > 1 else ""
+        super().__init__(f"line {line}", problem + more)
+        self.rows = tuple(rows)

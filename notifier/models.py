@@ -1,4 +1,5 @@
-"""The tables: orgs, webhooks and their subscriptions and secrets, events, deliveries, attempts.
+"""The tables: orgs, webhooks and their subscriptions and secrets, events, deliveries, attempts,
+and the reference data that enrichment reads (``Ref*``).
 
 Times are integers of epoch milliseconds (``*_ms``), as InTouch's ``createdAt``: exact, portable
 between SQLite and PostgreSQL, and cheap to compare in SQL.
@@ -13,6 +14,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -33,6 +35,13 @@ __all__ = [
     "Event",
     "EventStatus",
     "Org",
+    "RefAwardedReference",
+    "RefCard",
+    "RefCustomer",
+    "RefCustomerIdentifiers",
+    "RefPointsBalance",
+    "RefStore",
+    "RefTill",
     "SigningSecret",
     "Webhook",
     "WebhookSubscription",
@@ -189,6 +198,10 @@ class Delivery(Base):
     sla_breach_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The payload as sent, when enrichment changed it (None: sent as published), and what the
+    # webhook asked for that the reference data could not supply.
+    enriched_payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    enrichment_notes: Mapped[str | None] = mapped_column(Text)
 
 
 class Attempt(Base):
@@ -205,3 +218,84 @@ class Attempt(Base):
     error_class: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     response_excerpt: Mapped[str | None] = mapped_column(Text)
+
+
+# ---------------------------------------------------------------- reference data
+# What the loyalty platform tells notifier about tills, stores, customers, cards and points, per
+# org, so that enrichment can add it to payloads. notifier never invents these rows; see
+# notifier.reference. No foreign keys between them: the platform sends them in any order.
+
+
+class RefTill(Base):
+    __tablename__ = "ref_tills"
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    code: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    store_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class RefStore(Base):
+    __tablename__ = "ref_stores"
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    code: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    external_id1: Mapped[str | None] = mapped_column(String(200))
+    external_id2: Mapped[str | None] = mapped_column(String(200))
+
+
+class RefCustomer(Base):
+    __tablename__ = "ref_customers"
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+
+
+class RefCustomerIdentifiers(Base):
+    """A customer's profile in one source (``InStore``, ``WeChat``, ``WebEngage``), as its
+    payload block: ``{externalId, mobile, email}`` for InStore, ``{accounts: [...]}`` otherwise."""
+
+    __tablename__ = "ref_customer_identifiers"
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    identifiers: Mapped[dict[str, Any]] = mapped_column(JsonType)
+
+
+class RefCard(Base):
+    __tablename__ = "ref_cards"
+    __table_args__ = (Index("ix_ref_cards_customer", "org_id", "customer_id"),)
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    card_number: Mapped[str] = mapped_column(String(100), primary_key=True)
+    customer_id: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))  # the source the card is linked through
+    status: Mapped[str | None] = mapped_column(String(32))
+
+
+class RefAwardedReference(Base):
+    """The awarded reference id of one points block of one loyalty event (see notifier.reference
+    for the keying)."""
+
+    __tablename__ = "ref_awarded_references"
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    loyalty_event_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    program_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    block: Mapped[str] = mapped_column(String(40), primary_key=True)
+    block_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    awarded_reference_id: Mapped[str] = mapped_column(String(100))
+
+
+class RefPointsBalance(Base):
+    __tablename__ = "ref_points_balances"
+
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), primary_key=True)
+    customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    program_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    available_points: Mapped[float] = mapped_column(Double)

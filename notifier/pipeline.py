@@ -16,7 +16,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from config import Settings
@@ -26,6 +26,7 @@ from notifier.enrich import enrich
 from notifier.errors import TransientError
 from notifier.models import DeliveryStatus
 from notifier.queues import Lease, Queues
+from notifier.reference import Lookups
 from notifier.retry import next_attempt_at_ms
 from notifier.schemas import EventCatalog, load_catalog
 from notifier.sender import (
@@ -78,6 +79,11 @@ class Services:
     sender: Sender
     vault: Vault
     rng: random.Random = field(default_factory=random.Random)
+    # Reference-data reads for enrichment, shared by this process's deliveries of one event.
+    lookups: Lookups = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lookups = Lookups(self.db)
 
     @property
     def lease_ms(self) -> int:
@@ -210,9 +216,14 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed) -
                               error_class="WebhookInactive",
                               error_message="the webhook was deactivated")
     try:
-        body = render(enrich(claimed.event, target))
+        enriched = enrich(claimed.event, target.options, services.lookups)
+        body = render(enriched.payload)
         result = services.sender.send(request_for(target, claimed.id, body, started // 1000))
-        return judge(services, claimed, result, started)
+        finished = judge(services, claimed, result, started)
+        if not enriched.enriched:
+            return finished
+        return replace(finished, enriched_payload=enriched.payload,
+                       enrichment_notes="; ".join(enriched.notes) or None)
     except TransientError:
         raise
     except Exception as exc:

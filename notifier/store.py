@@ -325,10 +325,23 @@ def target(db: Database, vault: Vault, webhook_id: str, *, now_ms: int) -> Targe
                    or_(SigningSecret.expires_at_ms.is_(None),
                        SigningSecret.expires_at_ms > now_ms))
             .order_by(SigningSecret.id.desc())).all()
+        # The points balance also needs the org's operator-set gate, checked here too so that
+        # turning the gate off stops it at once for webhooks that already ask for it.
+        points_allowed = hook.available_points_balance_enrichment and bool(session.scalar(
+            select(Org.available_points_balance_enrichment_enabled)
+            .where(Org.id == hook.org_id)))
+        options = {
+            "tillDetailsEnrichmentEnabled": hook.till_details_enrichment,
+            "storeDetailsEnrichmentEnabled": hook.store_details_enrichment,
+            "customerIdentifiersToBeEnriched": tuple(hook.customer_identifiers_to_be_enriched or ()),
+            "cardNumberEnrichmentEnabled": hook.card_number_enrichment,
+            "awardedReferenceEnrichmentEnabled": hook.awarded_reference_enrichment,
+            "availablePointsBalanceEnrichmentEnabled": points_allowed,
+        }
         return Target(hook.id, hook.url,
                       {name: vault.open(value) for name, value in hook.headers.items()},
                       tuple(vault.open(s) for s in live), hook.active, hook.sla_in_seconds,
-                      hook.max_allowed_connections)
+                      hook.max_allowed_connections, options)
 
 
 @dataclass(frozen=True)
@@ -344,6 +357,9 @@ class Finished:
     error_message: str | None = None
     response_excerpt: str | None = None
     next_attempt_at_ms: int | None = None
+    # What was sent, when enrichment ran (None: the event as published), and what it left out.
+    enriched_payload: dict[str, Any] | None = None
+    enrichment_notes: str | None = None
 
 
 def finish(db: Database, done: Sequence[Finished], *, sla_in_seconds: int) -> None:
@@ -368,6 +384,9 @@ def finish(db: Database, done: Sequence[Finished], *, sla_in_seconds: int) -> No
                 "last_status_code": f.status_code,
                 "last_error": f.error_message,
             }
+            if f.enriched_payload is not None or f.enrichment_notes is not None:
+                values["enriched_payload"] = f.enriched_payload
+                values["enrichment_notes"] = f.enrichment_notes
             if f.outcome in FINAL_STATUSES:
                 values["ended_at_ms"] = ended
             if f.outcome == DeliveryStatus.DELIVERED and \

@@ -1,0 +1,354 @@
+"""Enrichment as pure logic over a fake reader: what each option adds and nothing else; and how
+the delivery step records it (no services)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from config import load_settings
+from notifier import pipeline
+from notifier.enrich import Options, check_options, enrich
+from notifier.errors import InvalidInput, StoreUnavailable
+from notifier.models import DeliveryStatus
+from notifier.reference import Store, Till
+from notifier.schemas import load_catalog
+from notifier.sender import OutboundRequest, Result
+from notifier.store import Claimed, Target
+
+ORG = 51186
+CUSTOMER = 387979652
+TILL = 50671937
+
+
+@dataclass
+class FakeReader:
+    """Reference data in dicts; counts the reads of each kind."""
+
+    tills: dict[int, Till] = field(default_factory=dict)
+    stores: dict[int, Store] = field(default_factory=dict)
+    profiles: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    card_numbers: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    references: dict[str, dict[tuple[int, str, int], str]] = field(default_factory=dict)
+    balances: dict[int, float] = field(default_factory=dict)
+    reads: list[str] = field(default_factory=list)
+
+    def till(self, org_id: int, till_id: int) -> Till | None:
+        self.reads.append("till")
+        return self.tills.get(till_id) if org_id == ORG else None
+
+    def store(self, org_id: int, store_id: int) -> Store | None:
+        self.reads.append("store")
+        return self.stores.get(store_id) if org_id == ORG else None
+
+    def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
+        self.reads.append("identifiers")
+        return self.profiles.get(customer_id, {})
+
+    def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
+        self.reads.append("cards")
+        return self.card_numbers.get(customer_id, {})
+
+    def awarded_references(self, org_id: int,
+                           loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
+        self.reads.append("awarded")
+        return self.references.get(loyalty_event_id, {})
+
+    def points_balance(self, org_id: int, customer_id: int) -> float | None:
+        self.reads.append("balance")
+        return self.balances.get(customer_id)
+
+
+def full_reader() -> FakeReader:
+    return FakeReader(
+        tills={TILL: Till(TILL, "T01", "Front till", 75)},
+        stores={75: Store(75, "S75", "High Street", "HS-75", "HS-75-1", None),
+                76: Store(76, "S76", "Mall", None, None, None)},
+        profiles={CUSTOMER: {
+            "InStore": {"externalId": "ext-1", "mobile": "919300000020",
+                        "email": "a@example.com"},
+            "WeChat": {"accounts": [{"accountId": "wx-1", "identifiers": [
+                {"identifierType": "openId", "identifierValue": "o-1"}]}]}}},
+        card_numbers={CUSTOMER: {"InStore": ("C1", "C2"), "WeChat": ("W1",)}},
+        references={"le-1": {(2649, "regularPointsBreakup", 0): "AR-0",
+                             (2649, "promotionalPointsIssued", 0): "AR-P0",
+                             (7, "redemptionFromEarningPrograms", 0): "AR-R0"}},
+        balances={CUSTOMER: 150.0})
+
+
+def points_issued(**data: Any) -> dict[str, Any]:
+    """The enriched sample of the reference notes (section 2.2), abridged, as published."""
+    return {
+        "eventName": "pointsIssued", "eventId": "4647d7b7-61c0-480f-8dfe-40ff87f8a445",
+        "orgId": ORG, "createdAt": 1750224535590,
+        "data": {
+            "customerIdentifiers": {"customerId": CUSTOMER},
+            "triggeringActivity": {"name": "ManualCurrencyAllocation",
+                                   "enteredBy": {"id": TILL}},
+            "loyaltyProgramId": 2649, "totalPointsIssued": 100,
+            "regularPointsBreakup": [{"points": 100, "expiryAt": "2025-06-29"}],
+            "promotionalPointsIssued": [{"promotionName": "x", "promotionPoints": 5}],
+            "loyaltyEventId": "le-1", **data}}
+
+
+def points_redeemed() -> dict[str, Any]:
+    return {"eventName": "pointsRedeemed", "eventId": "r-1", "orgId": ORG, "createdAt": 1,
+            "data": {"customerIdentifiers": {"customerId": CUSTOMER}, "loyaltyEventId": "le-1",
+                     "totalPointsRedeemed": 10,
+                     "redemptionFromEarningPrograms": [{"programId": 7, "pointsRedeemed": 10}]}}
+
+
+def test_no_options_sends_the_event_as_published_and_reads_nothing() -> None:
+    reader = full_reader()
+    event = points_issued()
+
+    result = enrich(event, {}, reader)
+
+    assert result.payload == event and not result.enriched and result.notes == ()
+    assert reader.reads == []
+
+
+def test_till_adds_id_code_and_name_only() -> None:
+    event = points_issued()
+
+    result = enrich(event, {"tillDetailsEnrichmentEnabled": True}, full_reader())
+
+    expected = copy.deepcopy(event)
+    expected["data"]["triggeringActivity"]["enteredBy"]["till"] = {
+        "id": TILL, "code": "T01", "name": "Front till"}
+    assert result.payload == expected and result.notes == ()
+
+
+def test_store_comes_from_the_till_and_leaves_the_till_out() -> None:
+    result = enrich(points_issued(), {"storeDetailsEnrichmentEnabled": True}, full_reader())
+
+    entered_by = result.payload["data"]["triggeringActivity"]["enteredBy"]
+    assert entered_by == {"id": TILL, "store": {"id": 75, "code": "S75", "name": "High Street",
+                                                "externalId": "HS-75",
+                                                "externalId1": "HS-75-1"}}
+
+
+def test_a_store_named_in_the_event_wins_over_the_tills() -> None:
+    event = points_issued()
+    event["data"]["triggeringActivity"]["enteredBy"]["store"] = {"id": 76}
+
+    result = enrich(event, {"storeDetailsEnrichmentEnabled": True}, full_reader())
+
+    store = result.payload["data"]["triggeringActivity"]["enteredBy"]["store"]
+    assert store == {"id": 76, "code": "S76", "name": "Mall"}
+
+
+def test_instore_identifiers_are_external_id_mobile_and_email() -> None:
+    # The seed: "if you select Instore and the Instore profile of the customer contains an
+    # external ID, mobile and email, the event response payload will include [all three]".
+    result = enrich(points_issued(), {"customerIdentifiersToBeEnriched": ["Instore"]},
+                    full_reader())
+
+    assert result.payload["data"]["customerIdentifiers"] == {
+        "customerId": CUSTOMER,
+        "instore": {"externalId": "ext-1", "mobile": "919300000020", "email": "a@example.com"}}
+
+
+def test_cards_are_those_linked_through_each_chosen_source() -> None:
+    flags = {"customerIdentifiersToBeEnriched": ["WeChat"], "cardNumberEnrichmentEnabled": True}
+
+    result = enrich(points_issued(), flags, full_reader())
+
+    identifiers = result.payload["data"]["customerIdentifiers"]
+    assert set(identifiers) == {"customerId", "wechat"}
+    assert identifiers["wechat"]["cardNumbers"] == ["W1"]
+    assert identifiers["wechat"]["accounts"][0]["accountId"] == "wx-1"
+
+
+def test_identifiers_merge_over_what_the_event_carries() -> None:
+    event = points_issued()
+    event["data"]["customerIdentifiers"]["instore"] = {"mobile": "old", "id": 5678}
+
+    result = enrich(event, {"customerIdentifiersToBeEnriched": ["InStore"],
+                            "cardNumberEnrichmentEnabled": True}, full_reader())
+
+    assert result.payload["data"]["customerIdentifiers"]["instore"] == {
+        "id": 5678, "externalId": "ext-1", "mobile": "919300000020", "email": "a@example.com",
+        "cardNumbers": ["C1", "C2"]}
+    assert event["data"]["customerIdentifiers"]["instore"] == {"mobile": "old", "id": 5678}
+
+
+def test_awarded_reference_ids_go_on_each_points_block() -> None:
+    result = enrich(points_issued(), {"awardedReferenceEnrichmentEnabled": True}, full_reader())
+
+    data = result.payload["data"]
+    assert data["regularPointsBreakup"][0]["awardedReferenceId"] == "AR-0"
+    assert data["promotionalPointsIssued"][0]["awardedReferenceId"] == "AR-P0"
+    assert result.notes == ()
+
+
+def test_redemption_blocks_are_keyed_by_their_own_program() -> None:
+    result = enrich(points_redeemed(), {"awardedReferenceEnrichmentEnabled": True},
+                    full_reader())
+
+    block = result.payload["data"]["redemptionFromEarningPrograms"][0]
+    assert block == {"programId": 7, "pointsRedeemed": 10, "awardedReferenceId": "AR-R0"}
+
+
+def test_available_points_balance_only_on_points_issued_and_redeemed() -> None:
+    flags = {"availablePointsBalanceEnrichmentEnabled": True}
+    other = {"eventName": "tierUpgraded", "eventId": "t", "orgId": ORG, "createdAt": 1,
+             "data": {"customerIdentifiers": {"customerId": CUSTOMER}}}
+
+    issued = enrich(points_issued(), flags, full_reader())
+    redeemed = enrich(points_redeemed(), flags, full_reader())
+    upgraded = enrich(other, flags, full_reader())
+
+    assert issued.payload["data"]["AvailablePointsBalance"] == 150
+    assert isinstance(issued.payload["data"]["AvailablePointsBalance"], int)
+    assert redeemed.payload["data"]["AvailablePointsBalance"] == 150
+    assert upgraded.payload == other
+
+
+def test_missing_reference_data_is_left_out_and_noted() -> None:
+    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
+             "customerIdentifiersToBeEnriched": ["InStore", "WebEngage"],
+             "awardedReferenceEnrichmentEnabled": True,
+             "availablePointsBalanceEnrichmentEnabled": True}
+    event = points_issued()
+
+    result = enrich(event, flags, FakeReader())
+
+    assert result.payload == event
+    assert result.enriched
+    assert result.notes == (
+        f"till {TILL} unknown",
+        f"no store for till {TILL}",
+        f"customer {CUSTOMER} has no InStore profile",
+        f"customer {CUSTOMER} has no WebEngage profile",
+        "no awardedReferenceId for regularPointsBreakup[0] (loyaltyEventId le-1, program 2649)",
+        "no awardedReferenceId for promotionalPointsIssued[0] "
+        "(loyaltyEventId le-1, program 2649)",
+        f"no points balance known for customer {CUSTOMER}",
+    )
+
+
+def test_every_option_reads_each_kind_once() -> None:
+    reader = full_reader()
+    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
+             "customerIdentifiersToBeEnriched": ["InStore", "WeChat", "WebEngage"],
+             "cardNumberEnrichmentEnabled": True, "awardedReferenceEnrichmentEnabled": True,
+             "availablePointsBalanceEnrichmentEnabled": True}
+
+    enrich(points_issued(), flags, reader)
+
+    assert sorted(reader.reads) == sorted(
+        ["till", "store", "identifiers", "cards", "awarded", "balance"])
+
+
+def test_the_fully_enriched_sample_still_validates_against_its_schema() -> None:
+    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
+             "customerIdentifiersToBeEnriched": ["InStore", "WeChat"],
+             "cardNumberEnrichmentEnabled": True, "awardedReferenceEnrichmentEnabled": True,
+             "availablePointsBalanceEnrichmentEnabled": True}
+    catalog = load_catalog()
+
+    for event in (points_issued(), points_redeemed()):
+        payload = enrich(event, flags, full_reader()).payload
+        catalog.validate(payload)  # raises InvalidEvent naming the path
+        assert payload != event
+
+
+def test_options_read_intouch_source_spellings() -> None:
+    options = Options.of({"customerIdentifiersToBeEnriched": ["Instore", "webengage"]})
+    assert options.sources == ("InStore", "WebEngage")
+
+
+@pytest.mark.parametrize(("flags", "allowed", "field"), [
+    ({"cardNumberEnrichmentEnabled": True}, True, "cardNumberEnrichmentEnabled"),
+    ({"availablePointsBalanceEnrichmentEnabled": True}, False,
+     "availablePointsBalanceEnrichmentEnabled"),
+    ({"customerIdentifiersToBeEnriched": ["Facebook"]}, True, "customerIdentifiersToBeEnriched"),
+    ({"customerIdentifiersToBeEnriched": "InStore"}, True, "customerIdentifiersToBeEnriched"),
+    ({"tillDetailsEnrichmentEnabled": "yes"}, True, "tillDetailsEnrichmentEnabled"),
+])
+def test_check_options_names_the_field(flags: dict[str, Any], allowed: bool,
+                                       field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        check_options(flags, points_balance_allowed=allowed)
+    assert caught.value.field == field
+
+
+def test_check_options_accepts_cards_with_a_source_and_an_allowed_balance() -> None:
+    check_options({"customerIdentifiersToBeEnriched": ["InStore"],
+                   "cardNumberEnrichmentEnabled": True,
+                   "availablePointsBalanceEnrichmentEnabled": True},
+                  points_balance_allowed=True)
+
+
+def test_card_numbers_in_any_source_block_are_typed() -> None:
+    payload = enrich(points_issued(), {"customerIdentifiersToBeEnriched": ["WeChat"],
+                                       "cardNumberEnrichmentEnabled": True},
+                     full_reader()).payload
+    load_catalog().validate(payload)
+    payload["data"]["customerIdentifiers"]["wechat"]["cardNumbers"] = [1]
+    with pytest.raises(InvalidInput):
+        load_catalog().validate(payload)
+
+
+# ---------------------------------------------------------------- in the delivery step
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.requests: list[OutboundRequest] = []
+
+    def send(self, request: OutboundRequest) -> Result:
+        self.requests.append(request)
+        return Result(latency_ms=1, status_code=200)
+
+
+class Unreachable(FakeReader):
+    def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
+        raise StoreUnavailable("database error: connection refused")
+
+
+def attempt(reader: FakeReader, flags: dict[str, Any]) -> tuple[Any, RecordingSender]:
+    sender = RecordingSender()
+    services = pipeline.Services(settings=load_settings({}), db=None,  # type: ignore[arg-type]
+                                 queues=None, catalog=None,  # type: ignore[arg-type]
+                                 sender=sender, vault=None,  # type: ignore[arg-type]
+                                 rng=random.Random(0))
+    services.lookups = reader  # type: ignore[assignment]
+    target = Target(id="hook1", url="https://93.184.216.34/hook", headers={}, secrets=(),
+                    active=True, sla_in_seconds=3600, max_allowed_connections=1, options=flags)
+    claimed = Claimed(id="msg_1", event=points_issued(), attempt_count=0, ingested_at_ms=0,
+                      lease_until_ms=1)
+    return pipeline._attempt(services, target, claimed), sender
+
+
+def test_the_sent_payload_and_notes_go_to_the_delivery_record() -> None:
+    flags = {"customerIdentifiersToBeEnriched": ["InStore"], "tillDetailsEnrichmentEnabled": True}
+    reader = replace(full_reader(), tills={})
+
+    finished, sender = attempt(reader, flags)
+
+    (request,) = sender.requests
+    assert finished.outcome == DeliveryStatus.DELIVERED
+    assert finished.enriched_payload == json.loads(request.body)
+    assert finished.enriched_payload["data"]["customerIdentifiers"]["instore"]["externalId"] \
+        == "ext-1"
+    assert finished.enrichment_notes == f"till {TILL} unknown"
+
+
+def test_an_unreachable_reference_store_is_transient_and_nothing_is_sent() -> None:
+    with pytest.raises(StoreUnavailable):
+        attempt(Unreachable(), {"customerIdentifiersToBeEnriched": ["InStore"]})
+
+
+def test_a_webhook_without_options_records_no_enriched_payload() -> None:
+    finished, sender = attempt(full_reader(), {})
+
+    assert json.loads(sender.requests[0].body) == points_issued()
+    assert finished.enriched_payload is None and finished.enrichment_notes is None
