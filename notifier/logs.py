@@ -326,10 +326,10 @@ def delivery_detail(db: Database, org_id: int, delivery_id: str) -> dict[str, An
         attempts = session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)
                                    .order_by(Attempt.id)).all()
         delivery = session.get(Delivery, delivery_id)
-        # The enrichment issue adds these columns; until then enrichment is a pass-through and
-        # what went out is the event as published.
-        enriched = getattr(delivery, "enriched_payload", None)
-        notes = getattr(delivery, "enrichment_notes", None)
+        assert delivery is not None  # _owned found it
+        # No enriched payload is kept for a webhook that asks for no enrichment: what went out
+        # is the event as published.
+        enriched, notes = delivery.enriched_payload, delivery.enrichment_notes
     detail = _record(row)
     detail["attempts"] = [
         {"number": a.number, "startedAt": iso_ms(a.started_at_ms), "latencyMs": a.latency_ms,
@@ -338,8 +338,7 @@ def delivery_detail(db: Database, org_id: int, delivery_id: str) -> dict[str, An
         for a in attempts]
     detail["originalPayload"] = row.payload
     detail["deliveredPayload"] = row.payload if enriched is None else enriched
-    if hasattr(Delivery, "enrichment_notes"):
-        detail["enrichmentNotes"] = notes
+    detail["enrichmentNotes"] = notes
     return detail
 
 

@@ -22,14 +22,16 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from notifier.db import Database
+from notifier.enrich import OPTION_FIELDS, check_options
 from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
 from notifier.models import Org, SigningSecret, Webhook, WebhookSubscription
+from notifier.reference import source_name
 from notifier.schemas import EventCatalog
 from notifier.sender import check_destination
 from notifier.signing import new_secret
 from notifier.vault import Vault, mask
 
-__all__ = ["FLAGS", "SOURCES", "Context", "Saved", "create", "deactivate", "get", "list_all",
+__all__ = ["FLAGS", "Context", "Saved", "create", "deactivate", "get", "list_all",
            "rotate_secret", "update_webhook"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,8 +46,6 @@ FLAGS = {
     "listenToChildEvents": "listen_to_child_events",
     "active": "active",
 }
-# Customer identifier sources, by lower-cased name (InTouch samples spell InStore "Instore").
-SOURCES = {"instore": "InStore", "wechat": "WeChat", "webengage": "WebEngage"}
 # Headers notifier sets itself; a webhook may not set them (Content-Type it may, to the same).
 _RESERVED = {"host", "content-length", "transfer-encoding", "connection"}
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -194,14 +194,10 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
             values[column] = body[name]
     if body.get("customerIdentifiersToBeEnriched") is not None:
         sources = body["customerIdentifiersToBeEnriched"]
-        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        if not isinstance(sources, list):
             raise InvalidInput("customerIdentifiersToBeEnriched", "must be a list of sources")
-        unknown = [s for s in sources if s.lower() not in SOURCES]
-        if unknown:
-            raise InvalidInput("customerIdentifiersToBeEnriched",
-                               f"unknown source(s) {unknown}; use {sorted(SOURCES.values())}")
         values["customer_identifiers_to_be_enriched"] = sorted(
-            {SOURCES[s.lower()] for s in sources})
+            {source_name(s, "customerIdentifiersToBeEnriched") for s in sources})
     event_names = None
     if "eventNames" in body:
         names = body["eventNames"]
@@ -215,13 +211,15 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
     def final(column: str) -> Any:
         return values.get(column, getattr(current, column, None) if current else None)
 
-    if final("card_number_enrichment") and not final("customer_identifiers_to_be_enriched"):
-        raise InvalidInput("cardNumberEnrichmentEnabled",
-                           "needs a source in customerIdentifiersToBeEnriched first")
-    if values.get("available_points_balance_enrichment") and \
-            not org.available_points_balance_enrichment_enabled:
-        raise InvalidInput("availablePointsBalanceEnrichmentEnabled",
-                           "is not enabled for this org; ask the operator to enable it")
+    # The rules live with enrichment. The webhook's resulting flags are checked, except the
+    # points balance, checked only when asked for: an org losing the option must not lock its
+    # webhooks' other fields (the sender stops adding the balance at once anyway).
+    flags: dict[str, Any] = {name: final(column) for name, column in FLAGS.items()
+                             if name in OPTION_FIELDS}
+    flags["customerIdentifiersToBeEnriched"] = final("customer_identifiers_to_be_enriched")
+    flags["availablePointsBalanceEnrichmentEnabled"] = values.get(
+        "available_points_balance_enrichment")
+    check_options(flags, points_balance_allowed=org.available_points_balance_enrichment_enabled)
     return values, event_names
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import text
 import notifier
 from config import Settings, load_settings
 from notifier import ui
-from notifier.api import routes_events, routes_logs, routes_webhooks
+from notifier.api import routes_events, routes_logs, routes_reference, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.schemas import Envelope
 from notifier.client import DELIVER_TASK, QUEUE, producer
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.send_lease = send_lease or _lease_sender(settings.broker_url)
     install_error_handlers(app)
     app.include_router(routes_webhooks.router)
+    app.include_router(routes_reference.router)
     app.include_router(routes_events.router)
     app.include_router(routes_logs.router)
     ui.install(app)

@@ -13,6 +13,7 @@ from notifier.errors import (
     AuthenticationFailed,
     DestinationNotAllowed,
     InvalidInput,
+    InvalidRows,
     NotFound,
     NotifierError,
     TransientError,
@@ -52,8 +53,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def notifier_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, NotifierError)
         status, code = _status_of(exc)
-        field = exc.field if isinstance(exc, InvalidInput) else None
-        response = envelope(None, status=status, errors=[error_body(code, str(exc), field)])
+        if isinstance(exc, InvalidRows):  # bulk input: every bad line, by number
+            errors = [error_body(code, f"line {line}: {problem}", f"line {line}")
+                      for line, problem in exc.rows]
+        else:
+            field = exc.field if isinstance(exc, InvalidInput) else None
+            errors = [error_body(code, str(exc), field)]
+        response = envelope(None, status=status, errors=errors)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer, Basic realm="notifier"'
         return response

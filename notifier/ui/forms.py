@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from notifier.errors import InvalidInput
-from notifier.webhooks import SOURCES
 
 __all__ = ["ENRICHMENT_FLAGS", "NotificationForm", "body_of", "error_key", "form_from_view",
            "read_form"]
@@ -111,8 +110,6 @@ def body_of(form: NotificationForm, stored: Mapping[str, str] | None = None) -> 
             raise InvalidInput("webHookHeaders", "a header row has a value but no key")
         # A blank value of a stored header means "unchanged": the form never had the real one.
         headers[row.key] = row.value if row.value or row.key not in stored else stored[row.key]
-    if form.source and form.source.lower() not in SOURCES:
-        raise InvalidInput("customerIdentifiersToBeEnriched", f"unknown source {form.source!r}")
     body: dict[str, Any] = {
         "name": form.name, "webHookUrl": form.webHookUrl, "webHookHeaders": headers,
         "customerIdentifiersToBeEnriched": [form.source] if form.source else [],

@@ -24,8 +24,8 @@ from notifier import logs, pipeline, store, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
 from notifier.models import Delivery, Event, Org, Webhook
 from notifier.pipeline import Services, now_ms
+from notifier.reference import SOURCES
 from notifier.ui import forms
-from notifier.webhooks import SOURCES
 
 __all__ = ["SignInRequired", "router"]
 
@@ -160,7 +160,7 @@ def _form_page(request: Request, form: forms.NotificationForm, *, webhook_id: st
                "description": catalog.entries.get(name, {}).get("description", "")}
               for name in catalog.names]
     return _page(request, "form.html", status=status, form=form, errors=errors or {},
-                 webhook_id=webhook_id, events=events, sources=sorted(SOURCES.values()),
+                 webhook_id=webhook_id, events=events, sources=sorted(SOURCES),
                  flag_labels=forms.ENRICHMENT_FLAGS, nav="notifications")
 
 

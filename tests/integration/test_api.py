@@ -45,8 +45,9 @@ class Api:
         self.keys[org_id] = tenants.create_key(self.services.db, org_id, now_ms=0)
         return self.keys[org_id]
 
-    def call(self, method: str, path: str, org_id: int = 1, **kwargs: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self.keys[org_id]}"}
+    def call(self, method: str, path: str, org_id: int = 1,
+             headers_extra: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.keys[org_id]}", **(headers_extra or {})}
         return self.client.request(method, path, headers=headers, **kwargs)
 
     def webhook(self, org_id: int = 1, **fields: Any) -> dict[str, Any]:
