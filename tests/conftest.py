@@ -306,6 +306,17 @@ class Stack:
         self._spawn("beat", ["beat", "--loglevel", "INFO",
                              "--schedule", str(self.folder / "celerybeat-schedule")])
 
+    def org(self, org_id: int, name: str = "test org") -> str:
+        """Create an org in the stack's database; returns a new API key of it."""
+        from notifier import store, tenants
+
+        database = Database(self.settings.database_url)
+        try:
+            store.create_org(database, org_id, name, now_ms=0)
+            return tenants.create_key(database, org_id, now_ms=0)
+        finally:
+            database.dispose()
+
     def web(self) -> str:
         """The HTTP API under uvicorn on a free loopback port; returns its base URL."""
         with socket.socket() as probe:

@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from notifier import store, tenants
-from notifier.db import Database
 from tests.conftest import Receiver, Stack, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -56,10 +54,7 @@ def shot(page: Any, name: str) -> None:
 
 def test_a_notification_made_in_the_browser_delivers_a_published_event(
         stack: Stack, receiver: Receiver, page: Any) -> None:
-    database = Database(stack.settings.database_url)
-    store.create_org(database, ORG, "Acme Loyalty", now_ms=0)
-    key = tenants.create_key(database, ORG, now_ms=0)
-    database.dispose()
+    key = stack.org(ORG, "Acme Loyalty")
     base = stack.web()
     stack.worker()
     stack.beat()

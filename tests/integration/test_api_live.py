@@ -8,8 +8,6 @@ import pytest
 import requests
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from notifier import store, tenants
-from notifier.db import Database
 from tests.conftest import Receiver, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -17,10 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 def test_a_webhook_created_and_an_event_posted_over_http_are_delivered(
         stack: Stack, receiver: Receiver) -> None:
-    database = Database(stack.settings.database_url)
-    store.create_org(database, 5, "live", now_ms=0)
-    auth = {"Authorization": f"Bearer {tenants.create_key(database, 5, now_ms=0)}"}
-    database.dispose()
+    auth = {"Authorization": f"Bearer {stack.org(5, 'live')}"}
     base = stack.web()
     stack.worker()
 

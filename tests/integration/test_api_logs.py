@@ -16,8 +16,7 @@ import pytest
 import requests
 from sqlalchemy import insert, select, update
 
-from notifier import store, tenants
-from notifier.db import Database
+from notifier import store
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event
 from notifier.pipeline import now_ms
 from tests.conftest import Receiver, Stack, wait_until
@@ -353,10 +352,7 @@ def test_an_inactive_webhook_is_not_test_sent(api: Api) -> None:
 
 @pytest.mark.postgres
 def test_a_test_send_over_http_is_delivered_and_logged(stack: Stack, receiver: Receiver) -> None:
-    database = Database(stack.settings.database_url)
-    store.create_org(database, 5, "live", now_ms=0)
-    auth = {"Authorization": f"Bearer {tenants.create_key(database, 5, now_ms=0)}"}
-    database.dispose()
+    auth = {"Authorization": f"Bearer {stack.org(5, 'live')}"}
     base = stack.web()
     stack.worker()
     created = requests.post(f"{base}/v3/webHooks", headers=auth, timeout=10, json={

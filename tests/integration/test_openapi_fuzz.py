@@ -7,8 +7,6 @@ import subprocess
 
 import pytest
 
-from notifier import store, tenants
-from notifier.db import Database
 from tests.conftest import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -17,10 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 def test_fuzzing_the_api_finds_no_server_error_and_no_off_schema_response(stack: Stack) -> None:
     command = shutil.which("schemathesis")
     assert command, "schemathesis is not installed (pip install -e '.[test]')"
-    database = Database(stack.settings.database_url)
-    store.create_org(database, 1, "fuzz", now_ms=0)
-    key = tenants.create_key(database, 1, now_ms=0)
-    database.dispose()
+    key = stack.org(1, "fuzz")
     base = stack.web()
 
     done = subprocess.run(
