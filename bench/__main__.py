@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]``."""
+"""``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
+[--latency] [--http] [--isolation] [--webhooks 10,1000]``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import celery
 import psutil
 
-from bench import run
+from bench import extra, run
 from bench.receiver import Receiver
 
 WARMUP = 100  # deliveries sent before each worker scenario's timed runs, not counted
@@ -33,7 +34,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--receiver-processes", type=int, default=2)
     parser.add_argument("--max-connections", type=int, default=8,
                         help="maxAllowedConnections of each notifier webhook")
+    on = argparse.BooleanOptionalAction
+    parser.add_argument("--latency", action=on,
+                        help="end-to-end p50/p95/p99 at half of notifier's fan-out-1 rate (default on)")
+    parser.add_argument("--latency-seconds", type=float, help="offered-load duration (default 20; quick 5)")
+    parser.add_argument("--http", action=on,
+                        help="fan-out 1 fed by POST /v3/events (default on; off with --quick)")
+    parser.add_argument("--isolation", action=on, help="9 fast webhooks' p99 alone and beside one "
+                        "answering after 2 s (default on; off with --quick)")
+    parser.add_argument("--webhooks", default="",
+                        help="many webhooks, traffic spread across them, e.g. 10,1000")
     args = parser.parse_args(argv)
+    args.latency_seconds = args.latency_seconds or (5.0 if args.quick else 20.0)
+    args.latency = True if args.latency is None else args.latency
+    args.http = not args.quick if args.http is None else args.http
+    args.isolation = not args.quick if args.isolation is None else args.isolation
+    args.webhooks = [int(w) for w in args.webhooks.split(",") if w.strip()]
     args.deliveries = args.deliveries or (2000 if args.quick else 5000)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.fanout = [int(f) for f in args.fanout.split(",") if f.strip()]
@@ -91,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
     floor_b: Row | None = None
+    notes: list[str] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp, \
             Receiver(args.receiver_processes) as receiver:
         folder = Path(tmp)
@@ -129,14 +147,63 @@ def main(argv: list[str] | None = None) -> int:
                 with run.notifier_stack(receiver, sub, c, fanout, args.max_connections) as procs:
                     run.notifier(receiver, procs, max(WARMUP, fanout), fanout)
                     repeat(row, args.repeat, lambda: run.notifier(receiver, procs, n, fanout))
+                    if fanout == 1 and args.latency:
+                        rate = row.median / 2
+                        print(f"  latency at half of fan-out 1 ({rate:.0f} deliveries/s) for "
+                              f"{args.latency_seconds:.0f}s ...", flush=True)
+                        notes.append(f"latency at {rate:.0f}/s offered (half of fan-out 1): "
+                                     + extra.latency(receiver, rate, args.latency_seconds))
+                        print(f"  {notes[-1]}", flush=True)
 
             attempt(row, do_notifier)
+        fanout_1 = next((r for r in rows if r.name == "notifier fan-out 1" and r.samples), None)
+        if args.latency and fanout_1 is None:
+            notes.append("latency: skipped (needs notifier fan-out 1 in the same run)")
+
+        if args.http:
+            row = Row("notifier HTTP fan-out 1")
+            (folder / "http").mkdir()
+            attempt(row, lambda: repeat(row, 1, lambda: extra.http(
+                receiver, folder / "http", c, n, args.max_connections)))
+
+        if args.isolation:
+            if fanout_1 is None:
+                notes.append("isolation: skipped (needs notifier fan-out 1 in the same run)")
+            else:
+                rate = fanout_1.median / 2
+                print(f"  isolation at {rate:.0f} fast deliveries/s for {args.latency_seconds:.0f}s "
+                      f"each ...", flush=True)
+                try:
+                    alone, beside, text = extra.isolation(receiver, folder, c, rate,
+                                                          args.latency_seconds, args.max_connections)
+                    print(text, flush=True)
+                    notes.append(f"isolation: fast webhooks' p99 {alone:.1f} ms alone, {beside:.1f} ms "
+                                 f"beside a 2 s webhook (maxAllowedConnections=2): ratio "
+                                 f"{beside / alone:.2f}, offered {rate:.0f} fast deliveries/s")
+                except run.BenchError as exc:
+                    failed.append("isolation")
+                    notes.append(f"isolation: FAILED {str(exc).splitlines()[0]}")
+
+        many: list[Row] = []
+        for count in args.webhooks:
+            row = Row(f"notifier {count} webhooks")
+            many.append(row)
+            sub = folder / f"webhooks-{count}"
+            sub.mkdir()
+            attempt(row, lambda row=row, count=count, sub=sub: repeat(row, 1, lambda: extra.many_webhooks(
+                receiver, sub, c, n, count, args.max_connections)))
+        done = [r for r in many if r.samples]
+        if len(done) > 1:
+            notes.append(f"webhooks: {done[-1].name} / {done[0].name} = "
+                         f"{done[-1].median / done[0].median:.2f} (per-delivery rate)")
 
     print()
     print(table(rows, floor_b))
     print(f"\nmedian of {args.repeat}; peak RSS = summed RSS of the worker process tree (Floor A: "
           f"its loop processes); {time.monotonic() - started:.0f}s in all")
-    return 1 if any(not r.samples for r in rows) else 0
+    for note in notes:
+        print(note)
+    return 1 if failed or any(not r.samples for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,15 @@
 
 Every request is answered ``200`` with a 2-byte body and counted in a shared array (one slot per
 process, so no lock). It parses just enough HTTP: headers up to a blank line, a Content-Length body.
+
+A body holding ``"benchSentAtUs":<epoch microseconds>`` (found with one ``bytes.find``, not a JSON
+parse) has its latency (arrival - sent, in ms) stored in a shared array, one region per process.
+``delay`` (seconds) answers every request that much later without blocking other connections.
 """
 
 from __future__ import annotations
 
+import heapq
 import multiprocessing as mp
 import os
 import select
@@ -13,10 +18,13 @@ import signal
 import socket
 import time
 from multiprocessing.sharedctypes import Synchronized
+from typing import Any
 
 __all__ = ["Receiver"]
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+SENT_AT = b'"benchSentAtUs":'
+LATENCY_SLOTS = 400_000  # latencies kept per receiver process (a ring past that)
 
 
 def _listen(port: int) -> socket.socket:
@@ -37,7 +45,19 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
-def _serve(port: int, counts: Synchronized, slot: int, ready: Synchronized) -> None:
+def _sent_at_us(buf: bytes, start: int, stop: int) -> int:
+    at = buf.find(SENT_AT, start, stop)
+    if at < 0:
+        return 0
+    at += len(SENT_AT)
+    end = at
+    while end < stop and 48 <= buf[end] <= 57:
+        end += 1
+    return int(buf[at:end]) if end > at else 0
+
+
+def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: Any,
+           recorded: Any, delay: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = _listen(port)
     poll = select.epoll()
@@ -47,8 +67,33 @@ def _serve(port: int, counts: Synchronized, slot: int, ready: Synchronized) -> N
     with ready.get_lock():
         ready.value += 1
     served = 0
+    noted = 0
+    base = slot * LATENCY_SLOTS
+    due: list[tuple[float, int, int]] = []  # (answer at, fd, replies) when delaying
+
+    def answer(fd: int, replies: int) -> None:
+        nonlocal served
+        conn = conns.get(fd)
+        if conn is None:
+            return
+        conn.setblocking(True)
+        try:
+            conn.sendall(RESPONSE * replies)
+        except OSError:
+            return
+        conn.setblocking(False)
+        served += replies
+        counts[slot] = served
+
     while True:
-        for fd, _ in poll.poll():
+        timeout = -1.0
+        if due:
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                _, dfd, n = heapq.heappop(due)
+                answer(dfd, n)
+            timeout = max(0.0, due[0][0] - now) if due else -1.0
+        for fd, _ in poll.poll(timeout):
             if fd == listener.fileno():
                 while True:
                     try:
@@ -82,21 +127,25 @@ def _serve(port: int, counts: Synchronized, slot: int, ready: Synchronized) -> N
                 total = end + 4 + _content_length(buf[:end])
                 if len(buf) < total:
                     break
+                sent = _sent_at_us(buf, end + 4, total)
+                if sent:
+                    latencies[base + noted % LATENCY_SLOTS] = (time.time_ns() // 1000 - sent) / 1000
+                    noted += 1
+                    recorded[slot] = noted
                 buf = buf[total:]
                 replies += 1
             buffers[fd] = buf
             if replies:
-                conn.setblocking(True)
-                conn.sendall(RESPONSE * replies)
-                conn.setblocking(False)
-                served += replies
-                counts[slot] = served
+                if delay > 0:
+                    heapq.heappush(due, (time.monotonic() + delay, fd, replies))
+                else:
+                    answer(fd, replies)
 
 
 class Receiver:
     """Start with ``with Receiver(processes) as r:``; ``r.count`` is requests answered so far."""
 
-    def __init__(self, processes: int = 2, port: int = 0) -> None:
+    def __init__(self, processes: int = 2, port: int = 0, delay: float = 0.0) -> None:
         self.processes = processes
         if port == 0:
             probe = _listen(0)
@@ -106,7 +155,10 @@ class Receiver:
         ctx = mp.get_context("fork")
         self._counts = ctx.RawArray("q", processes)
         self._ready = ctx.Value("i", 0)
-        self._procs = [ctx.Process(target=_serve, args=(port, self._counts, i, self._ready),
+        self._latencies = ctx.RawArray("d", processes * LATENCY_SLOTS)
+        self._recorded = ctx.RawArray("q", processes)
+        self._procs = [ctx.Process(target=_serve, args=(port, self._counts, i, self._ready,
+                                                        self._latencies, self._recorded, delay),
                                    daemon=True, name=f"receiver-{i}") for i in range(processes)]
 
     def url(self, path: str = "/hook") -> str:
@@ -115,6 +167,19 @@ class Receiver:
     @property
     def count(self) -> int:
         return sum(self._counts)
+
+    def mark(self) -> list[int]:
+        """Per-process latency counters now; pass to ``latencies`` to get those recorded since."""
+        return list(self._recorded)
+
+    def latencies(self, since: list[int]) -> list[float]:
+        """Latencies (ms) recorded since ``mark()``: the last LATENCY_SLOTS of each process."""
+        out: list[float] = []
+        for slot, (before, now) in enumerate(zip(since, self._recorded, strict=True)):
+            base = slot * LATENCY_SLOTS
+            out.extend(self._latencies[base + i % LATENCY_SLOTS]
+                       for i in range(max(before, now - LATENCY_SLOTS), now))
+        return out
 
     def wait_for(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,261 @@
+"""Issue 5's further scenarios: latency at a fixed offered load, POST /v3/events, isolation, many webhooks.
+
+Latency: every published event carries ``data.benchSentAtUs`` (epoch microseconds, set just before
+it is published or POSTed); the receiver computes arrival - sent per request (see receiver.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+
+from bench import run
+from bench.receiver import Receiver
+
+HTTP_BATCH = 20  # events per POST /v3/events
+HTTP_CLIENTS = 4  # client threads POSTing
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "no latencies recorded"
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return (f"p50 {at(0.50):.1f} ms, p95 {at(0.95):.1f} ms, p99 {at(0.99):.1f} ms, "
+            f"max {ordered[-1]:.1f} ms (n={len(ordered)})")
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else float("nan")
+
+
+def bench_data() -> dict[str, object]:
+    return {**run.event_data(), "benchSentAtUs": time.time_ns() // 1000}
+
+
+@contextlib.contextmanager
+def stack(folder: Path, concurrency: int, hooks: list[tuple[int, str, int]],
+          web: bool = False) -> Iterator[tuple[run.Processes, str, str]]:
+    """Fresh tables; webhooks ``(org, url, maxAllowedConnections)``; worker, beat and maybe the API.
+
+    Yields the processes, the API's base URL ("" without ``web``) and an API key of the first org.
+    """
+    from config import load_settings
+    from notifier import store, tenants
+    from notifier.db import Database
+    from notifier.models import Base
+    from notifier.schemas import load_catalog
+    from notifier.vault import vault_for
+
+    run._truncate(", ".join(t.name for t in Base.metadata.sorted_tables))
+    run._flush(run.NOTIFIER_BROKER, run.NOTIFIER_REDIS)
+    env = run.notifier_env(folder)
+    settings = load_settings({k: v for k, v in env.items() if k.startswith("NOTIFIER_")})
+    db = Database(run.PG_URL)
+    try:
+        for org in dict.fromkeys(h[0] for h in hooks):
+            store.create_org(db, org, f"bench-{org}", now_ms=0)
+        catalog, vault = load_catalog(), vault_for(settings.secret_keys, settings.data_dir)
+        for i, (org, url, connections) in enumerate(hooks):
+            store.create_webhook(db, catalog, vault, org_id=org, name=f"hook-{i}", url=url,
+                                 event_names=[run.EVENT], now_ms=0, max_allowed_connections=connections)
+        key = tenants.create_key(db, hooks[0][0], now_ms=0)
+    finally:
+        db.dispose()
+    procs = run.Processes(folder, env)
+    base = ""
+    try:
+        procs.worker("tasks", "notifier", concurrency)
+        procs.spawn("beat", ["-A", "tasks", "beat", "--loglevel", "INFO",
+                             "--schedule", str(folder / "celerybeat-schedule")])
+        if web:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            with (folder / "web.log").open("wb") as log:
+                procs.procs["web"] = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--factory", "notifier.api:create_app",
+                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, cwd=run.ROOT)
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(requests.ConnectionError):
+                    if requests.get(f"{base}/v3/events/catalog", timeout=5,
+                                    headers={"Authorization": f"Bearer {key}"}).ok:
+                        break
+                if procs.procs["web"].poll() is not None or time.monotonic() > deadline:
+                    raise run.BenchError(f"the API did not start:\n{procs.log('web')[-3000:]}")
+                time.sleep(0.1)
+        yield procs, base, key
+    finally:
+        procs.stop()
+
+
+def _stop_web(procs: run.Processes) -> None:
+    web = procs.procs.get("web")
+    if web is not None and web.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(web.pid, signal.SIGTERM)
+
+
+def offered_load(receiver: Receiver, events_per_s: float, seconds: float, deliveries_per_event: int,
+                 publish: Callable[[], None]) -> tuple[list[float], str]:
+    """Publish at a fixed rate for ``seconds`` (one thread), wait for every delivery; latencies."""
+    count = max(1, int(events_per_s * seconds))
+    start_count, mark = receiver.count, receiver.mark()
+    t0 = time.monotonic()
+    late = 0.0
+    for i in range(count):
+        wait = t0 + i / events_per_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        else:
+            late = max(late, -wait)
+        publish()
+    sent_in = time.monotonic() - t0
+    target = start_count + count * deliveries_per_event
+    if not receiver.wait_for(target, 60 + count * deliveries_per_event / 50):
+        raise run.BenchError(f"offered load: receiver got {receiver.count - start_count} "
+                             f"of {count * deliveries_per_event}")
+    achieved = (count - 1) / sent_in if count > 1 else 0.0
+    note = (f"{count} events at {events_per_s:.1f}/s offered ({achieved:.1f}/s achieved, "
+            f"publisher at most {late * 1000:.0f} ms behind)")
+    return receiver.latencies(mark), note
+
+
+def latency(receiver: Receiver, rate: float, seconds: float) -> str:
+    """In a running fan-out-1 stack: offered load = ``rate`` deliveries/s."""
+    from notifier import publish
+
+    lat, note = offered_load(receiver, rate, seconds, 1, lambda: publish(
+        run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
+    return f"{percentiles(lat)}; {note}"
+
+
+# ---------------------------------------------------------------- POST /v3/events
+
+
+def http(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
+         connections: int) -> run.Sample:
+    """Fan-out 1 fed by POST /v3/events (lists of HTTP_BATCH events): first POST to last delivery."""
+    hooks = [(run.ORG, receiver.url("/notifier-http/0"), connections)]
+    with stack(folder, concurrency, hooks, web=True) as (procs, base, key):
+        url = f"{base}/v3/events"
+        events = deliveries - deliveries % (HTTP_BATCH * HTTP_CLIENTS)
+        per_client = events // HTTP_BATCH // HTTP_CLIENTS
+        errors: list[str] = []
+
+        def client() -> None:
+            session = requests.Session()
+            session.trust_env = False
+            session.headers["Authorization"] = f"Bearer {key}"
+            for _ in range(per_client):
+                batch = [{"eventName": run.EVENT, "data": bench_data()} for _ in range(HTTP_BATCH)]
+                response = session.post(url, json=batch, timeout=60)
+                if response.status_code != 202:
+                    errors.append(f"{response.status_code} {response.text[:300]}")
+                    return
+
+        # warm-up: one batch
+        requests.post(url, json=[{"eventName": run.EVENT, "data": run.event_data()}],
+                      headers={"Authorization": f"Bearer {key}"}, timeout=60).raise_for_status()
+        if not receiver.wait_for(receiver.count + 1, 30):
+            raise run.BenchError("HTTP: the warm-up event was not delivered")
+        start_count = receiver.count
+        threads = [threading.Thread(target=client) for _ in range(HTTP_CLIENTS)]
+        web_rss = run.RssSampler([procs.procs["web"].pid])
+        with run.RssSampler([procs.procs["notifier"].pid]) as rss, web_rss:
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            posted = time.perf_counter() - t0
+            if errors:
+                raise run.BenchError(f"POST /v3/events: {errors[0]}")
+            run._wait(receiver, start_count + events, events, "notifier HTTP")
+            seconds = time.perf_counter() - t0
+        _stop_web(procs)
+    return run.Sample(seconds, events, rss.peak, [
+        f"(POSTs done in {posted:.2f}s = {events / posted:.0f} events/s; {HTTP_BATCH} events per POST, "
+        f"{HTTP_CLIENTS} client threads, 1 uvicorn process of peak {web_rss.peak / 2**20:.0f} MiB; "
+        f"not pre-filled: the clock runs from the first POST)"])
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def isolation(receiver: Receiver, folder: Path, concurrency: int, rate: float, seconds: float,
+              connections: int, delay: float = 2.0) -> tuple[float, float, str]:
+    """9 fast webhooks alone, then beside one answering after ``delay`` s (maxAllowedConnections=2).
+
+    Offered load: ``rate`` deliveries/s to the fast ones together. Returns both fast p99s (ms).
+    """
+    from notifier import publish
+
+    fast = [(run.ORG, receiver.url(f"/fast/{i}"), connections) for i in range(9)]
+
+    def once(sub: str, hooks: list[tuple[int, str, int]]) -> tuple[float, str]:
+        (folder / sub).mkdir()
+        with stack(folder / sub, concurrency, hooks):
+            lat, note = offered_load(receiver, rate / 9, seconds, 9, lambda: publish(
+                run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
+        return p99(lat), f"{percentiles(lat)}; {note}"
+
+    without, note_without = once("isolation-without", fast)
+    with Receiver(1, delay=delay) as slow:
+        with_slow, note_with = once("isolation-with", [*fast, (run.ORG, slow.url("/slow"), 2)])
+        slow_got = slow.count
+    text = (f"  fast p99 without the slow webhook: {note_without}\n"
+            f"  fast p99 beside the slow webhook:  {note_with}; the slow one answered {slow_got}")
+    return without, with_slow, text
+
+
+# ---------------------------------------------------------------- many webhooks
+
+
+def many_webhooks(receiver: Receiver, folder: Path, concurrency: int, deliveries: int, webhooks: int,
+                  connections: int) -> run.Sample:
+    """``webhooks`` orgs with one webhook each; events round-robin across them, pre-filled, drained."""
+    from notifier import publish
+    from notifier.client import QUEUE
+
+    orgs = [run.ORG + i for i in range(webhooks)]
+    hooks = [(org, receiver.url(f"/many/{i}"), connections) for i, org in enumerate(orgs)]
+    with stack(folder, concurrency, hooks) as (procs, _, _):
+        # warm-up, then the timed run
+        for sample in (min(deliveries, max(100, webhooks)), deliveries):
+            run._truncate("attempts, deliveries, events")
+            data = run.event_data()
+            start_count = receiver.count
+            procs.pause(run.NOTIFIER_BROKER, "notifier", QUEUE)
+            for i in range(sample):
+                publish(run.EVENT, data, org_id=orgs[i % webhooks], broker_url=run.NOTIFIER_BROKER)
+            with run.RssSampler([procs.procs["notifier"].pid]) as rss:
+                t0 = time.perf_counter()
+                procs.resume(run.NOTIFIER_BROKER, "notifier", QUEUE)
+                run._wait(receiver, start_count + sample, sample, f"{webhooks} webhooks")
+                seconds = time.perf_counter() - t0
+        deadline = time.monotonic() + 30
+        while (counts := run._db_counts())[0] < deliveries and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if counts != (deliveries,) * 3:
+        raise run.BenchError(f"{webhooks} webhooks: expected {deliveries} delivered, db {counts}")
+    return run.Sample(seconds, deliveries, rss.peak,
+                      [f"({webhooks} orgs x 1 webhook, events round-robin; db: {counts[0]} delivered)"])
