@@ -1,5 +1,5 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
-[--latency] [--http] [--isolation] [--webhooks 10,1000]``."""
+[--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000]``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import celery
 import psutil
 
-from bench import extra, run
+from bench import enrichment, extra, run
 from bench.receiver import Receiver
 
 WARMUP = 100  # deliveries sent before each worker scenario's timed runs, not counted
@@ -42,6 +42,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="fan-out 1 fed by POST /v3/events (default on; off with --quick)")
     parser.add_argument("--isolation", action=on, help="9 fast webhooks' p99 alone and beside one "
                         "answering after 2 s (default on; off with --quick)")
+    parser.add_argument("--enrichment", action=on,
+                        help="fan-out 1 with every enrichment option off, then on, against loaded "
+                             "reference data; reports the per-delivery cost (default on; off with "
+                             "--quick)")
     parser.add_argument("--webhooks", default="",
                         help="many webhooks, traffic spread across them, e.g. 10,1000")
     args = parser.parse_args(argv)
@@ -49,6 +53,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.latency = True if args.latency is None else args.latency
     args.http = not args.quick if args.http is None else args.http
     args.isolation = not args.quick if args.isolation is None else args.isolation
+    args.enrichment = not args.quick if args.enrichment is None else args.enrichment
     args.webhooks = [int(w) for w in args.webhooks.split(",") if w.strip()]
     args.deliveries = args.deliveries or (2000 if args.quick else 5000)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -183,6 +188,36 @@ def main(argv: list[str] | None = None) -> int:
                 except run.BenchError as exc:
                     failed.append("isolation")
                     notes.append(f"isolation: FAILED {str(exc).splitlines()[0]}")
+
+        if args.enrichment:
+            enriched: dict[bool, Row] = {}
+            events = WARMUP + args.repeat * n  # one loyaltyEventId (awarded references) per event
+            for on in (False, True):
+                row = enriched[on] = Row(f"enrichment {'ON' if on else 'OFF'} fan-out 1")
+                sub = folder / f"enrichment-{'on' if on else 'off'}"
+                sub.mkdir()
+
+                def do_enrichment(row: Row = row, on: bool = on, sub: Path = sub) -> None:
+                    print(f"  {row.name}: loading reference data ({enrichment.CUSTOMERS} customers, "
+                          f"{events} awarded-reference events) ...", flush=True)
+                    make = enrichment.data_factory()
+                    with run.notifier_stack(receiver, sub, c, 1, args.max_connections,
+                                            enrichment.prepare(events, on)) as procs:
+                        run.notifier(receiver, procs, WARMUP, 1, make)
+                        repeat(row, args.repeat, lambda: run.notifier(receiver, procs, n, 1, make))
+                        if on:
+                            ok, text = enrichment.check()
+                            print(f"  {text}", flush=True)
+                            notes.append(text)
+                            if not ok:
+                                failed.append("enrichment check")
+
+                attempt(row, do_enrichment)
+            if enriched[False].samples and enriched[True].samples:
+                off, on_ = enriched[False].median, enriched[True].median
+                notes.append(f"enrichment cost {(off / on_ - 1) * 100:+.1f}% per delivery "
+                             f"(rate OFF {off:.0f}/s / rate ON {on_:.0f}/s = {off / on_:.3f}; "
+                             f"medians of {args.repeat}, {n} deliveries each; target <= +15%)")
 
         many: list[Row] = []
         for count in args.webhooks:

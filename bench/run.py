@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,8 +362,13 @@ def notifier_env(folder: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: int,
-                   connections: int) -> Iterator[Processes]:
-    """Fresh tables, one org with ``fanout`` webhooks to the receiver, a worker and beat."""
+                   connections: int, prepare: Callable[[Any], None] | None = None
+                   ) -> Iterator[Processes]:
+    """Fresh tables, one org with ``fanout`` webhooks to the receiver, a worker and beat.
+
+    ``prepare(db)`` (a ``notifier.db.Database``), if given, runs after the org and webhooks are
+    created and before the worker starts (e.g. reference data, webhook options).
+    """
     from config import load_settings
     from notifier import store
     from notifier.db import Database
@@ -383,6 +388,8 @@ def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: i
             store.create_webhook(db, catalog, vault, org_id=ORG, name=f"hook-{i}",
                                  url=receiver.url(f"/notifier/{i}"), event_names=[EVENT], now_ms=0,
                                  max_allowed_connections=connections)
+        if prepare is not None:
+            prepare(db)
     finally:
         db.dispose()
     procs = Processes(folder, env)
@@ -406,7 +413,10 @@ def _db_counts() -> tuple[int, int, int]:
     return delivered, total, attempts
 
 
-def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int) -> Sample:
+def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
+             make_data: Callable[[], dict[str, Any]] | None = None) -> Sample:
+    """Publish ``deliveries / fanout`` events (worker paused), time the drain; ``make_data()``
+    gives each event's data (default: the same ``event_data()`` for all)."""
     from notifier import publish
     from notifier.client import QUEUE
 
@@ -417,7 +427,8 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int)
     procs.pause(NOTIFIER_BROKER, "notifier", QUEUE)
     t0 = time.perf_counter()
     for _ in range(events):
-        publish(EVENT, data, org_id=ORG, broker_url=NOTIFIER_BROKER)
+        publish(EVENT, data if make_data is None else make_data(), org_id=ORG,
+                broker_url=NOTIFIER_BROKER)
     fill = time.perf_counter() - t0
     # (beat's sweep tasks share the queue, so it may hold a few more)
     if receiver.count != start_count or _queue_length(NOTIFIER_BROKER, QUEUE) < events:
