@@ -28,7 +28,19 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@click.group()
+class _Group(click.Group):
+    """Shows any notifier error a command raises as one line naming the problem, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from notifier.errors import NotifierError
+
+        try:
+            return super().invoke(ctx)
+        except NotifierError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """notifier: validated, signed webhook delivery for loyalty events."""
 
@@ -133,14 +145,10 @@ def orgs_create(org_id: int, name: str, parent: int | None) -> None:
     """Create org ORG_ID called NAME."""
     from notifier import store, tenants
     from notifier.db import Database
-    from notifier.errors import NotifierError
 
     database = Database(_settings().database_url)
-    try:
-        store.create_org(database, org_id, name, now_ms=_now_ms(), parent_id=parent)
-        key = tenants.create_key(database, org_id, now_ms=_now_ms())
-    except NotifierError as exc:
-        raise click.ClickException(str(exc)) from exc
+    store.create_org(database, org_id, name, now_ms=_now_ms(), parent_id=parent)
+    key = tenants.create_key(database, org_id, now_ms=_now_ms())
     click.echo(json.dumps({"orgId": org_id, "apiKey": key}))
 
 
@@ -155,13 +163,9 @@ def org_keys_create(org_id: int) -> None:
     """Print a new API key for ORG_ID."""
     from notifier import tenants
     from notifier.db import Database
-    from notifier.errors import NotifierError
 
-    try:
-        click.echo(tenants.create_key(Database(_settings().database_url), org_id,
-                                      now_ms=_now_ms()))
-    except NotifierError as exc:
-        raise click.ClickException(str(exc)) from exc
+    click.echo(tenants.create_key(Database(_settings().database_url), org_id,
+                                  now_ms=_now_ms()))
 
 
 @org_keys.command("list")
@@ -182,12 +186,8 @@ def org_keys_revoke(org_id: int, prefix: str) -> None:
     """Revoke ORG_ID's key that starts with PREFIX."""
     from notifier import tenants
     from notifier.db import Database
-    from notifier.errors import NotifierError
 
-    try:
-        tenants.revoke_key(Database(_settings().database_url), org_id, prefix, now_ms=_now_ms())
-    except NotifierError as exc:
-        raise click.ClickException(str(exc)) from exc
+    tenants.revoke_key(Database(_settings().database_url), org_id, prefix, now_ms=_now_ms())
     click.echo("revoked")
 
 
@@ -201,15 +201,12 @@ def orgs_set(org_id: int, points_balance: bool | None) -> None:
     """Change ORG_ID's operator-set options."""
     from notifier.db import Database
     from notifier.enrich import set_points_balance_allowed
-    from notifier.errors import NotifierError
 
     if points_balance is None:
         raise click.UsageError("nothing to set; see --help")
     database = Database(_settings().database_url)
     try:
         set_points_balance_allowed(database, org_id, points_balance)
-    except NotifierError as exc:
-        raise click.ClickException(str(exc)) from exc
     finally:
         database.dispose()
     click.echo(json.dumps({"orgId": org_id,
@@ -295,7 +292,6 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
     """Create a webhook; prints its id and its signing secret (shown only once)."""
     from notifier import webhooks
     from notifier.db import Database
-    from notifier.errors import NotifierError
     from notifier.schemas import load_catalog
     from notifier.vault import vault_for
 
@@ -306,10 +302,7 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
     body = {"name": name, "webHookUrl": url, "eventNames": list(events),
             "webHookHeaders": headers, "maxAllowedConnections": max_connections,
             "slaInSeconds": sla}
-    try:
-        saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
-    except NotifierError as exc:
-        raise click.ClickException(str(exc)) from exc
+    saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
     for warning in saved.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps({"webHookId": saved.view["webHookId"], "secret": saved.secret}))
@@ -323,17 +316,13 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
 def publish(event_name: str, org_id: int, data: str, event_id: str | None) -> None:
     """Publish one event through the broker, as a loyalty service would."""
     from notifier.client import publish as publish_event
-    from notifier.errors import NotifierError
 
     try:
         parsed = json.loads(data)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
-    try:
-        published = publish_event(event_name, parsed, org_id=org_id, event_id=event_id,
-                                  broker_url=_settings().broker_url)
-    except NotifierError as exc:
-        raise click.ClickException(str(exc)) from exc
+    published = publish_event(event_name, parsed, org_id=org_id, event_id=event_id,
+                              broker_url=_settings().broker_url)
     click.echo(published)
 
 
