@@ -103,26 +103,42 @@ def build_services(settings: Settings) -> Services:
     )
 
 
-def _enqueue(services: Services, queued: Iterable[store.Queued]) -> list[str]:
+def _by_webhook(queued: Iterable[store.Queued]) -> dict[str, list[store.Queued]]:
     by_hook: dict[str, list[store.Queued]] = defaultdict(list)
     for item in queued:
         by_hook[item.webhook_id].append(item)
-    for webhook_id, items in by_hook.items():
+    return by_hook
+
+
+def _enqueue(services: Services, queued: Iterable[store.Queued]) -> None:
+    for webhook_id, items in _by_webhook(queued).items():
         services.queues.enqueue(webhook_id, items[0].limit,
                                 [(i.delivery_id, i.score) for i in items])
-    return list(by_hook)
 
 
-def accept(services: Services, envelope: Mapping[str, Any], *,
-           only_webhook: str | None = None) -> tuple[store.IngestOutcome, list[str]]:
-    """Store, validate and fan out one event, then queue its deliveries.
+def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) -> int:
+    """Queue deliveries and send a lease for every free slot of their webhooks; returns how
+    many leases were sent."""
+    sent = 0
+    for webhook_id, items in _by_webhook(queued).items():
+        for lease in services.queues.offer(
+                webhook_id, items[0].limit, [(i.delivery_id, i.score) for i in items],
+                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms()):
+            send(lease)
+            sent += 1
+    return sent
 
-    Returns the outcome and the webhooks whose queues got work (to pump). ``only_webhook``
-    narrows the fan-out to one webhook (see ``store.ingest``).
+
+def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
+           only_webhook: str | None = None) -> store.IngestOutcome:
+    """Store, validate and fan out one event, queue its deliveries and send what can go now.
+
+    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest``).
     """
     outcome = store.ingest(services.db, services.catalog, envelope, now_ms=now_ms(),
                            only_webhook=only_webhook)
-    return outcome, _enqueue(services, outcome.queued)
+    _offer(services, outcome.queued, send)
+    return outcome
 
 
 def pump(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:
@@ -186,12 +202,14 @@ def deliver(services: Services, lease: Lease) -> None:
     the slot is kept: a retry carries on with it, or it expires and the sweeper re-queues what
     it carried.
     """
-    _deliver_lease(services, lease)
-    services.queues.release(lease)
-
-
-def _deliver_lease(services: Services, lease: Lease) -> None:
     budget_ends = time.monotonic() + services.settings.batch_time_budget
+    held = services.queues.take(lease, batch=services.settings.batch_size, now_ms=now_ms())
+    if held is not None:
+        _deliver_lease(services, held, budget_ends)
+        services.queues.release(held)
+
+
+def _deliver_lease(services: Services, lease: Lease, budget_ends: float) -> None:
     claim = store.claim(services.db, lease.delivery_ids, now_ms=now_ms(),
                         lease_ms=services.lease_ms)
     services.queues.park([(lease.webhook_id, i, due) for i, due in claim.later])
@@ -281,7 +299,7 @@ def sweep(services: Services, send: SendLease) -> SweepReport:
 def replay(services: Services, delivery_ids: Iterable[str], send: SendLease) -> int:
     """Send deliveries again with their original ``webhook-id``; returns how many were queued."""
     queued = store.replay(services.db, list(delivery_ids))
-    pump(services, _enqueue(services, queued), send)
+    _offer(services, queued, send)
     return len(queued)
 
 

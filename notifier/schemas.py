@@ -38,7 +38,12 @@ class EventCatalog:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._registry: Registry[Any] = Registry(retrieve=self._retrieve)  # type: ignore[call-arg]
+        # Every file is loaded into the registry up front: a registry is immutable, and one that
+        # had to retrieve a $ref would read the file again on every validation.
+        self._registry: Registry[Any] = Registry(  # type: ignore[call-arg]
+            retrieve=self._retrieve).with_resources(
+            (path.relative_to(folder).as_posix(), DRAFT6.create_resource(json.loads(path.read_text())))
+            for path in sorted(folder.rglob("*.json")) if path.name != "catalog.json").crawl()
         self._validators: dict[str, Draft6Validator] = {}
         for path in sorted(folder.glob("*.json")):
             if path.name in _NOT_EVENTS:

@@ -36,8 +36,7 @@ def send_lease(lease: Lease) -> None:
 def ingest(self: Task, envelope: dict[str, Any]) -> None:
     """Store, validate and fan out one event; queue and pump its deliveries."""
     try:
-        outcome, webhooks = pipeline.accept(services(), envelope)
-        pipeline.pump(services(), webhooks, send_lease)
+        outcome = pipeline.accept(services(), envelope, send_lease)
     except TransientError as exc:
         raise self.retry(exc=exc, countdown=_countdown(self)) from exc
     if outcome.error:

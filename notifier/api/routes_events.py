@@ -47,8 +47,7 @@ def ingest_events(
             errors.append(error_body("INVALID_INPUT",
                                      f"{where}orgId: does not match the API key's org", f"{where}orgId"))
             continue
-        outcome, touched = pipeline.accept(services, {**event, "orgId": org})
-        pipeline.pump(services, touched, request.app.state.send_lease)
+        outcome = pipeline.accept(services, {**event, "orgId": org}, request.app.state.send_lease)
         results.append({"eventId": outcome.event_id, "status": outcome.status})
         if outcome.error:
             field = outcome.error.partition(":")[0]

@@ -203,8 +203,8 @@ def send_test_event(webHookId: str, org: Org, request: Request,
     event = logs.test_event(services.db, services.catalog, org, webHookId,
                             body.eventName if body else None, event_id=str(uuid.uuid4()),
                             now_ms=pipeline.now_ms())
-    outcome, touched = pipeline.accept(services, event, only_webhook=webHookId)
-    pipeline.pump(services, touched, request.app.state.send_lease)
+    outcome = pipeline.accept(services, event, request.app.state.send_lease,
+                              only_webhook=webHookId)
     return envelope({"eventId": outcome.event_id, "eventName": event["eventName"],
                      "webHookId": webHookId, "status": outcome.status,
                      "deliveryIds": [q.delivery_id for q in outcome.queued]}, status=202)

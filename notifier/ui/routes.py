@@ -330,8 +330,8 @@ async def test_send(request: Request, org: OrgId, webhook_id: str) -> Response:
     except InvalidInput as exc:
         _flash(request, f"Test not sent: {exc}", "error")
         return _redirect(f"/ui/notifications/{webhook_id}")
-    outcome, touched = pipeline.accept(services, event, only_webhook=webhook_id)
-    pipeline.pump(services, touched, request.app.state.send_lease)
+    outcome = pipeline.accept(services, event, request.app.state.send_lease,
+                              only_webhook=webhook_id)
     _flash(request, f"Test {event['eventName']} event {outcome.event_id} sent to this webhook.")
     return _redirect(f"/ui/notifications/{webhook_id}")
 
@@ -434,8 +434,8 @@ async def publish(request: Request, org: OrgId) -> Response:
         return _publish_page(request, name=name, data=raw, status=400,
                              errors={"data": f"not JSON: {exc.msg} (line {exc.lineno})"})
     services = _services(request)
-    outcome, touched = pipeline.accept(services, {"eventName": name, "data": data, "orgId": org})
-    pipeline.pump(services, touched, request.app.state.send_lease)
+    outcome = pipeline.accept(services, {"eventName": name, "data": data, "orgId": org},
+                              request.app.state.send_lease)
     if outcome.error:
         path, _, problem = outcome.error.partition(":")
         field = "eventName" if path.strip() == "$.eventName" else "data"

@@ -53,6 +53,29 @@ def test_batches_are_capped(queues: Queues) -> None:
     assert len(lease.delivery_ids) == 10 and queues.waiting("w") == 15
 
 
+def test_a_lease_is_topped_up_when_its_task_starts(queues: Queues) -> None:
+    fill(queues, "w", 1, 1)
+    (lease,) = queues.dispatch("w", batch=3, lease_ms=LEASE, now_ms=0)
+    queues.enqueue("w", 1, [(f"late{i}", 10 + i) for i in range(4)])
+
+    held = queues.take(lease, batch=3, now_ms=1)
+
+    assert held is not None and held.delivery_ids == ("d0", "late0", "late1")
+    assert queues.waiting("w") == 2
+    # What it carries now is what the sweeper re-queues if its holder dies.
+    assert queues.expire_leases(LEASE + 1) == ["w"] and queues.waiting("w") == 5
+
+
+def test_a_lease_no_longer_held_carries_nothing(queues: Queues) -> None:
+    fill(queues, "w", 1, 2)
+    (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+
+    assert queues.take(lease, batch=5, now_ms=LEASE + 1) is None  # expired
+    queues.release(lease)
+    assert queues.take(lease, batch=5, now_ms=0) is None  # given back
+    assert queues.waiting("w") == 1
+
+
 def test_an_expired_lease_gives_its_slot_and_deliveries_back(queues: Queues) -> None:
     fill(queues, "w", 1, 2)
     (lost,) = queues.dispatch("w", batch=10, lease_ms=LEASE, now_ms=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from notifier.errors import InvalidInput, NotFound
 from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +115,35 @@ def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> No
     assert [c.id for c in first.claimed] == [queued.delivery_id]
     assert second.claimed == () and second.later == ((queued.delivery_id, 7001),)
     assert [c.id for c in after_lease.claimed] == [queued.delivery_id]
+
+
+def test_a_claim_that_loses_a_race_parks_what_it_lost(org: Database) -> None:
+    if not org.is_postgresql:
+        pytest.skip("SQLite has one writer at a time: a claim cannot start during another")
+    webhook(org, "a")
+    ids = [q.delivery_id for i in range(3)
+           for q in store.ingest(org, load_catalog(), event(f"e-{i}"), now_ms=1000).queued]
+    with org.engine.connect() as rival:
+        # Another worker's claim, not committed yet, holds the rows.
+        rival.execute(update(Delivery).where(Delivery.id.in_(ids))
+                      .values(status=DeliveryStatus.IN_FLIGHT, lease_until_ms=7000))
+        with ThreadPoolExecutor(1) as pool:
+            ours = pool.submit(store.claim, org, ids, now_ms=2000, lease_ms=5000)
+            wait_until(lambda: _waiting_for_a_lock(org), 30, "the claim to wait for the rows")
+            rival.commit()
+            lost = ours.result(timeout=30)
+
+    # Our statement began while the rows were pending: it takes none, and parks them all until
+    # the winner's lease would have ended, so none is stranded if the winner dies.
+    assert lost.claimed == ()
+    assert sorted(lost.later) == sorted((i, 7001) for i in ids)
+
+
+def _waiting_for_a_lock(db: Database) -> bool:
+    # A connection of its own: pg_stat_activity is read once per transaction.
+    with db.engine.connect() as connection:
+        return bool(connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").scalar())
 
 
 def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -> None:
