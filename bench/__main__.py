@@ -1,5 +1,5 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
-[--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000]``."""
+[--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000] [--backlog N]``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                              "--quick)")
     parser.add_argument("--webhooks", default="",
                         help="many webhooks, traffic spread across them, e.g. 10,1000")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="N deliveries (fan-out 1) queued while delivery is stopped, then "
+                             "drained: drain rate against fan-out 1's, and the memory of Redis, "
+                             "workers and the database per delivery (e.g. 100000; default off)")
     args = parser.parse_args(argv)
     args.latency_seconds = args.latency_seconds or (5.0 if args.quick else 20.0)
     args.latency = True if args.latency is None else args.latency
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
           f"fan-out {args.fanout}, receiver {args.receiver_processes} processes; "
           f"{psutil.cpu_count()} CPUs, Python {platform.python_version()}, Celery {celery.__version__}",
           flush=True)
+    if not run.autovacuum_on():
+        print("note: PostgreSQL runs with autovacuum off here; notifier's tables bloat over a long "
+              "run (ALTER SYSTEM SET autovacuum = on)", flush=True)
     started = time.monotonic()
     rows: list[Row] = []
     floor_b: Row | None = None
@@ -231,6 +238,23 @@ def main(argv: list[str] | None = None) -> int:
         if len(done) > 1:
             notes.append(f"webhooks: {done[-1].name} / {done[0].name} = "
                          f"{done[-1].median / done[0].median:.2f} (per-delivery rate)")
+
+        if args.backlog:
+            row = Row(f"notifier backlog {args.backlog} drain")
+            (folder / "backlog").mkdir()
+            print(f"  backlog of {args.backlog} ...", flush=True)
+
+            def do_backlog() -> None:
+                sample, text = extra.backlog(receiver, folder / "backlog", c, args.backlog,
+                                             args.max_connections)
+                row.samples.append(sample)
+                print(f"  {text}", flush=True)
+                notes.append(text)
+                if fanout_1 is not None:
+                    notes.append(f"backlog drain / live fan-out 1 = "
+                                 f"{sample.rate / fanout_1.median:.2f} (target >= 1)")
+
+            attempt(row, do_backlog)
 
     print()
     print(table(rows, floor_b))

@@ -1,4 +1,5 @@
-"""Issue 5's further scenarios: latency at a fixed offered load, POST /v3/events, isolation, many webhooks.
+"""Issue 5's further scenarios: latency at a fixed offered load, POST /v3/events, isolation, many
+webhooks, a backlog drained.
 
 Latency: every published event carries ``data.benchSentAtUs`` (epoch microseconds, set just before
 it is published or POSTed); the receiver computes arrival - sent per request (see receiver.py).
@@ -17,7 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import redis
 import requests
+import sqlalchemy as sa
 
 from bench import run
 from bench.receiver import Receiver
@@ -76,12 +79,9 @@ def stack(folder: Path, concurrency: int, hooks: list[tuple[int, str, int]],
         key = tenants.create_key(db, hooks[0][0], now_ms=0)
     finally:
         db.dispose()
-    procs = run.Processes(folder, env)
+    procs = run.start_notifier(folder, env, concurrency)
     base = ""
     try:
-        procs.worker("tasks", "notifier", concurrency)
-        procs.spawn("beat", ["-A", "tasks", "beat", "--loglevel", "INFO",
-                             "--schedule", str(folder / "celerybeat-schedule")])
         if web:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
@@ -180,7 +180,7 @@ def http(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
         start_count = receiver.count
         threads = [threading.Thread(target=client) for _ in range(HTTP_CLIENTS)]
         web_rss = run.RssSampler([procs.procs["web"].pid])
-        with run.RssSampler([procs.procs["notifier"].pid]) as rss, web_rss:
+        with run.RssSampler(run.worker_pids(procs)) as rss, web_rss:
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
@@ -247,7 +247,7 @@ def many_webhooks(receiver: Receiver, folder: Path, concurrency: int, deliveries
             procs.pause(run.NOTIFIER_BROKER, "notifier", QUEUE)
             for i in range(sample):
                 publish(run.EVENT, data, org_id=orgs[i % webhooks], broker_url=run.NOTIFIER_BROKER)
-            with run.RssSampler([procs.procs["notifier"].pid]) as rss:
+            with run.RssSampler(run.worker_pids(procs)) as rss:
                 t0 = time.perf_counter()
                 procs.resume(run.NOTIFIER_BROKER, "notifier", QUEUE)
                 run._wait(receiver, start_count + sample, sample, f"{webhooks} webhooks")
@@ -259,3 +259,98 @@ def many_webhooks(receiver: Receiver, folder: Path, concurrency: int, deliveries
         raise run.BenchError(f"{webhooks} webhooks: expected {deliveries} delivered, db {counts}")
     return run.Sample(seconds, deliveries, rss.peak,
                       [f"({webhooks} orgs x 1 webhook, events round-robin; db: {counts[0]} delivered)"])
+
+
+# ---------------------------------------------------------------- backlog
+
+
+def _redis_memory() -> int:
+    client = redis.Redis.from_url(run.NOTIFIER_REDIS)
+    try:
+        return int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
+
+
+def _database_bytes() -> int:
+    engine = sa.create_engine(run.PG_URL)
+    try:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql(
+                "SELECT pg_database_size(current_database())").scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise run.BenchError(f"backlog: {what} did not happen in {seconds:.0f}s")
+        time.sleep(0.5)
+
+
+def backlog(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
+            connections: int) -> tuple[run.Sample, str]:
+    """A backlog of ``deliveries`` (fan-out 1), built with delivery stopped, then drained.
+
+    1. Every consumer paused, the events are published: the broker holds them.
+    2. Ingestion resumed, delivery still paused: the deliveries wait in notifier's Redis queue
+       and the database.
+    3. Delivery resumed: the drain is timed. Returns it, and a note of the memory each phase took.
+    """
+    from notifier import publish
+    from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+
+    broker = run.NOTIFIER_BROKER
+    with stack(folder, concurrency, [(run.ORG, receiver.url("/backlog"), connections)]) as (
+            procs, _, _):
+        # Warm-up: the webhook is measured fast, so its leases take the fast lane.
+        start_count = receiver.count
+        for _ in range(100):
+            publish(run.EVENT, run.event_data(), org_id=run.ORG, broker_url=broker)
+        run._wait(receiver, start_count + 100, 100, "backlog warm-up")
+        _wait_until(lambda: run._db_counts()[0] == 100, 30, "the warm-up's 100 records")
+        run._truncate("attempts, deliveries, events")
+        procs.pause(broker, "notifier", QUEUE)
+        procs.pause(broker, "notifier", DELIVER_QUEUE)
+        procs.pause(broker, "slow", SLOW_QUEUE)
+        memory_empty, database_empty = _redis_memory(), _database_bytes()
+
+        data = run.event_data()
+        t0 = time.perf_counter()
+        for _ in range(deliveries):
+            publish(run.EVENT, data, org_id=run.ORG, broker_url=broker)
+        published = time.perf_counter() - t0
+        memory_published = _redis_memory()
+
+        t0 = time.perf_counter()
+        procs.resume(broker, "notifier", QUEUE)
+        _wait_until(lambda: run._db_counts()[1] == deliveries
+                    and run._queue_length(broker, QUEUE) == 0, 60 + deliveries / 20,
+                    "ingesting every event")
+        ingested = time.perf_counter() - t0
+        memory_queued = _redis_memory()
+        if receiver.count != start_count + 100:
+            raise run.BenchError("backlog: a delivery went out while delivery was paused")
+
+        start_count = receiver.count
+        tasks_before = run.delivery_tasks(procs)
+        with run.RssSampler(run.worker_pids(procs)) as rss:
+            t0 = time.perf_counter()
+            procs.resume(broker, "notifier", DELIVER_QUEUE)
+            procs.resume(broker, "slow", SLOW_QUEUE)
+            run._wait(receiver, start_count + deliveries, deliveries, "backlog drain")
+            seconds = time.perf_counter() - t0
+        _wait_until(lambda: run._db_counts() == (deliveries,) * 3, 60, "every attempt recorded")
+        tasks = max(1, run.delivery_tasks(procs) - tasks_before)
+        database_full = _database_bytes()
+    note = (f"backlog of {deliveries}: published at {deliveries / published:.0f}/s, the broker "
+            f"held {(memory_published - memory_empty) / deliveries:.0f} B per waiting event; "
+            f"ingested (delivery paused) at {deliveries / ingested:.0f}/s, then notifier's Redis "
+            f"queue held {(memory_queued - memory_empty) / deliveries:.0f} B per queued "
+            f"delivery; drained at {deliveries / seconds:.0f}/s in {tasks} delivery tasks "
+            f"({deliveries / tasks:.1f} each); the database grew "
+            f"{(database_full - database_empty) / deliveries:.0f} B per delivery; workers' peak "
+            f"RSS {rss.peak / 2**20:.0f} MiB")
+    return run.Sample(seconds, deliveries, rss.peak, [note]), note

@@ -153,10 +153,11 @@ class Processes:
         self.procs[name] = proc
         return proc
 
-    def worker(self, app: str, name: str, concurrency: int) -> subprocess.Popen[bytes]:
-        proc = self.spawn(name, ["-A", app, "worker", "--hostname", f"{name}@%h", "--pool", "prefork",
+    def worker(self, app: str, name: str, concurrency: int, pool: str = "prefork",
+               queues: str = "") -> subprocess.Popen[bytes]:
+        proc = self.spawn(name, ["-A", app, "worker", "--hostname", f"{name}@%h", "--pool", pool,
                                  "--concurrency", str(concurrency), "--loglevel", "INFO",
-                                 ])
+                                 *(["--queues", queues] if queues else [])])
         deadline = time.monotonic() + 60
         while "ready." not in self.log(name):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -170,6 +171,9 @@ class Processes:
                                                      destination=[_hostname(name)])
         if not reply:
             raise BenchError(f"worker {name} did not answer cancel_consumer")
+        # A BRPOP over all the worker's queues may be in flight (kombu waits up to 1 s in one):
+        # let it end, or it could still take a message of the queue just cancelled.
+        time.sleep(1.2)
 
     def resume(self, broker_url: str, name: str, queue: str) -> None:
         reply = _control(broker_url).add_consumer(queue, reply=True, timeout=10,
@@ -329,6 +333,15 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
 # ---------------------------------------------------------------- notifier
 
 
+def autovacuum_on() -> bool:
+    engine = sa.create_engine(PG_ADMIN_URL)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SHOW autovacuum").scalar_one() == "on"
+    finally:
+        engine.dispose()
+
+
 def ensure_database() -> None:
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -364,7 +377,7 @@ def notifier_env(folder: Path) -> dict[str, str]:
 def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: int,
                    connections: int, prepare: Callable[[Any], None] | None = None
                    ) -> Iterator[Processes]:
-    """Fresh tables, one org with ``fanout`` webhooks to the receiver, a worker and beat.
+    """Fresh tables, one org with ``fanout`` webhooks to the receiver, the workers and beat.
 
     ``prepare(db)`` (a ``notifier.db.Database``), if given, runs after the org and webhooks are
     created and before the worker starts (e.g. reference data, webhook options).
@@ -392,14 +405,38 @@ def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: i
             prepare(db)
     finally:
         db.dispose()
-    procs = Processes(folder, env)
+    procs = start_notifier(folder, env, concurrency)
     try:
-        procs.worker("tasks", "notifier", concurrency)
-        procs.spawn("beat", ["-A", "tasks", "beat", "--loglevel", "INFO",
-                             "--schedule", str(folder / "celerybeat-schedule")])
         yield procs
     finally:
         procs.stop()
+
+
+def start_notifier(folder: Path, env: dict[str, str], concurrency: int) -> Processes:
+    """notifier's processes as the Procfile runs them: the prefork worker (ingest, beat's
+    tasks, the fast lane), the threads worker of the slow lane, and beat."""
+    from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+
+    procs = Processes(folder, env)
+    try:
+        procs.worker("tasks", "notifier", concurrency, queues=f"{QUEUE},{DELIVER_QUEUE}")
+        procs.worker("tasks", "slow", 16, pool="threads", queues=SLOW_QUEUE)
+        procs.spawn("beat", ["-A", "tasks", "beat", "--loglevel", "INFO",
+                             "--schedule", str(folder / "celerybeat-schedule")])
+    except BaseException:
+        procs.stop()
+        raise
+    return procs
+
+
+def worker_pids(procs: Processes) -> list[int]:
+    return [procs.procs[name].pid for name in ("notifier", "slow")]
+
+
+def delivery_tasks(procs: Processes) -> int:
+    """Delivery tasks the workers have run so far (from their logs)."""
+    return sum(line.count("notifier.deliver[") for name in ("notifier", "slow")
+               for line in procs.log(name).splitlines() if "succeeded" in line)
 
 
 def _db_counts() -> tuple[int, int, int]:
@@ -433,7 +470,8 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     # (beat's sweep tasks share the queue, so it may hold a few more)
     if receiver.count != start_count or _queue_length(NOTIFIER_BROKER, QUEUE) < events:
         raise BenchError("notifier: the paused worker consumed from its queue")
-    with RssSampler([procs.procs["notifier"].pid]) as rss:
+    tasks_before = delivery_tasks(procs)
+    with RssSampler(worker_pids(procs)) as rss:
         t0 = time.perf_counter()
         procs.resume(NOTIFIER_BROKER, "notifier", QUEUE)
         _wait(receiver, start_count + events * fanout, events * fanout, "notifier")
@@ -443,7 +481,10 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     while (counts := _db_counts())[0] < events * fanout and time.monotonic() < deadline:
         time.sleep(0.1)
     delivered, total, attempts = counts
-    note = f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at {events / fill:.0f}/s)"
+    tasks = max(1, delivery_tasks(procs) - tasks_before)
+    note = (f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at "
+            f"{events / fill:.0f}/s); {tasks} delivery tasks ({delivered / tasks:.1f} deliveries "
+            "each)")
     if (delivered, total, attempts) != (events * fanout,) * 3:
         raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
                          f"deliveries and attempts, {note}")

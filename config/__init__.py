@@ -43,6 +43,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
 def _fraction(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or not 0 <= value < 1:
@@ -141,6 +148,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Most deliveries of one webhook that one task carries over one connection slot."),
     Setting("batch_time_budget", _positive_float, "5",
             "Seconds after which a task takes no further delivery of its batch."),
+    Setting("batch_linger_ms", _non_negative_int, "20",
+            "Milliseconds a short batch of a webhook that is already being sent to waits before "
+            "it starts, gathering what queues meanwhile (0: start at once)."),
+    Setting("slow_webhook_ms", _positive_int, "1000",
+            "A webhook whose slowest recent response took this long (milliseconds) is sent to "
+            "by the slow lane (the threads worker), so it cannot hold up the others."),
     Setting("sweep_interval", _positive_float, "1",
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
     Setting("sla_check_interval", _positive_float, "30",
@@ -173,6 +186,8 @@ class Settings:
     slot_lease_seconds: float
     batch_size: int
     batch_time_budget: float
+    batch_linger_ms: int
+    slow_webhook_ms: int
     sweep_interval: float
     sla_check_interval: float
     visibility_timeout: float

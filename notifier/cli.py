@@ -48,13 +48,18 @@ def main() -> None:
 @main.command()
 @click.option("--concurrency", "-c", default=2, show_default=True,
               help="Worker processes (Celery prefork pool).")
+@click.option("--slow-threads", default=16, show_default=True,
+              help="Threads of the slow lane's worker, which sends to webhooks that answer "
+                   "slowly; 0 to go without (the prefork worker then takes their tasks too).")
 @click.option("--port", default=8000, show_default=True,
               help="Port of the HTTP API on 127.0.0.1; 0 to go without.")
 @click.option("--flower-port", default=5555, show_default=True,
               help="Port of Flower, the Celery monitor, on 127.0.0.1; 0 to go without.")
-def up(concurrency: int, port: int, flower_port: int) -> None:
+def up(concurrency: int, slow_threads: int, port: int, flower_port: int) -> None:
     """Run the whole service on this machine: Redis (embedded by default), migrations,
-    the HTTP API, a worker, beat and Flower. Ctrl-C stops it all."""
+    the HTTP API, the workers (prefork, and threads for the slow lane), beat and Flower.
+    Ctrl-C stops it all."""
+    from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
     from notifier.db import upgrade
     from notifier.embedded import start_redis
 
@@ -64,11 +69,17 @@ def up(concurrency: int, port: int, flower_port: int) -> None:
     click.echo(f"database: {settings.database_url}")
     click.echo(f"redis:    {settings.redis_url}")
     celery = [sys.executable, "-m", "celery", "-A", "tasks"]
+    worker = [*celery, "worker", "--loglevel", "INFO"]
     commands = {
-        "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)],
+        "worker": [*worker, "--concurrency", str(concurrency), "--hostname", "celery@%h",
+                   "--queues", f"{QUEUE},{DELIVER_QUEUE}" if slow_threads else
+                   f"{QUEUE},{DELIVER_QUEUE},{SLOW_QUEUE}"],
         "beat": [*celery, "beat", "--loglevel", "INFO",
                  "--schedule", str(settings.data_dir / "celerybeat-schedule")],
     }
+    if slow_threads:
+        commands["slow"] = [*worker, "--pool", "threads", "--concurrency", str(slow_threads),
+                            "--hostname", "slow@%h", "--queues", SLOW_QUEUE]
     if port:
         commands["api"] = [sys.executable, "-m", "uvicorn", "--factory", "notifier.api:create_app",
                            "--host", "127.0.0.1", "--port", str(port)]

@@ -15,12 +15,20 @@ from typing import Any
 from celery import Celery
 
 from notifier.errors import InvalidEvent
+from notifier.queues import Lease
 
-__all__ = ["DELIVER_TASK", "INGEST_TASK", "QUEUE", "build_envelope", "producer", "publish"]
+__all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
+           "producer", "publish", "send_lease"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
+# Events to ingest, and beat's tasks.
 QUEUE = "notifier"
+# Delivery tasks have a queue of their own, which a worker takes turns with QUEUE: a burst of
+# events waiting to be ingested never stands in front of the deliveries of earlier ones.
+DELIVER_QUEUE = "notifier.deliver"
+# Delivery tasks of webhooks that answer slowly, for a threads worker (the slow lane).
+SLOW_QUEUE = "notifier.slow"
 
 
 def build_envelope(event_name: str, data: Mapping[str, Any], *, org_id: int,
@@ -73,3 +81,11 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
         broker_url = load_settings().broker_url
     producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE)
     return str(envelope["eventId"])
+
+
+def send_lease(app: Celery, lease: Lease) -> None:
+    """Send the delivery task of one lease, by its lane, after its linger if it has one."""
+    app.send_task(DELIVER_TASK, args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
+                  kwargs={"slow": lease.slow} if lease.slow else None,
+                  queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE,
+                  countdown=lease.linger_ms / 1000 if lease.linger_ms else None)

@@ -94,7 +94,8 @@ def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
         db=Database(settings.database_url),
-        queues=Queues(settings.redis_url, settings.redis_prefix),
+        queues=Queues(settings.redis_url, settings.redis_prefix,
+                      slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms),
         catalog=load_catalog(),
         sender=HttpSender(timeout=settings.http_timeout,
                           max_response_bytes=settings.max_response_bytes,
@@ -194,8 +195,9 @@ def judge(services: Services, claimed: store.Claimed, result: Result,
         next_attempt_at_ms=due)
 
 
-def deliver(services: Services, lease: Lease) -> None:
-    """Send a lease's deliveries one after another over one connection slot, then give it back.
+def deliver(services: Services, lease: Lease) -> list[Lease]:
+    """Send a lease's deliveries one after another over one connection slot, give it back, and
+    return the webhook's next leases to send (what queued while this one was out).
 
     Deliveries already finished or held by someone else are skipped (at-least-once, never the
     same delivery twice at once); those not due yet are parked until they are. If this raises,
@@ -203,27 +205,40 @@ def deliver(services: Services, lease: Lease) -> None:
     it carried.
     """
     budget_ends = time.monotonic() + services.settings.batch_time_budget
-    held = services.queues.take(lease, batch=services.settings.batch_size, now_ms=now_ms())
-    if held is not None:
-        _deliver_lease(services, held, budget_ends)
-        services.queues.release(held)
+    batch, lease_ms = services.settings.batch_size, services.lease_ms
+    held = services.queues.take(lease, batch=batch, now_ms=now_ms())
+    if held is None:
+        return services.queues.dispatch(lease.webhook_id, batch=batch, lease_ms=lease_ms,
+                                        now_ms=now_ms())
+    took_ms = _deliver_lease(services, held, budget_ends)
+    return services.queues.release(held, took_ms=took_ms, batch=batch, lease_ms=lease_ms,
+                                   now_ms=now_ms()).leases
 
 
-def _deliver_lease(services: Services, lease: Lease, budget_ends: float) -> None:
+def _deliver_lease(services: Services, lease: Lease, budget_ends: float) -> int:
+    """POST what the lease carries; returns the slowest response's milliseconds (-1: none).
+
+    A batch ends early when its time budget is spent, or, in the fast lane, as soon as the
+    webhook answers slowly: the rest goes back to the queue and on by the slow lane.
+    """
     claim = store.claim(services.db, lease.delivery_ids, now_ms=now_ms(),
                         lease_ms=services.lease_ms)
     services.queues.park([(lease.webhook_id, i, due) for i, due in claim.later])
+    slowest = -1
     if not claim.claimed:
-        return
+        return slowest
     target = store.target(services.db, services.vault, lease.webhook_id, now_ms=now_ms())
     for index, claimed in enumerate(claim.claimed):
-        if index > 0 and time.monotonic() > budget_ends:
+        too_slow = not lease.slow and slowest >= services.settings.slow_webhook_ms
+        if index > 0 and (too_slow or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, claim.claimed[index:])
-            return
+            break
         finished = _attempt(services, target, claimed)
+        slowest = max(slowest, finished.latency_ms)
         store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
         if finished.next_attempt_at_ms is not None:
             services.queues.park([(lease.webhook_id, claimed.id, finished.next_attempt_at_ms)])
+    return slowest
 
 
 def _attempt(services: Services, target: store.Target, claimed: store.Claimed) -> store.Finished:

@@ -7,13 +7,20 @@ Keys, under the configured prefix ``P``:
 - ``P:limit``         hash webhook -> maxAllowedConnections
 - ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry
 - ``P:leases``        every lease ``webhook|token`` by expiry, with its deliveries in ``P:lease:items``
+- ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
+- ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
 - ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
 
 A lease is one connection slot: a delivery task holds it while it POSTs its batch over one
 keep-alive connection (topped up, when the task starts, with whatever queued meanwhile), so a
-webhook never sees more than its limit of concurrent requests. The database stays the source
-of truth; everything here can be rebuilt from it.
+webhook never sees more than its limit of concurrent requests. Leases are full batches while
+the queue holds enough; a webhook has at most one short lease waiting to start, which gathers
+what queues meanwhile, so a steady trickle rides in few tasks instead of one task per delivery.
+A webhook that answers slowly gets its leases marked ``slow``: they go to the slow lane (a
+threads worker) and cannot take the prefork processes every other webhook needs.
+
+The database stays the source of truth; everything here can be rebuilt from it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import redis.exceptions
 
 from notifier.errors import QueueUnavailable
 
-__all__ = ["Lease", "Queues"]
+__all__ = ["Lease", "Queues", "Released"]
 
 T = TypeVar("T")
 
@@ -44,18 +51,29 @@ end
 """
 
 _DISPATCH_FN = """
-local function dispatch(p, wh, batch, now, lease)
+local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
   local q, slots = p .. ':q:' .. wh, p .. ':slots:' .. wh
   local limit = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
   -- Expired leases do not count: their holder is presumed dead, and the sweeper re-queues
   -- whatever they carried.
-  local free = limit - redis.call('ZCOUNT', slots, now, '+inf')
+  local live = redis.call('ZCOUNT', slots, now, '+inf')
+  local free = limit - live
+  -- A webhook never measured (new, or Redis lost its state) is presumed slow until it answers.
+  local latency = redis.call('HGET', p .. ':latency', wh)
+  local slow = (not latency or tonumber(latency) >= slow_ms) and 1 or 0
   local out = {}
   while free > 0 do
     local waiting = redis.call('ZCARD', q)
     if waiting == 0 then break end
-    -- Spread the backlog over the free slots so that every allowed connection is used.
-    local popped = redis.call('ZPOPMIN', q, math.min(batch, math.ceil(waiting / free)))
+    local size = math.min(batch, waiting)
+    local wait = 0
+    if size < batch then
+      -- A short batch: one at a time per webhook waits to start, and its task gathers what
+      -- queues meanwhile (see take). Beside a live slot it waits a moment first to gather more.
+      if redis.call('HEXISTS', p .. ':unstarted', wh) == 1 then break end
+      if live > 0 then wait = linger end
+    end
+    local popped = redis.call('ZPOPMIN', q, size)
     local ids = {}
     for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
     local token = tostring(redis.call('INCR', p .. ':seq'))
@@ -64,17 +82,31 @@ local function dispatch(p, wh, batch, now, lease)
     redis.call('ZADD', slots, expiry, token)
     redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
     redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
+    if size < batch then redis.call('HSET', p .. ':unstarted', wh, token) end
     out[#out + 1] = token
     out[#out + 1] = joined
+    out[#out + 1] = slow
+    out[#out + 1] = wait
     free = free - 1
+    live = live + 1
   end
   if redis.call('ZCARD', q) == 0 then redis.call('SREM', p .. ':queued', wh) end
   return out
 end
 """
 
+# Forget that a lease has not started, when it starts, ends or expires.
+_STARTED_FN = """
+local function started(p, wh, token)
+  if redis.call('HGET', p .. ':unstarted', wh) == token then
+    redis.call('HDEL', p .. ':unstarted', wh)
+  end
+end
+"""
+
 _DISPATCH = _DISPATCH_FN + """
-return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+                tonumber(ARGV[6]), tonumber(ARGV[7]))
 """
 
 _ENQUEUE = _ENQUEUE_FN + """
@@ -84,11 +116,12 @@ return 1
 
 # Enqueue, then dispatch: what ingest does for every webhook an event reaches, in one call.
 _OFFER = _ENQUEUE_FN + _DISPATCH_FN + """
-enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV, 7)
-return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV, 9)
+return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+                tonumber(ARGV[7]), tonumber(ARGV[8]))
 """
 
-_TAKE = """
+_TAKE = _STARTED_FN + """
 local p, wh, token = ARGV[1], ARGV[2], ARGV[3]
 local batch, now = tonumber(ARGV[4]), tonumber(ARGV[5])
 local member = wh .. '|' .. token
@@ -96,6 +129,7 @@ local expiry = redis.call('ZSCORE', p .. ':slots:' .. wh, token)
 -- A lease that was given back or expired carries nothing: its slot is no longer ours, and the
 -- sweeper has re-queued what it held.
 if not expiry or tonumber(expiry) < now then return false end
+started(p, wh, token)
 local q = p .. ':q:' .. wh
 local items = redis.call('HGET', p .. ':lease:items', member) or ''
 local count = 0
@@ -111,11 +145,22 @@ end
 return items
 """
 
-_RELEASE = """
-local p, wh, token = ARGV[1], ARGV[2], ARGV[3]
+# Give a slot back, noting how long the webhook's slowest response of the batch took (jumping
+# up at once, easing down by 30% per faster batch), then dispatch what waits.
+_RELEASE_AND_DISPATCH = _STARTED_FN + _DISPATCH_FN + """
+local p, wh, token, took = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
 redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
-return redis.call('ZREM', p .. ':slots:' .. wh, token)
+started(p, wh, token)
+local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
+if took >= 0 then
+  local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
+  redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
+end
+local out = dispatch(p, wh, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+                     tonumber(ARGV[8]), tonumber(ARGV[9]))
+table.insert(out, 1, held)
+return out
 """
 
 _PROMOTE = """
@@ -137,7 +182,7 @@ end
 return out
 """
 
-_EXPIRE = """
+_EXPIRE = _STARTED_FN + """
 local p, now = ARGV[1], ARGV[2]
 local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', '(' .. now)
 local touched, out = {}, {}
@@ -146,6 +191,7 @@ for _, member in ipairs(expired) do
   local wh = string.sub(member, 1, sep - 1)
   redis.call('ZREM', p .. ':leases', member)
   redis.call('ZREM', p .. ':slots:' .. wh, string.sub(member, sep + 1))
+  started(p, wh, string.sub(member, sep + 1))
   local items = redis.call('HGET', p .. ':lease:items', member)
   redis.call('HDEL', p .. ':lease:items', member)
   if items then
@@ -170,6 +216,19 @@ class Lease:
     webhook_id: str
     token: str
     delivery_ids: tuple[str, ...]
+    # The webhook answered slowly of late (or was never measured): send it by the slow lane.
+    slow: bool = False
+    # Wait this long before starting, gathering what queues meanwhile (a short batch beside a
+    # busy slot).
+    linger_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Released:
+    """A slot given back: whether it was still held, and the leases dispatched after it."""
+
+    held: bool
+    leases: list[Lease]
 
 
 def _text(value: bytes | str) -> str:
@@ -179,9 +238,11 @@ def _text(value: bytes | str) -> str:
 class Queues:
     """The Redis side of delivery: queues, slots, parked retries. Safe to share per process."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, *, slow_ms: int = 1000, linger_ms: int = 0) -> None:
         self.url = url
         self.prefix = prefix
+        self.slow_ms = slow_ms
+        self.linger_ms = linger_ms
         self._pid = -1
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
@@ -193,7 +254,8 @@ class Queues:
                 self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
             self._scripts = {
                 name: self._client.register_script(source)
-                for name, source in (("dispatch", _DISPATCH), ("take", _TAKE), ("release", _RELEASE),
+                for name, source in (("dispatch", _DISPATCH), ("take", _TAKE),
+                                     ("release", _RELEASE_AND_DISPATCH),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE))
             }
@@ -225,20 +287,26 @@ class Queues:
         for delivery_id, score in items:
             flat += [delivery_id, score]
         return self._leases(webhook_id, self._script(
-            "offer", webhook_id, limit, batch, now_ms, lease_ms, *flat))
+            "offer", webhook_id, limit, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
+            *flat))
 
     def set_limit(self, webhook_id: str, limit: int) -> None:
         self._run(lambda: self.client.hset(f"{self.prefix}:limit", webhook_id, limit))
 
     def dispatch(self, webhook_id: str, *, batch: int, lease_ms: int, now_ms: int) -> list[Lease]:
-        """Take every free slot of a webhook that has work waiting; one lease per slot."""
-        return self._leases(webhook_id,
-                            self._script("dispatch", webhook_id, batch, now_ms, lease_ms))
+        """Take free slots of a webhook that has work waiting, one lease per slot.
+
+        Leases are full batches while the queue holds enough; of a short batch there is one at
+        a time per webhook, which gathers what queues until its task starts (see ``take``).
+        """
+        return self._leases(webhook_id, self._script(
+            "dispatch", webhook_id, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms))
 
     @staticmethod
     def _leases(webhook_id: str, flat: list[Any]) -> list[Lease]:
-        return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")))
-                for i in range(0, len(flat), 2)]
+        return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")),
+                      slow=bool(int(flat[i + 2])), linger_ms=int(flat[i + 3]))
+                for i in range(0, len(flat), 4)]
 
     def take(self, lease: Lease, *, batch: int, now_ms: int) -> Lease | None:
         """The lease as its task starts: topped up to ``batch`` with what queued meanwhile.
@@ -250,11 +318,20 @@ class Queues:
         items = self._script("take", lease.webhook_id, lease.token, batch, now_ms)
         if items is None:
             return None
-        return Lease(lease.webhook_id, lease.token, tuple(i for i in _text(items).split(",") if i))
+        return Lease(lease.webhook_id, lease.token, tuple(i for i in _text(items).split(",") if i),
+                     slow=lease.slow)
 
-    def release(self, lease: Lease) -> bool:
-        """Give a slot back; False when it had already expired (the sweeper took it back)."""
-        return bool(self._script("release", lease.webhook_id, lease.token))
+    def release(self, lease: Lease, *, took_ms: int = -1, batch: int, lease_ms: int,
+                now_ms: int) -> Released:
+        """Give a slot back, then dispatch the webhook's queue, in one call.
+
+        ``took_ms`` is the batch's slowest response (-1: no request made); it decides which
+        lane the webhook's next leases take. ``held`` is False when the lease had already
+        expired (the sweeper took it back).
+        """
+        flat = self._script("release", lease.webhook_id, lease.token, took_ms, batch, now_ms,
+                            lease_ms, self.slow_ms, self.linger_ms)
+        return Released(bool(flat[0]), self._leases(lease.webhook_id, flat[1:]))
 
     def park(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
         """Park ``(webhook, delivery, due_ms)`` until due; the sweeper brings them back."""

@@ -39,6 +39,7 @@ import csv
 import functools
 import json
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -660,20 +661,24 @@ class Lookups:
         self.clock = clock
         self.queries = 0  # how many went to the database, for tests and benchmarks
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
+        # The slow lane's threads share one; the query itself runs outside the lock.
+        self._lock = threading.Lock()
 
     def _remembered(self, key: tuple[Any, ...], read: Callable[[Session], Any]) -> Any:
         now = self.clock()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            self._cache.move_to_end(key)
-            return hit[1]
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                self._cache.move_to_end(key)
+                return hit[1]
         with self.db.session() as session:
             value = read(session)
-        self.queries += 1
-        self._cache[key] = (now + self.ttl, value)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self.queries += 1
+            self._cache[key] = (now + self.ttl, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
         return value
 
     def till(self, org_id: int, till_id: int) -> Till | None:

@@ -2,8 +2,10 @@
 
 from datetime import timedelta
 
+from kombu import Exchange, Queue
+
 from config import load_settings
-from notifier.client import QUEUE
+from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
 
 _settings = load_settings()
 
@@ -11,7 +13,12 @@ broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True
 # Redis hands an unacknowledged task to another worker after this; it must outlast the longest
 # task (checked in config), and it is set in all three places Celery reads it from.
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+broker_transport_options = {
+    "visibility_timeout": _settings.visibility_timeout,
+    # The slow lane's threads acknowledge from many threads at once; kombu's default pool of 10
+    # connections runs dry under load and acknowledgements fail (tasks then run twice).
+    "max_connections": 100,
+}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 visibility_timeout = _settings.visibility_timeout
 
@@ -25,6 +32,10 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True
 task_default_queue = QUEUE
+# Each queue with an exchange of its own: sharing the default one would copy every message into
+# all of them. A worker started without --queues takes all three.
+task_queues = [Queue(name, Exchange(name), routing_key=name)
+               for name in (QUEUE, DELIVER_QUEUE, SLOW_QUEUE)]
 
 beat_schedule = {
     "sweep": {

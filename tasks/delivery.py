@@ -7,8 +7,8 @@ from typing import Any
 
 from celery import Task
 
-from notifier import pipeline
-from notifier.client import DELIVER_TASK, INGEST_TASK, QUEUE
+from notifier import client, pipeline
+from notifier.client import DELIVER_TASK, INGEST_TASK
 from notifier.errors import TransientError
 from notifier.queues import Lease
 from tasks.app import app
@@ -28,8 +28,7 @@ def _countdown(task: Task) -> int:
 
 
 def send_lease(lease: Lease) -> None:
-    deliver.apply_async(args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
-                        queue=QUEUE)
+    client.send_lease(app, lease)
 
 
 @app.task(name=INGEST_TASK, bind=True, max_retries=None)
@@ -44,17 +43,20 @@ def ingest(self: Task, envelope: dict[str, Any]) -> None:
 
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=3)
-def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str]) -> None:
-    """POST one lease's deliveries over one of the webhook's slots, then pump its queue.
+def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
+            slow: bool = False) -> None:
+    """POST one lease's deliveries over one of the webhook's slots, then send the next leases.
 
     On a transient failure the slot is kept: a retry carries on with it, and if the retries run
     out the lease expires and the sweeper re-queues its deliveries.
     """
     try:
-        pipeline.deliver(services(), Lease(webhook_id, token, tuple(delivery_ids)))
-        pipeline.pump(services(), [webhook_id], send_lease)
+        following = pipeline.deliver(services(), Lease(webhook_id, token, tuple(delivery_ids),
+                                                        slow=slow))
     except TransientError as exc:
         raise self.retry(exc=exc, countdown=_countdown(self)) from exc
+    for lease in following:
+        send_lease(lease)
 
 
 @app.task(name="notifier.sweep", bind=True)

@@ -294,9 +294,12 @@ class Stack:
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
 
-    def worker(self, name: str = "w1", concurrency: int = 2, pool: str = "prefork") -> str:
+    def worker(self, name: str = "w1", concurrency: int = 2, pool: str = "prefork",
+               queues: str | None = None) -> str:
+        """A worker of the queues named (comma separated), by default of all of them."""
         self._spawn(name, ["worker", "--hostname", f"{name}@%h", "--pool", pool,
-                           "--concurrency", str(concurrency), "--loglevel", "INFO"])
+                           "--concurrency", str(concurrency), "--loglevel", "INFO",
+                           *(["--queues", queues] if queues else [])])
         wait_until(lambda: "ready." in self.log(name) or self.processes[name].poll() is not None,
                    60, f"worker {name} to be ready")
         assert self.processes[name].poll() is None, self.log(name)

@@ -15,7 +15,7 @@ from notifier import ui
 from notifier.api import routes_events, routes_logs, routes_reference, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.schemas import Envelope
-from notifier.client import DELIVER_TASK, QUEUE, producer
+from notifier.client import producer, send_lease
 from notifier.pipeline import SendLease, Services, build_services
 from notifier.queues import Lease
 
@@ -26,8 +26,7 @@ def _lease_sender(broker_url: str) -> SendLease:
     app = producer(broker_url)
 
     def send(lease: Lease) -> None:
-        app.send_task(DELIVER_TASK, args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
-                      queue=QUEUE)
+        send_lease(app, lease)
 
     return send
 

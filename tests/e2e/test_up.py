@@ -64,17 +64,18 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
         assert request.headers["authorization"] == "Basic ZGVtbw=="
         assert (tmp_path / "notifier-data" / "notifier.db").exists()
 
-        def flower_lists_the_worker() -> bool:
+        def flower_lists_the_workers() -> bool:
             try:
                 page = requests.get(f"http://127.0.0.1:{port}/workers", timeout=5)
             except requests.ConnectionError:
                 return False
-            return page.status_code == 200 and "celery@" in page.text
+            return page.status_code == 200 and "celery@" in page.text and "slow@" in page.text
 
-        wait_until(flower_lists_the_worker, 60, "Flower to list the worker")
+        # The prefork worker, and the threads worker of the slow lane.
+        wait_until(flower_lists_the_workers, 60, "Flower to list the workers")
         health = requests.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
         assert health.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok",
-                                         "workers": 1}
+                                         "workers": 2}
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)

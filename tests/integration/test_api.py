@@ -40,6 +40,12 @@ class Api:
         self.client, self.services, self.leases = client, services, leases
         self.keys: dict[int, str] = {}
 
+    def settle(self) -> None:
+        """Give back every lease sent so far, as finished delivery tasks would, and forget them."""
+        for lease in self.leases:
+            self.services.queues.release(lease, batch=1, lease_ms=1, now_ms=0)
+        self.leases.clear()
+
     def org(self, org_id: int) -> str:
         store.create_org(self.services.db, org_id, f"org {org_id}", now_ms=0)
         self.keys[org_id] = tenants.create_key(self.services.db, org_id, now_ms=0)

@@ -133,7 +133,7 @@ def test_another_orgs_logs_do_not_exist(api: Api) -> None:
              ("GET", f"/v3/events/consumer-groups/{group}/metrics"),
              ("GET", f"/v3/deliveries/{delivery}"), ("POST", f"/v3/deliveries/{delivery}/replay"),
              ("POST", f"/v3/webHooks/{hook['webHookId']}/test")]
-    api.leases.clear()
+    api.settle()
 
     for method, path in paths:
         response = api.call(method, path, org_id=2)
@@ -291,7 +291,7 @@ def test_replay_queues_a_lease_with_the_same_delivery_id(api: Api) -> None:
     _publish(api, "e-1")
     delivery = _deliveries(api, "e-1")[hook["webHookId"]]
     _set(api, delivery, status=DeliveryStatus.DEAD, ended_at_ms=5)
-    api.leases.clear()
+    api.settle()
 
     response = api.call("POST", f"/v3/deliveries/{delivery}/replay")
 
@@ -306,7 +306,7 @@ def test_replay_queues_a_lease_with_the_same_delivery_id(api: Api) -> None:
 def test_a_test_send_reaches_only_the_tested_webhook(api: Api) -> None:
     tested = api.webhook(name="tested", eventNames=["pointsIssued", "tierUpgraded"])
     other = api.webhook(name="other", eventNames=["pointsIssued", "tierUpgraded"])
-    api.leases.clear()
+    api.settle()
 
     response = api.call("POST", f"/v3/webHooks/{tested['webHookId']}/test",
                         json={"eventName": "tierUpgraded"})

@@ -24,15 +24,68 @@ def fill(queues: Queues, webhook: str, limit: int, count: int) -> None:
     queues.enqueue(webhook, limit, [(f"d{i}", i) for i in range(count)])
 
 
-def test_dispatch_takes_at_most_the_limit_and_spreads_the_backlog(queues: Queues) -> None:
-    fill(queues, "w", 3, 10)
+def test_dispatch_takes_at_most_the_limit_in_full_batches(queues: Queues) -> None:
+    fill(queues, "w", 3, 25)
 
-    leases = queues.dispatch("w", batch=10, lease_ms=LEASE, now_ms=0)
+    leases = queues.dispatch("w", batch=4, lease_ms=LEASE, now_ms=0)
 
-    assert [len(lease.delivery_ids) for lease in leases] == [4, 3, 3]
-    assert [i for lease in leases for i in lease.delivery_ids] == [f"d{i}" for i in range(10)]
-    assert queues.dispatch("w", batch=10, lease_ms=LEASE, now_ms=1) == []
-    assert queues.held("w", 1) == 3
+    assert [len(lease.delivery_ids) for lease in leases] == [4, 4, 4]
+    assert [i for lease in leases for i in lease.delivery_ids] == [f"d{i}" for i in range(12)]
+    assert queues.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1) == []
+    assert queues.held("w", 1) == 3 and queues.waiting("w") == 13
+
+
+def test_one_short_batch_at_a_time_waits_to_start_and_gathers_what_queues_meanwhile(
+        queues: Queues) -> None:
+    lingering = Queues(queues.url, queues.prefix, linger_ms=20)
+    fill(lingering, "w", 3, 1)
+    (first,) = lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=0)
+    assert first.linger_ms == 0  # the webhook was idle: no reason to wait
+    lingering.enqueue("w", 3, [("late0", 10)])
+    # A free slot remains, but the short batch not yet started will carry it.
+    assert lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1) == []
+    started = lingering.take(first, batch=1, now_ms=1)
+    assert started is not None and started.delivery_ids == ("d0",)
+
+    (second,) = lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1)
+    assert second.delivery_ids == ("late0",) and second.linger_ms == 20  # beside a busy slot
+
+    lingering.enqueue("w", 3, [("late1", 11), ("late2", 12)])
+    assert lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=2) == []
+    held = lingering.take(second, batch=4, now_ms=3)
+    assert held is not None and held.delivery_ids == ("late0", "late1", "late2")
+
+    lingering.enqueue("w", 3, [("late3", 13)])
+    (third,) = lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=4)  # the other started
+    assert third.delivery_ids == ("late3",)
+    lingering.client.close()
+
+
+def test_giving_a_slot_back_dispatches_what_waits_in_the_same_call(queues: Queues) -> None:
+    fill(queues, "w", 1, 3)
+    (first,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
+
+    released = queues.release(first, took_ms=5, batch=2, lease_ms=LEASE, now_ms=1)
+
+    assert released.held
+    assert [lease.delivery_ids for lease in released.leases] == [("d2",)]
+    assert not queues.release(first, batch=2, lease_ms=LEASE, now_ms=2).held  # given back
+
+
+def test_a_webhook_that_answered_slowly_gets_slow_leases_until_it_is_fast_again(
+        queues: Queues) -> None:
+    def cycle(took_ms: int) -> bool:
+        fill(queues, "w", 1, 1)
+        (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+        queues.release(lease, took_ms=took_ms, batch=1, lease_ms=LEASE, now_ms=0)
+        return lease.slow
+
+    assert cycle(took_ms=10)  # never measured: presumed slow
+    assert not cycle(took_ms=2000)  # measured fast last time
+    assert cycle(took_ms=20)  # one slow answer is enough
+    # Fast answers ease the estimate down by 30% a batch: 2000 -> 1400 -> 980 (fast again).
+    assert cycle(took_ms=20)
+    assert not cycle(took_ms=20)
 
 
 def test_a_released_slot_is_taken_by_the_next_batch(queues: Queues) -> None:
@@ -40,11 +93,9 @@ def test_a_released_slot_is_taken_by_the_next_batch(queues: Queues) -> None:
     (first,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
     assert queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0) == []
 
-    assert queues.release(first)
-    (second,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    (second,) = queues.release(first, batch=1, lease_ms=LEASE, now_ms=0).leases
 
     assert second.delivery_ids == ("d1",)
-    assert not queues.release(first)  # already given back
 
 
 def test_batches_are_capped(queues: Queues) -> None:
@@ -71,9 +122,9 @@ def test_a_lease_no_longer_held_carries_nothing(queues: Queues) -> None:
     (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
 
     assert queues.take(lease, batch=5, now_ms=LEASE + 1) is None  # expired
-    queues.release(lease)
+    (following,) = queues.release(lease, batch=1, lease_ms=LEASE, now_ms=0).leases
     assert queues.take(lease, batch=5, now_ms=0) is None  # given back
-    assert queues.waiting("w") == 1
+    assert following.delivery_ids == ("d1",)  # the next lease has it, not the old one
 
 
 def test_an_expired_lease_gives_its_slot_and_deliveries_back(queues: Queues) -> None:
