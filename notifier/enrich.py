@@ -25,8 +25,8 @@ not answer raises ``StoreUnavailable`` (transient), so nothing is sent half-enri
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,10 +35,10 @@ from sqlalchemy import update
 from notifier.db import Database
 from notifier.errors import InvalidInput, NotFound
 from notifier.models import Org
-from notifier.reference import BLOCKS, SOURCES, Store, Till, source_name
+from notifier.reference import BLOCKS, SOURCES, Lookups, Store, Till, source_name
 
 __all__ = ["OPTION_FIELDS", "Enriched", "Options", "Reader", "check_options", "enrich",
-           "set_points_balance_allowed"]
+           "prefetch", "set_points_balance_allowed"]
 
 # The InTouch v3 webHooks fields that ask for enrichment.
 OPTION_FIELDS = (
@@ -154,6 +154,15 @@ def _dict(parent: dict[str, Any], key: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON data (dicts, lists, scalars), several times faster than deepcopy."""
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
+
+
 def _compact(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -167,7 +176,7 @@ def enrich(event: Mapping[str, Any], flags: Mapping[str, Any], lookups: Reader) 
     options = Options.of(flags)
     if not options.any:
         return Enriched(dict(event))
-    payload = copy.deepcopy(dict(event))
+    payload: dict[str, Any] = _copy(dict(event))
     notes: list[str] = []
     org_id = _int(payload.get("orgId"))
     data = _dict(payload, "data")
@@ -249,7 +258,7 @@ def _enrich_identifiers(data: dict[str, Any], options: Options, org_id: int, loo
         if profile is None:
             notes.append(f"customer {customer_id} has no {source} profile")
         else:
-            block.update(copy.deepcopy(dict(profile)))
+            block.update(_copy(dict(profile)))
         if options.cards:
             block["cardNumbers"] = list(cards.get(source, ()))
         if profile is not None or options.cards:
@@ -279,3 +288,64 @@ def _enrich_awarded(data: dict[str, Any], event_name: str, loyalty_event_id: Any
                              f"(loyaltyEventId {loyalty_event_id}, program {program})")
             else:
                 item["awardedReferenceId"] = reference
+
+
+class _Wanted:
+    """A Reader that answers only from what ``lookups`` remembers, and notes what it lacks."""
+
+    def __init__(self, lookups: Lookups) -> None:
+        self.lookups = lookups
+        self.missing: dict[str, set[tuple[int, Any]]] = defaultdict(set)
+
+    def _peek(self, kind: str, org_id: int, key: Any, absent: Any) -> Any:
+        hit, value = self.lookups.peek(kind, org_id, key)
+        if hit:
+            return value
+        self.missing[kind].add((org_id, key))
+        return absent
+
+    def till(self, org_id: int, till_id: int) -> Till | None:
+        result: Till | None = self._peek("till", org_id, till_id, None)
+        return result
+
+    def store(self, org_id: int, store_id: int) -> Store | None:
+        result: Store | None = self._peek("store", org_id, store_id, None)
+        return result
+
+    def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
+        result: Mapping[str, Mapping[str, Any]] = self._peek("identifiers", org_id,
+                                                             customer_id, {})
+        return result
+
+    def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
+        result: Mapping[str, tuple[str, ...]] = self._peek("cards", org_id, customer_id, {})
+        return result
+
+    def awarded_references(self, org_id: int,
+                           loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
+        result: Mapping[tuple[int, str, int], str] = self._peek("awarded", org_id,
+                                                                loyalty_event_id, {})
+        return result
+
+    def points_balance(self, org_id: int, customer_id: int) -> float | None:
+        result: float | None = self._peek("balance", org_id, customer_id, None)
+        return result
+
+
+def prefetch(events: Sequence[Mapping[str, Any]], flags: Mapping[str, Any],
+             lookups: Lookups) -> None:
+    """Read what enriching all of ``events`` for one webhook will need, one query per kind.
+
+    A dry run of ``enrich`` over the events notes the keys ``lookups`` does not remember; they
+    are read together. A second round finds what only the first answers could name (the store
+    of a till). ``enrich`` then runs on what is remembered.
+    """
+    if not Options.of(flags).any:
+        return
+    for _ in range(2):
+        wanted = _Wanted(lookups)
+        for event in events:
+            enrich(event, flags, wanted)
+        if not wanted.missing:
+            return
+        lookups.fetch(wanted.missing)

@@ -22,7 +22,7 @@ from typing import Any
 from config import Settings
 from notifier import store
 from notifier.db import Database
-from notifier.enrich import enrich
+from notifier.enrich import enrich, prefetch
 from notifier.errors import TransientError
 from notifier.models import DeliveryStatus
 from notifier.queues import Lease, Queues
@@ -228,6 +228,9 @@ def _deliver_lease(services: Services, lease: Lease, budget_ends: float) -> int:
     if not claim.claimed:
         return slowest
     target = store.target(services.db, services.vault, lease.webhook_id, now_ms=now_ms())
+    if target.active:
+        # The reference data the whole batch needs, one query per kind.
+        prefetch([c.event for c in claim.claimed], target.options, services.lookups)
     for index, claimed in enumerate(claim.claimed):
         too_slow = not lease.slow and slowest >= services.settings.slow_webhook_ms
         if index > 0 and (too_slow or time.monotonic() > budget_ends):

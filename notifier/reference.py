@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from notifier.db import Database
@@ -644,13 +644,78 @@ class Store:
     external_id2: str | None
 
 
-class Lookups:
-    """Reads reference data for enrichment: one query per kind, remembered for ``ttl`` seconds.
+# What each kind of lookup gives when the reference data has nothing under a key.
+_ABSENT: dict[str, Any] = {"till": None, "store": None, "identifiers": {}, "cards": {},
+                           "awarded": {}, "balance": None}
 
-    Several webhooks' deliveries of one event, sent by this process within moments of each
-    other, share one query per kind. The cost of remembering is that an update to the reference
-    data may take up to ``ttl`` seconds to show in payloads. Failures are never remembered: a
-    ``StoreUnavailable`` propagates and the delivery retries.
+
+@functools.cache
+def _statements() -> dict[str, Any]:
+    """One statement per kind, built once: the org and the keys (an expanding IN) are
+    parameters."""
+    org: Any = bindparam("org")
+    keys: Any = bindparam("keys", expanding=True)
+    tills, stores = RefTill.__table__.c, RefStore.__table__.c
+    ids, cards = RefCustomerIdentifiers.__table__.c, RefCard.__table__.c
+    awarded, balances = RefAwardedReference.__table__.c, RefPointsBalance.__table__.c
+    return {
+        "till": select(tills.id, tills.code, tills.name, tills.store_id)
+        .where(tills.org_id == org, tills.id.in_(keys)),
+        "store": select(stores.id, stores.code, stores.name, stores.external_id,
+                        stores.external_id1, stores.external_id2)
+        .where(stores.org_id == org, stores.id.in_(keys)),
+        "identifiers": select(ids.customer_id, ids.source, ids.identifiers)
+        .where(ids.org_id == org, ids.customer_id.in_(keys)),
+        "cards": select(cards.customer_id, cards.card_number, cards.source)
+        .where(cards.org_id == org, cards.customer_id.in_(keys))
+        .order_by(cards.card_number),
+        "awarded": select(awarded.loyalty_event_id, awarded.program_id, awarded.block,
+                          awarded.block_index, awarded.awarded_reference_id)
+        .where(awarded.org_id == org, awarded.loyalty_event_id.in_(keys)),
+        "balance": select(balances.customer_id, func.sum(balances.available_points))
+        .where(balances.org_id == org, balances.customer_id.in_(keys))
+        .group_by(balances.customer_id),
+    }
+
+
+def _grouped(rows: Iterable[Any]) -> dict[Any, list[Any]]:
+    """``key -> [the rest of each row]``, by each row's first column."""
+    found: dict[Any, list[Any]] = {}
+    for key, *rest in rows:
+        found.setdefault(key, []).append(rest)
+    return found
+
+
+def _cards_by_source(rows: Iterable[Any]) -> dict[Any, Any]:
+    found: dict[Any, dict[str, list[str]]] = {}
+    for customer, number, source in rows:
+        found.setdefault(customer, {}).setdefault(source, []).append(number)
+    return {customer: {source: tuple(numbers) for source, numbers in by_source.items()}
+            for customer, by_source in found.items()}
+
+
+# Each kind's rows (from its statement) -> its answer per key.
+_ANSWERS: dict[str, Callable[[Iterable[Any]], dict[Any, Any]]] = {
+    "till": lambda rows: {r[0]: Till(*r) for r in rows},
+    "store": lambda rows: {r[0]: Store(*r) for r in rows},
+    "identifiers": lambda rows: {key: {source: ids for source, ids in rest}
+                                 for key, rest in _grouped(rows).items()},
+    "cards": _cards_by_source,
+    "awarded": lambda rows: {key: {(p, b, i): ref for p, b, i, ref in rest}
+                             for key, rest in _grouped(rows).items()},
+    "balance": lambda rows: {key: float(total) for key, total in rows},
+}
+
+
+class Lookups:
+    """Reads reference data for enrichment, remembered for ``ttl`` seconds.
+
+    One query reads one kind for many keys (``fetch``): a delivery task reads what all the
+    events of its batch need in one query per kind, and several webhooks' deliveries of one
+    event, sent by this process within moments of each other, share it. The cost of
+    remembering is that an update to the reference data may take up to ``ttl`` seconds to
+    show in payloads. Failures are never remembered: a ``StoreUnavailable`` propagates and the
+    delivery retries.
     """
 
     def __init__(self, db: Database, *, ttl: float = 2.0, max_entries: int = 4096,
@@ -660,88 +725,77 @@ class Lookups:
         self.max_entries = max_entries
         self.clock = clock
         self.queries = 0  # how many went to the database, for tests and benchmarks
-        self._cache: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
-        # The slow lane's threads share one; the query itself runs outside the lock.
+        self._cache: OrderedDict[tuple[str, int, Any], tuple[float, Any]] = OrderedDict()
+        # The slow lane's threads share one; queries run outside the lock.
         self._lock = threading.Lock()
 
-    def _remembered(self, key: tuple[Any, ...], read: Callable[[Session], Any]) -> Any:
+    def peek(self, kind: str, org_id: int, key: Any) -> tuple[bool, Any]:
+        """``(True, value)`` if remembered and fresh, else ``(False, None)``; never reads."""
+        with self._lock:
+            hit = self._cache.get((kind, org_id, key))
+            if hit is None or hit[0] <= self.clock():
+                return False, None
+            self._cache.move_to_end((kind, org_id, key))
+            return True, hit[1]
+
+    def fetch(self, wanted: Mapping[str, Iterable[tuple[int, Any]]]) -> dict[tuple[str, int, Any], Any]:
+        """Read and remember ``kind -> [(org, key), ...]``: one query per kind and org, on one
+        connection. Returns what was read, by ``(kind, org, key)``."""
         now = self.clock()
+        found: dict[tuple[str, int, Any], Any] = {}
+        queries = 0
+        with self.db.autocommit() as connection:
+            for kind, pairs in wanted.items():
+                by_org: dict[int, set[Any]] = {}
+                for org_id, key in pairs:
+                    by_org.setdefault(org_id, set()).add(key)
+                for org_id, keys in by_org.items():
+                    rows = _ANSWERS[kind](connection.execute(
+                        _statements()[kind], {"org": org_id, "keys": sorted(keys)}))
+                    queries += 1
+                    found.update({(kind, org_id, key): rows.get(key, _ABSENT[kind])
+                                  for key in keys})
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] > now:
-                self._cache.move_to_end(key)
-                return hit[1]
-        with self.db.session() as session:
-            value = read(session)
-        with self._lock:
-            self.queries += 1
-            self._cache[key] = (now + self.ttl, value)
-            self._cache.move_to_end(key)
+            self.queries += queries
+            for cache_key, value in found.items():
+                self._cache[cache_key] = (now + self.ttl, value)
+                self._cache.move_to_end(cache_key)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
-        return value
+        return found
+
+    def _get(self, kind: str, org_id: int, key: Any) -> Any:
+        hit, value = self.peek(kind, org_id, key)
+        if hit:
+            return value
+        return self.fetch({kind: [(org_id, key)]})[(kind, org_id, key)]
 
     def till(self, org_id: int, till_id: int) -> Till | None:
-        def read(session: Session) -> Till | None:
-            row = session.get(RefTill, (org_id, till_id))
-            return None if row is None else Till(row.id, row.code, row.name, row.store_id)
-        result: Till | None = self._remembered(("till", org_id, till_id), read)
+        result: Till | None = self._get("till", org_id, till_id)
         return result
 
     def store(self, org_id: int, store_id: int) -> Store | None:
-        def read(session: Session) -> Store | None:
-            row = session.get(RefStore, (org_id, store_id))
-            return None if row is None else Store(row.id, row.code, row.name, row.external_id,
-                                                  row.external_id1, row.external_id2)
-        result: Store | None = self._remembered(("store", org_id, store_id), read)
+        result: Store | None = self._get("store", org_id, store_id)
         return result
 
     def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
         """The customer's profile per source (every source, in one query)."""
-        def read(session: Session) -> dict[str, Any]:
-            return {source: identifiers for source, identifiers in session.execute(
-                select(RefCustomerIdentifiers.source, RefCustomerIdentifiers.identifiers)
-                .where(RefCustomerIdentifiers.org_id == org_id,
-                       RefCustomerIdentifiers.customer_id == customer_id))}
-        result: Mapping[str, Mapping[str, Any]] = self._remembered(
-            ("identifiers", org_id, customer_id), read)
+        result: Mapping[str, Mapping[str, Any]] = self._get("identifiers", org_id, customer_id)
         return result
 
     def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
         """The customer's card numbers per source they are linked through (sorted)."""
-        def read(session: Session) -> dict[str, tuple[str, ...]]:
-            found: dict[str, list[str]] = {}
-            for number, source in session.execute(
-                    select(RefCard.card_number, RefCard.source)
-                    .where(RefCard.org_id == org_id, RefCard.customer_id == customer_id)
-                    .order_by(RefCard.card_number)):
-                found.setdefault(source, []).append(number)
-            return {source: tuple(numbers) for source, numbers in found.items()}
-        result: Mapping[str, tuple[str, ...]] = self._remembered(
-            ("cards", org_id, customer_id), read)
+        result: Mapping[str, tuple[str, ...]] = self._get("cards", org_id, customer_id)
         return result
 
     def awarded_references(self, org_id: int,
                            loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
         """``(programId, block, index) -> awardedReferenceId`` for one loyalty event."""
-        def read(session: Session) -> dict[tuple[int, str, int], str]:
-            return {(p, b, i): ref for p, b, i, ref in session.execute(
-                select(RefAwardedReference.program_id, RefAwardedReference.block,
-                       RefAwardedReference.block_index, RefAwardedReference.awarded_reference_id)
-                .where(RefAwardedReference.org_id == org_id,
-                       RefAwardedReference.loyalty_event_id == loyalty_event_id))}
-        result: Mapping[tuple[int, str, int], str] = self._remembered(
-            ("awarded", org_id, loyalty_event_id), read)
+        result: Mapping[tuple[int, str, int], str] = self._get("awarded", org_id,
+                                                                loyalty_event_id)
         return result
 
     def points_balance(self, org_id: int, customer_id: int) -> float | None:
         """The customer's available points summed over every program; None if none is known."""
-        def read(session: Session) -> float | None:
-            count, total = session.execute(
-                select(func.count(), func.sum(RefPointsBalance.available_points))
-                .where(RefPointsBalance.org_id == org_id,
-                       RefPointsBalance.customer_id == customer_id)).one()
-            return float(total) if count else None
-        result: float | None = self._remembered(("balance", org_id, customer_id), read)
+        result: float | None = self._get("balance", org_id, customer_id)
         return result
-

@@ -427,35 +427,51 @@ class Target:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@functools.cache
+def _target_statement() -> Any:
+    """The webhook with its live secrets (one row each, newest first; one row of NULL when it
+    has none) and the org's points-balance gate: everything a delivery task needs, in one
+    statement."""
+    w = _webhooks.c
+    secrets = SigningSecret.__table__.c
+    gate = (select(Org.available_points_balance_enrichment_enabled)
+            .where(Org.id == w.org_id).scalar_subquery())
+    live = and_(secrets.webhook_id == w.id,
+                or_(secrets.expires_at_ms.is_(None), secrets.expires_at_ms > bindparam("now")))
+    return (select(w.id, w.url, w.headers, w.active, w.sla_in_seconds,
+                   w.max_allowed_connections, w.till_details_enrichment,
+                   w.store_details_enrichment, w.customer_identifiers_to_be_enriched,
+                   w.card_number_enrichment, w.awarded_reference_enrichment,
+                   w.available_points_balance_enrichment, gate.label("points_allowed"),
+                   secrets.secret)
+            .select_from(_webhooks.outerjoin(SigningSecret.__table__, live))
+            .where(w.id == bindparam("webhook_id"))
+            .order_by(secrets.id.desc()))
+
+
 def target(db: Database, vault: Vault, webhook_id: str, *, now_ms: int) -> Target:
     """The webhook ``webhook_id`` with its header values and live secrets opened."""
-    with db.session() as session:
-        hook = session.get(Webhook, webhook_id)
-        if hook is None:
-            raise NotFound(f"webhook {webhook_id} does not exist")
-        live = session.scalars(
-            select(SigningSecret.secret)
-            .where(SigningSecret.webhook_id == webhook_id,
-                   or_(SigningSecret.expires_at_ms.is_(None),
-                       SigningSecret.expires_at_ms > now_ms))
-            .order_by(SigningSecret.id.desc())).all()
-        # The points balance also needs the org's operator-set gate, checked here too so that
-        # turning the gate off stops it at once for webhooks that already ask for it.
-        points_allowed = hook.available_points_balance_enrichment and bool(session.scalar(
-            select(Org.available_points_balance_enrichment_enabled)
-            .where(Org.id == hook.org_id)))
-        options = {
-            "tillDetailsEnrichmentEnabled": hook.till_details_enrichment,
-            "storeDetailsEnrichmentEnabled": hook.store_details_enrichment,
-            "customerIdentifiersToBeEnriched": tuple(hook.customer_identifiers_to_be_enriched or ()),
-            "cardNumberEnrichmentEnabled": hook.card_number_enrichment,
-            "awardedReferenceEnrichmentEnabled": hook.awarded_reference_enrichment,
-            "availablePointsBalanceEnrichmentEnabled": points_allowed,
-        }
-        return Target(hook.id, hook.url,
-                      {name: vault.open(value) for name, value in hook.headers.items()},
-                      tuple(vault.open(s) for s in live), hook.active, hook.sla_in_seconds,
-                      hook.max_allowed_connections, options)
+    with db.autocommit() as connection:
+        rows = connection.execute(_target_statement(),
+                                  {"webhook_id": webhook_id, "now": now_ms}).all()
+    if not rows:
+        raise NotFound(f"webhook {webhook_id} does not exist")
+    hook = rows[0]
+    # The points balance also needs the org's operator-set gate, checked here too so that
+    # turning the gate off stops it at once for webhooks that already ask for it.
+    options = {
+        "tillDetailsEnrichmentEnabled": hook.till_details_enrichment,
+        "storeDetailsEnrichmentEnabled": hook.store_details_enrichment,
+        "customerIdentifiersToBeEnriched": tuple(hook.customer_identifiers_to_be_enriched or ()),
+        "cardNumberEnrichmentEnabled": hook.card_number_enrichment,
+        "awardedReferenceEnrichmentEnabled": hook.awarded_reference_enrichment,
+        "availablePointsBalanceEnrichmentEnabled": bool(
+            hook.available_points_balance_enrichment and hook.points_allowed),
+    }
+    return Target(hook.id, hook.url,
+                  {name: vault.open(value) for name, value in (hook.headers or {}).items()},
+                  tuple(vault.open(row.secret) for row in rows if row.secret is not None),
+                  hook.active, hook.sla_in_seconds, hook.max_allowed_connections, options)
 
 
 @dataclass(frozen=True)

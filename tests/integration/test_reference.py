@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from notifier import reference, store
 from notifier.cli import main
 from notifier.db import Database
-from notifier.enrich import check_options
+from notifier.enrich import check_options, enrich, prefetch
 from notifier.errors import InvalidInput, InvalidRows, NotFound, StoreUnavailable
 from notifier.models import Org, RefCustomerIdentifiers, RefPointsBalance, RefTill
 
@@ -274,6 +274,46 @@ def test_lookups_read_each_kind_once_and_share_it_for_a_moment(org: Database) ->
     clock.now += 2.5
     assert lookups.till(ORG, 11).code == "NEW"  # type: ignore[union-attr]
     assert lookups.points_balance(ORG, 43) is None and lookups.till(ORG, 99) is None
+
+
+def test_a_batch_of_events_is_read_in_one_query_per_kind(org: Database) -> None:
+    customers = range(100, 105)
+    records = [
+        {"kind": "stores", "id": 5, "code": "S5", "name": "Store 5"},
+        *({"kind": "tills", "id": 10 + c, "code": f"T{c}", "name": f"Till {c}", "storeId": 5}
+          for c in customers),
+        *({"kind": "customers", "id": c, "identifiers": {"InStore": {"externalId": f"E{c}"}}}
+          for c in customers),
+        *({"kind": "cards", "cardNumber": f"CARD-{c}", "customerId": c, "source": "InStore"}
+          for c in customers),
+        *({"kind": "pointsBalances", "customerId": c, "programs": [
+            {"programId": 1, "availablePoints": c}]} for c in customers),
+        *({"kind": "awardedReferences", "loyaltyEventId": f"le-{c}", "blocks": [
+            {"programId": 1, "block": "regularPointsBreakup", "index": 0,
+             "awardedReferenceId": f"AR-{c}"}]} for c in customers)]
+    reference.load(org, ORG, reference.parse_jsonl(json.dumps(r) for r in records))
+    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
+             "customerIdentifiersToBeEnriched": ["InStore"], "cardNumberEnrichmentEnabled": True,
+             "awardedReferenceEnrichmentEnabled": True,
+             "availablePointsBalanceEnrichmentEnabled": True}
+    events = [{"eventName": "pointsIssued", "orgId": ORG, "data": {
+        "customerIdentifiers": {"customerId": c}, "loyaltyEventId": f"le-{c}",
+        "loyaltyProgramId": 1, "regularPointsBreakup": [{"points": 1}],
+        "triggeringActivity": {"enteredBy": {"id": 10 + c}}}} for c in customers]
+    lookups = reference.Lookups(org)
+
+    prefetch(events, flags, lookups)
+    # Five kinds read together; the store, named by the tills, in a second round.
+    assert lookups.queries == 6
+    enriched = [enrich(event, flags, lookups) for event in events]
+    assert lookups.queries == 6  # every answer was remembered
+    assert [e.notes for e in enriched] == [()] * 5
+    data = enriched[4].payload["data"]
+    assert data["customerIdentifiers"]["instore"] == {"externalId": "E104",
+                                                      "cardNumbers": ["CARD-104"]}
+    assert data["triggeringActivity"]["enteredBy"]["store"]["code"] == "S5"
+    assert data["regularPointsBreakup"][0]["awardedReferenceId"] == "AR-104"
+    assert data["AvailablePointsBalance"] == 104
 
 
 def test_a_failing_database_is_not_remembered(tmp_path: Path) -> None:
