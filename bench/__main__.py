@@ -197,34 +197,45 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"isolation: FAILED {str(exc).splitlines()[0]}")
 
         if args.enrichment:
-            enriched: dict[bool, Row] = {}
-            events = WARMUP + args.repeat * n  # one loyaltyEventId (awarded references) per event
-            for on in (False, True):
-                row = enriched[on] = Row(f"enrichment {'ON' if on else 'OFF'} fan-out 1")
-                sub = folder / f"enrichment-{'on' if on else 'off'}"
-                sub.mkdir()
+            off, on = Row("enrichment OFF fan-out 1"), Row("enrichment ON fan-out 1")
+            events = 2 * (WARMUP + args.repeat * n)  # one loyaltyEventId per event
+            (folder / "enrichment").mkdir()
 
-                def do_enrichment(row: Row = row, on: bool = on, sub: Path = sub) -> None:
-                    print(f"  {row.name}: loading reference data ({enrichment.CUSTOMERS} customers, "
-                          f"{events} awarded-reference events) ...", flush=True)
-                    make = enrichment.data_factory()
-                    with run.notifier_stack(receiver, sub, c, 1, args.max_connections,
-                                            enrichment.prepare(events, on)) as procs:
-                        run.notifier(receiver, procs, WARMUP, 1, make)
-                        repeat(row, args.repeat, lambda: run.notifier(receiver, procs, n, 1, make))
-                        if on:
-                            ok, text = enrichment.check()
-                            print(f"  {text}", flush=True)
-                            notes.append(text)
-                            if not ok:
-                                failed.append("enrichment check")
+            def do_enrichment() -> None:
+                print(f"  enrichment: loading reference data ({enrichment.CUSTOMERS} customers, "
+                      f"{events} awarded-reference events) for two orgs ...", flush=True)
+                make = enrichment.data_factory()
+                with run.notifier_stack(receiver, folder / "enrichment", c, 1, args.max_connections,
+                                        enrichment.prepare(events, receiver.url("/enriched"),
+                                                           args.max_connections)) as procs:
+                    for org in (run.ORG, enrichment.ON_ORG):
+                        run.notifier(receiver, procs, WARMUP, 1, make, org)
+                    # Alternating, so that a drift of the machine weighs on both alike.
+                    for i in range(args.repeat):
+                        for row, org in ((off, run.ORG), (on, enrichment.ON_ORG)):
+                            sample = run.notifier(receiver, procs, n, 1, make, org)
+                            row.samples.append(sample)
+                            print(f"  {row.name} run {i + 1}/{args.repeat}: {sample.rate:.0f}/s "
+                                  f"{' '.join(sample.notes)}", flush=True)
+                    ok, text = enrichment.check()
+                    print(f"  {text}", flush=True)
+                    notes.append(text)
+                    if not ok:
+                        failed.append("enrichment check")
 
-                attempt(row, do_enrichment)
-            if enriched[False].samples and enriched[True].samples:
-                off, on_ = enriched[False].median, enriched[True].median
-                notes.append(f"enrichment cost {(off / on_ - 1) * 100:+.1f}% per delivery "
-                             f"(rate OFF {off:.0f}/s / rate ON {on_:.0f}/s = {off / on_:.3f}; "
-                             f"medians of {args.repeat}, {n} deliveries each; target <= +15%)")
+            rows.extend([off, on])
+            try:
+                do_enrichment()
+            except run.BenchError as exc:
+                off.error = on.error = str(exc).splitlines()[0]
+                print(f"  enrichment: {exc}", file=sys.stderr, flush=True)
+            if off.samples and on.samples:
+                pairs = [a.rate / b.rate for a, b in zip(off.samples, on.samples, strict=False)]
+                notes.append(f"enrichment cost {(off.median / on.median - 1) * 100:+.1f}% per "
+                             f"delivery (rate OFF {off.median:.0f}/s / rate ON {on.median:.0f}/s = "
+                             f"{off.median / on.median:.3f}; medians of {args.repeat}, {n} "
+                             f"deliveries each, runs alternating; pairwise OFF/ON "
+                             f"{', '.join(f'{p:.2f}' for p in pairs)}; target <= +15%)")
 
         many: list[Row] = []
         for count in args.webhooks:

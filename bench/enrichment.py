@@ -1,9 +1,12 @@
-"""Enrichment cost: notifier fan-out 1 with every enrichment option OFF, then every option ON.
+"""Enrichment cost: notifier fan-out 1 with every enrichment option OFF, and every option ON.
 
-Both runs publish the same kind of pointsIssued events, whose till, store, customer (spread over
-``CUSTOMERS``), cards, awarded references (one loyaltyEventId per event) and points balances all
-exist in the reference data loaded before the worker starts, so the ON webhook's enrichment finds
-and adds every part. Shapes follow tests/integration/test_enrichment.py.
+One stack serves two orgs with one webhook each: ``run.ORG``'s asks for nothing, ``ON_ORG``'s
+for every option. Runs alternate between them (OFF, ON, OFF, ON, ...), so both see the same
+workers, database and moment of the machine. Both publish the same kind of pointsIssued
+events, whose till, store, customer (spread over ``CUSTOMERS``), cards, awarded references (one
+loyaltyEventId per event) and points balances all exist in both orgs' reference data, loaded
+before the workers start, so the ON webhook's enrichment finds and adds every part. Shapes
+follow tests/integration/test_enrichment.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ TILL_BASE = 50_670_000
 STORE_BASE = 700
 PROGRAM = 7  # run.event_data()'s loyaltyProgramId
 SOURCES = ["InStore", "WeChat", "WebEngage"]
+ON_ORG = run.ORG + 1
 ALL_ON = {"till_details_enrichment": True, "store_details_enrichment": True,
           "customer_identifiers_to_be_enriched": SOURCES,
           "card_number_enrichment": True, "awarded_reference_enrichment": True,
@@ -68,20 +72,25 @@ def reference_lines(events: int) -> Iterator[str]:
              "awardedReferenceId": f"AR-PROMO-{i}"}]})
 
 
-def prepare(events: int, on: bool) -> Callable[[Any], None]:
-    """Load the reference data (both runs, so they differ only in the webhook's options); for ON
-    turn on the org's points-balance gate and every option of the webhook."""
+def prepare(events: int, url: str, connections: int) -> Callable[[Any, Any, Any], None]:
+    """The ON org with its webhook to ``url`` (every option on, the org's points-balance gate
+    on), and the reference data of both orgs."""
 
-    def do(db: Any) -> None:
-        from notifier import reference
+    def do(db: Any, catalog: Any, vault: Any) -> None:
+        from notifier import reference, store
         from notifier.enrich import set_points_balance_allowed
         from notifier.models import Webhook
 
-        reference.load(db, run.ORG, reference.parse_jsonl(reference_lines(events)))
-        if on:
-            set_points_balance_allowed(db, run.ORG, True)
-            with db.session() as session:
-                session.execute(sa.update(Webhook).where(Webhook.org_id == run.ORG).values(**ALL_ON))
+        store.create_org(db, ON_ORG, "bench-enriched", now_ms=0)
+        store.create_webhook(db, catalog, vault, org_id=ON_ORG, name="enriched", url=url,
+                             event_names=[run.EVENT], now_ms=0,
+                             max_allowed_connections=connections)
+        records = reference.parse_jsonl(reference_lines(events))
+        for org in (run.ORG, ON_ORG):
+            reference.load(db, org, records)
+        set_points_balance_allowed(db, ON_ORG, True)
+        with db.session() as session:
+            session.execute(sa.update(Webhook).where(Webhook.org_id == ON_ORG).values(**ALL_ON))
 
     return do
 
@@ -121,6 +130,7 @@ def check() -> tuple[bool, str]:
                 "SELECT count(*), count(enriched_payload), "
                 "count(*) FILTER (WHERE enriched_payload IS NOT NULL AND enrichment_notes IS NULL) "
                 "FROM deliveries WHERE status = 'delivered'").one()
+            # (the deliveries of the last run only: the ON org's)
             notes = conn.exec_driver_sql(
                 "SELECT enrichment_notes FROM deliveries WHERE enrichment_notes IS NOT NULL "
                 "LIMIT 1").scalar()

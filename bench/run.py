@@ -375,12 +375,13 @@ def notifier_env(folder: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: int,
-                   connections: int, prepare: Callable[[Any], None] | None = None
+                   connections: int, prepare: Callable[[Any, Any, Any], None] | None = None
                    ) -> Iterator[Processes]:
     """Fresh tables, one org with ``fanout`` webhooks to the receiver, the workers and beat.
 
-    ``prepare(db)`` (a ``notifier.db.Database``), if given, runs after the org and webhooks are
-    created and before the worker starts (e.g. reference data, webhook options).
+    ``prepare(db, catalog, vault)`` (a ``notifier.db.Database``, the event catalog and the
+    stack's vault), if given, runs after the org and webhooks are created and before the
+    workers start (e.g. reference data, more orgs and webhooks).
     """
     from config import load_settings
     from notifier import store
@@ -402,7 +403,7 @@ def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: i
                                  url=receiver.url(f"/notifier/{i}"), event_names=[EVENT], now_ms=0,
                                  max_allowed_connections=connections)
         if prepare is not None:
-            prepare(db)
+            prepare(db, catalog, vault)
     finally:
         db.dispose()
     procs = start_notifier(folder, env, concurrency)
@@ -451,9 +452,9 @@ def _db_counts() -> tuple[int, int, int]:
 
 
 def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
-             make_data: Callable[[], dict[str, Any]] | None = None) -> Sample:
-    """Publish ``deliveries / fanout`` events (worker paused), time the drain; ``make_data()``
-    gives each event's data (default: the same ``event_data()`` for all)."""
+             make_data: Callable[[], dict[str, Any]] | None = None, org: int = ORG) -> Sample:
+    """Publish ``deliveries / fanout`` events of ``org`` (worker paused), time the drain;
+    ``make_data()`` gives each event's data (default: the same ``event_data()`` for all)."""
     from notifier import publish
     from notifier.client import QUEUE
 
@@ -464,7 +465,7 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     procs.pause(NOTIFIER_BROKER, "notifier", QUEUE)
     t0 = time.perf_counter()
     for _ in range(events):
-        publish(EVENT, data if make_data is None else make_data(), org_id=ORG,
+        publish(EVENT, data if make_data is None else make_data(), org_id=org,
                 broker_url=NOTIFIER_BROKER)
     fill = time.perf_counter() - t0
     # (beat's sweep tasks share the queue, so it may hold a few more)
