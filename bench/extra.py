@@ -255,18 +255,21 @@ def many_webhooks(receiver: Receiver, folder: Path, concurrency: int, deliveries
             procs.pause(run.NOTIFIER_BROKER, "notifier", QUEUE)
             for i in range(sample):
                 publish(run.EVENT, data, org_id=orgs[i % webhooks], broker_url=run.NOTIFIER_BROKER)
+            tasks_before = run.delivery_tasks(procs)
             with run.RssSampler(run.worker_pids(procs)) as rss:
                 t0 = time.perf_counter()
                 procs.resume(run.NOTIFIER_BROKER, "notifier", QUEUE)
                 run._wait(receiver, start_count + sample, sample, f"{webhooks} webhooks")
                 seconds = time.perf_counter() - t0
+            tasks = max(1, run.delivery_tasks(procs) - tasks_before)
         deadline = time.monotonic() + 30
         while (counts := run._db_counts())[0] < deliveries and time.monotonic() < deadline:
             time.sleep(0.1)
     if counts != (deliveries,) * 3:
         raise run.BenchError(f"{webhooks} webhooks: expected {deliveries} delivered, db {counts}")
     return run.Sample(seconds, deliveries, rss.peak,
-                      [f"({webhooks} orgs x 1 webhook, events round-robin; db: {counts[0]} delivered)"])
+                      [f"({webhooks} orgs x 1 webhook, events round-robin; db: {counts[0]} delivered; "
+                       f"{tasks} delivery tasks, {deliveries / tasks:.1f} deliveries each)"])
 
 
 # ---------------------------------------------------------------- backlog

@@ -46,11 +46,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import Connection, any_, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from notifier.db import Database
-from notifier.errors import InvalidInput, InvalidRows, NotFound
+from notifier.errors import InvalidInput, InvalidRows, NotFound, StoreUnavailable
 from notifier.models import (
     Org,
     RefAwardedReference,
@@ -650,32 +650,48 @@ _ABSENT: dict[str, Any] = {"till": None, "store": None, "identifiers": {}, "card
 
 
 @functools.cache
-def _statements() -> dict[str, Any]:
-    """One statement per kind, built once: the org and the keys (an expanding IN) are
-    parameters."""
+def _statements(postgresql: bool) -> dict[str, Any]:
+    """One statement per kind, built once: the org and the keys are parameters (on PostgreSQL
+    ``= ANY(array)``, one text for any number of keys; elsewhere an expanding ``IN``)."""
     org: Any = bindparam("org")
-    keys: Any = bindparam("keys", expanding=True)
+
+    def among(column: Any) -> Any:
+        if postgresql:
+            return column == any_(bindparam("keys"))
+        return column.in_(bindparam("keys", expanding=True))
+
     tills, stores = RefTill.__table__.c, RefStore.__table__.c
     ids, cards = RefCustomerIdentifiers.__table__.c, RefCard.__table__.c
     awarded, balances = RefAwardedReference.__table__.c, RefPointsBalance.__table__.c
     return {
         "till": select(tills.id, tills.code, tills.name, tills.store_id)
-        .where(tills.org_id == org, tills.id.in_(keys)),
+        .where(tills.org_id == org, among(tills.id)),
         "store": select(stores.id, stores.code, stores.name, stores.external_id,
                         stores.external_id1, stores.external_id2)
-        .where(stores.org_id == org, stores.id.in_(keys)),
+        .where(stores.org_id == org, among(stores.id)),
         "identifiers": select(ids.customer_id, ids.source, ids.identifiers)
-        .where(ids.org_id == org, ids.customer_id.in_(keys)),
+        .where(ids.org_id == org, among(ids.customer_id)),
         "cards": select(cards.customer_id, cards.card_number, cards.source)
-        .where(cards.org_id == org, cards.customer_id.in_(keys))
+        .where(cards.org_id == org, among(cards.customer_id))
         .order_by(cards.card_number),
         "awarded": select(awarded.loyalty_event_id, awarded.program_id, awarded.block,
                           awarded.block_index, awarded.awarded_reference_id)
-        .where(awarded.org_id == org, awarded.loyalty_event_id.in_(keys)),
+        .where(awarded.org_id == org, among(awarded.loyalty_event_id)),
         "balance": select(balances.customer_id, func.sum(balances.available_points))
-        .where(balances.org_id == org, balances.customer_id.in_(keys))
+        .where(balances.org_id == org, among(balances.customer_id))
         .group_by(balances.customer_id),
     }
+
+
+@functools.cache
+def _postgresql_sql() -> dict[str, str]:
+    """The statements as PostgreSQL text, compiled once, for the driver's own cursor: through
+    SQLAlchemy's execution each cost about seven times the query itself."""
+    from sqlalchemy.dialects.postgresql import psycopg
+
+    dialect = psycopg.dialect()  # type: ignore[no-untyped-call]
+    return {kind: str(statement.compile(dialect=dialect))
+            for kind, statement in _statements(True).items()}
 
 
 def _grouped(rows: Iterable[Any]) -> dict[Any, list[Any]]:
@@ -705,6 +721,24 @@ _ANSWERS: dict[str, Callable[[Iterable[Any]], dict[Any, Any]]] = {
                              for key, rest in _grouped(rows).items()},
     "balance": lambda rows: {key: float(total) for key, total in rows},
 }
+
+
+def _reader(connection: Connection) -> Callable[[str, dict[str, Any]], Iterable[Any]]:
+    """``read(kind, params)`` on ``connection``: PostgreSQL's through the driver's cursor."""
+    if connection.dialect.name != "postgresql":
+        statements = _statements(False)
+        return lambda kind, params: connection.execute(statements[kind], params)
+    sql, dbapi = _postgresql_sql(), connection.dialect.loaded_dbapi
+    cursor = connection.connection.cursor()
+
+    def read(kind: str, params: dict[str, Any]) -> Iterable[Any]:
+        try:
+            cursor.execute(sql[kind], params)
+            return cursor.fetchall()
+        except dbapi.OperationalError as exc:
+            raise StoreUnavailable(f"database error: {exc}") from exc
+
+    return read
 
 
 class Lookups:
@@ -745,13 +779,13 @@ class Lookups:
         found: dict[tuple[str, int, Any], Any] = {}
         queries = 0
         with self.db.autocommit() as connection:
+            read = _reader(connection)
             for kind, pairs in wanted.items():
                 by_org: dict[int, set[Any]] = {}
                 for org_id, key in pairs:
                     by_org.setdefault(org_id, set()).add(key)
                 for org_id, keys in by_org.items():
-                    rows = _ANSWERS[kind](connection.execute(
-                        _statements()[kind], {"org": org_id, "keys": sorted(keys)}))
+                    rows = _ANSWERS[kind](read(kind, {"org": org_id, "keys": sorted(keys)}))
                     queries += 1
                     found.update({(kind, org_id, key): rows.get(key, _ABSENT[kind])
                                   for key in keys})
