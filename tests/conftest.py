@@ -149,6 +149,28 @@ def broker_url(redis_base: tuple[str, str]) -> str:
     return url
 
 
+RABBITMQ_URL = os.environ.get("NOTIFIER_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    """RabbitMQ, with notifier's queues declared and emptied."""
+    from kombu import Connection, Exchange, Queue
+
+    from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=5) as connection:
+            channel = connection.default_channel
+            for name in (QUEUE, DELIVER_QUEUE, SLOW_QUEUE):
+                bound = Queue(name, Exchange(name), routing_key=name)(channel)
+                bound.declare()
+                bound.purge()
+    except Exception as exc:  # any connection error means: no usable RabbitMQ here
+        _unavailable("RabbitMQ", exc)
+    return RABBITMQ_URL
+
+
 # ---------------------------------------------------------------- receiver
 
 

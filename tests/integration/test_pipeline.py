@@ -406,3 +406,22 @@ def test_a_webhook_that_turns_slow_moves_to_the_slow_lane_and_stops_holding_up_t
     assert len(receiver.at("/turns")) < 3 + 10
     receiver.wait_for(23, "/turns", timeout=60)
     assert "notifier.deliver" in stack.log("slow") and "succeeded" in stack.log("slow")
+
+
+def test_rabbitmq_as_the_broker_carries_all_three_queues(
+    stack: Stack, receiver: Receiver, database: Database, rabbitmq_url: str
+) -> None:
+    hook(stack, database, receiver, "/amqp", max_allowed_connections=2)
+    stack.env["NOTIFIER_BROKER_URL"] = rabbitmq_url
+    stack.worker("w1")
+    stack.beat()
+
+    # The first delivery goes by the slow lane (the webhook was never measured), the rest by
+    # notifier.deliver; every event comes in by notifier.
+    sent = {publish("pointsIssued", customer(n), org_id=ORG, broker_url=rabbitmq_url)
+            for n in range(20)}
+
+    got = receiver.wait_for(20, "/amqp", timeout=60, unique=True)
+    assert {json.loads(r.body)["eventId"] for r in got} == sent
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 20), 60, "20 delivered rows")
+    assert "amqp://guest:**@127.0.0.1:5672//" in stack.log("w1")
