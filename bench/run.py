@@ -440,6 +440,17 @@ def delivery_tasks(procs: Processes) -> int:
                for line in procs.log(name).splitlines() if "succeeded" in line)
 
 
+def wal_bytes() -> int:
+    """PostgreSQL's write-ahead log position: its growth is what a run wrote, indexes included."""
+    engine = sa.create_engine(PG_ADMIN_URL)
+    try:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql(
+                "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").scalar_one())
+    finally:
+        engine.dispose()
+
+
 def _db_counts() -> tuple[int, int, int]:
     engine = sa.create_engine(PG_URL)
     with engine.connect() as conn:
@@ -471,7 +482,7 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     # (beat's sweep tasks share the queue, so it may hold a few more)
     if receiver.count != start_count or _queue_length(NOTIFIER_BROKER, QUEUE) < events:
         raise BenchError("notifier: the paused worker consumed from its queue")
-    tasks_before = delivery_tasks(procs)
+    tasks_before, wal_before = delivery_tasks(procs), wal_bytes()
     with RssSampler(worker_pids(procs)) as rss:
         t0 = time.perf_counter()
         procs.resume(NOTIFIER_BROKER, "notifier", QUEUE)
@@ -483,9 +494,10 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
         time.sleep(0.1)
     delivered, total, attempts = counts
     tasks = max(1, delivery_tasks(procs) - tasks_before)
+    wal = (wal_bytes() - wal_before) / max(1, delivered)
     note = (f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at "
             f"{events / fill:.0f}/s); {tasks} delivery tasks ({delivered / tasks:.1f} deliveries "
-            "each)")
+            f"each); {wal:.0f} B of WAL per delivery")
     if (delivered, total, attempts) != (events * fanout,) * 3:
         raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
                          f"deliveries and attempts, {note}")
