@@ -20,7 +20,6 @@ from pathlib import Path
 
 import redis
 import requests
-import sqlalchemy as sa
 
 from bench import run
 from bench.receiver import Receiver
@@ -284,13 +283,7 @@ def _redis_memory() -> int:
 
 
 def _database_bytes() -> int:
-    engine = sa.create_engine(run.PG_URL)
-    try:
-        with engine.connect() as conn:
-            return int(conn.exec_driver_sql(
-                "SELECT pg_database_size(current_database())").scalar_one())
-    finally:
-        engine.dispose()
+    return int(run.pg_value("SELECT pg_database_size(current_database())", run.PG_URL))
 
 
 def _wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:

@@ -333,13 +333,18 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
 # ---------------------------------------------------------------- notifier
 
 
-def autovacuum_on() -> bool:
-    engine = sa.create_engine(PG_ADMIN_URL)
+def pg_value(sql: str, url: str = PG_ADMIN_URL) -> Any:
+    """One value from PostgreSQL, on a connection of its own."""
+    engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.exec_driver_sql("SHOW autovacuum").scalar_one() == "on"
+            return conn.exec_driver_sql(sql).scalar_one()
     finally:
         engine.dispose()
+
+
+def autovacuum_on() -> bool:
+    return bool(pg_value("SHOW autovacuum") == "on")
 
 
 def ensure_database() -> None:
@@ -442,13 +447,7 @@ def delivery_tasks(procs: Processes) -> int:
 
 def wal_bytes() -> int:
     """PostgreSQL's write-ahead log position: its growth is what a run wrote, indexes included."""
-    engine = sa.create_engine(PG_ADMIN_URL)
-    try:
-        with engine.connect() as conn:
-            return int(conn.exec_driver_sql(
-                "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").scalar_one())
-    finally:
-        engine.dispose()
+    return int(pg_value("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
 
 
 def _db_counts() -> tuple[int, int, int]:
