@@ -402,8 +402,8 @@ def test_a_webhook_that_turns_slow_moves_to_the_slow_lane_and_stops_holding_up_t
     receiver.wait_for(23, "/quick", timeout=60)
     # /turns takes 0.6 s an answer, two at a time: 6 s for its 20. Its first slow answer ended
     # its batch in the fast lane; the rest went by the slow lane, so /quick, sharing the one
-    # prefork process with it, got all of its 20 while /turns had answered only a few.
-    assert len(receiver.at("/turns")) < 3 + 10
+    # prefork process with it, got all of its 20 while /turns had answered fewer than 12.
+    assert len(receiver.at("/turns")) < 3 + 12  # 7 seen here; 22 without the slow lane
     receiver.wait_for(23, "/turns", timeout=60)
     assert "notifier.deliver" in stack.log("slow") and "succeeded" in stack.log("slow")
 
