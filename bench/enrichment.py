@@ -127,20 +127,24 @@ def check() -> tuple[bool, str]:
     try:
         with engine.connect() as conn:
             total, enriched, clean = conn.exec_driver_sql(
-                "SELECT count(*), count(enriched_payload), "
-                "count(*) FILTER (WHERE enriched_payload IS NOT NULL AND enrichment_notes IS NULL) "
+                "SELECT count(*), count(enrichment), "
+                "count(*) FILTER (WHERE enrichment IS NOT NULL AND enrichment_notes IS NULL) "
                 "FROM deliveries WHERE status = 'delivered'").one()
             # (the deliveries of the last run only: the ON org's)
             notes = conn.exec_driver_sql(
                 "SELECT enrichment_notes FROM deliveries WHERE enrichment_notes IS NOT NULL "
                 "LIMIT 1").scalar()
-            payload = conn.exec_driver_sql(
-                "SELECT enriched_payload FROM deliveries WHERE enriched_payload IS NOT NULL "
-                "ORDER BY id LIMIT 1").scalar()
+            row = conn.exec_driver_sql(
+                "SELECT e.payload, d.enrichment FROM deliveries d "
+                "JOIN events e ON e.pk = d.event_pk WHERE d.enrichment IS NOT NULL "
+                "ORDER BY d.id LIMIT 1").one_or_none()
     finally:
         engine.dispose()
-    if isinstance(payload, str):
-        payload = json.loads(payload)
+    from notifier.enrich import overlay
+
+    # What was sent: the event overlaid with what enrichment added.
+    payload = None if row is None else overlay(*(json.loads(v) if isinstance(v, str) else v
+                                                 for v in row))
     if not payload:
         return False, f"enrichment check: FAILED, no enriched payload among {total} deliveries"
     data = payload["data"]

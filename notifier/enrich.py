@@ -37,8 +37,8 @@ from notifier.errors import InvalidInput, NotFound
 from notifier.models import Org
 from notifier.reference import BLOCKS, SOURCES, Lookups, Store, Till, source_name
 
-__all__ = ["OPTION_FIELDS", "Enriched", "Options", "Reader", "check_options", "enrich",
-           "prefetch", "set_points_balance_allowed"]
+__all__ = ["OPTION_FIELDS", "Enriched", "Options", "Reader", "additions", "check_options", "enrich",
+           "overlay", "prefetch", "set_points_balance_allowed"]
 
 # The InTouch v3 webHooks fields that ask for enrichment.
 OPTION_FIELDS = (
@@ -52,6 +52,7 @@ OPTION_FIELDS = (
 # Source -> its block under data.customerIdentifiers (internal/customer.json).
 _BLOCK_OF_SOURCE = {"InStore": "instore", "WeChat": "wechat", "WebEngage": "web_engage"}
 _BALANCE_EVENTS = frozenset({"pointsIssued", "pointsRedeemed"})
+_ABSENT = object()
 
 
 class Reader(Protocol):
@@ -161,6 +162,34 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy(item) for item in value]
     return value
+
+
+def additions(original: Mapping[str, Any], enriched: Mapping[str, Any]) -> dict[str, Any]:
+    """What enrichment added to ``original``: the keys of ``enriched`` whose values differ,
+    followed into objects (a list that differs is kept whole). Enrichment only adds and
+    replaces, so ``overlay(original, additions(original, enriched)) == enriched``."""
+    added: dict[str, Any] = {}
+    for key, value in enriched.items():
+        before = original.get(key, _ABSENT)
+        if before == value:
+            continue
+        if isinstance(before, Mapping) and isinstance(value, Mapping):
+            added[key] = additions(before, value)
+        else:
+            added[key] = value
+    return added
+
+
+def overlay(original: Mapping[str, Any], added: Mapping[str, Any]) -> dict[str, Any]:
+    """``original`` with ``added`` laid over it, object by object: the payload as sent."""
+    result = dict(original)
+    for key, value in added.items():
+        before = result.get(key)
+        if isinstance(before, Mapping) and isinstance(value, Mapping):
+            result[key] = overlay(before, value)
+        else:
+            result[key] = value
+    return result
 
 
 def _compact(values: Mapping[str, Any]) -> dict[str, Any]:

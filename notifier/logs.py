@@ -29,6 +29,7 @@ from sqlalchemy import Select, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from notifier.db import Database
+from notifier.enrich import overlay
 from notifier.errors import InvalidEvent, InvalidInput, NotFound
 from notifier.models import (
     Attempt,
@@ -329,7 +330,7 @@ def delivery_detail(db: Database, org_id: int, delivery_id: str) -> dict[str, An
         assert delivery is not None  # _owned found it
         # No enriched payload is kept for a webhook that asks for no enrichment: what went out
         # is the event as published.
-        enriched, notes = delivery.enriched_payload, delivery.enrichment_notes
+        added, notes = delivery.enrichment, delivery.enrichment_notes
     detail = _record(row)
     detail["attempts"] = [
         {"number": a.number, "startedAt": iso_ms(a.started_at_ms), "latencyMs": a.latency_ms,
@@ -337,7 +338,7 @@ def delivery_detail(db: Database, org_id: int, delivery_id: str) -> dict[str, An
          "errorMessage": a.error_message, "responseExcerpt": a.response_excerpt}
         for a in attempts]
     detail["originalPayload"] = row.payload
-    detail["deliveredPayload"] = row.payload if enriched is None else enriched
+    detail["deliveredPayload"] = row.payload if added is None else overlay(row.payload, added)
     detail["enrichmentNotes"] = notes
     return detail
 

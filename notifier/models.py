@@ -198,9 +198,10 @@ class Delivery(Base):
     sla_breach_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
-    # The payload as sent, when enrichment changed it (None: sent as published), and what the
-    # webhook asked for that the reference data could not supply.
-    enriched_payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    # What enrichment added to the event's payload (None: sent as published); the payload as
+    # sent is the event's overlaid with it (notifier.enrich.overlay). And what the webhook asked
+    # for that the reference data could not supply.
+    enrichment: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     enrichment_notes: Mapped[str | None] = mapped_column(Text)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from config import Settings
 from notifier import store
 from notifier.db import Database
-from notifier.enrich import enrich, prefetch
+from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import TransientError
 from notifier.models import DeliveryStatus
 from notifier.queues import Lease, Queues
@@ -258,7 +258,7 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed) -
         finished = judge(services, claimed, result, started)
         if not enriched.enriched:
             return finished
-        return replace(finished, enriched_payload=enriched.payload,
+        return replace(finished, enrichment=additions(claimed.event, enriched.payload),
                        enrichment_notes="; ".join(enriched.notes) or None)
     except TransientError:
         raise

@@ -487,8 +487,9 @@ class Finished:
     error_message: str | None = None
     response_excerpt: str | None = None
     next_attempt_at_ms: int | None = None
-    # What was sent, when enrichment ran (None: the event as published), and what it left out.
-    enriched_payload: dict[str, Any] | None = None
+    # What enrichment added, when it ran (None: the event as published; see enrich.additions),
+    # and what it left out.
+    enrichment: dict[str, Any] | None = None
     enrichment_notes: str | None = None
 
 
@@ -522,8 +523,8 @@ def _finish_row(f: Finished, sla_in_seconds: int) -> dict[str, Any]:
         "ended_at_ms": ended if f.outcome in FINAL_STATUSES else None,
         "sla_breach_at_ms": f.claimed.ingested_at_ms + sla_in_seconds * 1000 if breached else None,
         # Enrichment that ran replaces what an earlier attempt recorded; none leaves it be.
-        "enriched": f.enriched_payload is not None or f.enrichment_notes is not None,
-        "enriched_payload": f.enriched_payload, "enrichment_notes": f.enrichment_notes,
+        "enriched": f.enrichment is not None or f.enrichment_notes is not None,
+        "enrichment": f.enrichment, "enrichment_notes": f.enrichment_notes,
     }
 
 
@@ -557,8 +558,7 @@ def _move_statement() -> Any:
                     last_error=bindparam("error_message", type_=Text),
                     ended_at_ms=func.coalesce(given("ended_at_ms"), d.ended_at_ms),
                     sla_breach_at_ms=func.coalesce(d.sla_breach_at_ms, given("sla_breach_at_ms")),
-                    enriched_payload=case((enriched, given("enriched_payload")),
-                                          else_=d.enriched_payload),
+                    enrichment=case((enriched, given("enrichment")), else_=d.enrichment),
                     enrichment_notes=case((enriched, given("enrichment_notes")),
                                           else_=d.enrichment_notes)))
 

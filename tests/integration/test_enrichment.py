@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from notifier import publish, reference, store
 from notifier.db import Database
-from notifier.enrich import set_points_balance_allowed
+from notifier.enrich import overlay, set_points_balance_allowed
 from notifier.logs import delivery_detail
 from notifier.models import Delivery, DeliveryStatus, Event, Webhook
 from notifier.schemas import load_catalog
@@ -170,7 +170,7 @@ def test_one_event_to_several_webhooks_each_gets_exactly_its_own_additions(
 
     rows = wait_until(delivered(database, len(WEBHOOKS)), 30, "every delivery recorded")
     by_hook = {row.webhook_id: row for row in rows}
-    assert by_hook[ids["/plain"]].enriched_payload is None  # sent as published
+    assert by_hook[ids["/plain"]].enrichment is None  # sent as published
     for path in WEBHOOKS:
         row = by_hook[ids[path]]
         assert row.enrichment_notes is None, (path, row.enrichment_notes)
@@ -221,7 +221,10 @@ def test_missing_reference_data_is_left_out_and_noted_on_the_delivery(
     (row,) = wait_until(delivered(database, 1), 30, "the delivery recorded")
     assert row.enrichment_notes == (f"till {TILL} unknown; "
                                     f"customer {CUSTOMER} has no InStore profile")
-    assert row.enriched_payload == body
     with database.session() as session:
         original = session.scalar(select(Event.payload).where(Event.event_id == event_id))
     assert original["data"] == points_issued_data()  # the event itself is never changed
+    # The delivery keeps only what enrichment added; over the event it is what was sent.
+    assert row.enrichment == {"data": {"customerIdentifiers": {
+        "wechat": {"accounts": [{"accountId": "wx-1"}]}}}}
+    assert overlay(original, row.enrichment) == body

@@ -14,7 +14,7 @@ import pytest
 
 from config import load_settings
 from notifier import pipeline
-from notifier.enrich import Options, check_options, enrich
+from notifier.enrich import Options, additions, check_options, enrich, overlay
 from notifier.errors import InvalidInput, StoreUnavailable
 from notifier.models import DeliveryStatus
 from notifier.reference import Store, Till
@@ -336,9 +336,10 @@ def test_the_sent_payload_and_notes_go_to_the_delivery_record() -> None:
 
     (request,) = sender.requests
     assert finished.outcome == DeliveryStatus.DELIVERED
-    assert finished.enriched_payload == json.loads(request.body)
-    assert finished.enriched_payload["data"]["customerIdentifiers"]["instore"]["externalId"] \
-        == "ext-1"
+    assert finished.enrichment is not None
+    assert overlay(points_issued(), finished.enrichment) == json.loads(request.body)
+    assert finished.enrichment["data"]["customerIdentifiers"]["instore"]["externalId"] == "ext-1"
+    assert "loyaltyEventId" not in finished.enrichment["data"]  # only what was added
     assert finished.enrichment_notes == f"till {TILL} unknown"
 
 
@@ -351,4 +352,20 @@ def test_a_webhook_without_options_records_no_enriched_payload() -> None:
     finished, sender = attempt(full_reader(), {})
 
     assert json.loads(sender.requests[0].body) == points_issued()
-    assert finished.enriched_payload is None and finished.enrichment_notes is None
+    assert finished.enrichment is None and finished.enrichment_notes is None
+
+
+def test_what_enrichment_added_rebuilds_the_payload_as_sent() -> None:
+    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
+             "customerIdentifiersToBeEnriched": ["InStore", "WeChat"],
+             "cardNumberEnrichmentEnabled": True, "awardedReferenceEnrichmentEnabled": True,
+             "availablePointsBalanceEnrichmentEnabled": True}
+    event = points_issued()
+    sent = enrich(event, flags, full_reader()).payload
+
+    added = additions(event, sent)
+
+    assert overlay(event, added) == sent
+    assert set(added) == {"data"} and "orgId" not in added  # nothing unchanged is kept
+    assert len(json.dumps(added)) < len(json.dumps(sent))
+    assert overlay(event, sent) == sent  # a whole enriched payload (rows before 0004) too
