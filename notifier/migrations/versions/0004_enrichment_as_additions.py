@@ -1,8 +1,9 @@
 """deliveries keep what enrichment added, not the whole enriched payload
 
 The payload a webhook received is its event's payload overlaid with what enrichment added
-(``notifier.enrich.overlay``). Keeping only the additions writes about a third of the bytes per
-delivery. Rows written before hold the whole enriched payload, which overlays to itself.
+(``notifier.enrich.overlay``). Keeping only the additions writes less per delivery (with every
+option on, 1.2 KiB of jsonb instead of 1.5 KiB) and never a second copy of the event. Rows
+written before hold the whole enriched payload, which overlays to itself.
 
 Revision ID: 0004
 Revises: 0003
