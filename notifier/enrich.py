@@ -35,7 +35,16 @@ from sqlalchemy import update
 from notifier.db import Database
 from notifier.errors import InvalidInput, NotFound
 from notifier.models import Org
-from notifier.reference import BLOCKS, SOURCES, Lookups, Store, Till, source_name
+from notifier.reference import (
+    ABSENT,
+    BLOCKS,
+    SOURCES,
+    KindReader,
+    Lookups,
+    Store,
+    Till,
+    source_name,
+)
 
 __all__ = ["OPTION_FIELDS", "Enriched", "Options", "Reader", "additions", "check_options", "enrich",
            "overlay", "prefetch", "set_points_balance_allowed"]
@@ -52,7 +61,7 @@ OPTION_FIELDS = (
 # Source -> its block under data.customerIdentifiers (internal/customer.json).
 _BLOCK_OF_SOURCE = {"InStore": "instore", "WeChat": "wechat", "WebEngage": "web_engage"}
 _BALANCE_EVENTS = frozenset({"pointsIssued", "pointsRedeemed"})
-_ABSENT = object()
+_MISSING = object()  # a key the original does not have
 
 
 class Reader(Protocol):
@@ -170,7 +179,7 @@ def additions(original: Mapping[str, Any], enriched: Mapping[str, Any]) -> dict[
     replaces, so ``overlay(original, additions(original, enriched)) == enriched``."""
     added: dict[str, Any] = {}
     for key, value in enriched.items():
-        before = original.get(key, _ABSENT)
+        before = original.get(key, _MISSING)
         if before == value:
             continue
         if isinstance(before, Mapping) and isinstance(value, Mapping):
@@ -319,46 +328,19 @@ def _enrich_awarded(data: dict[str, Any], event_name: str, loyalty_event_id: Any
                 item["awardedReferenceId"] = reference
 
 
-class _Wanted:
-    """A Reader that answers only from what ``lookups`` remembers, and notes what it lacks."""
+class _Wanted(KindReader):
+    """A reader that answers only from what ``lookups`` remembers, and notes what it lacks."""
 
     def __init__(self, lookups: Lookups) -> None:
         self.lookups = lookups
         self.missing: dict[str, set[tuple[int, Any]]] = defaultdict(set)
 
-    def _peek(self, kind: str, org_id: int, key: Any, absent: Any) -> Any:
+    def answer(self, kind: str, org_id: int, key: Any) -> Any:
         hit, value = self.lookups.peek(kind, org_id, key)
         if hit:
             return value
         self.missing[kind].add((org_id, key))
-        return absent
-
-    def till(self, org_id: int, till_id: int) -> Till | None:
-        result: Till | None = self._peek("till", org_id, till_id, None)
-        return result
-
-    def store(self, org_id: int, store_id: int) -> Store | None:
-        result: Store | None = self._peek("store", org_id, store_id, None)
-        return result
-
-    def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
-        result: Mapping[str, Mapping[str, Any]] = self._peek("identifiers", org_id,
-                                                             customer_id, {})
-        return result
-
-    def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
-        result: Mapping[str, tuple[str, ...]] = self._peek("cards", org_id, customer_id, {})
-        return result
-
-    def awarded_references(self, org_id: int,
-                           loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
-        result: Mapping[tuple[int, str, int], str] = self._peek("awarded", org_id,
-                                                                loyalty_event_id, {})
-        return result
-
-    def points_balance(self, org_id: int, customer_id: int) -> float | None:
-        result: float | None = self._peek("balance", org_id, customer_id, None)
-        return result
+        return ABSENT[kind]
 
 
 def prefetch(events: Sequence[Mapping[str, Any]], flags: Mapping[str, Any],

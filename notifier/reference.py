@@ -645,7 +645,7 @@ class Store:
 
 
 # What each kind of lookup gives when the reference data has nothing under a key.
-_ABSENT: dict[str, Any] = {"till": None, "store": None, "identifiers": {}, "cards": {},
+ABSENT: dict[str, Any] = {"till": None, "store": None, "identifiers": {}, "cards": {},
                            "awarded": {}, "balance": None}
 
 
@@ -741,7 +741,44 @@ def _reader(connection: Connection) -> Callable[[str, dict[str, Any]], Iterable[
     return read
 
 
-class Lookups:
+class KindReader:
+    """The enrichment reader's six questions, each one kind of ``answer(kind, org, key)``."""
+
+    def answer(self, kind: str, org_id: int, key: Any) -> Any:
+        raise NotImplementedError
+
+    def till(self, org_id: int, till_id: int) -> Till | None:
+        result: Till | None = self.answer("till", org_id, till_id)
+        return result
+
+    def store(self, org_id: int, store_id: int) -> Store | None:
+        result: Store | None = self.answer("store", org_id, store_id)
+        return result
+
+    def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
+        """The customer's profile per source (every source, in one query)."""
+        result: Mapping[str, Mapping[str, Any]] = self.answer("identifiers", org_id, customer_id)
+        return result
+
+    def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
+        """The customer's card numbers per source they are linked through (sorted)."""
+        result: Mapping[str, tuple[str, ...]] = self.answer("cards", org_id, customer_id)
+        return result
+
+    def awarded_references(self, org_id: int,
+                           loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
+        """``(programId, block, index) -> awardedReferenceId`` for one loyalty event."""
+        result: Mapping[tuple[int, str, int], str] = self.answer("awarded", org_id,
+                                                                loyalty_event_id)
+        return result
+
+    def points_balance(self, org_id: int, customer_id: int) -> float | None:
+        """The customer's available points summed over every program; None if none is known."""
+        result: float | None = self.answer("balance", org_id, customer_id)
+        return result
+
+
+class Lookups(KindReader):
     """Reads reference data for enrichment, remembered for ``ttl`` seconds.
 
     One query reads one kind for many keys (``fetch``): a delivery task reads what all the
@@ -787,7 +824,7 @@ class Lookups:
                 for org_id, keys in by_org.items():
                     rows = _ANSWERS[kind](read(kind, {"org": org_id, "keys": sorted(keys)}))
                     queries += 1
-                    found.update({(kind, org_id, key): rows.get(key, _ABSENT[kind])
+                    found.update({(kind, org_id, key): rows.get(key, ABSENT[kind])
                                   for key in keys})
         with self._lock:
             self.queries += queries
@@ -798,38 +835,8 @@ class Lookups:
                 self._cache.popitem(last=False)
         return found
 
-    def _get(self, kind: str, org_id: int, key: Any) -> Any:
+    def answer(self, kind: str, org_id: int, key: Any) -> Any:
         hit, value = self.peek(kind, org_id, key)
         if hit:
             return value
         return self.fetch({kind: [(org_id, key)]})[(kind, org_id, key)]
-
-    def till(self, org_id: int, till_id: int) -> Till | None:
-        result: Till | None = self._get("till", org_id, till_id)
-        return result
-
-    def store(self, org_id: int, store_id: int) -> Store | None:
-        result: Store | None = self._get("store", org_id, store_id)
-        return result
-
-    def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
-        """The customer's profile per source (every source, in one query)."""
-        result: Mapping[str, Mapping[str, Any]] = self._get("identifiers", org_id, customer_id)
-        return result
-
-    def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
-        """The customer's card numbers per source they are linked through (sorted)."""
-        result: Mapping[str, tuple[str, ...]] = self._get("cards", org_id, customer_id)
-        return result
-
-    def awarded_references(self, org_id: int,
-                           loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
-        """``(programId, block, index) -> awardedReferenceId`` for one loyalty event."""
-        result: Mapping[tuple[int, str, int], str] = self._get("awarded", org_id,
-                                                                loyalty_event_id)
-        return result
-
-    def points_balance(self, org_id: int, customer_id: int) -> float | None:
-        """The customer's available points summed over every program; None if none is known."""
-        result: float | None = self._get("balance", org_id, customer_id)
-        return result

@@ -25,6 +25,11 @@ from notifier.store import Claimed, Target
 ORG = 51186
 CUSTOMER = 387979652
 TILL = 50671937
+# Every option, with two customer-identifier sources.
+EVERY_OPTION = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
+                "customerIdentifiersToBeEnriched": ["InStore", "WeChat"],
+                "cardNumberEnrichmentEnabled": True, "awardedReferenceEnrichmentEnabled": True,
+                "availablePointsBalanceEnrichmentEnabled": True}
 
 
 @dataclass
@@ -248,14 +253,10 @@ def test_every_option_reads_each_kind_once() -> None:
 
 
 def test_the_fully_enriched_sample_still_validates_against_its_schema() -> None:
-    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
-             "customerIdentifiersToBeEnriched": ["InStore", "WeChat"],
-             "cardNumberEnrichmentEnabled": True, "awardedReferenceEnrichmentEnabled": True,
-             "availablePointsBalanceEnrichmentEnabled": True}
     catalog = load_catalog()
 
     for event in (points_issued(), points_redeemed()):
-        payload = enrich(event, flags, full_reader()).payload
+        payload = enrich(event, EVERY_OPTION, full_reader()).payload
         catalog.validate(payload)  # raises InvalidEvent naming the path
         assert payload != event
 
@@ -356,12 +357,8 @@ def test_a_webhook_without_options_records_no_enriched_payload() -> None:
 
 
 def test_what_enrichment_added_rebuilds_the_payload_as_sent() -> None:
-    flags = {"tillDetailsEnrichmentEnabled": True, "storeDetailsEnrichmentEnabled": True,
-             "customerIdentifiersToBeEnriched": ["InStore", "WeChat"],
-             "cardNumberEnrichmentEnabled": True, "awardedReferenceEnrichmentEnabled": True,
-             "availablePointsBalanceEnrichmentEnabled": True}
     event = points_issued()
-    sent = enrich(event, flags, full_reader()).payload
+    sent = enrich(event, EVERY_OPTION, full_reader()).payload
 
     added = additions(event, sent)
 
