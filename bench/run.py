@@ -450,6 +450,12 @@ def wal_bytes() -> int:
     return int(pg_value("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
 
 
+def ingest_batches() -> int:
+    """How many transactions stored the events: one batch stamps its events with one
+    received_at_ms."""
+    return max(1, int(pg_value("SELECT count(DISTINCT received_at_ms) FROM events", PG_URL)))
+
+
 def _db_counts() -> tuple[int, int, int]:
     engine = sa.create_engine(PG_URL)
     with engine.connect() as conn:
@@ -495,8 +501,9 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     tasks = max(1, delivery_tasks(procs) - tasks_before)
     wal = (wal_bytes() - wal_before) / max(1, delivered)
     note = (f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at "
-            f"{events / fill:.0f}/s); {tasks} delivery tasks ({delivered / tasks:.1f} deliveries "
-            f"each); {wal:.0f} B of WAL per delivery")
+            f"{events / fill:.0f}/s); {events / ingest_batches():.1f} events per ingest batch; "
+            f"{tasks} delivery tasks ({delivered / tasks:.1f} deliveries each); {wal:.0f} B of "
+            f"WAL per delivery")
     if (delivered, total, attempts) != (events * fanout,) * 3:
         raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
                          f"deliveries and attempts, {note}")

@@ -144,13 +144,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slot_lease_seconds", _positive_float, "120",
             "How long a delivery task may hold one of a webhook's connection slots; "
             "a killed worker's slot comes back after this."),
-    Setting("batch_size", _positive_int, "10",
+    Setting("batch_size", _positive_int, "20",
             "Most deliveries of one webhook that one task carries over one connection slot."),
     Setting("batch_time_budget", _positive_float, "5",
             "Seconds after which a task takes no further delivery of its batch."),
     Setting("batch_linger_ms", _non_negative_int, "20",
             "Milliseconds a short batch of a webhook that is already being sent to waits before "
             "it starts, gathering what queues meanwhile (0: start at once)."),
+    Setting("ingest_batch_size", _positive_int, "50",
+            "Most events one ingest task stores together (one transaction, one queue call per "
+            "webhook); events that arrive while a worker's ingest task runs gather for its next."),
     Setting("slow_webhook_ms", _positive_int, "1000",
             "A webhook whose slowest recent response took this long (milliseconds) is sent to "
             "by the slow lane (the threads worker), so it cannot hold up the others."),
@@ -187,6 +190,7 @@ class Settings:
     batch_size: int
     batch_time_budget: float
     batch_linger_ms: int
+    ingest_batch_size: int
     slow_webhook_ms: int
     sweep_interval: float
     sla_check_interval: float

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "Services",
     "SweepReport",
     "accept",
+    "accept_many",
     "build_services",
     "check_sla",
     "deliver",
@@ -136,10 +137,17 @@ def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
 
     ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest``).
     """
-    outcome = store.ingest(services.db, services.catalog, envelope, now_ms=now_ms(),
-                           only_webhook=only_webhook)
-    _offer(services, outcome.queued, send)
-    return outcome
+    return accept_many(services, [envelope], send, only_webhook=only_webhook)[0]
+
+
+def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send: SendLease, *,
+                only_webhook: str | None = None) -> list[store.IngestOutcome]:
+    """``accept`` for several events: one transaction stores them all, and each webhook's new
+    deliveries reach its queue in one call."""
+    outcomes = store.ingest_many(services.db, services.catalog, envelopes, now_ms=now_ms(),
+                                 only_webhook=only_webhook)
+    _offer(services, [queued for outcome in outcomes for queued in outcome.queued], send)
+    return outcomes
 
 
 def pump(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -73,6 +74,25 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
 
         # The prefork worker, and the threads worker of the slow lane.
         wait_until(flower_lists_the_workers, 60, "Flower to list the workers")
+        def flower_tasks(search: str) -> list[dict[str, Any]]:
+            # The JSON behind Flower's task list page (its /api needs credentials).
+            table = requests.get(f"http://127.0.0.1:{port}/tasks/datatable", timeout=5, params={
+                "draw": 1, "start": 0, "length": 100, "search[value]": search,
+                "order[0][column]": 0, "columns[0][data]": "name", "order[0][dir]": "asc"})
+            return list(table.json()["data"])
+
+        # Flower turns the workers' task events on as it starts: beat's sweep shows it has.
+        wait_until(lambda: flower_tasks("notifier.sweep"), 30, "Flower to show a sweep")
+        # Ingest runs events in batches; Flower still shows each one's task.
+        second = cli("publish", "tierUpgraded", "--org", "100",
+                     "--data", '{"customerIdentifiers": {"customerId": 43}}').strip()
+        receiver.wait_for(2, "/demo", timeout=60)
+
+        def flower_shows_its_ingest_succeeded() -> bool:
+            return any(task["name"] == "notifier.ingest" and task["state"] == "SUCCESS"
+                       and second in task["args"] for task in flower_tasks(second))
+
+        wait_until(flower_shows_its_ingest_succeeded, 30, "Flower to show the ingest task")
         health = requests.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
         assert health.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok",
                                          "workers": 2}

@@ -3,9 +3,12 @@ with PostgreSQL as the store and Redis for queues and slots."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from notifier import publish, store
@@ -379,6 +382,94 @@ def test_a_burst_of_events_waiting_to_be_ingested_does_not_hold_back_deliveries(
     # went out long before the last event was ingested (one FIFO would put it behind all 1000).
     assert count_events(database) < 1000
     receiver.wait_for(1000, "/burst", timeout=120, unique=True)
+    # The worker ingested the waiting events in batches (one transaction each, which stamps its
+    # events with one received_at_ms), not one task per event.
+    with database.session() as session:
+        batches = session.scalar(select(func.count(func.distinct(Event.received_at_ms))))
+    assert batches is not None and batches <= 1000 / 4
+
+
+class Gate:
+    """A TCP gate on 127.0.0.1 in front of a server: while shut, it cuts every connection
+    through it and refuses new ones (they are accepted and closed at once), as a database that
+    is down or being restarted would; open, it passes bytes both ways."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.is_open = False
+        self.lock = threading.Lock()
+        self.live: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if not self.is_open:
+                    client.close()
+                    continue
+                upstream = socket.create_connection(self.target)
+                self.live += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def open(self) -> None:
+        with self.lock:
+            self.is_open = True
+
+    def shut(self) -> None:
+        with self.lock:
+            self.is_open = False
+            for end in self.live:
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
+            self.live.clear()
+
+    def close(self) -> None:
+        self.shut()
+        self.listener.close()
+
+
+def test_events_that_arrive_while_the_database_is_down_are_ingested_once_it_is_back(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(stack, database, receiver, "/db-down")
+    url = make_url(stack.settings.database_url)
+    gate = Gate(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        stack.env["NOTIFIER_DATABASE_URL"] = url.set(
+            host="127.0.0.1", port=gate.port).render_as_string(hide_password=False)
+        stack.worker("w1")
+        sent = {send(stack, data=customer(n)) for n in range(40)}
+        # A batch that meets the shut gate is sent again with a countdown, not dropped.
+        wait_until(lambda: "retried (attempt 2)" in stack.log("w1"), 60, "a second retry")
+        assert count_events(database) == 0 and receiver.at("/db-down") == []
+
+        gate.open()
+        got = receiver.wait_for(40, "/db-down", timeout=90, unique=True)
+        assert {json.loads(r.body)["eventId"] for r in got} == sent
+        wait_until(settled(database, DeliveryStatus.DELIVERED, 40), 60, "40 delivered rows")
+        assert count_events(database) == 40
+    finally:
+        gate.close()
 
 
 def test_a_webhook_that_turns_slow_moves_to_the_slow_lane_and_stops_holding_up_the_others(

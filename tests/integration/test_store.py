@@ -267,6 +267,45 @@ def test_migration_0002_seals_secrets_written_in_the_clear(
     assert opened.secrets == ("whsec_plain",)
 
 
+def test_ingest_many_stores_a_batch_with_each_outcome_in_order(org: Database) -> None:
+    hooks = {webhook(org, "a"), webhook(org, "b")}
+    store.ingest(org, load_catalog(), event("e-old"), now_ms=1)
+    bad = event("e-bad")
+    del bad["data"]["customerIdentifiers"]
+    batch: list[Any] = [event("e-2"), "not an envelope", event("e-old"), bad, event("e-1"),
+                        event("e-2"), {**event("e-big"), "orgId": 2**70}]
+
+    outcomes = store.ingest_many(org, load_catalog(), batch, now_ms=5)
+
+    assert [(o.event_id, o.status, o.created) for o in outcomes][2:6] == [
+        ("e-old", EventStatus.DISPATCHED, False), ("e-bad", EventStatus.REJECTED, True),
+        ("e-1", EventStatus.DISPATCHED, True), ("e-2", EventStatus.DISPATCHED, False)]
+    assert (outcomes[0].event_id, outcomes[0].created) == ("e-2", True)
+    assert outcomes[1].error == "$: must be an event envelope (a JSON object), not str"
+    assert outcomes[6].error == "$.orgId: is required and must be an integer from 0 to " \
+        f"{2**63 - 1}"
+    # e-2 twice in one batch is one event; the second outcome hands back its deliveries.
+    assert {q.webhook_id for q in outcomes[0].queued} == hooks
+    assert sorted(q.delivery_id for q in outcomes[5].queued) == sorted(
+        q.delivery_id for q in outcomes[0].queued)
+    with org.session() as session:
+        stored = session.scalars(select(Event.event_id).where(
+            Event.status == EventStatus.DISPATCHED)).all()
+        assert sorted(stored) == ["e-1", "e-2", "e-old"]
+        assert len(session.scalars(select(Delivery)).all()) == 6
+        assert len(session.scalars(select(Event)).all()) == 6
+
+
+def test_a_created_at_beyond_bigint_is_rejected_by_the_schema_not_the_database(
+        org: Database) -> None:
+    outcome = store.ingest(org, load_catalog(), {**event(), "createdAt": 2**63}, now_ms=9)
+
+    assert outcome.status == EventStatus.REJECTED
+    assert (outcome.error or "").startswith("$.createdAt: ")
+    with org.session() as session:
+        assert session.scalars(select(Event.created_at_ms)).one() == 9
+
+
 def test_unstorable_text_is_rejected_naming_where_and_kept_scrubbed(org: Database) -> None:
     bad = event("e-nul")
     bad["data"]["note"] = "a\x00b"

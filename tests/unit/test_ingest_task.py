@@ -1,0 +1,83 @@
+"""The ingest task's handling of a gathered batch that fails (the worker path itself is in
+tests/integration/test_pipeline.py, the database outage included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from notifier.errors import StoreUnavailable
+from tasks import delivery
+from tasks.gathering import SimpleRequest
+
+
+def _request(n: int, retries: int = 0, **kwargs: Any) -> SimpleRequest:
+    args = () if kwargs else ({"eventName": "pointsIssued", "eventId": f"e-{n}", "orgId": 1},)
+    return SimpleRequest(id=f"task-{n}", name=delivery.INGEST_TASK, args=args, kwargs=kwargs,
+                         delivery_info={}, hostname="test", ignore_result=True, reply_to=None,
+                         correlation_id=None, request_dict={"retries": retries})
+
+
+class Recorder:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_batch: Exception,
+                 fail_alone: dict[str, Exception]) -> None:
+        self.accepted: list[Any] = []
+        self.sent: list[dict[str, Any]] = []
+        self.fail_batch, self.fail_alone = fail_batch, fail_alone
+        monkeypatch.setattr(delivery, "services", lambda: None)
+        monkeypatch.setattr(delivery.pipeline, "accept_many", self.accept_many)
+        monkeypatch.setattr(delivery.pipeline, "accept", self.accept)
+        monkeypatch.setattr(delivery.app, "send_task", self.send_task)
+
+    def accept_many(self, services: Any, envelopes: list[Any], send: Any) -> list[Any]:
+        if len(envelopes) > 1:
+            raise self.fail_batch
+        return [self.accept(services, envelopes[0], send)]
+
+    def accept(self, services: Any, envelope: Any, send: Any) -> Any:
+        if (fault := self.fail_alone.get(envelope.get("eventId"))) is not None:
+            raise fault
+        self.accepted.append(envelope)
+        return None
+
+    def send_task(self, name: str, **options: Any) -> None:
+        self.sent.append({"name": name, **options})
+
+
+def test_a_batch_that_fails_unexpectedly_is_ingested_event_by_event(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch, ValueError("a bug"), {"e-2": KeyError("poison")})
+
+    settled = delivery.ingest.run([_request(1), _request(2, retries=3), _request(3)])
+
+    assert settled == 3
+    assert [e["eventId"] for e in recorder.accepted] == ["e-1", "e-3"]
+    # The one that failed is sent again, never dropped: same task id, one more retry.
+    (again,) = recorder.sent
+    assert again["task_id"] == "task-2" and again["retries"] == 4 and again["countdown"] == 8
+    assert again["args"] == _request(2).args and again["queue"] == delivery.client.QUEUE
+
+
+def test_a_transient_failure_sends_the_whole_batch_again_with_a_countdown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch, StoreUnavailable("database away"), {})
+
+    delivery.ingest.run([_request(1), _request(2, retries=9)])
+
+    assert recorder.accepted == []
+    assert [(s["task_id"], s["retries"], s["countdown"]) for s in recorder.sent] == [
+        ("task-1", 1, 1), ("task-2", 10, delivery.RETRY_COUNTDOWN_MAX)]
+
+
+def test_a_message_with_the_envelope_as_a_keyword_is_read_and_anything_else_is_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch, ValueError("unused"), {})
+    envelope = {"eventName": "pointsIssued", "eventId": "e-kw", "orgId": 1}
+
+    delivery.ingest.run([_request(1, envelope=envelope)])
+    delivery.ingest.run([_request(2, event=envelope)])
+
+    assert recorder.accepted[0] == envelope
+    # Not an envelope: handed to the store as it came, which keeps it as rejected.
+    assert recorder.accepted[1] == {"args": [], "kwargs": {"event": envelope}}
