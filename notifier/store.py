@@ -45,7 +45,6 @@ from notifier.models import (
     Base,
     Delivery,
     DeliveryStatus,
-    Event,
     EventStatus,
     Org,
     SigningSecret,
@@ -143,26 +142,28 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
     """``ingest`` for several events in one transaction; the outcomes in the envelopes' order.
 
     Each envelope should be a mapping; anything else is stored rejected, naming the problem.
+    One transaction writes the batch, rejected envelopes included, so a batch that is retried
+    after a failure stores nothing twice.
 
     An event is never stored without its deliveries. A second ingest of the same event changes
     nothing and returns its unfinished deliveries, so a redelivered ingest task re-queues
     whatever a crash may have left out of Redis. Events are written in (org, eventId) order,
     so two batches that share events take their row locks in the same order (no deadlock).
     """
+    if not envelopes:
+        return []
     outcomes: list[IngestOutcome | None] = [None] * len(envelopes)
+    unusable: list[tuple[int, dict[str, Any]]] = []
     keyed: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
     for index, envelope in enumerate(envelopes):
-        if not isinstance(envelope, Mapping):
-            outcomes[index] = _store_unusable(
-                db, {"notAnEnvelope": _scrubbed(envelope)},
-                InvalidEvent("$", f"must be an event envelope (a JSON object), not "
-                                  f"{type(envelope).__name__}"), now_ms)
-            continue
         try:
+            if not isinstance(envelope, Mapping):
+                raise InvalidEvent("$", "must be an event envelope (a JSON object), not "
+                                        f"{type(envelope).__name__}")
             _check_storable(envelope, "$")
             event = normalize_envelope(envelope, now_ms)
         except InvalidEvent as exc:
-            outcomes[index] = _store_unusable(db, _scrubbed(envelope), exc, now_ms)
+            unusable.append((index, _unusable_row(envelope, exc, now_ms)))
             continue
         invalid: InvalidEvent | None = None
         try:
@@ -174,13 +175,16 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
                     "only_webhook": only_webhook}
         keyed.append((index, row, audience))
     keyed.sort(key=lambda item: (item[1]["org_id"], item[1]["event_id"]))
-    if keyed:
-        # On PostgreSQL each event is written by one statement, atomic on its own: one event
-        # alone then needs no transaction around it (one round trip instead of three).
-        alone = db.is_postgresql and len(keyed) == 1
-        with db.autocommit() if alone else db.transaction() as connection:
-            for index, row, audience in keyed:
-                outcomes[index] = _insert_and_fan_out(connection, row, audience, now_ms)
+    # On PostgreSQL each event is written by one statement, atomic on its own: one event alone
+    # then needs no transaction around it (one round trip instead of three).
+    alone = db.is_postgresql and len(keyed) + len(unusable) == 1
+    with db.autocommit() if alone else db.transaction() as connection:
+        for index, row in unusable:
+            connection.execute(insert(_events).values(**row))
+            outcomes[index] = IngestOutcome(row["event_id"], row["status"], True,
+                                            row["error_message"])
+        for index, row, audience in keyed:
+            outcomes[index] = _insert_and_fan_out(connection, row, audience, now_ms)
     return [outcome for outcome in outcomes if outcome is not None]
 
 
@@ -289,21 +293,19 @@ def _subscribers() -> Select[Any]:
                    or_(only.is_(None), hooks.id == only)))
 
 
-def _store_unusable(db: Database, envelope: Mapping[str, Any], exc: InvalidEvent,
-                    now_ms: int) -> IngestOutcome:
+def _unusable_row(envelope: Any, exc: InvalidEvent, now_ms: int) -> dict[str, Any]:
     # An envelope whose orgId or eventId is unusable cannot be keyed for idempotency; it is
     # still kept, rejected, under a fresh id, so that nothing sent to notifier is lost.
-    event_id = str(uuid.uuid4())
-    org_id = envelope.get("orgId")
-    with db.session() as session:
-        session.add(Event(
-            event_id=event_id, event_name=str(envelope.get("eventName", ""))[:100],
-            org_id=org_id if _storable_int(org_id) else None,
-            ref_id=_short(envelope.get("refId")), api_request_id=_short(envelope.get("apiRequestId")),
-            created_at_ms=_as_int(envelope.get("createdAt"), now_ms), received_at_ms=now_ms,
-            payload=dict(envelope), status=EventStatus.REJECTED, error_message=str(exc),
-            error_path=exc.field))
-    return IngestOutcome(event_id, EventStatus.REJECTED, True, str(exc))
+    kept = (_scrubbed(envelope) if isinstance(envelope, Mapping)
+            else {"notAnEnvelope": _scrubbed(envelope)})
+    org_id = kept.get("orgId")
+    return {
+        "event_id": str(uuid.uuid4()), "event_name": str(kept.get("eventName", ""))[:100],
+        "org_id": org_id if _storable_int(org_id) else None, "ref_id": _short(kept.get("refId")),
+        "api_request_id": _short(kept.get("apiRequestId")),
+        "created_at_ms": _as_int(kept.get("createdAt"), now_ms), "received_at_ms": now_ms,
+        "payload": kept, "status": EventStatus.REJECTED, "error_message": str(exc),
+        "error_path": exc.field}
 
 
 def _bad_text(text: str) -> bool:
