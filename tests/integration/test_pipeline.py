@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -260,6 +261,26 @@ def test_a_killed_worker_loses_nothing(
     got = receiver.wait_for(80, "/k", timeout=120, unique=True)
     assert {json.loads(r.body)["eventId"] for r in got} == sent
     wait_until(settled(database, DeliveryStatus.DELIVERED, 80), 60, "80 delivered rows")
+
+
+def test_a_worker_stopped_while_it_gathers_events_loses_none_of_them(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(stack, database, receiver, "/stop", max_allowed_connections=4)
+    receiver.hold("/stop", 0.05)
+    sent = {send(stack, data=customer(n)) for n in range(300)}
+    stack.worker("w1", concurrency=2)
+    wait_until(lambda: count_events(database) > 0, 60, "the first events stored")
+    # A warm shutdown mid-burst: the events the worker had gathered but not stored go back to
+    # the broker (they were never acknowledged).
+    stack.kill("w1", signal.SIGTERM)
+    assert count_events(database) < 300
+    stack.worker("w2", concurrency=2)
+    stack.beat()
+
+    got = receiver.wait_for(300, "/stop", timeout=150, unique=True)
+    assert {json.loads(r.body)["eventId"] for r in got} == sent
+    wait_until(lambda: count_events(database) == 300, 30, "300 events stored once")
 
 
 def test_a_flushed_redis_loses_nothing(
