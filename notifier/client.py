@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery import Celery
@@ -18,7 +18,7 @@ from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "producer", "publish", "send_lease"]
+           "producer", "publish", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -85,7 +85,40 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
 
 def send_lease(app: Celery, lease: Lease) -> None:
     """Send the delivery task of one lease, by its lane, after its linger if it has one."""
-    app.send_task(DELIVER_TASK, args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
+    app.send_task(DELIVER_TASK, args=_lease_args(lease),
                   kwargs={"slow": lease.slow} if lease.slow else None,
                   queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE,
                   countdown=lease.linger_ms / 1000 if lease.linger_ms else None)
+
+
+def send_leases(app: Celery, leases: Iterable[Lease], *, most: int) -> None:
+    """Send the delivery tasks of several leases, several leases a task where it pays.
+
+    Fast-lane leases that start at once share tasks of up to ``most`` deliveries: the first
+    lease is the task's own, the others ride as ``more`` (traffic spread over many webhooks
+    would otherwise cost one task per delivery), one lease of a webhook a task. A slow-lane or
+    lingering lease goes alone.
+    """
+    group: list[Lease] = []
+
+    def send_group() -> None:
+        if group:
+            first, *rest = group
+            app.send_task(DELIVER_TASK, args=_lease_args(first), queue=DELIVER_QUEUE,
+                          kwargs={"more": [_lease_args(lease) for lease in rest]} if rest else None)
+            group.clear()
+
+    for lease in leases:
+        # Two slots of one webhook in one task would be used one after the other.
+        if lease.slow or lease.linger_ms or any(held.webhook_id == lease.webhook_id
+                                                for held in group):
+            send_lease(app, lease)
+            continue
+        if sum(len(held.delivery_ids) for held in group) + len(lease.delivery_ids) > most:
+            send_group()
+        group.append(lease)
+    send_group()
+
+
+def _lease_args(lease: Lease) -> list[Any]:
+    return [lease.webhook_id, lease.token, list(lease.delivery_ids)]

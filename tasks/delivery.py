@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Task
@@ -33,6 +37,18 @@ def send_lease(lease: Lease) -> None:
     client.send_lease(app, lease)
 
 
+@contextlib.contextmanager
+def _sent_together() -> Iterator[Callable[[Lease], None]]:
+    """A send function for the pipeline that holds the leases and sends them together at the
+    end (``client.send_leases``), also when the step fails midway: their slots are taken."""
+    held: list[Lease] = []
+    try:
+        yield held.append
+    finally:
+        if held:
+            client.send_leases(app, held, most=services().settings.batch_size)
+
+
 class _Ingest(Gathering):
     # Gathered events go as soon as the worker's previous ingest task is done; the timer only
     # brings back retries whose countdown has run out.
@@ -50,23 +66,24 @@ def ingest(requests: list[SimpleRequest]) -> int:
     ingested, or sent again to be retried after a transient failure.
     """
     envelopes = [_envelope(request) for request in requests]
-    try:
-        pipeline.accept_many(services(), envelopes, send_lease)
-    except TransientError as exc:
-        _ingest_later(requests, exc)
-    except Exception as exc:
-        if len(requests) == 1:
-            log.exception("ingest of event %s failed", _event_id(envelopes[0]))
+    with _sent_together() as send:
+        try:
+            pipeline.accept_many(services(), envelopes, send)
+        except TransientError as exc:
             _ingest_later(requests, exc)
-        else:
-            # One event's fault must not hold back the others: each on its own.
-            for request, envelope in zip(requests, envelopes, strict=True):
-                try:
-                    pipeline.accept(services(), envelope, send_lease)
-                except Exception as exc:
-                    if not isinstance(exc, TransientError):
-                        log.exception("ingest of event %s failed", _event_id(envelope))
-                    _ingest_later([request], exc)
+        except Exception as exc:
+            if len(requests) == 1:
+                log.exception("ingest of event %s failed", _event_id(envelopes[0]))
+                _ingest_later(requests, exc)
+            else:
+                # One event's fault must not hold back the others: each on its own.
+                for request, envelope in zip(requests, envelopes, strict=True):
+                    try:
+                        pipeline.accept(services(), envelope, send)
+                    except Exception as exc:
+                        if not isinstance(exc, TransientError):
+                            log.exception("ingest of event %s failed", _event_id(envelope))
+                        _ingest_later([request], exc)
     return len(requests)
 
 
@@ -98,26 +115,77 @@ def _ingest_later(requests: list[SimpleRequest], exc: Exception) -> None:
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=3)
 def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
-            slow: bool = False) -> None:
-    """POST one lease's deliveries over one of the webhook's slots, then send the next leases.
+            slow: bool = False, more: list[list[Any]] | None = None) -> None:
+    """POST one lease's deliveries over one of the webhook's slots, then those of the leases in
+    ``more`` (other webhooks', sent together: ``client.send_leases``), then send the next leases.
 
-    On a transient failure the slot is kept: a retry carries on with it, and if the retries run
-    out the lease expires and the sweeper re-queues its deliveries.
+    A lease in ``more`` waits at most ``NOTIFIER_SLOW_WEBHOOK_MS`` for the one running: past
+    that, the leases not started go on as tasks of their own, so a webhook that turns slow
+    cannot hold up the others it shares a task with. On a transient failure the slot is kept:
+    a retry carries on with the lease that failed and those not started, and if the retries run
+    out the leases expire and the sweeper re-queues their deliveries.
     """
-    try:
-        following = pipeline.deliver(services(), Lease(webhook_id, token, tuple(delivery_ids),
-                                                        slow=slow))
-    except TransientError as exc:
-        raise self.retry(exc=exc, countdown=_countdown(self)) from exc
-    for lease in following:
-        send_lease(lease)
+    lease: Lease | None = Lease(webhook_id, token, tuple(delivery_ids), slow=slow)
+    waiting = _Waiting([Lease(hook, held, tuple(ids)) for hook, held, ids in more or ()],
+                       after=services().settings.slow_webhook_ms / 1000)
+    with _sent_together() as send:
+        while lease is not None:
+            try:
+                with waiting.handed_on_if_slow():
+                    for following in pipeline.deliver(services(), lease):
+                        send(following)
+            except TransientError as exc:
+                rest = [[r.webhook_id, r.token, list(r.delivery_ids)] for r in waiting.take()]
+                raise self.retry(args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
+                                 kwargs={"slow": lease.slow, "more": rest}, exc=exc,
+                                 countdown=_countdown(self)) from exc
+            lease = waiting.next()
+
+
+class _Waiting:
+    """The leases of a delivery task that have not started yet."""
+
+    def __init__(self, leases: list[Lease], *, after: float) -> None:
+        self._leases = collections.deque(leases)
+        self._after = after
+        self._lock = threading.Lock()
+
+    def next(self) -> Lease | None:
+        with self._lock:
+            return self._leases.popleft() if self._leases else None
+
+    def take(self) -> list[Lease]:
+        with self._lock:
+            taken = list(self._leases)
+            self._leases.clear()
+        return taken
+
+    def _hand_on(self) -> None:
+        if taken := self.take():
+            log.info("%d lease(s) handed on: the one before them runs long", len(taken))
+            client.send_leases(app, taken, most=1)  # one task each
+
+    @contextlib.contextmanager
+    def handed_on_if_slow(self) -> Iterator[None]:
+        """While the block runs, hand the waiting leases on once it has run ``after`` s."""
+        if not self._leases:
+            yield
+            return
+        timer = threading.Timer(self._after, self._hand_on)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
 
 @app.task(name="notifier.sweep", bind=True)
 def sweep(self: Task) -> None:
     """Rebuild a flushed Redis, bring back due retries and expired leases, pump every queue."""
     try:
-        report = pipeline.sweep(services(), send_lease)
+        with _sent_together() as send:
+            report = pipeline.sweep(services(), send)
     except TransientError as exc:
         log.warning("sweep skipped: %s", exc)  # the next beat tick tries again
         return

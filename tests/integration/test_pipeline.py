@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -233,6 +234,8 @@ def test_max_allowed_connections_holds_across_worker_processes(
 ) -> None:
     hook(stack, database, receiver, "/capped", max_allowed_connections=3)
     receiver.hold("/capped", 0.3)
+    # Batches of 5: the 30 deliveries make more leases than there are slots.
+    stack.env["NOTIFIER_BATCH_SIZE"] = "5"
     stack.worker("w1", concurrency=2)
     stack.worker("w2", concurrency=2)
     stack.beat()
@@ -518,6 +521,66 @@ def test_a_webhook_that_turns_slow_moves_to_the_slow_lane_and_stops_holding_up_t
     assert len(receiver.at("/turns")) < 3 + 12  # 7 seen here; 22 without the slow lane
     receiver.wait_for(23, "/turns", timeout=60)
     assert "notifier.deliver" in stack.log("slow") and "succeeded" in stack.log("slow")
+
+
+def test_traffic_spread_over_webhooks_shares_delivery_tasks(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    orgs = [ORG + 1 + n for n in range(10)]
+    vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)
+    for n, org in enumerate(orgs):
+        store.create_org(database, org, f"org {n}", now_ms=0)
+        store.create_webhook(database, load_catalog(), vault, org_id=org, name=f"s{n}",
+                             url=receiver.url(f"/s{n}"), event_names=["pointsIssued"], now_ms=0)
+    # Warm up: each webhook measured fast, so that what follows rides the fast lane.
+    stack.worker("w1", concurrency=2)
+    for org in orgs:
+        publish("pointsIssued", customer(), org_id=org, broker_url=stack.settings.broker_url)
+    for n in range(10):
+        receiver.wait_for(1, f"/s{n}", timeout=60)
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 10), 30, "10 delivered rows")
+    stack.kill("w1", signal.SIGTERM)
+
+    for round_ in range(20):  # round-robin over the ten orgs
+        for org in orgs:
+            publish("pointsIssued", customer(round_), org_id=org,
+                    broker_url=stack.settings.broker_url)
+    stack.worker("w2", concurrency=2)
+    for n in range(10):
+        receiver.wait_for(21, f"/s{n}", timeout=90)
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 210), 30, "210 delivered rows")
+
+    # Each webhook's queue holds a delivery or two at a time: one task per webhook would be
+    # about one task per delivery. Leases of different webhooks share tasks.
+    tasks = len(re.findall(r"Task notifier\.deliver\[[^]]+\] received", stack.log("w2")))
+    assert 0 < tasks < 200 / 2
+
+
+def test_a_webhook_that_turns_slow_in_a_shared_task_hands_the_others_on(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    first, _ = hook(stack, database, receiver, "/one")
+    second, _ = hook(stack, database, receiver, "/two")
+    # The task's own lease is the lower webhook id's (store.ingest orders the fan-out by id).
+    lagging, other = ("/one", "/two") if first < second else ("/two", "/one")
+    stack.env["NOTIFIER_SLOW_WEBHOOK_MS"] = "300"
+    stack.worker("w1", concurrency=2, queues="notifier,notifier.deliver")
+    stack.worker("slow", pool="threads", concurrency=4, queues="notifier.slow")
+    for n in range(3):  # both measured fast
+        send(stack, data=customer(n))
+    receiver.wait_for(3, "/one", timeout=60)
+    receiver.wait_for(3, "/two", timeout=60)
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 6), 30, "6 delivered rows")
+
+    receiver.script(lagging, Reply(200, delay=0.8))
+    send(stack, data=customer(9))
+
+    (late,) = receiver.wait_for(4, lagging, timeout=60)[3:]
+    (on_time,) = receiver.wait_for(4, other, timeout=60)[3:]
+    # Both leases rode one task; 0.3 s into the lagging one, the other was handed on to a task
+    # of its own, and its answer came before the lagging webhook's.
+    assert "1 lease(s) handed on" in stack.log("w1")
+    assert on_time.at < late.at
 
 
 def test_rabbitmq_as_the_broker_carries_all_three_queues(

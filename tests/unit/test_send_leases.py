@@ -1,0 +1,45 @@
+"""How ``client.send_leases`` puts leases into delivery tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from notifier.client import DELIVER_QUEUE, DELIVER_TASK, SLOW_QUEUE, send_leases
+from notifier.queues import Lease
+
+
+class App:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send_task(self, name: str, **options: Any) -> None:
+        assert name == DELIVER_TASK
+        self.sent.append(options)
+
+
+def lease(webhook: str, count: int = 1, **options: Any) -> Lease:
+    return Lease(webhook, f"token-{webhook}", tuple(f"msg_{webhook}_{n}" for n in range(count)),
+                 **options)
+
+
+def test_fast_leases_of_different_webhooks_share_tasks_up_to_the_most_deliveries() -> None:
+    app: Any = App()
+    send_leases(app, [lease("a", 2), lease("b"), lease("c", 2), lease("d", 5), lease("e")],
+                most=5)
+
+    assert [(task["args"][0], [m[0] for m in (task["kwargs"] or {}).get("more", [])])
+            for task in app.sent] == [("a", ["b", "c"]), ("d", []), ("e", [])]
+    assert app.sent[0]["kwargs"]["more"][1] == ["c", "token-c", ["msg_c_0", "msg_c_1"]]
+    assert {task["queue"] for task in app.sent} == {DELIVER_QUEUE}
+
+
+def test_slow_lingering_and_second_leases_of_a_webhook_go_alone() -> None:
+    app: Any = App()
+    send_leases(app, [lease("a"), lease("s", slow=True), lease("l", linger_ms=20), lease("a"),
+                      lease("b")], most=20)
+
+    alone = [(task["args"][0], task["queue"], task.get("countdown")) for task in app.sent
+             if not (task["kwargs"] or {}).get("more")]
+    assert alone == [("s", SLOW_QUEUE, None), ("l", DELIVER_QUEUE, 0.02), ("a", DELIVER_QUEUE, None)]
+    (shared,) = [task for task in app.sent if (task["kwargs"] or {}).get("more")]
+    assert shared["args"][0] == "a" and [m[0] for m in shared["kwargs"]["more"]] == ["b"]
