@@ -6,6 +6,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -119,21 +120,22 @@ def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
     """POST one lease's deliveries over one of the webhook's slots, then those of the leases in
     ``more`` (other webhooks', sent together: ``client.send_leases``), then send the next leases.
 
-    A lease in ``more`` waits at most ``NOTIFIER_SLOW_WEBHOOK_MS`` for the one running: past
-    that, the leases not started go on as tasks of their own, so a webhook that turns slow
-    cannot hold up the others it shares a task with. On a transient failure the slot is kept:
-    a retry carries on with the lease that failed and those not started, and if the retries run
-    out the leases expire and the sweeper re-queues their deliveries.
+    A lease in ``more`` waits at most ``NOTIFIER_SLOW_WEBHOOK_MS`` from the task's start: past
+    that, the leases not started go on as tasks of their own, so neither a webhook that turns
+    slow nor a long run of busy ones can hold up the others of the task.
+
+    On a transient failure the slot is kept: a retry carries on with the lease that failed and
+    those not started, and if the retries run out the leases expire and the sweeper re-queues
+    their deliveries.
     """
     lease: Lease | None = Lease(webhook_id, token, tuple(delivery_ids), slow=slow)
     waiting = _Waiting([Lease(hook, held, tuple(ids)) for hook, held, ids in more or ()],
                        after=services().settings.slow_webhook_ms / 1000)
-    with _sent_together() as send:
+    with _sent_together() as send, waiting.handed_on_at_deadline():
         while lease is not None:
             try:
-                with waiting.handed_on_if_slow():
-                    for following in pipeline.deliver(services(), lease):
-                        send(following)
+                for following in pipeline.deliver(services(), lease):
+                    send(following)
             except TransientError as exc:
                 rest = [[r.webhook_id, r.token, list(r.delivery_ids)] for r in waiting.take()]
                 raise self.retry(args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
@@ -143,14 +145,18 @@ def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
 
 
 class _Waiting:
-    """The leases of a delivery task that have not started yet."""
+    """The leases of a delivery task that have not started yet; ``after`` seconds into the
+    task, those still waiting are handed on, one task each."""
 
     def __init__(self, leases: list[Lease], *, after: float) -> None:
         self._leases = collections.deque(leases)
-        self._after = after
+        self._deadline = time.monotonic() + after
         self._lock = threading.Lock()
 
     def next(self) -> Lease | None:
+        """The next lease to run; None when none is left (or the rest were handed on)."""
+        if time.monotonic() >= self._deadline:
+            self._hand_on()
         with self._lock:
             return self._leases.popleft() if self._leases else None
 
@@ -162,16 +168,16 @@ class _Waiting:
 
     def _hand_on(self) -> None:
         if taken := self.take():
-            log.info("%d lease(s) handed on: the one before them runs long", len(taken))
+            log.info("%d lease(s) handed on: their task ran past its deadline", len(taken))
             client.send_leases(app, taken, most=1)  # one task each
 
     @contextlib.contextmanager
-    def handed_on_if_slow(self) -> Iterator[None]:
-        """While the block runs, hand the waiting leases on once it has run ``after`` s."""
+    def handed_on_at_deadline(self) -> Iterator[None]:
+        """While the block runs, hand the waiting leases on when the deadline passes."""
         if not self._leases:
             yield
             return
-        timer = threading.Timer(self._after, self._hand_on)
+        timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), self._hand_on)
         timer.daemon = True
         timer.start()
         try:
