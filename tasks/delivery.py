@@ -69,7 +69,9 @@ def ingest(requests: list[SimpleRequest]) -> int:
     envelopes = [_envelope(request) for request in requests]
     with _sent_together() as send:
         try:
-            pipeline.accept_many(services(), envelopes, send)
+            for outcome in pipeline.accept_many(services(), envelopes, send):
+                if outcome.error:
+                    log.info("event %s rejected: %s", outcome.event_id, outcome.error)
         except TransientError as exc:
             _ingest_later(requests, exc)
         except Exception as exc:

@@ -3,6 +3,7 @@ tests/integration/test_pipeline.py, the database outage included)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,7 +40,7 @@ class Recorder:
         if (fault := self.fail_alone.get(envelope.get("eventId"))) is not None:
             raise fault
         self.accepted.append(envelope)
-        return None
+        return SimpleNamespace(event_id=envelope.get("eventId"), error=None)
 
     def send_task(self, name: str, **options: Any) -> None:
         self.sent.append({"name": name, **options})
