@@ -145,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a delivery task may hold one of a webhook's connection slots; "
             "a killed worker's slot comes back after this."),
     Setting("batch_size", _positive_int, "20",
-            "Most deliveries of one webhook that one task carries over one connection slot."),
+            "Most deliveries of one webhook that one lease carries over one connection slot; "
+            "the leases of several webhooks that share a task start with at most this many."),
     Setting("batch_time_budget", _positive_float, "5",
             "Seconds after which a task takes no further delivery of its batch."),
     Setting("batch_linger_ms", _non_negative_int, "20",
