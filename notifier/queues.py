@@ -76,7 +76,9 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
     local popped = redis.call('ZPOPMIN', q, size)
     local ids = {}
     for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
-    local token = tostring(redis.call('INCR', p .. ':seq'))
+    -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
+    -- task still out with a lease from before must never give back a newer lease's slot.
+    local token = now .. '-' .. redis.call('INCR', p .. ':seq')
     local expiry = now + lease
     local joined = table.concat(ids, ',')
     redis.call('ZADD', slots, expiry, token)

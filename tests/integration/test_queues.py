@@ -98,6 +98,21 @@ def test_a_released_slot_is_taken_by_the_next_batch(queues: Queues) -> None:
     assert second.delivery_ids == ("d1",)
 
 
+def test_a_lease_from_before_a_flush_never_gives_back_a_newer_leases_slot(
+        queues: Queues) -> None:
+    fill(queues, "w", 1, 2)
+    (old,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=1_000)
+    queues.client.flushdb()  # Redis loses its state; the sweeper rebuilds the queue
+    fill(queues, "w", 1, 2)
+    (new,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=2_000)
+
+    # The task that held the old lease ends only now, and gives it back.
+    assert queues.release(old, batch=1, lease_ms=LEASE, now_ms=2_001).held is False
+
+    taken = queues.take(new, batch=1, now_ms=2_002)
+    assert taken is not None and taken.delivery_ids == new.delivery_ids
+
+
 def test_batches_are_capped(queues: Queues) -> None:
     fill(queues, "w", 1, 25)
     (lease,) = queues.dispatch("w", batch=10, lease_ms=LEASE, now_ms=0)
