@@ -18,7 +18,7 @@ from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "producer", "publish", "send_lease", "send_leases"]
+           "lease_args", "producer", "publish", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -85,7 +85,7 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
 
 def send_lease(app: Celery, lease: Lease) -> None:
     """Send the delivery task of one lease, by its lane, after its linger if it has one."""
-    app.send_task(DELIVER_TASK, args=_lease_args(lease),
+    app.send_task(DELIVER_TASK, args=lease_args(lease),
                   kwargs={"slow": lease.slow} if lease.slow else None,
                   queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE,
                   countdown=lease.linger_ms / 1000 if lease.linger_ms else None)
@@ -104,8 +104,8 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int) -> None:
     def send_group() -> None:
         if group:
             first, *rest = group
-            app.send_task(DELIVER_TASK, args=_lease_args(first), queue=DELIVER_QUEUE,
-                          kwargs={"more": [_lease_args(lease) for lease in rest]} if rest else None)
+            app.send_task(DELIVER_TASK, args=lease_args(first), queue=DELIVER_QUEUE,
+                          kwargs={"more": [lease_args(lease) for lease in rest]} if rest else None)
             group.clear()
 
     for lease in leases:
@@ -120,5 +120,6 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int) -> None:
     send_group()
 
 
-def _lease_args(lease: Lease) -> list[Any]:
+def lease_args(lease: Lease) -> list[Any]:
+    """A lease as the delivery task's arguments (and as an item of its ``more``)."""
     return [lease.webhook_id, lease.token, list(lease.delivery_ids)]

@@ -185,7 +185,9 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
                                             row["error_message"])
         for index, row, audience in keyed:
             outcomes[index] = _insert_and_fan_out(connection, row, audience, now_ms)
-    return [outcome for outcome in outcomes if outcome is not None]
+    stored = [outcome for outcome in outcomes if outcome is not None]
+    assert len(stored) == len(envelopes)  # every envelope has its outcome
+    return stored
 
 
 def _event_row(event: dict[str, Any], invalid: InvalidEvent | None, now_ms: int) -> dict[str, Any]:

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 RETRY_COUNTDOWN_MAX = 30
 
 
-def _countdown(task: Task) -> int:
-    return int(min(2 ** task.request.retries, RETRY_COUNTDOWN_MAX))
+def _countdown(retries_before: int) -> int:
+    """Seconds before a retry: 1 s, doubling with each earlier retry, up to 30 s."""
+    return int(min(2 ** retries_before, RETRY_COUNTDOWN_MAX))
 
 
 def send_lease(lease: Lease) -> None:
@@ -108,11 +109,10 @@ def _ingest_later(requests: list[SimpleRequest], exc: Exception) -> None:
     4 s, ... up to 30 s); the run acknowledges the originals once this returns."""
     attempt = 0
     for request in requests:
-        retries = int((request.request_dict or {}).get("retries") or 0) + 1
-        attempt = max(attempt, retries)
+        before = int((request.request_dict or {}).get("retries") or 0)
+        attempt = max(attempt, before + 1)
         app.send_task(INGEST_TASK, args=request.args, kwargs=request.kwargs, task_id=request.id,
-                      queue=client.QUEUE, retries=retries,
-                      countdown=min(2 ** (retries - 1), RETRY_COUNTDOWN_MAX))
+                      queue=client.QUEUE, retries=before + 1, countdown=_countdown(before))
     log.warning("ingest of %d event(s) retried (attempt %d): %s", len(requests), attempt, exc)
 
 
@@ -139,10 +139,10 @@ def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
                 for following in pipeline.deliver(services(), lease):
                     send(following)
             except TransientError as exc:
-                rest = [[r.webhook_id, r.token, list(r.delivery_ids)] for r in waiting.take()]
-                raise self.retry(args=[lease.webhook_id, lease.token, list(lease.delivery_ids)],
+                rest = [client.lease_args(r) for r in waiting.take()]
+                raise self.retry(args=client.lease_args(lease),
                                  kwargs={"slow": lease.slow, "more": rest}, exc=exc,
-                                 countdown=_countdown(self)) from exc
+                                 countdown=_countdown(self.request.retries)) from exc
             lease = waiting.next()
 
 
