@@ -237,38 +237,55 @@ def isolation(receiver: Receiver, folder: Path, concurrency: int, rate: float, s
 # ---------------------------------------------------------------- many webhooks
 
 
-def many_webhooks(receiver: Receiver, folder: Path, concurrency: int, deliveries: int, webhooks: int,
-                  connections: int) -> run.Sample:
-    """``webhooks`` orgs with one webhook each; events round-robin across them, pre-filled, drained."""
+def many_webhooks(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
+                  counts: list[int], connections: int, repeat: int) -> dict[int, list[run.Sample]]:
+    """Traffic spread over ``counts`` webhooks (one per org), each count a run of ``deliveries``
+    with the events round-robin over the first ``count`` orgs, pre-filled, then drained.
+
+    One stack holds the largest count's webhooks and the runs alternate between the counts, so
+    that a drift of the machine weighs on all of them alike. Every webhook is delivered to once
+    first (measured, so in the fast lane).
+    """
+    orgs = [run.ORG + i for i in range(max(counts))]
+    hooks = [(org, receiver.url(f"/many/{i}"), connections) for i, org in enumerate(orgs)]
+    samples: dict[int, list[run.Sample]] = {count: [] for count in counts}
+    with stack(folder, concurrency, hooks) as (procs, _, _):
+        _spread(receiver, procs, orgs, len(orgs))  # warm-up
+        for i in range(repeat):
+            for count in counts:
+                sample = _spread(receiver, procs, orgs[:count], deliveries)
+                samples[count].append(sample)
+                print(f"  notifier {count} webhooks run {i + 1}/{repeat}: {sample.rate:.0f}/s "
+                      f"{' '.join(sample.notes)}", flush=True)
+    return samples
+
+
+def _spread(receiver: Receiver, procs: run.Processes, orgs: list[int],
+            deliveries: int) -> run.Sample:
     from notifier import publish
     from notifier.client import QUEUE
 
-    orgs = [run.ORG + i for i in range(webhooks)]
-    hooks = [(org, receiver.url(f"/many/{i}"), connections) for i, org in enumerate(orgs)]
-    with stack(folder, concurrency, hooks) as (procs, _, _):
-        # warm-up, then the timed run
-        for sample in (min(deliveries, max(100, webhooks)), deliveries):
-            run._truncate("attempts, deliveries, events")
-            data = run.event_data()
-            start_count = receiver.count
-            procs.pause(run.NOTIFIER_BROKER, "notifier", QUEUE)
-            for i in range(sample):
-                publish(run.EVENT, data, org_id=orgs[i % webhooks], broker_url=run.NOTIFIER_BROKER)
-            tasks_before = run.delivery_tasks(procs)
-            with run.RssSampler(run.worker_pids(procs)) as rss:
-                t0 = time.perf_counter()
-                procs.resume(run.NOTIFIER_BROKER, "notifier", QUEUE)
-                run._wait(receiver, start_count + sample, sample, f"{webhooks} webhooks")
-                seconds = time.perf_counter() - t0
-            tasks = max(1, run.delivery_tasks(procs) - tasks_before)
-        deadline = time.monotonic() + 30
-        while (counts := run._db_counts())[0] < deliveries and time.monotonic() < deadline:
-            time.sleep(0.1)
+    run._truncate("attempts, deliveries, events")
+    data = run.event_data()
+    start_count = receiver.count
+    procs.pause(run.NOTIFIER_BROKER, "notifier", QUEUE)
+    for i in range(deliveries):
+        publish(run.EVENT, data, org_id=orgs[i % len(orgs)], broker_url=run.NOTIFIER_BROKER)
+    tasks_before = run.delivery_tasks(procs)
+    with run.RssSampler(run.worker_pids(procs)) as rss:
+        t0 = time.perf_counter()
+        procs.resume(run.NOTIFIER_BROKER, "notifier", QUEUE)
+        run._wait(receiver, start_count + deliveries, deliveries, f"{len(orgs)} webhooks")
+        seconds = time.perf_counter() - t0
+    tasks = max(1, run.delivery_tasks(procs) - tasks_before)
+    deadline = time.monotonic() + 30
+    while (counts := run._db_counts())[0] < deliveries and time.monotonic() < deadline:
+        time.sleep(0.1)
     if counts != (deliveries,) * 3:
-        raise run.BenchError(f"{webhooks} webhooks: expected {deliveries} delivered, db {counts}")
+        raise run.BenchError(f"{len(orgs)} webhooks: expected {deliveries} delivered, db {counts}")
     return run.Sample(seconds, deliveries, rss.peak,
-                      [f"({webhooks} orgs x 1 webhook, events round-robin; db: {counts[0]} delivered; "
-                       f"{tasks} delivery tasks, {deliveries / tasks:.1f} deliveries each)"])
+                      [f"({len(orgs)} orgs x 1 webhook, events round-robin; {tasks} delivery "
+                       f"tasks, {deliveries / tasks:.1f} deliveries each)"])
 
 
 # ---------------------------------------------------------------- backlog
