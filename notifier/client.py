@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -83,41 +84,51 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
     return str(envelope["eventId"])
 
 
-def send_lease(app: Celery, lease: Lease) -> None:
+def send_lease(app: Celery, lease: Lease, *, claimed_until: int | None = None) -> None:
     """Send the delivery task of one lease, by its lane, after its linger if it has one."""
-    app.send_task(DELIVER_TASK, args=lease_args(lease),
-                  kwargs={"slow": lease.slow} if lease.slow else None,
-                  queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE,
-                  countdown=lease.linger_ms / 1000 if lease.linger_ms else None)
+    _send(app, lease, (), claimed_until)
 
 
-def send_leases(app: Celery, leases: Iterable[Lease], *, most: int) -> None:
+def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
+                claimed_until: int | None = None) -> None:
     """Send the delivery tasks of several leases, several leases a task where it pays.
 
-    Fast-lane leases that start at once share tasks of up to ``most`` deliveries: the first
-    lease is the task's own, the others ride as ``more`` (traffic spread over many webhooks
-    would otherwise cost one task per delivery), one lease of a webhook a task. A slow-lane or
-    lingering lease goes alone.
+    Fast-lane leases that start together (at once, or after the same linger) share tasks of up
+    to ``most`` deliveries: the first lease is the task's own, the others ride as ``more``
+    (traffic spread over many webhooks would otherwise cost one task per delivery), one lease of
+    a webhook a task. A slow-lane lease goes alone. ``claimed_until``: see ``pipeline.deliver``.
     """
-    group: list[Lease] = []
+    groups: dict[int, list[Lease]] = defaultdict(list)  # by linger
 
-    def send_group() -> None:
+    def send_group(group: list[Lease]) -> None:
         if group:
-            first, *rest = group
-            app.send_task(DELIVER_TASK, args=lease_args(first), queue=DELIVER_QUEUE,
-                          kwargs={"more": [lease_args(lease) for lease in rest]} if rest else None)
+            _send(app, group[0], group[1:], claimed_until)
             group.clear()
 
     for lease in leases:
+        group = groups[lease.linger_ms]
         # Two slots of one webhook in one task would be used one after the other.
-        if lease.slow or lease.linger_ms or any(held.webhook_id == lease.webhook_id
-                                                for held in group):
-            send_lease(app, lease)
+        if lease.slow or any(held.webhook_id == lease.webhook_id for held in group):
+            _send(app, lease, (), claimed_until)
             continue
         if sum(len(held.delivery_ids) for held in group) + len(lease.delivery_ids) > most:
-            send_group()
+            send_group(group)
         group.append(lease)
-    send_group()
+    for group in groups.values():
+        send_group(group)
+
+
+def _send(app: Celery, lease: Lease, more: Sequence[Lease], claimed_until: int | None) -> None:
+    kwargs: dict[str, Any] = {}
+    if lease.slow:
+        kwargs["slow"] = True
+    if more:
+        kwargs["more"] = [lease_args(other) for other in more]
+    if claimed_until is not None:
+        kwargs["claimed_until"] = claimed_until
+    app.send_task(DELIVER_TASK, args=lease_args(lease), kwargs=kwargs or None,
+                  queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE,
+                  countdown=lease.linger_ms / 1000 if lease.linger_ms else None)
 
 
 def lease_args(lease: Lease) -> list[Any]:

@@ -26,7 +26,7 @@ not answer raises ``StoreUnavailable`` (transient), so nothing is sent half-enri
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -343,19 +343,19 @@ class _Wanted(KindReader):
         return ABSENT[kind]
 
 
-def prefetch(events: Sequence[Mapping[str, Any]], flags: Mapping[str, Any],
+def prefetch(work: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]],
              lookups: Lookups) -> None:
-    """Read what enriching all of ``events`` for one webhook will need, one query per kind.
+    """Read what enriching every ``(event, flags)`` of ``work`` will need, one query per kind,
+    whichever webhooks (flags) the events are for.
 
     A dry run of ``enrich`` over the events notes the keys ``lookups`` does not remember; they
     are read together. A second round finds what only the first answers could name (the store
     of a till). ``enrich`` then runs on what is remembered.
     """
-    if not Options.of(flags).any:
-        return
-    for _ in range(2):
+    work = [(event, flags) for event, flags in work if Options.of(flags).any]
+    for _ in range(2 if work else 0):
         wanted = _Wanted(lookups)
-        for event in events:
+        for event, flags in work:
             enrich(event, flags, wanted)
         if not wanted.missing:
             return

@@ -9,7 +9,8 @@
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
-        └── QueueUnavailable    Redis did not answer
+        ├── QueueUnavailable    Redis did not answer
+        └── DeliveryInterrupted a delivery task stopped by one of those; what to carry on with
 
 Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
 only ever catch these. Tasks retry ``TransientError``; the API maps each class to one status.
@@ -18,9 +19,14 @@ only ever catch these. Tasks retry ``TransientError``; the API maps each class t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from notifier.queues import Lease
 
 __all__ = [
     "AuthenticationFailed",
+    "DeliveryInterrupted",
     "DestinationNotAllowed",
     "InvalidEvent",
     "InvalidInput",
@@ -72,6 +78,21 @@ class StoreUnavailable(TransientError):
 
 class QueueUnavailable(TransientError):
     """Redis (queues, slots, retry times) could not be reached."""
+
+
+class DeliveryInterrupted(TransientError):
+    """A delivery task stopped midway by a transient error (its cause, chained).
+
+    ``leases`` are the task's leases whose slots it had not given back yet, for a retry to
+    carry on with; ``claimed_until`` marks the claims on their deliveries that it still holds
+    (``store.claim``'s ``held_until``).
+    """
+
+    def __init__(self, cause: TransientError, leases: Sequence[Lease],
+                 claimed_until: int | None) -> None:
+        super().__init__(str(cause))
+        self.leases = tuple(leases)
+        self.claimed_until = claimed_until
 
 
 class InvalidRows(InvalidInput):

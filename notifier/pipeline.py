@@ -10,12 +10,15 @@ step; see the performance issue for the measurements).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +26,7 @@ from config import Settings
 from notifier import store
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import TransientError
+from notifier.errors import DeliveryInterrupted, TransientError
 from notifier.models import DeliveryStatus
 from notifier.queues import Lease, Queues
 from notifier.reference import Lookups
@@ -42,6 +45,7 @@ from notifier.signing import signature_headers
 from notifier.vault import Vault, vault_for
 
 __all__ = [
+    "HandOn",
     "Services",
     "SweepReport",
     "accept",
@@ -203,46 +207,173 @@ def judge(services: Services, claimed: store.Claimed, result: Result,
         next_attempt_at_ms=due)
 
 
-def deliver(services: Services, lease: Lease) -> list[Lease]:
-    """Send a lease's deliveries one after another over one connection slot, give it back, and
-    return the webhook's next leases to send (what queued while this one was out).
+HandOn = Callable[[Sequence[Lease], int | None], None]
+
+
+def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, hand_on: HandOn,
+            claimed_until: int | None = None) -> None:
+    """Send the deliveries of a task's leases (one per webhook), each lease's one after another
+    over its slot, then give the slots back and ``send`` the leases that follow (what queued
+    while these were out).
+
+    The round trips are the task's, not each lease's: one Redis call takes every lease (topped
+    up with what queued since it was dispatched), one statement claims all their deliveries, one
+    reads their webhooks, one Redis call gives every slot back and dispatches what waits. Only
+    the POST and the record of its attempt are one per delivery.
+
+    The leases after the first wait at most ``NOTIFIER_SLOW_WEBHOOK_MS`` from the start (nor
+    past ``NOTIFIER_BATCH_TIME_BUDGET``): then those not started are handed on with
+    ``hand_on(leases, claimed_until)``, so that a webhook that turns slow cannot hold up the
+    others. ``claimed_until`` marks the claims that a task handed on or retried still holds
+    (``store.claim``'s ``held_until``).
 
     Deliveries already finished or held by someone else are skipped (at-least-once, never the
-    same delivery twice at once); those not due yet are parked until they are. If this raises,
-    the slot is kept: a retry carries on with it, or it expires and the sweeper re-queues what
-    it carried.
+    same delivery twice at once); those not due yet are parked until they are. A transient
+    failure raises ``DeliveryInterrupted`` with the leases not given back: their slots stay
+    taken, and a retry carries on with them, or they expire and the sweeper re-queues what
+    they carried.
     """
-    budget_ends = time.monotonic() + services.settings.batch_time_budget
-    batch, lease_ms = services.settings.batch_size, services.lease_ms
-    held = services.queues.take(lease, batch=batch, now_ms=now_ms())
-    if held is None:
-        return services.queues.dispatch(lease.webhook_id, batch=batch, lease_ms=lease_ms,
-                                        now_ms=now_ms())
-    took_ms = _deliver_lease(services, held, budget_ends)
-    return services.queues.release(held, took_ms=took_ms, batch=batch, lease_ms=lease_ms,
-                                   now_ms=now_ms()).leases
+    task = _Task(services, leases, claimed_until)
+    try:
+        task.run(send, hand_on)
+    except TransientError as exc:
+        raise DeliveryInterrupted(exc, task.unreleased(), task.claimed_until) from exc
 
 
-def _deliver_lease(services: Services, lease: Lease, budget_ends: float) -> int:
-    """POST what the lease carries; returns the slowest response's milliseconds (-1: none).
+@dataclass(frozen=True)
+class _Lot:
+    """A lease of a task, taken: the deliveries it claimed, and their webhook."""
 
-    A batch ends early when its time budget is spent, or, in the fast lane, as soon as the
-    webhook answers slowly: the rest goes back to the queue and on by the slow lane.
+    lease: Lease
+    claimed: tuple[store.Claimed, ...] = ()
+    target: store.Target | None = None
+
+
+class _Task:
+    """The leases of one delivery task as they are taken, sent and given back (``deliver``)."""
+
+    def __init__(self, services: Services, leases: Sequence[Lease],
+                 claimed_until: int | None) -> None:
+        self.services = services
+        self.claimed_until = claimed_until
+        settings = services.settings
+        self._budget_ends = time.monotonic() + settings.batch_time_budget
+        # Past this, the leases not started are handed on. Never past the budget, so that a task
+        # lasts at most the budget and one request (Settings.longest_task_seconds).
+        self._deadline = time.monotonic() + min(settings.slow_webhook_ms / 1000,
+                                                settings.batch_time_budget)
+        self._lock = threading.Lock()
+        # The leases whose slots this task holds and has not handed on.
+        self._held = list(leases)
+        self._waiting: collections.deque[_Lot] = collections.deque()
+
+    def unreleased(self) -> list[Lease]:
+        with self._lock:
+            return list(self._held)
+
+    def run(self, send: SendLease, hand_on: HandOn) -> None:
+        services = self.services
+        batch, lease_ms = services.settings.batch_size, services.lease_ms
+        taken = services.queues.take_many(self._held, batch=batch, now_ms=now_ms())
+        for lease, held in zip(self._held, taken, strict=True):
+            if held is None:  # given back or expired: the webhook's queue goes on without it
+                for following in services.queues.dispatch(
+                        lease.webhook_id, batch=batch, lease_ms=lease_ms, now_ms=now_ms()):
+                    send(following)
+        self._held = [lease for lease in taken if lease is not None]
+        lots = self._claim()
+        done = [(lot.lease, -1) for lot in lots if not lot.claimed]
+        sending = [lot for lot in lots if lot.claimed]
+        if sending:
+            self._waiting.extend(sending[1:])
+            with self._handed_on_at_deadline(hand_on):
+                lot: _Lot | None = sending[0]
+                while lot is not None:
+                    done.append((lot.lease, _deliver_lot(services, lot, self._budget_ends)))
+                    lot = self._next(hand_on)
+        for released in services.queues.release_many(done, batch=batch, lease_ms=lease_ms,
+                                                      now_ms=now_ms()):
+            for following in released.leases:
+                send(following)
+        with self._lock:
+            self._held = []
+
+    def _claim(self) -> list[_Lot]:
+        """Claim every held lease's deliveries, read their webhooks and the reference data
+        their enrichment needs: a statement or two for the whole task."""
+        services = self.services
+        owner: dict[str, int] = {}
+        for index, lease in enumerate(self._held):
+            for delivery_id in lease.delivery_ids:
+                owner.setdefault(delivery_id, index)
+        if not owner:
+            return [_Lot(lease) for lease in self._held]
+        claim = store.claim(services.db, list(owner), now_ms=now_ms(), lease_ms=services.lease_ms,
+                            held_until=self.claimed_until)
+        services.queues.park([(self._held[owner[delivery_id]].webhook_id, delivery_id, due)
+                              for delivery_id, due in claim.later])
+        claimed: list[list[store.Claimed]] = [[] for _ in self._held]
+        for item in claim.claimed:
+            claimed[owner[item.id]].append(item)
+            self.claimed_until = item.lease_until_ms
+        targets = store.targets(services.db, services.vault,
+                                (lease.webhook_id for lease, mine in zip(self._held, claimed,
+                                                                         strict=True) if mine),
+                                now_ms=now_ms())
+        # The reference data every enrichment of the task needs, one query per kind.
+        prefetch(((item.event, targets[lease.webhook_id].options)
+                  for lease, mine in zip(self._held, claimed, strict=True)
+                  if mine and targets[lease.webhook_id].active for item in mine),
+                 services.lookups)
+        return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id))
+                for lease, mine in zip(self._held, claimed, strict=True)]
+
+    def _next(self, hand_on: HandOn) -> _Lot | None:
+        """The next lot to send; None when none is left (or the rest were handed on)."""
+        if time.monotonic() >= self._deadline:
+            self._hand_on(hand_on)
+        with self._lock:
+            return self._waiting.popleft() if self._waiting else None
+
+    def _hand_on(self, hand_on: HandOn) -> None:
+        with self._lock:
+            lots = list(self._waiting)
+            self._waiting.clear()
+            handed = {lot.lease for lot in lots}
+            self._held = [lease for lease in self._held if lease not in handed]
+        if lots:
+            log.info("%d lease(s) handed on: their task ran past its deadline", len(lots))
+            hand_on([lot.lease for lot in lots], self.claimed_until)
+
+    @contextlib.contextmanager
+    def _handed_on_at_deadline(self, hand_on: HandOn) -> Iterator[None]:
+        """While the block runs, hand the waiting lots on when the deadline passes."""
+        if not self._waiting:
+            yield
+            return
+        timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), self._hand_on,
+                                args=(hand_on,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+def _deliver_lot(services: Services, lot: _Lot, budget_ends: float) -> int:
+    """POST what a lot claimed; returns the slowest response's milliseconds (-1: none).
+
+    A batch ends early when the task's time budget is spent, or, in the fast lane, as soon as
+    the webhook answers slowly: the rest goes back to the queue and on by the slow lane.
     """
-    claim = store.claim(services.db, lease.delivery_ids, now_ms=now_ms(),
-                        lease_ms=services.lease_ms)
-    services.queues.park([(lease.webhook_id, i, due) for i, due in claim.later])
+    lease, target = lot.lease, lot.target
+    assert target is not None  # read for every lot that claimed something
     slowest = -1
-    if not claim.claimed:
-        return slowest
-    target = store.target(services.db, services.vault, lease.webhook_id, now_ms=now_ms())
-    if target.active:
-        # The reference data the whole batch needs, one query per kind.
-        prefetch([c.event for c in claim.claimed], target.options, services.lookups)
-    for index, claimed in enumerate(claim.claimed):
+    for index, claimed in enumerate(lot.claimed):
         too_slow = not lease.slow and slowest >= services.settings.slow_webhook_ms
         if index > 0 and (too_slow or time.monotonic() > budget_ends):
-            _give_back(services, lease.webhook_id, target, claim.claimed[index:])
+            _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
         finished = _attempt(services, target, claimed)
         slowest = max(slowest, finished.latency_ms)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
@@ -123,45 +123,58 @@ return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber
                 tonumber(ARGV[7]), tonumber(ARGV[8]))
 """
 
-_TAKE = _STARTED_FN + """
-local p, wh, token = ARGV[1], ARGV[2], ARGV[3]
-local batch, now = tonumber(ARGV[4]), tonumber(ARGV[5])
-local member = wh .. '|' .. token
-local expiry = redis.call('ZSCORE', p .. ':slots:' .. wh, token)
--- A lease that was given back or expired carries nothing: its slot is no longer ours, and the
--- sweeper has re-queued what it held.
-if not expiry or tonumber(expiry) < now then return false end
-started(p, wh, token)
-local q = p .. ':q:' .. wh
-local items = redis.call('HGET', p .. ':lease:items', member) or ''
-local count = 0
-for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
-if count < batch and redis.call('ZCARD', q) > 0 then
-  local popped = redis.call('ZPOPMIN', q, batch - count)
-  for i = 1, #popped, 2 do
-    items = (items == '') and popped[i] or (items .. ',' .. popped[i])
+# The lease as its task starts, topped up with what queued meanwhile (see Queues.take).
+_TAKE_FN = _STARTED_FN + """
+local function take(p, wh, token, batch, now)
+  local member = wh .. '|' .. token
+  local expiry = redis.call('ZSCORE', p .. ':slots:' .. wh, token)
+  -- A lease that was given back or expired carries nothing: its slot is no longer ours, and
+  -- the sweeper has re-queued what it held.
+  if not expiry or tonumber(expiry) < now then return false end
+  started(p, wh, token)
+  local q = p .. ':q:' .. wh
+  local items = redis.call('HGET', p .. ':lease:items', member) or ''
+  local count = 0
+  for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
+  if count < batch and redis.call('ZCARD', q) > 0 then
+    local popped = redis.call('ZPOPMIN', q, batch - count)
+    for i = 1, #popped, 2 do
+      items = (items == '') and popped[i] or (items .. ',' .. popped[i])
+    end
+    redis.call('HSET', p .. ':lease:items', member, items)
+    if redis.call('ZCARD', q) == 0 then redis.call('SREM', p .. ':queued', wh) end
   end
-  redis.call('HSET', p .. ':lease:items', member, items)
-  if redis.call('ZCARD', q) == 0 then redis.call('SREM', p .. ':queued', wh) end
+  return items
 end
-return items
 """
 
-# Give a slot back, noting how long the webhook's slowest response of the batch took (jumping
+_TAKE = _TAKE_FN + """
+local p, batch, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i = 4, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now) end
+return out
+"""
+
+# Give slots back, noting how long each webhook's slowest response of the batch took (jumping
 # up at once, easing down by 30% per faster batch), then dispatch what waits.
-_RELEASE_AND_DISPATCH = _STARTED_FN + _DISPATCH_FN + """
-local p, wh, token, took = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
-redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
-started(p, wh, token)
-local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
-if took >= 0 then
-  local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
-  redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
+_RELEASE = _STARTED_FN + _DISPATCH_FN + """
+local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6])
+local out = {}
+for i = 7, #ARGV, 3 do
+  local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
+  redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
+  started(p, wh, token)
+  local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
+  if took >= 0 then
+    local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
+    redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
+  end
+  local released = dispatch(p, wh, batch, now, lease, slow_ms, linger)
+  table.insert(released, 1, held)
+  out[#out + 1] = released
 end
-local out = dispatch(p, wh, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
-                     tonumber(ARGV[8]), tonumber(ARGV[9]))
-table.insert(out, 1, held)
 return out
 """
 
@@ -257,7 +270,7 @@ class Queues:
             self._scripts = {
                 name: self._client.register_script(source)
                 for name, source in (("dispatch", _DISPATCH), ("take", _TAKE),
-                                     ("release", _RELEASE_AND_DISPATCH),
+                                     ("release", _RELEASE),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE))
             }
@@ -317,11 +330,19 @@ class Queues:
         webhook in that time ride along instead of each waiting for a task of its own. None
         when the lease is no longer held (given back, expired, or Redis lost it).
         """
-        items = self._script("take", lease.webhook_id, lease.token, batch, now_ms)
-        if items is None:
-            return None
-        return Lease(lease.webhook_id, lease.token, tuple(i for i in _text(items).split(",") if i),
-                     slow=lease.slow)
+        return self.take_many([lease], batch=batch, now_ms=now_ms)[0]
+
+    def take_many(self, leases: Sequence[Lease], *, batch: int,
+                  now_ms: int) -> list[Lease | None]:
+        """``take`` for several leases (of one delivery task), in one call."""
+        flat: list[Any] = []
+        for lease in leases:
+            flat += [lease.webhook_id, lease.token]
+        taken = self._script("take", batch, now_ms, *flat) if flat else []
+        return [None if items is None else
+                replace(lease, delivery_ids=tuple(i for i in _text(items).split(",") if i),
+                        linger_ms=0)
+                for lease, items in zip(leases, taken, strict=True)]
 
     def release(self, lease: Lease, *, took_ms: int = -1, batch: int, lease_ms: int,
                 now_ms: int) -> Released:
@@ -331,9 +352,21 @@ class Queues:
         lane the webhook's next leases take. ``held`` is False when the lease had already
         expired (the sweeper took it back).
         """
-        flat = self._script("release", lease.webhook_id, lease.token, took_ms, batch, now_ms,
-                            lease_ms, self.slow_ms, self.linger_ms)
-        return Released(bool(flat[0]), self._leases(lease.webhook_id, flat[1:]))
+        return self.release_many([(lease, took_ms)], batch=batch, lease_ms=lease_ms,
+                                 now_ms=now_ms)[0]
+
+    def release_many(self, leases: Sequence[tuple[Lease, int]], *, batch: int, lease_ms: int,
+                     now_ms: int) -> list[Released]:
+        """``release`` for several ``(lease, took_ms)`` (of one delivery task), in one call."""
+        flat: list[Any] = []
+        for lease, took_ms in leases:
+            flat += [lease.webhook_id, lease.token, took_ms]
+        if not flat:
+            return []
+        replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
+                               *flat)
+        return [Released(bool(reply[0]), self._leases(lease.webhook_id, reply[1:]))
+                for (lease, _), reply in zip(leases, replies, strict=True)]
 
     def park(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
         """Park ``(webhook, delivery, due_ms)`` until due; the sweeper brings them back."""

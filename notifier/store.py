@@ -82,6 +82,7 @@ __all__ = [
     "release_claims",
     "replay",
     "target",
+    "targets",
 ]
 
 
@@ -384,10 +385,17 @@ class Claim:
     later: tuple[tuple[str, int], ...] = ()
 
 
-def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: int) -> Claim:
-    """Take the deliveries that are free to send now; say when to look at the others again."""
+def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: int,
+          held_until: int | None = None) -> Claim:
+    """Take the deliveries that are free to send now; say when to look at the others again.
+
+    ``held_until`` is the ``lease_until_ms`` of an earlier claim of the caller's (a task handed
+    on or retried): deliveries still held by it are taken again at once, not parked until it
+    runs out. It is the same mark ``finish`` checks, so it claims nothing of anyone else's.
+    """
     lease_until = now_ms + lease_ms
-    params = {"ids": list(delivery_ids), "now_ms": now_ms, "new_lease_until_ms": lease_until}
+    params = {"ids": list(delivery_ids), "now_ms": now_ms, "new_lease_until_ms": lease_until,
+              "held_until_ms": held_until}
     if db.is_postgresql:
         with db.autocommit() as connection:  # one statement, one round trip
             rows = connection.execute(_claim_statement(), params).all()
@@ -421,7 +429,9 @@ def _take_statement() -> Any:
             .where(d.id.in_(bindparam("ids", expanding=True)), or_(
                 d.status == DeliveryStatus.PENDING,
                 and_(d.status == DeliveryStatus.RETRYING, d.next_attempt_at_ms <= now),
-                and_(d.status == DeliveryStatus.IN_FLIGHT, d.lease_until_ms < now)))
+                and_(d.status == DeliveryStatus.IN_FLIGHT, or_(
+                    d.lease_until_ms < now,
+                    d.lease_until_ms == bindparam("held_until_ms", type_=BigInteger)))))
             .values(status=DeliveryStatus.IN_FLIGHT,
                     lease_until_ms=bindparam("new_lease_until_ms", type_=BigInteger))
             .returning(d.id))
@@ -470,10 +480,10 @@ class Target:
 
 
 @functools.cache
-def _target_statement() -> Any:
-    """The webhook with its live secrets (one row each, newest first; one row of NULL when it
-    has none) and the org's points-balance gate: everything a delivery task needs, in one
-    statement."""
+def _targets_statement() -> Any:
+    """The webhooks with their live secrets (one row each, newest first; one row of NULL when
+    one has none) and their org's points-balance gate: everything a delivery task needs, in
+    one statement."""
     w = _webhooks.c
     secrets = SigningSecret.__table__.c
     gate = (select(Org.available_points_balance_enrichment_enabled)
@@ -487,17 +497,32 @@ def _target_statement() -> Any:
                    w.available_points_balance_enrichment, gate.label("points_allowed"),
                    secrets.secret)
             .select_from(_webhooks.outerjoin(SigningSecret.__table__, live))
-            .where(w.id == bindparam("webhook_id"))
-            .order_by(secrets.id.desc()))
+            .where(w.id.in_(bindparam("ids", expanding=True)))
+            .order_by(w.id, secrets.id.desc()))
 
 
 def target(db: Database, vault: Vault, webhook_id: str, *, now_ms: int) -> Target:
     """The webhook ``webhook_id`` with its header values and live secrets opened."""
+    return targets(db, vault, [webhook_id], now_ms=now_ms)[webhook_id]
+
+
+def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *,
+            now_ms: int) -> dict[str, Target]:
+    """``target`` for several webhooks, read in one statement; by webhook id."""
+    wanted = sorted(set(webhook_ids))
+    if not wanted:
+        return {}
     with db.autocommit() as connection:
-        rows = connection.execute(_target_statement(),
-                                  {"webhook_id": webhook_id, "now": now_ms}).all()
-    if not rows:
-        raise NotFound(f"webhook {webhook_id} does not exist")
+        rows = connection.execute(_targets_statement(), {"ids": wanted, "now": now_ms}).all()
+    by_hook: dict[str, list[Any]] = {}
+    for row in rows:
+        by_hook.setdefault(row.id, []).append(row)
+    if missing := [webhook_id for webhook_id in wanted if webhook_id not in by_hook]:
+        raise NotFound(f"webhook {', '.join(missing)} does not exist")
+    return {webhook_id: _target(vault, rows) for webhook_id, rows in by_hook.items()}
+
+
+def _target(vault: Vault, rows: Sequence[Any]) -> Target:
     hook = rows[0]
     # The points balance also needs the org's operator-set gate, checked here too so that
     # turning the gate off stops it at once for webhooks that already ask for it.

@@ -1,13 +1,10 @@
-"""The tasks: ingest an event, deliver one lease, and beat's sweep and SLA check."""
+"""The tasks: ingest events, deliver leases, and beat's sweep and SLA check."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from celery import Task
@@ -15,7 +12,7 @@ from celery import Task
 from config import load_settings
 from notifier import client, pipeline
 from notifier.client import DELIVER_TASK, INGEST_TASK
-from notifier.errors import TransientError
+from notifier.errors import DeliveryInterrupted, TransientError
 from notifier.queues import Lease
 from tasks.app import app
 from tasks.gathering import Gathering, SimpleRequest
@@ -118,74 +115,34 @@ def _ingest_later(requests: list[SimpleRequest], exc: Exception) -> None:
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=3)
 def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
-            slow: bool = False, more: list[list[Any]] | None = None) -> None:
-    """POST one lease's deliveries over one of the webhook's slots, then those of the leases in
+            slow: bool = False, more: list[list[Any]] | None = None,
+            claimed_until: int | None = None) -> None:
+    """POST one lease's deliveries over one of the webhook's slots, and those of the leases in
     ``more`` (other webhooks', sent together: ``client.send_leases``), then send the next leases.
 
-    A lease in ``more`` waits at most ``NOTIFIER_SLOW_WEBHOOK_MS`` from the task's start: past
-    that, the leases not started go on as tasks of their own, so neither a webhook that turns
-    slow nor a long run of busy ones can hold up the others of the task.
-
-    On a transient failure the slot is kept: a retry carries on with the lease that failed and
-    those not started, and if the retries run out the leases expire and the sweeper re-queues
-    their deliveries.
+    ``claimed_until`` marks claims a task handed on or retried holds (``pipeline.deliver``). On
+    a transient failure a retry carries on with the leases whose slots the task still holds; if
+    the retries run out, those leases expire and the sweeper re-queues their deliveries.
     """
-    lease: Lease | None = Lease(webhook_id, token, tuple(delivery_ids), slow=slow)
-    waiting = _Waiting([Lease(hook, held, tuple(ids)) for hook, held, ids in more or ()],
-                       after=services().settings.slow_webhook_ms / 1000)
-    with _sent_together() as send, waiting.handed_on_at_deadline():
-        while lease is not None:
-            try:
-                for following in pipeline.deliver(services(), lease):
-                    send(following)
-            except TransientError as exc:
-                rest = [client.lease_args(r) for r in waiting.take()]
-                raise self.retry(args=client.lease_args(lease),
-                                 kwargs={"slow": lease.slow, "more": rest}, exc=exc,
-                                 countdown=_countdown(self.request.retries)) from exc
-            lease = waiting.next()
-
-
-class _Waiting:
-    """The leases of a delivery task that have not started yet; ``after`` seconds into the
-    task, those still waiting are handed on, one task each."""
-
-    def __init__(self, leases: list[Lease], *, after: float) -> None:
-        self._leases = collections.deque(leases)
-        self._deadline = time.monotonic() + after
-        self._lock = threading.Lock()
-
-    def next(self) -> Lease | None:
-        """The next lease to run; None when none is left (or the rest were handed on)."""
-        if time.monotonic() >= self._deadline:
-            self._hand_on()
-        with self._lock:
-            return self._leases.popleft() if self._leases else None
-
-    def take(self) -> list[Lease]:
-        with self._lock:
-            taken = list(self._leases)
-            self._leases.clear()
-        return taken
-
-    def _hand_on(self) -> None:
-        if taken := self.take():
-            log.info("%d lease(s) handed on: their task ran past its deadline", len(taken))
-            client.send_leases(app, taken, most=1)  # one task each
-
-    @contextlib.contextmanager
-    def handed_on_at_deadline(self) -> Iterator[None]:
-        """While the block runs, hand the waiting leases on when the deadline passes."""
-        if not self._leases:
-            yield
-            return
-        timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), self._hand_on)
-        timer.daemon = True
-        timer.start()
+    leases = [Lease(webhook_id, token, tuple(delivery_ids), slow=slow),
+              *(Lease(hook, held, tuple(ids)) for hook, held, ids in more or ())]
+    with _sent_together() as send:
         try:
-            yield
-        finally:
-            timer.cancel()
+            pipeline.deliver(services(), leases, send, hand_on=_hand_on,
+                             claimed_until=claimed_until)
+        except DeliveryInterrupted as exc:
+            if not exc.leases:
+                log.warning("delivery task stopped with nothing left to carry on: %s", exc)
+                return
+            first, *rest = exc.leases
+            raise self.retry(args=client.lease_args(first),
+                             kwargs={"slow": first.slow, "more": [client.lease_args(r) for r in rest],
+                                     "claimed_until": exc.claimed_until},
+                             exc=exc, countdown=_countdown(self.request.retries)) from exc
+
+
+def _hand_on(leases: Sequence[Lease], claimed_until: int | None) -> None:
+    client.send_leases(app, leases, most=1, claimed_until=claimed_until)  # one task each
 
 
 @app.task(name="notifier.sweep", bind=True)

@@ -142,6 +142,28 @@ def test_a_lease_no_longer_held_carries_nothing(queues: Queues) -> None:
     assert following.delivery_ids == ("d1",)  # the next lease has it, not the old one
 
 
+def test_the_leases_of_a_task_are_taken_and_given_back_in_one_call_each(queues: Queues) -> None:
+    for webhook in ("a", "b", "c"):
+        fill(queues, webhook, 1, 1)
+    leases = [lease for webhook in ("a", "b", "c")
+              for lease in queues.dispatch(webhook, batch=2, lease_ms=LEASE, now_ms=0)]
+    queues.enqueue("a", 1, [("a-late", 10)])
+    queues.enqueue("c", 1, [("c-late0", 11), ("c-late1", 12), ("c-late2", 13)])
+    queues.release(leases[1], batch=2, lease_ms=LEASE, now_ms=0)  # b's slot: no longer ours
+
+    a, b, c = queues.take_many(leases, batch=2, now_ms=1)
+
+    assert a is not None and a.delivery_ids == ("d0", "a-late")
+    assert b is None
+    assert c is not None and c.delivery_ids == ("d0", "c-late0")
+    released = queues.release_many([(a, 5), (c, 2000)], batch=2, lease_ms=LEASE, now_ms=2)
+    assert [r.held for r in released] == [True, True]
+    assert released[0].leases == []
+    (following,) = released[1].leases  # what still waited for c, and c answered slowly
+    assert following.delivery_ids == ("c-late1", "c-late2") and following.slow
+    assert [queues.held(webhook, 2) for webhook in ("a", "b", "c")] == [0, 0, 1]
+
+
 def test_an_expired_lease_gives_its_slot_and_deliveries_back(queues: Queues) -> None:
     fill(queues, "w", 1, 2)
     (lost,) = queues.dispatch("w", batch=10, lease_ms=LEASE, now_ms=0)

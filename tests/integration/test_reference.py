@@ -302,7 +302,7 @@ def test_a_batch_of_events_is_read_in_one_query_per_kind(org: Database) -> None:
         "triggeringActivity": {"enteredBy": {"id": 10 + c}}}} for c in customers]
     lookups = reference.Lookups(org)
 
-    prefetch(events, flags, lookups)
+    prefetch([(event, flags) for event in events], lookups)
     # Five kinds read together; the store, named by the tills, in a second round.
     assert lookups.queries == 6
     enriched = [enrich(event, flags, lookups) for event in events]

@@ -117,6 +117,25 @@ def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> No
     assert [c.id for c in after_lease.claimed] == [queued.delivery_id]
 
 
+def test_a_claim_takes_back_its_own_held_claims_and_no_one_elses(org: Database) -> None:
+    webhook(org, "a")
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (held,) = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=5000).claimed
+
+    wrong_mark = store.claim(org, [queued.delivery_id], now_ms=3000, lease_ms=5000,
+                             held_until=held.lease_until_ms - 1)
+    again = store.claim(org, [queued.delivery_id], now_ms=3000, lease_ms=5000,
+                        held_until=held.lease_until_ms)
+    old_mark = store.claim(org, [queued.delivery_id], now_ms=4000, lease_ms=5000,
+                           held_until=held.lease_until_ms)
+
+    assert wrong_mark.claimed == () and wrong_mark.later == ((queued.delivery_id, 7001),)
+    (taken,) = again.claimed  # at once, not parked until 7001
+    assert taken.lease_until_ms == 8000
+    # The claim moved on: the mark it was taken with claims nothing any more.
+    assert old_mark.claimed == () and old_mark.later == ((queued.delivery_id, 8001),)
+
+
 def test_a_claim_that_loses_a_race_parks_what_it_lost(org: Database) -> None:
     if not org.is_postgresql:
         pytest.skip("SQLite has one writer at a time: a claim cannot start during another")

@@ -33,13 +33,30 @@ def test_fast_leases_of_different_webhooks_share_tasks_up_to_the_most_deliveries
     assert {task["queue"] for task in app.sent} == {DELIVER_QUEUE}
 
 
-def test_slow_lingering_and_second_leases_of_a_webhook_go_alone() -> None:
+def test_slow_and_second_leases_of_a_webhook_go_alone() -> None:
     app: Any = App()
-    send_leases(app, [lease("a"), lease("s", slow=True), lease("l", linger_ms=20), lease("a"),
-                      lease("b")], most=20)
+    send_leases(app, [lease("a"), lease("s", slow=True), lease("a"), lease("b")], most=20)
 
-    alone = [(task["args"][0], task["queue"], task.get("countdown")) for task in app.sent
+    alone = [(task["args"][0], task["queue"]) for task in app.sent
              if not (task["kwargs"] or {}).get("more")]
-    assert alone == [("s", SLOW_QUEUE, None), ("l", DELIVER_QUEUE, 0.02), ("a", DELIVER_QUEUE, None)]
+    assert alone == [("s", SLOW_QUEUE), ("a", DELIVER_QUEUE)]
     (shared,) = [task for task in app.sent if (task["kwargs"] or {}).get("more")]
     assert shared["args"][0] == "a" and [m[0] for m in shared["kwargs"]["more"]] == ["b"]
+
+
+def test_leases_that_linger_alike_share_a_task_that_starts_after_the_linger() -> None:
+    app: Any = App()
+    send_leases(app, [lease("a", linger_ms=20), lease("b"), lease("c", linger_ms=20),
+                      lease("d", linger_ms=50)], most=20)
+
+    tasks = [(task["args"][0], [m[0] for m in (task["kwargs"] or {}).get("more", [])],
+              task.get("countdown")) for task in app.sent]
+    assert sorted(tasks, key=str) == sorted(
+        [("a", ["c"], 0.02), ("b", [], None), ("d", [], 0.05)], key=str)
+
+
+def test_a_task_handed_on_or_retried_names_the_claims_it_holds() -> None:
+    app: Any = App()
+    send_leases(app, [lease("a"), lease("b")], most=1, claimed_until=1234)
+
+    assert [task["kwargs"] for task in app.sent] == [{"claimed_until": 1234}] * 2
