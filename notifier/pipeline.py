@@ -27,7 +27,8 @@ from notifier import store
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import DeliveryInterrupted, TransientError
-from notifier.models import DeliveryStatus
+from notifier.metrics import Tally
+from notifier.models import DeliveryStatus, EventStatus
 from notifier.queues import Lease, Queues
 from notifier.reference import Lookups
 from notifier.retry import next_attempt_at_ms
@@ -151,7 +152,25 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
     outcomes = store.ingest_many(services.db, services.catalog, envelopes, now_ms=now_ms(),
                                  only_webhook=only_webhook)
     _offer(services, [queued for outcome in outcomes for queued in outcome.queued], send)
+    tally = Tally()
+    for outcome in outcomes:
+        if not outcome.created:
+            tally.event("duplicate")
+        elif outcome.status == EventStatus.REJECTED:
+            tally.event("rejected")
+        else:
+            tally.event("accepted", deliveries=len(outcome.queued))
+    _count(services, tally)
     return outcomes
+
+
+def _count(services: Services, tally: Tally) -> None:
+    """Add what a step counted to the metrics. Redis failing here loses the counts, never the
+    work they count."""
+    try:
+        services.queues.add_counts(tally.counts)
+    except TransientError as exc:
+        log.warning("metrics not counted: %s", exc)
 
 
 def pump(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:
@@ -238,6 +257,8 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
         task.run(send, hand_on)
     except TransientError as exc:
         raise DeliveryInterrupted(exc, task.unreleased(), task.claimed_until) from exc
+    finally:
+        _count(services, task.tally)
 
 
 @dataclass(frozen=True)
@@ -266,6 +287,7 @@ class _Task:
         # The leases whose slots this task holds and has not handed on.
         self._held = list(leases)
         self._waiting: collections.deque[_Lot] = collections.deque()
+        self.tally = Tally()
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
@@ -289,7 +311,8 @@ class _Task:
             with self._handed_on_at_deadline(hand_on):
                 lot: _Lot | None = sending[0]
                 while lot is not None:
-                    done.append((lot.lease, _deliver_lot(services, lot, self._budget_ends)))
+                    done.append((lot.lease, _deliver_lot(services, lot, self._budget_ends,
+                                                         self.tally)))
                     lot = self._next(hand_on)
         for released in services.queues.release_many(done, batch=batch, lease_ms=lease_ms,
                                                       now_ms=now_ms()):
@@ -361,7 +384,7 @@ class _Task:
             timer.cancel()
 
 
-def _deliver_lot(services: Services, lot: _Lot, budget_ends: float) -> int:
+def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally) -> int:
     """POST what a lot claimed; returns the slowest response's milliseconds (-1: none).
 
     A batch ends early when the task's time budget is spent, or, in the fast lane, as soon as
@@ -378,6 +401,10 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float) -> int:
         finished = _attempt(services, target, claimed)
         slowest = max(slowest, finished.latency_ms)
         store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+        ended_ms = finished.started_at_ms + finished.latency_ms
+        tally.attempt(lease.webhook_id, finished.outcome, finished.latency_ms,
+                      ended_ms - claimed.ingested_at_ms
+                      if finished.outcome == DeliveryStatus.DELIVERED else None)
         if finished.next_attempt_at_ms is not None:
             services.queues.park([(lease.webhook_id, claimed.id, finished.next_attempt_at_ms)])
     return slowest
@@ -462,4 +489,8 @@ def replay(services: Services, delivery_ids: Iterable[str], send: SendLease) -> 
 
 def check_sla(services: Services) -> int:
     """Beat's SLA pass: stamp deliveries that missed their webhook's SLA; returns how many."""
-    return store.flag_sla_breaches(services.db, now_ms=now_ms())
+    flagged = store.flag_sla_breaches(services.db, now_ms=now_ms())
+    tally = Tally()
+    tally.sla_breaches(flagged)
+    _count(services, tally)
+    return flagged

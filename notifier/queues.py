@@ -11,6 +11,7 @@ Keys, under the configured prefix ``P``:
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
 - ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
+- ``P:metrics``       hash of counters the workers add to (``notifier.metrics``)
 
 A lease is one connection slot: a delivery task holds it while it POSTs its batch over one
 keep-alive connection (topped up, when the task starts, with whatever queued meanwhile), so a
@@ -26,7 +27,7 @@ The database stays the source of truth; everything here can be rebuilt from it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -35,7 +36,7 @@ import redis.exceptions
 
 from notifier.errors import QueueUnavailable
 
-__all__ = ["Lease", "Queues", "Released"]
+__all__ = ["Lease", "QueueState", "Queues", "Released"]
 
 T = TypeVar("T")
 
@@ -224,6 +225,27 @@ return out
 """
 
 
+# What the queues hold now, for the metrics: parked retries, live leases, measured webhooks at
+# or over the slow lane's threshold, and each waiting queue's length.
+_STATE = """
+local p, now, slow_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local waiting = {}
+for _, wh in ipairs(redis.call('SMEMBERS', p .. ':queued')) do
+  local count = redis.call('ZCARD', p .. ':q:' .. wh)
+  if count > 0 then
+    waiting[#waiting + 1] = wh
+    waiting[#waiting + 1] = count
+  end
+end
+local slow = 0
+for _, ms in ipairs(redis.call('HVALS', p .. ':latency')) do
+  if tonumber(ms) >= slow_ms then slow = slow + 1 end
+end
+return {redis.call('ZCARD', p .. ':retry'), redis.call('ZCOUNT', p .. ':leases', now, '+inf'),
+        slow, waiting}
+"""
+
+
 @dataclass(frozen=True)
 class Lease:
     """One connection slot of a webhook, and the deliveries it was given to carry."""
@@ -244,6 +266,16 @@ class Released:
 
     held: bool
     leases: list[Lease]
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the queues hold at one moment (``Queues.state``)."""
+
+    waiting: dict[str, int]
+    parked: int
+    slots_held: int
+    slow: int
 
 
 def _text(value: bytes | str) -> str:
@@ -272,7 +304,8 @@ class Queues:
                 for name, source in (("dispatch", _DISPATCH), ("take", _TAKE),
                                      ("release", _RELEASE),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
-                                     ("promote", _PROMOTE), ("expire", _EXPIRE))
+                                     ("promote", _PROMOTE), ("expire", _EXPIRE),
+                                     ("state", _STATE))
             }
             self._pid = os.getpid()
         return self._client
@@ -400,6 +433,25 @@ class Queues:
     def held(self, webhook_id: str, now_ms: int) -> int:
         return int(self._run(lambda: self.client.zcount(
             f"{self.prefix}:slots:{webhook_id}", now_ms, "+inf")))
+
+    def add_counts(self, counts: Mapping[str, int]) -> None:
+        """Add to the service's counters (``notifier.metrics``), in one call."""
+        if counts:
+            def add() -> None:
+                pipe = self.client.pipeline(transaction=False)
+                for name, count in counts.items():
+                    pipe.hincrby(f"{self.prefix}:metrics", name, count)
+                pipe.execute()
+            self._run(add)
+
+    def counts(self) -> dict[str, int]:
+        return {_text(name): int(value) for name, value in self._run(
+            lambda: self.client.hgetall(f"{self.prefix}:metrics")).items()}
+
+    def state(self, now_ms: int) -> QueueState:
+        parked, held, slow, flat = self._script("state", now_ms, self.slow_ms)
+        return QueueState({_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)},
+                          int(parked), int(held), int(slow))
 
     def ping(self) -> bool:
         return bool(self._run(lambda: self.client.ping()))

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from celery import Celery
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 import notifier
@@ -16,6 +17,7 @@ from notifier.api import routes_events, routes_logs, routes_reference, routes_we
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.schemas import Envelope
 from notifier.client import producer, send_lease
+from notifier.metrics import ServiceCollector
 from notifier.pipeline import SendLease, Services, build_services
 from notifier.queues import Lease
 
@@ -84,5 +86,17 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         healthy = all(v == "ok" for v in checks.values())
         checks["workers"] = len(broker.control.ping(timeout=0.3)) if checks["broker"] == "ok" else 0
         return envelope(checks, status=200 if healthy else 503)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(app.state.services.queues, app.state.services.db))
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse, responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    def metrics() -> Response:
+        """The service's metrics in Prometheus' text format, for every worker and host: events,
+        deliveries, attempts by webhook and outcome, response and delivery times, SLA breaches,
+        and what waits now. Celery's own task metrics are Flower's ``/metrics``.
+        """
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

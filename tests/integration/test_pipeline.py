@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, make_url, select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
@@ -370,6 +372,57 @@ def test_sla_breach_is_flagged_by_beat(
     assert flagged.status != DeliveryStatus.DELIVERED
     assert flagged.sla_breach_at_ms == flagged.ingested_at_ms + 1000
     assert flagged.ingested_at_ms >= started
+
+
+def test_metrics_show_what_the_workers_did(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    ok, _ = hook(stack, database, receiver, "/ok")
+    bad, _ = hook(stack, database, receiver, "/bad", sla_in_seconds=1)
+    flaky, _ = hook(stack, database, receiver, "/flaky")
+    receiver.script("/bad", 400, 400)
+    receiver.script("/flaky", 503, 503)
+    stack.worker()
+    stack.beat()
+    base = stack.web()
+
+    first = send(stack, data=customer(1))
+    send(stack, data=customer(2))
+    send(stack, data=customer(1), event_id=first)  # the same event again
+    send(stack, data={"totalPointsIssued": 1})  # no customerIdentifiers: rejected
+
+    def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        response = requests.get(f"{base}/metrics", timeout=10)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(response.text)
+                for sample in family.samples}
+
+    def attempts(webhook: str, outcome: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return ("notifier_delivery_attempts_total", (("outcome", outcome), ("webhook", webhook)))
+
+    # Counted by the workers at the end of each task, after the attempts are recorded: wait for
+    # all eight (two a webhook, and two 503s retried) and for beat's SLA check of /bad.
+    samples = wait_until(
+        lambda: (got := scraped()).get(("notifier_sla_breaches_total", ())) == 2 and sum(
+            value for (name, _), value in got.items()
+            if name == "notifier_delivery_attempts_total") == 8 and got, 60, "8 attempts counted")
+    assert samples[attempts(ok, "delivered")] == 2
+    assert samples[attempts(bad, "failed")] == 2
+    assert samples[attempts(flaky, "retrying")] == 2 and samples[attempts(flaky, "delivered")] == 2
+    assert [samples[("notifier_events_total", (("outcome", outcome),))]
+            for outcome in ("accepted", "duplicate", "rejected")] == [2, 1, 1]
+    assert samples[("notifier_deliveries_created_total", ())] == 6
+    assert samples[("notifier_webhook_response_seconds_count", ())] == 8
+    assert samples[("notifier_webhook_response_seconds_bucket", (("le", "+Inf"),))] == 8
+    assert samples[("notifier_delivered_seconds_count", ())] == 4
+    assert 0 < samples[("notifier_delivered_seconds_sum", ())] < 60
+    # Nothing is left to do: the gauges read from the database and Redis say so.
+    assert [samples[("notifier_deliveries_open", (("status", status),))]
+            for status in ("pending", "in_flight", "retrying")] == [0, 0, 0]
+    assert samples[("notifier_retries_parked", ())] == 0
+    assert not [key for key in samples if key[0] == "notifier_deliveries_waiting"]
 
 
 def test_an_event_sent_with_celery_call_is_delivered(
