@@ -225,6 +225,11 @@ return out
 """
 
 
+_COUNT = """
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', ARGV[1] .. ':metrics', ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
 # What the queues hold now, for the metrics: parked retries, live leases, measured webhooks at
 # or over the slow lane's threshold, and each waiting queue's length.
 _STATE = """
@@ -305,7 +310,7 @@ class Queues:
                                      ("release", _RELEASE),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE),
-                                     ("state", _STATE))
+                                     ("state", _STATE), ("count", _COUNT))
             }
             self._pid = os.getpid()
         return self._client
@@ -436,13 +441,11 @@ class Queues:
 
     def add_counts(self, counts: Mapping[str, int]) -> None:
         """Add to the service's counters (``notifier.metrics``), in one call."""
-        if counts:
-            def add() -> None:
-                pipe = self.client.pipeline(transaction=False)
-                for name, count in counts.items():
-                    pipe.hincrby(f"{self.prefix}:metrics", name, count)
-                pipe.execute()
-            self._run(add)
+        flat: list[Any] = []
+        for name, count in counts.items():
+            flat += [name, count]
+        if flat:
+            self._script("count", *flat)
 
     def counts(self) -> dict[str, int]:
         return {_text(name): int(value) for name, value in self._run(
