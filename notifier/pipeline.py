@@ -55,6 +55,7 @@ __all__ = [
     "check_sla",
     "deliver",
     "judge",
+    "limit_changed",
     "pump",
     "rebuild",
     "render",
@@ -183,6 +184,18 @@ def pump(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int
             send(lease)
             sent += 1
     return sent
+
+
+def limit_changed(services: Services, webhook_id: str, limit: int, send: SendLease) -> int:
+    """A webhook was saved with ``maxAllowedConnections=limit``: Redis enforces it at once (a
+    lowered cap starts no new lease until enough are back; a raised one takes in what waits).
+    Returns the leases sent. With Redis away the cap comes with the webhook's next event."""
+    try:
+        services.queues.set_limit(webhook_id, limit)
+        return pump(services, [webhook_id], send)
+    except TransientError as exc:
+        log.warning("webhook %s: its new limit waits for its next event: %s", webhook_id, exc)
+        return 0
 
 
 def render(payload: Mapping[str, Any]) -> bytes:

@@ -12,7 +12,7 @@ from notifier import webhooks
 from notifier.api.auth import caller_org
 from notifier.api.envelope import envelope
 from notifier.api.schemas import CreatedWebhookOut, RotatedOut, WebhookOut, answers
-from notifier.pipeline import now_ms
+from notifier.pipeline import limit_changed, now_ms
 
 __all__ = ["router"]
 
@@ -80,6 +80,8 @@ def update_webhook(webHookId: str, body: WebhookBody, org: Org,
                    request: Request) -> JSONResponse:
     saved = webhooks.update_webhook(_context(request), org, webHookId, _given(body),
                                     now_ms=now_ms())
+    limit_changed(request.app.state.services, webHookId, saved.view["maxAllowedConnections"],
+                  request.app.state.send_lease)
     return envelope(saved.view, warnings=saved.warnings)
 
 

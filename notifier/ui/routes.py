@@ -207,10 +207,12 @@ async def save_notification(request: Request, org: OrgId, webhook_id: str) -> Re
     form = forms.read_form(await _pairs(request), view["webHookHeaders"])
     try:
         stored = store.target(ctx.db, ctx.vault, webhook_id, now_ms=now_ms()).headers
-        webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form, stored),
-                                now_ms=now_ms())
+        saved = webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form, stored),
+                                        now_ms=now_ms())
     except InvalidInput as exc:
         return _form_page(request, form, webhook_id=webhook_id, errors=_invalid(exc), status=400)
+    pipeline.limit_changed(request.app.state.services, webhook_id,
+                           saved.view["maxAllowedConnections"], request.app.state.send_lease)
     _flash(request, "Changes saved.")
     return _redirect(f"/ui/notifications/{webhook_id}")
 

@@ -7,6 +7,7 @@ same ingest through a real uvicorn server and worker.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,27 @@ def test_update_is_partial_and_delete_is_soft(api: Api) -> None:
     assert updated["warnings"] and "noOfRetryAttempts" in updated["warnings"][0]
     assert deleted["active"] is False
     assert api.call("GET", path).json()["data"]["active"] is False
+
+
+def test_a_changed_connection_limit_holds_at_once(api: Api) -> None:
+    api.services.settings = dataclasses.replace(api.services.settings, batch_size=1)
+    hook = api.webhook(maxAllowedConnections=1)
+    path = f"/v3/webHooks/{hook['webHookId']}"
+    for n in range(5):
+        api.call("POST", "/v3/events", json={"eventName": "pointsIssued", "data": {
+            "customerIdentifiers": {"customerId": n}}})
+    assert len(api.leases) == 1  # one slot, four deliveries waiting
+
+    # Raised: the slots it adds take what waits, without waiting for the next event.
+    assert api.call("PUT", path, json={"maxAllowedConnections": 3}).status_code == 200
+    assert len(api.leases) == 3
+    # Lowered: no new lease starts until fewer than one slot is held.
+    assert api.call("PUT", path, json={"maxAllowedConnections": 1}).status_code == 200
+    assert len(api.leases) == 3
+    now = store_now()
+    following = [api.services.queues.release(lease, batch=1, lease_ms=60_000, now_ms=now).leases
+                 for lease in api.leases]
+    assert [len(leases) for leases in following] == [0, 0, 1]
 
 
 def test_rotation_signs_with_both_secrets_during_the_overlap(api: Api) -> None:
