@@ -8,6 +8,7 @@ Keys, under the configured prefix ``P``:
 - ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry
 - ``P:leases``        every lease ``webhook|token`` by expiry, with its deliveries in ``P:lease:items``
 - ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
+                      (for at most 10 s: then it is presumed lost and another may be dispatched)
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
 - ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
@@ -71,7 +72,10 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
     if size < batch then
       -- A short batch: one at a time per webhook waits to start, and its task gathers what
       -- queues meanwhile (see take). Beside a live slot it waits a moment first to gather more.
-      if redis.call('HEXISTS', p .. ':unstarted', wh) == 1 then break end
+      -- One whose task has not started 10 s after it was dispatched (the token begins with that
+      -- time) is presumed lost to gathering; it keeps its slot until its lease expires.
+      local unstarted = redis.call('HGET', p .. ':unstarted', wh)
+      if unstarted and now - tonumber(string.match(unstarted, '^%d+')) < 10000 then break end
       if live > 0 then wait = linger end
     end
     local popped = redis.call('ZPOPMIN', q, size)

@@ -119,6 +119,20 @@ def test_batches_are_capped(queues: Queues) -> None:
     assert len(lease.delivery_ids) == 10 and queues.waiting("w") == 15
 
 
+def test_a_short_batch_whose_task_never_starts_holds_up_the_next_for_10_s_only(
+        queues: Queues) -> None:
+    fill(queues, "w", 3, 1)
+    (lost,) = queues.dispatch("w", batch=4, lease_ms=60_000, now_ms=1_000)
+    queues.enqueue("w", 3, [("late", 2_000)])
+
+    assert queues.dispatch("w", batch=4, lease_ms=60_000, now_ms=10_999) == []
+    (next_,) = queues.dispatch("w", batch=4, lease_ms=60_000, now_ms=11_000)
+    assert next_.delivery_ids == ("late",)
+    # The lost one still holds its slot until its lease runs out.
+    assert queues.held("w", 11_000) == 2
+    assert queues.take(lost, batch=4, now_ms=11_001) is not None  # late, but still its own
+
+
 def test_a_lease_is_topped_up_when_its_task_starts(queues: Queues) -> None:
     fill(queues, "w", 1, 1)
     (lease,) = queues.dispatch("w", batch=3, lease_ms=LEASE, now_ms=0)
