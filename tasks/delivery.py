@@ -116,14 +116,20 @@ def _ingest_later(requests: list[SimpleRequest], exc: Exception) -> None:
 @app.task(name=DELIVER_TASK, bind=True, max_retries=3)
 def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
             slow: bool = False, more: list[list[Any]] | None = None,
-            claimed_until: int | None = None) -> None:
+            claimed_until: int | None = None, **newer: Any) -> None:
     """POST one lease's deliveries over one of the webhook's slots, and those of the leases in
     ``more`` (other webhooks', sent together: ``client.send_leases``), then send the next leases.
 
     ``claimed_until`` marks claims a task handed on or retried holds (``pipeline.deliver``). On
     a transient failure a retry carries on with the leases whose slots the task still holds; if
     the retries run out, those leases expire and the sweeper re-queues their deliveries.
+
+    Options this version does not know (``newer``, sent by a newer worker during a rolling
+    upgrade) are left out rather than failing the task, which would strand its leases until
+    they expire.
     """
+    if newer:
+        log.info("delivery task options left out by this version: %s", sorted(newer))
     leases = [Lease(webhook_id, token, tuple(delivery_ids), slow=slow),
               *(Lease(hook, held, tuple(ids)) for hook, held, ids in more or ())]
     with _sent_together() as send:

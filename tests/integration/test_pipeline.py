@@ -23,9 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, make_url, select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from notifier import publish, store
+from notifier import pipeline, publish, store
+from notifier.client import DELIVER_QUEUE, DELIVER_TASK, SLOW_QUEUE, lease_args, producer
 from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event, EventStatus
+from notifier.pipeline import build_services
+from notifier.queues import Lease
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
 from tests.conftest import Receiver, Reply, Stack, wait_until
@@ -423,6 +426,30 @@ def test_metrics_show_what_the_workers_did(
             for status in ("pending", "in_flight", "retrying")] == [0, 0, 0]
     assert samples[("notifier_retries_parked", ())] == 0
     assert not [key for key in samples if key[0] == "notifier_deliveries_waiting"]
+
+
+def test_a_delivery_task_with_an_option_from_a_newer_version_still_delivers(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(stack, database, receiver, "/upgrade")
+    services = build_services(stack.settings)
+    leases: list[Lease] = []
+    # Ingested and dispatched here; the task is sent as a newer worker would send it.
+    try:
+        pipeline.accept(services, {"eventName": "pointsIssued", "orgId": ORG,
+                                   "data": customer()}, leases.append)
+    finally:
+        services.db.dispose()
+        services.queues.client.close()
+    (lease,) = leases
+    producer(stack.settings.broker_url).send_task(
+        DELIVER_TASK, args=lease_args(lease), kwargs={"optionFromANewerVersion": True},
+        queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE)
+    stack.worker()
+
+    receiver.wait_for(1, "/upgrade")
+    wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
+    assert "left out by this version: ['optionFromANewerVersion']" in stack.log("w1")
 
 
 def test_an_event_sent_with_celery_call_is_delivered(
