@@ -36,6 +36,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number, zero or more")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -138,6 +145,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds after ingestion past which a delivery is not retried again: it is dead."),
     Setting("retry_after_max", _positive_float, str(24 * 3600),
             "Largest Retry-After (seconds) a webhook may ask for; longer asks are cut to this."),
+    Setting("disable_failing_after", _non_negative_float, str(5 * 24 * 3600),
+            "Seconds a webhook may fail every attempt (no success since its first failure) "
+            "before notifier deactivates it, at its next failed attempt; 0: never."),
     Setting("allow_private_networks", _networks, "",
             "CIDRs a webhook may target besides public addresses, comma separated "
             "(e.g. 127.0.0.0/8 for local tests)."),
@@ -186,6 +196,7 @@ class Settings:
     retry_jitter: float
     retry_horizon: float
     retry_after_max: float
+    disable_failing_after: float
     allow_private_networks: tuple[Network, ...]
     slot_lease_seconds: float
     batch_size: int

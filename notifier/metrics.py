@@ -7,9 +7,10 @@ Redis and the database. One scrape of any API process sees the whole service. A 
 loses its state starts the counters again from zero, which Prometheus reads as a counter reset.
 
 Counters: events by outcome, deliveries made by the fan-out, attempts by webhook and outcome,
-SLA breaches flagged; histograms: the webhook's response time, and the time from ingest to
-delivery. Gauges: deliveries waiting in each webhook's queue, retries parked, slots held,
-webhooks in the slow lane, and unfinished deliveries by status (the database's count).
+SLA breaches flagged, failing webhooks deactivated; histograms: the webhook's response time,
+and the time from ingest to delivery. Gauges: deliveries waiting in each webhook's queue,
+retries parked, slots held, webhooks in the slow lane, and unfinished deliveries by status (the
+database's count).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Tally:
     """What one task counts, for one ``Queues.add_counts`` call at its end.
 
     The fields of the Redis hash: ``events|<outcome>``, ``fanned_out``, ``attempts|<webhook>|
-    <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``.
+    <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``,
+    ``webhooks_disabled``.
     """
 
     def __init__(self) -> None:
@@ -63,6 +65,9 @@ class Tally:
         self._observe("response", RESPONSE_BUCKETS_MS, response_ms)
         if delivered_after_ms is not None:
             self._observe("delivered", DELIVERED_BUCKETS_MS, delivered_after_ms)
+
+    def webhook_disabled(self) -> None:
+        self.counts["webhooks_disabled"] += 1
 
     def sla_breaches(self, count: int) -> None:
         if count:
@@ -97,6 +102,11 @@ class ServiceCollector(Collector):
                          RESPONSE_BUCKETS_MS)
         yield _histogram("notifier_delivered_seconds", "From an event's ingest to its "
                          "delivery's success.", counts, "delivered", DELIVERED_BUCKETS_MS)
+        disabled = CounterMetricFamily("notifier_webhooks_disabled", "Webhooks notifier "
+                                       "deactivated: every attempt failed for "
+                                       "NOTIFIER_DISABLE_FAILING_AFTER.")
+        disabled.add_metric([], counts.get("webhooks_disabled", 0))
+        yield disabled
         breaches = CounterMetricFamily("notifier_sla_breaches", "Deliveries that the SLA "
                                        "check found not delivered within their webhook's SLA.")
         breaches.add_metric([], counts.get("sla_breaches", 0))

@@ -113,6 +113,9 @@ class Webhook(Base):
     max_allowed_connections: Mapped[int] = mapped_column(Integer)
     sla_in_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Why notifier deactivated it (NOTIFIER_DISABLE_FAILING_AFTER); cleared when it is activated
+    # or deactivated by hand.
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     consumer_group_id: Mapped[str] = mapped_column(String(36), unique=True)
     listen_to_child_events: Mapped[bool] = mapped_column(Boolean, default=False)
     till_details_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)

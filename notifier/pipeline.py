@@ -27,9 +27,10 @@ from notifier import store
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import DeliveryInterrupted, TransientError
+from notifier.logs import iso_ms
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
-from notifier.queues import Lease, Queues
+from notifier.queues import Lease, Queues, Report
 from notifier.reference import Lookups
 from notifier.retry import next_attempt_at_ms
 from notifier.schemas import EventCatalog, load_catalog
@@ -317,22 +318,43 @@ class _Task:
                     send(following)
         self._held = [lease for lease in taken if lease is not None]
         lots = self._claim()
-        done = [(lot.lease, -1) for lot in lots if not lot.claimed]
+        done = [(lot, Report()) for lot in lots if not lot.claimed]
         sending = [lot for lot in lots if lot.claimed]
         if sending:
             self._waiting.extend(sending[1:])
             with self._handed_on_at_deadline(hand_on):
                 lot: _Lot | None = sending[0]
                 while lot is not None:
-                    done.append((lot.lease, _deliver_lot(services, lot, self._budget_ends,
-                                                         self.tally)))
+                    done.append((lot, _deliver_lot(services, lot, self._budget_ends,
+                                                   self.tally)))
                     lot = self._next(hand_on)
-        for released in services.queues.release_many(done, batch=batch, lease_ms=lease_ms,
-                                                      now_ms=now_ms()):
-            for following in released.leases:
-                send(following)
+        released = services.queues.release_many([(lot.lease, report) for lot, report in done],
+                                                batch=batch, lease_ms=lease_ms, now_ms=now_ms())
         with self._lock:
             self._held = []
+        for (lot, report), given_back in zip(done, released, strict=True):
+            for following in given_back.leases:
+                send(following)
+            if report.failing_since_ms and lot.target is not None:
+                self._disable_if_failing_too_long(lot.target, given_back.failing_since_ms)
+
+    def _disable_if_failing_too_long(self, target: store.Target, failing_since_ms: int) -> None:
+        """Deactivate a webhook every attempt to which has failed for
+        ``NOTIFIER_DISABLE_FAILING_AFTER``, counted from its first failure since its last
+        success, and never from before it was last saved (an org that edits, deactivates or
+        activates its webhook gets a fresh period)."""
+        after_ms = self.services.settings.disable_failing_after * 1000
+        since = max(failing_since_ms, target.updated_at_ms)
+        now = now_ms()
+        if not after_ms or not target.active or now - since < after_ms:
+            return
+        days = (now - since) / 86_400_000
+        reason = (f"deactivated by notifier: every attempt has failed since "
+                  f"{iso_ms(since)} ({days:.1f} days; NOTIFIER_DISABLE_FAILING_AFTER is "
+                  f"{after_ms / 86_400_000:g} days)")
+        if store.disable_failing(self.services.db, target.id, reason=reason, now_ms=now):
+            log.warning("webhook %s %s", target.id, reason)
+            self.tally.webhook_disabled()
 
     def _claim(self) -> list[_Lot]:
         """Claim every held lease's deliveries, read their webhooks and the reference data
@@ -397,22 +419,27 @@ class _Task:
             timer.cancel()
 
 
-def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally) -> int:
-    """POST what a lot claimed; returns the slowest response's milliseconds (-1: none).
+def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally) -> Report:
+    """POST what a lot claimed; returns what its slot's release reports: the slowest response,
+    and the webhook's successes and failures (its answers only, not notifier's own faults).
 
     A batch ends early when the task's time budget is spent, or, in the fast lane, as soon as
     the webhook answers slowly: the rest goes back to the queue and on by the slow lane.
     """
     lease, target = lot.lease, lot.target
     assert target is not None  # read for every lot that claimed something
-    slowest = -1
+    slowest, delivered, failing_since = -1, False, 0
     for index, claimed in enumerate(lot.claimed):
         too_slow = not lease.slow and slowest >= services.settings.slow_webhook_ms
         if index > 0 and (too_slow or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
-        finished = _attempt(services, target, claimed)
+        finished, posted = _attempt(services, target, claimed)
         slowest = max(slowest, finished.latency_ms)
+        if posted and finished.outcome == DeliveryStatus.DELIVERED:
+            delivered, failing_since = True, 0
+        elif posted and not failing_since:
+            failing_since = finished.started_at_ms
         store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
         ended_ms = finished.started_at_ms + finished.latency_ms
         tally.attempt(lease.webhook_id, finished.outcome, finished.latency_ms,
@@ -420,25 +447,27 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
                       if finished.outcome == DeliveryStatus.DELIVERED else None)
         if finished.next_attempt_at_ms is not None:
             services.queues.park([(lease.webhook_id, claimed.id, finished.next_attempt_at_ms)])
-    return slowest
+    return Report(slowest, delivered, failing_since)
 
 
-def _attempt(services: Services, target: store.Target, claimed: store.Claimed) -> store.Finished:
-    """enrich -> render -> sign -> post -> judge, for one claimed delivery."""
+def _attempt(services: Services, target: store.Target,
+             claimed: store.Claimed) -> tuple[store.Finished, bool]:
+    """enrich -> render -> sign -> post -> judge, for one claimed delivery; and whether the
+    webhook was asked (a request was made), so that the outcome is its answer."""
     started = now_ms()
     if not target.active:
         return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
                               error_class="WebhookInactive",
-                              error_message="the webhook was deactivated")
+                              error_message="the webhook was deactivated"), False
     try:
         enriched = enrich(claimed.event, target.options, services.lookups)
         body = render(enriched.payload)
         result = services.sender.send(request_for(target, claimed.id, body, started // 1000))
         finished = judge(services, claimed, result, started)
         if not enriched.enriched:
-            return finished
+            return finished, True
         return replace(finished, enrichment=additions(claimed.event, enriched.payload),
-                       enrichment_notes="; ".join(enriched.notes) or None)
+                       enrichment_notes="; ".join(enriched.notes) or None), True
     except TransientError:
         raise
     except Exception as exc:
@@ -446,7 +475,8 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed) -
         # attempt (replayable once fixed) and carry on with the batch.
         log.exception("delivery %s failed in notifier itself", claimed.id)
         return store.Finished(claimed, started, now_ms() - started, DeliveryStatus.FAILED,
-                              error_class=type(exc).__name__, error_message=str(exc)[:2000])
+                              error_class=type(exc).__name__,
+                              error_message=str(exc)[:2000]), False
 
 
 def _give_back(services: Services, webhook_id: str, target: store.Target,

@@ -10,6 +10,7 @@ Keys, under the configured prefix ``P``:
 - ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
                       (for at most 10 s: then it is presumed lost and another may be dispatched)
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
+- ``P:failing``       hash webhook -> the time of its first failed attempt since its last success
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
 - ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
 - ``P:metrics``       hash of counters the workers add to (``notifier.metrics``)
@@ -37,7 +38,7 @@ import redis.exceptions
 
 from notifier.errors import QueueUnavailable
 
-__all__ = ["Lease", "QueueState", "Queues", "Released"]
+__all__ = ["Lease", "QueueState", "Queues", "Released", "Report"]
 
 T = TypeVar("T")
 
@@ -161,13 +162,17 @@ return out
 """
 
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
-# up at once, easing down by 30% per faster batch), then dispatch what waits.
+# up at once, easing down by 30% per faster batch) and since when it has been failing (the
+# first failed attempt after its last success), then dispatch what waits. Each reply: whether
+# the slot was still held, the webhook's failing mark (0: none), then the dispatched leases.
 _RELEASE = _STARTED_FN + _DISPATCH_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6])
+local marks = p .. ':failing'
 local out = {}
-for i = 7, #ARGV, 3 do
+for i = 7, #ARGV, 5 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
   redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
   started(p, wh, token)
@@ -176,7 +181,13 @@ for i = 7, #ARGV, 3 do
     local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
     redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
   end
+  if delivered then
+    if failing > 0 then redis.call('HSET', marks, wh, failing) else redis.call('HDEL', marks, wh) end
+  elseif failing > 0 then
+    redis.call('HSETNX', marks, wh, failing)
+  end
   local released = dispatch(p, wh, batch, now, lease, slow_ms, linger)
+  table.insert(released, 1, tonumber(redis.call('HGET', marks, wh) or '0'))
   table.insert(released, 1, held)
   out[#out + 1] = released
 end
@@ -270,10 +281,26 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Report:
+    """What a lease's batch did, told when its slot is given back: the slowest response picks
+    the webhook's lane, and its failures say since when the webhook has been failing."""
+
+    # The slowest response, in milliseconds (-1: no request made).
+    took_ms: int = -1
+    # Whether one of its deliveries succeeded.
+    delivered: bool = False
+    # When the first failed attempt after its last success was made (0: none).
+    failing_since_ms: int = 0
+
+
+@dataclass(frozen=True)
 class Released:
-    """A slot given back: whether it was still held, and the leases dispatched after it."""
+    """A slot given back: whether it was still held, since when the webhook has been failing
+    (its first failed attempt after its last success; 0: it is not), and the leases
+    dispatched after it."""
 
     held: bool
+    failing_since_ms: int
     leases: list[Lease]
 
 
@@ -386,28 +413,29 @@ class Queues:
                         linger_ms=0)
                 for lease, items in zip(leases, taken, strict=True)]
 
-    def release(self, lease: Lease, *, took_ms: int = -1, batch: int, lease_ms: int,
+    def release(self, lease: Lease, report: Report = Report(), *, batch: int, lease_ms: int,
                 now_ms: int) -> Released:
         """Give a slot back, then dispatch the webhook's queue, in one call.
 
-        ``took_ms`` is the batch's slowest response (-1: no request made); it decides which
-        lane the webhook's next leases take. ``held`` is False when the lease had already
-        expired (the sweeper took it back).
+        ``report`` is what the lease's batch did: its slowest response decides which lane the
+        webhook's next leases take, and its failures mark since when the webhook has been
+        failing. ``held`` is False when the lease had already expired (the sweeper took it back).
         """
-        return self.release_many([(lease, took_ms)], batch=batch, lease_ms=lease_ms,
+        return self.release_many([(lease, report)], batch=batch, lease_ms=lease_ms,
                                  now_ms=now_ms)[0]
 
-    def release_many(self, leases: Sequence[tuple[Lease, int]], *, batch: int, lease_ms: int,
+    def release_many(self, leases: Sequence[tuple[Lease, Report]], *, batch: int, lease_ms: int,
                      now_ms: int) -> list[Released]:
-        """``release`` for several ``(lease, took_ms)`` (of one delivery task), in one call."""
+        """``release`` for several ``(lease, report)`` (of one delivery task), in one call."""
         flat: list[Any] = []
-        for lease, took_ms in leases:
-            flat += [lease.webhook_id, lease.token, took_ms]
+        for lease, report in leases:
+            flat += [lease.webhook_id, lease.token, report.took_ms, int(report.delivered),
+                     report.failing_since_ms]
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
                                *flat)
-        return [Released(bool(reply[0]), self._leases(lease.webhook_id, reply[1:]))
+        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[2:]))
                 for (lease, _), reply in zip(leases, replies, strict=True)]
 
     def park(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:

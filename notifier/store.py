@@ -72,6 +72,7 @@ __all__ = [
     "claim",
     "create_org",
     "create_webhook",
+    "disable_failing",
     "finish",
     "flag_sla_breaches",
     "ingest",
@@ -477,6 +478,9 @@ class Target:
     sla_in_seconds: int
     max_allowed_connections: int
     options: Mapping[str, Any] = field(default_factory=dict)
+    # When it was last saved (edited, activated, deactivated): a failing streak starts no
+    # earlier (see pipeline's disabling of failing webhooks).
+    updated_at_ms: int = 0
 
 
 @functools.cache
@@ -491,7 +495,7 @@ def _targets_statement() -> Any:
     live = and_(secrets.webhook_id == w.id,
                 or_(secrets.expires_at_ms.is_(None), secrets.expires_at_ms > bindparam("now")))
     return (select(w.id, w.url, w.headers, w.active, w.sla_in_seconds,
-                   w.max_allowed_connections, w.till_details_enrichment,
+                   w.max_allowed_connections, w.updated_at_ms, w.till_details_enrichment,
                    w.store_details_enrichment, w.customer_identifiers_to_be_enriched,
                    w.card_number_enrichment, w.awarded_reference_enrichment,
                    w.available_points_balance_enrichment, gate.label("points_allowed"),
@@ -538,7 +542,18 @@ def _target(vault: Vault, rows: Sequence[Any]) -> Target:
     return Target(hook.id, hook.url,
                   {name: vault.open(value) for name, value in (hook.headers or {}).items()},
                   tuple(vault.open(row.secret) for row in rows if row.secret is not None),
-                  hook.active, hook.sla_in_seconds, hook.max_allowed_connections, options)
+                  hook.active, hook.sla_in_seconds, hook.max_allowed_connections, options,
+                  hook.updated_at_ms)
+
+
+def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int) -> bool:
+    """Deactivate a webhook that keeps failing, saying why; False if it was inactive already."""
+    with db.autocommit() as connection:
+        result = connection.execute(
+            update(_webhooks)
+            .where(_webhooks.c.id == webhook_id, _webhooks.c.active.is_(True))
+            .values(active=False, disabled_reason=reason, updated_at_ms=now_ms))
+    return bool(result.rowcount)
 
 
 @dataclass(frozen=True)

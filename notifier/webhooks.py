@@ -14,7 +14,6 @@ import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session
 from notifier.db import Database
 from notifier.enrich import OPTION_FIELDS, check_options
 from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
+from notifier.logs import iso_ms
 from notifier.models import Org, SigningSecret, Webhook, WebhookSubscription
 from notifier.reference import source_name
 from notifier.schemas import EventCatalog
@@ -54,7 +54,7 @@ _KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConne
           *FLAGS}
 # Read-only or not (yet) supported InTouch fields a client may send back: ignored, with a warning.
 _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", "neoEnrichment",
-            "possibleValues", "orgId"}
+            "possibleValues", "orgId", "disabledReason"}
 DEFAULT_SLA_SECONDS = 3600
 ROTATION_OVERLAP_SECONDS = 24 * 3600
 
@@ -76,11 +76,6 @@ class Saved:
     secret: str | None = None
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
-
-
 def _view(hook: Webhook, event_names: Sequence[str], vault: Vault) -> dict[str, Any]:
     view: dict[str, Any] = {
         "webHookId": hook.id,
@@ -95,9 +90,10 @@ def _view(hook: Webhook, event_names: Sequence[str], vault: Vault) -> dict[str, 
         "consumerGroupId": hook.consumer_group_id,
         "customerIdentifiersToBeEnriched": list(hook.customer_identifiers_to_be_enriched),
         "noOfRetryAttempts": 0,
-        "attribution": {"createdOn": _iso(hook.created_at_ms), "createdOnISO": _iso(hook.created_at_ms),
-                        "lastUpdatedOn": _iso(hook.updated_at_ms),
-                        "lastUpdatedOnISO": _iso(hook.updated_at_ms)},
+        "disabledReason": hook.disabled_reason,
+        "attribution": {"createdOn": iso_ms(hook.created_at_ms), "createdOnISO": iso_ms(hook.created_at_ms),
+                        "lastUpdatedOn": iso_ms(hook.updated_at_ms),
+                        "lastUpdatedOnISO": iso_ms(hook.updated_at_ms)},
     }
     view.update({name: bool(getattr(hook, column)) for name, column in FLAGS.items()})
     return view
@@ -287,6 +283,8 @@ def update_webhook(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str
             _name_taken(session, org_id, values["name"], other_than=webhook_id)
         for column, value in values.items():
             setattr(hook, column, value)
+        if "active" in values:
+            hook.disabled_reason = None  # activated or deactivated by hand
         hook.updated_at_ms = now_ms
         if event_names is not None:
             session.execute(delete(WebhookSubscription).where(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 __all__ = ["ERRORS", "Envelope", "ErrorItem", "WebhookOut", "answers"]
 
@@ -51,6 +51,9 @@ class WebhookOut(BaseModel):
     availablePointsBalanceEnrichmentEnabled: bool
     listenToChildEvents: bool
     active: bool
+    disabledReason: str | None = Field(None, description=(
+        "Why notifier deactivated the webhook (every attempt failed for "
+        "NOTIFIER_DISABLE_FAILING_AFTER); null otherwise. Activating it clears this."))
 
 
 class CreatedWebhookOut(WebhookOut):

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, make_url, select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from notifier import pipeline, publish, store
+from notifier import pipeline, publish, store, webhooks
 from notifier.client import DELIVER_QUEUE, DELIVER_TASK, SLOW_QUEUE, lease_args, producer
 from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event, EventStatus
@@ -450,6 +450,50 @@ def test_a_delivery_task_with_an_option_from_a_newer_version_still_delivers(
     receiver.wait_for(1, "/upgrade")
     wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
     assert "left out by this version: ['optionFromANewerVersion']" in stack.log("w1")
+
+
+def test_a_webhook_that_fails_every_attempt_for_too_long_is_deactivated(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    broken, _ = hook(stack, database, receiver, "/broken")
+    mended, _ = hook(stack, database, receiver, "/mended")
+    receiver.script("/broken", *[503] * 100)
+    receiver.script("/mended", 503)  # fails once, then answers
+    stack.env["NOTIFIER_DISABLE_FAILING_AFTER"] = "3"
+    stack.worker()
+    stack.beat()
+    vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)
+    context = webhooks.Context(database, load_catalog(), vault)
+
+    send(stack, data=customer(1))
+
+    # Retried every 0.3 s or so; the first failure 3 s after the first one deactivates it.
+    wait_until(lambda: not webhooks.get(context, ORG, broken)["active"], 30, "/broken inactive")
+    requests_made = len(receiver.at("/broken"))
+    reason = webhooks.get(context, ORG, broken)["disabledReason"]
+    assert reason.startswith("deactivated by notifier: every attempt has failed since")
+    # Nothing is lost: its delivery, in retry, is recorded failed (replayable) without another
+    # request; the webhook that answered after one failure stays active.
+    (delivery,) = wait_until(lambda: deliveries(database, webhook_id=broken,
+                                                 status=DeliveryStatus.FAILED), 30, "failed")
+    *answered, last = attempts_of(database, delivery.id)
+    assert last.error_message == "the webhook was deactivated"
+    assert {a.status_code for a in answered} == {503} and len(answered) == requests_made
+    assert answered[-1].started_at_ms - answered[0].started_at_ms >= 3000
+    assert len(receiver.at("/broken")) == requests_made
+    assert webhooks.get(context, ORG, mended)["active"]
+    assert deliveries(database, webhook_id=mended)[0].status == DeliveryStatus.DELIVERED
+    assert f"webhook {broken} deactivated by notifier" in stack.log("w1")
+
+    # Mended and activated again: a fresh period, and the reason is gone.
+    receiver.scripts["/broken"].clear()
+    receiver.script("/broken", 503)
+    webhooks.update_webhook(context, ORG, broken, {"active": True}, now_ms=int(time.time() * 1000))
+    assert webhooks.get(context, ORG, broken)["disabledReason"] is None
+    send(stack, data=customer(2))
+    wait_until(lambda: len(deliveries(database, webhook_id=broken,
+                                      status=DeliveryStatus.DELIVERED)) == 1, 30, "delivered")
+    assert webhooks.get(context, ORG, broken)["active"]
 
 
 def test_an_event_sent_with_celery_call_is_delivered(

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from notifier.queues import Queues
+from notifier.queues import Queues, Report
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_giving_a_slot_back_dispatches_what_waits_in_the_same_call(queues: Queue
     fill(queues, "w", 1, 3)
     (first,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
 
-    released = queues.release(first, took_ms=5, batch=2, lease_ms=LEASE, now_ms=1)
+    released = queues.release(first, Report(took_ms=5), batch=2, lease_ms=LEASE, now_ms=1)
 
     assert released.held
     assert [lease.delivery_ids for lease in released.leases] == [("d2",)]
@@ -77,7 +77,7 @@ def test_a_webhook_that_answered_slowly_gets_slow_leases_until_it_is_fast_again(
     def cycle(took_ms: int) -> bool:
         fill(queues, "w", 1, 1)
         (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
-        queues.release(lease, took_ms=took_ms, batch=1, lease_ms=LEASE, now_ms=0)
+        queues.release(lease, Report(took_ms=took_ms), batch=1, lease_ms=LEASE, now_ms=0)
         return lease.slow
 
     assert cycle(took_ms=10)  # never measured: presumed slow
@@ -170,12 +170,27 @@ def test_the_leases_of_a_task_are_taken_and_given_back_in_one_call_each(queues: 
     assert a is not None and a.delivery_ids == ("d0", "a-late")
     assert b is None
     assert c is not None and c.delivery_ids == ("d0", "c-late0")
-    released = queues.release_many([(a, 5), (c, 2000)], batch=2, lease_ms=LEASE, now_ms=2)
+    released = queues.release_many([(a, Report(5)), (c, Report(2000))], batch=2, lease_ms=LEASE, now_ms=2)
     assert [r.held for r in released] == [True, True]
     assert released[0].leases == []
     (following,) = released[1].leases  # what still waited for c, and c answered slowly
     assert following.delivery_ids == ("c-late1", "c-late2") and following.slow
     assert [queues.held(webhook, 2) for webhook in ("a", "b", "c")] == [0, 0, 1]
+
+
+def test_a_webhook_is_marked_failing_from_its_first_failure_after_its_last_success(
+        queues: Queues) -> None:
+    def batch(report: Report) -> int:
+        fill(queues, "w", 1, 1)
+        (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+        return queues.release(lease, report, batch=1, lease_ms=LEASE, now_ms=0).failing_since_ms
+
+    assert batch(Report(took_ms=5)) == 0  # nothing failed
+    assert batch(Report(took_ms=5, failing_since_ms=100)) == 100
+    assert batch(Report(took_ms=5, failing_since_ms=200)) == 100  # still failing since 100
+    assert batch(Report()) == 100  # no attempt: nothing learnt
+    assert batch(Report(took_ms=5, delivered=True, failing_since_ms=300)) == 300  # failed again
+    assert batch(Report(took_ms=5, delivered=True)) == 0  # a success ends it
 
 
 def test_an_expired_lease_gives_its_slot_and_deliveries_back(queues: Queues) -> None:

@@ -326,7 +326,9 @@ def attempt(reader: FakeReader, flags: dict[str, Any]) -> tuple[Any, RecordingSe
                     active=True, sla_in_seconds=3600, max_allowed_connections=1, options=flags)
     claimed = Claimed(id="msg_1", event=points_issued(), attempt_count=0, ingested_at_ms=0,
                       lease_until_ms=1)
-    return pipeline._attempt(services, target, claimed), sender
+    finished, posted = pipeline._attempt(services, target, claimed)
+    assert posted
+    return finished, sender
 
 
 def test_the_sent_payload_and_notes_go_to_the_delivery_record() -> None:
