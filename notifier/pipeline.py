@@ -275,6 +275,15 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
         _count(services, task.tally)
 
 
+def _duration(ms: float) -> str:
+    seconds = ms / 1000
+    if seconds < 3600:
+        return f"{seconds:.0f} s"
+    if seconds < 86_400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} days"
+
+
 @dataclass(frozen=True)
 class _Lot:
     """A lease of a task, taken: the deliveries it claimed, and their webhook."""
@@ -348,10 +357,9 @@ class _Task:
         now = now_ms()
         if not after_ms or not target.active or now - since < after_ms:
             return
-        days = (now - since) / 86_400_000
-        reason = (f"deactivated by notifier: every attempt has failed since "
-                  f"{iso_ms(since)} ({days:.1f} days; NOTIFIER_DISABLE_FAILING_AFTER is "
-                  f"{after_ms / 86_400_000:g} days)")
+        reason = (f"deactivated by notifier: every attempt has failed since {iso_ms(since)} "
+                  f"({_duration(now - since)}; NOTIFIER_DISABLE_FAILING_AFTER is "
+                  f"{_duration(after_ms)})")
         if store.disable_failing(self.services.db, target.id, reason=reason, now_ms=now):
             log.warning("webhook %s %s", target.id, reason)
             self.tally.webhook_disabled()
@@ -374,15 +382,13 @@ class _Task:
         for item in claim.claimed:
             claimed[owner[item.id]].append(item)
             self.claimed_until = item.lease_until_ms
+        sending = [(lease, tuple(mine)) for lease, mine in zip(self._held, claimed, strict=True)
+                   if mine]
         targets = store.targets(services.db, services.vault,
-                                (lease.webhook_id for lease, mine in zip(self._held, claimed,
-                                                                         strict=True) if mine),
-                                now_ms=now_ms())
+                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms())
         # The reference data every enrichment of the task needs, one query per kind.
-        prefetch(((item.event, targets[lease.webhook_id].options)
-                  for lease, mine in zip(self._held, claimed, strict=True)
-                  if mine and targets[lease.webhook_id].active for item in mine),
-                 services.lookups)
+        prefetch(((item.event, targets[lease.webhook_id].options) for lease, mine in sending
+                  if targets[lease.webhook_id].active for item in mine), services.lookups)
         return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id))
                 for lease, mine in zip(self._held, claimed, strict=True)]
 
