@@ -91,10 +91,9 @@ class ServiceCollector(Collector):
         yield _counter("notifier_events", "Events received, by outcome: accepted (stored and "
                        "fanned out), rejected (failed validation; kept), duplicate (an eventId "
                        "stored already).", counts, "events", ["outcome"])
-        fanned = CounterMetricFamily("notifier_deliveries_created",
-                                     "Deliveries made by fanning events out to webhooks.")
-        fanned.add_metric([], counts.get("fanned_out", 0))
-        yield fanned
+        yield _single(CounterMetricFamily, "notifier_deliveries_created",
+                      "Deliveries made by fanning events out to webhooks.",
+                      counts.get("fanned_out", 0))
         yield _counter("notifier_delivery_attempts", "Delivery attempts (POSTs), by webhook and "
                        "the outcome they led to.", counts, "attempts", ["webhook", "outcome"])
         yield _histogram("notifier_webhook_response_seconds", "How long webhooks took to "
@@ -102,15 +101,12 @@ class ServiceCollector(Collector):
                          RESPONSE_BUCKETS_MS)
         yield _histogram("notifier_delivered_seconds", "From an event's ingest to its "
                          "delivery's success.", counts, "delivered", DELIVERED_BUCKETS_MS)
-        disabled = CounterMetricFamily("notifier_webhooks_disabled", "Webhooks notifier "
-                                       "deactivated: every attempt failed for "
-                                       "NOTIFIER_DISABLE_FAILING_AFTER.")
-        disabled.add_metric([], counts.get("webhooks_disabled", 0))
-        yield disabled
-        breaches = CounterMetricFamily("notifier_sla_breaches", "Deliveries that the SLA "
-                                       "check found not delivered within their webhook's SLA.")
-        breaches.add_metric([], counts.get("sla_breaches", 0))
-        yield breaches
+        yield _single(CounterMetricFamily, "notifier_webhooks_disabled", "Webhooks notifier "
+                      "deactivated: every attempt failed for NOTIFIER_DISABLE_FAILING_AFTER.",
+                      counts.get("webhooks_disabled", 0))
+        yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries that the SLA "
+                      "check found not delivered within their webhook's SLA.",
+                      counts.get("sla_breaches", 0))
         yield from self._gauges()
 
     def _gauges(self) -> Iterator[Metric]:
@@ -120,16 +116,13 @@ class ServiceCollector(Collector):
         for webhook_id, count in sorted(state.waiting.items()):
             waiting.add_metric([webhook_id], count)
         yield waiting
-        for name, help_text, value in (
-                ("notifier_retries_parked", "Deliveries parked until their next attempt is due.",
-                 state.parked),
-                ("notifier_slots_held", "Connection slots held by delivery tasks (live leases).",
-                 state.slots_held),
-                ("notifier_webhooks_slow_lane", "Webhooks sent to by the slow lane: their "
-                 "slowest recent answer took NOTIFIER_SLOW_WEBHOOK_MS or more.", state.slow)):
-            gauge = GaugeMetricFamily(name, help_text)
-            gauge.add_metric([], value)
-            yield gauge
+        yield _single(GaugeMetricFamily, "notifier_retries_parked",
+                      "Deliveries parked until their next attempt is due.", state.parked)
+        yield _single(GaugeMetricFamily, "notifier_slots_held",
+                      "Connection slots held by delivery tasks (live leases).", state.slots_held)
+        yield _single(GaugeMetricFamily, "notifier_webhooks_slow_lane", "Webhooks sent to by the "
+                      "slow lane: their slowest recent answer took NOTIFIER_SLOW_WEBHOOK_MS or "
+                      "more.", state.slow)
         open_ = GaugeMetricFamily("notifier_deliveries_open", "Unfinished deliveries in the "
                                   "database (the source of truth), by status.",
                                   labels=["status"])
@@ -143,6 +136,14 @@ class ServiceCollector(Collector):
                 select(Delivery.status, func.count()).where(Delivery.status.in_(_OPEN))
                 .group_by(Delivery.status)).all())
         return [(status.value, int(rows.get(status, 0))) for status in _OPEN]
+
+
+def _single(family: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str,
+            help_text: str, value: float) -> Metric:
+    """A metric of one unlabelled sample."""
+    made = family(name, help_text)
+    made.add_metric([], value)
+    return made
 
 
 def _counter(name: str, help_text: str, counts: Mapping[str, int], prefix: str,

@@ -381,7 +381,8 @@ class _Task:
         claimed: list[list[store.Claimed]] = [[] for _ in self._held]
         for item in claim.claimed:
             claimed[owner[item.id]].append(item)
-            self.claimed_until = item.lease_until_ms
+        if claim.claimed:  # one statement: one lease_until_ms for all
+            self.claimed_until = claim.claimed[0].lease_until_ms
         sending = [(lease, tuple(mine)) for lease, mine in zip(self._held, claimed, strict=True)
                    if mine]
         targets = store.targets(services.db, services.vault,
@@ -447,10 +448,8 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
         elif posted and not failing_since:
             failing_since = finished.started_at_ms
         store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
-        ended_ms = finished.started_at_ms + finished.latency_ms
         tally.attempt(lease.webhook_id, finished.outcome, finished.latency_ms,
-                      ended_ms - claimed.ingested_at_ms
-                      if finished.outcome == DeliveryStatus.DELIVERED else None)
+                      finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
         if finished.next_attempt_at_ms is not None:
             services.queues.park([(lease.webhook_id, claimed.id, finished.next_attempt_at_ms)])
     return Report(slowest, delivered, failing_since)

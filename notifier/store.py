@@ -574,6 +574,11 @@ class Finished:
     enrichment: dict[str, Any] | None = None
     enrichment_notes: str | None = None
 
+    @property
+    def taken_ms(self) -> int:
+        """From the event's ingest to the end of this attempt."""
+        return self.started_at_ms + self.latency_ms - self.claimed.ingested_at_ms
+
 
 def finish(db: Database, done: Sequence[Finished], *, sla_in_seconds: int) -> None:
     """Record attempts and move their deliveries on, atomically.
@@ -594,8 +599,7 @@ def finish(db: Database, done: Sequence[Finished], *, sla_in_seconds: int) -> No
 
 def _finish_row(f: Finished, sla_in_seconds: int) -> dict[str, Any]:
     ended = f.started_at_ms + f.latency_ms
-    breached = f.outcome == DeliveryStatus.DELIVERED and \
-        ended - f.claimed.ingested_at_ms > sla_in_seconds * 1000
+    breached = f.outcome == DeliveryStatus.DELIVERED and f.taken_ms > sla_in_seconds * 1000
     return {
         "delivery_id": f.claimed.id, "claimed_until_ms": f.claimed.lease_until_ms,
         "number": f.claimed.attempt_count + 1, "started_at_ms": f.started_at_ms,
