@@ -134,7 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_connect_timeout", _positive_float, "5",
             "Seconds to wait for a webhook's TCP/TLS connection."),
     Setting("http_read_timeout", _positive_float, "30",
-            "Seconds to wait for a webhook's response."),
+            "Seconds to wait for each read of a webhook's response."),
+    Setting("http_deadline", _positive_float, "30",
+            "Seconds a whole request to a webhook may take, connect, headers and body together, "
+            "however slowly the receiver trickles them; then it is cut and retried."),
     Setting("max_response_bytes", _positive_int, "65536",
             "Most bytes of a webhook's response that are read; the rest is dropped."),
     Setting("retry_schedule", _schedule, "5,30,120,600,1800,3600,10800,21600,43200",
@@ -191,6 +194,7 @@ class Settings:
     redis_prefix: str
     http_connect_timeout: float
     http_read_timeout: float
+    http_deadline: float
     max_response_bytes: int
     retry_schedule: tuple[float, ...]
     retry_jitter: float
@@ -220,8 +224,8 @@ class Settings:
 
     @property
     def longest_task_seconds(self) -> float:
-        """Worst case of one delivery task: its time budget plus one last request."""
-        return self.batch_time_budget + self.http_connect_timeout + self.http_read_timeout
+        """Worst case of one delivery task: its time budget plus one last whole request."""
+        return self.batch_time_budget + self.http_deadline
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -254,7 +258,7 @@ def _check_together(settings: Settings) -> None:
         raise SettingsError(
             f"NOTIFIER_SLOT_LEASE_SECONDS={settings.slot_lease_seconds:g}: must exceed the longest "
             f"delivery task ({settings.longest_task_seconds:g}s = NOTIFIER_BATCH_TIME_BUDGET + "
-            "NOTIFIER_HTTP_CONNECT_TIMEOUT + NOTIFIER_HTTP_READ_TIMEOUT), or a slow request would "
+            "NOTIFIER_HTTP_DEADLINE), or a slow request would "
             "outlive its slot and let one connection too many in")
     if settings.visibility_timeout <= settings.slot_lease_seconds:
         raise SettingsError(

@@ -386,6 +386,7 @@ def stack_env(tmp_path: Path, pg_url: str, redis_url: str, broker_url: str) -> d
         "NOTIFIER_RETRY_JITTER": "0",
         "NOTIFIER_HTTP_CONNECT_TIMEOUT": "1",
         "NOTIFIER_HTTP_READ_TIMEOUT": "1",
+        "NOTIFIER_HTTP_DEADLINE": "2",
         "NOTIFIER_BATCH_TIME_BUDGET": "1",
         "NOTIFIER_SLOT_LEASE_SECONDS": "5",
         "NOTIFIER_VISIBILITY_TIMEOUT": "30",

@@ -90,17 +90,17 @@ def test_test_variables_and_other_prefixes_are_ignored() -> None:
 
 
 def test_lease_must_exceed_the_longest_task() -> None:
-    # Defaults: batch budget 5 + connect 5 + read 30 = 40 seconds.
+    # Defaults: batch budget 5 + the whole-request deadline 30 = 35 seconds.
     with pytest.raises(SettingsError) as caught:
-        load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "40"})
+        load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "35"})
 
-    assert str(caught.value).startswith("NOTIFIER_SLOT_LEASE_SECONDS=40:")
-    assert load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "40.5"}).slot_lease_seconds == 40.5
+    assert str(caught.value).startswith("NOTIFIER_SLOT_LEASE_SECONDS=35:")
+    assert load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "35.5"}).slot_lease_seconds == 35.5
 
 
-def test_lease_check_counts_the_timeouts() -> None:
+def test_lease_check_counts_the_request_deadline() -> None:
     with pytest.raises(SettingsError, match="NOTIFIER_SLOT_LEASE_SECONDS"):
-        load_settings({"NOTIFIER_HTTP_READ_TIMEOUT": "115"})
+        load_settings({"NOTIFIER_HTTP_DEADLINE": "115"})
 
 
 def test_visibility_timeout_must_exceed_the_lease() -> None:
