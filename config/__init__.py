@@ -111,6 +111,8 @@ class Setting:
     parse: Callable[[str], Any]
     default: str | Callable[[Mapping[str, Any]], Any]
     help: str
+    # A secret's value is never repeated in an error message (they end up in logs).
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -179,7 +181,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds before the Redis broker hands an unacknowledged task to another worker."),
     Setting("secret_keys", _fernet_keys, "",
             "Fernet keys sealing webhook header values and signing secrets at rest, comma "
-            "separated; the first seals, all open (rotation). Default: data_dir/secret.key."),
+            "separated; the first seals, all open (rotation). Default: data_dir/secret.key.",
+            secret=True),
+    Setting("ui_session_idle_seconds", _positive_float, str(8 * 3600),
+            "Seconds an admin-page session may go unused before it ends (sign in again)."),
+    Setting("ui_session_max_seconds", _positive_float, str(24 * 3600),
+            "Seconds an admin-page session lasts at most from its sign-in, however busy it is."),
 )
 
 
@@ -212,6 +219,8 @@ class Settings:
     sla_check_interval: float
     visibility_timeout: float
     secret_keys: tuple[str, ...]
+    ui_session_idle_seconds: float
+    ui_session_max_seconds: float
 
     @property
     def uses_embedded_redis(self) -> bool:
@@ -247,7 +256,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
-            raise SettingsError(f"{setting.env}={raw!r}: {exc}") from exc
+            shown = "(hidden)" if setting.secret else repr(raw)
+            raise SettingsError(f"{setting.env}={shown}: {exc}") from exc
     settings = Settings(**values)
     _check_together(settings)
     return settings

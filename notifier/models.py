@@ -43,6 +43,7 @@ __all__ = [
     "RefStore",
     "RefTill",
     "SigningSecret",
+    "UiSession",
     "Webhook",
     "WebhookSubscription",
 ]
@@ -97,6 +98,21 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class UiSession(Base):
+    """A sign-in to the admin pages, bound to the API key it was made with: the cookie only names
+    it, so revoking the key or signing out ends it at once, wherever the cookie was saved."""
+
+    __tablename__ = "ui_sessions"
+
+    # SHA-256 of the session id the cookie carries: the table alone cannot be replayed.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("orgs.id"), index=True)
+    api_key_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("api_keys.id"), index=True)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    last_seen_at_ms: Mapped[int] = mapped_column(BigInteger)
+    ended_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Webhook(Base):

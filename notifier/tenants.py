@@ -11,7 +11,8 @@ from notifier.db import Database
 from notifier.errors import AuthenticationFailed, NotFound
 from notifier.models import ApiKey, Org
 
-__all__ = ["KEY_PREFIX", "authenticate", "create_key", "list_keys", "revoke_key"]
+__all__ = ["KEY_PREFIX", "authenticate", "authenticate_key", "create_key", "list_keys",
+           "revoke_key"]
 
 KEY_PREFIX = "nk_"
 
@@ -57,9 +58,14 @@ def revoke_key(db: Database, org_id: int, prefix: str, *, now_ms: int) -> int:
 
 def authenticate(db: Database, key: str, *, org_id: int | None = None) -> int:
     """The org a live key belongs to; with ``org_id`` (HTTP Basic), it must be that org's."""
+    return authenticate_key(db, key, org_id=org_id)[0]
+
+
+def authenticate_key(db: Database, key: str, *, org_id: int | None = None) -> tuple[int, int]:
+    """(org, key id) of a live key: what a UI session is bound to. See ``authenticate``."""
     with db.session() as session:
-        row = session.execute(select(ApiKey.org_id, ApiKey.revoked_at_ms)
+        row = session.execute(select(ApiKey.org_id, ApiKey.id, ApiKey.revoked_at_ms)
                               .where(ApiKey.key_hash == _digest(key))).first()
     if row is None or row.revoked_at_ms is not None or (org_id is not None and row.org_id != org_id):
         raise AuthenticationFailed("invalid or revoked API key")
-    return int(row.org_id)
+    return int(row.org_id), int(row.id)

@@ -1,13 +1,16 @@
 """The admin web UI under ``/ui``: server-rendered pages over the same domain calls as the API.
 
-One signed-in org per browser session (a signed cookie, see ``notifier.ui.install``). Every
+One signed-in org per browser session (a signed cookie naming a server-side session bound to
+the API key it was signed in with, see ``notifier.ui.sessions``). Every
 change goes through ``notifier.webhooks`` / ``notifier.pipeline``, so the UI can do nothing the
 API could not, and an ``InvalidInput`` from them is shown next to the field it names.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -19,13 +22,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from notifier import logs, pipeline, store, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
 from notifier.models import Delivery, Event, Org, Webhook
 from notifier.pipeline import Services, now_ms
 from notifier.reference import SOURCES
-from notifier.ui import forms
+from notifier.ui import forms, sessions
 
 __all__ = ["SignInRequired", "router"]
 
@@ -44,10 +48,17 @@ def _services(request: Request) -> Services:
 
 
 def _signed_in(request: Request) -> int:
-    org = request.session.get("org")
-    if not isinstance(org, int):
+    session_id = request.session.get("sid")
+    if not isinstance(session_id, str):
         raise SignInRequired
-    return org
+    settings = _services(request).settings
+    try:
+        return sessions.check(_services(request).db, session_id, now_ms=now_ms(),
+                              idle_ms=int(settings.ui_session_idle_seconds * 1000),
+                              max_ms=int(settings.ui_session_max_seconds * 1000))
+    except AuthenticationFailed:
+        request.session.clear()
+        raise SignInRequired from None
 
 
 OrgId = Annotated[int, Depends(_signed_in)]
@@ -109,34 +120,60 @@ def home(request: Request) -> RedirectResponse:
     return _redirect("/ui/notifications" if "org" in request.session else "/ui/login")
 
 
+def _csrf_token(request: Request) -> str:
+    """The sign-in form's token, kept in the (pre-sign-in) cookie: a post from another site's
+    form cannot know it, so nobody is signed in to an org they did not choose (login CSRF)."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def _login_page(request: Request, status: int = 200, form: Mapping[str, str] | None = None,
+                error: Mapping[str, str] | None = None) -> HTMLResponse:
+    return _page(request, "login.html", status=status, form=form or {}, error=error,
+                 csrf=_csrf_token(request))
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request) -> HTMLResponse:
-    return _page(request, "login.html", form={}, error=None)
+    return _login_page(request)
 
 
 @router.post("/login", response_model=None)
 async def login(request: Request) -> Response:
     form = dict(await _pairs(request))
+    expected = request.session.get("csrf")
+    if not isinstance(expected, str) or not hmac.compare_digest(
+            form.get("csrf", "").encode(), expected.encode()):
+        return _login_page(request, 403, form, {"form": "This form has expired; sign in again"})
     try:
         org_id = int(form.get("orgId", "").strip())
     except ValueError:
-        return _page(request, "login.html", status=400, form=form,
-                     error={"orgId": "Enter your numeric org id"})
+        return _login_page(request, 400, form, {"orgId": "Enter your numeric org id"})
+    services = _services(request)
     try:
-        tenants.authenticate(_services(request).db, form.get("apiKey", "").strip(), org_id=org_id)
+        org_id, key_id = await run_in_threadpool(
+            tenants.authenticate_key, services.db, form.get("apiKey", "").strip(), org_id=org_id)
     except AuthenticationFailed:
-        return _page(request, "login.html", status=401, form=form,
-                     error={"apiKey": "This API key is not a live key of that org"})
-    with _services(request).db.session() as session:
+        return _login_page(request, 401, form,
+                           {"apiKey": "This API key is not a live key of that org"})
+    session_id = await run_in_threadpool(
+        sessions.start, services.db, org_id, key_id, now_ms=now_ms(),
+        max_ms=int(services.settings.ui_session_max_seconds * 1000))
+    with services.db.session() as session:
         org = session.get(Org, org_id)
         org_name = org.name if org else str(org_id)
     request.session.clear()
-    request.session.update({"org": org_id, "orgName": org_name})
+    request.session.update({"sid": session_id, "org": org_id, "orgName": org_name})
     return _redirect("/ui/notifications")
 
 
 @router.post("/logout")
 def logout(request: Request) -> RedirectResponse:
+    session_id = request.session.get("sid")
+    if isinstance(session_id, str):
+        sessions.end(_services(request).db, session_id, now_ms=now_ms())
     request.session.clear()
     return _redirect("/ui/login")
 
