@@ -85,6 +85,15 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _basic_auth(raw: str) -> tuple[str, ...]:
+    pairs = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for pair in pairs:
+        user, _, password = pair.partition(":")
+        if not user or not password:
+            raise ValueError("each entry must be user:password, both non-empty") from None
+    return pairs
+
+
 def _fernet_keys(raw: str) -> tuple[str, ...]:
     keys = tuple(part.strip() for part in raw.split(",") if part.strip())
     for key in keys:
@@ -187,6 +196,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an admin-page session may go unused before it ends (sign in again)."),
     Setting("ui_session_max_seconds", _positive_float, str(24 * 3600),
             "Seconds an admin-page session lasts at most from its sign-in, however busy it is."),
+    Setting("flower_address", _text, "127.0.0.1",
+            "Address Flower (the Celery monitor) listens on, in the Procfile and `notifier up`; "
+            "it shows every task's arguments, so keep it off the public network."),
+    Setting("flower_basic_auth", _basic_auth, "",
+            "user:password that Flower asks for (HTTP basic auth), comma separated for several; "
+            "empty: Flower asks for none (then only bind it to 127.0.0.1).", secret=True),
 )
 
 
@@ -221,6 +236,8 @@ class Settings:
     secret_keys: tuple[str, ...]
     ui_session_idle_seconds: float
     ui_session_max_seconds: float
+    flower_address: str
+    flower_basic_auth: tuple[str, ...]
 
     @property
     def uses_embedded_redis(self) -> bool:
@@ -275,10 +292,21 @@ def _check_together(settings: Settings) -> None:
             f"NOTIFIER_VISIBILITY_TIMEOUT={settings.visibility_timeout:g}: must exceed "
             f"NOTIFIER_SLOT_LEASE_SECONDS ({settings.slot_lease_seconds:g}), or Redis would hand "
             "a running task to a second worker")
+    if not settings.flower_basic_auth and not _is_loopback(settings.flower_address):
+        raise SettingsError(
+            f"NOTIFIER_FLOWER_ADDRESS={settings.flower_address}: Flower shows every task and "
+            "can stop workers; off 127.0.0.1 it needs NOTIFIER_FLOWER_BASIC_AUTH=user:password")
     if settings.uses_embedded_redis and len(str(settings.data_dir / "redis.sock")) > 100:
         raise SettingsError(
             f"NOTIFIER_DATA_DIR={settings.data_dir}: too long a path for the embedded Redis "
             "socket (Unix sockets allow about 100 characters); choose a shorter folder")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def describe() -> str:

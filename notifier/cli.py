@@ -83,9 +83,10 @@ def up(concurrency: int, slow_threads: int, port: int, flower_port: int) -> None
     if port:
         commands["api"] = [sys.executable, "-m", "uvicorn", "--factory", "notifier.api:create_app",
                            "--host", "127.0.0.1", "--port", str(port)]
+    environments = {}
     if flower_port:
-        commands["flower"] = [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"]
-    children = {name: subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        commands["flower"], environments["flower"] = flower_command(settings, flower_port)
+    children = {name: subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=environments.get(name))
                 for name, cmd in commands.items()}
     stopping = False
 
@@ -99,7 +100,7 @@ def up(concurrency: int, slow_threads: int, port: int, flower_port: int) -> None
     if port:
         click.echo(f"api:      http://127.0.0.1:{port}/docs")
     if flower_port:
-        click.echo(f"flower:   http://127.0.0.1:{flower_port}/")
+        click.echo(f"flower:   http://{settings.flower_address}:{flower_port}/")
     code = 0
     while not stopping:
         for name, child in children.items():
@@ -119,6 +120,26 @@ def up(concurrency: int, slow_threads: int, port: int, flower_port: int) -> None
         redis_process.terminate()
         redis_process.wait(timeout=10)
     sys.exit(code)
+
+
+def flower_command(settings: Any, port: int) -> tuple[list[str], dict[str, str]]:
+    """Flower's command line and environment: on ``NOTIFIER_FLOWER_ADDRESS`` (127.0.0.1 unless
+    configured), asking for ``NOTIFIER_FLOWER_BASIC_AUTH`` when set. The credentials go by
+    Flower's own environment variable, so they never show in the process list."""
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = ",".join(settings.flower_basic_auth)
+    return ([sys.executable, "-m", "celery", "-A", "tasks", "flower",
+             f"--address={settings.flower_address}", f"--port={port}"], env)
+
+
+@main.command()
+@click.option("--port", default=5555, show_default=True, help="Flower's port.")
+def flower(port: int) -> None:
+    """Run Flower, the Celery monitor, as the Procfile does: on 127.0.0.1 unless
+    NOTIFIER_FLOWER_ADDRESS says otherwise, with NOTIFIER_FLOWER_BASIC_AUTH's credentials."""
+    command, env = flower_command(_settings(), port)
+    os.execve(command[0], command, env)  # noqa: S606 - becomes Flower; argv is a list, no shell
 
 
 @main.group()

@@ -7,6 +7,7 @@ this module (and Celery's client side) to publish.
 from __future__ import annotations
 
 import functools
+import json
 import time
 import uuid
 from collections import defaultdict
@@ -19,7 +20,7 @@ from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "lease_args", "producer", "publish", "send_lease", "send_leases"]
+           "ingest_reprs", "lease_args", "producer", "publish", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -80,8 +81,36 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
         from config import load_settings
 
         broker_url = load_settings().broker_url
-    producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE)
+    producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE,
+                                   **ingest_reprs([envelope], {}))
     return str(envelope["eventId"])
+
+
+_ID_FIELDS = ("orgId", "eventName", "eventId")
+
+
+def ingest_reprs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """``argsrepr`` and ``kwargsrepr`` of an ingest message: the event's ids, never its payload.
+
+    Celery puts them in the message's headers for Flower and the workers' logs to show instead
+    of the arguments; by default they are the arguments' repr, the whole event with its
+    customer data.
+    """
+    envelope = args[0] if args else kwargs.get("envelope")
+    ids = ({name: _short(envelope.get(name)) for name in _ID_FIELDS if name in envelope}
+           if isinstance(envelope, Mapping) else {})
+    return {"argsrepr": json.dumps([ids]), "kwargsrepr": "{}"}
+
+
+def _short(value: Any) -> Any:
+    # An id is a short scalar; anything else is shown by its type alone.
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        return value[:100]
+    return f"<{type(value).__name__}>"
 
 
 def send_lease(app: Celery, lease: Lease, *, claimed_until: int | None = None) -> None:

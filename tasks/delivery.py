@@ -109,7 +109,8 @@ def _ingest_later(requests: list[SimpleRequest], exc: Exception) -> None:
         before = int((request.request_dict or {}).get("retries") or 0)
         attempt = max(attempt, before + 1)
         app.send_task(INGEST_TASK, args=request.args, kwargs=request.kwargs, task_id=request.id,
-                      queue=client.QUEUE, retries=before + 1, countdown=_countdown(before))
+                      queue=client.QUEUE, retries=before + 1, countdown=_countdown(before),
+                      **client.ingest_reprs(request.args, request.kwargs))
     log.warning("ingest of %d event(s) retried (attempt %d): %s", len(requests), attempt, exc)
 
 
