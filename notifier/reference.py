@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, any_, bindparam, delete, func, select
+from sqlalchemy import Connection, any_, bindparam, delete, exists, func, select
 from sqlalchemy.orm import Session
 
 from notifier.db import Database
@@ -663,6 +663,7 @@ def _statements(postgresql: bool) -> dict[str, Any]:
     tills, stores = RefTill.__table__.c, RefStore.__table__.c
     ids, cards = RefCustomerIdentifiers.__table__.c, RefCard.__table__.c
     awarded, balances = RefAwardedReference.__table__.c, RefPointsBalance.__table__.c
+    orgs = Org.__table__.c
     return {
         "till": select(tills.id, tills.code, tills.name, tills.store_id)
         .where(tills.org_id == org, among(tills.id)),
@@ -677,8 +678,13 @@ def _statements(postgresql: bool) -> dict[str, Any]:
         "awarded": select(awarded.loyalty_event_id, awarded.program_id, awarded.block,
                           awarded.block_index, awarded.awarded_reference_id)
         .where(awarded.org_id == org, among(awarded.loyalty_event_id)),
+        # A balance is read only while the operator's gate of the org it belongs to is open:
+        # the event's org, which for a parent's listenToChildEvents webhook is the child, not
+        # the webhook's org (whose gate store.targets checks).
         "balance": select(balances.customer_id, func.sum(balances.available_points))
-        .where(balances.org_id == org, among(balances.customer_id))
+        .where(balances.org_id == org, among(balances.customer_id),
+               exists().where(orgs.id == org,
+                              orgs.available_points_balance_enrichment_enabled.is_(True)))
         .group_by(balances.customer_id),
     }
 
