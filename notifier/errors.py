@@ -53,7 +53,15 @@ class InvalidInput(NotifierError):
 
 
 class InvalidEvent(InvalidInput):
-    """An event failed its envelope or schema check; ``field`` is a JSON path such as ``$.data``."""
+    """An event failed its envelope or schema check; ``field`` is a JSON path such as ``$.data``.
+
+    ``rule`` is the check that failed (a JSON-schema keyword such as ``type``, or ``envelope``):
+    with the path, what a log line may say, since the message may quote the event's values.
+    """
+
+    def __init__(self, field: str, problem: str, *, rule: str = "envelope") -> None:
+        super().__init__(field, problem)
+        self.rule = rule
 
 
 class NotFound(NotifierError):

@@ -111,7 +111,8 @@ class EventCatalog:
             return
         error: ValidationError | None = best_match(validator.iter_errors(event))
         if error is not None:
-            raise InvalidEvent(json_path(error.absolute_path), error.message)
+            raise InvalidEvent(json_path(error.absolute_path), error.message,
+                               rule=str(error.validator))
 
 
 @functools.cache

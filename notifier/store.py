@@ -10,7 +10,7 @@ import functools
 import ipaddress
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import (
@@ -112,6 +112,10 @@ class IngestOutcome:
     created: bool
     error: str | None = None
     queued: tuple[Queued, ...] = ()
+    # Where and which check a rejected event failed (see InvalidEvent), for logs: ``error``
+    # may quote the event's values.
+    error_path: str | None = None
+    error_rule: str | None = None
 
 
 def normalize_envelope(envelope: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
@@ -155,8 +159,8 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
     if not envelopes:
         return []
     outcomes: list[IngestOutcome | None] = [None] * len(envelopes)
-    unusable: list[tuple[int, dict[str, Any]]] = []
-    keyed: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+    unusable: list[tuple[int, dict[str, Any], InvalidEvent]] = []
+    keyed: list[tuple[int, dict[str, Any], dict[str, Any], InvalidEvent | None]] = []
     for index, envelope in enumerate(envelopes):
         try:
             if not isinstance(envelope, Mapping):
@@ -165,7 +169,7 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
             _check_storable(envelope, "$")
             event = normalize_envelope(envelope, now_ms)
         except InvalidEvent as exc:
-            unusable.append((index, _unusable_row(envelope, exc, now_ms)))
+            unusable.append((index, _unusable_row(envelope, exc, now_ms), exc))
             continue
         invalid: InvalidEvent | None = None
         try:
@@ -175,18 +179,23 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
         row = _event_row(event, invalid, now_ms)
         audience = {"org_id": event["orgId"], "event_name": row["event_name"],
                     "only_webhook": only_webhook}
-        keyed.append((index, row, audience))
+        keyed.append((index, row, audience, invalid))
     keyed.sort(key=lambda item: (item[1]["org_id"], item[1]["event_id"]))
     # On PostgreSQL each event is written by one statement, atomic on its own: one event alone
     # then needs no transaction around it (one round trip instead of three).
     alone = db.is_postgresql and len(keyed) + len(unusable) == 1
     with db.autocommit() if alone else db.transaction() as connection:
-        for index, row in unusable:
+        for index, row, problem in unusable:
             connection.execute(insert(_events).values(**row))
             outcomes[index] = IngestOutcome(row["event_id"], row["status"], True,
-                                            row["error_message"])
-        for index, row, audience in keyed:
-            outcomes[index] = _insert_and_fan_out(connection, row, audience, now_ms)
+                                            row["error_message"], error_path=problem.field,
+                                            error_rule=problem.rule)
+        for index, row, audience, invalid in keyed:
+            outcome = _insert_and_fan_out(connection, row, audience, now_ms)
+            if invalid is not None and outcome.created:
+                outcome = replace(outcome, error_path=invalid.field,
+                                  error_rule=invalid.rule)
+            outcomes[index] = outcome
     stored = [outcome for outcome in outcomes if outcome is not None]
     assert len(stored) == len(envelopes)  # every envelope has its outcome
     return stored

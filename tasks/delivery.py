@@ -69,7 +69,10 @@ def ingest(requests: list[SimpleRequest]) -> int:
         try:
             for outcome in pipeline.accept_many(services(), envelopes, send):
                 if outcome.error:
-                    log.info("event %s rejected: %s", outcome.event_id, outcome.error)
+                    # The path and the check, never the message: it may quote the offending
+                    # value (personal data). The whole message is kept on the event's row.
+                    log.info("event %s rejected at %s (%s)", outcome.event_id,
+                             outcome.error_path or "$", outcome.error_rule or "stored before")
         except TransientError as exc:
             _ingest_later(requests, exc)
         except Exception as exc:
