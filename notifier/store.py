@@ -676,7 +676,9 @@ def open_work(db: Database) -> list[tuple[Queued, str, int | None]]:
 
 def flag_sla_breaches(db: Database, *, now_ms: int) -> int:
     """Stamp ``slaBreachTimestamp`` on deliveries not delivered within their webhook's SLA."""
-    sla_ms = (select(Webhook.sla_in_seconds * 1000)
+    # In BIGINT: the column is a 32-bit integer, and its product with 1000 overflowed on
+    # PostgreSQL for an SLA above 24.8 days.
+    sla_ms = (select(cast(Webhook.sla_in_seconds, BigInteger) * 1000)
               .where(Webhook.id == Delivery.webhook_id).scalar_subquery())
     with db.session() as session:
         result = session.execute(
