@@ -62,12 +62,13 @@ def up(concurrency: int, slow_threads: int, port: int, flower_port: int) -> None
     from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
     from notifier.db import upgrade
     from notifier.embedded import start_redis
+    from notifier.vault import mask_url
 
     settings = _settings()
     redis_process = start_redis(settings.data_dir) if settings.uses_embedded_redis else None
     upgrade(settings.database_url)
-    click.echo(f"database: {settings.database_url}")
-    click.echo(f"redis:    {settings.redis_url}")
+    click.echo(f"database: {mask_url(settings.database_url)}")
+    click.echo(f"redis:    {mask_url(settings.redis_url)}")
     celery = [sys.executable, "-m", "celery", "-A", "tasks"]
     worker = [*celery, "worker", "--loglevel", "INFO"]
     commands = {
@@ -152,10 +153,11 @@ def db() -> None:
 def db_upgrade(revision: str) -> None:
     """Apply the migrations up to REVISION (default: the newest)."""
     from notifier.db import upgrade
+    from notifier.vault import mask_url
 
     settings = _settings()
     upgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}: {settings.database_url}")
+    click.echo(f"database at {revision}: {mask_url(settings.database_url)}")
 
 
 @main.command("settings")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from notifier.errors import NotifierError
 
-__all__ = ["Vault", "VaultError", "mask", "vault_for"]
+__all__ = ["Vault", "VaultError", "mask", "mask_url", "vault_for"]
 
 
 class VaultError(NotifierError):
@@ -65,3 +66,14 @@ def vault_for(secret_keys: Sequence[str], data_dir: Path) -> Vault:
 def mask(secret: str) -> str:
     """``****abcd``: enough to recognise a value, never enough to use it."""
     return "****" + secret[-4:] if len(secret) > 8 else "****"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password shown as ``***``: a database, broker or Redis URL as it may be
+    printed (terminals and their scrollback end up in logs and screenshots)."""
+    parts = urlsplit(url)
+    credentials, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
