@@ -61,10 +61,11 @@ def up(concurrency: int, slow_threads: int, port: int, flower_port: int) -> None
     Ctrl-C stops it all."""
     from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
     from notifier.db import upgrade
-    from notifier.embedded import start_redis
+    from notifier.embedded import private_folder, start_redis
     from notifier.vault import mask_url
 
     settings = _settings()
+    private_folder(settings.data_dir)
     redis_process = start_redis(settings.data_dir) if settings.uses_embedded_redis else None
     upgrade(settings.database_url)
     click.echo(f"database: {mask_url(settings.database_url)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,7 @@ class Database:
 
     def _create_engine(self) -> Engine:
         if self.is_sqlite:
-            path = self.url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(self.url)
             engine = create_engine(self.url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
@@ -110,6 +108,17 @@ class Database:
             self._engine = None
 
 
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite file of ``url`` readable by its owner only (0600, in a folder of 0700
+    if it has to make one); SQLite gives its -wal and -shm files the same mode."""
+    path = url.split("///", 1)[-1]
+    if not path or path == ":memory:":
+        return
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 @contextmanager
 def _unavailable_as_transient() -> Iterator[None]:
     try:
@@ -131,7 +140,5 @@ def upgrade(url: str, revision: str = "head") -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_file(url)
     command.upgrade(config, revision)

