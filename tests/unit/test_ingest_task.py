@@ -3,6 +3,7 @@ tests/integration/test_pipeline.py, the database outage included)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -58,6 +59,10 @@ def test_a_batch_that_fails_unexpectedly_is_ingested_event_by_event(
     (again,) = recorder.sent
     assert again["task_id"] == "task-2" and again["retries"] == 4 and again["countdown"] == 8
     assert again["args"] == _request(2).args and again["queue"] == delivery.client.QUEUE
+    # Flower and the logs show it by its ids, never its payload.
+    assert json.loads(again["argsrepr"]) == [{"orgId": 1, "eventName": "pointsIssued",
+                                              "eventId": "e-2"}]
+    assert again["kwargsrepr"] == "{}"
 
 
 def test_a_transient_failure_sends_the_whole_batch_again_with_a_countdown(
