@@ -131,8 +131,9 @@ def _csrf_token(request: Request) -> str:
 
 def _login_page(request: Request, status: int = 200, form: Mapping[str, str] | None = None,
                 error: Mapping[str, str] | None = None) -> HTMLResponse:
+    # Bare, whatever the cookie says: it may name a session that has ended.
     return _page(request, "login.html", status=status, form=form or {}, error=error,
-                 csrf=_csrf_token(request))
+                 csrf=_csrf_token(request), org_id=None)
 
 
 @router.get("/login", response_class=HTMLResponse)
