@@ -14,7 +14,7 @@ from notifier.db import Database
 from tests.conftest import Stack
 from tests.security.conftest import Web
 
-pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+pytestmark = [pytest.mark.integration]
 
 
 def _page(web: Web, cookie: str) -> requests.Response:
@@ -27,6 +27,7 @@ def _refused(answer: requests.Response) -> bool:
     return answer.status_code == 303 and answer.headers["location"] == "/ui/login"
 
 
+@pytest.mark.postgres
 def test_a_revoked_keys_session_is_refused_at_once(web: Web, stack: Stack) -> None:
     browser = web.sign_in()
     saved = browser.cookies["notifier_ui"]
@@ -40,6 +41,7 @@ def test_a_revoked_keys_session_is_refused_at_once(web: Web, stack: Stack) -> No
     assert _refused(browser.get(f"{web.base}/ui/notifications", allow_redirects=False, timeout=10))
 
 
+@pytest.mark.postgres
 def test_a_signed_out_sessions_saved_cookie_is_refused(web: Web) -> None:
     browser = web.sign_in()
     saved = browser.cookies["notifier_ui"]
@@ -49,6 +51,7 @@ def test_a_signed_out_sessions_saved_cookie_is_refused(web: Web) -> None:
     assert _refused(_page(web, saved))
 
 
+@pytest.mark.postgres
 def test_a_second_key_of_the_org_keeps_its_own_session(web: Web, stack: Stack) -> None:
     database = Database(stack.settings.database_url)
     try:
@@ -62,6 +65,7 @@ def test_a_second_key_of_the_org_keeps_its_own_session(web: Web, stack: Stack) -
     assert _page(web, kept).status_code == 200
 
 
+@pytest.mark.postgres
 def test_a_session_ends_after_its_absolute_lifetime_however_busy(web: Web, stack: Stack) -> None:
     from notifier.models import UiSession
 
@@ -79,6 +83,7 @@ def test_a_session_ends_after_its_absolute_lifetime_however_busy(web: Web, stack
     assert _refused(_page(web, saved))
 
 
+@pytest.mark.postgres
 def test_a_session_idle_past_its_idle_lifetime_ends(web: Web, stack: Stack) -> None:
     from notifier.models import UiSession
 
@@ -94,6 +99,7 @@ def test_a_session_idle_past_its_idle_lifetime_ends(web: Web, stack: Stack) -> N
     assert _refused(_page(web, saved))
 
 
+@pytest.mark.postgres
 def test_the_sign_in_form_refuses_a_post_without_its_csrf_token(web: Web) -> None:
     credentials = {"orgId": str(web.org), "apiKey": web.key}
     # Another site's form: no cookie of ours, no token.
@@ -118,6 +124,7 @@ def _signed_in(browser: requests.Session, web: Web) -> bool:
                        timeout=10).status_code == 200
 
 
+@pytest.mark.postgres
 def test_ui_pages_refuse_framing_and_the_cookie_is_secure_over_https(web: Web) -> None:
     page = requests.get(f"{web.base}/ui/login", timeout=10)
     assert "frame-ancestors 'none'" in page.headers.get("content-security-policy", "")
@@ -126,3 +133,34 @@ def test_ui_pages_refuse_framing_and_the_cookie_is_secure_over_https(web: Web) -
     # Behind a TLS proxy on this host (uvicorn trusts 127.0.0.1's X-Forwarded-Proto).
     tls = requests.get(f"{web.base}/ui/login", headers={"X-Forwarded-Proto": "https"}, timeout=10)
     assert "secure" in [part.strip().lower() for part in tls.headers["set-cookie"].split(";")]
+
+
+def test_sessions_on_both_databases(db: Database) -> None:
+    """The same rules on SQLite (the embedded default) as on PostgreSQL."""
+    from notifier import store
+    from notifier.errors import AuthenticationFailed
+    from notifier.ui import sessions
+
+    store.create_org(db, 5, "org", now_ms=0)
+    key = tenants.create_key(db, 5, now_ms=0)
+    org_id, key_id = tenants.authenticate_key(db, key, org_id=5)
+    rules = {"idle_ms": 1000, "max_ms": 5000}
+    one = sessions.start(db, org_id, key_id, now_ms=0, max_ms=5000)
+    two = sessions.start(db, org_id, key_id, now_ms=0, max_ms=5000)
+    # Used every 900 ms, it outlives its idle time, but not its absolute one.
+    for now in range(900, 5000, 900):
+        assert sessions.check(db, one, now_ms=now, **rules) == 5
+    with pytest.raises(AuthenticationFailed, match="absolute"):
+        sessions.check(db, one, now_ms=5000, **rules)
+    with pytest.raises(AuthenticationFailed, match="idle"):
+        sessions.check(db, two, now_ms=1000, **rules)
+    three = sessions.start(db, org_id, key_id, now_ms=10_000, max_ms=5000)
+    sessions.end(db, three, now_ms=10_001)
+    with pytest.raises(AuthenticationFailed, match="signed out"):
+        sessions.check(db, three, now_ms=10_002, **rules)
+    four = sessions.start(db, org_id, key_id, now_ms=20_000, max_ms=5000)
+    tenants.revoke_key(db, 5, key[:10], now_ms=20_001)
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        sessions.check(db, four, now_ms=20_002, **rules)
+    with pytest.raises(AuthenticationFailed):
+        sessions.check(db, "not-a-session", now_ms=20_002, **rules)

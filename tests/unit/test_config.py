@@ -127,3 +127,27 @@ def test_describe_lists_every_variable() -> None:
 
     for field in fields(Settings):
         assert f"NOTIFIER_{field.name.upper()}  default " in text
+
+
+def test_flower_listens_on_loopback_unless_configured_and_then_asks_for_credentials() -> None:
+    assert load_settings({}).flower_address == "127.0.0.1"
+    assert load_settings({}).flower_basic_auth == ()
+    with pytest.raises(SettingsError, match=r"NOTIFIER_FLOWER_ADDRESS=0\.0\.0\.0: .*BASIC_AUTH"):
+        load_settings({"NOTIFIER_FLOWER_ADDRESS": "0.0.0.0"})
+    opened = load_settings({"NOTIFIER_FLOWER_ADDRESS": "0.0.0.0",
+                            "NOTIFIER_FLOWER_BASIC_AUTH": "ops:one, audit:two"})
+    assert opened.flower_basic_auth == ("ops:one", "audit:two")
+
+
+def test_a_bad_secret_setting_is_named_without_its_value() -> None:
+    with pytest.raises(SettingsError, match="NOTIFIER_FLOWER_BASIC_AUTH") as caught:
+        load_settings({"NOTIFIER_FLOWER_BASIC_AUTH": "no-colon-s3cret"})
+    assert "s3cret" not in str(caught.value)
+    with pytest.raises(SettingsError, match="NOTIFIER_SECRET_KEYS") as caught:
+        load_settings({"NOTIFIER_SECRET_KEYS": "not-a-fernet-s3cret"})
+    assert "s3cret" not in str(caught.value)
+
+
+def test_ui_session_lifetimes() -> None:
+    settings = load_settings({"NOTIFIER_UI_SESSION_IDLE_SECONDS": "600"})
+    assert (settings.ui_session_idle_seconds, settings.ui_session_max_seconds) == (600, 86400)
