@@ -10,7 +10,7 @@ import functools
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -19,7 +19,7 @@ from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "lease_args", "producer", "publish", "send_lease", "send_leases"]
+           "lease_args", "lease_sender", "producer", "publish", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -87,6 +87,16 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
 def send_lease(app: Celery, lease: Lease, *, claimed_until: int | None = None) -> None:
     """Send the delivery task of one lease, by its lane, after its linger if it has one."""
     _send(app, lease, (), claimed_until)
+
+
+def lease_sender(broker_url: str) -> Callable[[Lease], None]:
+    """``send_lease`` over the broker at ``broker_url``, as the pipeline's ``send`` argument."""
+    app = producer(broker_url)
+
+    def send(lease: Lease) -> None:
+        send_lease(app, lease)
+
+    return send
 
 
 def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
