@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -290,20 +292,19 @@ def webhooks() -> None:
     """Webhooks."""
 
 
-def _webhook_context() -> Any:
+@contextlib.contextmanager
+def _webhook_context() -> Iterator[Any]:
     """The same webhook-save service as the API's, with its bounds and its connection-limit
     change (sent to the workers over the broker)."""
     from notifier.client import lease_sender
     from notifier.pipeline import build_services, webhook_context
 
     settings = _settings()
-    return webhook_context(build_services(settings), lease_sender(settings.broker_url))
-
-
-def _echo_saved(saved: Any) -> None:
-    for warning in saved.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(json.dumps(saved.view, indent=2))
+    services = build_services(settings)
+    try:
+        yield webhook_context(services, lease_sender(settings.broker_url))
+    finally:
+        services.db.dispose()
 
 
 _org = click.option("--org", "org_id", type=int, required=True, help="The webhook's org.")
@@ -327,7 +328,8 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
     body = {"name": name, "webHookUrl": url, "eventNames": list(events),
             "webHookHeaders": headers, "maxAllowedConnections": max_connections,
             "slaInSeconds": sla}
-    saved = webhooks.create(_webhook_context(), org_id, body, now_ms=_now_ms())
+    with _webhook_context() as context:
+        saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
     for warning in saved.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps({"webHookId": saved.view["webHookId"], "secret": saved.secret}))
@@ -340,7 +342,8 @@ def webhooks_show(webhook_id: str, org_id: int) -> None:
     """Print a webhook as the API's GET does (header values masked)."""
     from notifier import webhooks
 
-    click.echo(json.dumps(webhooks.get(_webhook_context(), org_id, webhook_id), indent=2))
+    with _webhook_context() as context:
+        click.echo(json.dumps(webhooks.get(context, org_id, webhook_id), indent=2))
 
 
 @webhooks.command("update")
@@ -375,8 +378,11 @@ def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | No
     body.update({field: value for field, value in given.items() if value is not None})
     if not body:
         raise click.UsageError("nothing to change; see --help")
-    _echo_saved(webhooks.update_webhook(_webhook_context(), org_id, webhook_id, body,
-                                        now_ms=_now_ms()))
+    with _webhook_context() as context:
+        saved = webhooks.update_webhook(context, org_id, webhook_id, body, now_ms=_now_ms())
+    for warning in saved.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(saved.view, indent=2))
 
 
 @webhooks.command("activate")
@@ -386,7 +392,8 @@ def webhooks_activate(webhook_id: str, org_id: int) -> None:
     """Make a webhook active again."""
     from notifier import webhooks
 
-    view = webhooks.activate(_webhook_context(), org_id, webhook_id, now_ms=_now_ms())
+    with _webhook_context() as context:
+        view = webhooks.activate(context, org_id, webhook_id, now_ms=_now_ms())
     click.echo(json.dumps(view, indent=2))
 
 
@@ -397,7 +404,8 @@ def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
     """Stop sending to a webhook; it keeps its history (InTouch's delete)."""
     from notifier import webhooks
 
-    view = webhooks.deactivate(_webhook_context(), org_id, webhook_id, now_ms=_now_ms())
+    with _webhook_context() as context:
+        view = webhooks.deactivate(context, org_id, webhook_id, now_ms=_now_ms())
     click.echo(json.dumps(view, indent=2))
 
 

@@ -3,10 +3,13 @@ next delivery, to a real receiver, carries the real value, never its mask."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 
 from tests.conftest import Receiver, Stack
+from tests.webhooks.conftest import Cli, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -38,3 +41,103 @@ def test_get_then_put_through_the_api_keeps_the_header_value(
     assert posted.status_code == 202, posted.text
     (request,) = receiver.wait_for(1, "/rt", timeout=60)
     assert request.headers["authorization"] == SECRET
+
+
+def _hook_and_event(stack: Stack, receiver: Receiver, path: str) -> tuple[dict[str, str], str]:
+    """An org's API key header and the API's base URL, a worker, and a webhook at ``path``."""
+    auth = {"Authorization": f"Bearer {stack.org(5, 'round trip')}"}
+    base = stack.web()
+    stack.worker()
+    created = requests.post(f"{base}/v3/webHooks", headers=auth, timeout=10, json={
+        "name": "rt", "webHookUrl": receiver.url(path), "eventNames": ["tierUpgraded"],
+        "maxAllowedConnections": 2, "webHookHeaders": {"Authorization": SECRET,
+                                                        "X-Short": "abc"}})
+    assert created.status_code == 201, created.text
+    return auth, base
+
+
+def _delivered_headers(base: str, auth: dict[str, str], receiver: Receiver,
+                       path: str) -> dict[str, str]:
+    posted = requests.post(f"{base}/v3/events", headers=auth, timeout=10, json=EVENT)
+    assert posted.status_code == 202, posted.text
+    (request,) = receiver.wait_for(1, path, timeout=60)
+    return request.headers
+
+
+def test_the_admin_form_saved_unchanged_but_one_field_keeps_the_header_values(
+        stack: Stack, receiver: Receiver) -> None:
+    auth, base = _hook_and_event(stack, receiver, "/ui-rt")
+    hook_id = requests.get(f"{base}/v3/webHooks", headers=auth, timeout=10).json()["data"][0][
+        "webHookId"]
+    browser = requests.Session()
+    signed_in = browser.post(f"{base}/ui/login", timeout=10, data={
+        "orgId": "5", "apiKey": auth["Authorization"].removeprefix("Bearer ")})
+    assert signed_in.url.endswith("/ui/notifications"), signed_in.text
+
+    edit = browser.get(f"{base}/ui/notifications/{hook_id}/edit", timeout=10)
+    pairs = form_pairs(edit.text)
+    # The form shows stored values masked and leaves them blank: blank means "unchanged".
+    assert ("headerValue", "") in pairs and SECRET not in edit.text
+    pairs = [(k, "120" if k == "slaInSeconds" else v) for k, v in pairs]
+    saved = browser.post(f"{base}/ui/notifications/{hook_id}/edit", data=pairs, timeout=10)
+    assert saved.status_code == 200 and saved.url.endswith(hook_id), saved.text
+
+    view = requests.get(f"{base}/v3/webHooks/{hook_id}", headers=auth, timeout=10).json()["data"]
+    assert view["slaInSeconds"] == 120
+    headers = _delivered_headers(base, auth, receiver, "/ui-rt")
+    assert (headers["authorization"], headers["x-short"]) == (SECRET, "abc")
+
+
+def test_the_cli_shows_and_saves_back_with_one_field_changed(
+        stack: Stack, receiver: Receiver, cli: Cli) -> None:
+    auth, base = _hook_and_event(stack, receiver, "/cli-rt")
+    hook_id = requests.get(f"{base}/v3/webHooks", headers=auth, timeout=10).json()["data"][0][
+        "webHookId"]
+
+    shown = cli("webhooks", "show", hook_id, "--org", 5)
+    assert shown.exit_code == 0, shown.output
+    view = json.loads(shown.stdout)
+    assert view["webHookHeaders"] == {"Authorization": "****5678", "X-Short": "****"}
+    view["name"] = "renamed"
+    updated = cli("webhooks", "update", hook_id, "--org", 5, "--body", "-",
+                  input=json.dumps(view))
+    assert updated.exit_code == 0, updated.output
+    assert json.loads(updated.stdout)["name"] == "renamed"
+
+    headers = _delivered_headers(base, auth, receiver, "/cli-rt")
+    assert (headers["authorization"], headers["x-short"]) == (SECRET, "abc")
+
+
+def test_a_partial_update_from_the_cli_changes_only_what_it_names(
+        stack: Stack, receiver: Receiver, cli: Cli) -> None:
+    auth, base = _hook_and_event(stack, receiver, "/partial")
+    before = requests.get(f"{base}/v3/webHooks", headers=auth, timeout=10).json()["data"][0]
+
+    updated = cli("webhooks", "update", before["webHookId"], "--org", 5, "--sla", 90)
+
+    assert updated.exit_code == 0, updated.output
+    after = json.loads(updated.stdout)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"slaInSeconds", "attribution"} and after["slaInSeconds"] == 90
+    headers = _delivered_headers(base, auth, receiver, "/partial")
+    assert (headers["authorization"], headers["x-short"]) == (SECRET, "abc")
+
+
+def test_a_mask_for_a_header_with_no_stored_value_is_refused_naming_it(
+        stack: Stack, receiver: Receiver) -> None:
+    auth, base = _hook_and_event(stack, receiver, "/new-mask")
+    hook_id = requests.get(f"{base}/v3/webHooks", headers=auth, timeout=10).json()["data"][0][
+        "webHookId"]
+
+    put = requests.put(f"{base}/v3/webHooks/{hook_id}", headers=auth, timeout=10, json={
+        "webHookHeaders": {"Authorization": "****5678", "X-New": "****9999"}})
+    wrong = requests.put(f"{base}/v3/webHooks/{hook_id}", headers=auth, timeout=10, json={
+        "webHookHeaders": {"Authorization": "****0000"}})
+
+    assert put.status_code == 400, put.text
+    (error,) = put.json()["errors"]
+    assert error["field"] == "webHookHeaders.X-New" and "no stored value" in error["message"]
+    assert wrong.status_code == 400 and wrong.json()["errors"][0]["field"] == \
+        "webHookHeaders.Authorization"
+    headers = _delivered_headers(base, auth, receiver, "/new-mask")
+    assert "x-new" not in headers and headers["authorization"] == SECRET

@@ -1,0 +1,78 @@
+"""Fixtures for saving webhooks from every room: the admin form read as a browser submits it,
+and the ``notifier`` command run in-process against the test services."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from html.parser import HTMLParser
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from notifier.cli import main
+
+
+class _FormReader(HTMLParser):
+    """The pairs a browser submits for the form with id ``form_id``: named inputs with their
+    values (checkboxes only when checked), enabled selects' selected options; never what sits
+    in a ``<template>``."""
+
+    def __init__(self, form_id: str) -> None:
+        super().__init__()
+        self.form_id, self.inside, self.template = form_id, False, 0
+        self.select: str | None = None
+        self.pairs: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.inside = a.get("id") == self.form_id
+        if tag == "template":
+            self.template += 1
+        if not self.inside or self.template or "disabled" in a:
+            return
+        if tag == "input" and a.get("name"):
+            if a.get("type") in ("checkbox", "radio"):
+                if "checked" in a:
+                    self.pairs.append((a["name"], a.get("value") or "on"))
+            else:
+                self.pairs.append((a["name"], a.get("value", "")))
+        elif tag == "select" and a.get("name"):
+            self.select = a["name"]
+        elif tag == "option" and self.select and "selected" in a:
+            self.pairs.append((self.select, a.get("value", "")))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self.inside = False
+        elif tag == "template":
+            self.template -= 1
+        elif tag == "select":
+            self.select = None
+
+
+def form_pairs(html: str, form_id: str = "notification-form") -> list[tuple[str, str]]:
+    reader = _FormReader(form_id)
+    reader.feed(html)
+    return reader.pairs
+
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def cli(stack_env: dict[str, str]) -> Cli:
+    """Run ``notifier ARGS...`` with the stack's settings; ``input`` goes to stdin."""
+    env = {k: v for k, v in stack_env.items() if k.startswith("NOTIFIER_")}
+
+    def run(*args: Any, input: str | None = None) -> Result:
+        return CliRunner().invoke(main, [str(a) for a in args], env=env, input=input)
+
+    return run
+
+
+def created_id(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    return str(json.loads(result.stdout)["webHookId"])
