@@ -1,17 +1,21 @@
-"""Fixtures for saving webhooks from every room: the admin form read as a browser submits it,
-and the ``notifier`` command run in-process against the test services."""
+"""Fixtures for saving webhooks from every room: the API and the admin pages of one app, the
+admin form read as a browser submits it, and the ``notifier`` command run in-process, all
+against the test PostgreSQL and Redis."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from fastapi.testclient import TestClient
 
+from config import load_settings
 from notifier.cli import main
+from notifier.queues import Lease
 
 
 class _FormReader(HTMLParser):
@@ -64,10 +68,11 @@ Cli = Callable[..., Result]
 
 @pytest.fixture
 def cli(stack_env: dict[str, str]) -> Cli:
-    """Run ``notifier ARGS...`` with the stack's settings; ``input`` goes to stdin."""
-    env = {k: v for k, v in stack_env.items() if k.startswith("NOTIFIER_")}
+    """Run ``notifier ARGS...`` with the stack's settings (as they are at the call);
+    ``input`` goes to stdin."""
 
     def run(*args: Any, input: str | None = None) -> Result:
+        env = {k: v for k, v in stack_env.items() if k.startswith("NOTIFIER_")}
         return CliRunner().invoke(main, [str(a) for a in args], env=env, input=input)
 
     return run
@@ -76,3 +81,34 @@ def cli(stack_env: dict[str, str]) -> Cli:
 def created_id(result: Result) -> str:
     assert result.exit_code == 0, result.output
     return str(json.loads(result.stdout)["webHookId"])
+
+
+class Rooms:
+    """The API and the admin pages of one app (in-process, on the stack's PostgreSQL and
+    Redis), signed in as org 1 by API key and by UI session."""
+
+    def __init__(self, client: TestClient, key: str) -> None:
+        self.client, self.auth = client, {"Authorization": f"Bearer {key}"}
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.client.request(method, path, headers=self.auth, **kwargs)
+
+
+@pytest.fixture
+def rooms(stack_env: dict[str, str]) -> Iterator[Rooms]:
+    from notifier import store, tenants
+    from notifier.api import create_app
+    from notifier.pipeline import build_services
+
+    settings = load_settings({k: v for k, v in stack_env.items() if k.startswith("NOTIFIER_")})
+    services = build_services(settings)
+    leases: list[Lease] = []
+    try:
+        store.create_org(services.db, 1, "org 1", now_ms=0)
+        key = tenants.create_key(services.db, 1, now_ms=0)
+        with TestClient(create_app(settings, services=services, send_lease=leases.append)) as client:
+            signed_in = client.post("/ui/login", data={"orgId": "1", "apiKey": key})
+            assert signed_in.url.path == "/ui/notifications", signed_in.text
+            yield Rooms(client, key)
+    finally:
+        services.db.dispose()
