@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from config import load_settings
 from notifier.cli import main
+from notifier.pipeline import Services
 from notifier.queues import Lease
 
 
@@ -85,10 +86,13 @@ def created_id(result: Result) -> str:
 
 class Rooms:
     """The API and the admin pages of one app (in-process, on the stack's PostgreSQL and
-    Redis), signed in as org 1 by API key and by UI session."""
+    Redis), signed in as org 1 by API key and by UI session. The leases it would send to the
+    broker are recorded in ``leases``."""
 
-    def __init__(self, client: TestClient, key: str) -> None:
+    def __init__(self, client: TestClient, key: str, services: Services,
+                 leases: list[Lease]) -> None:
         self.client, self.auth = client, {"Authorization": f"Bearer {key}"}
+        self.services, self.leases = services, leases
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.client.request(method, path, headers=self.auth, **kwargs)
@@ -109,6 +113,6 @@ def rooms(stack_env: dict[str, str]) -> Iterator[Rooms]:
         with TestClient(create_app(settings, services=services, send_lease=leases.append)) as client:
             signed_in = client.post("/ui/login", data={"orgId": "1", "apiKey": key})
             assert signed_in.url.path == "/ui/notifications", signed_in.text
-            yield Rooms(client, key)
+            yield Rooms(client, key, services, leases)
     finally:
         services.db.dispose()

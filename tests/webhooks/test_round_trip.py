@@ -3,13 +3,17 @@ next delivery, to a real receiver, carries the real value, never its mask."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from urllib.parse import urlencode
 
 import pytest
 import requests
 
+from notifier.pipeline import now_ms
 from tests.conftest import Receiver, Stack
-from tests.webhooks.conftest import Cli, form_pairs
+from tests.webhooks.conftest import Cli, Rooms, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -141,3 +145,47 @@ def test_a_mask_for_a_header_with_no_stored_value_is_refused_naming_it(
         "webHookHeaders.Authorization"
     headers = _delivered_headers(base, auth, receiver, "/new-mask")
     assert "x-new" not in headers and headers["authorization"] == SECRET
+
+
+def test_a_limit_saved_from_the_form_or_the_cli_holds_at_once(
+        rooms: Rooms, cli: Cli, stack_env: dict[str, str]) -> None:
+    rooms.services.settings = dataclasses.replace(rooms.services.settings, batch_size=1)
+    stack_env["NOTIFIER_BATCH_SIZE"] = "1"
+    hook_id = rooms.api("POST", "/v3/webHooks", json={
+        "name": "capped", "webHookUrl": "http://127.0.0.1:9/capped", "eventNames": ["pointsIssued"],
+        "maxAllowedConnections": 1}).json()["data"]["webHookId"]
+    for n in range(6):
+        rooms.api("POST", "/v3/events", json={"eventName": "pointsIssued", "data": {
+            "customerIdentifiers": {"customerId": n}}})
+    assert len(rooms.leases) == 1  # one slot, five deliveries waiting
+
+    edit = rooms.client.get(f"/ui/notifications/{hook_id}/edit")
+    pairs = [(k, "3" if k == "maxAllowedConnections" else v) for k, v in form_pairs(edit.text)]
+    saved = rooms.client.post(f"/ui/notifications/{hook_id}/edit", content=urlencode(pairs),
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert saved.status_code == 200, saved.text
+    assert len(rooms.leases) == 3  # the slots it added took what waits, with no new event
+
+    assert cli("webhooks", "update", hook_id, "--org", 1, "--max-connections", 5).exit_code == 0
+    # The CLI's leases went to the broker (no worker here): five slots are held in Redis.
+    assert rooms.services.queues.held(hook_id, now_ms()) == 5
+    assert rooms.services.queues.waiting(hook_id) == 1
+
+
+def test_the_form_shows_a_header_error_beside_the_headers_naming_the_header(
+        rooms: Rooms) -> None:
+    hook_id = rooms.api("POST", "/v3/webHooks", json={
+        "name": "form", "webHookUrl": "http://127.0.0.1:9/form", "eventNames": ["pointsIssued"],
+        "maxAllowedConnections": 1, "webHookHeaders": {"Authorization": SECRET}}
+    ).json()["data"]["webHookId"]
+    edit = rooms.client.get(f"/ui/notifications/{hook_id}/edit")
+    pairs = [*form_pairs(edit.text), ("headerKey", "X-New"), ("headerValue", "****9999")]
+
+    saved = rooms.client.post(f"/ui/notifications/{hook_id}/edit", content=urlencode(pairs),
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+    assert saved.status_code == 400, saved.text
+    shown = re.search(r'data-error-for="webHookHeaders">([^<]*)<', saved.text)
+    assert shown and shown.group(1).startswith("X-New: ") and "no stored value" in shown.group(1)
+    view = rooms.api("GET", f"/v3/webHooks/{hook_id}").json()["data"]
+    assert view["webHookHeaders"] == {"Authorization": "****5678"}
