@@ -34,7 +34,7 @@ from notifier.sender import check_destination
 from notifier.signing import new_secret
 from notifier.vault import Vault, mask
 
-__all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "Bounds", "Context", "Saved",
+__all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds", "Context", "Saved",
            "activate", "create", "deactivate", "get", "list_all", "rotate_secret",
            "update_webhook"]
 
@@ -64,6 +64,8 @@ ROTATION_OVERLAP_SECONDS = 24 * 3600
 # The SLA check computes in milliseconds; sla * 1000 must fit a 32-bit integer on every
 # database (about 24.8 days), or PostgreSQL's check overflows and fails for every delivery.
 MAX_SLA_SECONDS = (2**31 - 1) // 1000
+# What browsers and proxies reliably carry; the URL is also shown in every log line of it.
+MAX_URL_CHARS = 2048
 # A rotated-out secret that keeps signing for longer than this is not rotated out.
 MAX_OVERLAP_SECONDS = 30 * 24 * 3600
 # What mask() makes: four stars and at most the value's last four characters.
@@ -223,6 +225,8 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
             raise InvalidInput("name", "must be at most 200 characters")
         values["name"] = body["name"].strip()
     if "webHookUrl" in body:
+        if isinstance(body["webHookUrl"], str) and len(body["webHookUrl"]) > MAX_URL_CHARS:
+            raise InvalidInput("webHookUrl", f"must be at most {MAX_URL_CHARS} characters")
         values["url"] = _check_url(body["webHookUrl"], ctx.allowed_networks)
     if "webHookHeaders" in body:
         stored = {k: ctx.vault.open(v) for k, v in current.headers.items()} if current else {}

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from notifier.webhooks import MAX_OVERLAP_SECONDS, MAX_SLA_SECONDS
+from notifier.webhooks import MAX_OVERLAP_SECONDS, MAX_SLA_SECONDS, MAX_URL_CHARS
 from tests.webhooks.conftest import Cli, Rooms, created_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -29,9 +29,12 @@ CASES = [
     ({"slaInSeconds": MAX_SLA_SECONDS + 1}, "slaInSeconds", f"at most {MAX_SLA_SECONDS}"),
     ({"slaInSeconds": 10**20}, "slaInSeconds", f"at most {MAX_SLA_SECONDS}"),
     ({"slaInSeconds": -1}, "slaInSeconds", "not be negative"),
+    ({"webHookUrl": "http://127.0.0.1:9/" + "a" * MAX_URL_CHARS}, "webHookUrl",
+     f"at most {MAX_URL_CHARS} characters"),
 ]
 IDS = ["51 headers", "8 KiB of headers", "101 connections", "1e12 connections",
-       "1e20 connections", "0 connections", "SLA past 32 bits", "1e20 SLA", "negative SLA"]
+       "1e20 connections", "0 connections", "SLA past 32 bits", "1e20 SLA", "negative SLA",
+       "long URL"]
 
 
 def _refused(response: Any, field: str, words: str) -> None:
@@ -108,7 +111,7 @@ def test_the_cli_refuses_out_of_bounds_naming_the_field(
 
     created = cli("webhooks", "create", "--name", "bounded", *options)
     hook_id = created_id(cli("webhooks", "create", "--name", "in bounds", "--org", 1,
-                             "--url", body["webHookUrl"], "--event", "pointsIssued"))
+                             "--url", BASE["webHookUrl"], "--event", "pointsIssued"))
     updated = cli("webhooks", "update", hook_id, *options)
 
     for result in (created, updated):
