@@ -10,7 +10,9 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
+from sqlalchemy import update
 
+from notifier.models import Webhook
 from notifier.pipeline import now_ms
 from tests.conftest import Receiver, Stack
 from tests.webhooks.conftest import Cli, Rooms, form_pairs
@@ -189,3 +191,22 @@ def test_the_form_shows_a_header_error_beside_the_headers_naming_the_header(
     assert shown and shown.group(1).startswith("X-New: ") and "no stored value" in shown.group(1)
     view = rooms.api("GET", f"/v3/webHooks/{hook_id}").json()["data"]
     assert view["webHookHeaders"] == {"Authorization": "****5678"}
+
+
+def test_the_cli_deactivates_and_activates_through_the_same_service(
+        rooms: Rooms, cli: Cli) -> None:
+    hook_id = rooms.api("POST", "/v3/webHooks", json={
+        "name": "onoff", "webHookUrl": "http://127.0.0.1:9/onoff", "eventNames": ["pointsIssued"],
+        "maxAllowedConnections": 1}).json()["data"]["webHookId"]
+    with rooms.services.db.session() as session:  # as notifier does after days of failures
+        session.execute(update(Webhook).where(Webhook.id == hook_id).values(
+            disabled_reason="every attempt failed"))
+
+    off = cli("webhooks", "deactivate", hook_id, "--org", 1)
+    assert off.exit_code == 0 and json.loads(off.stdout)["active"] is False, off.output
+    on = cli("webhooks", "activate", hook_id, "--org", 1)
+    assert on.exit_code == 0, on.output
+    view = rooms.api("GET", f"/v3/webHooks/{hook_id}").json()["data"]
+    assert (view["active"], view["disabledReason"]) == (True, None)
+    other_org = cli("webhooks", "deactivate", hook_id, "--org", 2)
+    assert other_org.exit_code == 1 and f"webHookId {hook_id} is invalid" in other_org.stderr
