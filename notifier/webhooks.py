@@ -34,9 +34,9 @@ from notifier.sender import check_destination
 from notifier.signing import new_secret
 from notifier.vault import Vault, mask
 
-__all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds", "Context", "Saved",
-           "activate", "create", "deactivate", "get", "list_all", "rotate_secret",
-           "update_webhook"]
+__all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds",
+           "Context", "Saved", "activate", "create", "deactivate", "get", "list_all",
+           "rotate_secret", "update_webhook"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
