@@ -165,6 +165,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_private_networks", _networks, "",
             "CIDRs a webhook may target besides public addresses, comma separated "
             "(e.g. 127.0.0.0/8 for local tests)."),
+    Setting("webhook_max_headers", _positive_int, "50",
+            "Most headers one webhook may set (webHookHeaders)."),
+    Setting("webhook_max_header_bytes", _positive_int, "8192",
+            "Most bytes of one webhook's header names and values, all together."),
+    Setting("max_allowed_connections", _positive_int, "100",
+            "Highest maxAllowedConnections a webhook may ask for: each connection can hold a "
+            "worker process or thread for a whole request."),
     Setting("slot_lease_seconds", _positive_float, "120",
             "How long a delivery task may hold one of a webhook's connection slots; "
             "a killed worker's slot comes back after this."),
@@ -224,6 +231,9 @@ class Settings:
     retry_after_max: float
     disable_failing_after: float
     allow_private_networks: tuple[Network, ...]
+    webhook_max_headers: int
+    webhook_max_header_bytes: int
+    max_allowed_connections: int
     slot_lease_seconds: float
     batch_size: int
     batch_time_budget: float

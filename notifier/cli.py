@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -314,33 +316,121 @@ def webhooks() -> None:
     """Webhooks."""
 
 
+@contextlib.contextmanager
+def _webhook_context() -> Iterator[Any]:
+    """The same webhook-save service as the API's, with its bounds and its connection-limit
+    change (sent to the workers over the broker)."""
+    from notifier.client import lease_sender
+    from notifier.pipeline import build_services, webhook_context
+
+    settings = _settings()
+    services = build_services(settings)
+    try:
+        yield webhook_context(services, lease_sender(settings.broker_url))
+    finally:
+        services.db.dispose()
+
+
+_org = click.option("--org", "org_id", type=int, required=True, help="The webhook's org.")
+
+
 @webhooks.command("create")
-@click.option("--org", "org_id", type=int, required=True)
+@_org
 @click.option("--name", required=True)
 @click.option("--url", required=True)
 @click.option("--event", "events", multiple=True, required=True, help="An event name; repeat.")
 @click.option("--header", "headers", multiple=True, callback=_header, help="NAME:VALUE; repeat.")
-@click.option("--max-connections", type=int, default=10, show_default=True)
-@click.option("--sla", type=int, default=3600, show_default=True, help="Delivery SLA, seconds.")
+@click.option("--max-connections", type=int, default=10, show_default=True,
+              help="maxAllowedConnections.")
+@click.option("--sla", type=int, default=3600, show_default=True,
+              help="Delivery SLA, seconds (slaInSeconds).")
 def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
                     headers: dict[str, str], max_connections: int, sla: int) -> None:
     """Create a webhook; prints its id and its signing secret (shown only once)."""
     from notifier import webhooks
-    from notifier.db import Database
-    from notifier.schemas import load_catalog
-    from notifier.vault import vault_for
 
-    settings = _settings()
-    context = webhooks.Context(Database(settings.database_url), load_catalog(),
-                               vault_for(settings.secret_keys, settings.data_dir),
-                               settings.allow_private_networks)
     body = {"name": name, "webHookUrl": url, "eventNames": list(events),
             "webHookHeaders": headers, "maxAllowedConnections": max_connections,
             "slaInSeconds": sla}
-    saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
+    with _webhook_context() as context:
+        saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
     for warning in saved.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps({"webHookId": saved.view["webHookId"], "secret": saved.secret}))
+
+
+@webhooks.command("show")
+@click.argument("webhook_id")
+@_org
+def webhooks_show(webhook_id: str, org_id: int) -> None:
+    """Print a webhook as the API's GET does (header values masked)."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        click.echo(json.dumps(webhooks.get(context, org_id, webhook_id), indent=2))
+
+
+@webhooks.command("update")
+@click.argument("webhook_id")
+@_org
+@click.option("--body", "body_file", type=click.File("r"), default=None,
+              help="A JSON file (- for stdin) of InTouch webHooks fields, as `show` prints or "
+                   "the API takes; the options below override its fields.")
+@click.option("--name", default=None)
+@click.option("--url", default=None)
+@click.option("--event", "events", multiple=True, help="An event name; repeat (the whole set).")
+@click.option("--header", "headers", multiple=True, callback=_header,
+              help="NAME:VALUE; repeat (the whole set). A value as `show` masks it keeps the "
+                   "stored value.")
+@click.option("--max-connections", type=int, default=None, help="maxAllowedConnections.")
+@click.option("--sla", type=int, default=None, help="Delivery SLA, seconds (slaInSeconds).")
+def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | None,
+                    url: str | None, events: tuple[str, ...], headers: dict[str, str],
+                    max_connections: int | None, sla: int | None) -> None:
+    """Change a webhook: only the fields given; prints it as saved."""
+    from notifier import webhooks
+
+    try:
+        body = json.load(body_file) if body_file is not None else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--body") from exc
+    if not isinstance(body, dict):
+        raise click.BadParameter("must be a JSON object of webHooks fields", param_hint="--body")
+    given = {"name": name, "webHookUrl": url, "eventNames": list(events) or None,
+             "webHookHeaders": headers or None, "maxAllowedConnections": max_connections,
+             "slaInSeconds": sla}
+    body.update({field: value for field, value in given.items() if value is not None})
+    if not body:
+        raise click.UsageError("nothing to change; see --help")
+    with _webhook_context() as context:
+        saved = webhooks.update_webhook(context, org_id, webhook_id, body, now_ms=_now_ms())
+    for warning in saved.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(saved.view, indent=2))
+
+
+@webhooks.command("activate")
+@click.argument("webhook_id")
+@_org
+def webhooks_activate(webhook_id: str, org_id: int) -> None:
+    """Make a webhook active again."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        view = webhooks.activate(context, org_id, webhook_id, now_ms=_now_ms())
+    click.echo(json.dumps(view, indent=2))
+
+
+@webhooks.command("deactivate")
+@click.argument("webhook_id")
+@_org
+def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
+    """Stop sending to a webhook; it keeps its history (InTouch's delete)."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        view = webhooks.deactivate(context, org_id, webhook_id, now_ms=_now_ms())
+    click.echo(json.dumps(view, indent=2))
 
 
 @main.command()

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -20,7 +20,8 @@ from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "ingest_reprs", "lease_args", "producer", "publish", "send_lease", "send_leases"]
+           "ingest_reprs", "lease_args", "lease_sender", "producer", "publish", "send_lease",
+           "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -116,6 +117,16 @@ def _short(value: Any) -> Any:
 def send_lease(app: Celery, lease: Lease, *, claimed_until: int | None = None) -> None:
     """Send the delivery task of one lease, by its lane, after its linger if it has one."""
     _send(app, lease, (), claimed_until)
+
+
+def lease_sender(broker_url: str) -> Callable[[Lease], None]:
+    """``send_lease`` over the broker at ``broker_url``, as the pipeline's ``send`` argument."""
+    app = producer(broker_url)
+
+    def send(lease: Lease) -> None:
+        send_lease(app, lease)
+
+    return send
 
 
 def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,

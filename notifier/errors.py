@@ -36,6 +36,7 @@ __all__ = [
     "QueueUnavailable",
     "StoreUnavailable",
     "TransientError",
+    "path_text",
 ]
 
 
@@ -44,12 +45,27 @@ class NotifierError(Exception):
 
 
 class InvalidInput(NotifierError):
-    """A caller sent something notifier cannot accept; ``field`` names where."""
+    """A caller sent something notifier cannot accept; ``field`` names where.
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+    ``field`` is given as a string (``"name"``) or as its path (``("webHookHeaders", "X-Key")``,
+    ``("events", 2, "data")``). ``path`` keeps the parts as data, so a caller showing the error
+    beside an input (the admin form) never parses them back out of ``field``, which joins them
+    (``webHookHeaders.X-Key``, ``events[2].data``) for the API's ``errors[].field``.
+    """
+
+    def __init__(self, field: str | Sequence[str | int], problem: str) -> None:
+        self.path: tuple[str | int, ...] = (field,) if isinstance(field, str) else tuple(field)
+        self.field = path_text(self.path)
         self.problem = problem
+        super().__init__(f"{self.field}: {problem}")
+
+
+def path_text(path: Sequence[str | int]) -> str:
+    """``("events", 2, "data")`` -> ``events[2].data``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
 class InvalidEvent(InvalidInput):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from config import Settings
-from notifier import store
+from notifier import store, webhooks
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import DeliveryInterrupted, TransientError
@@ -63,6 +63,7 @@ __all__ = [
     "replay",
     "request_for",
     "sweep",
+    "webhook_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,18 @@ def limit_changed(services: Services, webhook_id: str, limit: int, send: SendLea
     except TransientError as exc:
         log.warning("webhook %s: its new limit waits for its next event: %s", webhook_id, exc)
         return 0
+
+
+def webhook_context(services: Services, send: SendLease) -> webhooks.Context:
+    """What every room (API, admin pages, CLI) saves webhooks with: the settings' bounds, and a
+    saved connection limit that holds at once (``limit_changed``)."""
+    settings = services.settings
+    return webhooks.Context(
+        services.db, services.catalog, services.vault, settings.allow_private_networks,
+        webhooks.Bounds(max_headers=settings.webhook_max_headers,
+                        max_header_bytes=settings.webhook_max_header_bytes,
+                        max_connections=settings.max_allowed_connections),
+        limit_changed=lambda webhook_id, limit: limit_changed(services, webhook_id, limit, send))
 
 
 def render(payload: Mapping[str, Any]) -> bytes:

@@ -1,9 +1,12 @@
-"""Webhooks as the management API and the CLI see them: InTouch v3 ``webHooks`` fields in and out.
+"""The one way to save a webhook: the API, the admin pages and the CLI all create, update,
+activate and deactivate webhooks here, with InTouch v3 ``webHooks`` fields in and out.
 
 Every check names the InTouch field it is about (``maxAllowedConnections must be greater than
-zero``), so an existing InTouch client gets errors it understands. Header values and signing
-secrets are sealed at rest and only ever shown masked; the secret is shown once, at creation and
-at rotation.
+zero``), so an existing InTouch client gets errors it understands, and every input is bounded
+(header count and size, number ranges). Header values and signing secrets are sealed at rest
+and only ever shown masked; the secret is shown once, at creation and at rotation. A header
+value sent back as its mask means "keep the stored value", so a webhook read and written back
+loses nothing. A saved connection limit holds at once (``Context.limit_changed``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import ipaddress
 import re
 import secrets
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,7 +34,8 @@ from notifier.sender import check_destination
 from notifier.signing import new_secret
 from notifier.vault import Vault, mask
 
-__all__ = ["FLAGS", "Context", "Saved", "create", "deactivate", "get", "list_all",
+__all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds",
+           "Context", "Saved", "activate", "create", "deactivate", "get", "list_all",
            "rotate_secret", "update_webhook"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -57,14 +61,39 @@ _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", 
             "possibleValues", "orgId", "disabledReason"}
 DEFAULT_SLA_SECONDS = 3600
 ROTATION_OVERLAP_SECONDS = 24 * 3600
+# The SLA check computes in milliseconds; sla * 1000 must fit a 32-bit integer on every
+# database (about 24.8 days), or PostgreSQL's check overflows and fails for every delivery.
+MAX_SLA_SECONDS = (2**31 - 1) // 1000
+# What browsers and proxies reliably carry; the URL is also shown in every log line of it.
+MAX_URL_CHARS = 2048
+# A rotated-out secret that keeps signing for longer than this is not rotated out.
+MAX_OVERLAP_SECONDS = 30 * 24 * 3600
+# What mask() makes: four stars and at most the value's last four characters.
+_MASKED = re.compile(r"^\*{4}.{0,4}$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How much one webhook may ask for (settings ``NOTIFIER_WEBHOOK_MAX_HEADERS``,
+    ``NOTIFIER_WEBHOOK_MAX_HEADER_BYTES``, ``NOTIFIER_MAX_ALLOWED_CONNECTIONS``)."""
+
+    max_headers: int = 50
+    max_header_bytes: int = 8192
+    max_connections: int = 100
 
 
 @dataclass(frozen=True)
 class Context:
+    """What saving a webhook runs on. ``limit_changed(webhook_id, limit)`` is called after a
+    save that changed the connection limit or activated the webhook, so the new cap holds at
+    once (``pipeline.webhook_context`` passes one that sets Redis's cap and pumps the queue)."""
+
     db: Database
     catalog: EventCatalog
     vault: Vault
     allowed_networks: Sequence[Network] = ()
+    bounds: Bounds = Bounds()
+    limit_changed: Callable[[str, int], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,14 +147,19 @@ def _check_url(url: Any, allowed: Sequence[Network]) -> str:
     return url.strip()
 
 
-def _check_headers(headers: Any) -> dict[str, str]:
+def _check_headers(headers: Any, stored: Mapping[str, str], bounds: Bounds) -> dict[str, str]:
+    """The header values to store; ``stored`` (plain) fill in values sent back as their mask."""
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
         raise InvalidInput("webHookHeaders", "must be an object of header names to values")
+    if len(headers) > bounds.max_headers:
+        raise InvalidInput("webHookHeaders", f"at most {bounds.max_headers} headers "
+                           f"(NOTIFIER_WEBHOOK_MAX_HEADERS); {len(headers)} were sent")
+    by_lower = {name.lower(): value for name, value in stored.items()}
     checked = {}
     for name, value in headers.items():
-        where = f"webHookHeaders.{name}"
+        where = ("webHookHeaders", str(name))
         if not isinstance(name, str) or not _TOKEN.match(name):
             raise InvalidInput(where, "is not a valid header name")
         if not isinstance(value, str):
@@ -135,18 +169,39 @@ def _check_headers(headers: Any) -> dict[str, str]:
         lower = name.lower()
         if lower in _RESERVED or lower.startswith("webhook-"):
             raise InvalidInput(where, "is set by notifier and cannot be configured")
+        if _MASKED.match(value):
+            value = _unmasked(where, value, by_lower.get(lower))
         if lower == "content-type" and value.split(";")[0].strip().lower() != "application/json":
             raise InvalidInput(where, "must be application/json: payloads are JSON")
         checked[name] = value
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in checked.items())
+    if size > bounds.max_header_bytes:
+        raise InvalidInput("webHookHeaders", f"at most {bounds.max_header_bytes} bytes of names "
+                           f"and values in all (NOTIFIER_WEBHOOK_MAX_HEADER_BYTES); {size} were sent")
     return checked
 
 
-def _check_int(body: Mapping[str, Any], name: str, minimum: int, problem: str) -> int:
-    value = body[name]
+def _unmasked(where: tuple[str, str], value: str, stored: str | None) -> str:
+    """A value in the shape of a mask stands for the stored value it masks, or is refused: the
+    API only ever shows header values masked, so a webhook read and written back sends them so,
+    and a mask saved as the value would be sent to the receiver."""
+    if stored is None:
+        raise InvalidInput(where, f"{value!r} is a masked value but this header has no stored "
+                                  "value to keep; send the real value")
+    if mask(stored) != value:
+        raise InvalidInput(where, f"{value!r} is not the mask of the stored value "
+                                  f"({mask(stored)}); send it unchanged to keep the value, or "
+                                  "the real new value")
+    return stored
+
+
+def _check_int(value: Any, name: str, minimum: int, maximum: int, problem: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(name, "must be an integer")
     if value < minimum:
         raise InvalidInput(name, problem)
+    if value > maximum:
+        raise InvalidInput(name, f"must be at most {maximum}")
     return value
 
 
@@ -170,15 +225,20 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
             raise InvalidInput("name", "must be at most 200 characters")
         values["name"] = body["name"].strip()
     if "webHookUrl" in body:
+        if isinstance(body["webHookUrl"], str) and len(body["webHookUrl"]) > MAX_URL_CHARS:
+            raise InvalidInput("webHookUrl", f"must be at most {MAX_URL_CHARS} characters")
         values["url"] = _check_url(body["webHookUrl"], ctx.allowed_networks)
     if "webHookHeaders" in body:
-        values["headers"] = {k: ctx.vault.seal(v)
-                             for k, v in _check_headers(body["webHookHeaders"]).items()}
+        stored = {k: ctx.vault.open(v) for k, v in current.headers.items()} if current else {}
+        values["headers"] = {k: ctx.vault.seal(v) for k, v in _check_headers(
+            body["webHookHeaders"], stored, ctx.bounds).items()}
     if "maxAllowedConnections" in body:
         values["max_allowed_connections"] = _check_int(
-            body, "maxAllowedConnections", 1, "must be greater than zero")
+            body["maxAllowedConnections"], "maxAllowedConnections", 1,
+            ctx.bounds.max_connections, "must be greater than zero")
     if body.get("slaInSeconds") is not None:
-        values["sla_in_seconds"] = _check_int(body, "slaInSeconds", 0, "must not be negative")
+        values["sla_in_seconds"] = _check_int(body["slaInSeconds"], "slaInSeconds", 0,
+                                              MAX_SLA_SECONDS, "must not be negative")
     if body.get("methodType") not in (None, "POST"):
         raise InvalidInput("methodType", "only POST is supported")
     if body.get("webHookType") not in (None, "HTTP"):
@@ -273,10 +333,13 @@ def create(ctx: Context, org_id: int, body: Mapping[str, Any], *, now_ms: int) -
 
 def update_webhook(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *,
                    now_ms: int) -> Saved:
-    """Apply an InTouch ``PUT /v3/webHooks/{id}`` body: every field optional."""
+    """Apply an InTouch ``PUT /v3/webHooks/{id}`` body: every field optional, a field left out
+    unchanged. ``webHookHeaders``, when given, is the whole set; a value equal to its mask keeps
+    the stored value."""
     warnings: list[str] = []
     with ctx.db.session() as session:
         hook = _load(session, org_id, webhook_id)
+        was = (hook.max_allowed_connections, hook.active)
         values, event_names = _columns(ctx, _org(session, org_id), body, creating=False,
                                        current=hook, warnings=warnings)
         if "name" in values:
@@ -293,6 +356,9 @@ def update_webhook(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str
                              for n in event_names])
         session.flush()
         view = _view(hook, _events_of(session, webhook_id), ctx.vault)
+    limit, active = view["maxAllowedConnections"], view["active"]
+    if ctx.limit_changed is not None and active and (limit, active) != was:
+        ctx.limit_changed(webhook_id, limit)  # after the commit: the queue pump reads it
     return Saved(view, warnings)
 
 
@@ -319,11 +385,15 @@ def deactivate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> di
     return update_webhook(ctx, org_id, webhook_id, {"active": False}, now_ms=now_ms).view
 
 
+def activate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> dict[str, Any]:
+    """Active again (clearing why notifier deactivated it, if it did)."""
+    return update_webhook(ctx, org_id, webhook_id, {"active": True}, now_ms=now_ms).view
+
+
 def rotate_secret(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int,
                   overlap_seconds: int = ROTATION_OVERLAP_SECONDS) -> str:
     """A new signing secret; the current ones keep signing for ``overlap_seconds`` more."""
-    if overlap_seconds < 0:
-        raise InvalidInput("overlapSeconds", "must not be negative")
+    _check_int(overlap_seconds, "overlapSeconds", 0, MAX_OVERLAP_SECONDS, "must not be negative")
     secret = new_secret()
     ends = now_ms + overlap_seconds * 1000
     with ctx.db.session() as session:

@@ -16,21 +16,11 @@ from notifier import ui
 from notifier.api import routes_events, routes_logs, routes_reference, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.schemas import Envelope
-from notifier.client import producer, send_lease
+from notifier.client import lease_sender, producer
 from notifier.metrics import ServiceCollector
 from notifier.pipeline import SendLease, Services, build_services
-from notifier.queues import Lease
 
 __all__ = ["create_app"]
-
-
-def _lease_sender(broker_url: str) -> SendLease:
-    app = producer(broker_url)
-
-    def send(lease: Lease) -> None:
-        send_lease(app, lease)
-
-    return send
 
 
 def _probe(check: Callable[[], object]) -> str:
@@ -58,7 +48,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app = FastAPI(title="notifier", version=notifier.__version__,
                   description="Event notifications for loyalty platforms (InTouch v3 compatible).")
     app.state.services = services or build_services(settings)
-    app.state.send_lease = send_lease or _lease_sender(settings.broker_url)
+    app.state.send_lease = send_lease or lease_sender(settings.broker_url)
     install_error_handlers(app)
     app.include_router(routes_webhooks.router)
     app.include_router(routes_reference.router)

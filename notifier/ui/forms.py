@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from notifier.errors import InvalidInput
+from notifier.errors import InvalidInput, path_text
 
-__all__ = ["ENRICHMENT_FLAGS", "NotificationForm", "body_of", "error_key", "form_from_view",
+__all__ = ["ENRICHMENT_FLAGS", "NotificationForm", "body_of", "errors_of", "form_from_view",
            "read_form"]
 
 # Checkbox name -> label, in the order of the InTouch screen.
@@ -96,20 +96,19 @@ def read_form(pairs: Sequence[tuple[str, str]],
         eventNames=[v for k, v in pairs if k == "eventNames"])
 
 
-def body_of(form: NotificationForm, stored: Mapping[str, str] | None = None) -> dict[str, Any]:
+def body_of(form: NotificationForm) -> dict[str, Any]:
     """The InTouch body the form stands for.
 
-    ``stored`` (plain header values, on edit) fill in header rows whose value was left blank:
-    the form only ever shows stored values masked. Raises ``InvalidInput`` for what the form
-    itself can tell is wrong (a number that is not one, a value without a key).
+    A header row of a stored header left blank is sent as the stored value's mask, which
+    ``notifier.webhooks`` reads as "keep the stored value", as it does from the API: the form
+    only ever shows stored values masked. Raises ``InvalidInput`` for what the form itself can
+    tell is wrong (a number that is not one, a value without a key).
     """
-    stored = stored or {}
     headers: dict[str, str] = {}
     for row in form.headers:
         if not row.key:
             raise InvalidInput("webHookHeaders", "a header row has a value but no key")
-        # A blank value of a stored header means "unchanged": the form never had the real one.
-        headers[row.key] = row.value if row.value or row.key not in stored else stored[row.key]
+        headers[row.key] = row.value or row.masked
     body: dict[str, Any] = {
         "name": form.name, "webHookUrl": form.webHookUrl, "webHookHeaders": headers,
         "customerIdentifiersToBeEnriched": [form.source] if form.source else [],
@@ -124,6 +123,9 @@ def body_of(form: NotificationForm, stored: Mapping[str, str] | None = None) -> 
     return body
 
 
-def error_key(field_name: str) -> str:
-    """The form field an ``InvalidInput.field`` belongs to (``webHookHeaders.X`` -> headers)."""
-    return field_name.split(".", 1)[0].split("[", 1)[0]
+def errors_of(exc: InvalidInput) -> dict[str, str]:
+    """The message shown beside the form field an error is about: its path's first part names
+    the field (``("webHookHeaders", "X-Key")`` -> the header rows), the rest says where in it."""
+    field_name, *within = exc.path
+    where = path_text(within)
+    return {str(field_name): f"{where}: {exc.problem}" if where else exc.problem}

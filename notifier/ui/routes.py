@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from notifier import logs, pipeline, store, tenants, webhooks
+from notifier import logs, pipeline, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
 from notifier.models import Delivery, Event, Org, Webhook
 from notifier.pipeline import Services, now_ms
@@ -65,9 +65,7 @@ OrgId = Annotated[int, Depends(_signed_in)]
 
 
 def _context(request: Request) -> webhooks.Context:
-    services = _services(request)
-    return webhooks.Context(services.db, services.catalog, services.vault,
-                            services.settings.allow_private_networks)
+    return pipeline.webhook_context(_services(request), request.app.state.send_lease)
 
 
 def _flash(request: Request, message: str, kind: str = "ok") -> None:
@@ -202,11 +200,6 @@ def _form_page(request: Request, form: forms.NotificationForm, *, webhook_id: st
                  flag_labels=forms.ENRICHMENT_FLAGS, nav="notifications")
 
 
-def _invalid(exc: InvalidInput) -> dict[str, str]:
-    return {forms.error_key(exc.field): exc.problem if "." not in exc.field
-            else f"{exc.field.split('.', 1)[1]}: {exc.problem}"}
-
-
 @router.get("/notifications/new", response_class=HTMLResponse)
 def new_notification(request: Request, org: OrgId) -> HTMLResponse:
     del org
@@ -220,7 +213,7 @@ async def create_notification(request: Request, org: OrgId) -> Response:
     try:
         saved = webhooks.create(_context(request), org, forms.body_of(form), now_ms=now_ms())
     except InvalidInput as exc:
-        return _form_page(request, form, webhook_id=None, errors=_invalid(exc), status=400)
+        return _form_page(request, form, webhook_id=None, errors=forms.errors_of(exc), status=400)
     _flash(request, f"Notification “{saved.view['name']}” created.")
     # The signing secret is shown this once, on this page, and never put in the cookie.
     return _webhook_page(request, org, saved.view["webHookId"], secret=saved.secret)
@@ -244,13 +237,9 @@ async def save_notification(request: Request, org: OrgId, webhook_id: str) -> Re
         return _not_found(request, str(exc))
     form = forms.read_form(await _pairs(request), view["webHookHeaders"])
     try:
-        stored = store.target(ctx.db, ctx.vault, webhook_id, now_ms=now_ms()).headers
-        saved = webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form, stored),
-                                        now_ms=now_ms())
+        webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form), now_ms=now_ms())
     except InvalidInput as exc:
-        return _form_page(request, form, webhook_id=webhook_id, errors=_invalid(exc), status=400)
-    pipeline.limit_changed(request.app.state.services, webhook_id,
-                           saved.view["maxAllowedConnections"], request.app.state.send_lease)
+        return _form_page(request, form, webhook_id=webhook_id, errors=forms.errors_of(exc), status=400)
     _flash(request, "Changes saved.")
     return _redirect(f"/ui/notifications/{webhook_id}")
 
@@ -259,8 +248,7 @@ def _set_active(request: Request, org: int, webhook_id: str, active: bool, messa
                 to: str) -> Response:
     try:
         if active:
-            webhooks.update_webhook(_context(request), org, webhook_id, {"active": True},
-                                    now_ms=now_ms())
+            webhooks.activate(_context(request), org, webhook_id, now_ms=now_ms())
         else:
             webhooks.deactivate(_context(request), org, webhook_id, now_ms=now_ms())
     except NotFound as exc:
