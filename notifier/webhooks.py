@@ -61,9 +61,9 @@ _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", 
             "possibleValues", "orgId", "disabledReason"}
 DEFAULT_SLA_SECONDS = 3600
 ROTATION_OVERLAP_SECONDS = 24 * 3600
-# The SLA check computes in milliseconds; sla * 1000 must fit a 32-bit integer on every
-# database (about 24.8 days), or PostgreSQL's check overflows and fails for every delivery.
-MAX_SLA_SECONDS = (2**31 - 1) // 1000
+# What the column holds (a 32-bit integer, 68 years); the SLA check multiplies it into
+# milliseconds in 64 bits (store.flag_sla_breaches), so no allowed value can overflow there.
+MAX_SLA_SECONDS = 2**31 - 1
 # What browsers and proxies reliably carry; the URL is also shown in every log line of it.
 MAX_URL_CHARS = 2048
 # A rotated-out secret that keeps signing for longer than this is not rotated out.

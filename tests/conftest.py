@@ -9,6 +9,7 @@ PostgreSQL its tests are skipped, except under CI, where a missing service is a 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,14 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def sign_in_form(page: str, org: int | str, key: str) -> dict[str, str]:
+    """The sign-in form's fields as a browser posts them: the org, the key and the CSRF token
+    that the form ``page`` (the HTML of ``GET /ui/login``) carries."""
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token, "the sign-in form carries a CSRF token"
+    return {"orgId": str(org), "apiKey": key, "csrf": token.group(1)}
 
 
 def _unavailable(service: str, exc: Exception) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pytest
 import requests
 
-from tests.conftest import Stack
+from tests.conftest import Stack, sign_in_form
 
 ORG = 71
 
@@ -22,14 +21,12 @@ class Web:
     key: str
 
     def sign_in(self, key: str | None = None) -> requests.Session:
-        """A browser's sign-in: the form is fetched (its CSRF token, if it has one, taken
-        along) and posted; the session returned holds the UI's cookie."""
+        """A browser's sign-in: the form is fetched (its CSRF token taken along) and posted;
+        the session returned holds the UI's cookie."""
         browser = requests.Session()
         form = browser.get(f"{self.base}/ui/login", timeout=10)
-        token = re.search(r'name="csrf" value="([^"]+)"', form.text)
-        answer = browser.post(f"{self.base}/ui/login", timeout=10, allow_redirects=False, data={
-            "orgId": str(self.org), "apiKey": key or self.key,
-            **({"csrf": token.group(1)} if token else {})})
+        answer = browser.post(f"{self.base}/ui/login", timeout=10, allow_redirects=False,
+                              data=sign_in_form(form.text, self.org, key or self.key))
         assert answer.status_code == 303, answer.text
         assert answer.headers["location"] == "/ui/notifications"
         return browser

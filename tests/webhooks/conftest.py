@@ -17,6 +17,7 @@ from config import load_settings
 from notifier.cli import main
 from notifier.pipeline import Services
 from notifier.queues import Lease
+from tests.conftest import sign_in_form
 
 
 class _FormReader(HTMLParser):
@@ -111,7 +112,8 @@ def rooms(stack_env: dict[str, str]) -> Iterator[Rooms]:
         store.create_org(services.db, 1, "org 1", now_ms=0)
         key = tenants.create_key(services.db, 1, now_ms=0)
         with TestClient(create_app(settings, services=services, send_lease=leases.append)) as client:
-            signed_in = client.post("/ui/login", data={"orgId": "1", "apiKey": key})
+            form = client.get("/ui/login")
+            signed_in = client.post("/ui/login", data=sign_in_form(form.text, 1, key))
             assert signed_in.url.path == "/ui/notifications", signed_in.text
             yield Rooms(client, key, services, leases)
     finally:

@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from notifier.models import Webhook
 from notifier.pipeline import now_ms
-from tests.conftest import Receiver, Stack
+from tests.conftest import Receiver, Stack, sign_in_form
 from tests.webhooks.conftest import Cli, Rooms, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -76,8 +76,9 @@ def test_the_admin_form_saved_unchanged_but_one_field_keeps_the_header_values(
     hook_id = requests.get(f"{base}/v3/webHooks", headers=auth, timeout=10).json()["data"][0][
         "webHookId"]
     browser = requests.Session()
-    signed_in = browser.post(f"{base}/ui/login", timeout=10, data={
-        "orgId": "5", "apiKey": auth["Authorization"].removeprefix("Bearer ")})
+    form = browser.get(f"{base}/ui/login", timeout=10)
+    signed_in = browser.post(f"{base}/ui/login", timeout=10, data=sign_in_form(
+        form.text, 5, auth["Authorization"].removeprefix("Bearer ")))
     assert signed_in.url.endswith("/ui/notifications"), signed_in.text
 
     edit = browser.get(f"{base}/ui/notifications/{hook_id}/edit", timeout=10)
