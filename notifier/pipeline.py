@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from config import Settings
-from notifier import store
+from notifier import faults, store
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import DeliveryInterrupted, TransientError
@@ -54,13 +54,16 @@ __all__ = [
     "accept_many",
     "build_services",
     "check_sla",
+    "dead_letter",
     "deliver",
     "judge",
     "limit_changed",
     "pump",
     "rebuild",
+    "reject_for_good",
     "render",
     "replay",
+    "replay_dead_letters",
     "request_for",
     "sweep",
 ]
@@ -164,6 +167,51 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
             tally.event("accepted", deliveries=len(outcome.queued))
     _count(services, tally)
     return outcomes
+
+
+def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> str:
+    """End the ingest of an event that failed for good (``fault`` is permanent) with a recorded
+    reason: stored as rejected, or, when even that is refused, kept as a dead letter. Returns
+    which ("rejected" or "dead letter"). A transient failure of these writes raises: the caller
+    tries again later, and nothing is lost."""
+    reason = faults.reason(fault)
+    try:
+        store.reject(services.db, envelope, f"not stored: {reason}", now_ms=now_ms())
+    except TransientError:
+        raise
+    except Exception as exc:
+        log.warning("event %s could not be stored even as rejected: %s",
+                    _event_id(envelope), faults.reason(exc))
+        dead_letter(services, [envelope], f"{reason}; stored as rejected: {faults.reason(exc)}")
+        return "dead letter"
+    tally = Tally()
+    tally.event("rejected")
+    _count(services, tally)
+    return "rejected"
+
+
+def dead_letter(services: Services, envelopes: Sequence[Any], reason: str) -> list[int]:
+    """Keep events that cannot be ingested as dead letters, with ``reason``; returns their ids
+    (``notifier dead-letters list`` shows them, ``replay`` ingests them again)."""
+    ids = store.dead_letter(services.db, envelopes, reason, now_ms=now_ms())
+    for envelope, letter in zip(envelopes, ids, strict=True):
+        log.error("event %s kept as dead letter %d: %s", _event_id(envelope), letter, reason)
+    return ids
+
+
+def replay_dead_letters(db: Database, ids: Sequence[int],
+                        publish: Callable[[Any], None]) -> int:
+    """Ingest dead letters again (once their cause is fixed) by ``publish``ing each envelope as
+    a producer would; returns how many. A letter that fails again becomes a new dead letter."""
+    letters = store.replayable_dead_letters(db, ids)
+    for _, envelope in letters:
+        publish(envelope)
+    store.mark_replayed(db, [letter for letter, _ in letters], now_ms=now_ms())
+    return len(letters)
+
+
+def _event_id(envelope: Any) -> Any:
+    return envelope.get("eventId") if isinstance(envelope, Mapping) else None
 
 
 def _count(services: Services, tally: Tally) -> None:
