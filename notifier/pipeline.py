@@ -339,6 +339,8 @@ class _Lot:
     lease: Lease
     claimed: tuple[store.Claimed, ...] = ()
     target: store.Target | None = None
+    # Why the lease could not be made ready to send (its webhook, its secrets), if it could not.
+    fault: Exception | None = None
 
 
 class _Task:
@@ -376,7 +378,9 @@ class _Task:
         self._held = [lease for lease in taken if lease is not None]
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
-        sending = [lot for lot in lots if lot.claimed]
+        done += [(lot, _fail_lot(services, lot, self.tally)) for lot in lots
+                 if lot.claimed and lot.fault is not None]
+        sending = [lot for lot in lots if lot.claimed and lot.fault is None]
         if sending:
             self._waiting.extend(sending[1:])
             with self._handed_on_at_deadline(hand_on):
@@ -433,12 +437,23 @@ class _Task:
             self.claimed_until = claim.claimed[0].lease_until_ms
         sending = [(lease, tuple(mine)) for lease, mine in zip(self._held, claimed, strict=True)
                    if mine]
+        unready: dict[str, Exception] = {}
         targets = store.targets(services.db, services.vault,
-                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms())
-        # The reference data every enrichment of the task needs, one query per kind.
-        prefetch(((item.event, targets[lease.webhook_id].options) for lease, mine in sending
-                  if targets[lease.webhook_id].active for item in mine), services.lookups)
-        return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id))
+                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms(),
+                                faults=unready)
+        ready = [(targets[lease.webhook_id], mine) for lease, mine in sending
+                 if lease.webhook_id in targets]
+        try:
+            # The reference data every enrichment of the task needs, one query per kind.
+            prefetch(((item.event, target.options) for target, mine in ready if target.active
+                      for item in mine), services.lookups)
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise
+            # Only a head start: each enrichment reads what it needs, and fails on its own.
+            log.exception("reference data not read ahead for the task's enrichments")
+        return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id),
+                     unready.get(lease.webhook_id))
                 for lease, mine in zip(self._held, claimed, strict=True)]
 
     def _next(self, hand_on: HandOn) -> _Lot | None:
@@ -521,15 +536,35 @@ def _attempt(services: Services, target: store.Target,
             return finished, True
         return replace(finished, enrichment=additions(claimed.event, enriched.payload),
                        enrichment_notes="; ".join(enriched.notes) or None), True
-    except TransientError:
-        raise
     except Exception as exc:
+        if faults.is_transient(exc):
+            raise
         # A bug in a step must not crash the worker and resend forever: record it as a failed
         # attempt (replayable once fixed) and carry on with the batch.
         log.exception("delivery %s failed in notifier itself", claimed.id)
-        return store.Finished(claimed, started, now_ms() - started, DeliveryStatus.FAILED,
-                              error_class=type(exc).__name__,
-                              error_message=str(exc)[:2000]), False
+        return _failed_in_notifier(claimed, started, exc), False
+
+
+def _failed_in_notifier(claimed: store.Claimed, started: int, exc: Exception) -> store.Finished:
+    """A failed attempt that notifier's own fault ended (no request made), saying why."""
+    return store.Finished(claimed, started, now_ms() - started, DeliveryStatus.FAILED,
+                          error_class=type(exc).__name__, error_message=str(exc)[:2000])
+
+
+def _fail_lot(services: Services, lot: _Lot, tally: Tally) -> Report:
+    """A lease that could not be made ready (``lot.fault``: its webhook gone, a secret no key
+    opens) fails each of its deliveries for good with the reason, replayable once the cause is
+    fixed; its slot goes back with the others', and the task carries on with them."""
+    assert lot.fault is not None
+    log.error("webhook %s: %d deliveries failed: %s", lot.lease.webhook_id, len(lot.claimed),
+              faults.reason(lot.fault))
+    started = now_ms()
+    failed = [_failed_in_notifier(claimed, started, lot.fault) for claimed in lot.claimed]
+    # (No SLA to flag: it concerns deliveries that succeed late.)
+    store.finish(services.db, failed, sla_in_seconds=0)
+    for finished in failed:
+        tally.attempt(lot.lease.webhook_id, finished.outcome, finished.latency_ms, None)
+    return Report()
 
 
 def _give_back(services: Services, webhook_id: str, target: store.Target,

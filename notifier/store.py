@@ -567,9 +567,13 @@ def target(db: Database, vault: Vault, webhook_id: str, *, now_ms: int) -> Targe
     return targets(db, vault, [webhook_id], now_ms=now_ms)[webhook_id]
 
 
-def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *,
-            now_ms: int) -> dict[str, Target]:
-    """``target`` for several webhooks, read in one statement; by webhook id."""
+def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *, now_ms: int,
+            faults: dict[str, Exception] | None = None) -> dict[str, Target]:
+    """``target`` for several webhooks, read in one statement; by webhook id.
+
+    With ``faults``, a webhook that cannot be made ready (deleted, or a secret that no
+    configured key opens) is put there with its error instead of failing them all: one
+    webhook's fault must not stall the others of its delivery task."""
     wanted = sorted(set(webhook_ids))
     if not wanted:
         return {}
@@ -579,8 +583,19 @@ def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *,
     for row in rows:
         by_hook.setdefault(row.id, []).append(row)
     if missing := [webhook_id for webhook_id in wanted if webhook_id not in by_hook]:
-        raise NotFound(f"webhook {', '.join(missing)} does not exist")
-    return {webhook_id: _target(vault, rows) for webhook_id, rows in by_hook.items()}
+        if faults is None:
+            raise NotFound(f"webhook {', '.join(missing)} does not exist")
+        faults.update((webhook_id, NotFound(f"webhook {webhook_id} does not exist"))
+                      for webhook_id in missing)
+    ready = {}
+    for webhook_id, hook_rows in by_hook.items():
+        try:
+            ready[webhook_id] = _target(vault, hook_rows)
+        except Exception as exc:
+            if faults is None:
+                raise
+            faults[webhook_id] = exc
+    return ready
 
 
 def _target(vault: Vault, rows: Sequence[Any]) -> Target:
