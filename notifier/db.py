@@ -16,10 +16,10 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from notifier.errors import StoreRefused, StoreUnavailable
-from notifier.faults import is_transient_database_error
+from notifier.errors import NotifierError, StoreRefused, StoreUnavailable
+from notifier.faults import is_transient_database_error, is_transient_driver_error
 
-__all__ = ["Database", "upgrade"]
+__all__ = ["Database", "store_error", "upgrade"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -119,11 +119,19 @@ def _classified() -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        code = f" (SQLSTATE {sqlstate})" if sqlstate else ""
-        if is_transient_database_error(exc):
-            raise StoreUnavailable(f"database error{code}: {exc.orig}") from exc
-        raise StoreRefused(f"database refused{code}: {exc.orig}") from exc
+        raise store_error(exc.orig or exc, transient=is_transient_database_error(exc)) from exc
+
+
+def store_error(driver: BaseException, *, transient: bool | None = None) -> NotifierError:
+    """The driver's error as notifier's: ``StoreUnavailable`` when ``notifier.faults`` finds it
+    transient, else ``StoreRefused``; both name the SQLSTATE when there is one."""
+    if transient is None:
+        transient = is_transient_driver_error(driver)
+    sqlstate = getattr(driver, "sqlstate", None)
+    code = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    if transient:
+        return StoreUnavailable(f"database error{code}: {driver}")
+    return StoreRefused(f"database refused{code}: {driver}")
 
 
 def upgrade(url: str, revision: str = "head") -> None:

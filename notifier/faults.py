@@ -16,7 +16,8 @@ from sqlalchemy.exc import DBAPIError
 
 from notifier.errors import TransientError
 
-__all__ = ["TRANSIENT_SQLSTATES", "is_transient", "is_transient_database_error", "reason"]
+__all__ = ["TRANSIENT_SQLSTATES", "is_transient", "is_transient_database_error",
+           "is_transient_driver_error", "reason"]
 
 # PostgreSQL SQLSTATEs (or their two-character classes) worth retrying: connection exceptions
 # (08), insufficient resources such as too many connections (53), operator intervention such
@@ -34,17 +35,20 @@ _TRANSIENT_TYPES = (TransientError, redis.exceptions.ConnectionError,
 
 def is_transient_database_error(exc: DBAPIError) -> bool:
     """Whether a database error may pass if the same statement runs again later."""
-    if exc.connection_invalidated:
-        return True
-    driver = exc.orig
+    return exc.connection_invalidated or is_transient_driver_error(exc.orig or exc)
+
+
+def is_transient_driver_error(driver: BaseException) -> bool:
+    """``is_transient_database_error`` for the driver's own exception (psycopg, sqlite3)."""
     sqlstate = getattr(driver, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate:
         return sqlstate.startswith(TRANSIENT_SQLSTATES)
     if isinstance(driver, sqlite3.OperationalError):
         return any(words in str(driver).lower() for words in _SQLITE_TRANSIENT)
     # A driver error with no SQLSTATE is the client's own: no connection could be made, or the
-    # one in use broke. Only those of its operational kind are about the connection.
-    return type(exc).__name__ in ("OperationalError", "InterfaceError")
+    # one in use broke. Only those of its operational kinds (PEP 249's names) are about that.
+    return any(kind.__name__ in ("OperationalError", "InterfaceError")
+               for kind in type(driver).__mro__)
 
 
 def is_transient(exc: BaseException) -> bool:

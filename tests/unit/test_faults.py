@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 import pytest
 import redis
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from notifier.errors import InvalidEvent, StoreRefused, StoreUnavailable
-from notifier.faults import is_transient
+from notifier.faults import is_transient, is_transient_driver_error
 
 
 class _Driver(Exception):
@@ -40,8 +41,11 @@ def test_postgresql_errors_are_classified_by_their_sqlstate(sqlstate: str, trans
 
 
 def test_a_driver_error_without_sqlstate_is_transient_only_when_operational() -> None:
-    assert is_transient(OperationalError("connect", {}, _Driver(None)))
-    assert not is_transient(IntegrityError("INSERT ...", {}, _Driver(None)))
+    # psycopg's own errors (no server answer): connection refused or lost, or a client bug.
+    assert is_transient(OperationalError("connect", {}, psycopg.OperationalError("refused")))
+    assert is_transient_driver_error(psycopg.OperationalError("connection lost"))
+    assert not is_transient(IntegrityError("INSERT ...", {}, psycopg.IntegrityError("bad")))
+    assert not is_transient_driver_error(psycopg.ProgrammingError("only '%s' placeholders"))
 
 
 def test_sqlite_is_transient_only_when_locked() -> None:
