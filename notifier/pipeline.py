@@ -386,8 +386,7 @@ class _Task:
             with self._handed_on_at_deadline(hand_on):
                 lot: _Lot | None = sending[0]
                 while lot is not None:
-                    done.append((lot, _deliver_lot(services, lot, self._budget_ends,
-                                                   self.tally)))
+                    done.append((lot, self._send(lot)))
                     lot = self._next(hand_on)
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
                                                 batch=batch, lease_ms=lease_ms, now_ms=now_ms())
@@ -398,6 +397,20 @@ class _Task:
                 send(following)
             if report.failing_since_ms and lot.target is not None:
                 self._disable_if_failing_too_long(lot.target, given_back.failing_since_ms)
+
+    def _send(self, lot: _Lot) -> Report:
+        """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
+        outside the per-delivery guard) fails what the lot still holds, with the reason, and
+        the task carries on with its other leases."""
+        try:
+            return _deliver_lot(self.services, lot, self._budget_ends, self.tally)
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise
+            log.exception("webhook %s: its batch stopped", lot.lease.webhook_id)
+            held = store.still_claimed(self.services.db, lot.claimed)
+            return _fail_lot(self.services, replace(lot, claimed=tuple(held), fault=exc),
+                             self.tally)
 
     def _disable_if_failing_too_long(self, target: store.Target, failing_since_ms: int) -> None:
         """Deactivate a webhook every attempt to which has failed for

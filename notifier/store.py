@@ -91,6 +91,7 @@ __all__ = [
     "release_claims",
     "replay",
     "replayable_dead_letters",
+    "still_claimed",
     "target",
     "targets",
 ]
@@ -511,6 +512,18 @@ def _claim_statement() -> Any:
     taken = _take_statement().cte("taken")
     return _claimable_statement().add_columns(
         _deliveries.c.id.in_(select(taken.c.id)).label("taken"))
+
+
+def still_claimed(db: Database, claimed: Sequence[Claimed]) -> list[Claimed]:
+    """Those of ``claimed`` still held by their claim: not finished, nor taken over since."""
+    if not claimed:
+        return []
+    d = _deliveries.c
+    with db.autocommit() as connection:
+        held = set(connection.scalars(select(d.id).where(
+            d.id.in_([item.id for item in claimed]), d.status == DeliveryStatus.IN_FLIGHT,
+            d.lease_until_ms.in_({item.lease_until_ms for item in claimed}))))
+    return [item for item in claimed if item.id in held]
 
 
 def release_claims(db: Database, claimed: Iterable[Claimed]) -> None:

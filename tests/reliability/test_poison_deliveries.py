@@ -64,3 +64,59 @@ def test_a_webhook_whose_secret_no_key_opens_fails_its_deliveries_and_its_neighb
     wait_until(lambda: queues.held(poisoned, time.time_ns() // 1_000_000) == 0
                and queues.held(healthy, time.time_ns() // 1_000_000) == 0, 5, "slots given back")
     assert_nothing_open(database)
+
+
+_REFUSE_DELIVERED = """
+CREATE OR REPLACE FUNCTION notifier_test_refuse_delivered() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'check_violation',
+        MESSAGE = 'outcome refused by the test trigger';
+END $$ LANGUAGE plpgsql
+"""
+
+
+def test_a_lease_whose_outcome_the_database_refuses_fails_with_the_reason_and_its_neighbour_goes_on(
+        stack: Stack, receiver: Receiver, database: Database,
+        hook: Callable[..., str]) -> None:
+    healthy, poisoned = hook("/fine"), hook("/refused")
+    stack.env["NOTIFIER_SLOT_LEASE_SECONDS"] = "20"  # a slot not given back stays held meanwhile
+    stack.worker()
+    send(stack, customer(1))  # both measured fast: their leases share delivery tasks from now on
+    receiver.wait_for(1, "/fine", timeout=30)
+    receiver.wait_for(1, "/refused", timeout=30)
+    wait_until(lambda: len([d for d in deliveries(database)
+                            if d.status == DeliveryStatus.DELIVERED]) == 2, 30, "2 delivered")
+    engine = sa.create_engine(stack.settings.database_url)
+    with engine.begin() as connection:  # the poisoned webhook's successes cannot be recorded
+        connection.exec_driver_sql(_REFUSE_DELIVERED)
+        connection.exec_driver_sql(
+            "CREATE TRIGGER notifier_test_refuse_delivered BEFORE UPDATE ON deliveries "
+            f"FOR EACH ROW WHEN (NEW.status = 'delivered' AND NEW.webhook_id = '{poisoned}') "
+            "EXECUTE FUNCTION notifier_test_refuse_delivered()")
+    try:
+        for n in range(2, 5):
+            send(stack, customer(n))
+
+        receiver.wait_for(4, "/fine", timeout=12)
+
+        def failed() -> list[Delivery]:
+            mine = [d for d in deliveries(database) if d.webhook_id == poisoned]
+            done = [d for d in mine if d.status == DeliveryStatus.FAILED]
+            return done if len(done) == 3 else []
+
+        for delivery in wait_until(failed, 12, "the poisoned webhook's 3 deliveries failed"):
+            with database.session() as session:
+                (attempt,) = session.scalars(select(Attempt).where(
+                    Attempt.delivery_id == delivery.id)).all()
+            assert attempt.error_class == "StoreRefused"
+            assert "outcome refused by the test trigger" in (attempt.error_message or "")
+        queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
+        wait_until(lambda: queues.held(poisoned, time.time_ns() // 1_000_000) == 0
+                   and queues.held(healthy, time.time_ns() // 1_000_000) == 0, 5,
+                   "slots given back")
+        assert_nothing_open(database)
+    finally:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                "DROP TRIGGER IF EXISTS notifier_test_refuse_delivered ON deliveries")
+        engine.dispose()
