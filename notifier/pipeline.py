@@ -47,11 +47,13 @@ from notifier.signing import signature_headers
 from notifier.vault import Vault, vault_for
 
 __all__ = [
+    "DEAD_LETTER",
     "HandOn",
     "Services",
     "SweepReport",
     "accept",
     "accept_many",
+    "accept_or_end",
     "build_services",
     "check_sla",
     "dead_letter",
@@ -169,25 +171,44 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
     return outcomes
 
 
-def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> str:
-    """End the ingest of an event that failed for good (``fault`` is permanent) with a recorded
-    reason: stored as rejected, or, when even that is refused, kept as a dead letter. Returns
-    which ("rejected" or "dead letter"). A transient failure of these writes raises: the caller
-    tries again later, and nothing is lost."""
-    reason = faults.reason(fault)
+# The status of an ingest outcome whose event was kept as a dead letter, not stored.
+DEAD_LETTER = "deadLetter"
+
+
+def accept_or_end(services: Services, envelope: Any, send: SendLease) -> store.IngestOutcome:
+    """``accept``; an event that fails for good ends recorded instead (``reject_for_good``),
+    and the outcome says how. Transient failures raise: the caller tries again later."""
     try:
-        store.reject(services.db, envelope, f"not stored: {reason}", now_ms=now_ms())
-    except TransientError:
-        raise
+        return accept(services, envelope, send)
     except Exception as exc:
+        if faults.is_transient(exc):
+            raise
+        log.error("ingest of event %s failed for good: %s", _event_id(envelope),
+                  faults.reason(exc), exc_info=exc)
+        return reject_for_good(services, envelope, exc)
+
+
+def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> store.IngestOutcome:
+    """End the ingest of an event that failed for good (``fault`` is permanent) with a recorded
+    reason: stored as rejected, or, when even that is refused, kept as a dead letter (the
+    outcome's status is then ``DEAD_LETTER``). A transient failure of these writes raises: the
+    caller tries again later, and nothing is lost."""
+    reason = f"not stored: {faults.reason(fault)}"
+    try:
+        outcome = store.reject(services.db, envelope, reason, now_ms=now_ms())
+    except Exception as exc:
+        if faults.is_transient(exc):
+            raise
         log.warning("event %s could not be stored even as rejected: %s",
                     _event_id(envelope), faults.reason(exc))
-        dead_letter(services, [envelope], f"{reason}; stored as rejected: {faults.reason(exc)}")
-        return "dead letter"
+        reason += f"; nor as rejected: {faults.reason(exc)}"
+        (letter,) = dead_letter(services, [envelope], reason)
+        return store.IngestOutcome(str(_event_id(envelope)), DEAD_LETTER, False,
+                                   f"kept as dead letter {letter}: {reason}")
     tally = Tally()
     tally.event("rejected")
     _count(services, tally)
-    return "rejected"
+    return outcome
 
 
 def dead_letter(services: Services, envelopes: Sequence[Any], reason: str) -> list[int]:

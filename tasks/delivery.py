@@ -75,19 +75,23 @@ def ingest(requests: list[SimpleRequest]) -> int:
         except Exception as exc:
             if is_transient(exc):
                 _ingest_later(requests, envelopes, exc)
-            elif len(requests) == 1:
-                _end_for_good(requests[0], envelopes[0], exc)
             else:
-                # One event's fault must not hold back the others: each on its own.
-                for request, envelope in zip(requests, envelopes, strict=True):
-                    try:
-                        pipeline.accept(services(), envelope, send)
-                    except Exception as exc:
-                        if is_transient(exc):
-                            _ingest_later([request], [envelope], exc)
-                        else:
-                            _end_for_good(request, envelope, exc)
+                _each_on_its_own(requests, envelopes, send)
     return len(requests)
+
+
+def _each_on_its_own(requests: list[SimpleRequest], envelopes: list[Any],
+                     send: Callable[[Lease], None]) -> None:
+    """One event's fault must not hold back the others: each on its own, and one that fails
+    for good ends recorded (rejected, or a dead letter), never sent again."""
+    for request, envelope in zip(requests, envelopes, strict=True):
+        try:
+            outcome = pipeline.accept_or_end(services(), envelope, send)
+        except Exception as exc:  # transient, or even the recording of its end failed
+            _ingest_later([request], [envelope], exc)
+            continue
+        if outcome.error:
+            log.info("event %s %s: %s", outcome.event_id, outcome.status, outcome.error)
 
 
 def _envelope(request: SimpleRequest) -> Any:
@@ -101,19 +105,6 @@ def _envelope(request: SimpleRequest) -> Any:
 
 def _event_id(envelope: Any) -> Any:
     return envelope.get("eventId") if isinstance(envelope, dict) else None
-
-
-def _end_for_good(request: SimpleRequest, envelope: Any, exc: Exception) -> None:
-    """An event that failed for good is stored rejected with the reason (or kept as a dead
-    letter), never sent again; only a transient failure of that write sends it again."""
-    log.error("ingest of event %s failed for good: %s", _event_id(envelope), reason(exc),
-              exc_info=exc)
-    try:
-        ended = pipeline.reject_for_good(services(), envelope, exc)
-    except Exception as again:
-        _ingest_later([request], [envelope], again)
-        return
-    log.warning("event %s ended as %s", _event_id(envelope), ended)
 
 
 def _waited(retries: int) -> int:

@@ -63,7 +63,8 @@ def test_a_nan_event_from_the_broker_is_stored_rejected_naming_its_path(
     assert row.status == EventStatus.REJECTED
     assert row.error_path == "$.data.totalPointsIssued"
     assert "NaN" in (row.error_message or "")
-    assert [d.status for d in deliveries(database)] == [DeliveryStatus.DELIVERED]
+    wait_until(lambda: [d.status for d in deliveries(database)] == [DeliveryStatus.DELIVERED],
+               30, "the healthy event's delivery recorded")
     assert_nothing_open(database)
 
 
@@ -109,6 +110,37 @@ def test_an_event_the_database_refuses_is_stored_rejected_with_the_reason(
     assert row.status == EventStatus.REJECTED
     assert "refused by the test trigger" in (row.error_message or "")
     assert "22023" in (row.error_message or "")
+    wait_until(lambda: [d.status for d in deliveries(database)] == [DeliveryStatus.DELIVERED],
+               30, "the healthy event's delivery recorded")
+    assert_nothing_open(database)
+
+
+def test_an_event_the_database_refuses_when_posted_is_kept_rejected_and_answered_400(
+        stack: Stack, receiver: Receiver, database: Database, hook: Callable[..., str],
+        refuse_poison: Callable[[str, str], None]) -> None:
+    hook("/posted-refused")
+    refuse_poison("22023", "dispatched")
+    stack.worker()
+    base = stack.web()
+    key = tenants.create_key(database, ORG, now_ms=0)
+
+    response = requests.post(f"{base}/v3/events", timeout=30, headers={
+        "Authorization": f"Bearer {key}"}, json=[
+            {"eventName": "pointsIssued", "eventId": "refused-1", "data": customer(1, poison=1)},
+            {"eventName": "pointsIssued", "eventId": "fine-2", "data": customer(2)}])
+
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["code"] == "NOT_STORED" and "refused by the test trigger" in error["message"]
+    assert [r["status"] for r in response.json()["data"]] == [EventStatus.REJECTED,
+                                                               EventStatus.DISPATCHED]
+    row = event_row(database, "refused-1")
+    assert row is not None and row.status == EventStatus.REJECTED
+    assert "22023" in (row.error_message or "")
+    (got,) = receiver.wait_for(1, "/posted-refused", timeout=30)
+    assert json.loads(got.body)["eventId"] == "fine-2"
+    wait_until(lambda: [d.status for d in deliveries(database)] == [DeliveryStatus.DELIVERED],
+               30, "the good event's delivery recorded")
     assert_nothing_open(database)
 
 
@@ -157,4 +189,6 @@ def test_an_event_still_failing_transiently_past_the_horizon_is_dead_lettered(
     assert letter["eventId"] == stuck
     assert "40001" in letter["reason"] and "NOTIFIER_INGEST_RETRY_HORIZON" in letter["reason"]
     assert event_row(database, stuck) is None
+    wait_until(lambda: [d.status for d in deliveries(database)] == [DeliveryStatus.DELIVERED],
+               30, "the healthy event's delivery recorded")
     assert_nothing_open(database)

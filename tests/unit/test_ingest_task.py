@@ -36,9 +36,10 @@ class Recorder:
         monkeypatch.setattr(delivery.pipeline, "dead_letter", self.dead_letter)
         monkeypatch.setattr(delivery.app, "send_task", self.send_task)
 
-    def reject_for_good(self, services: Any, envelope: Any, fault: BaseException) -> str:
+    def reject_for_good(self, services: Any, envelope: Any, fault: BaseException) -> Any:
         self.ended.append((envelope, fault))
-        return "rejected"
+        return SimpleNamespace(event_id=envelope.get("eventId"), status="rejected",
+                               error=f"not stored: {fault!r}")
 
     def dead_letter(self, services: Any, envelopes: list[Any], reason: str) -> list[int]:
         self.dead.append((envelopes, reason))
