@@ -183,7 +183,7 @@ def accept_or_end(services: Services, envelope: Any, send: SendLease) -> store.I
     except Exception as exc:
         if faults.is_transient(exc):
             raise
-        log.error("ingest of event %s failed for good: %s", _event_id(envelope),
+        log.error("ingest of event %s failed for good: %s", store.event_id_of(envelope),
                   faults.reason(exc), exc_info=exc)
         return reject_for_good(services, envelope, exc)
 
@@ -200,10 +200,10 @@ def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> 
         if faults.is_transient(exc):
             raise
         log.warning("event %s could not be stored even as rejected: %s",
-                    _event_id(envelope), faults.reason(exc))
+                    store.event_id_of(envelope), faults.reason(exc))
         reason += f"; nor as rejected: {faults.reason(exc)}"
         (letter,) = dead_letter(services, [envelope], reason)
-        return store.IngestOutcome(str(_event_id(envelope)), DEAD_LETTER, False,
+        return store.IngestOutcome(store.event_id_of(envelope) or "", DEAD_LETTER, False,
                                    f"kept as dead letter {letter}: {reason}")
     tally = Tally()
     tally.event("rejected")
@@ -216,7 +216,7 @@ def dead_letter(services: Services, envelopes: Sequence[Any], reason: str) -> li
     (``notifier dead-letters list`` shows them, ``replay`` ingests them again)."""
     ids = store.dead_letter(services.db, envelopes, reason, now_ms=now_ms())
     for envelope, letter in zip(envelopes, ids, strict=True):
-        log.error("event %s kept as dead letter %d: %s", _event_id(envelope), letter, reason)
+        log.error("event %s kept as dead letter %d: %s", store.event_id_of(envelope), letter, reason)
     return ids
 
 
@@ -229,10 +229,6 @@ def replay_dead_letters(db: Database, ids: Sequence[int],
         publish(envelope)
     store.mark_replayed(db, [letter for letter, _ in letters], now_ms=now_ms())
     return len(letters)
-
-
-def _event_id(envelope: Any) -> Any:
-    return envelope.get("eventId") if isinstance(envelope, Mapping) else None
 
 
 def _count(services: Services, tally: Tally) -> None:

@@ -79,6 +79,7 @@ __all__ = [
     "dead_letter",
     "dead_letters",
     "disable_failing",
+    "event_id_of",
     "finish",
     "flag_sla_breaches",
     "ingest",
@@ -834,7 +835,7 @@ def dead_letter(db: Database, envelopes: Sequence[Any], reason: str, *, now_ms: 
     The envelope is written as ASCII JSON text (NaN, NUL and lone surrogates escaped), so that
     this write does not fail for what the events table refused."""
     rows = [{"envelope": json.dumps(envelope, ensure_ascii=True, default=repr),
-             "event_id": _dead_letter_event_id(envelope), "reason": reason,
+             "event_id": event_id_of(envelope), "reason": reason,
              "received_at_ms": now_ms} for envelope in envelopes]
     if not rows:
         return []
@@ -843,7 +844,8 @@ def dead_letter(db: Database, envelopes: Sequence[Any], reason: str, *, now_ms: 
                                       .returning(_dead_letters.c.id))) for row in rows]
 
 
-def _dead_letter_event_id(envelope: Any) -> str | None:
+def event_id_of(envelope: Any) -> str | None:
+    """The ``eventId`` an envelope names, storable (for logs and dead letters); None if none."""
     event_id = envelope.get("eventId") if isinstance(envelope, Mapping) else None
     return _scrubbed(event_id)[:100] if isinstance(event_id, str) else None
 

@@ -10,7 +10,7 @@ from typing import Any
 from celery import Task
 
 from config import load_settings
-from notifier import client, pipeline
+from notifier import client, pipeline, store
 from notifier.client import DELIVER_TASK, INGEST_TASK
 from notifier.errors import DeliveryInterrupted, TransientError
 from notifier.faults import is_transient, reason
@@ -103,10 +103,6 @@ def _envelope(request: SimpleRequest) -> Any:
     return {"args": list(request.args), "kwargs": dict(request.kwargs)}
 
 
-def _event_id(envelope: Any) -> Any:
-    return envelope.get("eventId") if isinstance(envelope, dict) else None
-
-
 def _waited(retries: int) -> int:
     """Seconds a message retried ``retries`` times has waited at least (its countdowns)."""
     return sum(_countdown(before) for before in range(retries))
@@ -137,7 +133,7 @@ def _kept_as_dead_letter(envelope: Any, exc: Exception, retries: int, horizon: f
             f"(NOTIFIER_INGEST_RETRY_HORIZON is {horizon:g} s)"))
     except Exception as again:  # the database is away too: sent again, never dropped
         log.warning("event %s past the retry horizon, not kept as dead letter yet: %s",
-                    _event_id(envelope), reason(again))
+                    store.event_id_of(envelope), reason(again))
         return False
     return True
 
