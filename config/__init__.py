@@ -186,6 +186,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ingest_batch_size", _positive_int, "50",
             "Most events one ingest task stores together (one transaction, one queue call per "
             "webhook); events that arrive while a worker's ingest task runs gather for its next."),
+    Setting("ingest_retry_horizon", _positive_float, str(6 * 3600),
+            "Seconds an event's ingest is retried after transient failures (the database or "
+            "Redis away, a deadlock) before it is kept as a dead letter, with the reason, "
+            "to replay with 'notifier dead-letters replay'."),
     Setting("slow_webhook_ms", _positive_int, "1000",
             "A webhook whose slowest recent response took this long (milliseconds) is sent to "
             "by the slow lane (the threads worker), so it cannot hold up the others."),
@@ -239,6 +243,7 @@ class Settings:
     batch_time_budget: float
     batch_linger_ms: int
     ingest_batch_size: int
+    ingest_retry_horizon: float
     slow_webhook_ms: int
     sweep_interval: float
     sla_check_interval: float

@@ -431,6 +431,36 @@ def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
     with _webhook_context() as context:
         view = webhooks.deactivate(context, org_id, webhook_id, now_ms=_now_ms())
     click.echo(json.dumps(view, indent=2))
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Events that could not be stored even as rejected (or kept failing past
+    NOTIFIER_INGEST_RETRY_HORIZON), kept with the reason."""
+
+
+@dead_letters.command("list")
+def dead_letters_list() -> None:
+    """One JSON line for each dead letter not replayed yet: id, eventId, reason, receivedAt."""
+    from notifier import store
+    from notifier.db import Database
+
+    for letter in store.dead_letters(Database(_settings().database_url)):
+        click.echo(json.dumps({"id": letter.id, "eventId": letter.event_id,
+                               "reason": letter.reason, "receivedAt": letter.received_at_ms}))
+
+
+@dead_letters.command("replay")
+@click.argument("ids", nargs=-1, type=int, required=True)
+def dead_letters_replay(ids: tuple[int, ...]) -> None:
+    """Ingest the dead letters IDS again, through the broker, once their cause is fixed."""
+    from notifier import pipeline
+    from notifier.client import publish_envelope
+    from notifier.db import Database
+
+    settings = _settings()
+    replayed = pipeline.replay_dead_letters(
+        Database(settings.database_url), ids,
+        lambda envelope: publish_envelope(envelope, broker_url=settings.broker_url))
+    click.echo(f"replayed {replayed} dead letters")
 
 
 @main.command()

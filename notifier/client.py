@@ -20,8 +20,8 @@ from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "ingest_reprs", "lease_args", "lease_sender", "producer", "publish", "send_lease",
-           "send_leases"]
+           "ingest_reprs", "lease_args", "lease_sender", "producer", "publish",
+           "publish_envelope", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -78,13 +78,18 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
     """
     envelope = build_envelope(event_name, data, org_id=org_id, event_id=event_id,
                               **envelope_fields)
+    publish_envelope(envelope, broker_url=broker_url)
+    return str(envelope["eventId"])
+
+
+def publish_envelope(envelope: Any, *, broker_url: str | None = None) -> None:
+    """Send one event envelope, as it is, to be ingested (``publish`` builds it first)."""
     if broker_url is None:
         from config import load_settings
 
         broker_url = load_settings().broker_url
     producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE,
                                    **ingest_reprs([envelope], {}))
-    return str(envelope["eventId"])
 
 
 _ID_FIELDS = ("orgId", "eventName", "eventId")

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from notifier.errors import StoreUnavailable
+from notifier.errors import NotifierError, StoreRefused, StoreUnavailable
+from notifier.faults import is_transient_database_error, is_transient_driver_error
 
-__all__ = ["Database", "upgrade"]
+__all__ = ["Database", "store_error", "upgrade"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -73,13 +74,14 @@ class Database:
     def session(self) -> Iterator[Session]:
         """A session that commits on success, rolls back on error, and always closes.
 
-        Connection failures come out as ``StoreUnavailable``, which callers treat as transient.
+        Database errors come out as ``StoreUnavailable`` (transient: a lost connection, a
+        deadlock...) or ``StoreRefused`` (permanent), as ``notifier.faults`` decides.
         """
         self.engine  # noqa: B018 - makes the per-process engine and session factory
         assert self._sessions is not None
         session = self._sessions()
         try:
-            with _unavailable_as_transient():
+            with _classified():
                 yield session
                 session.commit()
         except BaseException:
@@ -92,14 +94,14 @@ class Database:
     def transaction(self) -> Iterator[Connection]:
         """A Core connection in one transaction: ``session()`` without the ORM's cost, for the
         statements every delivery runs."""
-        with _unavailable_as_transient(), self.engine.begin() as connection:
+        with _classified(), self.engine.begin() as connection:
             yield connection
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:
         """A Core connection where each statement commits on its own: for a write that is one
         statement, which then costs one round trip instead of three (BEGIN, it, COMMIT)."""
-        with _unavailable_as_transient(), self.engine.connect() as connection:
+        with _classified(), self.engine.connect() as connection:
             yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
     def dispose(self) -> None:
@@ -120,15 +122,25 @@ def _private_sqlite_file(url: str) -> None:
 
 
 @contextmanager
-def _unavailable_as_transient() -> Iterator[None]:
+def _classified() -> Iterator[None]:
+    """Wrap the driver's errors as transient (``StoreUnavailable``) or permanent
+    (``StoreRefused``), once, for every caller."""
     try:
         yield
-    except OperationalError as exc:
-        raise StoreUnavailable(f"database error: {exc.orig}") from exc
     except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise StoreUnavailable(f"database connection lost: {exc.orig}") from exc
-        raise
+        raise store_error(exc.orig or exc, transient=is_transient_database_error(exc)) from exc
+
+
+def store_error(driver: BaseException, *, transient: bool | None = None) -> NotifierError:
+    """The driver's error as notifier's: ``StoreUnavailable`` when ``notifier.faults`` finds it
+    transient, else ``StoreRefused``; both name the SQLSTATE when there is one."""
+    if transient is None:
+        transient = is_transient_driver_error(driver)
+    sqlstate = getattr(driver, "sqlstate", None)
+    code = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    if transient:
+        return StoreUnavailable(f"database error{code}: {driver}")
+    return StoreRefused(f"database refused{code}: {driver}")
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -7,6 +7,7 @@
     ├── NotFound                an id that does not exist (or belongs to another org)
     ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
+    ├── StoreRefused            the database refused a statement for good (bad data, a bug)
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
@@ -14,6 +15,8 @@
 
 Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
 only ever catch these. Tasks retry ``TransientError``; the API maps each class to one status.
+Whether an error is worth retrying is decided once, in ``notifier.faults``: anything that is not
+a ``TransientError`` (after wrapping) is permanent, and ends its work with a recorded reason.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "NotFound",
     "NotifierError",
     "QueueUnavailable",
+    "StoreRefused",
     "StoreUnavailable",
     "TransientError",
     "path_text",
@@ -90,6 +94,11 @@ class AuthenticationFailed(NotifierError):
 
 class DestinationNotAllowed(NotifierError):
     """A webhook URL's scheme or address is outside what the operator allows."""
+
+
+class StoreRefused(NotifierError):
+    """The database refused a statement in a way that retrying cannot mend: a data or integrity
+    error, or a bug. The message names the SQLSTATE and the database's reason."""
 
 
 class TransientError(NotifierError):

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from notifier.db import Database
-from notifier.models import Delivery, DeliveryStatus
+from notifier.models import DeadLetter, Delivery, DeliveryStatus
 from notifier.queues import Queues
 
 __all__ = ["DELIVERED_BUCKETS_MS", "RESPONSE_BUCKETS_MS", "ServiceCollector", "Tally"]
@@ -129,6 +129,14 @@ class ServiceCollector(Collector):
         for status, count in self._open_deliveries():
             open_.add_metric([status], count)
         yield open_
+        yield _single(GaugeMetricFamily, "notifier_dead_letters", "Events kept as dead letters "
+                      "(not storable, or failing past NOTIFIER_INGEST_RETRY_HORIZON) and not "
+                      "replayed yet: notifier dead-letters list.", self._dead_letters())
+
+    def _dead_letters(self) -> int:
+        with self.db.autocommit() as connection:
+            return int(connection.scalar(select(func.count()).select_from(DeadLetter)
+                                         .where(DeadLetter.replayed_at_ms.is_(None))) or 0)
 
     def _open_deliveries(self) -> list[tuple[str, int]]:
         with self.db.autocommit() as connection:

@@ -30,6 +30,7 @@ __all__ = [
     "ApiKey",
     "Attempt",
     "Base",
+    "DeadLetter",
     "Delivery",
     "DeliveryStatus",
     "Event",
@@ -191,6 +192,24 @@ class Event(Base):
     status: Mapped[str] = mapped_column(String(16))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_path: Mapped[str | None] = mapped_column(String(500))
+
+
+class DeadLetter(Base):
+    """An event that could not be stored even as rejected, or whose ingest kept failing past
+    ``NOTIFIER_INGEST_RETRY_HORIZON``: kept here with the reason, acknowledged, and replayable
+    (``notifier dead-letters replay``) once the cause is fixed."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The envelope as ASCII JSON text, not JSON: what the database refused to hold as JSON
+    # (NaN, NUL, unpaired surrogates) is written here escaped, so that this write cannot fail
+    # for the same reason.
+    envelope: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(Text)
+    received_at_ms: Mapped[int] = mapped_column(BigInteger)
+    replayed_at_ms: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class Delivery(Base):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from config import Settings
-from notifier import store, webhooks
+from notifier import faults, store, webhooks
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import DeliveryInterrupted, TransientError
@@ -47,20 +47,25 @@ from notifier.signing import signature_headers
 from notifier.vault import Vault, vault_for
 
 __all__ = [
+    "DEAD_LETTER",
     "HandOn",
     "Services",
     "SweepReport",
     "accept",
     "accept_many",
+    "accept_or_end",
     "build_services",
     "check_sla",
+    "dead_letter",
     "deliver",
     "judge",
     "limit_changed",
     "pump",
     "rebuild",
+    "reject_for_good",
     "render",
     "replay",
+    "replay_dead_letters",
     "request_for",
     "sweep",
     "webhook_context",
@@ -165,6 +170,66 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
             tally.event("accepted", deliveries=len(outcome.queued))
     _count(services, tally)
     return outcomes
+
+
+# The status of an ingest outcome whose event was kept as a dead letter, not stored.
+DEAD_LETTER = "deadLetter"
+
+
+def accept_or_end(services: Services, envelope: Any, send: SendLease) -> store.IngestOutcome:
+    """``accept``; an event that fails for good ends recorded instead (``reject_for_good``),
+    and the outcome says how. Transient failures raise: the caller tries again later."""
+    try:
+        return accept(services, envelope, send)
+    except Exception as exc:
+        if faults.is_transient(exc):
+            raise
+        log.error("ingest of event %s failed for good: %s", store.event_id_of(envelope),
+                  faults.reason(exc), exc_info=exc)
+        return reject_for_good(services, envelope, exc)
+
+
+def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> store.IngestOutcome:
+    """End the ingest of an event that failed for good (``fault`` is permanent) with a recorded
+    reason: stored as rejected, or, when even that is refused, kept as a dead letter (the
+    outcome's status is then ``DEAD_LETTER``). A transient failure of these writes raises: the
+    caller tries again later, and nothing is lost."""
+    reason = f"not stored: {faults.reason(fault)}"
+    try:
+        outcome = store.reject(services.db, envelope, reason, now_ms=now_ms())
+    except Exception as exc:
+        if faults.is_transient(exc):
+            raise
+        log.warning("event %s could not be stored even as rejected: %s",
+                    store.event_id_of(envelope), faults.reason(exc))
+        reason += f"; nor as rejected: {faults.reason(exc)}"
+        (letter,) = dead_letter(services, [envelope], reason)
+        return store.IngestOutcome(store.event_id_of(envelope) or "", DEAD_LETTER, False,
+                                   f"kept as dead letter {letter}: {reason}")
+    tally = Tally()
+    tally.event("rejected")
+    _count(services, tally)
+    return outcome
+
+
+def dead_letter(services: Services, envelopes: Sequence[Any], reason: str) -> list[int]:
+    """Keep events that cannot be ingested as dead letters, with ``reason``; returns their ids
+    (``notifier dead-letters list`` shows them, ``replay`` ingests them again)."""
+    ids = store.dead_letter(services.db, envelopes, reason, now_ms=now_ms())
+    for envelope, letter in zip(envelopes, ids, strict=True):
+        log.error("event %s kept as dead letter %d: %s", store.event_id_of(envelope), letter, reason)
+    return ids
+
+
+def replay_dead_letters(db: Database, ids: Sequence[int],
+                        publish: Callable[[Any], None]) -> int:
+    """Ingest dead letters again (once their cause is fixed) by ``publish``ing each envelope as
+    a producer would; returns how many. A letter that fails again becomes a new dead letter."""
+    letters = store.replayable_dead_letters(db, ids)
+    for _, envelope in letters:
+        publish(envelope)
+    store.mark_replayed(db, [letter for letter, _ in letters], now_ms=now_ms())
+    return len(letters)
 
 
 def _count(services: Services, tally: Tally) -> None:
@@ -304,6 +369,8 @@ class _Lot:
     lease: Lease
     claimed: tuple[store.Claimed, ...] = ()
     target: store.Target | None = None
+    # Why the lease could not be made ready to send (its webhook, its secrets), if it could not.
+    fault: Exception | None = None
 
 
 class _Task:
@@ -341,14 +408,15 @@ class _Task:
         self._held = [lease for lease in taken if lease is not None]
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
-        sending = [lot for lot in lots if lot.claimed]
+        done += [(lot, _fail_lot(services, lot, self.tally)) for lot in lots
+                 if lot.claimed and lot.fault is not None]
+        sending = [lot for lot in lots if lot.claimed and lot.fault is None]
         if sending:
             self._waiting.extend(sending[1:])
             with self._handed_on_at_deadline(hand_on):
                 lot: _Lot | None = sending[0]
                 while lot is not None:
-                    done.append((lot, _deliver_lot(services, lot, self._budget_ends,
-                                                   self.tally)))
+                    done.append((lot, self._send(lot)))
                     lot = self._next(hand_on)
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
                                                 batch=batch, lease_ms=lease_ms, now_ms=now_ms())
@@ -359,6 +427,20 @@ class _Task:
                 send(following)
             if report.failing_since_ms and lot.target is not None:
                 self._disable_if_failing_too_long(lot.target, given_back.failing_since_ms)
+
+    def _send(self, lot: _Lot) -> Report:
+        """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
+        outside the per-delivery guard) fails what the lot still holds, with the reason, and
+        the task carries on with its other leases."""
+        try:
+            return _deliver_lot(self.services, lot, self._budget_ends, self.tally)
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise
+            log.exception("webhook %s: its batch stopped", lot.lease.webhook_id)
+            held = store.still_claimed(self.services.db, lot.claimed)
+            return _fail_lot(self.services, replace(lot, claimed=tuple(held), fault=exc),
+                             self.tally)
 
     def _disable_if_failing_too_long(self, target: store.Target, failing_since_ms: int) -> None:
         """Deactivate a webhook every attempt to which has failed for
@@ -398,12 +480,23 @@ class _Task:
             self.claimed_until = claim.claimed[0].lease_until_ms
         sending = [(lease, tuple(mine)) for lease, mine in zip(self._held, claimed, strict=True)
                    if mine]
+        unready: dict[str, Exception] = {}
         targets = store.targets(services.db, services.vault,
-                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms())
-        # The reference data every enrichment of the task needs, one query per kind.
-        prefetch(((item.event, targets[lease.webhook_id].options) for lease, mine in sending
-                  if targets[lease.webhook_id].active for item in mine), services.lookups)
-        return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id))
+                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms(),
+                                faults=unready)
+        ready = [(targets[lease.webhook_id], mine) for lease, mine in sending
+                 if lease.webhook_id in targets]
+        try:
+            # The reference data every enrichment of the task needs, one query per kind.
+            prefetch(((item.event, target.options) for target, mine in ready if target.active
+                      for item in mine), services.lookups)
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise
+            # Only a head start: each enrichment reads what it needs, and fails on its own.
+            log.exception("reference data not read ahead for the task's enrichments")
+        return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id),
+                     unready.get(lease.webhook_id))
                 for lease, mine in zip(self._held, claimed, strict=True)]
 
     def _next(self, hand_on: HandOn) -> _Lot | None:
@@ -486,15 +579,35 @@ def _attempt(services: Services, target: store.Target,
             return finished, True
         return replace(finished, enrichment=additions(claimed.event, enriched.payload),
                        enrichment_notes="; ".join(enriched.notes) or None), True
-    except TransientError:
-        raise
     except Exception as exc:
+        if faults.is_transient(exc):
+            raise
         # A bug in a step must not crash the worker and resend forever: record it as a failed
         # attempt (replayable once fixed) and carry on with the batch.
         log.exception("delivery %s failed in notifier itself", claimed.id)
-        return store.Finished(claimed, started, now_ms() - started, DeliveryStatus.FAILED,
-                              error_class=type(exc).__name__,
-                              error_message=str(exc)[:2000]), False
+        return _failed_in_notifier(claimed, started, exc), False
+
+
+def _failed_in_notifier(claimed: store.Claimed, started: int, exc: Exception) -> store.Finished:
+    """A failed attempt that notifier's own fault ended (no request made), saying why."""
+    return store.Finished(claimed, started, now_ms() - started, DeliveryStatus.FAILED,
+                          error_class=type(exc).__name__, error_message=str(exc)[:2000])
+
+
+def _fail_lot(services: Services, lot: _Lot, tally: Tally) -> Report:
+    """A lease that could not be made ready (``lot.fault``: its webhook gone, a secret no key
+    opens) fails each of its deliveries for good with the reason, replayable once the cause is
+    fixed; its slot goes back with the others', and the task carries on with them."""
+    assert lot.fault is not None
+    log.error("webhook %s: %d deliveries failed: %s", lot.lease.webhook_id, len(lot.claimed),
+              faults.reason(lot.fault))
+    started = now_ms()
+    failed = [_failed_in_notifier(claimed, started, lot.fault) for claimed in lot.claimed]
+    # (No SLA to flag: it concerns deliveries that succeed late.)
+    store.finish(services.db, failed, sla_in_seconds=0)
+    for finished in failed:
+        tally.attempt(lot.lease.webhook_id, finished.outcome, finished.latency_ms, None)
+    return Report()
 
 
 def _give_back(services: Services, webhook_id: str, target: store.Target,

@@ -49,8 +49,8 @@ from typing import Any
 from sqlalchemy import Connection, any_, bindparam, delete, exists, func, select
 from sqlalchemy.orm import Session
 
-from notifier.db import Database
-from notifier.errors import InvalidInput, InvalidRows, NotFound, StoreUnavailable
+from notifier.db import Database, store_error
+from notifier.errors import InvalidInput, InvalidRows, NotFound
 from notifier.models import (
     Org,
     RefAwardedReference,
@@ -741,8 +741,8 @@ def _reader(connection: Connection) -> Callable[[str, dict[str, Any]], Iterable[
         try:
             cursor.execute(sql[kind], params)
             return cursor.fetchall()
-        except dbapi.OperationalError as exc:
-            raise StoreUnavailable(f"database error: {exc}") from exc
+        except dbapi.Error as exc:  # the driver's own, not wrapped by SQLAlchemy here
+            raise store_error(exc) from exc
 
     return read
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
+import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -61,10 +63,12 @@ _attempts = Base.metadata.tables["attempts"]
 _webhooks = Base.metadata.tables["webhooks"]
 _subscriptions = Base.metadata.tables["webhook_subscriptions"]
 _orgs = Base.metadata.tables["orgs"]
+_dead_letters = Base.metadata.tables["dead_letters"]
 
 __all__ = [
     "Claim",
     "Claimed",
+    "DeadLetterView",
     "Finished",
     "IngestOutcome",
     "Queued",
@@ -72,16 +76,23 @@ __all__ = [
     "claim",
     "create_org",
     "create_webhook",
+    "dead_letter",
+    "dead_letters",
     "disable_failing",
+    "event_id_of",
     "finish",
     "flag_sla_breaches",
     "ingest",
     "ingest_many",
+    "mark_replayed",
     "new_delivery_id",
     "normalize_envelope",
     "open_work",
+    "reject",
     "release_claims",
     "replay",
+    "replayable_dead_letters",
+    "still_claimed",
     "target",
     "targets",
 ]
@@ -173,6 +184,7 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
             continue
         invalid: InvalidEvent | None = None
         try:
+            _check_finite(event, "$")
             catalog.validate(event)
         except InvalidEvent as exc:
             invalid = exc
@@ -207,7 +219,9 @@ def _event_row(event: dict[str, Any], invalid: InvalidEvent | None, now_ms: int)
         "org_id": event["orgId"], "ref_id": _short(event.get("refId")),
         "api_request_id": _short(event.get("apiRequestId")),
         "created_at_ms": _as_int(event.get("createdAt"), now_ms), "received_at_ms": now_ms,
-        "payload": event, "status": EventStatus.REJECTED if invalid else EventStatus.DISPATCHED,
+        # A rejected event may hold what its column cannot (NaN): keep what can be kept.
+        "payload": _scrubbed(event) if invalid else event,
+        "status": EventStatus.REJECTED if invalid else EventStatus.DISPATCHED,
         "error_message": str(invalid) if invalid else None,
         "error_path": invalid.field if invalid else None}
 
@@ -309,6 +323,10 @@ def _subscribers() -> Select[Any]:
 def _unusable_row(envelope: Any, exc: InvalidEvent, now_ms: int) -> dict[str, Any]:
     # An envelope whose orgId or eventId is unusable cannot be keyed for idempotency; it is
     # still kept, rejected, under a fresh id, so that nothing sent to notifier is lost.
+    return _rejected_row(envelope, str(exc), exc.field, now_ms)
+
+
+def _rejected_row(envelope: Any, message: str, path: str | None, now_ms: int) -> dict[str, Any]:
     kept = (_scrubbed(envelope) if isinstance(envelope, Mapping)
             else {"notAnEnvelope": _scrubbed(envelope)})
     org_id = kept.get("orgId")
@@ -317,8 +335,29 @@ def _unusable_row(envelope: Any, exc: InvalidEvent, now_ms: int) -> dict[str, An
         "org_id": org_id if _storable_int(org_id) else None, "ref_id": _short(kept.get("refId")),
         "api_request_id": _short(kept.get("apiRequestId")),
         "created_at_ms": _as_int(kept.get("createdAt"), now_ms), "received_at_ms": now_ms,
-        "payload": kept, "status": EventStatus.REJECTED, "error_message": str(exc),
-        "error_path": exc.field}
+        "payload": kept, "status": EventStatus.REJECTED, "error_message": message,
+        "error_path": path}
+
+
+def reject(db: Database, envelope: Any, reason: str, *, now_ms: int) -> IngestOutcome:
+    """Store an event whose ingest failed for good (the database refused it) as rejected, with
+    ``reason``: it ends recorded instead of being retried for ever. Once per (org, eventId),
+    as ``ingest``; an envelope that cannot be keyed is kept under a fresh id."""
+    row = _rejected_row(envelope, reason, None, now_ms)
+    event_id = envelope.get("eventId") if isinstance(envelope, Mapping) else None
+    keyed = (isinstance(event_id, str) and 0 < len(event_id) <= 100 and not _bad_text(event_id)
+             and row["org_id"] is not None)
+    if keyed:
+        row["event_id"] = event_id
+    with db.transaction() as connection:
+        if keyed and _insert_once(connection, row) is None:
+            existing = connection.execute(
+                select(_events.c.status, _events.c.error_message)
+                .where(_events.c.org_id == row["org_id"], _events.c.event_id == event_id)).one()
+            return IngestOutcome(row["event_id"], existing.status, False, existing.error_message)
+        if not keyed:
+            connection.execute(insert(_events).values(**row))
+    return IngestOutcome(row["event_id"], row["status"], True, reason)
 
 
 def _bad_text(text: str) -> bool:
@@ -341,8 +380,28 @@ def _check_storable(value: Any, path: str) -> None:
             _check_storable(item, f"{path}[{index}]")
 
 
+def _check_finite(value: Any, path: str) -> None:
+    """Refuse NaN and infinities, naming where: JSON has no such numbers (Python's parser takes
+    them, PostgreSQL refuses them), so no receiver could read the event either."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidEvent(path, f"must be a finite number, not {_json_number(value)}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{path}[{index}]")
+
+
+def _json_number(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
 def _scrubbed(value: Any) -> Any:
-    """``value`` with every unstorable character replaced by U+FFFD, to keep what can be kept."""
+    """``value`` with every unstorable character replaced by U+FFFD, and every non-finite
+    number by its name (``"NaN"``), to keep what can be kept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _json_number(value)
     if isinstance(value, str):
         return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c
                        for c in value)
@@ -465,6 +524,18 @@ def _claim_statement() -> Any:
         _deliveries.c.id.in_(select(taken.c.id)).label("taken"))
 
 
+def still_claimed(db: Database, claimed: Sequence[Claimed]) -> list[Claimed]:
+    """Those of ``claimed`` still held by their claim: not finished, nor taken over since."""
+    if not claimed:
+        return []
+    d = _deliveries.c
+    with db.autocommit() as connection:
+        held = set(connection.scalars(select(d.id).where(
+            d.id.in_([item.id for item in claimed]), d.status == DeliveryStatus.IN_FLIGHT,
+            d.lease_until_ms.in_({item.lease_until_ms for item in claimed}))))
+    return [item for item in claimed if item.id in held]
+
+
 def release_claims(db: Database, claimed: Iterable[Claimed]) -> None:
     """Hand back claims a task will not get to (its time budget ran out)."""
     with db.session() as session:
@@ -519,9 +590,13 @@ def target(db: Database, vault: Vault, webhook_id: str, *, now_ms: int) -> Targe
     return targets(db, vault, [webhook_id], now_ms=now_ms)[webhook_id]
 
 
-def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *,
-            now_ms: int) -> dict[str, Target]:
-    """``target`` for several webhooks, read in one statement; by webhook id."""
+def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *, now_ms: int,
+            faults: dict[str, Exception] | None = None) -> dict[str, Target]:
+    """``target`` for several webhooks, read in one statement; by webhook id.
+
+    With ``faults``, a webhook that cannot be made ready (deleted, or a secret that no
+    configured key opens) is put there with its error instead of failing them all: one
+    webhook's fault must not stall the others of its delivery task."""
     wanted = sorted(set(webhook_ids))
     if not wanted:
         return {}
@@ -531,8 +606,19 @@ def targets(db: Database, vault: Vault, webhook_ids: Iterable[str], *,
     for row in rows:
         by_hook.setdefault(row.id, []).append(row)
     if missing := [webhook_id for webhook_id in wanted if webhook_id not in by_hook]:
-        raise NotFound(f"webhook {', '.join(missing)} does not exist")
-    return {webhook_id: _target(vault, rows) for webhook_id, rows in by_hook.items()}
+        if faults is None:
+            raise NotFound(f"webhook {', '.join(missing)} does not exist")
+        faults.update((webhook_id, NotFound(f"webhook {webhook_id} does not exist"))
+                      for webhook_id in missing)
+    ready = {}
+    for webhook_id, hook_rows in by_hook.items():
+        try:
+            ready[webhook_id] = _target(vault, hook_rows)
+        except Exception as exc:
+            if faults is None:
+                raise
+            faults[webhook_id] = exc
+    return ready
 
 
 def _target(vault: Vault, rows: Sequence[Any]) -> Target:
@@ -742,3 +828,60 @@ def replay(db: Database, delivery_ids: Sequence[str]) -> list[Queued]:
             .where(Delivery.id.in_(delivery_ids),
                    Delivery.status == DeliveryStatus.PENDING)).all()
     return [Queued(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class DeadLetterView:
+    """A dead letter as listed: its id (to replay it by), the event's id, why, and when."""
+
+    id: int
+    event_id: str | None
+    reason: str
+    received_at_ms: int
+
+
+def dead_letter(db: Database, envelopes: Sequence[Any], reason: str, *, now_ms: int) -> list[int]:
+    """Keep events that could not be stored, with ``reason``; returns their dead letters' ids.
+
+    The envelope is written as ASCII JSON text (NaN, NUL and lone surrogates escaped), so that
+    this write does not fail for what the events table refused."""
+    rows = [{"envelope": json.dumps(envelope, ensure_ascii=True, default=repr),
+             "event_id": event_id_of(envelope), "reason": reason,
+             "received_at_ms": now_ms} for envelope in envelopes]
+    if not rows:
+        return []
+    with db.transaction() as connection:
+        return [int(connection.scalar(insert(_dead_letters).values(**row)
+                                      .returning(_dead_letters.c.id))) for row in rows]
+
+
+def event_id_of(envelope: Any) -> str | None:
+    """The ``eventId`` an envelope names, storable (for logs and dead letters); None if none."""
+    event_id = envelope.get("eventId") if isinstance(envelope, Mapping) else None
+    return _scrubbed(event_id)[:100] if isinstance(event_id, str) else None
+
+
+def dead_letters(db: Database) -> list[DeadLetterView]:
+    """The dead letters not replayed yet, oldest first."""
+    d = _dead_letters.c
+    with db.autocommit() as connection:
+        rows = connection.execute(select(d.id, d.event_id, d.reason, d.received_at_ms)
+                                  .where(d.replayed_at_ms.is_(None)).order_by(d.id)).all()
+    return [DeadLetterView(*row) for row in rows]
+
+
+def replayable_dead_letters(db: Database, ids: Sequence[int]) -> list[tuple[int, Any]]:
+    """``(id, envelope)`` of the dead letters ``ids`` not replayed yet; NotFound names the rest."""
+    d = _dead_letters.c
+    with db.autocommit() as connection:
+        rows = dict(connection.execute(select(d.id, d.envelope).where(
+            d.id.in_(list(ids)), d.replayed_at_ms.is_(None))).all())
+    if missing := [str(i) for i in ids if i not in rows]:
+        raise NotFound(f"no dead letter waiting to be replayed: {', '.join(missing)}")
+    return [(i, json.loads(rows[i])) for i in ids]
+
+
+def mark_replayed(db: Database, ids: Sequence[int], *, now_ms: int) -> None:
+    with db.autocommit() as connection:
+        connection.execute(update(_dead_letters).where(_dead_letters.c.id.in_(list(ids)))
+                           .values(replayed_at_ms=now_ms))

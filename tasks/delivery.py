@@ -10,9 +10,10 @@ from typing import Any
 from celery import Task
 
 from config import load_settings
-from notifier import client, pipeline
+from notifier import client, pipeline, store
 from notifier.client import DELIVER_TASK, INGEST_TASK
 from notifier.errors import DeliveryInterrupted, TransientError
+from notifier.faults import is_transient, reason
 from notifier.queues import Lease
 from tasks.app import app
 from tasks.gathering import Gathering, SimpleRequest
@@ -62,7 +63,8 @@ def ingest(requests: list[SimpleRequest]) -> int:
     """Store, validate and fan out the events a worker gathered, queue and pump their deliveries.
 
     Each message carries one event envelope (``args=[envelope]``). Returns how many were settled:
-    ingested, or sent again to be retried after a transient failure.
+    ingested, rejected for good, kept as dead letters, or sent again to be retried after a
+    transient failure (``notifier.faults`` tells which).
     """
     envelopes = [_envelope(request) for request in requests]
     with _sent_together() as send:
@@ -73,22 +75,26 @@ def ingest(requests: list[SimpleRequest]) -> int:
                     # value (personal data). The whole message is kept on the event's row.
                     log.info("event %s rejected at %s (%s)", outcome.event_id,
                              outcome.error_path or "$", outcome.error_rule or "stored before")
-        except TransientError as exc:
-            _ingest_later(requests, exc)
         except Exception as exc:
-            if len(requests) == 1:
-                log.exception("ingest of event %s failed", _event_id(envelopes[0]))
-                _ingest_later(requests, exc)
+            if is_transient(exc):
+                _ingest_later(requests, envelopes, exc)
             else:
-                # One event's fault must not hold back the others: each on its own.
-                for request, envelope in zip(requests, envelopes, strict=True):
-                    try:
-                        pipeline.accept(services(), envelope, send)
-                    except Exception as exc:
-                        if not isinstance(exc, TransientError):
-                            log.exception("ingest of event %s failed", _event_id(envelope))
-                        _ingest_later([request], exc)
+                _each_on_its_own(requests, envelopes, send)
     return len(requests)
+
+
+def _each_on_its_own(requests: list[SimpleRequest], envelopes: list[Any],
+                     send: Callable[[Lease], None]) -> None:
+    """One event's fault must not hold back the others: each on its own, and one that fails
+    for good ends recorded (rejected, or a dead letter), never sent again."""
+    for request, envelope in zip(requests, envelopes, strict=True):
+        try:
+            outcome = pipeline.accept_or_end(services(), envelope, send)
+        except Exception as exc:  # transient, or even the recording of its end failed
+            _ingest_later([request], [envelope], exc)
+            continue
+        if outcome.error:
+            log.info("event %s %s: %s", outcome.event_id, outcome.status, outcome.error)
 
 
 def _envelope(request: SimpleRequest) -> Any:
@@ -100,21 +106,40 @@ def _envelope(request: SimpleRequest) -> Any:
     return {"args": list(request.args), "kwargs": dict(request.kwargs)}
 
 
-def _event_id(envelope: Any) -> Any:
-    return envelope.get("eventId") if isinstance(envelope, dict) else None
+def _waited(retries: int) -> int:
+    """Seconds a message retried ``retries`` times has waited at least (its countdowns)."""
+    return sum(_countdown(before) for before in range(retries))
 
 
-def _ingest_later(requests: list[SimpleRequest], exc: Exception) -> None:
+def _ingest_later(requests: list[SimpleRequest], envelopes: list[Any], exc: Exception) -> None:
     """Send the messages again, each with a countdown that doubles with its retries (1 s, 2 s,
-    4 s, ... up to 30 s); the run acknowledges the originals once this returns."""
-    attempt = 0
-    for request in requests:
+    4 s, ... up to 30 s); the run acknowledges the originals once this returns. A message that
+    has waited ``NOTIFIER_INGEST_RETRY_HORIZON`` is kept as a dead letter instead (or, with the
+    database away, sent again: nothing is dropped)."""
+    horizon = services().settings.ingest_retry_horizon
+    sent = attempt = 0
+    for request, envelope in zip(requests, envelopes, strict=True):
         before = int((request.request_dict or {}).get("retries") or 0)
-        attempt = max(attempt, before + 1)
+        if _waited(before) >= horizon and _kept_as_dead_letter(envelope, exc, before, horizon):
+            continue
+        attempt, sent = max(attempt, before + 1), sent + 1
         app.send_task(INGEST_TASK, args=request.args, kwargs=request.kwargs, task_id=request.id,
                       queue=client.QUEUE, retries=before + 1, countdown=_countdown(before),
                       **client.ingest_reprs(request.args, request.kwargs))
-    log.warning("ingest of %d event(s) retried (attempt %d): %s", len(requests), attempt, exc)
+    if sent:
+        log.warning("ingest of %d event(s) retried (attempt %d): %s", sent, attempt, exc)
+
+
+def _kept_as_dead_letter(envelope: Any, exc: Exception, retries: int, horizon: float) -> bool:
+    try:
+        pipeline.dead_letter(services(), [envelope], (
+            f"{reason(exc)}; still failing after {retries} retries over {_waited(retries)} s "
+            f"(NOTIFIER_INGEST_RETRY_HORIZON is {horizon:g} s)"))
+    except Exception as again:  # the database is away too: sent again, never dropped
+        log.warning("event %s past the retry horizon, not kept as dead letter yet: %s",
+                    store.event_id_of(envelope), reason(again))
+        return False
+    return True
 
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=3)

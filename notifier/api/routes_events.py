@@ -22,7 +22,8 @@ Org = Annotated[int, Depends(caller_org)]
 @router.post("", status_code=202, responses={
     **answers(202, list[AcceptedEvent]),
     400: {"model": Envelope[list[AcceptedEvent]],
-          "description": "Some events are invalid: they are stored as rejected; errors name the field"}})
+          "description": "Some events are invalid (or refused by the database): they are "
+                         "stored as rejected (or kept as dead letters); errors name the field"}})
 def ingest_events(
     request: Request,
     org: Org,
@@ -47,11 +48,18 @@ def ingest_events(
             errors.append(error_body("INVALID_INPUT",
                                      f"{where}orgId: does not match the API key's org", f"{where}orgId"))
             continue
-        outcome = pipeline.accept(services, {**event, "orgId": org}, request.app.state.send_lease)
+        # An event the database refuses is kept (rejected with the reason, or a dead letter)
+        # and answered as such, never a 500 that loses it.
+        outcome = pipeline.accept_or_end(services, {**event, "orgId": org},
+                                         request.app.state.send_lease)
         results.append({"eventId": outcome.event_id, "status": outcome.status})
         if outcome.error:
             field = outcome.error.partition(":")[0]
-            errors.append(error_body("INVALID_EVENT", f"{where}{outcome.error}", f"{where}{field}"))
+            if field.startswith("$"):  # a JSON path: the event failed its checks
+                errors.append(error_body("INVALID_EVENT", f"{where}{outcome.error}",
+                                         f"{where}{field}"))
+            else:
+                errors.append(error_body("NOT_STORED", f"{where}{outcome.error}"))
     return envelope(results, status=400 if errors else 202, errors=errors)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -340,6 +341,22 @@ def test_unstorable_text_is_rejected_naming_where_and_kept_scrubbed(org: Databas
         payloads = session.scalars(select(Event.payload).order_by(Event.pk)).all()
     assert payloads[0]["data"]["note"] == "a\ufffdb"
     assert "\ufffd" in payloads[1]["data"]["customerIdentifiers"]
+
+
+def test_non_finite_numbers_are_rejected_naming_where_and_kept_by_name(org: Database) -> None:
+    bad = event("e-nan")
+    bad["data"]["extra"] = [1, {"deep": math.inf}]
+    bad["data"]["totalPointsIssued"] = math.nan
+
+    outcome = store.ingest(org, load_catalog(), bad, now_ms=1)
+    again = store.ingest(org, load_catalog(), bad, now_ms=2)  # keyed by its eventId: once
+
+    assert outcome.status == EventStatus.REJECTED and outcome.created and not again.created
+    assert outcome.error == "$.data.extra[1].deep: must be a finite number, not Infinity"
+    with org.session() as session:
+        (stored,) = session.scalars(select(Event)).all()
+    assert stored.event_id == "e-nan" and stored.error_path == "$.data.extra[1].deep"
+    assert stored.payload["data"]["totalPointsIssued"] == "NaN"
 
 
 def test_a_parent_webhook_listening_to_children_hears_a_childs_events(org: Database) -> None:

@@ -23,14 +23,28 @@ def _request(n: int, retries: int = 0, **kwargs: Any) -> SimpleRequest:
 
 class Recorder:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_batch: Exception,
-                 fail_alone: dict[str, Exception]) -> None:
+                 fail_alone: dict[str, Exception], horizon: float = 3600) -> None:
         self.accepted: list[Any] = []
         self.sent: list[dict[str, Any]] = []
+        self.ended: list[tuple[Any, BaseException]] = []
+        self.dead: list[tuple[list[Any], str]] = []
         self.fail_batch, self.fail_alone = fail_batch, fail_alone
-        monkeypatch.setattr(delivery, "services", lambda: None)
+        services = SimpleNamespace(settings=SimpleNamespace(ingest_retry_horizon=horizon))
+        monkeypatch.setattr(delivery, "services", lambda: services)
         monkeypatch.setattr(delivery.pipeline, "accept_many", self.accept_many)
         monkeypatch.setattr(delivery.pipeline, "accept", self.accept)
+        monkeypatch.setattr(delivery.pipeline, "reject_for_good", self.reject_for_good)
+        monkeypatch.setattr(delivery.pipeline, "dead_letter", self.dead_letter)
         monkeypatch.setattr(delivery.app, "send_task", self.send_task)
+
+    def reject_for_good(self, services: Any, envelope: Any, fault: BaseException) -> Any:
+        self.ended.append((envelope, fault))
+        return SimpleNamespace(event_id=envelope.get("eventId"), status="rejected",
+                               error=f"not stored: {fault!r}")
+
+    def dead_letter(self, services: Any, envelopes: list[Any], reason: str) -> list[int]:
+        self.dead.append((envelopes, reason))
+        return [len(self.dead)]
 
     def accept_many(self, services: Any, envelopes: list[Any], send: Any) -> list[Any]:
         if len(envelopes) > 1:
@@ -47,22 +61,42 @@ class Recorder:
         self.sent.append({"name": name, **options})
 
 
-def test_a_batch_that_fails_unexpectedly_is_ingested_event_by_event(
+def test_a_batch_that_fails_for_good_is_ingested_event_by_event_and_the_poison_ends_recorded(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = Recorder(monkeypatch, ValueError("a bug"), {"e-2": KeyError("poison")})
+    poison = KeyError("poison")
+    recorder = Recorder(monkeypatch, ValueError("a bug"),
+                        {"e-2": poison, "e-3": StoreUnavailable("database away")})
 
-    settled = delivery.ingest.run([_request(1), _request(2, retries=3), _request(3)])
+    settled = delivery.ingest.run([_request(1), _request(2, retries=3), _request(3, retries=3),
+                                   _request(4)])
 
-    assert settled == 3
-    assert [e["eventId"] for e in recorder.accepted] == ["e-1", "e-3"]
-    # The one that failed is sent again, never dropped: same task id, one more retry.
+    assert settled == 4
+    assert [e["eventId"] for e in recorder.accepted] == ["e-1", "e-4"]
+    # A permanent failure ends with a recorded reason (rejected, or a dead letter), and is not
+    # sent again: it would fail the same way for ever.
+    assert recorder.ended == [(_request(2).args[0], poison)]
+    # A transient one is sent again: same task id, one more retry, a longer countdown.
     (again,) = recorder.sent
-    assert again["task_id"] == "task-2" and again["retries"] == 4 and again["countdown"] == 8
-    assert again["args"] == _request(2).args and again["queue"] == delivery.client.QUEUE
+    assert again["task_id"] == "task-3" and again["retries"] == 4 and again["countdown"] == 8
+    assert again["args"] == _request(3).args and again["queue"] == delivery.client.QUEUE
     # Flower and the logs show it by its ids, never its payload.
     assert json.loads(again["argsrepr"]) == [{"orgId": 1, "eventName": "pointsIssued",
-                                              "eventId": "e-2"}]
+                                              "eventId": "e-3"}]
     assert again["kwargsrepr"] == "{}"
+    assert recorder.dead == []
+
+
+def test_an_event_failing_transiently_past_the_horizon_becomes_a_dead_letter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Countdowns 1, 2, 4, 8: a message retried 4 times has waited 15 s.
+    recorder = Recorder(monkeypatch, StoreUnavailable("deadlock"), {}, horizon=15)
+
+    delivery.ingest.run([_request(1, retries=3), _request(2, retries=4)])
+
+    assert [(s["task_id"], s["retries"]) for s in recorder.sent] == [("task-1", 4)]
+    ((envelopes, reason),) = recorder.dead
+    assert envelopes == list(_request(2).args)
+    assert "deadlock" in reason and "NOTIFIER_INGEST_RETRY_HORIZON is 15 s" in reason
 
 
 def test_a_transient_failure_sends_the_whole_batch_again_with_a_countdown(
