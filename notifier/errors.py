@@ -7,6 +7,7 @@
     ├── NotFound                an id that does not exist (or belongs to another org)
     ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
+    ├── DeadlineExceeded        a request to a webhook cut at its whole-request deadline
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthenticationFailed",
+    "DeadlineExceeded",
     "DeliveryInterrupted",
     "DestinationNotAllowed",
     "InvalidEvent",
@@ -66,6 +68,11 @@ class AuthenticationFailed(NotifierError):
 
 class DestinationNotAllowed(NotifierError):
     """A webhook URL's scheme or address is outside what the operator allows."""
+
+
+class DeadlineExceeded(NotifierError):
+    """A request to a webhook ran past its whole-request deadline and was cut; retried like a
+    timeout (it is a sender's result, not a failure of notifier's own dependencies)."""
 
 
 class TransientError(NotifierError):

@@ -107,6 +107,7 @@ def build_services(settings: Settings) -> Services:
         catalog=load_catalog(),
         sender=HttpSender(timeout=settings.http_timeout,
                           max_response_bytes=settings.max_response_bytes,
+                          deadline=settings.http_deadline,
                           allowed_networks=settings.allow_private_networks),
         vault=vault_for(settings.secret_keys, settings.data_dir),
     )
