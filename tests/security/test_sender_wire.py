@@ -5,12 +5,14 @@ resolver seam, and TLS verified against the host name while the checked address 
 from __future__ import annotations
 
 import datetime
+import gzip
 import ipaddress
 import multiprocessing
 import socket
 import ssl
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -277,3 +279,21 @@ def test_tls_is_verified_against_the_host_name(
     else:
         assert isinstance(result.error, requests.exceptions.SSLError), result
         assert server.requests == 0
+
+
+def test_a_gzip_bomb_is_read_no_further_than_the_cap(serve: Callable[..., RawServer]) -> None:
+    bomb = gzip.compress(bytes(256 * 2**20), compresslevel=9)  # 256 MiB of zeros, ~250 KiB
+    server = serve(lambda conn, index: conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
+        + bomb) is None)
+    to = sender(deadline=10.0, max_response_bytes=4096)
+    tracemalloc.start()
+    try:
+        result, _ = post(to, f"http://127.0.0.1:{server.port}/hook")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.status_code == 200, result
+    assert result.body_excerpt == bytes(4096)
+    assert peak < 16 * 2**20  # what was allocated meanwhile, the bomb's 256 MiB nowhere
