@@ -217,7 +217,7 @@ def check_address(address: Address, allowed: Sequence[Network]) -> None:
         return
     if not address.is_global or any(address in network for network in _REFUSED):
         raise DestinationNotAllowed(
-            f"{address} is not a public address; allow its range in "
+            f"{address} is a private address (or reserved: not public); allow its range in "
             "NOTIFIER_ALLOW_PRIVATE_NETWORKS to send there")
     if inner is not None:
         check_address(inner, allowed)
@@ -288,7 +288,10 @@ class _Guard:
         host, port = conn._dns_host.rstrip("."), conn.port or 80
         addresses = _resolve(self.resolver, host, port)
         for address in addresses:
-            check_address(address, self.allowed)
+            try:
+                check_address(address, self.allowed)
+            except DestinationNotAllowed as exc:
+                raise DestinationNotAllowed(f"{host!r} resolves to {exc}") from None
         timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
         failure: Exception = OSError(f"no address of {host!r} to connect to")
         for address in addresses:

@@ -19,6 +19,7 @@ from notifier.models import Attempt, Delivery, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
 from tests.conftest import Stack
+from tests.integration.test_api import api  # noqa: F401 - the in-process API, for save-time tests
 
 ORG = 4242
 OTHER_ORG = 4343

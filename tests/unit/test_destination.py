@@ -15,9 +15,11 @@ from notifier.sender import check_address, check_destination
 
 LOOPBACK_2 = (ipaddress.ip_network("127.0.0.2/32"),)
 
+EVERY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
 # Each a way to reach somewhere else than the URL seems to say, or a literal address in a form
-# that two parsers (or inet_aton and a reader) see differently.
-REFUSED_AT_SAVE = [
+# that two parsers (or inet_aton and a reader) see differently: refused whatever is allowed.
+AMBIGUOUS = [
     "http://127.0.0.1:8080\\@8.8.8.8/../internal",   # urlsplit: 8.8.8.8; urllib3: 127.0.0.1
     "http://8.8.8.8\\@127.0.0.1/",
     "http://user@8.8.8.8/hook",                    # userinfo
@@ -31,23 +33,7 @@ REFUSED_AT_SAVE = [
     "http://0x7f.1/hook",
     "http://08.08.08.08/hook",                     # leading zeros
     "http://8.8.8.8./hook",                        # trailing dot on a literal
-    "http://127.0.0.1/hook",                       # canonical, but loopback
-    "http://10.0.0.1/hook",
-    "http://0.0.0.0/hook",
-    "http://100.64.0.1/hook",                      # carrier-grade NAT
-    "http://198.18.0.1/hook",                      # benchmarking
-    "http://224.0.0.1/hook",                       # multicast
-    "http://169.254.169.254/latest/meta-data",
-    "http://[::1]/hook",
-    "http://[::ffff:127.0.0.1]/hook",              # IPv4-mapped
-    "http://[::ffff:8.8.8.8]/hook",
-    "http://[::127.0.0.1]/hook",                   # IPv4-compatible
-    "http://[64:ff9b::7f00:1]/hook",               # NAT64 of 127.0.0.1
-    "http://[2002:7f00:1::]/hook",                 # 6to4 of 127.0.0.1
-    "http://[ff02::1]/hook",
     "http://[fe80::1%25eth0]/hook",                # zone id
-    "http://localhost/hook",
-    "http://api.localhost/hook",
     "http://exa mple.com/hook",                    # white space
     "http://example.com/ho ok",
     "http://example.com/ho\tok",
@@ -63,12 +49,40 @@ REFUSED_AT_SAVE = [
     "http://[::1/hook",
     "//example.com/hook",
 ]
+# Addresses that are not public, in canonical forms: refused unless an allowed range holds them.
+NOT_PUBLIC = [
+    "http://127.0.0.1/hook",                       # canonical, but loopback
+    "http://10.0.0.1/hook",
+    "http://0.0.0.0/hook",
+    "http://100.64.0.1/hook",                      # carrier-grade NAT
+    "http://198.18.0.1/hook",                      # benchmarking
+    "http://224.0.0.1/hook",                       # multicast
+    "http://169.254.169.254/latest/meta-data",
+    "http://[::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",              # IPv4-mapped
+    "http://[::ffff:8.8.8.8]/hook",
+    "http://[::127.0.0.1]/hook",                   # IPv4-compatible
+    "http://[64:ff9b::7f00:1]/hook",               # NAT64 of 127.0.0.1
+    "http://[2002:7f00:1::]/hook",                 # 6to4 of 127.0.0.1
+    "http://[ff02::1]/hook",
+    "http://localhost/hook",
+    "http://api.localhost/hook",
+]
+REFUSED_AT_SAVE = AMBIGUOUS + NOT_PUBLIC
 
 
 @pytest.mark.parametrize("url", REFUSED_AT_SAVE)
 def test_refused_at_save_time_naming_the_field(url: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         webhooks._check_url(url, ())
+
+    assert caught.value.field == "webHookUrl"
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS)
+def test_ambiguous_urls_are_refused_whatever_is_allowed(url: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        webhooks._check_url(url, EVERY_NETWORK)
 
     assert caught.value.field == "webHookUrl"
 
