@@ -337,7 +337,11 @@ class _GuardedMixin:
         self._guard = guard
 
     def _new_conn(self) -> socket.socket:
-        return self._guard.connect(self)  # type: ignore[arg-type]
+        sock = self._guard.connect(self)  # type: ignore[arg-type]
+        # Watched from here, so that the deadline bounds a TLS handshake too; through a
+        # duplicate, because wrapping the socket in TLS detaches this object from it.
+        _WATCHDOG.watch(sock.dup(), owned=True)
+        return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         connection: Any = self
@@ -391,13 +395,19 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
 
 
 class _Timer:
-    __slots__ = ("done", "fired", "sock", "when")
+    __slots__ = ("done", "fired", "owned", "sock", "when")
 
     def __init__(self, when: float) -> None:
         self.when = when
         self.sock: socket.socket | None = None
+        self.owned = False  # whether ``sock`` is the timer's own duplicate, to close
         self.done = False
         self.fired = False
+
+    def forget_sock(self) -> None:
+        if self.owned and self.sock is not None:
+            self.sock.close()
+        self.sock, self.owned = None, False
 
 
 class _Watchdog:
@@ -436,13 +446,17 @@ class _Watchdog:
         self._local.timer = timer
         return timer
 
-    def watch(self, sock: socket.socket | None) -> None:
-        """The socket the calling thread's armed request uses now (cut at once if late)."""
+    def watch(self, sock: socket.socket | None, *, owned: bool = False) -> None:
+        """The socket the calling thread's armed request uses now (cut at once if late);
+        ``owned``: a duplicate, closed when the timer lets go of it."""
         timer: _Timer | None = getattr(self._local, "timer", None)
         if timer is None or sock is None:
+            if owned and sock is not None:
+                sock.close()
             return
         with self._wake:
-            timer.sock = sock
+            timer.forget_sock()
+            timer.sock, timer.owned = sock, owned
             if timer.fired:
                 _cut(sock)
 
@@ -450,7 +464,7 @@ class _Watchdog:
         self._local.timer = None
         with self._wake:
             timer.done = True
-            timer.sock = None
+            timer.forget_sock()
 
     def _run(self) -> None:
         with self._wake:

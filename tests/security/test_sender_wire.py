@@ -4,6 +4,7 @@ resolver seam, and TLS verified against the host name while the checked address 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gzip
 import ipaddress
@@ -297,3 +298,26 @@ def test_a_gzip_bomb_is_read_no_further_than_the_cap(serve: Callable[..., RawSer
     assert result.status_code == 200, result
     assert result.body_excerpt == bytes(4096)
     assert peak < 16 * 2**20  # what was allocated meanwhile, the bomb's 256 MiB nowhere
+
+
+def test_a_trickled_tls_handshake_is_cut_at_the_deadline() -> None:
+    def trickle_handshake(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)  # the ClientHello
+            # A handshake record 16 KiB long, a byte every 0.1 s: no read waits a second.
+            with contextlib.suppress(OSError):
+                conn.sendall(b"\x16\x03\x03\x40\x00")
+                for _ in range(600):
+                    time.sleep(0.1)
+                    conn.sendall(b"\x00")
+
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: trickle_handshake(server.accept()[0]), daemon=True).start()
+    try:
+        result, took = post(sender(resolver=Resolver("127.0.0.1")),
+                            f"https://hook.test:{server.getsockname()[1]}/hook")
+    finally:
+        server.close()
+
+    assert isinstance(result.error, DeadlineExceeded), result
+    assert 0.5 <= took < 1.0
