@@ -67,12 +67,12 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # sockaddr)]. The seam through which tests answer DNS as they like (rebinding included).
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 # Address blocks that ``is_global`` lets through but that no webhook may reach.
-_REFUSED = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "100.64.0.0/10", "198.18.0.0/15", "224.0.0.0/4", "255.255.255.255/32",
-    "::/96",            # IPv4-compatible
-    "::ffff:0:0/96",    # IPv4-mapped
-    "ff00::/8"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REFUSED = (*(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "100.64.0.0/10", "198.18.0.0/15", "224.0.0.0/4", "255.255.255.255/32",
+    "::ffff:0:0/96",    # IPv4-mapped
+    "ff00::/8")), _IPV4_COMPATIBLE)
 # A host name as DNS spells it (letters, digits, '-', '_' in labels), nothing a parser could
 # decode into something else (percent escapes, IDNA, dots of other scripts).
 _HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -182,10 +182,12 @@ def read_url(url: str) -> Destination:
     if not 0 < port < 65536:
         raise refuse("the port must be between 1 and 65535")
     if host.startswith("["):
+        if "%" in host:
+            raise refuse("an IPv6 address must not carry a zone id")
         try:
             address: Address | None = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
-            raise refuse("not a valid IPv6 address (zone ids are not allowed)") from None
+            raise refuse("not a valid IPv6 address") from None
         return Destination(parts.scheme, host[1:-1], port, address)
     if not _HOST_NAME.fullmatch(host):
         raise refuse("the host must be a DNS name or an IP address")
@@ -230,7 +232,7 @@ def _wrapped_ipv4(address: Address) -> ipaddress.IPv4Address | None:
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in _NAT64 or address in _REFUSED[5]:
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 

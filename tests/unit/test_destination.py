@@ -142,3 +142,15 @@ def test_refused_addresses(address: str) -> None:
                                      "2002:808:808::"])
 def test_public_addresses(address: str) -> None:
     check_address(ipaddress.ip_address(address), ())
+
+
+def _answers(*addresses: str) -> Any:
+    return lambda host, port, *_: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                                   for a in addresses]
+
+
+def test_resolving_refuses_a_name_with_any_refused_address() -> None:
+    check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8"))
+
+    with pytest.raises(DestinationNotAllowed, match=r"10\.0\.0\.1"):
+        check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8", "10.0.0.1"))
