@@ -250,7 +250,8 @@ def check_destination(url: str, allowed: Sequence[Network], *, resolve: bool = T
     if destination.address is not None:
         check_address(destination.address, allowed)
         return destination
-    if destination.host == "localhost" or destination.host.rstrip(".").endswith(".localhost"):
+    name = destination.host.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
         check_address(ipaddress.IPv4Address("127.0.0.1"), allowed)
     if resolve:
         for address in _resolve(resolver or _getaddrinfo, destination.host, destination.port):

@@ -67,6 +67,7 @@ NOT_PUBLIC = [
     "http://[ff02::1]/hook",
     "http://localhost/hook",
     "http://api.localhost/hook",
+    "http://localhost./hook",
 ]
 REFUSED_AT_SAVE = AMBIGUOUS + NOT_PUBLIC
 
