@@ -547,7 +547,11 @@ class HttpSender:
                 response.close()
         except (requests.RequestException, urllib3.exceptions.HTTPError, DestinationNotAllowed,
                 OSError) as exc:
-            return Result(latency_ms=_elapsed_ms(started), error=self._late(timer) or exc)
+            # A refusal stays a refusal (never retried), even one that came late (slow DNS).
+            late = None if isinstance(exc, DestinationNotAllowed) else self._late(timer)
+            if late is not None:
+                late.__cause__ = exc
+            return Result(latency_ms=_elapsed_ms(started), error=late or exc)
         finally:
             if timer is not None:
                 _WATCHDOG.disarm(timer)

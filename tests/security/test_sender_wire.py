@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from notifier.errors import DeadlineExceeded, DestinationNotAllowed
-from notifier.sender import HttpSender, OutboundRequest, Verdict, classify
+from notifier.sender import _WATCHDOG, HttpSender, OutboundRequest, Verdict, classify
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -321,3 +322,26 @@ def test_a_trickled_tls_handshake_is_cut_at_the_deadline() -> None:
 
     assert isinstance(result.error, DeadlineExceeded), result
     assert 0.5 <= took < 1.0
+
+
+def _until_this_requests_deadline_fired() -> None:
+    """Block the calling thread, inside a send, until the watchdog has fired its deadline."""
+    timer = _WATCHDOG._local.timer
+    wait_until(lambda: timer.fired, 5, "the request's deadline to fire", interval=0.01)
+
+
+def test_a_refusal_after_the_deadline_stays_a_refusal(serve: Callable[..., RawServer]) -> None:
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    resolver = Resolver("10.0.0.1")
+
+    def slow_dns(*args: Any) -> Any:  # answers only once the deadline has passed
+        _until_this_requests_deadline_fired()
+        return resolver(*args)
+
+    result, _ = post(sender(resolver=slow_dns, deadline=0.2),
+                     f"http://hook.test:{server.port}/hook")
+
+    assert resolver.asked == 1
+    assert isinstance(result.error, DestinationNotAllowed), result
+    assert classify(result) is Verdict.FAILED
+    assert server.requests == 0
