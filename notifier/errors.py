@@ -8,6 +8,7 @@
     ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
     ├── StoreRefused            the database refused a statement for good (bad data, a bug)
+    ├── DeadlineExceeded        a request to a webhook cut at its whole-request deadline
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthenticationFailed",
+    "DeadlineExceeded",
     "DeliveryInterrupted",
     "DestinationNotAllowed",
     "InvalidEvent",
@@ -99,6 +101,9 @@ class DestinationNotAllowed(NotifierError):
 class StoreRefused(NotifierError):
     """The database refused a statement in a way that retrying cannot mend: a data or integrity
     error, or a bug. The message names the SQLSTATE and the database's reason."""
+class DeadlineExceeded(NotifierError):
+    """A request to a webhook ran past its whole-request deadline and was cut; retried like a
+    timeout (it is a sender's result, not a failure of notifier's own dependencies)."""
 
 
 class TransientError(NotifierError):

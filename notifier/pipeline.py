@@ -113,6 +113,7 @@ def build_services(settings: Settings) -> Services:
         catalog=load_catalog(),
         sender=HttpSender(timeout=settings.http_timeout,
                           max_response_bytes=settings.max_response_bytes,
+                          deadline=settings.http_deadline,
                           allowed_networks=settings.allow_private_networks),
         vault=vault_for(settings.secret_keys, settings.data_dir),
     )
@@ -313,9 +314,16 @@ def judge(services: Services, claimed: store.Claimed, result: Result,
         claimed=claimed, started_at_ms=started_at_ms, latency_ms=result.latency_ms,
         outcome=outcome, status_code=result.status_code,
         error_class=type(error).__name__ if error else None,
-        error_message=str(error)[:2000] if error else None,
-        response_excerpt=result.body_excerpt[:EXCERPT_BYTES].decode("utf-8", "replace"),
+        error_message=_storable(str(error)[:2000]) if error else None,
+        response_excerpt=_storable(
+            result.body_excerpt[:EXCERPT_BYTES].decode("utf-8", "replace")),
         next_attempt_at_ms=due)
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text cannot hold NUL: a receiver answering zeros (a gzip bomb does) made the
+    # attempt's row fail to insert, and the delivery waited for its lease to expire, again.
+    return text.replace("\x00", "\ufffd")
 
 
 HandOn = Callable[[Sequence[Lease], int | None], None]

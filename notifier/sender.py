@@ -1,48 +1,84 @@
 """The HTTP sender: one method, ``send``, plus the rules that classify what came back.
 
 ``Sender`` is the seam: tests swap in a fake that records requests. ``HttpSender`` is the real
-one: one keep-alive ``requests.Session`` per process, connect and read timeouts, TLS verified,
-no redirects followed, the response read capped, and destinations checked against private
-address ranges before any byte is sent.
+one: one keep-alive ``requests.Session`` per process, TLS verified, no redirects followed, the
+response read capped, and every request ended at a whole-request deadline.
+
+Where it may send is decided at the socket, not beside it: a URL is read once, with the HTTP
+client's own parser (``read_url``), and every new connection resolves its host once, checks
+every address (``check_address``) and connects to the address it checked (``_GuardedConnection``),
+so neither a second parser nor a second DNS answer can take a request elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
+import heapq
 import ipaddress
+import os
+import re
 import socket
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
 import urllib3.exceptions
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
+from urllib3.util import parse_url
 
-from notifier.errors import DestinationNotAllowed
+from notifier.errors import DeadlineExceeded, DestinationNotAllowed
 
 __all__ = [
     "RETRYABLE",
     "RETRYABLE_STATUSES",
+    "Destination",
     "HttpSender",
     "OutboundRequest",
+    "Resolver",
     "Result",
     "Sender",
     "Verdict",
+    "check_address",
     "check_destination",
     "classify",
+    "read_url",
     "retry_after_seconds",
 ]
 
 # Errors on the wire that may pass on a later try.
 RETRYABLE: tuple[type[Exception], ...] = (
-    requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError)
+    requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, DeadlineExceeded)
 # Statuses that mean "not now" rather than "never": timeouts, conflicts, too early, too many.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# ``socket.getaddrinfo``'s shape: (host, port, family, type) -> [(family, type, proto, name,
+# sockaddr)]. The seam through which tests answer DNS as they like (rebinding included).
+Resolver = Callable[..., Sequence[tuple[Any, ...]]]
+# Address blocks that ``is_global`` lets through but that no webhook may reach.
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REFUSED = (*(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "100.64.0.0/10", "198.18.0.0/15", "224.0.0.0/4", "255.255.255.255/32",
+    "::ffff:0:0/96",    # IPv4-mapped
+    "ff00::/8")), _IPV4_COMPATIBLE)
+# A host name as DNS spells it (letters, digits, '-', '_' in labels), nothing a parser could
+# decode into something else (percent escapes, IDNA, dots of other scripts).
+_HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+                        r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?")
+# WHATWG reads a host whose last label is a number as an IPv4 address: so do we.
+_NUMERIC_LABEL = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)")
 
 
 class Verdict(enum.StrEnum):
@@ -101,40 +137,365 @@ def retry_after_seconds(result: Result, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def check_destination(url: str, allowed: Sequence[Network], *, resolve: bool = True) -> None:
-    """Refuse a URL that is not http(s) or resolves to a non-public address outside ``allowed``.
+# ---------------------------------------------------------------- where a webhook may send
 
-    With ``resolve=False`` (when a webhook is saved) only literal addresses and ``localhost``
-    are checked, so saving a webhook never waits on DNS; the sender checks again, resolving,
-    before every first POST to a host.
+
+@dataclass(frozen=True)
+class Destination:
+    """A webhook URL as the HTTP client reads it: ``address`` is set when the host is a literal."""
+
+    scheme: str
+    host: str
+    port: int
+    address: Address | None
+
+
+def read_url(url: str) -> Destination:
+    """Read ``url`` as urllib3 will, refusing anything another parser could read otherwise.
+
+    Refused: anything but ASCII without white space or control characters, backslashes,
+    userinfo, percent escapes or other non-DNS characters in the host, a host or port that
+    ``urlsplit`` reads differently, and IPv4 literals in any form but canonical dotted quads
+    (``inet_aton`` takes ``2130706433``, ``0x7f000001``, ``0177.0.0.1`` and ``127.1`` too).
     """
+    def refuse(problem: str) -> DestinationNotAllowed:
+        return DestinationNotAllowed(f"{url!r}: {problem}")
+
+    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        raise refuse("must be printable ASCII without white space (IDNA-encode the host)")
+    if "\\" in url:
+        raise refuse("must not contain a backslash")
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise DestinationNotAllowed(f"{url!r}: not a valid URL ({exc})") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DestinationNotAllowed(f"{url!r}: only http and https URLs with a host are allowed")
-    if not resolve:
-        host = parts.hostname.lower()
-        if host == "localhost" or host.endswith(".localhost"):
-            host = "127.0.0.1"
+        parts = parse_url(url)
+        other = urlsplit(url)
+        other_port = other.port
+    except (ValueError, urllib3.exceptions.LocationParseError) as exc:
+        raise refuse(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.host:
+        raise refuse("only http and https URLs with a host are allowed")
+    if parts.auth is not None or other.username is not None or "@" in (other.netloc or ""):
+        raise refuse("must not carry a user name or password (use webHookHeaders)")
+    host = parts.host.lower()
+    port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
+    if host.strip("[]") != (other.hostname or "") or parts.port != other_port:
+        raise refuse("its host or port reads differently to different URL parsers")
+    if not 0 < port < 65536:
+        raise refuse("the port must be between 1 and 65535")
+    if host.startswith("["):
+        if "%" in host:
+            raise refuse("an IPv6 address must not carry a zone id")
         try:
-            addresses = [ipaddress.ip_address(host)]
+            address: Address | None = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
-            return  # a name: resolved and checked when sent to
-    else:
+            raise refuse("not a valid IPv6 address") from None
+        return Destination(parts.scheme, host[1:-1], port, address)
+    if not _HOST_NAME.fullmatch(host):
+        raise refuse("the host must be a DNS name or an IP address")
+    if _NUMERIC_LABEL.fullmatch(host.rstrip(".").rsplit(".", 1)[-1]):
         try:
-            infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise DestinationNotAllowed(f"{parts.hostname!r} does not resolve: {exc}") from exc
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    for address in addresses:
-        if address.is_global or any(address in network for network in allowed):
-            continue
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise refuse("an IPv4 address must be written as four decimal numbers "
+                         "(such as 192.0.2.10)") from None
+        return Destination(parts.scheme, host, port, address)
+    return Destination(parts.scheme, host, port, None)
+
+
+# Reading a URL costs 20 us, 5% of a keep-alive POST's CPU here; a worker sends to the same
+# few URLs again and again, and the reading depends on the text alone.
+_read_sent_url = functools.lru_cache(maxsize=4096)(read_url)
+
+
+def check_address(address: Address, allowed: Sequence[Network]) -> None:
+    """Refuse an address that is not public, unless a network of ``allowed`` holds it.
+
+    Beyond ``is_global``: 0/8, 100.64/10, 198.18/15, multicast and broadcast, IPv4-compatible
+    and IPv4-mapped IPv6, and NAT64 or 6to4 addresses wrapping an IPv4 address refused itself.
+    """
+    if any(address in network for network in allowed):
+        return
+    inner = _wrapped_ipv4(address)
+    if inner is not None and any(inner in network for network in allowed):
+        return
+    if not address.is_global or any(address in network for network in _REFUSED):
         raise DestinationNotAllowed(
-            f"{parts.hostname!r} resolves to {address}, a private address; allow its range "
-            "in NOTIFIER_ALLOW_PRIVATE_NETWORKS to send there")
+            f"{address} is a private address (or reserved: not public); allow its range in "
+            "NOTIFIER_ALLOW_PRIVATE_NETWORKS to send there")
+    if inner is not None:
+        check_address(inner, allowed)
+
+
+def _wrapped_ipv4(address: Address) -> ipaddress.IPv4Address | None:
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def check_destination(url: str, allowed: Sequence[Network], *, resolve: bool = True,
+                      resolver: Resolver | None = None) -> Destination:
+    """Refuse a URL that is not read one way only, or that reaches a non-public address outside
+    ``allowed``; returns how it reads.
+
+    With ``resolve=False`` (when a webhook is saved) a name is not resolved, so saving never
+    waits on DNS: the sender resolves it, once, for each connection it opens, and checks the
+    addresses then. ``localhost`` names are refused at once.
+    """
+    destination = read_url(url)
+    if destination.address is not None:
+        check_address(destination.address, allowed)
+        return destination
+    name = destination.host.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        check_address(ipaddress.IPv4Address("127.0.0.1"), allowed)
+    if resolve:
+        for address in _resolve(resolver or _getaddrinfo, destination.host, destination.port):
+            check_address(address, allowed)
+    return destination
+
+
+def _getaddrinfo(host: str, port: int, family: int = 0,
+                 type: int = socket.SOCK_STREAM) -> Sequence[tuple[Any, ...]]:
+    # Looked up on each call, not bound at import, so that a process may install its own.
+    return socket.getaddrinfo(host, port, family, type)
+
+
+def _resolve(resolver: Resolver, host: str, port: int) -> list[Address]:
+    try:
+        infos = resolver(host, port, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise DestinationNotAllowed(f"{host!r} does not resolve: {exc}") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not addresses:
+        raise DestinationNotAllowed(f"{host!r} does not resolve to any address")
+    return addresses
+
+
+# ---------------------------------------------------------------- the connection is the check
+
+
+@dataclass(frozen=True)
+class _Guard:
+    """What every new connection of one sender obeys: the networks it may reach, and its DNS."""
+
+    allowed: tuple[Network, ...]
+    resolver: Resolver
+
+    def connect(self, conn: HTTPConnection) -> socket.socket:
+        """Resolve the connection's host once, check every address, connect to a checked one."""
+        host, port = conn._dns_host.rstrip("."), conn.port or 80
+        addresses = _resolve(self.resolver, host, port)
+        for address in addresses:
+            try:
+                check_address(address, self.allowed)
+            except DestinationNotAllowed as exc:
+                raise DestinationNotAllowed(f"{host!r} resolves to {exc}") from None
+        timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+        failure: Exception = OSError(f"no address of {host!r} to connect to")
+        for address in addresses:
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for option in conn.socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(timeout)
+                if conn.source_address:
+                    sock.bind(conn.source_address)
+                sock.connect((str(address), port))
+                # The peer is what was reached: check it too, whatever the resolver said.
+                peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+                if peer != address:
+                    raise DestinationNotAllowed(f"connected to {peer}, not {address}")
+                check_address(peer, self.allowed)
+            except DestinationNotAllowed:
+                sock.close()
+                raise
+            except TimeoutError as exc:
+                sock.close()
+                failure = urllib3.exceptions.ConnectTimeoutError(
+                    conn, f"Connection to {host} ({address}) timed out (connect timeout="
+                    f"{timeout})")
+                failure.__cause__ = exc
+            except OSError as exc:
+                sock.close()
+                failure = urllib3.exceptions.NewConnectionError(
+                    conn, f"Failed to establish a new connection to {address}: {exc}")
+                failure.__cause__ = exc
+            else:
+                return sock
+        raise failure
+
+
+class _GuardedMixin:
+    """A urllib3 connection whose socket comes from its ``_Guard`` and is watched by the
+    deadline of the request it serves, new or pooled."""
+
+    def __init__(self, *args: Any, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def _new_conn(self) -> socket.socket:
+        sock = self._guard.connect(self)  # type: ignore[arg-type]
+        # Watched from here, so that the deadline bounds a TLS handshake too; through a
+        # duplicate, because wrapping the socket in TLS detaches this object from it.
+        _WATCHDOG.watch(sock.dup(), owned=True)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        connection: Any = self
+        if connection.sock is None:  # plain HTTP connects lazily; connect now, to watch it
+            connection.connect()
+        _WATCHDOG.watch(connection.sock)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _GuardedHTTPConnection(_GuardedMixin, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardedMixin, HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedPoolManager(PoolManager):
+    def __init__(self, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+        self._guard = guard
+
+    def _new_pool(self, scheme: str, host: str, port: int,
+                  request_context: dict[str, Any] | None = None) -> HTTPConnectionPool:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        pool.conn_kw["guard"] = self._guard
+        return pool
+
+
+class _GuardedAdapter(requests.adapters.HTTPAdapter):
+    def __init__(self, guard: _Guard, **kwargs: Any) -> None:
+        self._guard = guard  # before super().__init__, which makes the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
+                         **pool_kwargs: Any) -> None:
+        self.poolmanager = _GuardedPoolManager(
+            self._guard, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs)
+
+
+# ---------------------------------------------------------------- the whole-request deadline
+
+
+class _Timer:
+    __slots__ = ("done", "fired", "owned", "sock", "when")
+
+    def __init__(self, when: float) -> None:
+        self.when = when
+        self.sock: socket.socket | None = None
+        self.owned = False  # whether ``sock`` is the timer's own duplicate, to close
+        self.done = False
+        self.fired = False
+
+    def forget_sock(self) -> None:
+        if self.owned and self.sock is not None:
+            self.sock.close()
+        self.sock, self.owned = None, False
+
+
+class _Watchdog:
+    """One daemon thread a process that cuts (shuts down) the socket of a request whose deadline
+    has passed: a per-read timeout cannot bound a receiver that trickles a byte a second.
+
+    Arming costs a lock and a heap push; disarmed timers stay in the heap until their time
+    and are dropped then, in batches, so the thread wakes at most every ``_BATCH`` seconds.
+    """
+
+    _BATCH = 0.05
+
+    def __init__(self) -> None:
+        self._reset()
+        # A forked child has the heap but not the thread: it starts its own when first used.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._wake = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Timer]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    def arm(self, seconds: float) -> _Timer:
+        timer = _Timer(time.monotonic() + seconds)
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notifier-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._count += 1
+            heapq.heappush(self._heap, (timer.when, self._count, timer))
+            if self._heap[0][2] is timer:
+                self._wake.notify()
+        self._local.timer = timer
+        return timer
+
+    def watch(self, sock: socket.socket | None, *, owned: bool = False) -> None:
+        """The socket the calling thread's armed request uses now (cut at once if late);
+        ``owned``: a duplicate, closed when the timer lets go of it."""
+        timer: _Timer | None = getattr(self._local, "timer", None)
+        if timer is None or sock is None:
+            if owned and sock is not None:
+                sock.close()
+            return
+        with self._wake:
+            timer.forget_sock()
+            timer.sock, timer.owned = sock, owned
+            if timer.fired:
+                _cut(sock)
+
+    def disarm(self, timer: _Timer) -> None:
+        self._local.timer = None
+        with self._wake:
+            timer.done = True
+            timer.forget_sock()
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now + self._BATCH:
+                    when, _, timer = self._heap[0]
+                    if not timer.done and when > now:
+                        break  # never cut early; disarmed ones go a little early, in a batch
+                    heapq.heappop(self._heap)
+                    if not timer.done:
+                        timer.fired = True
+                        if timer.sock is not None:
+                            _cut(timer.sock)
+                self._wake.wait(self._heap[0][0] - now if self._heap else None)
+
+
+def _cut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS socket: SSLSocket.shutdown would tear down
+    # its SSL object under the thread that is reading with it. A blocked read then returns.
+    with contextlib.suppress(OSError):  # closed meanwhile: nothing left to cut
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+
+
+# ---------------------------------------------------------------- the sender
 
 
 class HttpSender:
@@ -145,50 +506,67 @@ class HttpSender:
         *,
         timeout: tuple[float, float],
         max_response_bytes: int,
+        deadline: float | None = None,
         allowed_networks: Sequence[Network] = (),
         pool_size: int = 16,
+        resolver: Resolver | None = None,
     ) -> None:
         self.timeout = timeout
+        self.deadline = deadline
         self.max_response_bytes = max_response_bytes
         self.allowed_networks = tuple(allowed_networks)
         self.session = requests.Session()
         # Reading proxy settings from the environment on every call is 18% of a POST's CPU here.
         self.session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        # Certificates are verified, against the host name (SNI too), never the address the
+        # connection checked and reached. A test may point this at its own CA bundle.
+        self.session.verify = True
+        adapter = _GuardedAdapter(_Guard(self.allowed_networks, resolver or _getaddrinfo),
+                                  pool_connections=pool_size, pool_maxsize=pool_size,
+                                  max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._checked: dict[str, float] = {}
-
-    def _check(self, url: str) -> None:
-        # A destination stays checked for a minute: resolving on every POST would cost more
-        # than the POST on a keep-alive connection.
-        try:
-            host = urlsplit(url).netloc
-        except ValueError as exc:
-            raise DestinationNotAllowed(f"{url!r}: not a valid URL ({exc})") from exc
-        now = time.monotonic()
-        if self._checked.get(host, 0.0) > now:
-            return
-        check_destination(url, self.allowed_networks)
-        self._checked[host] = now + 60.0
 
     def send(self, request: OutboundRequest) -> Result:
         started = time.perf_counter()
+        timer = _WATCHDOG.arm(self.deadline) if self.deadline is not None else None
         try:
-            self._check(request.url)
+            # A stored URL is read again: it may predate today's rules. A literal address is
+            # refused before anything else; a name's addresses are checked by the connection
+            # itself, when it is made.
+            destination = _read_sent_url(request.url)
+            if destination.address is not None:
+                check_address(destination.address, self.allowed_networks)
             response = self.session.post(
                 request.url, data=request.body, headers=dict(request.headers),
-                timeout=self.timeout, allow_redirects=False, stream=True, verify=True)
+                timeout=self.timeout, allow_redirects=False, stream=True)
             try:
+                # urllib3 (>= 2.6) decompresses at most what is asked: a gzip bomb stops here.
                 excerpt = response.raw.read(self.max_response_bytes, decode_content=True)
             finally:
                 response.close()
         except (requests.RequestException, urllib3.exceptions.HTTPError, DestinationNotAllowed,
                 OSError) as exc:
-            return Result(latency_ms=_elapsed_ms(started), error=exc)
+            # A refusal stays a refusal (never retried), even one that came late (slow DNS).
+            late = None if isinstance(exc, DestinationNotAllowed) else self._late(timer)
+            if late is not None:
+                late.__cause__ = exc
+            return Result(latency_ms=_elapsed_ms(started), error=late or exc)
+        finally:
+            if timer is not None:
+                _WATCHDOG.disarm(timer)
+        late = self._late(timer)
+        if late is not None:
+            return Result(latency_ms=_elapsed_ms(started), error=late)
         return Result(latency_ms=_elapsed_ms(started), status_code=response.status_code,
                       body_excerpt=excerpt or b"", headers=dict(response.headers))
+
+    def _late(self, timer: _Timer | None) -> DeadlineExceeded | None:
+        if timer is None or not timer.fired:
+            return None
+        return DeadlineExceeded(
+            f"the request took longer than its whole-request deadline ({self.deadline:g}s, "
+            "NOTIFIER_HTTP_DEADLINE)")
 
     def close(self) -> None:
         self.session.close()

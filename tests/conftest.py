@@ -201,7 +201,7 @@ class Reply:
 class Receiver:
     """A real HTTP server on 127.0.0.1 that records every request and answers as scripted."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[Received] = []
         self.scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self.holds: dict[str, float] = {}
@@ -232,13 +232,14 @@ class Receiver:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
+        return f"http://{self.host}:{self.server.server_port}{path}"
 
     def script(self, path: str, *replies: Reply | int) -> None:
         with self.lock:
@@ -326,11 +327,13 @@ class Stack:
         return (self.folder / f"{name}.log").read_text(errors="replace")
 
     def worker(self, name: str = "w1", concurrency: int = 2, pool: str = "prefork",
-               queues: str | None = None) -> str:
-        """A worker of the queues named (comma separated), by default of all of them."""
+               queues: str | None = None,
+               program: tuple[str, ...] = ("celery", "-A", "tasks")) -> str:
+        """A worker of the queues named (comma separated), by default of all of them;
+        ``program`` is what ``python -m`` runs (a test's wrapper of celery's command)."""
         self._spawn(name, ["worker", "--hostname", f"{name}@%h", "--pool", pool,
                            "--concurrency", str(concurrency), "--loglevel", "INFO",
-                           *(["--queues", queues] if queues else [])])
+                           *(["--queues", queues] if queues else [])], program=program)
         wait_until(lambda: "ready." in self.log(name) or self.processes[name].poll() is not None,
                    60, f"worker {name} to be ready")
         assert self.processes[name].poll() is None, self.log(name)

@@ -1,15 +1,81 @@
-"""Fixtures of the security tests: the real API under uvicorn, with an org and its API key."""
+"""Plumbing of the hostile-tenant tests: a stack whose worker resolves ``.test`` names from a
+file (``stub_dns_celery``), webhooks whose URL is set as a row saved before today's rules would
+hold it, attempts read back from the database, and the real API under uvicorn with an org and
+its API key to sign in with."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
+from sqlalchemy import select
 
+from notifier import publish, store
+from notifier.db import Database
+from notifier.models import Attempt, Delivery, Webhook
+from notifier.schemas import load_catalog
+from notifier.vault import vault_for
 from tests.conftest import Stack, sign_in_form
+from tests.integration.test_api import api  # noqa: F401 - the in-process API, for save-time tests
 
-ORG = 71
+ORG = 4242
+OTHER_ORG = 4343
+SESSION_ORG = 71
+
+
+@pytest.fixture
+def hosts_file(stack_env: dict[str, str], tmp_path: Path) -> Callable[[dict[str, list[str]]], Any]:
+    """Write the stub DNS's answers (name -> answers in turn); returns a reader of the file."""
+    path = tmp_path / "hosts.json"
+    stack_env["NOTIFIER_TEST_HOSTS"] = str(path)
+
+    def write(answers: dict[str, list[str]]) -> Any:
+        path.write_text(json.dumps({**answers, "asked": []}))
+        return lambda: json.loads(path.read_text())
+
+    return write
+
+
+@pytest.fixture
+def database(stack: Stack) -> Iterator[Database]:
+    opened = Database(stack.settings.database_url)
+    store.create_org(opened, ORG, "tenant", now_ms=0)
+    store.create_org(opened, OTHER_ORG, "another tenant", now_ms=0)
+    yield opened
+    opened.dispose()
+
+
+def make_hook(stack: Stack, database: Database, url: str, *, org_id: int = ORG,
+              name: str = "hook", raw_url: str | None = None, **options: Any) -> str:
+    """A webhook of ``org_id`` to ``url``; with ``raw_url``, its row is then given that URL as
+    it is, as a row saved before the save-time check refused it would hold it."""
+    webhook_id, _ = store.create_webhook(
+        database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
+        org_id=org_id, name=name, url=url, event_names=["pointsIssued"], now_ms=0, **options)
+    if raw_url is not None:
+        with database.session() as session:
+            session.execute(sa.update(Webhook).where(Webhook.id == webhook_id)
+                            .values(url=raw_url))
+    return webhook_id
+
+
+def send(stack: Stack, org_id: int = ORG, customer: int = 1) -> str:
+    return publish("pointsIssued", {"customerIdentifiers": {"customerId": customer},
+                                    "totalPointsIssued": 10},
+                   org_id=org_id, broker_url=stack.settings.broker_url)
+
+
+def attempts_of_hook(database: Database, webhook_id: str) -> list[Attempt]:
+    with database.session() as session:
+        return list(session.scalars(
+            select(Attempt).join(Delivery, Delivery.id == Attempt.delivery_id)
+            .where(Delivery.webhook_id == webhook_id).order_by(Attempt.id)))
 
 
 @dataclass
@@ -34,5 +100,5 @@ class Web:
 
 @pytest.fixture
 def web(stack: Stack) -> Web:
-    key = stack.org(ORG, "Session Test Org")
-    return Web(stack.web(), ORG, key)
+    key = stack.org(SESSION_ORG, "Session Test Org")
+    return Web(stack.web(), SESSION_ORG, key)

@@ -1,0 +1,347 @@
+"""``HttpSender`` on the wire, in this process, against raw servers on 127.0.0.1: the
+whole-request deadline on new and pooled connections, one DNS answer a connection through the
+resolver seam, and TLS verified against the host name while the checked address is reached."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gzip
+import ipaddress
+import multiprocessing
+import socket
+import ssl
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from notifier.errors import DeadlineExceeded, DestinationNotAllowed
+from notifier.sender import _WATCHDOG, HttpSender, OutboundRequest, Verdict, classify
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+# Handles the n-th request (from 0) of one connection; returns False to close it.
+Answer = Callable[[socket.socket, int], bool]
+
+
+class RawServer:
+    """Reads requests one after another on each connection (keep-alive), answering each with
+    ``answer``; counts connections, so that tests see whether one was reused."""
+
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
+        self.answer = answer
+        self.tls = tls
+        self.connections = 0
+        self.requests = 0
+        self.server_names: list[str | None] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            reader = conn.makefile("rb")
+            for index in range(1000):
+                length = 0
+                line = reader.readline()
+                if not line:
+                    return
+                while line not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                    line = reader.readline()
+                reader.read(length)
+                self.requests += 1
+                if not self.answer(conn, index):
+                    return
+        except (OSError, ssl.SSLError):
+            pass  # cut by the sender
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(answer: Answer, tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(answer, tls))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def trickle_after(fast: int) -> Answer:
+    """Answer the first ``fast`` requests of a connection at once; trickle the next one's body
+    a byte every 0.1 s, far inside the 1 s read timeout."""
+    def answer(conn: socket.socket, index: int) -> bool:
+        if index < fast:
+            conn.sendall(OK)
+            return True
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(600):
+            time.sleep(0.1)
+            conn.sendall(b"x")
+        return False
+    return answer
+
+
+def sender(**options: Any) -> HttpSender:
+    settings: dict[str, Any] = {"timeout": (1.0, 1.0), "max_response_bytes": 1024,
+                                "deadline": 0.5, "allowed_networks": LOOPBACK}
+    settings.update(options)
+    return HttpSender(**settings)
+
+
+def post(to: HttpSender, url: str) -> Any:
+    started = time.monotonic()
+    result = to.send(OutboundRequest(url, {"webhook-id": "msg_1"}, b"{}"))
+    return result, time.monotonic() - started
+
+
+def test_a_trickled_response_is_cut_at_the_deadline(serve: Callable[..., RawServer]) -> None:
+    server = serve(trickle_after(0))
+
+    result, took = post(sender(), f"http://127.0.0.1:{server.port}/hook")
+
+    assert isinstance(result.error, DeadlineExceeded), result
+    assert "NOTIFIER_HTTP_DEADLINE" in str(result.error)
+    assert classify(result) is Verdict.RETRY
+    assert 0.5 <= took < 1.0
+
+
+def test_a_pooled_connection_is_cut_at_the_deadline(serve: Callable[..., RawServer]) -> None:
+    server = serve(trickle_after(1))
+    url = f"http://127.0.0.1:{server.port}/hook"
+    to = sender()
+
+    first, _ = post(to, url)
+    second, took = post(to, url)
+
+    assert first.status_code == 200
+    assert (server.connections, server.requests) == (1, 2)  # the second rode the first's
+    assert isinstance(second.error, DeadlineExceeded), second
+    assert 0.5 <= took < 1.0
+
+
+def test_a_finished_request_leaves_no_deadline_on_its_connection(
+        serve: Callable[..., RawServer]) -> None:
+    def answer(conn: socket.socket, index: int) -> bool:
+        if index == 1:  # across the first request's deadline, far inside its own
+            time.sleep(0.8)
+        conn.sendall(OK)
+        return True
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/hook"
+    to = sender(deadline=0.5)
+    post(to, url)
+    to.deadline = 3.0
+
+    result, took = post(to, url)
+
+    assert result.status_code == 200, result
+    assert server.connections == 1
+    assert took >= 0.8
+
+
+def _send_in_child(url: str, results: Any) -> None:
+    result, took = post(sender(), url)
+    results.put((type(result.error).__name__, took))
+
+
+def test_the_deadline_holds_in_a_forked_process(serve: Callable[..., RawServer]) -> None:
+    server = serve(trickle_after(0))
+    url = f"http://127.0.0.1:{server.port}/hook"
+    post(sender(), f"http://127.0.0.1:{serve(trickle_after(1)).port}/")  # the parent's watchdog
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_send_in_child, args=(url, results))
+    child.start()
+
+    error, took = results.get(timeout=10)
+    child.join(timeout=10)
+
+    assert error == "DeadlineExceeded"
+    assert 0.5 <= took < 1.0
+
+
+class Resolver:
+    """A stub DNS: ``answers`` for every name; counts the questions."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = answers
+        self.asked = 0
+
+    def __call__(self, host: str, port: int, family: int = 0, type: int = 0) -> Any:
+        self.asked += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.answers]
+
+
+def test_one_resolution_a_connection_and_the_checked_address_is_reached(
+        serve: Callable[..., RawServer]) -> None:
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    resolver = Resolver("127.0.0.1")
+    to = sender(resolver=resolver)
+
+    results = [post(to, f"http://hook.test:{server.port}/hook")[0] for _ in range(3)]
+
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert (resolver.asked, server.connections) == (1, 1)
+
+
+def test_one_refused_address_refuses_the_name(serve: Callable[..., RawServer]) -> None:
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    to = sender(resolver=Resolver("127.0.0.2", "127.0.0.1"),
+                allowed_networks=(ipaddress.ip_network("127.0.0.2/32"),))
+
+    result, _ = post(to, f"http://hook.test:{server.port}/hook")
+
+    assert isinstance(result.error, DestinationNotAllowed), result
+    assert "127.0.0.1" in str(result.error)
+    assert server.requests == 0
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, ssl.SSLContext]:
+    """A CA's bundle, and a server context with the CA's certificate for ``name``."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    bundle = folder / "ca.pem"
+    bundle.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain = folder / "leaf.pem"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return bundle, context
+
+
+@pytest.mark.parametrize(("certified", "verified"), [("hook.test", True),
+                                                     ("other.test", False)])
+def test_tls_is_verified_against_the_host_name(
+        serve: Callable[..., RawServer], tmp_path: Path, certified: str, verified: bool) -> None:
+    bundle, context = _certificate(tmp_path, certified)
+    server_names: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)  # type: ignore[func-returns-value]
+    server = serve(lambda conn, index: conn.sendall(OK) is None, tls=context)
+    to = sender(resolver=Resolver("127.0.0.1"), deadline=5.0)
+    to.session.verify = str(bundle)
+
+    result, _ = post(to, f"https://hook.test:{server.port}/hook")
+
+    assert server_names == ["hook.test"]
+    if verified:
+        assert result.status_code == 200, result
+    else:
+        assert isinstance(result.error, requests.exceptions.SSLError), result
+        assert server.requests == 0
+
+
+def test_a_gzip_bomb_is_read_no_further_than_the_cap(serve: Callable[..., RawServer]) -> None:
+    bomb = gzip.compress(bytes(256 * 2**20), compresslevel=9)  # 256 MiB of zeros, ~250 KiB
+    server = serve(lambda conn, index: conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
+        + bomb) is None)
+    to = sender(deadline=10.0, max_response_bytes=4096)
+    tracemalloc.start()
+    try:
+        result, _ = post(to, f"http://127.0.0.1:{server.port}/hook")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.status_code == 200, result
+    assert result.body_excerpt == bytes(4096)
+    assert peak < 16 * 2**20  # what was allocated meanwhile, the bomb's 256 MiB nowhere
+
+
+def test_a_trickled_tls_handshake_is_cut_at_the_deadline() -> None:
+    def trickle_handshake(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)  # the ClientHello
+            # A handshake record 16 KiB long, a byte every 0.1 s: no read waits a second.
+            with contextlib.suppress(OSError):
+                conn.sendall(b"\x16\x03\x03\x40\x00")
+                for _ in range(600):
+                    time.sleep(0.1)
+                    conn.sendall(b"\x00")
+
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: trickle_handshake(server.accept()[0]), daemon=True).start()
+    try:
+        result, took = post(sender(resolver=Resolver("127.0.0.1")),
+                            f"https://hook.test:{server.getsockname()[1]}/hook")
+    finally:
+        server.close()
+
+    assert isinstance(result.error, DeadlineExceeded), result
+    assert 0.5 <= took < 1.0
+
+
+def _until_this_requests_deadline_fired() -> None:
+    """Block the calling thread, inside a send, until the watchdog has fired its deadline."""
+    timer = _WATCHDOG._local.timer
+    wait_until(lambda: timer.fired, 5, "the request's deadline to fire", interval=0.01)
+
+
+def test_a_refusal_after_the_deadline_stays_a_refusal(serve: Callable[..., RawServer]) -> None:
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    resolver = Resolver("10.0.0.1")
+
+    def slow_dns(*args: Any) -> Any:  # answers only once the deadline has passed
+        _until_this_requests_deadline_fired()
+        return resolver(*args)
+
+    result, _ = post(sender(resolver=slow_dns, deadline=0.2),
+                     f"http://hook.test:{server.port}/hook")
+
+    assert resolver.asked == 1
+    assert isinstance(result.error, DestinationNotAllowed), result
+    assert classify(result) is Verdict.FAILED
+    assert server.requests == 0
