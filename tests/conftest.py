@@ -31,6 +31,7 @@ from config import Settings, load_settings
 from notifier.db import Database, upgrade
 from notifier.models import Base
 
+REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFIER_TEST_DATABASE_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("NOTIFIER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -315,9 +316,12 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str],
                program: tuple[str, ...] = ("celery", "-A", "tasks")) -> subprocess.Popen[bytes]:
+        # The repository first on the path: a test's own wrapper (``tests.security...``) is
+        # importable in the process, and the code run is this checkout's.
+        path = os.pathsep.join(filter(None, (str(REPO), self.env.get("PYTHONPATH"))))
         with (self.folder / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", *program, *args], env=self.env,
+                [sys.executable, "-m", *program, *args], env={**self.env, "PYTHONPATH": path},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=self.folder)
         self.processes[name] = process
