@@ -177,6 +177,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between beat checks for deliveries past their webhook's SLA."),
     Setting("visibility_timeout", _positive_float, "900",
             "Seconds before the Redis broker hands an unacknowledged task to another worker."),
+    Setting("max_event_bytes", _positive_int, str(256 * 1024),
+            "Largest event, as JSON bytes: a bigger one is refused (413 over HTTP; stored as "
+            "rejected, never delivered, when published through the broker)."),
+    Setting("max_body_bytes", _positive_int, str(10 * 1024 * 1024),
+            "Largest HTTP request body the API reads (also when sent chunked); a bigger one is "
+            "answered 413 before it is read whole."),
+    Setting("max_events_per_request", _positive_int, "1000",
+            "Most events one POST /v3/events may carry; a longer list is answered 413."),
     Setting("secret_keys", _fernet_keys, "",
             "Fernet keys sealing webhook header values and signing secrets at rest, comma "
             "separated; the first seals, all open (rotation). Default: data_dir/secret.key."),
@@ -211,6 +219,9 @@ class Settings:
     sweep_interval: float
     sla_check_interval: float
     visibility_timeout: float
+    max_event_bytes: int
+    max_body_bytes: int
+    max_events_per_request: int
     secret_keys: tuple[str, ...]
 
     @property

@@ -3,7 +3,9 @@
     NotifierError
     ├── InvalidInput            bad input from a caller; names the field
     │   ├── InvalidEvent        an event that fails its envelope or schema check
-    │   └── InvalidRows         bulk input with bad lines; lists each by number
+    │   │   └── EventTooLarge   an event over NOTIFIER_MAX_EVENT_BYTES (also a TooLarge)
+    │   ├── InvalidRows         bulk input with bad lines; lists each by number
+    │   └── TooLarge            input over a size limit; names the field and the limit
     ├── NotFound                an id that does not exist (or belongs to another org)
     ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
@@ -28,6 +30,7 @@ __all__ = [
     "AuthenticationFailed",
     "DeliveryInterrupted",
     "DestinationNotAllowed",
+    "EventTooLarge",
     "InvalidEvent",
     "InvalidInput",
     "InvalidRows",
@@ -35,6 +38,7 @@ __all__ = [
     "NotifierError",
     "QueueUnavailable",
     "StoreUnavailable",
+    "TooLarge",
     "TransientError",
 ]
 
@@ -54,6 +58,15 @@ class InvalidInput(NotifierError):
 
 class InvalidEvent(InvalidInput):
     """An event failed its envelope or schema check; ``field`` is a JSON path such as ``$.data``."""
+
+
+class TooLarge(InvalidInput):
+    """Input over one of the size limits (the API answers 413); the message names the setting."""
+
+
+class EventTooLarge(TooLarge, InvalidEvent):
+    """An event over ``NOTIFIER_MAX_EVENT_BYTES``: refused by the API, stored as rejected when
+    it came through the broker."""
 
 
 class NotFound(NotifierError):

@@ -152,7 +152,8 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
     """``accept`` for several events: one transaction stores them all, and each webhook's new
     deliveries reach its queue in one call."""
     outcomes = store.ingest_many(services.db, services.catalog, envelopes, now_ms=now_ms(),
-                                 only_webhook=only_webhook)
+                                 only_webhook=only_webhook,
+                                 max_event_bytes=services.settings.max_event_bytes)
     _offer(services, [queued for outcome in outcomes for queued in outcome.queued], send)
     tally = Tally()
     for outcome in outcomes:

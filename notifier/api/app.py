@@ -12,6 +12,7 @@ from notifier import ui
 from notifier.api import routes_events, routes_logs, routes_reference, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.health import HealthCheck
+from notifier.api.limits import BodyLimit
 from notifier.api.schemas import Envelope
 from notifier.client import producer, send_lease
 from notifier.metrics import ServiceCollector
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(routes_events.router)
     app.include_router(routes_logs.router)
     ui.install(app)
+    # Outermost, so that no handler (nor the session middleware) reads an oversized body.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     checks = HealthCheck(settings)
 

@@ -7,11 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from notifier import pipeline
+from config import Settings
+from notifier import pipeline, store
 from notifier.api.auth import caller_org
 from notifier.api.envelope import envelope, error_body
 from notifier.api.schemas import AcceptedEvent, CatalogEntry, Envelope, answers
-from notifier.errors import NotFound
+from notifier.errors import EventTooLarge, NotFound, TooLarge
 
 __all__ = ["router"]
 
@@ -22,7 +23,10 @@ Org = Annotated[int, Depends(caller_org)]
 @router.post("", status_code=202, responses={
     **answers(202, list[AcceptedEvent]),
     400: {"model": Envelope[list[AcceptedEvent]],
-          "description": "Some events are invalid: they are stored as rejected; errors name the field"}})
+          "description": "Some events are invalid: they are stored as rejected; errors name the field"},
+    413: {"model": Envelope[None],
+          "description": "Too many events, or an event too large: nothing is stored; errors "
+                         "name the event and the limit"}})
 def ingest_events(
     request: Request,
     org: Org,
@@ -40,6 +44,10 @@ def ingest_events(
     if not events:
         return envelope(None, status=400, errors=[error_body(
             "INVALID_INPUT", "body: needs at least one event", "body")])
+    too_large = _too_large(services.settings, events, org, listed=isinstance(body, list))
+    if too_large:
+        return envelope(None, status=413, errors=[
+            error_body("TOO_LARGE", str(exc), exc.field) for exc in too_large])
     results, errors = [], []
     for index, event in enumerate(events):
         where = f"[{index}]" if isinstance(body, list) else ""
@@ -53,6 +61,25 @@ def ingest_events(
             field = outcome.error.partition(":")[0]
             errors.append(error_body("INVALID_EVENT", f"{where}{outcome.error}", f"{where}{field}"))
     return envelope(results, status=400 if errors else 202, errors=errors)
+
+
+def _too_large(settings: Settings, events: list[dict[str, Any]], org: int, *,
+                listed: bool) -> list[TooLarge]:
+    """The size limits a request breaks, each naming its event: refused whole, before
+    anything is stored, so that the caller knows that nothing of it was."""
+    if len(events) > settings.max_events_per_request:
+        return [TooLarge("body", f"{len(events)} events, over the limit of "
+                                 f"{settings.max_events_per_request} "
+                                 "(NOTIFIER_MAX_EVENTS_PER_REQUEST)")]
+    refused: list[TooLarge] = []
+    for index, event in enumerate(events):
+        try:
+            # As ingest will see it, so that one the API takes is not refused by ingest.
+            store.check_event_size({**event, "orgId": org}, settings.max_event_bytes,
+                                   f"[{index}]" if listed else "body")
+        except EventTooLarge as exc:
+            refused.append(exc)
+    return refused
 
 
 @router.get("/catalog", responses=answers(200, list[CatalogEntry]))
