@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from notifier import logs, pipeline, store, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
@@ -92,8 +93,14 @@ def _redirect(url: str) -> RedirectResponse:
 
 async def _pairs(request: Request) -> list[tuple[str, str]]:
     # URL-encoded forms only (every form here is one); parsed by hand so the UI needs no
-    # multipart parser.
-    return parse_qsl((await request.body()).decode(), keep_blank_values=True)
+    # multipart parser. Read here (a dependency, at most NOTIFIER_MAX_BODY_BYTES) so that the
+    # handlers, which touch the database, can be plain functions: run off the event loop.
+    body = await request.body()
+    return await run_in_threadpool(parse_qsl, body.decode(errors="replace"),
+                                   keep_blank_values=True)
+
+
+Pairs = Annotated[list[tuple[str, str]], Depends(_pairs)]
 
 
 def _not_found(request: Request, what: str) -> HTMLResponse:
@@ -115,8 +122,8 @@ def login_page(request: Request) -> HTMLResponse:
 
 
 @router.post("/login", response_model=None)
-async def login(request: Request) -> Response:
-    form = dict(await _pairs(request))
+def login(request: Request, pairs: Pairs) -> Response:
+    form = dict(pairs)
     try:
         org_id = int(form.get("orgId", "").strip())
     except ValueError:
@@ -177,8 +184,8 @@ def new_notification(request: Request, org: OrgId) -> HTMLResponse:
 
 
 @router.post("/notifications/new", response_model=None)
-async def create_notification(request: Request, org: OrgId) -> Response:
-    form = forms.read_form(await _pairs(request))
+def create_notification(request: Request, org: OrgId, pairs: Pairs) -> Response:
+    form = forms.read_form(pairs)
     try:
         saved = webhooks.create(_context(request), org, forms.body_of(form), now_ms=now_ms())
     except InvalidInput as exc:
@@ -198,13 +205,13 @@ def edit_notification(request: Request, org: OrgId, webhook_id: str) -> HTMLResp
 
 
 @router.post("/notifications/{webhook_id}/edit", response_model=None)
-async def save_notification(request: Request, org: OrgId, webhook_id: str) -> Response:
+def save_notification(request: Request, org: OrgId, webhook_id: str, pairs: Pairs) -> Response:
     ctx = _context(request)
     try:
         view = webhooks.get(ctx, org, webhook_id)
     except NotFound as exc:
         return _not_found(request, str(exc))
-    form = forms.read_form(await _pairs(request), view["webHookHeaders"])
+    form = forms.read_form(pairs, view["webHookHeaders"])
     try:
         stored = store.target(ctx.db, ctx.vault, webhook_id, now_ms=now_ms()).headers
         saved = webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form, stored),
@@ -321,9 +328,9 @@ def replay(request: Request, org: OrgId, webhook_id: str, delivery_id: str) -> R
 
 
 @router.post("/notifications/{webhook_id}/test", response_model=None)
-async def test_send(request: Request, org: OrgId, webhook_id: str) -> Response:
+def test_send(request: Request, org: OrgId, webhook_id: str, pairs: Pairs) -> Response:
     services = _services(request)
-    name = dict(await _pairs(request)).get("eventName") or None
+    name = dict(pairs).get("eventName") or None
     try:
         event = logs.test_event(services.db, services.catalog, org, webhook_id, name,
                                 event_id=str(uuid.uuid4()), now_ms=now_ms())
@@ -427,8 +434,8 @@ def publish_page(request: Request, org: OrgId, eventName: str = "") -> HTMLRespo
 
 
 @router.post("/publish", response_model=None)
-async def publish(request: Request, org: OrgId) -> Response:
-    form = dict(await _pairs(request))
+def publish(request: Request, org: OrgId, pairs: Pairs) -> Response:
+    form = dict(pairs)
     name, raw = form.get("eventName", ""), form.get("data", "")
     try:
         data = json.loads(raw or "{}")
