@@ -24,6 +24,10 @@ PREFIX = "NOTIFIER_"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Seconds between a delivery task's longest run and its soft time limit, and again between the
+# soft and the hard one: a few round trips' time to record, give back or hand on its leases.
+TASK_TIME_MARGIN = 0.5
+
 
 class SettingsError(ValueError):
     """A setting has a value notifier cannot use; the message names the variable."""
@@ -238,6 +242,19 @@ class Settings:
         """Worst case of one delivery task: its time budget plus one last whole request."""
         return self.batch_time_budget + self.http_deadline
 
+    @property
+    def task_soft_time_limit(self) -> float:
+        """Celery's soft time limit of a delivery task: the longest task and a moment for its
+        own round trips (claim, record, give back). Past it the task stops where it is and
+        hands its leases on, as after any other interruption."""
+        return self.longest_task_seconds + TASK_TIME_MARGIN
+
+    @property
+    def task_time_limit(self) -> float:
+        """Celery's hard time limit of a delivery task: the soft limit and a moment to hand
+        on. Past it the process is killed; its leases expire after the slot lease."""
+        return self.task_soft_time_limit + TASK_TIME_MARGIN
+
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting from ``environ`` (default: ``os.environ``)."""
@@ -265,12 +282,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _check_together(settings: Settings) -> None:
-    if settings.slot_lease_seconds <= settings.longest_task_seconds:
+    # slot lease > hard time limit > soft limit > longest task > deadline: the task is killed
+    # before its lease can expire, so no second send of a delivery starts while one is open.
+    # (The limits are derived from the longest task, which exceeds the deadline by the budget.)
+    if settings.slot_lease_seconds <= settings.task_time_limit:
         raise SettingsError(
-            f"NOTIFIER_SLOT_LEASE_SECONDS={settings.slot_lease_seconds:g}: must exceed the longest "
-            f"delivery task ({settings.longest_task_seconds:g}s = NOTIFIER_BATCH_TIME_BUDGET + "
-            "NOTIFIER_HTTP_DEADLINE), or a slow request would "
-            "outlive its slot and let one connection too many in")
+            f"NOTIFIER_SLOT_LEASE_SECONDS={settings.slot_lease_seconds:g}: must exceed a delivery "
+            f"task's hard time limit ({settings.task_time_limit:g}s = NOTIFIER_BATCH_TIME_BUDGET "
+            f"+ NOTIFIER_HTTP_DEADLINE + {2 * TASK_TIME_MARGIN:g}s to hand on), or a slow "
+            "request would outlive its slot and let one connection too many in")
     if settings.visibility_timeout <= settings.slot_lease_seconds:
         raise SettingsError(
             f"NOTIFIER_VISIBILITY_TIMEOUT={settings.visibility_timeout:g}: must exceed "

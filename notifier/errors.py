@@ -12,7 +12,8 @@
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
-        └── DeliveryInterrupted a delivery task stopped by one of those; what to carry on with
+        └── DeliveryInterrupted a delivery task stopped by one of those (or its time limit);
+                                what to carry on with
 
 Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
 only ever catch these. Tasks retry ``TransientError``; the API maps each class to one status.
@@ -94,14 +95,15 @@ class QueueUnavailable(TransientError):
 
 
 class DeliveryInterrupted(TransientError):
-    """A delivery task stopped midway by a transient error (its cause, chained).
+    """A delivery task stopped midway by a transient error or by its time limit (its cause,
+    chained).
 
     ``leases`` are the task's leases whose slots it had not given back yet, for a retry to
     carry on with; ``claimed_until`` marks the claims on their deliveries that it still holds
     (``store.claim``'s ``held_until``).
     """
 
-    def __init__(self, cause: TransientError, leases: Sequence[Lease],
+    def __init__(self, cause: BaseException, leases: Sequence[Lease],
                  claimed_until: int | None) -> None:
         super().__init__(str(cause))
         self.leases = tuple(leases)

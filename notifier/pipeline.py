@@ -245,7 +245,8 @@ HandOn = Callable[[Sequence[Lease], int | None], None]
 
 
 def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, hand_on: HandOn,
-            claimed_until: int | None = None) -> None:
+            claimed_until: int | None = None,
+            interruptions: tuple[type[BaseException], ...] = ()) -> None:
     """Send the deliveries of a task's leases (one per webhook), each lease's one after another
     over its slot, then give the slots back and ``send`` the leases that follow (what queued
     while these were out).
@@ -265,12 +266,13 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
     same delivery twice at once); those not due yet are parked until they are. A transient
     failure raises ``DeliveryInterrupted`` with the leases not given back: their slots stay
     taken, and a retry carries on with them, or they expire and the sweeper re-queues what
-    they carried.
+    they carried. ``interruptions`` are the exceptions that stop a task from outside (its
+    runner's time limit): they end it the same way, never as a failed delivery.
     """
-    task = _Task(services, leases, claimed_until)
+    task = _Task(services, leases, claimed_until, (TransientError, *interruptions))
     try:
         task.run(send, hand_on)
-    except TransientError as exc:
+    except task.interruptions as exc:
         raise DeliveryInterrupted(exc, task.unreleased(), task.claimed_until) from exc
     finally:
         _count(services, task.tally)
@@ -297,10 +299,12 @@ class _Lot:
 class _Task:
     """The leases of one delivery task as they are taken, sent and given back (``deliver``)."""
 
-    def __init__(self, services: Services, leases: Sequence[Lease],
-                 claimed_until: int | None) -> None:
+    def __init__(self, services: Services, leases: Sequence[Lease], claimed_until: int | None,
+                 interruptions: tuple[type[BaseException], ...]) -> None:
         self.services = services
         self.claimed_until = claimed_until
+        # What stops the task midway (deliver's interruptions): never recorded as an attempt.
+        self.interruptions = interruptions
         settings = services.settings
         self._budget_ends = time.monotonic() + settings.batch_time_budget
         # Past this, the leases not started are handed on. Never past the budget, so that a task
@@ -336,7 +340,7 @@ class _Task:
                 lot: _Lot | None = sending[0]
                 while lot is not None:
                     done.append((lot, _deliver_lot(services, lot, self._budget_ends,
-                                                   self.tally)))
+                                                   self.tally, self.interruptions)))
                     lot = self._next(hand_on)
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
                                                 batch=batch, lease_ms=lease_ms, now_ms=now_ms())
@@ -427,7 +431,8 @@ class _Task:
             timer.cancel()
 
 
-def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally) -> Report:
+def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally,
+                 interruptions: tuple[type[BaseException], ...]) -> Report:
     """POST what a lot claimed; returns what its slot's release reports: the slowest response,
     and the webhook's successes and failures (its answers only, not notifier's own faults).
 
@@ -442,7 +447,7 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
         if index > 0 and (too_slow or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
-        finished, posted = _attempt(services, target, claimed)
+        finished, posted = _attempt(services, target, claimed, interruptions)
         slowest = max(slowest, finished.latency_ms)
         if posted and finished.outcome == DeliveryStatus.DELIVERED:
             delivered, failing_since = True, 0
@@ -456,10 +461,12 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
     return Report(slowest, delivered, failing_since)
 
 
-def _attempt(services: Services, target: store.Target,
-             claimed: store.Claimed) -> tuple[store.Finished, bool]:
+def _attempt(services: Services, target: store.Target, claimed: store.Claimed,
+             interruptions: tuple[type[BaseException], ...] = (TransientError,),
+             ) -> tuple[store.Finished, bool]:
     """enrich -> render -> sign -> post -> judge, for one claimed delivery; and whether the
-    webhook was asked (a request was made), so that the outcome is its answer."""
+    webhook was asked (a request was made), so that the outcome is its answer.
+    ``interruptions`` (transient errors, the task's time limit) go up to the task."""
     started = now_ms()
     if not target.active:
         return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
@@ -474,7 +481,7 @@ def _attempt(services: Services, target: store.Target,
             return finished, True
         return replace(finished, enrichment=additions(claimed.event, enriched.payload),
                        enrichment_notes="; ".join(enriched.notes) or None), True
-    except TransientError:
+    except interruptions:
         raise
     except Exception as exc:
         # A bug in a step must not crash the worker and resend forever: record it as a failed

@@ -146,3 +146,40 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
     ids = [request.headers["webhook-id"] for request in receiver.wait_for(4)]
     assert len(ids) == 4 and len(set(ids)) == 3 and ids[1] == ids[2]
     assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
+
+
+class TimeLimitHit(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded (an Exception, raised mid-request)."""
+
+
+def test_a_task_stopped_by_its_time_limit_records_no_failure_and_carries_on(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leases = leases_of(services, receiver, 1, webhooks=3)
+    send = services.sender.send
+    sent: list[Any] = []
+
+    def time_limit_at_the_second_request(request: Any) -> Any:
+        sent.append(request)
+        if len(sent) == 2:
+            raise TimeLimitHit()
+        return send(request)
+
+    monkeypatch.setattr(services.sender, "send", time_limit_at_the_second_request)
+    with pytest.raises(DeliveryInterrupted) as stopped:
+        pipeline.deliver(services, leases, lambda lease: None, hand_on=no_hand_on,
+                         interruptions=(TimeLimitHit,))
+    monkeypatch.undo()
+
+    # Not a failed delivery (as a bug in a step would be): the cut one and the one after it
+    # are still claimed, and their slots held, for the retry to carry on with at once.
+    assert isinstance(stopped.value.__cause__, TimeLimitHit)
+    assert statuses(services) == sorted([DeliveryStatus.DELIVERED, DeliveryStatus.IN_FLIGHT,
+                                         DeliveryStatus.IN_FLIGHT])
+    # No slot was given back yet (a task gives them back together, at its end).
+    assert sorted(lease.webhook_id for lease in stopped.value.leases) == sorted(
+        lease.webhook_id for lease in leases)
+    pipeline.deliver(services, stopped.value.leases, lambda lease: None, hand_on=no_hand_on,
+                     claimed_until=stopped.value.claimed_until)
+    assert statuses(services) == [DeliveryStatus.DELIVERED] * 3
+    assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
