@@ -175,6 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slow_webhook_ms", _positive_int, "1000",
             "A webhook whose slowest recent response took this long (milliseconds) is sent to "
             "by the slow lane (the threads worker), so it cannot hold up the others."),
+    Setting("fast_lane_leases", _positive_int, "1",
+            "Most leases of one webhook in the fast lane at once; its others go by the slow lane "
+            "however fast it answers, so that a webhook that turns slow holds at most this many "
+            "prefork processes. Keep it below the prefork workers' concurrency."),
     Setting("sweep_interval", _positive_float, "1",
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
     Setting("sla_check_interval", _positive_float, "30",
@@ -220,6 +224,7 @@ class Settings:
     batch_linger_ms: int
     ingest_batch_size: int
     slow_webhook_ms: int
+    fast_lane_leases: int
     sweep_interval: float
     sla_check_interval: float
     visibility_timeout: float
