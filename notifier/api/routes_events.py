@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from config import Settings
 from notifier import pipeline, store
 from notifier.api.auth import caller_org
 from notifier.api.envelope import envelope, error_body
 from notifier.api.schemas import AcceptedEvent, CatalogEntry, Envelope, answers
-from notifier.errors import EventTooLarge, NotFound, TooLarge
+from notifier.errors import EventTooLarge, InvalidInput, NotFound, TooLarge
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v3/events", tags=["events"])
 Org = Annotated[int, Depends(caller_org)]
+
+
+Events = dict[str, Any] | list[dict[str, Any]]
+_EVENT = {"type": "object", "additionalProperties": True}
+EVENTS_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "anyOf": [_EVENT, {"type": "array", "items": _EVENT}],
+    "examples": [{"eventName": "pointsIssued",
+                  "data": {"customerIdentifiers": {"customerId": 42}}}]}}}}
+
+
+async def _events(request: Request) -> Events:
+    """The body, one event or a list: read here (at most NOTIFIER_MAX_BODY_BYTES), parsed off
+    the event loop, where parsing megabytes would hold every other request of the process."""
+    return await run_in_threadpool(_parse_events, await request.body())
+
+
+def _parse_events(raw: bytes) -> Events:
+    try:
+        body = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        raise InvalidInput("body", "must be a JSON event object or a list of them") from None
+    if isinstance(body, dict):
+        return body
+    if not isinstance(body, list):
+        raise InvalidInput("body", "must be an event object or a list of them")
+    for index, event in enumerate(body):
+        if not isinstance(event, dict):
+            raise InvalidInput(f"[{index}]", "must be an event object")
+    return body
 
 
 @router.post("", status_code=202, responses={
@@ -26,14 +57,10 @@ Org = Annotated[int, Depends(caller_org)]
           "description": "Some events are invalid: they are stored as rejected; errors name the field"},
     413: {"model": Envelope[None],
           "description": "Too many events, or an event too large: nothing is stored; errors "
-                         "name the event and the limit"}})
-def ingest_events(
-    request: Request,
-    org: Org,
-    body: Annotated[dict[str, Any] | list[dict[str, Any]], Body(
-        examples=[{"eventName": "pointsIssued",
-                   "data": {"customerIdentifiers": {"customerId": 42}}}])],
-) -> JSONResponse:
+                         "name the event and the limit"}},
+    openapi_extra={"requestBody": EVENTS_BODY})
+def ingest_events(request: Request, org: Org, body: Annotated[Events, Depends(_events)],
+                  ) -> JSONResponse:
     """Store one event (or a list) for the key's org, then deliver it.
 
     202 with the eventIds once stored. An invalid event is stored too, as rejected, and answered
