@@ -106,7 +106,10 @@ class HealthCheck:
         with Connection(self.settings.broker_url, connect_timeout=CHECK_TIMEOUT,  # type: ignore[no-untyped-call]
                         transport_options={"socket_timeout": CHECK_TIMEOUT,
                                            "socket_connect_timeout": CHECK_TIMEOUT,
-                                           "max_retries": 0}) as connection:
+                                           "max_retries": 0,
+                                           # Redis: closing waits for the pending BRPOP
+                                           # (1 s by default), which this bounds.
+                                           "polling_interval": PING_TIMEOUT}) as connection:
             connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
             # Celery's control mailbox, without its producer pool: this connection only.
             mailbox = Mailbox("celery", type="fanout", accept=["json"],  # type: ignore[no-untyped-call]
