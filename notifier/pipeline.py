@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import requests
+
 from config import Settings
 from notifier import store
 from notifier.db import Database
@@ -448,18 +450,35 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
         if index > 0 and (too_slow or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
-        finished, posted = _attempt(services, target, claimed, interruptions)
+        started = now_ms()
+        try:
+            finished, posted = _attempt(services, target, claimed, interruptions)
+        except TransientError:
+            raise
+        except interruptions:
+            # Stopped from outside (the task's time limit) mid-attempt: the attempt is recorded
+            # as a timeout and retried on the schedule, then the task stops.
+            _record(services, lease.webhook_id, target, judge(services, claimed, Result(
+                now_ms() - started, error=requests.Timeout(
+                    "cut by the delivery task's time limit")), started), tally)
+            raise
         slowest = max(slowest, finished.latency_ms)
         if posted and finished.outcome == DeliveryStatus.DELIVERED:
             delivered, failing_since = True, 0
         elif posted and not failing_since:
             failing_since = finished.started_at_ms
-        store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
-        tally.attempt(lease.webhook_id, finished.outcome, finished.latency_ms,
-                      finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
-        if finished.next_attempt_at_ms is not None:
-            services.queues.park([(lease.webhook_id, claimed.id, finished.next_attempt_at_ms)])
+        _record(services, lease.webhook_id, target, finished, tally)
     return Report(slowest, delivered, failing_since)
+
+
+def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
+            tally: Tally) -> None:
+    """Record an attempt, count it, and park its delivery if it is to be retried."""
+    store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+    tally.attempt(webhook_id, finished.outcome, finished.latency_ms,
+                  finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
+    if finished.next_attempt_at_ms is not None:
+        services.queues.park([(webhook_id, finished.claimed.id, finished.next_attempt_at_ms)])
 
 
 def _attempt(services: Services, target: store.Target, claimed: store.Claimed,
