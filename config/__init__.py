@@ -24,6 +24,10 @@ PREFIX = "NOTIFIER_"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Seconds between a delivery task's longest run and its soft time limit, and again between the
+# soft and the hard one: a few round trips' time to record, give back or hand on its leases.
+TASK_TIME_MARGIN = 0.5
+
 
 class SettingsError(ValueError):
     """A setting has a value notifier cannot use; the message names the variable."""
@@ -193,12 +197,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slow_webhook_ms", _positive_int, "1000",
             "A webhook whose slowest recent response took this long (milliseconds) is sent to "
             "by the slow lane (the threads worker), so it cannot hold up the others."),
+    Setting("fast_lane_leases", _positive_int, "1",
+            "Most leases of one webhook in the fast lane at once; its others go by the slow lane "
+            "however fast it answers, so that a webhook that turns slow holds at most this many "
+            "prefork processes. Keep it below the prefork workers' concurrency."),
     Setting("sweep_interval", _positive_float, "1",
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
     Setting("sla_check_interval", _positive_float, "30",
             "Seconds between beat checks for deliveries past their webhook's SLA."),
     Setting("visibility_timeout", _positive_float, "900",
             "Seconds before the Redis broker hands an unacknowledged task to another worker."),
+    Setting("max_event_bytes", _positive_int, str(256 * 1024),
+            "Largest event, as JSON bytes: a bigger one is refused (413 over HTTP; stored as "
+            "rejected, never delivered, when published through the broker)."),
+    Setting("max_body_bytes", _positive_int, str(10 * 1024 * 1024),
+            "Largest HTTP request body the API reads (also when sent chunked); a bigger one is "
+            "answered 413 before it is read whole."),
+    Setting("max_events_per_request", _positive_int, "1000",
+            "Most events one POST /v3/events may carry; a longer list is answered 413."),
     Setting("secret_keys", _fernet_keys, "",
             "Fernet keys sealing webhook header values and signing secrets at rest, comma "
             "separated; the first seals, all open (rotation). Default: data_dir/secret.key.",
@@ -245,9 +261,13 @@ class Settings:
     ingest_batch_size: int
     ingest_retry_horizon: float
     slow_webhook_ms: int
+    fast_lane_leases: int
     sweep_interval: float
     sla_check_interval: float
     visibility_timeout: float
+    max_event_bytes: int
+    max_body_bytes: int
+    max_events_per_request: int
     secret_keys: tuple[str, ...]
     ui_session_idle_seconds: float
     ui_session_max_seconds: float
@@ -267,6 +287,19 @@ class Settings:
     def longest_task_seconds(self) -> float:
         """Worst case of one delivery task: its time budget plus one last whole request."""
         return self.batch_time_budget + self.http_deadline
+
+    @property
+    def task_soft_time_limit(self) -> float:
+        """Celery's soft time limit of a delivery task: the longest task and a moment for its
+        own round trips (claim, record, give back). Past it the task stops where it is and
+        hands its leases on, as after any other interruption."""
+        return self.longest_task_seconds + TASK_TIME_MARGIN
+
+    @property
+    def task_time_limit(self) -> float:
+        """Celery's hard time limit of a delivery task: the soft limit and a moment to hand
+        on. Past it the process is killed; its leases expire after the slot lease."""
+        return self.task_soft_time_limit + TASK_TIME_MARGIN
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -296,12 +329,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _check_together(settings: Settings) -> None:
-    if settings.slot_lease_seconds <= settings.longest_task_seconds:
+    # slot lease > hard time limit > soft limit > longest task > deadline: the task is killed
+    # before its lease can expire, so no second send of a delivery starts while one is open.
+    # (The limits are derived from the longest task, which exceeds the deadline by the budget.)
+    if settings.slot_lease_seconds <= settings.task_time_limit:
         raise SettingsError(
-            f"NOTIFIER_SLOT_LEASE_SECONDS={settings.slot_lease_seconds:g}: must exceed the longest "
-            f"delivery task ({settings.longest_task_seconds:g}s = NOTIFIER_BATCH_TIME_BUDGET + "
-            "NOTIFIER_HTTP_DEADLINE), or a slow request would "
-            "outlive its slot and let one connection too many in")
+            f"NOTIFIER_SLOT_LEASE_SECONDS={settings.slot_lease_seconds:g}: must exceed a delivery "
+            f"task's hard time limit ({settings.task_time_limit:g}s = NOTIFIER_BATCH_TIME_BUDGET "
+            f"+ NOTIFIER_HTTP_DEADLINE + {2 * TASK_TIME_MARGIN:g}s to hand on), or a slow "
+            "request would outlive its slot and let one connection too many in")
     if settings.visibility_timeout <= settings.slot_lease_seconds:
         raise SettingsError(
             f"NOTIFIER_VISIBILITY_TIMEOUT={settings.visibility_timeout:g}: must exceed "

@@ -3,7 +3,9 @@
     NotifierError
     ├── InvalidInput            bad input from a caller; names the field
     │   ├── InvalidEvent        an event that fails its envelope or schema check
-    │   └── InvalidRows         bulk input with bad lines; lists each by number
+    │   │   └── EventTooLarge   an event over NOTIFIER_MAX_EVENT_BYTES (also a TooLarge)
+    │   ├── InvalidRows         bulk input with bad lines; lists each by number
+    │   └── TooLarge            input over a size limit; names the field and the limit
     ├── NotFound                an id that does not exist (or belongs to another org)
     ├── AuthenticationFailed    no API key, or one that is wrong or revoked
     ├── DestinationNotAllowed   a webhook URL that points where notifier may not send
@@ -12,7 +14,8 @@
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
-        └── DeliveryInterrupted a delivery task stopped by one of those; what to carry on with
+        └── DeliveryInterrupted a delivery task stopped by one of those (or its time limit);
+                                what to carry on with
 
 Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
 only ever catch these. Tasks retry ``TransientError``; the API maps each class to one status.
@@ -33,6 +36,7 @@ __all__ = [
     "DeadlineExceeded",
     "DeliveryInterrupted",
     "DestinationNotAllowed",
+    "EventTooLarge",
     "InvalidEvent",
     "InvalidInput",
     "InvalidRows",
@@ -41,6 +45,7 @@ __all__ = [
     "QueueUnavailable",
     "StoreRefused",
     "StoreUnavailable",
+    "TooLarge",
     "TransientError",
     "path_text",
 ]
@@ -86,6 +91,15 @@ class InvalidEvent(InvalidInput):
         self.rule = rule
 
 
+class TooLarge(InvalidInput):
+    """Input over one of the size limits (the API answers 413); the message names the setting."""
+
+
+class EventTooLarge(TooLarge, InvalidEvent):
+    """An event over ``NOTIFIER_MAX_EVENT_BYTES``: refused by the API, stored as rejected when
+    it came through the broker."""
+
+
 class NotFound(NotifierError):
     """The thing asked for does not exist, or is not the caller's to see."""
 
@@ -119,14 +133,15 @@ class QueueUnavailable(TransientError):
 
 
 class DeliveryInterrupted(TransientError):
-    """A delivery task stopped midway by a transient error (its cause, chained).
+    """A delivery task stopped midway by a transient error or by its time limit (its cause,
+    chained).
 
     ``leases`` are the task's leases whose slots it had not given back yet, for a retry to
     carry on with; ``claimed_until`` marks the claims on their deliveries that it still holds
     (``store.claim``'s ``held_until``).
     """
 
-    def __init__(self, cause: TransientError, leases: Sequence[Lease],
+    def __init__(self, cause: BaseException, leases: Sequence[Lease],
                  claimed_until: int | None) -> None:
         super().__init__(str(cause))
         self.leases = tuple(leases)

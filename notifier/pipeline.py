@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import requests
+
 from config import Settings
 from notifier import faults, store, webhooks
 from notifier.db import Database
@@ -109,7 +111,8 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         db=Database(settings.database_url),
         queues=Queues(settings.redis_url, settings.redis_prefix,
-                      slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms),
+                      slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms,
+                      fast_leases=settings.fast_lane_leases),
         catalog=load_catalog(),
         sender=HttpSender(timeout=settings.http_timeout,
                           max_response_bytes=settings.max_response_bytes,
@@ -159,7 +162,8 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
     """``accept`` for several events: one transaction stores them all, and each webhook's new
     deliveries reach its queue in one call."""
     outcomes = store.ingest_many(services.db, services.catalog, envelopes, now_ms=now_ms(),
-                                 only_webhook=only_webhook)
+                                 only_webhook=only_webhook,
+                                 max_event_bytes=services.settings.max_event_bytes)
     _offer(services, [queued for outcome in outcomes for queued in outcome.queued], send)
     tally = Tally()
     for outcome in outcomes:
@@ -330,7 +334,8 @@ HandOn = Callable[[Sequence[Lease], int | None], None]
 
 
 def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, hand_on: HandOn,
-            claimed_until: int | None = None) -> None:
+            claimed_until: int | None = None,
+            interruptions: tuple[type[BaseException], ...] = ()) -> None:
     """Send the deliveries of a task's leases (one per webhook), each lease's one after another
     over its slot, then give the slots back and ``send`` the leases that follow (what queued
     while these were out).
@@ -350,12 +355,13 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
     same delivery twice at once); those not due yet are parked until they are. A transient
     failure raises ``DeliveryInterrupted`` with the leases not given back: their slots stay
     taken, and a retry carries on with them, or they expire and the sweeper re-queues what
-    they carried.
+    they carried. ``interruptions`` are the exceptions that stop a task from outside (its
+    runner's time limit): they end it the same way, never as a failed delivery.
     """
-    task = _Task(services, leases, claimed_until)
+    task = _Task(services, leases, claimed_until, (TransientError, *interruptions))
     try:
         task.run(send, hand_on)
-    except TransientError as exc:
+    except task.interruptions as exc:
         raise DeliveryInterrupted(exc, task.unreleased(), task.claimed_until) from exc
     finally:
         _count(services, task.tally)
@@ -384,10 +390,12 @@ class _Lot:
 class _Task:
     """The leases of one delivery task as they are taken, sent and given back (``deliver``)."""
 
-    def __init__(self, services: Services, leases: Sequence[Lease],
-                 claimed_until: int | None) -> None:
+    def __init__(self, services: Services, leases: Sequence[Lease], claimed_until: int | None,
+                 interruptions: tuple[type[BaseException], ...]) -> None:
         self.services = services
         self.claimed_until = claimed_until
+        # What stops the task midway (deliver's interruptions): never recorded as an attempt.
+        self.interruptions = interruptions
         settings = services.settings
         self._budget_ends = time.monotonic() + settings.batch_time_budget
         # Past this, the leases not started are handed on. Never past the budget, so that a task
@@ -441,7 +449,10 @@ class _Task:
         outside the per-delivery guard) fails what the lot still holds, with the reason, and
         the task carries on with its other leases."""
         try:
-            return _deliver_lot(self.services, lot, self._budget_ends, self.tally)
+            return _deliver_lot(self.services, lot, self._budget_ends, self.tally,
+                                self.interruptions)
+        except self.interruptions:
+            raise
         except Exception as exc:
             if faults.is_transient(exc):
                 raise
@@ -540,7 +551,8 @@ class _Task:
             timer.cancel()
 
 
-def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally) -> Report:
+def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally,
+                 interruptions: tuple[type[BaseException], ...]) -> Report:
     """POST what a lot claimed; returns what its slot's release reports: the slowest response,
     and the webhook's successes and failures (its answers only, not notifier's own faults).
 
@@ -555,24 +567,43 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
         if index > 0 and (too_slow or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
-        finished, posted = _attempt(services, target, claimed)
+        started = now_ms()
+        try:
+            finished, posted = _attempt(services, target, claimed, interruptions)
+        except TransientError:
+            raise
+        except interruptions:
+            # Stopped from outside (the task's time limit) mid-attempt: the attempt is recorded
+            # as a timeout and retried on the schedule, then the task stops.
+            _record(services, lease.webhook_id, target, judge(services, claimed, Result(
+                now_ms() - started, error=requests.Timeout(
+                    "cut by the delivery task's time limit")), started), tally)
+            raise
         slowest = max(slowest, finished.latency_ms)
         if posted and finished.outcome == DeliveryStatus.DELIVERED:
             delivered, failing_since = True, 0
         elif posted and not failing_since:
             failing_since = finished.started_at_ms
-        store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
-        tally.attempt(lease.webhook_id, finished.outcome, finished.latency_ms,
-                      finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
-        if finished.next_attempt_at_ms is not None:
-            services.queues.park([(lease.webhook_id, claimed.id, finished.next_attempt_at_ms)])
+        _record(services, lease.webhook_id, target, finished, tally)
     return Report(slowest, delivered, failing_since)
 
 
-def _attempt(services: Services, target: store.Target,
-             claimed: store.Claimed) -> tuple[store.Finished, bool]:
+def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
+            tally: Tally) -> None:
+    """Record an attempt, count it, and park its delivery if it is to be retried."""
+    store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+    tally.attempt(webhook_id, finished.outcome, finished.latency_ms,
+                  finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
+    if finished.next_attempt_at_ms is not None:
+        services.queues.park([(webhook_id, finished.claimed.id, finished.next_attempt_at_ms)])
+
+
+def _attempt(services: Services, target: store.Target, claimed: store.Claimed,
+             interruptions: tuple[type[BaseException], ...] = (TransientError,),
+             ) -> tuple[store.Finished, bool]:
     """enrich -> render -> sign -> post -> judge, for one claimed delivery; and whether the
-    webhook was asked (a request was made), so that the outcome is its answer."""
+    webhook was asked (a request was made), so that the outcome is its answer.
+    ``interruptions`` (transient errors, the task's time limit) go up to the task."""
     started = now_ms()
     if not target.active:
         return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
@@ -587,6 +618,8 @@ def _attempt(services: Services, target: store.Target,
             return finished, True
         return replace(finished, enrichment=additions(claimed.event, enriched.payload),
                        enrichment_notes="; ".join(enriched.notes) or None), True
+    except interruptions:
+        raise
     except Exception as exc:
         if faults.is_transient(exc):
             raise

@@ -21,7 +21,9 @@ webhook never sees more than its limit of concurrent requests. Leases are full b
 the queue holds enough; a webhook has at most one short lease waiting to start, which gathers
 what queues meanwhile, so a steady trickle rides in few tasks instead of one task per delivery.
 A webhook that answers slowly gets its leases marked ``slow``: they go to the slow lane (a
-threads worker) and cannot take the prefork processes every other webhook needs.
+threads worker) and cannot take the prefork processes every other webhook needs. So do a
+webhook's leases beyond its first ``fast_leases`` live ones, so that a webhook that turns slow
+all at once holds at most that many prefork processes, never all of them.
 
 The database stays the source of truth; everything here can be rebuilt from it.
 """
@@ -54,7 +56,7 @@ end
 """
 
 _DISPATCH_FN = """
-local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
+local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   local q, slots = p .. ':q:' .. wh, p .. ':slots:' .. wh
   local limit = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
   -- Expired leases do not count: their holder is presumed dead, and the sweeper re-queues
@@ -64,6 +66,15 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
   -- A webhook never measured (new, or Redis lost its state) is presumed slow until it answers.
   local latency = redis.call('HGET', p .. ':latency', wh)
   local slow = (not latency or tonumber(latency) >= slow_ms) and 1 or 0
+  -- Past its first `fast` live leases in the fast lane (their tokens end in 'f') a webhook's
+  -- leases go by the slow lane however fast it answered: if it turns slow at once, it holds
+  -- at most `fast` of the prefork processes, never all of them.
+  local fast_live = 0
+  if slow == 0 then
+    for _, held in ipairs(redis.call('ZRANGEBYSCORE', slots, now, '+inf')) do
+      if string.sub(held, -1) == 'f' then fast_live = fast_live + 1 end
+    end
+  end
   local out = {}
   while free > 0 do
     local waiting = redis.call('ZCARD', q)
@@ -84,7 +95,9 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
     for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
     -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
     -- task still out with a lease from before must never give back a newer lease's slot.
-    local token = now .. '-' .. redis.call('INCR', p .. ':seq')
+    local lane = (slow == 0 and fast_live < fast) and 0 or 1
+    if lane == 0 then fast_live = fast_live + 1 end
+    local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (lane == 0 and 'f' or '')
     local expiry = now + lease
     local joined = table.concat(ids, ',')
     redis.call('ZADD', slots, expiry, token)
@@ -93,7 +106,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
     if size < batch then redis.call('HSET', p .. ':unstarted', wh, token) end
     out[#out + 1] = token
     out[#out + 1] = joined
-    out[#out + 1] = slow
+    out[#out + 1] = lane
     out[#out + 1] = wait
     free = free - 1
     live = live + 1
@@ -114,7 +127,7 @@ end
 
 _DISPATCH = _DISPATCH_FN + """
 return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-                tonumber(ARGV[6]), tonumber(ARGV[7]))
+                tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
 """
 
 _ENQUEUE = _ENQUEUE_FN + """
@@ -124,9 +137,9 @@ return 1
 
 # Enqueue, then dispatch: what ingest does for every webhook an event reaches, in one call.
 _OFFER = _ENQUEUE_FN + _DISPATCH_FN + """
-enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV, 9)
+enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV, 10)
 return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
-                tonumber(ARGV[7]), tonumber(ARGV[8]))
+                tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
 """
 
 # The lease as its task starts, topped up with what queued meanwhile (see Queues.take).
@@ -167,10 +180,10 @@ return out
 # the slot was still held, the webhook's failing mark (0: none), then the dispatched leases.
 _RELEASE = _STARTED_FN + _DISPATCH_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6])
+local slow_ms, linger, fast = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local marks = p .. ':failing'
 local out = {}
-for i = 7, #ARGV, 5 do
+for i = 8, #ARGV, 5 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
@@ -186,7 +199,7 @@ for i = 7, #ARGV, 5 do
   elseif failing > 0 then
     redis.call('HSETNX', marks, wh, failing)
   end
-  local released = dispatch(p, wh, batch, now, lease, slow_ms, linger)
+  local released = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   table.insert(released, 1, tonumber(redis.call('HGET', marks, wh) or '0'))
   table.insert(released, 1, held)
   out[#out + 1] = released
@@ -321,11 +334,14 @@ def _text(value: bytes | str) -> str:
 class Queues:
     """The Redis side of delivery: queues, slots, parked retries. Safe to share per process."""
 
-    def __init__(self, url: str, prefix: str, *, slow_ms: int = 1000, linger_ms: int = 0) -> None:
+    def __init__(self, url: str, prefix: str, *, slow_ms: int = 1000, linger_ms: int = 0,
+                 fast_leases: int = 1) -> None:
         self.url = url
         self.prefix = prefix
         self.slow_ms = slow_ms
         self.linger_ms = linger_ms
+        # Most live leases of one webhook in the fast lane (NOTIFIER_FAST_LANE_LEASES).
+        self.fast_leases = fast_leases
         self._pid = -1
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
@@ -372,7 +388,7 @@ class Queues:
             flat += [delivery_id, score]
         return self._leases(webhook_id, self._script(
             "offer", webhook_id, limit, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
-            *flat))
+            self.fast_leases, *flat))
 
     def set_limit(self, webhook_id: str, limit: int) -> None:
         self._run(lambda: self.client.hset(f"{self.prefix}:limit", webhook_id, limit))
@@ -384,7 +400,8 @@ class Queues:
         a time per webhook, which gathers what queues until its task starts (see ``take``).
         """
         return self._leases(webhook_id, self._script(
-            "dispatch", webhook_id, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms))
+            "dispatch", webhook_id, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
+            self.fast_leases))
 
     @staticmethod
     def _leases(webhook_id: str, flat: list[Any]) -> list[Lease]:
@@ -434,7 +451,7 @@ class Queues:
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
-                               *flat)
+                               self.fast_leases, *flat)
         return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[2:]))
                 for (lease, _), reply in zip(leases, replies, strict=True)]
 

@@ -41,7 +41,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from notifier import webhooks
 from notifier.db import Database
-from notifier.errors import InvalidEvent, InvalidInput, NotFound
+from notifier.errors import EventTooLarge, InvalidEvent, InvalidInput, NotFound
 from notifier.models import (
     FINAL_STATUSES,
     Base,
@@ -73,6 +73,7 @@ __all__ = [
     "IngestOutcome",
     "Queued",
     "Target",
+    "check_event_size",
     "claim",
     "create_org",
     "create_webhook",
@@ -143,22 +144,37 @@ def normalize_envelope(envelope: Mapping[str, Any], now_ms: int) -> dict[str, An
     return event
 
 
+def check_event_size(envelope: Any, limit: int, field: str = "$") -> None:
+    """Raise ``EventTooLarge`` naming ``field`` when ``envelope`` takes more than ``limit``
+    bytes as compact JSON (``NOTIFIER_MAX_EVENT_BYTES``)."""
+    size = len(json.dumps(envelope, ensure_ascii=False, separators=(",", ":"),
+                          default=str).encode())
+    if size > limit:
+        raise EventTooLarge(field, f"is {size} bytes of JSON, over the limit of {limit} "
+                                   "(NOTIFIER_MAX_EVENT_BYTES)")
+
+
 def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
-           now_ms: int, only_webhook: str | None = None) -> IngestOutcome:
+           now_ms: int, only_webhook: str | None = None,
+           max_event_bytes: int | None = None) -> IngestOutcome:
     """Store an event (once per org and eventId), validate it, and fan it out to its webhooks.
 
     ``only_webhook`` narrows the fan-out to that one webhook (a test send reaches only the
     webhook under test); by default every subscribed webhook gets the event. The rest is
     ``ingest_many``'s.
     """
-    return ingest_many(db, catalog, [envelope], now_ms=now_ms, only_webhook=only_webhook)[0]
+    return ingest_many(db, catalog, [envelope], now_ms=now_ms, only_webhook=only_webhook,
+                       max_event_bytes=max_event_bytes)[0]
 
 
 def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *,
-                now_ms: int, only_webhook: str | None = None) -> list[IngestOutcome]:
+                now_ms: int, only_webhook: str | None = None,
+                max_event_bytes: int | None = None) -> list[IngestOutcome]:
     """``ingest`` for several events in one transaction; the outcomes in the envelopes' order.
 
     Each envelope should be a mapping; anything else is stored rejected, naming the problem.
+    An envelope over ``max_event_bytes`` is stored rejected with only the fields that name it
+    (``check_event_size``).
     One transaction writes the batch, rejected envelopes included, so a batch that is retried
     after a failure stores nothing twice.
 
@@ -177,6 +193,8 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
             if not isinstance(envelope, Mapping):
                 raise InvalidEvent("$", "must be an event envelope (a JSON object), not "
                                         f"{type(envelope).__name__}")
+            if max_event_bytes is not None:
+                check_event_size(envelope, max_event_bytes)
             _check_storable(envelope, "$")
             event = normalize_envelope(envelope, now_ms)
         except InvalidEvent as exc:
@@ -323,6 +341,8 @@ def _subscribers() -> Select[Any]:
 def _unusable_row(envelope: Any, exc: InvalidEvent, now_ms: int) -> dict[str, Any]:
     # An envelope whose orgId or eventId is unusable cannot be keyed for idempotency; it is
     # still kept, rejected, under a fresh id, so that nothing sent to notifier is lost.
+    if isinstance(exc, EventTooLarge) and isinstance(envelope, Mapping):
+        envelope = _naming_fields(envelope)
     return _rejected_row(envelope, str(exc), exc.field, now_ms)
 
 
@@ -358,6 +378,15 @@ def reject(db: Database, envelope: Any, reason: str, *, now_ms: int) -> IngestOu
         if not keyed:
             connection.execute(insert(_events).values(**row))
     return IngestOutcome(row["event_id"], row["status"], True, reason)
+
+
+_NAMING_FIELDS = ("eventName", "eventId", "orgId", "createdAt", "refId", "apiRequestId")
+
+
+def _naming_fields(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """What names an oversized event: storing its data would be what the limit refuses."""
+    return {name: envelope[name] for name in _NAMING_FIELDS
+            if isinstance(envelope.get(name), str | int) and len(str(envelope[name])) <= 200}
 
 
 def _bad_text(text: str) -> bool:

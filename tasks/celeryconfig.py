@@ -5,7 +5,7 @@ from datetime import timedelta
 from kombu import Exchange, Queue
 
 from config import load_settings
-from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+from notifier.client import DELIVER_QUEUE, DELIVER_TASK, QUEUE, SLOW_QUEUE
 
 _settings = load_settings()
 
@@ -36,6 +36,13 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True
+# A delivery task is stopped (soft limit: its leases carry on in a retry) and then killed (hard
+# limit) before its slot lease can expire: config checks lease > hard > soft > longest task, so
+# no second request of a delivery starts while the first may still be open. (Enforced by the
+# prefork pool; the slow lane's threads pool cannot stop a thread, there the request's own
+# deadline bounds it.)
+task_annotations = {DELIVER_TASK: {"soft_time_limit": _settings.task_soft_time_limit,
+                                   "time_limit": _settings.task_time_limit}}
 task_default_queue = QUEUE
 # Each queue with an exchange of its own: sharing the default one would copy every message into
 # all of them. A worker started without --queues takes all three.

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from config import load_settings
 from notifier import client, pipeline, store
@@ -163,8 +164,10 @@ def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
               *(Lease(hook, held, tuple(ids)) for hook, held, ids in more or ())]
     with _sent_together() as send:
         try:
+            # The soft time limit (tasks.celeryconfig) stops the task as a transient error
+            # does: its leases and claims carry on in a retry, its request is cut, not failed.
             pipeline.deliver(services(), leases, send, hand_on=_hand_on,
-                             claimed_until=claimed_until)
+                             claimed_until=claimed_until, interruptions=(SoftTimeLimitExceeded,))
         except DeliveryInterrupted as exc:
             if not exc.leases:
                 log.warning("delivery task stopped with nothing left to carry on: %s", exc)

@@ -16,6 +16,7 @@ from notifier.errors import (
     InvalidRows,
     NotFound,
     NotifierError,
+    TooLarge,
     TransientError,
 )
 
@@ -25,6 +26,7 @@ __all__ = ["envelope", "error_body", "install_error_handlers"]
 STATUSES: tuple[tuple[type[NotifierError], int, str], ...] = (
     (AuthenticationFailed, 401, "UNAUTHORIZED"),
     (NotFound, 404, "NOT_FOUND"),
+    (TooLarge, 413, "TOO_LARGE"),
     (InvalidInput, 400, "INVALID_INPUT"),
     (DestinationNotAllowed, 400, "DESTINATION_NOT_ALLOWED"),
     (TransientError, 503, "UNAVAILABLE"),

@@ -7,11 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from notifier import reference
 from notifier.api.auth import caller_org
 from notifier.api.envelope import envelope
 from notifier.api.schemas import answers
+from notifier.db import Database
 
 __all__ = ["router"]
 
@@ -28,13 +30,19 @@ async def load_lines(request: Request, org: Org,
 
     A bad line fails the whole body with a 400 that lists every bad line by number.
     """
+    body = await request.body()  # at most NOTIFIER_MAX_BODY_BYTES (api.limits)
+    # Parsing and loading take seconds for a large body: off the event loop, which would
+    # otherwise hold every other request of this process meanwhile.
+    counts = await run_in_threadpool(_load, request.app.state.services.db, org, body, kind)
+    return envelope(counts)
+
+
+def _load(db: Database, org: int, body: bytes, kind: str | None) -> dict[str, int]:
     try:
-        text = (await request.body()).decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         text = "\ufffd"  # not UTF-8: reported as the first line's problem below
-    records = reference.parse_jsonl(text.splitlines(), kind=kind)
-    counts = reference.load(request.app.state.services.db, org, records)
-    return envelope(counts)
+    return reference.load(db, org, reference.parse_jsonl(text.splitlines(), kind=kind))
 
 
 @router.put("/{kind}/{key}", responses=answers(200, dict[str, Any]))

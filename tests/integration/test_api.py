@@ -308,4 +308,5 @@ def test_health_names_what_is_down(database_url: str, broker_url: str, tmp_path:
     assert response.status_code == 503
     checks = response.json()["data"]
     assert checks["database"] == "ok" and checks["broker"] == "ok"
-    assert "ConnectionError" in checks["redis"] or "QueueUnavailable" in checks["redis"]
+    # Named, without exception text (which can carry hosts, users and paths).
+    assert checks["redis"] == "down"

@@ -16,7 +16,7 @@ from sqlalchemy import event, select
 from config import load_settings
 from notifier import pipeline, store
 from notifier.errors import DeliveryInterrupted, StoreUnavailable
-from notifier.models import Delivery, DeliveryStatus
+from notifier.models import Attempt, Delivery, DeliveryStatus
 from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
 from tests.conftest import Receiver
@@ -146,3 +146,46 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
     ids = [request.headers["webhook-id"] for request in receiver.wait_for(4)]
     assert len(ids) == 4 and len(set(ids)) == 3 and ids[1] == ids[2]
     assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
+
+
+class TimeLimitHit(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded (an Exception, raised mid-request)."""
+
+
+def test_a_task_stopped_by_its_time_limit_records_no_failure_and_carries_on(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leases = leases_of(services, receiver, 1, webhooks=3)
+    send = services.sender.send
+    sent: list[Any] = []
+
+    def time_limit_at_the_second_request(request: Any) -> Any:
+        sent.append(request)
+        if len(sent) == 2:
+            raise TimeLimitHit()
+        return send(request)
+
+    monkeypatch.setattr(services.sender, "send", time_limit_at_the_second_request)
+    with pytest.raises(DeliveryInterrupted) as stopped:
+        pipeline.deliver(services, leases, lambda lease: None, hand_on=no_hand_on,
+                         interruptions=(TimeLimitHit,))
+    monkeypatch.undo()
+
+    # Not a failed delivery (as a bug in a step would be): the cut one is recorded as a
+    # timed-out attempt, to be retried on the schedule; the one after it is still claimed, and
+    # the slots held, for the retry to carry on with at once.
+    assert isinstance(stopped.value.__cause__, TimeLimitHit)
+    assert statuses(services) == sorted([DeliveryStatus.DELIVERED, DeliveryStatus.RETRYING,
+                                         DeliveryStatus.IN_FLIGHT])
+    with services.db.session() as session:
+        cut = session.scalars(select(Attempt).where(Attempt.error_class == "Timeout")).one()
+        assert "time limit" in (cut.error_message or "")
+    # No slot was given back yet (a task gives them back together, at its end).
+    assert sorted(lease.webhook_id for lease in stopped.value.leases) == sorted(
+        lease.webhook_id for lease in leases)
+    pipeline.deliver(services, stopped.value.leases, lambda lease: None, hand_on=no_hand_on,
+                     claimed_until=stopped.value.claimed_until)
+    assert statuses(services) == sorted([DeliveryStatus.DELIVERED, DeliveryStatus.DELIVERED,
+                                         DeliveryStatus.RETRYING])
+    assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
+    assert len(receiver.wait_for(2)) == 2  # the cut one waits for its retry, not resent now

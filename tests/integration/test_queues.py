@@ -235,3 +235,28 @@ def test_the_epoch_reports_a_lost_state_once(queues: Queues) -> None:
     assert not queues.claim_epoch()
     queues.client.flushdb()
     assert queues.claim_epoch()
+
+
+@pytest.mark.parametrize("fast_leases", [1, 2])
+def test_a_webhook_measured_fast_has_at_most_its_fast_lane_leases_in_the_fast_lane(
+        queues: Queues, fast_leases: int) -> None:
+    lanes = Queues(queues.url, queues.prefix, fast_leases=fast_leases)
+    fill(lanes, "w", 4, 1)
+    (measured,) = lanes.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    lanes.release(measured, Report(took_ms=5), batch=1, lease_ms=LEASE, now_ms=0)
+    fill(lanes, "w", 4, 8)
+
+    leases = lanes.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
+
+    # Four slots: the first leases in the fast lane, the rest by the slow lane, so that if
+    # the webhook turns slow at once it holds at most `fast_leases` prefork processes.
+    assert [lease.slow for lease in leases] == [False] * fast_leases + [True] * (4 - fast_leases)
+    # A fast lane lease given back is followed by one in the fast lane; a slow lane one by one
+    # in the slow lane.
+    fill(lanes, "w", 4, 10)
+    (after_fast,) = lanes.release(leases[0], Report(took_ms=5), batch=2, lease_ms=LEASE,
+                                  now_ms=2).leases
+    (after_slow,) = lanes.release(leases[-1], Report(took_ms=5), batch=2, lease_ms=LEASE,
+                                  now_ms=2).leases
+    assert (after_fast.slow, after_slow.slow) == (False, True)
+    lanes.client.close()

@@ -105,6 +105,26 @@ def test_invalid_events_are_kept_as_rejected_with_the_field(org: Database) -> No
         assert session.scalars(select(Delivery)).all() == []
 
 
+def test_an_event_over_the_size_limit_is_kept_rejected_by_its_names_without_its_data(
+        org: Database) -> None:
+    webhook(org, "a")
+    small, big = event("e-1"), event("e-2", note="x" * 5000)
+
+    outcomes = store.ingest_many(org, load_catalog(), [small, big], now_ms=1,
+                                 max_event_bytes=4096)
+
+    assert [o.status for o in outcomes] == [EventStatus.DISPATCHED, EventStatus.REJECTED]
+    assert "NOTIFIER_MAX_EVENT_BYTES" in (outcomes[1].error or "")
+    with org.session() as session:
+        rows = session.scalars(select(Event).order_by(Event.pk)).all()
+        rejected = next(r for r in rows if r.status == EventStatus.REJECTED)
+        assert rejected.error_path == "$"
+        # What names it, for the org to find it; its data is what the limit refuses to keep.
+        assert rejected.payload == {"eventName": "pointsIssued", "eventId": "e-2",
+                                    "orgId": ORG, "createdAt": 1}
+        assert len(session.scalars(select(Delivery)).all()) == 1  # the small event's only
+
+
 def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> None:
     webhook(org, "a")
     (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued

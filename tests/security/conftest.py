@@ -1,7 +1,7 @@
 """Plumbing of the hostile-tenant tests: a stack whose worker resolves ``.test`` names from a
 file (``stub_dns_celery``), webhooks whose URL is set as a row saved before today's rules would
-hold it, attempts read back from the database, and the real API under uvicorn with an org and
-its API key to sign in with."""
+hold it, attempts read back from the database, and the real API under uvicorn with an org and its
+API key (to sign in with, or to call the API with a webhook on the receiver)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from notifier.db import Database
 from notifier.models import Attempt, Delivery, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Stack, sign_in_form
+from tests.conftest import Receiver, Stack, sign_in_form
 from tests.integration.test_api import api  # noqa: F401 - the in-process API, for save-time tests
 
 ORG = 4242
@@ -102,3 +102,30 @@ class Web:
 def web(stack: Stack) -> Web:
     key = stack.org(SESSION_ORG, "Session Test Org")
     return Web(stack.web(), SESSION_ORG, key)
+
+
+@dataclass(frozen=True)
+class LiveApi:
+    """The API of a running stack: its base URL, an org's auth header and a webhook of it."""
+
+    base: str
+    auth: dict[str, str]
+    org_id: int
+    hook_path: str
+
+    def post_event(self, event: object, timeout: float = 30) -> requests.Response:
+        return requests.post(f"{self.base}/v3/events", headers=self.auth, json=event,
+                             timeout=timeout)
+
+
+@pytest.fixture
+def live_api(stack: Stack, receiver: Receiver) -> LiveApi:
+    """uvicorn on a loopback port, org 7 with a key, and a webhook of org 7 on the receiver
+    subscribed to ``pointsIssued`` (no worker: tests that need one start it)."""
+    auth = {"Authorization": f"Bearer {stack.org(7, 'abuse')}"}
+    base = stack.web()
+    created = requests.post(f"{base}/v3/webHooks", headers=auth, timeout=30, json={
+        "name": "abuse", "webHookUrl": receiver.url("/abuse"), "eventNames": ["pointsIssued"],
+        "maxAllowedConnections": 2})
+    assert created.status_code == 201, created.text
+    return LiveApi(base, auth, 7, "/abuse")

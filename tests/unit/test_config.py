@@ -89,13 +89,20 @@ def test_test_variables_and_other_prefixes_are_ignored() -> None:
     assert settings.redis_url.startswith("unix://")
 
 
-def test_lease_must_exceed_the_longest_task() -> None:
-    # Defaults: batch budget 5 + the whole-request deadline 30 = 35 seconds.
-    with pytest.raises(SettingsError) as caught:
-        load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "35"})
-
-    assert str(caught.value).startswith("NOTIFIER_SLOT_LEASE_SECONDS=35:")
-    assert load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "35.5"}).slot_lease_seconds == 35.5
+def test_lease_must_exceed_the_hard_time_limit_which_exceeds_the_longest_task() -> None:
+    # Defaults: batch budget 5 + the whole-request deadline 30 = 35 seconds; the soft time
+    # limit half a second more, the hard one another half second.
+    defaults = load_settings({})
+    assert (defaults.slot_lease_seconds > defaults.task_time_limit
+            > defaults.task_soft_time_limit > defaults.longest_task_seconds
+            > defaults.http_deadline)
+    assert (defaults.task_soft_time_limit, defaults.task_time_limit) == (35.5, 36)
+    for lease in ("35", "35.5", "36"):
+        with pytest.raises(SettingsError) as caught:
+            load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": lease})
+        assert str(caught.value).startswith(f"NOTIFIER_SLOT_LEASE_SECONDS={lease}:")
+        assert "hard time limit" in str(caught.value)
+    assert load_settings({"NOTIFIER_SLOT_LEASE_SECONDS": "36.5"}).slot_lease_seconds == 36.5
 
 
 def test_lease_check_counts_the_request_deadline() -> None:
