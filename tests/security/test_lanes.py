@@ -43,7 +43,10 @@ def test_a_webhook_that_turns_slow_leaves_a_prefork_process_to_another_org(
     finally:
         database.dispose()
     stack.env["NOTIFIER_BATCH_SIZE"] = "1"  # one delivery a lease: four leases at once
-    stack.env["NOTIFIER_HTTP_READ_TIMEOUT"] = "5"  # the slow answers are waited for
+    # The slow answers are waited for (a request cut at its deadline would stay open at the
+    # receiver, which answers after its delay whoever still listens).
+    stack.env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "5", "NOTIFIER_HTTP_DEADLINE": "5",
+                      "NOTIFIER_SLOT_LEASE_SECONDS": "10"})
     stack.worker("prefork", concurrency=2, queues="notifier,notifier.deliver")
     stack.worker("threads", pool="threads", concurrency=4, queues="notifier.slow")
     for n, (org_id, path) in enumerate(((SLOW, "/slow"), (OTHER, "/other"))):
