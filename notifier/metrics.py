@@ -9,8 +9,8 @@ loses its state starts the counters again from zero, which Prometheus reads as a
 Counters: events by outcome, deliveries made by the fan-out, attempts by webhook and outcome,
 SLA breaches flagged, failing webhooks deactivated; histograms: the webhook's response time,
 and the time from ingest to delivery. Gauges: deliveries waiting in each webhook's queue,
-retries parked, slots held, webhooks in the slow lane, and unfinished deliveries by status (the
-database's count).
+retries parked, re-checks parked (no retries), slots held, webhooks in the slow lane, and
+unfinished deliveries by status (the database's count).
 """
 
 from __future__ import annotations
@@ -118,6 +118,10 @@ class ServiceCollector(Collector):
         yield waiting
         yield _single(GaugeMetricFamily, "notifier_retries_parked",
                       "Deliveries parked until their next attempt is due.", state.parked)
+        yield _single(GaugeMetricFamily, "notifier_rechecks_parked", "Deliveries a task found "
+                      "under another task's claim, parked to be looked at again when it would run "
+                      "out (in case that task died); most were finished by then. No retries.",
+                      state.rechecks)
         yield _single(GaugeMetricFamily, "notifier_slots_held",
                       "Connection slots held by delivery tasks (live leases).", state.slots_held)
         yield _single(GaugeMetricFamily, "notifier_webhooks_slow_lane", "Webhooks sent to by the "

@@ -5,6 +5,7 @@ task stopped midway carries on with."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from notifier.errors import DeliveryInterrupted, StoreUnavailable
 from notifier.models import Delivery, DeliveryStatus
 from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
-from tests.conftest import Receiver
+from tests.conftest import Receiver, Reply, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +51,10 @@ def leases_of(services: Services, receiver: Receiver, org_id: int, webhooks: int
                         leases.append)
     assert len(leases) == webhooks
     return leases
+
+
+def no_send(lease: Lease) -> None:
+    pytest.fail(f"nothing should be sent here: {lease}")
 
 
 def no_hand_on(leases: Sequence[Lease], claimed_until: int | None) -> None:
@@ -146,3 +151,36 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
     ids = [request.headers["webhook-id"] for request in receiver.wait_for(4)]
     assert len(ids) == 4 and len(set(ids)) == 3 and ids[1] == ids[2]
     assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
+
+
+def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
+    services: Services, receiver: Receiver
+) -> None:
+    store.create_org(services.db, 1, "org 1", now_ms=0)
+    store.create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
+                         url=receiver.url("/slow"), event_names=["pointsIssued"], now_ms=0)
+    envelope = {"eventName": "pointsIssued", "orgId": 1, "eventId": "e-1",
+                "data": {"customerIdentifiers": {"customerId": 1}}}
+    first: list[Lease] = []
+    pipeline.accept(services, envelope, first.append)
+    receiver.script("/slow", Reply(200, delay=0.5))
+    sending = threading.Thread(target=pipeline.deliver, args=(services, first, no_send),
+                               kwargs={"hand_on": no_hand_on})
+    sending.start()
+    try:
+        # While the first task holds its claim, the event comes again (a producer's retry): its
+        # unfinished delivery is queued again, and a second task finds it under that claim.
+        wait_until(lambda: statuses(services) == [DeliveryStatus.IN_FLIGHT], 30, "the claim")
+        second: list[Lease] = []
+        pipeline.accept(services, envelope, second.append)
+        assert len(second) == 1
+        pipeline.deliver(services, second, no_send, hand_on=no_hand_on)
+    finally:
+        sending.join(30)
+
+    assert statuses(services) == [DeliveryStatus.DELIVERED]
+    assert len(receiver.wait_for(1)) == 1
+    state = services.queues.state(now_ms=pipeline.now_ms())
+    # Every delivery has ended: no retry is parked. The second task's look again when the
+    # first claim runs out (were its holder to die) is kept, as a re-check.
+    assert (state.parked, state.rechecks) == (0, 1)
