@@ -312,6 +312,7 @@ class _Task:
         self._held = list(leases)
         self._waiting: collections.deque[_Lot] = collections.deque()
         self.tally = Tally()
+        self.tally.delivery_task(len(leases))
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
