@@ -154,16 +154,24 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
 
 
 def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
-    services: Services, receiver: Receiver
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.create_org(services.db, 1, "org 1", now_ms=0)
     store.create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
-                         url=receiver.url("/slow"), event_names=["pointsIssued"], now_ms=0)
+                         url=receiver.url("/h"), event_names=["pointsIssued"], now_ms=0)
     envelope = {"eventName": "pointsIssued", "orgId": 1, "eventId": "e-1",
                 "data": {"customerIdentifiers": {"customerId": 1}}}
     first: list[Lease] = []
     pipeline.accept(services, envelope, first.append)
-    receiver.script("/slow", Reply(200, delay=0.5))
+    # The receiver answers the first task's request only once the second task is done.
+    answer = threading.Event()
+    begin = receiver._begin
+
+    def answered_later(path: str) -> Reply:
+        answer.wait(30)
+        return begin(path)
+
+    monkeypatch.setattr(receiver, "_begin", answered_later)
     sending = threading.Thread(target=pipeline.deliver, args=(services, first, no_send),
                                kwargs={"hand_on": no_hand_on})
     sending.start()
@@ -176,11 +184,12 @@ def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
         assert len(second) == 1
         pipeline.deliver(services, second, no_send, hand_on=no_hand_on)
     finally:
+        answer.set()
         sending.join(30)
 
     assert statuses(services) == [DeliveryStatus.DELIVERED]
     assert len(receiver.wait_for(1)) == 1
     state = services.queues.state(now_ms=pipeline.now_ms())
     # Every delivery has ended: no retry is parked. The second task's look again when the
-    # first claim runs out (were its holder to die) is kept, as a re-check.
+    # first claim would run out (were its holder to die) is kept, as a re-check.
     assert (state.parked, state.rechecks) == (0, 1)
