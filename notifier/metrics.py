@@ -7,10 +7,10 @@ Redis and the database. One scrape of any API process sees the whole service. A 
 loses its state starts the counters again from zero, which Prometheus reads as a counter reset.
 
 Counters: events by outcome, deliveries made by the fan-out, attempts by webhook and outcome,
-SLA breaches flagged, failing webhooks deactivated; histograms: the webhook's response time,
-and the time from ingest to delivery. Gauges: deliveries waiting in each webhook's queue,
-retries parked, slots held, webhooks in the slow lane, and unfinished deliveries by status (the
-database's count).
+delivery tasks and the leases they carried, SLA breaches flagged, failing webhooks deactivated;
+histograms: the webhook's response time, and the time from ingest to delivery. Gauges:
+deliveries waiting in each webhook's queue, retries parked, re-checks parked (no retries), slots
+held, webhooks in the slow lane, and unfinished deliveries by status (the database's count).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Tally:
 
     The fields of the Redis hash: ``events|<outcome>``, ``fanned_out``, ``attempts|<webhook>|
     <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``,
-    ``webhooks_disabled``.
+    ``webhooks_disabled``, ``delivery_tasks``, ``delivery_task_leases``.
     """
 
     def __init__(self) -> None:
@@ -65,6 +65,11 @@ class Tally:
         self._observe("response", RESPONSE_BUCKETS_MS, response_ms)
         if delivered_after_ms is not None:
             self._observe("delivered", DELIVERED_BUCKETS_MS, delivered_after_ms)
+
+    def delivery_task(self, leases: int) -> None:
+        """A delivery task ran, sent with ``leases`` leases (a webhook's slot each)."""
+        self.counts["delivery_tasks"] += 1
+        self.counts["delivery_task_leases"] += leases
 
     def webhook_disabled(self) -> None:
         self.counts["webhooks_disabled"] += 1
@@ -101,6 +106,12 @@ class ServiceCollector(Collector):
                          RESPONSE_BUCKETS_MS)
         yield _histogram("notifier_delivered_seconds", "From an event's ingest to its "
                          "delivery's success.", counts, "delivered", DELIVERED_BUCKETS_MS)
+        yield _single(CounterMetricFamily, "notifier_delivery_tasks", "Delivery tasks run "
+                      "(a retry of one counts again).", counts.get("delivery_tasks", 0))
+        yield _single(CounterMetricFamily, "notifier_delivery_task_leases", "Leases (a "
+                      "webhook's slot each) the delivery tasks were sent with: over "
+                      "notifier_delivery_tasks_total, how many webhooks a task serves.",
+                      counts.get("delivery_task_leases", 0))
         yield _single(CounterMetricFamily, "notifier_webhooks_disabled", "Webhooks notifier "
                       "deactivated: every attempt failed for NOTIFIER_DISABLE_FAILING_AFTER.",
                       counts.get("webhooks_disabled", 0))
@@ -118,6 +129,10 @@ class ServiceCollector(Collector):
         yield waiting
         yield _single(GaugeMetricFamily, "notifier_retries_parked",
                       "Deliveries parked until their next attempt is due.", state.parked)
+        yield _single(GaugeMetricFamily, "notifier_rechecks_parked", "Deliveries a task found "
+                      "under another task's claim, parked to be looked at again when it would run "
+                      "out (in case that task died); most were finished by then. No retries.",
+                      state.rechecks)
         yield _single(GaugeMetricFamily, "notifier_slots_held",
                       "Connection slots held by delivery tasks (live leases).", state.slots_held)
         yield _single(GaugeMetricFamily, "notifier_webhooks_slow_lane", "Webhooks sent to by the "

@@ -352,7 +352,8 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
     (``store.claim``'s ``held_until``).
 
     Deliveries already finished or held by someone else are skipped (at-least-once, never the
-    same delivery twice at once); those not due yet are parked until they are. A transient
+    same delivery twice at once): those held are looked at again when the other claim would
+    run out (``Queues.recheck``); retries not due yet are parked until they are. A transient
     failure raises ``DeliveryInterrupted`` with the leases not given back: their slots stay
     taken, and a retry carries on with them, or they expire and the sweeper re-queues what
     they carried. ``interruptions`` are the exceptions that stop a task from outside (its
@@ -407,6 +408,7 @@ class _Task:
         self._held = list(leases)
         self._waiting: collections.deque[_Lot] = collections.deque()
         self.tally = Tally()
+        self.tally.delivery_task(len(leases))
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
@@ -490,8 +492,13 @@ class _Task:
             return [_Lot(lease) for lease in self._held]
         claim = store.claim(services.db, list(owner), now_ms=now_ms(), lease_ms=services.lease_ms,
                             held_until=self.claimed_until)
-        services.queues.park([(self._held[owner[delivery_id]].webhook_id, delivery_id, due)
-                              for delivery_id, due in claim.later])
+
+        def by_webhook(items: Iterable[tuple[str, int]]) -> list[tuple[str, str, int]]:
+            return [(self._held[owner[delivery_id]].webhook_id, delivery_id, due)
+                    for delivery_id, due in items]
+
+        services.queues.park(by_webhook(claim.not_due))
+        services.queues.recheck(by_webhook(claim.later))
         claimed: list[list[store.Claimed]] = [[] for _ in self._held]
         for item in claim.claimed:
             claimed[owner[item.id]].append(item)

@@ -12,6 +12,8 @@ Keys, under the configured prefix ``P``:
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:failing``       hash webhook -> the time of its first failed attempt since its last success
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
+- ``P:recheck``       deliveries under another task's claim ``webhook|delivery``, by when it
+                      would run out: looked at again then, in case its holder died
 - ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
 - ``P:metrics``       hash of counters the workers add to (``notifier.metrics``)
 
@@ -209,18 +211,20 @@ return out
 
 _PROMOTE = """
 local p, now, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local due = redis.call('ZRANGEBYSCORE', p .. ':retry', '-inf', now, 'WITHSCORES', 'LIMIT', 0, most)
 local touched, out = {}, {}
-for i = 1, #due, 2 do
-  local member, score = due[i], due[i + 1]
-  local sep = string.find(member, '|', 1, true)
-  local wh = string.sub(member, 1, sep - 1)
-  redis.call('ZADD', p .. ':q:' .. wh, 'NX', score, string.sub(member, sep + 1))
-  redis.call('ZREM', p .. ':retry', member)
-  if not touched[wh] then
-    touched[wh] = true
-    out[#out + 1] = wh
-    redis.call('SADD', p .. ':queued', wh)
+for _, parked in ipairs({p .. ':retry', p .. ':recheck'}) do
+  local due = redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'WITHSCORES', 'LIMIT', 0, most)
+  for i = 1, #due, 2 do
+    local member, score = due[i], due[i + 1]
+    local sep = string.find(member, '|', 1, true)
+    local wh = string.sub(member, 1, sep - 1)
+    redis.call('ZADD', p .. ':q:' .. wh, 'NX', score, string.sub(member, sep + 1))
+    redis.call('ZREM', parked, member)
+    if not touched[wh] then
+      touched[wh] = true
+      out[#out + 1] = wh
+      redis.call('SADD', p .. ':queued', wh)
+    end
   end
 end
 return out
@@ -259,7 +263,7 @@ return 1
 """
 
 # What the queues hold now, for the metrics: parked retries, live leases, measured webhooks at
-# or over the slow lane's threshold, and each waiting queue's length.
+# or over the slow lane's threshold, each waiting queue's length, and parked re-checks.
 _STATE = """
 local p, now, slow_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local waiting = {}
@@ -275,7 +279,7 @@ for _, ms in ipairs(redis.call('HVALS', p .. ':latency')) do
   if tonumber(ms) >= slow_ms then slow = slow + 1 end
 end
 return {redis.call('ZCARD', p .. ':retry'), redis.call('ZCOUNT', p .. ':leases', now, '+inf'),
-        slow, waiting}
+        slow, waiting, redis.call('ZCARD', p .. ':recheck')}
 """
 
 
@@ -325,6 +329,7 @@ class QueueState:
     parked: int
     slots_held: int
     slow: int
+    rechecks: int
 
 
 def _text(value: bytes | str) -> str:
@@ -456,13 +461,26 @@ class Queues:
                 for (lease, _), reply in zip(leases, replies, strict=True)]
 
     def park(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
-        """Park ``(webhook, delivery, due_ms)`` until due; the sweeper brings them back."""
+        """Park retries ``(webhook, delivery, due_ms)`` until due; the sweeper brings them back."""
+        self._park("retry", webhooks_and_ids)
+
+    def recheck(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
+        """``park`` deliveries under another task's claim until it would run out (``due_ms``).
+
+        The sweeper brings them back like retries, in case that task died; but they are no
+        retries (their holder finishes most of them long before), so the gauge of parked
+        retries leaves them out.
+        """
+        self._park("recheck", webhooks_and_ids)
+
+    def _park(self, key: str, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
         if webhooks_and_ids:
             mapping = {f"{wh}|{delivery}": due for wh, delivery, due in webhooks_and_ids}
-            self._run(lambda: self.client.zadd(f"{self.prefix}:retry", mapping))
+            self._run(lambda: self.client.zadd(f"{self.prefix}:{key}", mapping))
 
     def promote_due(self, now_ms: int, most: int = 10_000) -> list[str]:
-        """Move due parked retries into their queues; returns the webhooks touched."""
+        """Move due parked retries and re-checks into their queues; returns the webhooks
+        touched."""
         return [_text(w) for w in self._script("promote", now_ms, most)]
 
     def expire_leases(self, now_ms: int) -> list[str]:
@@ -501,9 +519,9 @@ class Queues:
             lambda: self.client.hgetall(f"{self.prefix}:metrics")).items()}
 
     def state(self, now_ms: int) -> QueueState:
-        parked, held, slow, flat = self._script("state", now_ms, self.slow_ms)
+        parked, held, slow, flat, rechecks = self._script("state", now_ms, self.slow_ms)
         return QueueState({_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)},
-                          int(parked), int(held), int(slow))
+                          int(parked), int(held), int(slow), int(rechecks))
 
     def ping(self) -> bool:
         return bool(self._run(lambda: self.client.ping()))

@@ -478,9 +478,12 @@ class Claimed:
 @dataclass(frozen=True)
 class Claim:
     claimed: tuple[Claimed, ...]
-    # Deliveries that are not claimable yet (someone else's live lease, a retry not due):
-    # park them until then rather than drop them, so they are never stranded.
+    # Deliveries under another claim (a live one, or one that won a race with ours): look at
+    # them again when it would run out rather than drop them, so that none is stranded if its
+    # holder dies. No retry: most are finished by their holder long before.
     later: tuple[tuple[str, int], ...] = ()
+    # Retries not due yet: parked until they are.
+    not_due: tuple[tuple[str, int], ...] = ()
 
 
 def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: int,
@@ -503,7 +506,7 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
             taken = set(connection.scalars(_take_statement(), params))
             rows = connection.execute(_claimable_statement(), params).all()
     order = {delivery_id: i for i, delivery_id in enumerate(delivery_ids)}
-    claimed, later = [], []
+    claimed, later, not_due = [], [], []
     for row in sorted(rows, key=lambda r: order[r.id]):
         if row.id in taken:
             claimed.append(Claimed(row.id, row.payload, row.attempt_count, row.ingested_at_ms,
@@ -511,12 +514,12 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
         elif row.status == DeliveryStatus.IN_FLIGHT and row.lease_until_ms is not None:
             later.append((row.id, row.lease_until_ms + 1))
         elif row.status == DeliveryStatus.RETRYING and row.next_attempt_at_ms is not None:
-            later.append((row.id, row.next_attempt_at_ms))
+            not_due.append((row.id, row.next_attempt_at_ms))
         elif row.status == DeliveryStatus.PENDING:
             # Pending as the statement began, yet not ours: a concurrent claim won it. Look
             # again when that claim's lease would have run out.
             later.append((row.id, lease_until + 1))
-    return Claim(tuple(claimed), tuple(later))
+    return Claim(tuple(claimed), tuple(later), tuple(not_due))
 
 
 @functools.cache

@@ -5,6 +5,7 @@ task stopped midway carries on with."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from notifier.errors import DeliveryInterrupted, StoreUnavailable
 from notifier.models import Attempt, Delivery, DeliveryStatus
 from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
-from tests.conftest import Receiver
+from tests.conftest import Receiver, Reply, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +51,10 @@ def leases_of(services: Services, receiver: Receiver, org_id: int, webhooks: int
                         leases.append)
     assert len(leases) == webhooks
     return leases
+
+
+def no_send(lease: Lease) -> None:
+    pytest.fail(f"nothing should be sent here: {lease}")
 
 
 def no_hand_on(leases: Sequence[Lease], claimed_until: int | None) -> None:
@@ -148,44 +153,43 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
     assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
 
 
-class TimeLimitHit(Exception):
-    """Stands for Celery's SoftTimeLimitExceeded (an Exception, raised mid-request)."""
-
-
-def test_a_task_stopped_by_its_time_limit_records_no_failure_and_carries_on(
+def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
     services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    leases = leases_of(services, receiver, 1, webhooks=3)
-    send = services.sender.send
-    sent: list[Any] = []
+    store.create_org(services.db, 1, "org 1", now_ms=0)
+    store.create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
+                         url=receiver.url("/h"), event_names=["pointsIssued"], now_ms=0)
+    envelope = {"eventName": "pointsIssued", "orgId": 1, "eventId": "e-1",
+                "data": {"customerIdentifiers": {"customerId": 1}}}
+    first: list[Lease] = []
+    pipeline.accept(services, envelope, first.append)
+    # The receiver answers the first task's request only once the second task is done.
+    answer = threading.Event()
+    begin = receiver._begin
 
-    def time_limit_at_the_second_request(request: Any) -> Any:
-        sent.append(request)
-        if len(sent) == 2:
-            raise TimeLimitHit()
-        return send(request)
+    def answered_later(path: str) -> Reply:
+        answer.wait(30)
+        return begin(path)
 
-    monkeypatch.setattr(services.sender, "send", time_limit_at_the_second_request)
-    with pytest.raises(DeliveryInterrupted) as stopped:
-        pipeline.deliver(services, leases, lambda lease: None, hand_on=no_hand_on,
-                         interruptions=(TimeLimitHit,))
-    monkeypatch.undo()
+    monkeypatch.setattr(receiver, "_begin", answered_later)
+    sending = threading.Thread(target=pipeline.deliver, args=(services, first, no_send),
+                               kwargs={"hand_on": no_hand_on})
+    sending.start()
+    try:
+        # While the first task holds its claim, the event comes again (a producer's retry): its
+        # unfinished delivery is queued again, and a second task finds it under that claim.
+        wait_until(lambda: statuses(services) == [DeliveryStatus.IN_FLIGHT], 30, "the claim")
+        second: list[Lease] = []
+        pipeline.accept(services, envelope, second.append)
+        assert len(second) == 1
+        pipeline.deliver(services, second, no_send, hand_on=no_hand_on)
+    finally:
+        answer.set()
+        sending.join(30)
 
-    # Not a failed delivery (as a bug in a step would be): the cut one is recorded as a
-    # timed-out attempt, to be retried on the schedule; the one after it is still claimed, and
-    # the slots held, for the retry to carry on with at once.
-    assert isinstance(stopped.value.__cause__, TimeLimitHit)
-    assert statuses(services) == sorted([DeliveryStatus.DELIVERED, DeliveryStatus.RETRYING,
-                                         DeliveryStatus.IN_FLIGHT])
-    with services.db.session() as session:
-        cut = session.scalars(select(Attempt).where(Attempt.error_class == "Timeout")).one()
-        assert "time limit" in (cut.error_message or "")
-    # No slot was given back yet (a task gives them back together, at its end).
-    assert sorted(lease.webhook_id for lease in stopped.value.leases) == sorted(
-        lease.webhook_id for lease in leases)
-    pipeline.deliver(services, stopped.value.leases, lambda lease: None, hand_on=no_hand_on,
-                     claimed_until=stopped.value.claimed_until)
-    assert statuses(services) == sorted([DeliveryStatus.DELIVERED, DeliveryStatus.DELIVERED,
-                                         DeliveryStatus.RETRYING])
-    assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
-    assert len(receiver.wait_for(2)) == 2  # the cut one waits for its retry, not resent now
+    assert statuses(services) == [DeliveryStatus.DELIVERED]
+    assert len(receiver.wait_for(1)) == 1
+    state = services.queues.state(now_ms=pipeline.now_ms())
+    # Every delivery has ended: no retry is parked. The second task's look again when the
+    # first claim would run out (were its holder to die) is kept, as a re-check.
+    assert (state.parked, state.rechecks) == (0, 1)

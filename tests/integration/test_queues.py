@@ -230,6 +230,19 @@ def test_parked_retries_come_back_when_due(queues: Queues) -> None:
     assert queues.promote_due(2000) == ["w"] and queues.waiting("w") == 2
 
 
+def test_rechecks_come_back_when_due_and_are_no_parked_retries(queues: Queues) -> None:
+    queues.set_limit("w", 1)
+    queues.park([("w", "d1", 500)])
+    queues.recheck([("w", "d2", 1500)])
+    state = queues.state(now_ms=0)
+    assert (state.parked, state.rechecks) == (1, 1)
+
+    assert queues.promote_due(1000) == ["w"] and queues.waiting("w") == 1
+    assert queues.promote_due(2000) == ["w"] and queues.waiting("w") == 2
+    state = queues.state(now_ms=0)
+    assert (state.parked, state.rechecks) == (0, 0)
+
+
 def test_the_epoch_reports_a_lost_state_once(queues: Queues) -> None:
     assert queues.claim_epoch()
     assert not queues.claim_epoch()

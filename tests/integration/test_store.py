@@ -138,6 +138,19 @@ def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> No
     assert [c.id for c in after_lease.claimed] == [queued.delivery_id]
 
 
+def test_a_claim_parks_a_retry_not_due_as_a_retry_not_as_a_recheck(org: Database) -> None:
+    webhook(org, "a")
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    with org.session() as session:
+        session.execute(update(Delivery).where(Delivery.id == queued.delivery_id).values(
+            status=DeliveryStatus.RETRYING, next_attempt_at_ms=9000))
+
+    early = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=5000)
+
+    assert early.claimed == () and early.later == ()
+    assert early.not_due == ((queued.delivery_id, 9000),)
+
+
 def test_a_claim_takes_back_its_own_held_claims_and_no_one_elses(org: Database) -> None:
     webhook(org, "a")
     (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
