@@ -134,6 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("database_url", _text,
             lambda v: f"sqlite:///{Path(v['data_dir']) / 'notifier.db'}",
             "SQLAlchemy URL of the database, the source of truth (postgresql+psycopg://...)."),
+    Setting("database_timeout", _positive_int, "3",
+            "Seconds to wait for the database to accept a new connection (at least 2), and for "
+            "a free connection of a process's pool; then the call fails as unavailable (the API "
+            "answers 503, a task retries) instead of hanging on a database that does not answer."),
     Setting("broker_url", _text,
             lambda v: f"redis+socket://{_embedded_socket(v)}",
             "Celery broker URL (redis://... or amqp://...). Default: the embedded Redis."),
@@ -211,6 +215,7 @@ class Settings:
 
     data_dir: Path
     database_url: str
+    database_timeout: int
     broker_url: str
     redis_url: str
     redis_prefix: str

@@ -101,7 +101,7 @@ class Services:
 def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
-        db=Database(settings.database_url),
+        db=Database(settings.database_url, timeout=settings.database_timeout),
         queues=Queues(settings.redis_url, settings.redis_prefix,
                       slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms),
         catalog=load_catalog(),
