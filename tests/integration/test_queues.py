@@ -231,7 +231,9 @@ def test_parked_retries_come_back_when_due(queues: Queues) -> None:
 
 
 def test_the_epoch_reports_a_lost_state_once(queues: Queues) -> None:
-    assert queues.claim_epoch()
-    assert not queues.claim_epoch()
+    assert queues.claim_epoch(60_000)
+    assert not queues.claim_epoch(60_000)
+    queues.mark_rebuilt()
+    assert not queues.claim_epoch(60_000)
     queues.client.flushdb()
-    assert queues.claim_epoch()
+    assert queues.claim_epoch(60_000)

@@ -5,10 +5,16 @@ it through real processes: nothing lost, nothing sent twice, the cap held."""
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
+import time
 
-from notifier import publish, store
+import pytest
+import redis
+
+from notifier import pipeline, publish, store
 from notifier.db import Database
+from notifier.queues import Lease
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
 from tests.conftest import Receiver, Reply, Stack, wait_until
@@ -80,3 +86,43 @@ def test_beat_killed_and_started_again_mid_run_loses_nothing_and_sends_nothing_t
         stack.beat()
     line = _settled(receiver, database, due)
     print(f"beat killed twice: {line}")
+
+
+# A sweep's process SIGKILLed in the middle of rebuilding a flushed Redis: os._exit runs no
+# except or finally clause, as a kill would not.
+_KILLED_WHILE_REBUILDING = """
+import os
+from config import load_settings
+from notifier import pipeline, store
+store.open_work = lambda db: os._exit(9)
+pipeline.sweep(pipeline.build_services(load_settings()), lambda lease: None)
+"""
+
+
+def test_a_sweep_killed_while_rebuilding_a_flushed_redis_leaves_the_rebuild_to_a_later_one(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    _prepare(stack, receiver, database)
+    services = pipeline.build_services(stack.settings)
+    try:
+        outcomes = pipeline.accept_many(services, [
+            {"eventName": "pointsIssued", "orgId": ORG,
+             "data": {"customerIdentifiers": {"customerId": n}, "totalPointsIssued": 1}}
+            for n in range(20)], lambda lease: None)
+        due = {q.delivery_id for outcome in outcomes for q in outcome.queued}
+        assert len(due) == 20 * len(PATHS)
+        redis.Redis.from_url(stack.settings.redis_url).flushdb()  # Redis loses its state
+
+        killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_REBUILDING],
+                                env=stack.env, capture_output=True, timeout=60, check=False)
+        assert killed.returncode == 9, killed.stderr.decode()
+
+        # Later sweeps (beat's next ticks): one of them must rebuild, within a lease or so.
+        leases: list[Lease] = []
+        started = time.monotonic()
+        wait_until(lambda: pipeline.sweep(services, leases.append).rebuilt,
+                   stack.settings.slot_lease_seconds + 10, "a sweep to rebuild the queues")
+        print(f"rebuilt {time.monotonic() - started:.1f}s after the killed rebuild")
+        # That sweep put every delivery back and handed each webhook's batch a slot.
+        assert {d for lease in leases for d in lease.delivery_ids} == due
+    finally:
+        services.db.dispose()
