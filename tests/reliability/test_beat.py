@@ -1,7 +1,8 @@
 """Beat's faults (issue 13's fault table): two beats at once, and beat SIGKILLed and started again
 mid-run. Their sweeps (due retries back, expired leases taken back, queues pumped) are Lua
 steps on Redis, each atomic, so a second sweep finds nothing left to do twice; these runs show
-it through real processes: nothing lost, nothing sent twice, the cap held."""
+it through real processes: nothing lost, nothing sent twice, the cap held. A sweep's process
+killed in the middle of rebuilding a flushed Redis leaves the rebuild to a later sweep."""
 
 from __future__ import annotations
 
