@@ -61,6 +61,14 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _connect_seconds(raw: str) -> int:
+    value = int(raw)
+    if value < 2:
+        # libpq (and psycopg after it) turns anything below 2 s into 2 s: say so, not pretend.
+        raise ValueError("must be a whole number of seconds, 2 or more")
+    return value
+
+
 def _fraction(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or not 0 <= value < 1:
@@ -138,6 +146,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("database_url", _text,
             lambda v: f"sqlite:///{Path(v['data_dir']) / 'notifier.db'}",
             "SQLAlchemy URL of the database, the source of truth (postgresql+psycopg://...)."),
+    Setting("database_timeout", _connect_seconds, "3",
+            "Seconds to wait for the database to accept a new connection (2 or more), and for "
+            "a free connection of a process's pool; then the call fails as unavailable (the API "
+            "answers 503, a task retries) instead of hanging on a database that does not answer."),
     Setting("broker_url", _text,
             lambda v: f"redis+socket://{_embedded_socket(v)}",
             "Celery broker URL (redis://... or amqp://...). Default: the embedded Redis."),
@@ -238,6 +250,7 @@ class Settings:
 
     data_dir: Path
     database_url: str
+    database_timeout: int
     broker_url: str
     redis_url: str
     redis_prefix: str

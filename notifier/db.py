@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from notifier.errors import NotifierError, StoreRefused, StoreUnavailable
@@ -38,8 +39,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Database:
     """One database URL; hands out sessions from an engine owned by the current process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout: int | None = None) -> None:
+        """``timeout``: seconds to wait for a new PostgreSQL connection or a free pooled one
+        (``NOTIFIER_DATABASE_TIMEOUT``); None waits as long as the driver and pool do."""
         self.url = url
+        self.timeout = timeout
         self._pid = -1
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
@@ -68,7 +72,13 @@ class Database:
             return engine
         # No pre-ping: it was 6% of a worker's time. A connection that died anyway fails as
         # StoreUnavailable (transient: the task retries) and the pool replaces it.
-        return create_engine(self.url, pool_size=5, max_overflow=5, pool_recycle=1800)
+        if self.timeout is None:
+            return create_engine(self.url, pool_size=5, max_overflow=5, pool_recycle=1800)
+        # Without both bounds a database lost behind the network (silent, not refusing) holds
+        # every caller: libpq waits for its answer without end, and the pool's waiters 30 s.
+        return create_engine(self.url, pool_size=5, max_overflow=5, pool_recycle=1800,
+                             pool_timeout=self.timeout,
+                             connect_args={"connect_timeout": self.timeout})
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -127,6 +137,8 @@ def _classified() -> Iterator[None]:
     (``StoreRefused``), once, for every caller."""
     try:
         yield
+    except PoolTimeout as exc:  # every pooled connection busy for NOTIFIER_DATABASE_TIMEOUT
+        raise StoreUnavailable(f"no free database connection: {exc}") from exc
     except DBAPIError as exc:
         raise store_error(exc.orig or exc, transient=is_transient_database_error(exc)) from exc
 

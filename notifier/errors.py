@@ -121,15 +121,25 @@ class DeadlineExceeded(NotifierError):
 
 
 class TransientError(NotifierError):
-    """A dependency failed in a way that may pass: retry later."""
+    """A dependency failed in a way that may pass: retry later.
+
+    ``public`` is what the API answers: the message itself carries the driver's words (hosts,
+    ports, server states) for the operator's log, not for callers.
+    """
+
+    public = "a service notifier depends on is unavailable; try again shortly"
 
 
 class StoreUnavailable(TransientError):
     """The database could not be reached or gave up mid-transaction."""
 
+    public = "the database is unavailable; try again shortly"
+
 
 class QueueUnavailable(TransientError):
     """Redis (queues, slots, retry times) could not be reached."""
+
+    public = "Redis (queues and slots) is unavailable; try again shortly"
 
 
 class DeliveryInterrupted(TransientError):

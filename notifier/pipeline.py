@@ -109,7 +109,7 @@ class Services:
 def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
-        db=Database(settings.database_url),
+        db=Database(settings.database_url, timeout=settings.database_timeout),
         queues=Queues(settings.redis_url, settings.redis_prefix,
                       slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms,
                       fast_leases=settings.fast_lane_leases),
@@ -689,12 +689,15 @@ def sweep(services: Services, send: SendLease) -> SweepReport:
     """Beat's frequent pass: rebuild a flushed Redis, bring back due retries and lost leases,
     and pump every queue with work waiting."""
     rebuilt = 0
-    if services.queues.claim_epoch():
+    # A rebuild claims Redis for a slot lease's time: a rebuild that outlasts it may get a
+    # second one beside it, which only adds again what is already there.
+    if services.queues.claim_epoch(services.lease_ms):
         try:
             rebuilt = rebuild(services)
         except BaseException:
             services.queues.forget_epoch()
             raise
+        services.queues.mark_rebuilt()
     now = now_ms()
     promoted = services.queues.promote_due(now)
     expired = services.queues.expire_leases(now)

@@ -491,9 +491,18 @@ class Queues:
         return sorted(_text(w) for w in self._run(
             lambda: self.client.smembers(f"{self.prefix}:queued")))
 
-    def claim_epoch(self) -> bool:
-        """True the first time after Redis lost (or never had) notifier's state."""
-        return bool(self._run(lambda: self.client.set(f"{self.prefix}:epoch", "1", nx=True)))
+    def claim_epoch(self, lease_ms: int) -> bool:
+        """True when Redis lost (or never had) notifier's state and no one is rebuilding it:
+        the caller is to rebuild, then call ``mark_rebuilt``. The claim lasts ``lease_ms``, so
+        the process of a rebuild killed midway (no ``forget_epoch``) leaves it to a later
+        sweep instead of stranding what it had not put back."""
+        return bool(self._run(lambda: self.client.set(
+            f"{self.prefix}:epoch", "rebuilding", nx=True, px=lease_ms)))
+
+    def mark_rebuilt(self) -> None:
+        """The rebuild after ``claim_epoch`` is done: the state is whole for good. Only while
+        the claim stands (XX): a flush during the rebuild leaves it to the next sweep."""
+        self._run(lambda: self.client.set(f"{self.prefix}:epoch", "1", xx=True))
 
     def forget_epoch(self) -> None:
         """Undo ``claim_epoch`` when the rebuild that followed it failed, so it runs again."""

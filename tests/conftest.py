@@ -190,6 +190,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    status: int = 200  # what the receiver answered
 
 
 @dataclass
@@ -228,7 +229,7 @@ class Receiver:
                 finally:
                     receiver._end(self.path, Received(
                         self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                        time.monotonic()))
+                        time.monotonic(), reply.status))
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -343,9 +344,11 @@ class Stack:
         assert self.processes[name].poll() is None, self.log(name)
         return name
 
-    def beat(self) -> None:
-        self._spawn("beat", ["beat", "--loglevel", "INFO",
-                             "--schedule", str(self.folder / "celerybeat-schedule")])
+    def beat(self, name: str = "beat") -> None:
+        """A beat process; several run side by side under different names."""
+        schedule = "celerybeat-schedule" + ("" if name == "beat" else f"-{name}")
+        self._spawn(name, ["beat", "--loglevel", "INFO",
+                           "--schedule", str(self.folder / schedule)])
 
     def org(self, org_id: int, name: str = "test org") -> str:
         """Create an org in the stack's database; returns a new API key of it."""

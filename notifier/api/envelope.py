@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,8 @@ from notifier.errors import (
 )
 
 __all__ = ["envelope", "error_body", "install_error_handlers"]
+
+log = logging.getLogger(__name__)
 
 # The first class that matches decides; NotifierError last, as the catch-all of our own tree.
 STATUSES: tuple[tuple[type[NotifierError], int, str], ...] = (
@@ -52,12 +55,15 @@ def _status_of(exc: NotifierError) -> tuple[int, str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def notifier_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def notifier_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, NotifierError)
         status, code = _status_of(exc)
         if isinstance(exc, InvalidRows):  # bulk input: every bad line, by number
             errors = [error_body(code, f"line {line}: {problem}", f"line {line}")
                       for line, problem in exc.rows]
+        elif isinstance(exc, TransientError):
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+            errors = [error_body(code, exc.public)]
         else:
             field = exc.field if isinstance(exc, InvalidInput) else None
             errors = [error_body(code, str(exc), field)]

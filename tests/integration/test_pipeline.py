@@ -541,13 +541,16 @@ def test_a_burst_of_events_waiting_to_be_ingested_does_not_hold_back_deliveries(
 class Gate:
     """A TCP gate on 127.0.0.1 in front of a server: while shut, it cuts every connection
     through it and refuses new ones (they are accepted and closed at once), as a database that
-    is down or being restarted would; open, it passes bytes both ways."""
+    is down or being restarted would; open, it passes bytes both ways. Stalled, it cuts what
+    is live and holds new connections open in silence, as a server lost behind a network
+    partition would (nothing refuses, nothing answers)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.is_open = False
+        self.is_stalled = False
         self.lock = threading.Lock()
         self.live: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -559,6 +562,9 @@ class Gate:
             except OSError:
                 return
             with self.lock:
+                if self.is_stalled:
+                    self.live.append(client)
+                    continue
                 if not self.is_open:
                     client.close()
                     continue
@@ -580,12 +586,19 @@ class Gate:
                     end.shutdown(socket.SHUT_RDWR)
 
     def open(self) -> None:
+        if self.is_stalled:
+            self.shut()  # what the stall held is cut, as the partition's end would reset it
         with self.lock:
             self.is_open = True
 
+    def stall(self) -> None:
+        self.shut()
+        with self.lock:
+            self.is_stalled = True
+
     def shut(self) -> None:
         with self.lock:
-            self.is_open = False
+            self.is_open = self.is_stalled = False
             for end in self.live:
                 with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)

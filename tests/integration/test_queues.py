@@ -244,10 +244,12 @@ def test_rechecks_come_back_when_due_and_are_no_parked_retries(queues: Queues) -
 
 
 def test_the_epoch_reports_a_lost_state_once(queues: Queues) -> None:
-    assert queues.claim_epoch()
-    assert not queues.claim_epoch()
+    assert queues.claim_epoch(60_000)
+    assert not queues.claim_epoch(60_000)
+    queues.mark_rebuilt()
+    assert not queues.claim_epoch(60_000)
     queues.client.flushdb()
-    assert queues.claim_epoch()
+    assert queues.claim_epoch(60_000)
 
 
 @pytest.mark.parametrize("fast_leases", [1, 2])

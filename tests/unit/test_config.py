@@ -23,6 +23,7 @@ def test_defaults_with_an_empty_environ() -> None:
     assert settings.http_timeout == (5.0, 30.0)
     assert settings.retry_horizon == 3 * 24 * 3600
     assert settings.allow_private_networks == ()
+    assert settings.database_timeout == 3
 
 
 def test_derived_urls_follow_the_data_dir(tmp_path: Path) -> None:
@@ -61,6 +62,8 @@ def test_values_are_parsed() -> None:
     ("NOTIFIER_ALLOW_PRIVATE_NETWORKS", "notacidr"),
     ("NOTIFIER_ALLOW_PRIVATE_NETWORKS", "10.0.0.1/8"),
     ("NOTIFIER_DATABASE_URL", "   "),
+    ("NOTIFIER_DATABASE_TIMEOUT", "1"),
+    ("NOTIFIER_DATABASE_TIMEOUT", "2.5"),
 ])
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
