@@ -338,7 +338,8 @@ class _Task:
                                                    self.tally)))
                     lot = self._next(hand_on)
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
-                                                batch=batch, lease_ms=lease_ms, now_ms=now_ms())
+                                                batch=batch, lease_ms=lease_ms, now_ms=now_ms(),
+                                                claimed_until=self.claimed_until)
         with self._lock:
             self._held = []
         for (lot, report), given_back in zip(done, released, strict=True):
@@ -501,13 +502,28 @@ class SweepReport:
 
 
 def rebuild(services: Services) -> int:
-    """Put every unfinished delivery of the database back into Redis; returns how many."""
+    """Put every unfinished delivery of the database back into Redis; returns how many.
+
+    Deliveries whose claim is live are not queued: an earlier send of them may still be open.
+    Their claims take slots first, before any is granted, so the cap counts the requests still
+    open; each slot lasts until its claim expires (or its task gives it back), and then what it
+    carried is queued again, as for any lease.
+    """
     work = store.open_work(services.db)
-    parked = [(q.webhook_id, q.delivery_id, due) for q, status, due in work
-              if status == DeliveryStatus.RETRYING and due is not None]
+    now = now_ms()
+    claims: dict[tuple[str, int], list[str]] = defaultdict(list)
+    parked, waiting = [], []
+    for item in work:
+        queued, until = item.queued, item.claimed_until_ms
+        if item.status == DeliveryStatus.IN_FLIGHT and until is not None and until > now:
+            claims[(queued.webhook_id, until)].append(queued.delivery_id)
+        elif item.status == DeliveryStatus.RETRYING and item.due_ms is not None:
+            parked.append((queued.webhook_id, queued.delivery_id, item.due_ms))
+        else:
+            waiting.append(queued)
+    services.queues.hold_claims(claims, now_ms=now)
     services.queues.park(parked)
-    _enqueue(services, [q for q, status, due in work
-                        if not (status == DeliveryStatus.RETRYING and due is not None)])
+    _enqueue(services, waiting)
     return len(work)
 
 

@@ -5,7 +5,9 @@ Keys, under the configured prefix ``P``:
 - ``P:q:<webhook>``   sorted set of waiting delivery ids, scored by time (FIFO-ish)
 - ``P:queued``        set of webhooks whose queue is not empty (the sweeper pumps them)
 - ``P:limit``         hash webhook -> maxAllowedConnections
-- ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry
+- ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry; after Redis lost its
+                      state, also ``claim-<expiry>``: the slot of a claim the database holds
+                      live, rebuilt from it (``hold_claims``)
 - ``P:leases``        every lease ``webhook|token`` by expiry, with its deliveries in ``P:lease:items``
 - ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
                       (for at most 10 s: then it is presumed lost and another may be dispatched)
@@ -161,22 +163,52 @@ for i = 4, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now)
 return out
 """
 
+# A slot rebuilt from a live claim of the database, named after the claim's expiry (see
+# Queues.hold_claims). Never the name of a lease (those begin with a digit).
+_CLAIM_SLOT_FN = """
+local function claim_slot(wh, expiry)
+  return 'claim-' .. expiry, wh .. '|claim-' .. expiry
+end
+"""
+
+_HOLD_CLAIMS = _CLAIM_SLOT_FN + """
+local p, now = ARGV[1], tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
+  local wh, expiry, items = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if tonumber(expiry) > now then
+    local token, member = claim_slot(wh, expiry)
+    redis.call('ZADD', p .. ':slots:' .. wh, expiry, token)
+    redis.call('ZADD', p .. ':leases', expiry, member)
+    redis.call('HSET', p .. ':lease:items', member, items)
+  end
+end
+return 1
+"""
+
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
 # up at once, easing down by 30% per faster batch) and since when it has been failing (the
-# first failed attempt after its last success), then dispatch what waits. Each reply: whether
-# the slot was still held, the webhook's failing mark (0: none), then the dispatched leases.
-_RELEASE = _STARTED_FN + _DISPATCH_FN + """
+# first failed attempt after its last success), then dispatch what waits. A task's claim mark
+# (0: none) also gives back the slot rebuilt from its claim, if Redis lost its state meanwhile.
+# Each reply: whether the slot was still held, the webhook's failing mark (0: none), then the
+# dispatched leases.
+_RELEASE = _STARTED_FN + _DISPATCH_FN + _CLAIM_SLOT_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6])
 local marks = p .. ':failing'
 local out = {}
-for i = 7, #ARGV, 5 do
+for i = 7, #ARGV, 6 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
   redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
   started(p, wh, token)
   local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
+  if ARGV[i + 5] ~= '0' then
+    local claimed, member = claim_slot(wh, ARGV[i + 5])
+    redis.call('ZREM', p .. ':slots:' .. wh, claimed)
+    redis.call('ZREM', p .. ':leases', member)
+    redis.call('HDEL', p .. ':lease:items', member)
+  end
   if took >= 0 then
     local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
     redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
@@ -338,7 +370,7 @@ class Queues:
             self._scripts = {
                 name: self._client.register_script(source)
                 for name, source in (("dispatch", _DISPATCH), ("take", _TAKE),
-                                     ("release", _RELEASE),
+                                     ("release", _RELEASE), ("hold_claims", _HOLD_CLAIMS),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE),
                                      ("state", _STATE), ("count", _COUNT))
@@ -414,29 +446,47 @@ class Queues:
                 for lease, items in zip(leases, taken, strict=True)]
 
     def release(self, lease: Lease, report: Report = Report(), *, batch: int, lease_ms: int,
-                now_ms: int) -> Released:
+                now_ms: int, claimed_until: int | None = None) -> Released:
         """Give a slot back, then dispatch the webhook's queue, in one call.
 
         ``report`` is what the lease's batch did: its slowest response decides which lane the
         webhook's next leases take, and its failures mark since when the webhook has been
         failing. ``held`` is False when the lease had already expired (the sweeper took it back).
+        ``claimed_until`` is the mark of the task's claims (``store.Claimed.lease_until_ms``):
+        the slot rebuilt from them (``hold_claims``), if any, is given back too.
         """
         return self.release_many([(lease, report)], batch=batch, lease_ms=lease_ms,
-                                 now_ms=now_ms)[0]
+                                 now_ms=now_ms, claimed_until=claimed_until)[0]
 
     def release_many(self, leases: Sequence[tuple[Lease, Report]], *, batch: int, lease_ms: int,
-                     now_ms: int) -> list[Released]:
+                     now_ms: int, claimed_until: int | None = None) -> list[Released]:
         """``release`` for several ``(lease, report)`` (of one delivery task), in one call."""
         flat: list[Any] = []
         for lease, report in leases:
             flat += [lease.webhook_id, lease.token, report.took_ms, int(report.delivered),
-                     report.failing_since_ms]
+                     report.failing_since_ms, claimed_until or 0]
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
                                *flat)
         return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[2:]))
                 for (lease, _), reply in zip(leases, replies, strict=True)]
+
+    def hold_claims(self, claims: Mapping[tuple[str, int], Sequence[str]], *,
+                    now_ms: int) -> None:
+        """Count live claims of the database against their webhooks' caps: one slot for each
+        ``(webhook, claim expiry)``, carrying its deliveries, until that expiry.
+
+        For a Redis that lost its state while requests were open: their tasks carry on, so their
+        slots must be taken before any is granted. A task gives its claim's slot back with its
+        own (``release``'s ``claimed_until``); one whose task died expires with the claim, and
+        the sweeper re-queues what it carried, as for any lease.
+        """
+        flat: list[Any] = []
+        for (webhook_id, expiry), delivery_ids in claims.items():
+            flat += [webhook_id, expiry, ",".join(delivery_ids)]
+        if flat:
+            self._script("hold_claims", now_ms, *flat)
 
     def park(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
         """Park ``(webhook, delivery, due_ms)`` until due; the sweeper brings them back."""

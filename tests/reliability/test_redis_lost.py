@@ -1,0 +1,49 @@
+"""The connection cap holds through a Redis that loses its state (flushed, or restarted) while
+requests are open: the rebuilt slots count the database's live claims before granting any."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from notifier.db import Database
+from tests.conftest import Receiver, Stack, wait_until
+from tests.reliability.conftest import hook, publish_events, settle, stored_events
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+CAP = 5
+EVENTS = 300
+
+
+def start(stack: Stack, receiver: Receiver, database: Database, path: str) -> set[str]:
+    """A capped webhook answering after 0.3 s, so that its requests overlap, fed by enough
+    worker threads to open more than its cap at once; returns the events, all stored."""
+    hook(stack, database, receiver, path, cap=CAP)
+    receiver.hold(path, 0.3)
+    # 0.3 s answers keep the webhook in the slow lane: twelve threads, more than the cap.
+    stack.env["NOTIFIER_SLOW_WEBHOOK_MS"] = "200"
+    stack.worker("w1", concurrency=2, queues="notifier,notifier.deliver")
+    stack.worker("slow", pool="threads", concurrency=12, queues="notifier.slow")
+    stack.beat()
+    return publish_events(stack, EVENTS)
+
+
+def requests_open(receiver: Receiver, path: str, count: int) -> bool:
+    with receiver.lock:
+        return receiver.in_flight[path] >= count
+
+
+def test_a_redis_flushed_while_requests_are_open_keeps_the_cap(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    sent = start(stack, receiver, database, "/flush")
+    # Flush once the events are stored (the broker goes too) and the cap's worth of requests
+    # is open at the receiver: their claims are live, and their tasks carry on after it.
+    wait_until(lambda: stored_events(database) == EVENTS, 60, f"{EVENTS} events stored")
+    wait_until(lambda: len(receiver.at("/flush")) >= 20 and requests_open(receiver, "/flush", CAP),
+               90, f"{CAP} requests open after the first 20")
+    redis.Redis.from_url(stack.settings.redis_url).flushall()
+
+    outcome = settle(stack, receiver, database, "/flush", sent, cap=CAP)
+    assert outcome.arrived == EVENTS and outcome.left_open == 0
+    assert outcome.peak <= CAP, outcome
