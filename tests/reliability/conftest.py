@@ -4,11 +4,13 @@ open, and the receiver never saw more requests at once than the webhook's cap.""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from notifier import publish, store
@@ -16,7 +18,7 @@ from notifier.db import Database
 from notifier.models import FINAL_STATUSES, Delivery, Event
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import REDIS_URL, Receiver, Stack, wait_until
 
 ORG = 61_013
 
@@ -28,6 +30,37 @@ def database(stack: Stack) -> Iterator[Database]:
     store.create_org(opened, ORG, "reliability org", now_ms=0)
     yield opened
     opened.dispose()
+
+
+@pytest.fixture
+def restart_redis(redis_base: tuple[str, str]) -> Callable[[], None]:
+    """Restart the test Redis server on its loopback port, losing everything it held, and start
+    it again as it was started (its own binary, folder and log; no persistence)."""
+    if not redis_base[0].startswith("redis://127.0.0.1:"):
+        pytest.skip("only a Redis server of its own on 127.0.0.1 is restarted by a test")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    server = client.info("server")
+    folder, logfile = client.config_get("dir")["dir"], client.config_get("logfile")["logfile"]
+    port = str(server["tcp_port"])
+    client.close()
+
+    def up() -> bool:
+        try:
+            return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def restart() -> None:
+        # SHUTDOWN NOSAVE closes the connection that sends it, as it should.
+        subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], check=False,
+                       capture_output=True, timeout=30)
+        wait_until(lambda: not up(), 30, "Redis to stop")
+        subprocess.run([server["executable"], "--daemonize", "yes", "--bind", "127.0.0.1",
+                        "--port", port, "--save", "", "--appendonly", "no", "--dir", folder,
+                        "--logfile", logfile], check=True, timeout=30)
+        wait_until(up, 30, "Redis to start again")
+
+    return restart
 
 
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,
