@@ -10,6 +10,7 @@
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
+        ├── StateLost           Redis lost notifier's state: nothing is dispatched until rebuilt
         └── DeliveryInterrupted a delivery task stopped by one of those; what to carry on with
 
 Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
@@ -34,6 +35,7 @@ __all__ = [
     "NotFound",
     "NotifierError",
     "QueueUnavailable",
+    "StateLost",
     "StoreUnavailable",
     "TransientError",
 ]
@@ -78,6 +80,11 @@ class StoreUnavailable(TransientError):
 
 class QueueUnavailable(TransientError):
     """Redis (queues, slots, retry times) could not be reached."""
+
+
+class StateLost(TransientError):
+    """Redis lost notifier's state (flushed, restarted) and it is not rebuilt from the database
+    yet: no slot is granted until it is, or the requests still open would not be counted."""
 
 
 class DeliveryInterrupted(TransientError):

@@ -26,7 +26,7 @@ from config import Settings
 from notifier import store
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import DeliveryInterrupted, TransientError
+from notifier.errors import DeliveryInterrupted, StateLost, TransientError
 from notifier.logs import iso_ms
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
@@ -59,6 +59,7 @@ __all__ = [
     "limit_changed",
     "pump",
     "rebuild",
+    "recover",
     "render",
     "replay",
     "request_for",
@@ -128,14 +129,19 @@ def _enqueue(services: Services, queued: Iterable[store.Queued]) -> None:
 def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) -> int:
     """Queue deliveries and send a lease for every free slot of their webhooks; returns how
     many leases were sent."""
-    sent = 0
+    sent, lost = 0, False
     for webhook_id, items in _by_webhook(queued).items():
-        for lease in services.queues.offer(
+        try:
+            leases = services.queues.offer(
                 webhook_id, items[0].limit, [(i.delivery_id, i.score) for i in items],
-                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms()):
+                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms())
+        except StateLost:  # queued all the same; they go once Redis is rebuilt
+            lost = True
+            continue
+        for lease in leases:
             send(lease)
             sent += 1
-    return sent
+    return sent + (recover(services, send) if lost else 0)
 
 
 def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
@@ -176,7 +182,15 @@ def _count(services: Services, tally: Tally) -> None:
 
 
 def pump(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:
-    """Hand every free slot of these webhooks a batch of their queue; returns leases sent."""
+    """Hand every free slot of these webhooks a batch of their queue; returns leases sent.
+    A Redis that lost its state is rebuilt first (``recover``)."""
+    try:
+        return _dispatch(services, webhook_ids, send)
+    except StateLost:
+        return recover(services, send)
+
+
+def _dispatch(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:
     sent = 0
     for webhook_id in webhook_ids:
         for lease in services.queues.dispatch(
@@ -322,9 +336,7 @@ class _Task:
         taken = services.queues.take_many(self._held, batch=batch, now_ms=now_ms())
         for lease, held in zip(self._held, taken, strict=True):
             if held is None:  # given back or expired: the webhook's queue goes on without it
-                for following in services.queues.dispatch(
-                        lease.webhook_id, batch=batch, lease_ms=lease_ms, now_ms=now_ms()):
-                    send(following)
+                pump(services, [lease.webhook_id], send)
         self._held = [lease for lease in taken if lease is not None]
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
@@ -347,6 +359,8 @@ class _Task:
                 send(following)
             if report.failing_since_ms and lot.target is not None:
                 self._disable_if_failing_too_long(lot.target, given_back.failing_since_ms)
+        if any(given_back.state_lost for given_back in released):
+            recover(services, send)
 
     def _disable_if_failing_too_long(self, target: store.Target, failing_since_ms: int) -> None:
         """Deactivate a webhook every attempt to which has failed for
@@ -527,16 +541,37 @@ def rebuild(services: Services) -> int:
     return len(work)
 
 
+def _rebuild_if_lost(services: Services) -> int | None:
+    """``rebuild`` a Redis that lost its state, unless another process is at it; then let it
+    grant slots again. Returns how many deliveries were rebuilt; None when it was not lost, or
+    another process rebuilds it."""
+    if not services.queues.claim_rebuild(services.lease_ms):
+        return None
+    try:
+        rebuilt = rebuild(services)
+        services.queues.rebuilt()
+    except BaseException:
+        services.queues.forget_rebuild()
+        raise
+    return rebuilt
+
+
+def recover(services: Services, send: SendLease) -> int:
+    """Redis lost its state (``StateLost``): rebuild it from the database unless another
+    process is at it (which pumps after), then pump every queue with work waiting. Returns the
+    leases sent."""
+    if _rebuild_if_lost(services) is None:
+        return 0
+    try:
+        return _dispatch(services, services.queues.queued_webhooks(), send)
+    except StateLost:  # lost again meanwhile: whoever dispatches next rebuilds it
+        return 0
+
+
 def sweep(services: Services, send: SendLease) -> SweepReport:
     """Beat's frequent pass: rebuild a flushed Redis, bring back due retries and lost leases,
     and pump every queue with work waiting."""
-    rebuilt = 0
-    if services.queues.claim_epoch():
-        try:
-            rebuilt = rebuild(services)
-        except BaseException:
-            services.queues.forget_epoch()
-            raise
+    rebuilt = _rebuild_if_lost(services) or 0
     now = now_ms()
     promoted = services.queues.promote_due(now)
     expired = services.queues.expire_leases(now)

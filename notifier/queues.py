@@ -14,7 +14,9 @@ Keys, under the configured prefix ``P``:
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:failing``       hash webhook -> the time of its first failed attempt since its last success
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
-- ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
+- ``P:epoch``         set once the state is whole; its absence means Redis lost its state (or
+                      never had it): no slot is granted until the database has rebuilt it
+- ``P:rebuilding``    held (with an expiry) by the one process rebuilding the state
 - ``P:metrics``       hash of counters the workers add to (``notifier.metrics``)
 
 A lease is one connection slot: a delivery task holds it while it POSTs its batch over one
@@ -38,7 +40,7 @@ from typing import Any, TypeVar
 import redis
 import redis.exceptions
 
-from notifier.errors import QueueUnavailable
+from notifier.errors import QueueUnavailable, StateLost
 
 __all__ = ["Lease", "QueueState", "Queues", "Released", "Report"]
 
@@ -57,6 +59,9 @@ end
 
 _DISPATCH_FN = """
 local function dispatch(p, wh, batch, now, lease, slow_ms, linger)
+  -- A Redis that lost its state grants nothing (false) until it is rebuilt: the requests of the
+  -- database's live claims may still be open, and only the rebuild counts them.
+  if redis.call('EXISTS', p .. ':epoch') == 0 then return false end
   local q, slots = p .. ':q:' .. wh, p .. ':slots:' .. wh
   local limit = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
   -- Expired leases do not count: their holder is presumed dead, and the sweeper re-queues
@@ -189,8 +194,8 @@ return 1
 # up at once, easing down by 30% per faster batch) and since when it has been failing (the
 # first failed attempt after its last success), then dispatch what waits. A task's claim mark
 # (0: none) also gives back the slot rebuilt from its claim, if Redis lost its state meanwhile.
-# Each reply: whether the slot was still held, the webhook's failing mark (0: none), then the
-# dispatched leases.
+# Each reply: whether the slot was still held, the webhook's failing mark (0: none), whether
+# Redis lost its state (nothing dispatched), then the dispatched leases.
 _RELEASE = _STARTED_FN + _DISPATCH_FN + _CLAIM_SLOT_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -219,6 +224,9 @@ for i = 7, #ARGV, 6 do
     redis.call('HSETNX', marks, wh, failing)
   end
   local released = dispatch(p, wh, batch, now, lease, slow_ms, linger)
+  local lost = 0
+  if not released then released, lost = {}, 1 end
+  table.insert(released, 1, lost)
   table.insert(released, 1, tonumber(redis.call('HGET', marks, wh) or '0'))
   table.insert(released, 1, held)
   out[#out + 1] = released
@@ -271,6 +279,17 @@ end
 return out
 """
 
+
+_CLAIM_REBUILD = """
+if redis.call('EXISTS', ARGV[1] .. ':epoch') == 1 then return 0 end
+return redis.call('SET', ARGV[1] .. ':rebuilding', '1', 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+_REBUILT = """
+redis.call('SET', ARGV[1] .. ':epoch', '1')
+redis.call('DEL', ARGV[1] .. ':rebuilding')
+return 1
+"""
 
 _COUNT = """
 for i = 2, #ARGV, 2 do redis.call('HINCRBY', ARGV[1] .. ':metrics', ARGV[i], ARGV[i + 1]) end
@@ -334,6 +353,8 @@ class Released:
     held: bool
     failing_since_ms: int
     leases: list[Lease]
+    # Redis lost its state and is not rebuilt yet: nothing was dispatched (see StateLost).
+    state_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -373,7 +394,8 @@ class Queues:
                                      ("release", _RELEASE), ("hold_claims", _HOLD_CLAIMS),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE),
-                                     ("state", _STATE), ("count", _COUNT))
+                                     ("state", _STATE), ("count", _COUNT),
+                                     ("claim_rebuild", _CLAIM_REBUILD), ("rebuilt", _REBUILT))
             }
             self._pid = os.getpid()
         return self._client
@@ -398,7 +420,8 @@ class Queues:
 
     def offer(self, webhook_id: str, limit: int, items: Iterable[tuple[str, int]], *, batch: int,
               lease_ms: int, now_ms: int) -> list[Lease]:
-        """``enqueue`` then ``dispatch``, in one call."""
+        """``enqueue`` then ``dispatch``, in one call. ``StateLost`` (the deliveries queued, none
+        dispatched) while Redis has lost its state and is not rebuilt."""
         flat: list[Any] = []
         for delivery_id, score in items:
             flat += [delivery_id, score]
@@ -414,12 +437,16 @@ class Queues:
 
         Leases are full batches while the queue holds enough; of a short batch there is one at
         a time per webhook, which gathers what queues until its task starts (see ``take``).
+        ``StateLost`` while Redis has lost its state and is not rebuilt.
         """
         return self._leases(webhook_id, self._script(
             "dispatch", webhook_id, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms))
 
     @staticmethod
-    def _leases(webhook_id: str, flat: list[Any]) -> list[Lease]:
+    def _leases(webhook_id: str, flat: list[Any] | None) -> list[Lease]:
+        if flat is None:
+            raise StateLost(f"webhook {webhook_id}: Redis lost its state; nothing is dispatched "
+                            "until it is rebuilt from the database")
         return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")),
                       slow=bool(int(flat[i + 2])), linger_ms=int(flat[i + 3]))
                 for i in range(0, len(flat), 4)]
@@ -469,7 +496,8 @@ class Queues:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
                                *flat)
-        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[2:]))
+        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[3:]),
+                         state_lost=bool(reply[2]))
                 for (lease, _), reply in zip(leases, replies, strict=True)]
 
     def hold_claims(self, claims: Mapping[tuple[str, int], Sequence[str]], *,
@@ -506,13 +534,18 @@ class Queues:
         return sorted(_text(w) for w in self._run(
             lambda: self.client.smembers(f"{self.prefix}:queued")))
 
-    def claim_epoch(self) -> bool:
-        """True the first time after Redis lost (or never had) notifier's state."""
-        return bool(self._run(lambda: self.client.set(f"{self.prefix}:epoch", "1", nx=True)))
+    def claim_rebuild(self, most_ms: int) -> bool:
+        """True when Redis lost (or never had) notifier's state and the caller is to rebuild it:
+        no one else is at it, or the one who was has not finished in ``most_ms``."""
+        return bool(self._script("claim_rebuild", most_ms))
 
-    def forget_epoch(self) -> None:
-        """Undo ``claim_epoch`` when the rebuild that followed it failed, so it runs again."""
-        self._run(lambda: self.client.delete(f"{self.prefix}:epoch"))
+    def rebuilt(self) -> None:
+        """The state is whole again (after ``claim_rebuild``): slots may be granted."""
+        self._script("rebuilt")
+
+    def forget_rebuild(self) -> None:
+        """Undo ``claim_rebuild`` when the rebuild that followed it failed, so it runs again."""
+        self._run(lambda: self.client.delete(f"{self.prefix}:rebuilding"))
 
     def waiting(self, webhook_id: str) -> int:
         return int(self._run(lambda: self.client.zcard(f"{self.prefix}:q:{webhook_id}")))

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from notifier.errors import StateLost
 from notifier.queues import Queues, Report
 
 pytestmark = pytest.mark.integration
@@ -16,6 +17,7 @@ LEASE = 10_000
 @pytest.fixture
 def queues(redis_url: str) -> Iterator[Queues]:
     made = Queues(redis_url, "t")
+    made.rebuilt()  # the state is whole, as the sweeper leaves it
     yield made
     made.client.close()
 
@@ -103,6 +105,7 @@ def test_a_lease_from_before_a_flush_never_gives_back_a_newer_leases_slot(
     fill(queues, "w", 1, 2)
     (old,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=1_000)
     queues.client.flushdb()  # Redis loses its state; the sweeper rebuilds the queue
+    queues.rebuilt()
     fill(queues, "w", 1, 2)
     (new,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=2_000)
 
@@ -230,17 +233,35 @@ def test_parked_retries_come_back_when_due(queues: Queues) -> None:
     assert queues.promote_due(2000) == ["w"] and queues.waiting("w") == 2
 
 
-def test_the_epoch_reports_a_lost_state_once(queues: Queues) -> None:
-    assert queues.claim_epoch()
-    assert not queues.claim_epoch()
+def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
+        queues: Queues) -> None:
+    assert not queues.claim_rebuild(60_000)  # whole
     queues.client.flushdb()
-    assert queues.claim_epoch()
+    with pytest.raises(StateLost):
+        queues.offer("w", 2, [("a", 1)], batch=1, lease_ms=LEASE, now_ms=0)
+    assert queues.waiting("w") == 1 and queues.queued_webhooks() == ["w"]  # kept for later
+
+    assert queues.claim_rebuild(60_000)
+    assert not queues.claim_rebuild(60_000)  # one rebuilds at a time
+    with pytest.raises(StateLost):  # and grants nothing until it is done
+        queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    queues.rebuilt()
+    (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    assert not queues.claim_rebuild(60_000)
+
+    queues.client.flushdb()
+    released = queues.release(lease, batch=1, lease_ms=LEASE, now_ms=1)
+    assert released.state_lost and released.leases == []
+    assert queues.claim_rebuild(60_000)
+    queues.forget_rebuild()  # that rebuild failed: the next one runs
+    assert queues.claim_rebuild(60_000)
 
 
 def test_live_claims_rebuilt_after_a_flush_count_against_the_cap(queues: Queues) -> None:
     (old,) = queues.offer("w", 2, [("a", 1), ("b", 2)], batch=2, lease_ms=LEASE, now_ms=1_000)
     queues.client.flushdb()  # its task claimed a and b (until 6 000) and is sending them
     queues.hold_claims({("w", 6_000): ["a", "b"], ("w", 900): ["gone"]}, now_ms=1_500)
+    queues.rebuilt()
     fill(queues, "w", 2, 6)
 
     (one,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2_000)

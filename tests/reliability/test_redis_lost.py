@@ -56,6 +56,22 @@ def test_a_redis_flushed_while_requests_are_open_keeps_the_cap(
     assert outcome.peak <= CAP, str(outcome)
 
 
+def test_events_arriving_before_the_rebuild_of_a_flushed_redis_keep_the_cap(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    sent = start(stack, receiver, database, "/arrive")
+    wait_until(lambda: stored_events(database) == EVENTS, 60, f"{EVENTS} events stored")
+    wait_until(lambda: len(receiver.at("/arrive")) >= 20
+               and requests_open(receiver, "/arrive", CAP),
+               90, f"{CAP} requests open after the first 20")
+    redis.Redis.from_url(stack.settings.redis_url).flushall()
+    # Ingest queues these at once, before the next sweep has rebuilt what Redis lost.
+    sent |= publish_events(stack, 50)
+
+    outcome = settle(stack, receiver, database, "/arrive", sent, cap=CAP)
+    assert outcome.arrived == EVENTS + 50 and outcome.left_open == 0
+    assert outcome.peak <= CAP, str(outcome)
+
+
 def test_a_redis_restarted_while_requests_are_open_keeps_the_cap(
         stack: Stack, receiver: Receiver, database: Database,
         restart_redis: Callable[[], None]) -> None:
