@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,14 +35,18 @@ def database(stack: Stack) -> Iterator[Database]:
 
 @pytest.fixture
 def restart_redis(redis_base: tuple[str, str]) -> Callable[[], None]:
-    """Restart the test Redis server on its loopback port, losing everything it held, and start
-    it again as it was started (its own binary, folder and log; no persistence)."""
+    """Restart the test Redis server on its loopback port, losing what it held unless it
+    persists it, and start it again as it was started (its binary, address, folder, log and
+    persistence options). Anything else using that server sees it go away for a moment."""
     if not redis_base[0].startswith("redis://127.0.0.1:"):
         pytest.skip("only a Redis server of its own on 127.0.0.1 is restarted by a test")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, decode_responses=True)
     server = client.info("server")
-    folder, logfile = client.config_get("dir")["dir"], client.config_get("logfile")["logfile"]
     port = str(server["tcp_port"])
+    # Started again with the options it runs with (a fresh one has no data: it lost its state).
+    options = []
+    for name in ("bind", "dir", "logfile", "save", "appendonly"):
+        options += [f"--{name}", client.config_get(name)[name]]
     client.close()
 
     def up() -> bool:
@@ -55,9 +60,8 @@ def restart_redis(redis_base: tuple[str, str]) -> Callable[[], None]:
         subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], check=False,
                        capture_output=True, timeout=30)
         wait_until(lambda: not up(), 30, "Redis to stop")
-        subprocess.run([server["executable"], "--daemonize", "yes", "--bind", "127.0.0.1",
-                        "--port", port, "--save", "", "--appendonly", "no", "--dir", folder,
-                        "--logfile", logfile], check=True, timeout=30)
+        subprocess.run([server["executable"], "--daemonize", "yes", "--port", port, *options],
+                       check=True, timeout=30)
         wait_until(up, 30, "Redis to start again")
 
     return restart
@@ -99,18 +103,23 @@ class Outcome:
     left_open: int
     peak: int
     cap: int
+    # From the fault until every due delivery arrived and none was left open.
+    settled_s: float
 
     def __str__(self) -> str:
         return (f"{self.arrived} of {self.due} due arrived, {self.duplicates} duplicates, "
-                f"{self.left_open} left open, peak {self.peak} (cap {self.cap})")
+                f"{self.left_open} left open, peak {self.peak} (cap {self.cap}), "
+                f"settled {self.settled_s:.1f} s after the fault")
 
 
 def settle(stack: Stack, receiver: Receiver, database: Database, path: str, sent: set[str], *,
-           cap: int, timeout: float = 150) -> Outcome:
+           cap: int, fault_at: float, timeout: float = 150) -> Outcome:
     """Wait until every event of ``sent`` arrived at ``path`` and no delivery is left open, then
-    say what the receiver saw. Duplicates carry the same ``webhook-id`` as their first."""
+    say what the receiver saw. Duplicates carry the same ``webhook-id`` as their first.
+    ``fault_at``: when the fault was made (``time.monotonic()``)."""
     receiver.wait_for(len(sent), path, timeout=timeout, unique=True)
     wait_until(lambda: open_deliveries(database) == 0, 60, "every delivery in a final state")
+    settled_s = time.monotonic() - fault_at
     with receiver.lock:
         got = [r for r in receiver.requests if r.path == path]
         peak, still_open = receiver.peak[path], receiver.in_flight[path]
@@ -121,6 +130,6 @@ def settle(stack: Stack, receiver: Receiver, database: Database, path: str, sent
         assert by_id.setdefault(r.headers["webhook-id"], json.loads(r.body)["eventId"]) == (
             json.loads(r.body)["eventId"])
     outcome = Outcome(len(sent), len(by_id), len(got) - len(by_id),
-                      open_deliveries(database) + still_open, peak, cap)
+                      open_deliveries(database) + still_open, peak, cap, settled_s)
     print(outcome)  # the figures of the fault table (pytest -s)
     return outcome
