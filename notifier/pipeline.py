@@ -398,15 +398,34 @@ class _Task:
             claimed[owner[item.id]].append(item)
         if claim.claimed:  # one statement: one lease_until_ms for all
             self.claimed_until = claim.claimed[0].lease_until_ms
+        targets = store.targets(
+            services.db, services.vault,
+            (lease.webhook_id for lease, mine in zip(self._held, claimed, strict=True) if mine),
+            now_ms=now_ms())
+        if claim.claimed:
+            self._give_back_lost(claimed, targets)
         sending = [(lease, tuple(mine)) for lease, mine in zip(self._held, claimed, strict=True)
                    if mine]
-        targets = store.targets(services.db, services.vault,
-                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms())
         # The reference data every enrichment of the task needs, one query per kind.
         prefetch(((item.event, targets[lease.webhook_id].options) for lease, mine in sending
                   if targets[lease.webhook_id].active for item in mine), services.lookups)
         return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id))
                 for lease, mine in zip(self._held, claimed, strict=True)]
+
+    def _give_back_lost(self, claimed: list[list[store.Claimed]],
+                        targets: Mapping[str, store.Target]) -> None:
+        """Give back the claims of leases that Redis lost since they were taken (flushed,
+        restarted): a rebuild that read the database before these claims did not count them,
+        and may have granted the slots their requests would exceed. A lease still held now is
+        safe to send: a loss after this finds its claims in the database."""
+        services = self.services
+        still = services.queues.still_held(self._held, now_ms=now_ms())
+        for index, (lease, held) in enumerate(zip(self._held, still, strict=True)):
+            if not held and claimed[index]:
+                log.info("webhook %s: Redis lost the lease of %d delivery(ies) since its task "
+                         "took it; they are queued again", lease.webhook_id, len(claimed[index]))
+                _give_back(services, lease.webhook_id, targets[lease.webhook_id], claimed[index])
+                claimed[index] = []
 
     def _next(self, hand_on: HandOn) -> _Lot | None:
         """The next lot to send; None when none is left (or the rest were handed on)."""

@@ -190,6 +190,17 @@ end
 return 1
 """
 
+# Whether each lease is still held (present and not expired).
+_HOLDING = """
+local p, now = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 2 do
+  local expiry = redis.call('ZSCORE', p .. ':slots:' .. ARGV[i], ARGV[i + 1])
+  out[#out + 1] = (expiry and tonumber(expiry) >= now) and 1 or 0
+end
+return out
+"""
+
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
 # up at once, easing down by 30% per faster batch) and since when it has been failing (the
 # first failed attempt after its last success), then dispatch what waits. A task's claim mark
@@ -392,6 +403,7 @@ class Queues:
                 name: self._client.register_script(source)
                 for name, source in (("dispatch", _DISPATCH), ("take", _TAKE),
                                      ("release", _RELEASE), ("hold_claims", _HOLD_CLAIMS),
+                                     ("holding", _HOLDING),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE),
                                      ("state", _STATE), ("count", _COUNT),
@@ -471,6 +483,13 @@ class Queues:
                 replace(lease, delivery_ids=tuple(i for i in _text(items).split(",") if i),
                         linger_ms=0)
                 for lease, items in zip(leases, taken, strict=True)]
+
+    def still_held(self, leases: Sequence[Lease], *, now_ms: int) -> list[bool]:
+        """Whether each lease still holds its slot (not given back, expired, or lost by Redis)."""
+        flat: list[Any] = []
+        for lease in leases:
+            flat += [lease.webhook_id, lease.token]
+        return [bool(held) for held in self._script("holding", now_ms, *flat)] if flat else []
 
     def release(self, lease: Lease, report: Report = Report(), *, batch: int, lease_ms: int,
                 now_ms: int, claimed_until: int | None = None) -> Released:
