@@ -560,11 +560,17 @@ def rebuild(services: Services) -> int:
     return len(work)
 
 
+# While one process rebuilds a lost Redis, the others dispatch nothing: one that died at it
+# holds them up this long at most. One that outlasts it is joined by a second rebuild, which
+# keeps the cap: a rebuild only adds (at worst a slot for a claim just ended, until it expires).
+_REBUILD_MOST_MS = 30_000
+
+
 def _rebuild_if_lost(services: Services) -> int | None:
     """``rebuild`` a Redis that lost its state, unless another process is at it; then let it
     grant slots again. Returns how many deliveries were rebuilt; None when it was not lost, or
     another process rebuilds it."""
-    if not services.queues.claim_rebuild(services.lease_ms):
+    if not services.queues.claim_rebuild(_REBUILD_MOST_MS):
         return None
     try:
         rebuilt = rebuild(services)
