@@ -21,7 +21,11 @@ EVENTS = 300
 
 def start(stack: Stack, receiver: Receiver, database: Database, path: str) -> set[str]:
     """A capped webhook answering after 0.3 s, so that its requests overlap, fed by enough
-    worker threads to open more than its cap at once; returns the events, all stored."""
+    worker threads to open more than its cap at once; returns the events published.
+
+    Returns once they are all stored (the fault wipes the broker too) and the cap's worth of
+    requests is open at the receiver: their claims are live, and their tasks carry on after
+    the fault."""
     hook(stack, database, receiver, path, cap=CAP)
     receiver.hold(path, 0.3)
     # 0.3 s answers keep the webhook in the slow lane: twelve threads, more than the cap.
@@ -33,7 +37,11 @@ def start(stack: Stack, receiver: Receiver, database: Database, path: str) -> se
     stack.worker("w1", concurrency=2, queues="notifier,notifier.deliver")
     stack.worker("slow", pool="threads", concurrency=12, queues="notifier.slow")
     stack.beat()
-    return publish_events(stack, EVENTS)
+    sent = publish_events(stack, EVENTS)
+    wait_until(lambda: stored_events(database) == EVENTS, 60, f"{EVENTS} events stored")
+    wait_until(lambda: len(receiver.at(path)) >= 20 and requests_open(receiver, path, CAP),
+               90, f"{CAP} requests open after the first 20")
+    return sent
 
 
 def requests_open(receiver: Receiver, path: str, count: int) -> bool:
@@ -44,11 +52,6 @@ def requests_open(receiver: Receiver, path: str, count: int) -> bool:
 def test_a_redis_flushed_while_requests_are_open_keeps_the_cap(
         stack: Stack, receiver: Receiver, database: Database) -> None:
     sent = start(stack, receiver, database, "/flush")
-    # Flush once the events are stored (the broker goes too) and the cap's worth of requests
-    # is open at the receiver: their claims are live, and their tasks carry on after it.
-    wait_until(lambda: stored_events(database) == EVENTS, 60, f"{EVENTS} events stored")
-    wait_until(lambda: len(receiver.at("/flush")) >= 20 and requests_open(receiver, "/flush", CAP),
-               90, f"{CAP} requests open after the first 20")
     fault_at = time.monotonic()
     redis.Redis.from_url(stack.settings.redis_url).flushall()
 
@@ -60,13 +63,9 @@ def test_a_redis_flushed_while_requests_are_open_keeps_the_cap(
 def test_events_arriving_before_the_rebuild_of_a_flushed_redis_keep_the_cap(
         stack: Stack, receiver: Receiver, database: Database) -> None:
     sent = start(stack, receiver, database, "/arrive")
-    wait_until(lambda: stored_events(database) == EVENTS, 60, f"{EVENTS} events stored")
-    wait_until(lambda: len(receiver.at("/arrive")) >= 20
-               and requests_open(receiver, "/arrive", CAP),
-               90, f"{CAP} requests open after the first 20")
     fault_at = time.monotonic()
     redis.Redis.from_url(stack.settings.redis_url).flushall()
-    # Ingest queues these at once, before the next sweep has rebuilt what Redis lost.
+    # Ingest offers these at once, before beat's next sweep: slots are asked for before any rebuild.
     sent |= publish_events(stack, 50)
 
     outcome = settle(stack, receiver, database, "/arrive", sent, cap=CAP, fault_at=fault_at)
@@ -78,10 +77,6 @@ def test_a_redis_restarted_while_requests_are_open_keeps_the_cap(
         stack: Stack, receiver: Receiver, database: Database,
         restart_redis: Callable[[], None]) -> None:
     sent = start(stack, receiver, database, "/restart")
-    wait_until(lambda: stored_events(database) == EVENTS, 60, f"{EVENTS} events stored")
-    wait_until(lambda: len(receiver.at("/restart")) >= 20
-               and requests_open(receiver, "/restart", CAP),
-               90, f"{CAP} requests open after the first 20")
     fault_at = time.monotonic()
     restart_redis()  # queues, slots and broker all lost, and Redis away for a moment
     print(f"Redis restarted in {time.monotonic() - fault_at:.2f} s")
