@@ -14,6 +14,7 @@
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
+        ├── StateLost           Redis lost notifier's state: nothing is dispatched until rebuilt
         └── DeliveryInterrupted a delivery task stopped by one of those (or its time limit);
                                 what to carry on with
 
@@ -43,6 +44,7 @@ __all__ = [
     "NotFound",
     "NotifierError",
     "QueueUnavailable",
+    "StateLost",
     "StoreRefused",
     "StoreUnavailable",
     "TooLarge",
@@ -140,6 +142,13 @@ class QueueUnavailable(TransientError):
     """Redis (queues, slots, retry times) could not be reached."""
 
     public = "Redis (queues and slots) is unavailable; try again shortly"
+
+
+class StateLost(TransientError):
+    """Redis lost notifier's state (flushed, restarted) and it is not rebuilt from the database
+    yet: no slot is granted until it is, or the requests still open would not be counted."""
+
+    public = "Redis (queues and slots) is being rebuilt; try again shortly"
 
 
 class DeliveryInterrupted(TransientError):

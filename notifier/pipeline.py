@@ -28,7 +28,7 @@ from config import Settings
 from notifier import faults, store, webhooks
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import DeliveryInterrupted, TransientError
+from notifier.errors import DeliveryInterrupted, StateLost, TransientError
 from notifier.logs import iso_ms
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
@@ -64,6 +64,7 @@ __all__ = [
     "limit_changed",
     "pump",
     "rebuild",
+    "recover",
     "reject_for_good",
     "render",
     "replay",
@@ -138,14 +139,19 @@ def _enqueue(services: Services, queued: Iterable[store.Queued]) -> None:
 def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) -> int:
     """Queue deliveries and send a lease for every free slot of their webhooks; returns how
     many leases were sent."""
-    sent = 0
+    sent, lost = 0, False
     for webhook_id, items in _by_webhook(queued).items():
-        for lease in services.queues.offer(
+        try:
+            leases = services.queues.offer(
                 webhook_id, items[0].limit, [(i.delivery_id, i.score) for i in items],
-                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms()):
+                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms())
+        except StateLost:  # queued all the same; they go once Redis is rebuilt
+            lost = True
+            continue
+        for lease in leases:
             send(lease)
             sent += 1
-    return sent
+    return sent + (recover(services, send) if lost else 0)
 
 
 def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
@@ -247,7 +253,15 @@ def _count(services: Services, tally: Tally) -> None:
 
 
 def pump(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:
-    """Hand every free slot of these webhooks a batch of their queue; returns leases sent."""
+    """Hand every free slot of these webhooks a batch of their queue; returns leases sent.
+    A Redis that lost its state is rebuilt first (``recover``)."""
+    try:
+        return _dispatch(services, webhook_ids, send)
+    except StateLost:
+        return recover(services, send)
+
+
+def _dispatch(services: Services, webhook_ids: Iterable[str], send: SendLease) -> int:
     sent = 0
     for webhook_id in webhook_ids:
         for lease in services.queues.dispatch(
@@ -420,9 +434,7 @@ class _Task:
         taken = services.queues.take_many(self._held, batch=batch, now_ms=now_ms())
         for lease, held in zip(self._held, taken, strict=True):
             if held is None:  # given back or expired: the webhook's queue goes on without it
-                for following in services.queues.dispatch(
-                        lease.webhook_id, batch=batch, lease_ms=lease_ms, now_ms=now_ms()):
-                    send(following)
+                pump(services, [lease.webhook_id], send)
         self._held = [lease for lease in taken if lease is not None]
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
@@ -437,7 +449,8 @@ class _Task:
                     done.append((lot, self._send(lot)))
                     lot = self._next(hand_on)
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
-                                                batch=batch, lease_ms=lease_ms, now_ms=now_ms())
+                                                batch=batch, lease_ms=lease_ms, now_ms=now_ms(),
+                                                claimed_until=self.claimed_until)
         with self._lock:
             self._held = []
         for (lot, report), given_back in zip(done, released, strict=True):
@@ -445,6 +458,8 @@ class _Task:
                 send(following)
             if report.failing_since_ms and lot.target is not None:
                 self._disable_if_failing_too_long(lot.target, given_back.failing_since_ms)
+        if any(given_back.state_lost for given_back in released):
+            recover(services, send)
 
     def _send(self, lot: _Lot) -> Report:
         """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
@@ -504,12 +519,15 @@ class _Task:
             claimed[owner[item.id]].append(item)
         if claim.claimed:  # one statement: one lease_until_ms for all
             self.claimed_until = claim.claimed[0].lease_until_ms
+        unready: dict[str, Exception] = {}
+        targets = store.targets(
+            services.db, services.vault,
+            (lease.webhook_id for lease, mine in zip(self._held, claimed, strict=True) if mine),
+            now_ms=now_ms(), faults=unready)
+        if claim.claimed:
+            self._give_back_lost(claimed, targets)
         sending = [(lease, tuple(mine)) for lease, mine in zip(self._held, claimed, strict=True)
                    if mine]
-        unready: dict[str, Exception] = {}
-        targets = store.targets(services.db, services.vault,
-                                (lease.webhook_id for lease, _ in sending), now_ms=now_ms(),
-                                faults=unready)
         ready = [(targets[lease.webhook_id], mine) for lease, mine in sending
                  if lease.webhook_id in targets]
         try:
@@ -524,6 +542,22 @@ class _Task:
         return [_Lot(lease, tuple(mine), targets.get(lease.webhook_id),
                      unready.get(lease.webhook_id))
                 for lease, mine in zip(self._held, claimed, strict=True)]
+
+    def _give_back_lost(self, claimed: list[list[store.Claimed]],
+                        targets: Mapping[str, store.Target]) -> None:
+        """Give back the claims of leases that Redis lost since they were taken (flushed,
+        restarted): a rebuild that read the database before these claims did not count them,
+        and may have granted the slots their requests would exceed. A lease still held now is
+        safe to send: a loss after this finds its claims in the database."""
+        services = self.services
+        still = services.queues.still_held(self._held, now_ms=now_ms())
+        for index, (lease, held) in enumerate(zip(self._held, still, strict=True)):
+            # A lease whose webhook cannot be made ready sends nothing: it fails on its own.
+            if not held and claimed[index] and lease.webhook_id in targets:
+                log.info("webhook %s: Redis lost the lease of %d delivery(ies) since its task "
+                         "took it; they are queued again", lease.webhook_id, len(claimed[index]))
+                _give_back(services, lease.webhook_id, targets[lease.webhook_id], claimed[index])
+                claimed[index] = []
 
     def _next(self, hand_on: HandOn) -> _Lot | None:
         """The next lot to send; None when none is left (or the rest were handed on)."""
@@ -675,29 +709,68 @@ class SweepReport:
 
 
 def rebuild(services: Services) -> int:
-    """Put every unfinished delivery of the database back into Redis; returns how many."""
+    """Put every unfinished delivery of the database back into Redis; returns how many.
+
+    Deliveries whose claim is live are not queued: an earlier send of them may still be open.
+    Their claims take slots first, before any is granted, so the cap counts the requests still
+    open; each slot lasts until its claim expires (or its task gives it back), and then what it
+    carried is queued again, as for any lease.
+    """
     work = store.open_work(services.db)
-    parked = [(q.webhook_id, q.delivery_id, due) for q, status, due in work
-              if status == DeliveryStatus.RETRYING and due is not None]
+    now = now_ms()
+    claims: dict[tuple[str, int], list[str]] = defaultdict(list)
+    parked, waiting = [], []
+    for item in work:
+        queued, until = item.queued, item.claimed_until_ms
+        if item.status == DeliveryStatus.IN_FLIGHT and until is not None and until > now:
+            claims[(queued.webhook_id, until)].append(queued.delivery_id)
+        elif item.status == DeliveryStatus.RETRYING and item.due_ms is not None:
+            parked.append((queued.webhook_id, queued.delivery_id, item.due_ms))
+        else:
+            waiting.append(queued)
+    services.queues.hold_claims(claims, now_ms=now)
     services.queues.park(parked)
-    _enqueue(services, [q for q, status, due in work
-                        if not (status == DeliveryStatus.RETRYING and due is not None)])
+    _enqueue(services, waiting)
     return len(work)
+
+
+# While one process rebuilds a lost Redis, the others dispatch nothing: one that died at it
+# holds them up this long at most. One that outlasts it is joined by a second rebuild, which
+# keeps the cap: a rebuild only adds (at worst a slot for a claim just ended, until it expires).
+_REBUILD_MOST_MS = 30_000
+
+
+def _rebuild_if_lost(services: Services) -> int | None:
+    """``rebuild`` a Redis that lost its state, unless another process is at it; then let it
+    grant slots again. Returns how many deliveries were rebuilt; None when it was not lost, or
+    another process rebuilds it."""
+    if not services.queues.claim_rebuild(_REBUILD_MOST_MS):
+        return None
+    try:
+        rebuilt = rebuild(services)
+        services.queues.rebuilt()
+    except BaseException:
+        services.queues.forget_rebuild()
+        raise
+    return rebuilt
+
+
+def recover(services: Services, send: SendLease) -> int:
+    """Redis lost its state (``StateLost``): rebuild it from the database unless another
+    process is at it (which pumps after), then pump every queue with work waiting. Returns the
+    leases sent."""
+    if _rebuild_if_lost(services) is None:
+        return 0
+    try:
+        return _dispatch(services, services.queues.queued_webhooks(), send)
+    except StateLost:  # lost again meanwhile: whoever dispatches next rebuilds it
+        return 0
 
 
 def sweep(services: Services, send: SendLease) -> SweepReport:
     """Beat's frequent pass: rebuild a flushed Redis, bring back due retries and lost leases,
     and pump every queue with work waiting."""
-    rebuilt = 0
-    # A rebuild claims Redis for a slot lease's time: a rebuild that outlasts it may get a
-    # second one beside it, which only adds again what is already there.
-    if services.queues.claim_epoch(services.lease_ms):
-        try:
-            rebuilt = rebuild(services)
-        except BaseException:
-            services.queues.forget_epoch()
-            raise
-        services.queues.mark_rebuilt()
+    rebuilt = _rebuild_if_lost(services) or 0
     now = now_ms()
     promoted = services.queues.promote_due(now)
     expired = services.queues.expire_leases(now)

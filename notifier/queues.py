@@ -5,7 +5,9 @@ Keys, under the configured prefix ``P``:
 - ``P:q:<webhook>``   sorted set of waiting delivery ids, scored by time (FIFO-ish)
 - ``P:queued``        set of webhooks whose queue is not empty (the sweeper pumps them)
 - ``P:limit``         hash webhook -> maxAllowedConnections
-- ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry
+- ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry; after Redis lost its
+                      state, also ``claim-<expiry>``: the slot of a claim the database holds
+                      live, rebuilt from it (``hold_claims``)
 - ``P:leases``        every lease ``webhook|token`` by expiry, with its deliveries in ``P:lease:items``
 - ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
                       (for at most 10 s: then it is presumed lost and another may be dispatched)
@@ -14,7 +16,9 @@ Keys, under the configured prefix ``P``:
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
 - ``P:recheck``       deliveries under another task's claim ``webhook|delivery``, by when it
                       would run out: looked at again then, in case its holder died
-- ``P:epoch``         set once; its absence means Redis lost its state and the database rebuilds it
+- ``P:epoch``         set once the state is whole; its absence means Redis lost its state (or
+                      never had it): no slot is granted until the database has rebuilt it
+- ``P:rebuilding``    held (with an expiry) by the one process rebuilding the state
 - ``P:metrics``       hash of counters the workers add to (``notifier.metrics``)
 
 A lease is one connection slot: a delivery task holds it while it POSTs its batch over one
@@ -40,7 +44,7 @@ from typing import Any, TypeVar
 import redis
 import redis.exceptions
 
-from notifier.errors import QueueUnavailable
+from notifier.errors import QueueUnavailable, StateLost
 
 __all__ = ["Lease", "QueueState", "Queues", "Released", "Report"]
 
@@ -59,6 +63,9 @@ end
 
 _DISPATCH_FN = """
 local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
+  -- A Redis that lost its state grants nothing (false) until it is rebuilt: the requests of the
+  -- database's live claims may still be open, and only the rebuild counts them.
+  if redis.call('EXISTS', p .. ':epoch') == 0 then return false end
   local q, slots = p .. ':q:' .. wh, p .. ':slots:' .. wh
   local limit = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
   -- Expired leases do not count: their holder is presumed dead, and the sweeper re-queues
@@ -176,22 +183,63 @@ for i = 4, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now)
 return out
 """
 
+# A slot rebuilt from a live claim of the database, named after the claim's expiry (see
+# Queues.hold_claims). Never the name of a lease (those begin with a digit).
+_CLAIM_SLOT_FN = """
+local function claim_slot(wh, expiry)
+  return 'claim-' .. expiry, wh .. '|claim-' .. expiry
+end
+"""
+
+_HOLD_CLAIMS = _CLAIM_SLOT_FN + """
+local p, now = ARGV[1], tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
+  local wh, expiry, items = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if tonumber(expiry) > now then
+    local token, member = claim_slot(wh, expiry)
+    redis.call('ZADD', p .. ':slots:' .. wh, expiry, token)
+    redis.call('ZADD', p .. ':leases', expiry, member)
+    redis.call('HSET', p .. ':lease:items', member, items)
+  end
+end
+return 1
+"""
+
+# Whether each lease is still held (present and not expired).
+_HOLDING = """
+local p, now = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 2 do
+  local expiry = redis.call('ZSCORE', p .. ':slots:' .. ARGV[i], ARGV[i + 1])
+  out[#out + 1] = (expiry and tonumber(expiry) >= now) and 1 or 0
+end
+return out
+"""
+
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
 # up at once, easing down by 30% per faster batch) and since when it has been failing (the
-# first failed attempt after its last success), then dispatch what waits. Each reply: whether
-# the slot was still held, the webhook's failing mark (0: none), then the dispatched leases.
-_RELEASE = _STARTED_FN + _DISPATCH_FN + """
+# first failed attempt after its last success), then dispatch what waits. A task's claim mark
+# (0: none) also gives back the slot rebuilt from its claim, if Redis lost its state meanwhile.
+# Each reply: whether the slot was still held, the webhook's failing mark (0: none), whether
+# Redis lost its state (nothing dispatched), then the dispatched leases.
+_RELEASE = _STARTED_FN + _DISPATCH_FN + _CLAIM_SLOT_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger, fast = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local marks = p .. ':failing'
 local out = {}
-for i = 8, #ARGV, 5 do
+for i = 8, #ARGV, 6 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
   redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
   started(p, wh, token)
   local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
+  if ARGV[i + 5] ~= '0' then
+    local claimed, member = claim_slot(wh, ARGV[i + 5])
+    redis.call('ZREM', p .. ':slots:' .. wh, claimed)
+    redis.call('ZREM', p .. ':leases', member)
+    redis.call('HDEL', p .. ':lease:items', member)
+  end
   if took >= 0 then
     local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
     redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
@@ -202,6 +250,9 @@ for i = 8, #ARGV, 5 do
     redis.call('HSETNX', marks, wh, failing)
   end
   local released = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
+  local lost = 0
+  if not released then released, lost = {}, 1 end
+  table.insert(released, 1, lost)
   table.insert(released, 1, tonumber(redis.call('HGET', marks, wh) or '0'))
   table.insert(released, 1, held)
   out[#out + 1] = released
@@ -256,6 +307,17 @@ end
 return out
 """
 
+
+_CLAIM_REBUILD = """
+if redis.call('EXISTS', ARGV[1] .. ':epoch') == 1 then return 0 end
+return redis.call('SET', ARGV[1] .. ':rebuilding', '1', 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+_REBUILT = """
+redis.call('SET', ARGV[1] .. ':epoch', '1')
+redis.call('DEL', ARGV[1] .. ':rebuilding')
+return 1
+"""
 
 _COUNT = """
 for i = 2, #ARGV, 2 do redis.call('HINCRBY', ARGV[1] .. ':metrics', ARGV[i], ARGV[i + 1]) end
@@ -319,6 +381,8 @@ class Released:
     held: bool
     failing_since_ms: int
     leases: list[Lease]
+    # Redis lost its state and is not rebuilt yet: nothing was dispatched (see StateLost).
+    state_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -359,10 +423,12 @@ class Queues:
             self._scripts = {
                 name: self._client.register_script(source)
                 for name, source in (("dispatch", _DISPATCH), ("take", _TAKE),
-                                     ("release", _RELEASE),
+                                     ("release", _RELEASE), ("hold_claims", _HOLD_CLAIMS),
+                                     ("holding", _HOLDING),
                                      ("enqueue", _ENQUEUE), ("offer", _OFFER),
                                      ("promote", _PROMOTE), ("expire", _EXPIRE),
-                                     ("state", _STATE), ("count", _COUNT))
+                                     ("state", _STATE), ("count", _COUNT),
+                                     ("claim_rebuild", _CLAIM_REBUILD), ("rebuilt", _REBUILT))
             }
             self._pid = os.getpid()
         return self._client
@@ -387,7 +453,8 @@ class Queues:
 
     def offer(self, webhook_id: str, limit: int, items: Iterable[tuple[str, int]], *, batch: int,
               lease_ms: int, now_ms: int) -> list[Lease]:
-        """``enqueue`` then ``dispatch``, in one call."""
+        """``enqueue`` then ``dispatch``, in one call. ``StateLost`` (the deliveries queued, none
+        dispatched) while Redis has lost its state and is not rebuilt."""
         flat: list[Any] = []
         for delivery_id, score in items:
             flat += [delivery_id, score]
@@ -403,13 +470,17 @@ class Queues:
 
         Leases are full batches while the queue holds enough; of a short batch there is one at
         a time per webhook, which gathers what queues until its task starts (see ``take``).
+        ``StateLost`` while Redis has lost its state and is not rebuilt.
         """
         return self._leases(webhook_id, self._script(
             "dispatch", webhook_id, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
             self.fast_leases))
 
     @staticmethod
-    def _leases(webhook_id: str, flat: list[Any]) -> list[Lease]:
+    def _leases(webhook_id: str, flat: list[Any] | None) -> list[Lease]:
+        if flat is None:
+            raise StateLost(f"webhook {webhook_id}: Redis lost its state; nothing is dispatched "
+                            "until it is rebuilt from the database")
         return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")),
                       slow=bool(int(flat[i + 2])), linger_ms=int(flat[i + 3]))
                 for i in range(0, len(flat), 4)]
@@ -435,30 +506,56 @@ class Queues:
                         linger_ms=0)
                 for lease, items in zip(leases, taken, strict=True)]
 
+    def still_held(self, leases: Sequence[Lease], *, now_ms: int) -> list[bool]:
+        """Whether each lease still holds its slot (not given back, expired, or lost by Redis)."""
+        flat: list[Any] = []
+        for lease in leases:
+            flat += [lease.webhook_id, lease.token]
+        return [bool(held) for held in self._script("holding", now_ms, *flat)] if flat else []
+
     def release(self, lease: Lease, report: Report = Report(), *, batch: int, lease_ms: int,
-                now_ms: int) -> Released:
+                now_ms: int, claimed_until: int | None = None) -> Released:
         """Give a slot back, then dispatch the webhook's queue, in one call.
 
         ``report`` is what the lease's batch did: its slowest response decides which lane the
         webhook's next leases take, and its failures mark since when the webhook has been
         failing. ``held`` is False when the lease had already expired (the sweeper took it back).
+        ``claimed_until`` is the mark of the task's claims (``store.Claimed.lease_until_ms``):
+        the slot rebuilt from them (``hold_claims``), if any, is given back too.
         """
         return self.release_many([(lease, report)], batch=batch, lease_ms=lease_ms,
-                                 now_ms=now_ms)[0]
+                                 now_ms=now_ms, claimed_until=claimed_until)[0]
 
     def release_many(self, leases: Sequence[tuple[Lease, Report]], *, batch: int, lease_ms: int,
-                     now_ms: int) -> list[Released]:
+                     now_ms: int, claimed_until: int | None = None) -> list[Released]:
         """``release`` for several ``(lease, report)`` (of one delivery task), in one call."""
         flat: list[Any] = []
         for lease, report in leases:
             flat += [lease.webhook_id, lease.token, report.took_ms, int(report.delivered),
-                     report.failing_since_ms]
+                     report.failing_since_ms, claimed_until or 0]
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
                                self.fast_leases, *flat)
-        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[2:]))
+        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[3:]),
+                         state_lost=bool(reply[2]))
                 for (lease, _), reply in zip(leases, replies, strict=True)]
+
+    def hold_claims(self, claims: Mapping[tuple[str, int], Sequence[str]], *,
+                    now_ms: int) -> None:
+        """Count live claims of the database against their webhooks' caps: one slot for each
+        ``(webhook, claim expiry)``, carrying its deliveries, until that expiry.
+
+        For a Redis that lost its state while requests were open: their tasks carry on, so their
+        slots must be taken before any is granted. A task gives its claim's slot back with its
+        own (``release``'s ``claimed_until``); one whose task died expires with the claim, and
+        the sweeper re-queues what it carried, as for any lease.
+        """
+        flat: list[Any] = []
+        for (webhook_id, expiry), delivery_ids in claims.items():
+            flat += [webhook_id, expiry, ",".join(delivery_ids)]
+        if flat:
+            self._script("hold_claims", now_ms, *flat)
 
     def park(self, webhooks_and_ids: Sequence[tuple[str, str, int]]) -> None:
         """Park retries ``(webhook, delivery, due_ms)`` until due; the sweeper brings them back."""
@@ -491,22 +588,18 @@ class Queues:
         return sorted(_text(w) for w in self._run(
             lambda: self.client.smembers(f"{self.prefix}:queued")))
 
-    def claim_epoch(self, lease_ms: int) -> bool:
-        """True when Redis lost (or never had) notifier's state and no one is rebuilding it:
-        the caller is to rebuild, then call ``mark_rebuilt``. The claim lasts ``lease_ms``, so
-        the process of a rebuild killed midway (no ``forget_epoch``) leaves it to a later
-        sweep instead of stranding what it had not put back."""
-        return bool(self._run(lambda: self.client.set(
-            f"{self.prefix}:epoch", "rebuilding", nx=True, px=lease_ms)))
+    def claim_rebuild(self, most_ms: int) -> bool:
+        """True when Redis lost (or never had) notifier's state and the caller is to rebuild it:
+        no one else is at it, or the one who was has not finished in ``most_ms``."""
+        return bool(self._script("claim_rebuild", most_ms))
 
-    def mark_rebuilt(self) -> None:
-        """The rebuild after ``claim_epoch`` is done: the state is whole for good. Only while
-        the claim stands (XX): a flush during the rebuild leaves it to the next sweep."""
-        self._run(lambda: self.client.set(f"{self.prefix}:epoch", "1", xx=True))
+    def rebuilt(self) -> None:
+        """The state is whole again (after ``claim_rebuild``): slots may be granted."""
+        self._script("rebuilt")
 
-    def forget_epoch(self) -> None:
-        """Undo ``claim_epoch`` when the rebuild that followed it failed, so it runs again."""
-        self._run(lambda: self.client.delete(f"{self.prefix}:epoch"))
+    def forget_rebuild(self) -> None:
+        """Undo ``claim_rebuild`` when the rebuild that followed it failed, so it runs again."""
+        self._run(lambda: self.client.delete(f"{self.prefix}:rebuilding"))
 
     def waiting(self, webhook_id: str) -> int:
         return int(self._run(lambda: self.client.zcard(f"{self.prefix}:q:{webhook_id}")))

@@ -71,6 +71,7 @@ __all__ = [
     "DeadLetterView",
     "Finished",
     "IngestOutcome",
+    "OpenDelivery",
     "Queued",
     "Target",
     "check_event_size",
@@ -781,15 +782,29 @@ def _record_and_move_statement() -> Any:
     return _move_statement().add_cte(_record_statement().cte("attempt"))
 
 
-def open_work(db: Database) -> list[tuple[Queued, str, int | None]]:
-    """Every unfinished delivery with its status and due time: what Redis must hold."""
+@dataclass(frozen=True)
+class OpenDelivery:
+    """An unfinished delivery, as Redis must hold it after losing its state."""
+
+    queued: Queued
+    status: str
+    # When a parked retry is due.
+    due_ms: int | None
+    # The expiry of the claim that holds it (in flight): until then an earlier send of it may
+    # still be open, and its claim counts against the webhook's cap.
+    claimed_until_ms: int | None
+
+
+def open_work(db: Database) -> list[OpenDelivery]:
+    """Every unfinished delivery with its status, due time and claim: what Redis must hold."""
     with db.session() as session:
         rows = session.execute(
             select(Delivery.webhook_id, Webhook.max_allowed_connections, Delivery.id,
-                   Delivery.ingested_at_ms, Delivery.status, Delivery.next_attempt_at_ms)
+                   Delivery.ingested_at_ms, Delivery.status, Delivery.next_attempt_at_ms,
+                   Delivery.lease_until_ms)
             .join(Webhook, Webhook.id == Delivery.webhook_id)
             .where(Delivery.status.not_in(FINAL_STATUSES))).all()
-    return [(Queued(r[0], r[1], r[2], r[3]), r[4], r[5]) for r in rows]
+    return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), r[4], r[5], r[6]) for r in rows]
 
 
 def flag_sla_breaches(db: Database, *, now_ms: int) -> int:

@@ -35,6 +35,7 @@ task_ignore_result = True
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# Except in a pool that cannot stop a task (threads): see tasks.app.
 worker_cancel_long_running_tasks_on_connection_loss = True
 # A delivery task is stopped (soft limit: its leases carry on in a retry) and then killed (hard
 # limit) before its slot lease can expire: config checks lease > hard > soft > longest task, so

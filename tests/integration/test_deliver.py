@@ -114,7 +114,8 @@ def test_a_task_claims_reads_and_gives_back_once_for_all_its_leases(
     # Five leases cost four attempts more than one: the claim, the webhooks' read and the
     # slots' take and give-back are the task's, once, not each lease's.
     assert spread.statements == single.statements + 4 * per_attempt
-    assert spread.scripts == single.scripts == double.scripts == 3  # take, give back, count
+    # take, check the slots still held once claimed (see _give_back_lost), give back, count
+    assert spread.scripts == single.scripts == double.scripts == 4
 
 
 def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
@@ -193,3 +194,28 @@ def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
     # Every delivery has ended: no retry is parked. The second task's look again when the
     # first claim would run out (were its holder to die) is kept, as a re-check.
     assert (state.parked, state.rechecks) == (0, 1)
+def test_a_task_whose_lease_redis_lost_before_its_claim_sends_nothing_and_requeues(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (lease,) = leases_of(services, receiver, 1, webhooks=1, events=2)
+    rebuilt: list[Lease] = []
+    claim = store.claim
+
+    def lost_and_rebuilt_before_the_claim(*args: Any, **kwargs: Any) -> Any:
+        # Redis loses its state after the task took its lease, and another process rebuilds it
+        # before the claim: the deliveries read as pending, and get a slot of their own.
+        services.queues.client.flushdb()
+        pipeline.recover(services, rebuilt.append)
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim", lost_and_rebuilt_before_the_claim)
+    pipeline.deliver(services, [lease], lambda lease: None, hand_on=no_hand_on)
+    monkeypatch.undo()
+
+    # Sending them now would open requests the rebuilt slots do not count (over the cap).
+    assert statuses(services) == [DeliveryStatus.PENDING] * 2
+    (again,) = rebuilt  # both, the one dispatched and the one the take topped the lease up with
+    assert len(again.delivery_ids) == 2 and lease.delivery_ids[0] in again.delivery_ids
+    pipeline.deliver(services, [again], lambda lease: None, hand_on=no_hand_on)
+    assert statuses(services) == [DeliveryStatus.DELIVERED] * 2
+    assert len(receiver.wait_for(2)) == 2

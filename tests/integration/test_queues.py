@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from notifier.errors import StateLost
 from notifier.queues import Queues, Report
 
 pytestmark = pytest.mark.integration
@@ -16,6 +17,7 @@ LEASE = 10_000
 @pytest.fixture
 def queues(redis_url: str) -> Iterator[Queues]:
     made = Queues(redis_url, "t")
+    made.rebuilt()  # the state is whole, as the sweeper leaves it
     yield made
     made.client.close()
 
@@ -103,6 +105,7 @@ def test_a_lease_from_before_a_flush_never_gives_back_a_newer_leases_slot(
     fill(queues, "w", 1, 2)
     (old,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=1_000)
     queues.client.flushdb()  # Redis loses its state; the sweeper rebuilds the queue
+    queues.rebuilt()
     fill(queues, "w", 1, 2)
     (new,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=2_000)
 
@@ -243,15 +246,6 @@ def test_rechecks_come_back_when_due_and_are_no_parked_retries(queues: Queues) -
     assert (state.parked, state.rechecks) == (0, 0)
 
 
-def test_the_epoch_reports_a_lost_state_once(queues: Queues) -> None:
-    assert queues.claim_epoch(60_000)
-    assert not queues.claim_epoch(60_000)
-    queues.mark_rebuilt()
-    assert not queues.claim_epoch(60_000)
-    queues.client.flushdb()
-    assert queues.claim_epoch(60_000)
-
-
 @pytest.mark.parametrize("fast_leases", [1, 2])
 def test_a_webhook_measured_fast_has_at_most_its_fast_lane_leases_in_the_fast_lane(
         queues: Queues, fast_leases: int) -> None:
@@ -275,3 +269,59 @@ def test_a_webhook_measured_fast_has_at_most_its_fast_lane_leases_in_the_fast_la
                                   now_ms=2).leases
     assert (after_fast.slow, after_slow.slow) == (False, True)
     lanes.client.close()
+
+
+def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
+        queues: Queues) -> None:
+    assert not queues.claim_rebuild(60_000)  # whole
+    queues.client.flushdb()
+    with pytest.raises(StateLost):
+        queues.offer("w", 2, [("a", 1)], batch=1, lease_ms=LEASE, now_ms=0)
+    assert queues.waiting("w") == 1 and queues.queued_webhooks() == ["w"]  # kept for later
+
+    assert queues.claim_rebuild(60_000)
+    assert not queues.claim_rebuild(60_000)  # one rebuilds at a time
+    with pytest.raises(StateLost):  # and grants nothing until it is done
+        queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    queues.rebuilt()
+    (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    assert not queues.claim_rebuild(60_000)
+
+    queues.client.flushdb()
+    released = queues.release(lease, batch=1, lease_ms=LEASE, now_ms=1)
+    assert released.state_lost and released.leases == []
+    assert queues.claim_rebuild(60_000)
+    queues.forget_rebuild()  # that rebuild failed: the next one runs
+    assert queues.claim_rebuild(60_000)
+
+
+def test_live_claims_rebuilt_after_a_flush_count_against_the_cap(queues: Queues) -> None:
+    (old,) = queues.offer("w", 2, [("a", 1), ("b", 2)], batch=2, lease_ms=LEASE, now_ms=1_000)
+    queues.client.flushdb()  # its task claimed a and b (until 6 000) and is sending them
+    queues.hold_claims({("w", 6_000): ["a", "b"], ("w", 900): ["gone"]}, now_ms=1_500)
+    queues.rebuilt()
+    fill(queues, "w", 2, 6)
+
+    (one,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2_000)
+    assert queues.held("w", 2_000) == 2  # the claim's slot and the new lease: the cap of 2
+
+    # The old task ends and gives back its unknown lease with its claim's mark: its slot frees.
+    released = queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_001, claimed_until=6_000)
+    assert released.held is False and len(released.leases) == 1
+    assert queues.held("w", 2_001) == 2
+    # Given back twice (a task retried): nobody else's slot goes with it.
+    queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_002, claimed_until=6_000)
+    assert queues.held("w", 2_002) == 2
+    assert {one.token, released.leases[0].token} == set(
+        t.decode() for t in queues.client.zrange("t:slots:w", 0, -1))
+
+
+def test_a_live_claim_whose_task_died_comes_back_when_the_claim_expires(queues: Queues) -> None:
+    queues.hold_claims({("w", 6_000): ["a", "b"]}, now_ms=1_000)
+    queues.set_limit("w", 1)
+    assert queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1_000) == []
+    assert queues.expire_leases(6_000) == []  # live until its expiry
+
+    assert queues.expire_leases(6_001) == ["w"]
+    (lease,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=6_001)
+    assert lease.delivery_ids == ("a", "b")

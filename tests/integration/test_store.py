@@ -233,20 +233,26 @@ def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> No
     assert flagged == [11_000, None]
 
 
-def test_open_work_lists_unfinished_deliveries_with_their_due_times(org: Database) -> None:
+def test_open_work_lists_unfinished_deliveries_with_their_due_times_and_claims(
+        org: Database) -> None:
     webhook(org, "a")
     (one,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1).queued
     (two,) = store.ingest(org, load_catalog(), event("e-2"), now_ms=1).queued
     (three,) = store.ingest(org, load_catalog(), event("e-3"), now_ms=1).queued
+    (four,) = store.ingest(org, load_catalog(), event("e-4"), now_ms=1).queued
+    (claimed,) = store.claim(org, [four.delivery_id], now_ms=2, lease_ms=5_000).claimed
     with org.session() as session:
         session.execute(update(Delivery).where(Delivery.id == two.delivery_id).values(
             status=DeliveryStatus.RETRYING, next_attempt_at_ms=99))
         session.execute(update(Delivery).where(Delivery.id == three.delivery_id).values(
             status=DeliveryStatus.DELIVERED))
 
-    work = {q.delivery_id: (status, due) for q, status, due in store.open_work(org)}
-    assert work == {one.delivery_id: (DeliveryStatus.PENDING, None),
-                    two.delivery_id: (DeliveryStatus.RETRYING, 99)}
+    work = {w.queued.delivery_id: (w.status, w.due_ms, w.claimed_until_ms)
+            for w in store.open_work(org)}
+    assert work == {one.delivery_id: (DeliveryStatus.PENDING, None, None),
+                    two.delivery_id: (DeliveryStatus.RETRYING, 99, None),
+                    four.delivery_id: (DeliveryStatus.IN_FLIGHT, None, 5_002)}
+    assert claimed.lease_until_ms == 5_002
 
 
 def test_replay_makes_finished_deliveries_pending_with_the_same_id(org: Database) -> None:
