@@ -737,6 +737,7 @@ def rebuild(services: Services) -> int:
 # While one process rebuilds a lost Redis, the others dispatch nothing: one that died at it
 # holds them up this long at most. One that outlasts it is joined by a second rebuild, which
 # keeps the cap: a rebuild only adds (at worst a slot for a claim just ended, until it expires).
+# A slot lease at most, as long as any task may hold up a webhook, and never past 30 s.
 _REBUILD_MOST_MS = 30_000
 
 
@@ -744,7 +745,7 @@ def _rebuild_if_lost(services: Services) -> int | None:
     """``rebuild`` a Redis that lost its state, unless another process is at it; then let it
     grant slots again. Returns how many deliveries were rebuilt; None when it was not lost, or
     another process rebuilds it."""
-    if not services.queues.claim_rebuild(_REBUILD_MOST_MS):
+    if not services.queues.claim_rebuild(min(_REBUILD_MOST_MS, services.lease_ms)):
         return None
     try:
         rebuilt = rebuild(services)

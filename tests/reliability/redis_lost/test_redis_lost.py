@@ -31,9 +31,9 @@ def start(stack: Stack, receiver: Receiver, database: Database, path: str) -> se
     # 0.3 s answers keep the webhook in the slow lane: twelve threads, more than the cap.
     stack.env["NOTIFIER_SLOW_WEBHOOK_MS"] = "200"
     # A task sends for 2.5 s (eight requests) before it gives the rest back: the tasks out when
-    # Redis loses its state still send well after it is rebuilt (a lease of 5 s outlasts this
-    # and a request's 2 s deadline).
-    stack.env["NOTIFIER_BATCH_TIME_BUDGET"] = "2.5"
+    # Redis loses its state still send well after it is rebuilt (a lease of 8 s outlasts this,
+    # a request's 2 s deadline and the second to hand on).
+    stack.env.update({"NOTIFIER_BATCH_TIME_BUDGET": "2.5", "NOTIFIER_SLOT_LEASE_SECONDS": "8"})
     stack.worker("w1", concurrency=2, queues="notifier,notifier.deliver")
     stack.worker("slow", pool="threads", concurrency=12, queues="notifier.slow")
     stack.beat()
