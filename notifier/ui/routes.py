@@ -22,7 +22,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
-from starlette.concurrency import run_in_threadpool
 
 from notifier import logs, pipeline, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
@@ -101,8 +100,13 @@ def _redirect(url: str) -> RedirectResponse:
 
 async def _pairs(request: Request) -> list[tuple[str, str]]:
     # URL-encoded forms only (every form here is one); parsed by hand so the UI needs no
-    # multipart parser.
+    # multipart parser. Read by this dependency on the event loop, so that the handlers taking
+    # it stay plain functions, which FastAPI runs in a worker thread: every one of them waits
+    # for the database (or Redis), and on the loop that wait would stop the whole server.
     return parse_qsl((await request.body()).decode(), keep_blank_values=True)
+
+
+FormPairs = Annotated[list[tuple[str, str]], Depends(_pairs)]
 
 
 def _not_found(request: Request, what: str) -> HTMLResponse:
@@ -140,8 +144,8 @@ def login_page(request: Request) -> HTMLResponse:
 
 
 @router.post("/login", response_model=None)
-async def login(request: Request) -> Response:
-    form = dict(await _pairs(request))
+def login(request: Request, pairs: FormPairs) -> Response:
+    form = dict(pairs)
     expected = request.session.get("csrf")
     if not isinstance(expected, str) or not hmac.compare_digest(
             form.get("csrf", "").encode(), expected.encode()):
@@ -152,14 +156,13 @@ async def login(request: Request) -> Response:
         return _login_page(request, 400, form, {"orgId": "Enter your numeric org id"})
     services = _services(request)
     try:
-        org_id, key_id = await run_in_threadpool(
-            tenants.authenticate_key, services.db, form.get("apiKey", "").strip(), org_id=org_id)
+        org_id, key_id = tenants.authenticate_key(services.db, form.get("apiKey", "").strip(),
+                                                  org_id=org_id)
     except AuthenticationFailed:
         return _login_page(request, 401, form,
                            {"apiKey": "This API key is not a live key of that org"})
-    session_id = await run_in_threadpool(
-        sessions.start, services.db, org_id, key_id, now_ms=now_ms(),
-        max_ms=int(services.settings.ui_session_max_seconds * 1000))
+    session_id = sessions.start(services.db, org_id, key_id, now_ms=now_ms(),
+                                max_ms=int(services.settings.ui_session_max_seconds * 1000))
     with services.db.session() as session:
         org = session.get(Org, org_id)
         org_name = org.name if org else str(org_id)
@@ -208,8 +211,8 @@ def new_notification(request: Request, org: OrgId) -> HTMLResponse:
 
 
 @router.post("/notifications/new", response_model=None)
-async def create_notification(request: Request, org: OrgId) -> Response:
-    form = forms.read_form(await _pairs(request))
+def create_notification(request: Request, org: OrgId, pairs: FormPairs) -> Response:
+    form = forms.read_form(pairs)
     try:
         saved = webhooks.create(_context(request), org, forms.body_of(form), now_ms=now_ms())
     except InvalidInput as exc:
@@ -229,13 +232,14 @@ def edit_notification(request: Request, org: OrgId, webhook_id: str) -> HTMLResp
 
 
 @router.post("/notifications/{webhook_id}/edit", response_model=None)
-async def save_notification(request: Request, org: OrgId, webhook_id: str) -> Response:
+def save_notification(request: Request, org: OrgId, webhook_id: str,
+                      pairs: FormPairs) -> Response:
     ctx = _context(request)
     try:
         view = webhooks.get(ctx, org, webhook_id)
     except NotFound as exc:
         return _not_found(request, str(exc))
-    form = forms.read_form(await _pairs(request), view["webHookHeaders"])
+    form = forms.read_form(pairs, view["webHookHeaders"])
     try:
         webhooks.update_webhook(ctx, org, webhook_id, forms.body_of(form), now_ms=now_ms())
     except InvalidInput as exc:
@@ -347,9 +351,9 @@ def replay(request: Request, org: OrgId, webhook_id: str, delivery_id: str) -> R
 
 
 @router.post("/notifications/{webhook_id}/test", response_model=None)
-async def test_send(request: Request, org: OrgId, webhook_id: str) -> Response:
+def test_send(request: Request, org: OrgId, webhook_id: str, pairs: FormPairs) -> Response:
     services = _services(request)
-    name = dict(await _pairs(request)).get("eventName") or None
+    name = dict(pairs).get("eventName") or None
     try:
         event = logs.test_event(services.db, services.catalog, org, webhook_id, name,
                                 event_id=str(uuid.uuid4()), now_ms=now_ms())
@@ -453,8 +457,8 @@ def publish_page(request: Request, org: OrgId, eventName: str = "") -> HTMLRespo
 
 
 @router.post("/publish", response_model=None)
-async def publish(request: Request, org: OrgId) -> Response:
-    form = dict(await _pairs(request))
+def publish(request: Request, org: OrgId, pairs: FormPairs) -> Response:
+    form = dict(pairs)
     name, raw = form.get("eventName", ""), form.get("data", "")
     try:
         data = json.loads(raw or "{}")
