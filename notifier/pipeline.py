@@ -230,9 +230,10 @@ def replay_dead_letters(db: Database, ids: Sequence[int],
     """Ingest dead letters again (once their cause is fixed) by ``publish``ing each envelope as
     a producer would; returns how many. A letter that fails again becomes a new dead letter."""
     letters = store.replayable_dead_letters(db, ids)
-    for _, envelope in letters:
+    for letter, envelope in letters:
         publish(envelope)
-    store.mark_replayed(db, [letter for letter, _ in letters], now_ms=now_ms())
+        # Marked as each goes out: a replay failing midway leaves only what did not go.
+        store.mark_replayed(db, [letter], now_ms=now_ms())
     return len(letters)
 
 
