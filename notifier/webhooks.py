@@ -53,6 +53,9 @@ FLAGS = {
 # Headers notifier sets itself; a webhook may not set them (Content-Type it may, to the same).
 _RESERVED = {"host", "content-length", "transfer-encoding", "connection"}
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# RFC 9110's field-value (visible ASCII, space, tab, obs-text): http.client refuses a character
+# past Latin-1 at send time, so each delivery would fail instead of the save.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConnections",
           "slaInSeconds", "methodType", "webHookType", "customerIdentifiersToBeEnriched",
           *FLAGS}
@@ -177,6 +180,9 @@ def _check_headers(headers: Any, stored: Mapping[str, str], bounds: Bounds, *,
             raise InvalidInput(where, "must be a string")
         if "\r" in value or "\n" in value or "\0" in value:
             raise InvalidInput(where, "must not contain CR, LF or NUL")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise InvalidInput(where, "must hold only visible characters, spaces and tabs "
+                                      "(Latin-1): HTTP cannot carry others")
         lower = name.lower()
         if lower in _RESERVED or lower.startswith("webhook-"):
             raise InvalidInput(where, "is set by notifier and cannot be configured")
