@@ -409,16 +409,21 @@ def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | No
     click.echo(json.dumps(saved.view, indent=2))
 
 
+def _print_saved(change: str, webhook_id: str, org_id: int) -> None:
+    """Apply ``notifier.webhooks.<change>`` (activate, deactivate) and print the webhook."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        view = getattr(webhooks, change)(context, org_id, webhook_id, now_ms=_now_ms())
+    click.echo(json.dumps(view, indent=2))
+
+
 @webhooks.command("activate")
 @click.argument("webhook_id")
 @_org
 def webhooks_activate(webhook_id: str, org_id: int) -> None:
     """Make a webhook active again."""
-    from notifier import webhooks
-
-    with _webhook_context() as context:
-        view = webhooks.activate(context, org_id, webhook_id, now_ms=_now_ms())
-    click.echo(json.dumps(view, indent=2))
+    _print_saved("activate", webhook_id, org_id)
 
 
 @webhooks.command("deactivate")
@@ -426,11 +431,9 @@ def webhooks_activate(webhook_id: str, org_id: int) -> None:
 @_org
 def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
     """Stop sending to a webhook; it keeps its history (InTouch's delete)."""
-    from notifier import webhooks
+    _print_saved("deactivate", webhook_id, org_id)
 
-    with _webhook_context() as context:
-        view = webhooks.deactivate(context, org_id, webhook_id, now_ms=_now_ms())
-    click.echo(json.dumps(view, indent=2))
+
 @main.group("dead-letters")
 def dead_letters() -> None:
     """Events that could not be stored even as rejected (or kept failing past

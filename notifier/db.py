@@ -65,19 +65,22 @@ class Database:
         return self._engine
 
     def _create_engine(self) -> Engine:
+        # hide_parameters: an error's text leaves out the statement's values (an event's whole
+        # payload, a sealed secret), since errors end up in logs and tracebacks.
         if self.is_sqlite:
             _private_sqlite_file(self.url)
-            engine = create_engine(self.url, connect_args={"timeout": 30})
+            engine = create_engine(self.url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         # No pre-ping: it was 6% of a worker's time. A connection that died anyway fails as
         # StoreUnavailable (transient: the task retries) and the pool replaces it.
         if self.timeout is None:
-            return create_engine(self.url, pool_size=5, max_overflow=5, pool_recycle=1800)
+            return create_engine(self.url, pool_size=5, max_overflow=5, pool_recycle=1800,
+                                 hide_parameters=True)
         # Without both bounds a database lost behind the network (silent, not refusing) holds
         # every caller: libpq waits for its answer without end, and the pool's waiters 30 s.
         return create_engine(self.url, pool_size=5, max_overflow=5, pool_recycle=1800,
-                             pool_timeout=self.timeout,
+                             pool_timeout=self.timeout, hide_parameters=True,
                              connect_args={"connect_timeout": self.timeout})
 
     @contextmanager

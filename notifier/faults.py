@@ -10,6 +10,8 @@ its work ends with a recorded reason instead (a rejected event, a failed attempt
 from __future__ import annotations
 
 import sqlite3
+import traceback
+from pathlib import Path
 
 import redis
 from sqlalchemy.exc import DBAPIError
@@ -17,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from notifier.errors import TransientError
 
 __all__ = ["TRANSIENT_SQLSTATES", "is_transient", "is_transient_database_error",
-           "is_transient_driver_error", "reason"]
+           "is_transient_driver_error", "reason", "summary"]
 
 # PostgreSQL SQLSTATEs (or their two-character classes) worth retrying: connection exceptions
 # (08), insufficient resources such as too many connections (53), operator intervention such
@@ -64,3 +66,22 @@ def is_transient(exc: BaseException) -> bool:
 def reason(exc: BaseException) -> str:
     """What to record about a failure: its kind and message, bounded."""
     return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def summary(exc: BaseException) -> str:
+    """What a log line may say about a failure: its kind, the database's SQLSTATE and where it
+    was raised, never its message. A database's message quotes the values it refused (``DETAIL:
+    Failing row contains (...)``, the whole event) and a bug's may quote what it failed on;
+    the whole ``reason`` is kept where the event's data already is (its row, its dead letter)."""
+    sqlstate, seen = None, set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and sqlstate is None:
+        seen.add(id(cause))
+        sqlstate = getattr(cause, "sqlstate", None) or getattr(
+            getattr(cause, "orig", None), "sqlstate", None)
+        cause = cause.__cause__
+    if sqlstate:
+        return f"{type(exc).__name__} (SQLSTATE {sqlstate})"
+    frames = traceback.extract_tb(exc.__traceback__)  # a bug: where to look for it
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{where}"

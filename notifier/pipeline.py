@@ -195,8 +195,9 @@ def accept_or_end(services: Services, envelope: Any, send: SendLease) -> store.I
     except Exception as exc:
         if faults.is_transient(exc):
             raise
+        # Its kind, never its message (see faults.summary): the reason is kept with the event.
         log.error("ingest of event %s failed for good: %s", store.event_id_of(envelope),
-                  faults.reason(exc), exc_info=exc)
+                  faults.summary(exc))
         return reject_for_good(services, envelope, exc)
 
 
@@ -204,7 +205,8 @@ def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> 
     """End the ingest of an event that failed for good (``fault`` is permanent) with a recorded
     reason: stored as rejected, or, when even that is refused, kept as a dead letter (the
     outcome's status is then ``DEAD_LETTER``). A transient failure of these writes raises: the
-    caller tries again later, and nothing is lost."""
+    caller tries again later, and nothing is lost. The outcome's ``error_rule`` is what a log
+    line may say of the fault (``faults.summary``); its ``error``, the whole reason, may not."""
     reason = f"not stored: {faults.reason(fault)}"
     try:
         outcome = store.reject(services.db, envelope, reason, now_ms=now_ms())
@@ -212,15 +214,16 @@ def reject_for_good(services: Services, envelope: Any, fault: BaseException) -> 
         if faults.is_transient(exc):
             raise
         log.warning("event %s could not be stored even as rejected: %s",
-                    store.event_id_of(envelope), faults.reason(exc))
+                    store.event_id_of(envelope), faults.summary(exc))
         reason += f"; nor as rejected: {faults.reason(exc)}"
         (letter,) = dead_letter(services, [envelope], reason)
         return store.IngestOutcome(store.event_id_of(envelope) or "", DEAD_LETTER, False,
-                                   f"kept as dead letter {letter}: {reason}")
+                                   f"kept as dead letter {letter}: {reason}",
+                                   error_rule=faults.summary(fault))
     tally = Tally()
     tally.event("rejected")
     _count(services, tally)
-    return outcome
+    return replace(outcome, error_rule=faults.summary(fault))
 
 
 def dead_letter(services: Services, envelopes: Sequence[Any], reason: str) -> list[int]:
@@ -228,7 +231,8 @@ def dead_letter(services: Services, envelopes: Sequence[Any], reason: str) -> li
     (``notifier dead-letters list`` shows them, ``replay`` ingests them again)."""
     ids = store.dead_letter(services.db, envelopes, reason, now_ms=now_ms())
     for envelope, letter in zip(envelopes, ids, strict=True):
-        log.error("event %s kept as dead letter %d: %s", store.event_id_of(envelope), letter, reason)
+        # Not the reason: it may quote the event's values (`notifier dead-letters list` shows it).
+        log.error("event %s kept as dead letter %d", store.event_id_of(envelope), letter)
     return ids
 
 
@@ -237,9 +241,10 @@ def replay_dead_letters(db: Database, ids: Sequence[int],
     """Ingest dead letters again (once their cause is fixed) by ``publish``ing each envelope as
     a producer would; returns how many. A letter that fails again becomes a new dead letter."""
     letters = store.replayable_dead_letters(db, ids)
-    for _, envelope in letters:
+    for letter, envelope in letters:
         publish(envelope)
-    store.mark_replayed(db, [letter for letter, _ in letters], now_ms=now_ms())
+        # Marked as each goes out: a replay failing midway leaves only what did not go.
+        store.mark_replayed(db, [letter], now_ms=now_ms())
     return len(letters)
 
 
@@ -473,7 +478,9 @@ class _Task:
         except Exception as exc:
             if faults.is_transient(exc):
                 raise
-            log.exception("webhook %s: its batch stopped", lot.lease.webhook_id)
+            # Its kind, not its message: a refused attempt row is quoted whole in it.
+            log.error("webhook %s: its batch stopped: %s", lot.lease.webhook_id,
+                      faults.summary(exc))
             held = store.still_claimed(self.services.db, lot.claimed)
             return _fail_lot(self.services, replace(lot, claimed=tuple(held), fault=exc),
                              self.tally)

@@ -891,7 +891,11 @@ def dead_letter(db: Database, envelopes: Sequence[Any], reason: str, *, now_ms: 
     """Keep events that could not be stored, with ``reason``; returns their dead letters' ids.
 
     The envelope is written as ASCII JSON text (NaN, NUL and lone surrogates escaped), so that
-    this write does not fail for what the events table refused."""
+    this write does not fail for what the events table refused. One that names no ``eventId``
+    is given one here, as ingest would: a replay sent twice is then still one event."""
+    envelopes = [{**envelope, "eventId": str(uuid.uuid4())}
+                 if isinstance(envelope, Mapping) and envelope.get("eventId") in (None, "")
+                 else envelope for envelope in envelopes]
     rows = [{"envelope": json.dumps(envelope, ensure_ascii=True, default=repr),
              "event_id": event_id_of(envelope), "reason": reason,
              "received_at_ms": now_ms} for envelope in envelopes]

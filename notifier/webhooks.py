@@ -53,6 +53,9 @@ FLAGS = {
 # Headers notifier sets itself; a webhook may not set them (Content-Type it may, to the same).
 _RESERVED = {"host", "content-length", "transfer-encoding", "connection"}
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# RFC 9110's field-value (visible ASCII, space, tab, obs-text): http.client refuses a character
+# past Latin-1 at send time, so each delivery would fail instead of the save.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConnections",
           "slaInSeconds", "methodType", "webHookType", "customerIdentifiersToBeEnriched",
           *FLAGS}
@@ -147,8 +150,15 @@ def _check_url(url: Any, allowed: Sequence[Network]) -> str:
     return url.strip()
 
 
-def _check_headers(headers: Any, stored: Mapping[str, str], bounds: Bounds) -> dict[str, str]:
-    """The header values to store; ``stored`` (plain) fill in values sent back as their mask."""
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port
+
+
+def _check_headers(headers: Any, stored: Mapping[str, str], bounds: Bounds, *,
+                   moved: bool = False) -> dict[str, str]:
+    """The header values to store; ``stored`` (plain) fill in values sent back as their mask.
+    ``moved``: the URL moves to another host, for which no stored value is kept."""
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
@@ -157,19 +167,30 @@ def _check_headers(headers: Any, stored: Mapping[str, str], bounds: Bounds) -> d
         raise InvalidInput("webHookHeaders", f"at most {bounds.max_headers} headers "
                            f"(NOTIFIER_WEBHOOK_MAX_HEADERS); {len(headers)} were sent")
     by_lower = {name.lower(): value for name, value in stored.items()}
-    checked = {}
+    checked: dict[str, str] = {}
+    named: dict[str, str] = {}  # lower case -> as sent: HTTP header names ignore case
     for name, value in headers.items():
         where = ("webHookHeaders", str(name))
         if not isinstance(name, str) or not _TOKEN.match(name):
             raise InvalidInput(where, "is not a valid header name")
+        if (twin := named.setdefault(name.lower(), name)) != name:
+            raise InvalidInput(where, f"is the same header as {twin} (names ignore case); "
+                                      "send it once")
         if not isinstance(value, str):
             raise InvalidInput(where, "must be a string")
         if "\r" in value or "\n" in value or "\0" in value:
             raise InvalidInput(where, "must not contain CR, LF or NUL")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise InvalidInput(where, "must hold only visible characters, spaces and tabs "
+                                      "(Latin-1): HTTP cannot carry others")
         lower = name.lower()
         if lower in _RESERVED or lower.startswith("webhook-"):
             raise InvalidInput(where, "is set by notifier and cannot be configured")
         if _MASKED.match(value):
+            if moved:
+                raise InvalidInput(where, f"{value!r} is a masked value, kept only for the host "
+                                          "it was given for; webHookUrl moves to another host: "
+                                          "send the real value")
             value = _unmasked(where, value, by_lower.get(lower))
         if lower == "content-type" and value.split(";")[0].strip().lower() != "application/json":
             raise InvalidInput(where, "must be application/json: payloads are JSON")
@@ -228,10 +249,18 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
         if isinstance(body["webHookUrl"], str) and len(body["webHookUrl"]) > MAX_URL_CHARS:
             raise InvalidInput("webHookUrl", f"must be at most {MAX_URL_CHARS} characters")
         values["url"] = _check_url(body["webHookUrl"], ctx.allowed_networks)
+    # Stored header values are kept only for the host they were given for: the API shows them
+    # masked, so keeping them for a URL moved elsewhere would send them to whoever the caller
+    # names, who could never have read them.
+    moved = current is not None and "url" in values and _origin(values["url"]) != _origin(current.url)
+    if moved and "webHookHeaders" not in body and current is not None and current.headers:
+        raise InvalidInput("webHookHeaders", "webHookUrl moves to another host: send the header "
+                           "values again (stored ones are kept only for their host)")
     if "webHookHeaders" in body:
-        stored = {k: ctx.vault.open(v) for k, v in current.headers.items()} if current else {}
+        stored = ({k: ctx.vault.open(v) for k, v in current.headers.items()}
+                  if current and not moved else {})
         values["headers"] = {k: ctx.vault.seal(v) for k, v in _check_headers(
-            body["webHookHeaders"], stored, ctx.bounds).items()}
+            body["webHookHeaders"], stored, ctx.bounds, moved=moved).items()}
     if "maxAllowedConnections" in body:
         values["max_allowed_connections"] = _check_int(
             body["maxAllowedConnections"], "maxAllowedConnections", 1,

@@ -14,7 +14,7 @@ from config import load_settings
 from notifier import client, pipeline, store
 from notifier.client import DELIVER_TASK, INGEST_TASK
 from notifier.errors import DeliveryInterrupted, TransientError
-from notifier.faults import is_transient, reason
+from notifier.faults import is_transient, reason, summary
 from notifier.queues import Lease
 from tasks.app import app
 from tasks.gathering import Gathering, SimpleRequest
@@ -71,11 +71,7 @@ def ingest(requests: list[SimpleRequest]) -> int:
     with _sent_together() as send:
         try:
             for outcome in pipeline.accept_many(services(), envelopes, send):
-                if outcome.error:
-                    # The path and the check, never the message: it may quote the offending
-                    # value (personal data). The whole message is kept on the event's row.
-                    log.info("event %s rejected at %s (%s)", outcome.event_id,
-                             outcome.error_path or "$", outcome.error_rule or "stored before")
+                _log_ended(outcome)
         except Exception as exc:
             if is_transient(exc):
                 _ingest_later(requests, envelopes, exc)
@@ -94,8 +90,16 @@ def _each_on_its_own(requests: list[SimpleRequest], envelopes: list[Any],
         except Exception as exc:  # transient, or even the recording of its end failed
             _ingest_later([request], [envelope], exc)
             continue
-        if outcome.error:
-            log.info("event %s %s: %s", outcome.event_id, outcome.status, outcome.error)
+        _log_ended(outcome)
+
+
+def _log_ended(outcome: store.IngestOutcome) -> None:
+    """Log an event that ended rejected (or a dead letter): the path and the check, never the
+    message, which may quote the offending value (personal data). The whole message is kept
+    on the event's row (or its dead letter)."""
+    if outcome.error:
+        log.info("event %s %s at %s (%s)", outcome.event_id, outcome.status,
+                 outcome.error_path or "$", outcome.error_rule or "stored before")
 
 
 def _envelope(request: SimpleRequest) -> Any:
@@ -128,7 +132,8 @@ def _ingest_later(requests: list[SimpleRequest], envelopes: list[Any], exc: Exce
                       queue=client.QUEUE, retries=before + 1, countdown=_countdown(before),
                       **client.ingest_reprs(request.args, request.kwargs))
     if sent:
-        log.warning("ingest of %d event(s) retried (attempt %d): %s", sent, attempt, exc)
+        log.warning("ingest of %d event(s) retried (attempt %d): %s", sent, attempt,
+                    summary(exc))
 
 
 def _kept_as_dead_letter(envelope: Any, exc: Exception, retries: int, horizon: float) -> bool:
@@ -138,7 +143,7 @@ def _kept_as_dead_letter(envelope: Any, exc: Exception, retries: int, horizon: f
             f"(NOTIFIER_INGEST_RETRY_HORIZON is {horizon:g} s)"))
     except Exception as again:  # the database is away too: sent again, never dropped
         log.warning("event %s past the retry horizon, not kept as dead letter yet: %s",
-                    store.event_id_of(envelope), reason(again))
+                    store.event_id_of(envelope), summary(again))
         return False
     return True
 

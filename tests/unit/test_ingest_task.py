@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from notifier.errors import StoreUnavailable
+from notifier.store import IngestOutcome
 from tasks import delivery
 from tasks.gathering import SimpleRequest
 
@@ -39,8 +40,8 @@ class Recorder:
 
     def reject_for_good(self, services: Any, envelope: Any, fault: BaseException) -> Any:
         self.ended.append((envelope, fault))
-        return SimpleNamespace(event_id=envelope.get("eventId"), status="rejected",
-                               error=f"not stored: {fault!r}")
+        return IngestOutcome(envelope.get("eventId"), "rejected", True,
+                             f"not stored: {fault!r}", error_rule=type(fault).__name__)
 
     def dead_letter(self, services: Any, envelopes: list[Any], reason: str) -> list[int]:
         self.dead.append((envelopes, reason))
