@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from notifier import logs, pipeline, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
