@@ -20,6 +20,7 @@ from notifier.errors import (
     TooLarge,
     TransientError,
 )
+from notifier.faults import summary
 
 __all__ = ["envelope", "error_body", "install_error_handlers"]
 
@@ -64,6 +65,12 @@ def install_error_handlers(app: FastAPI) -> None:
         elif isinstance(exc, TransientError):
             log.warning("%s %s: %s", request.method, request.url.path, exc)
             errors = [error_body(code, exc.public)]
+        elif status >= 500:
+            # Ours, not the caller's (a statement the database refused, a bug): its message
+            # names tables and constraints and may quote values, so it is no answer to give.
+            log.error("%s %s failed: %s", request.method, request.url.path, summary(exc))
+            errors = [error_body(code, "notifier could not complete this request; its "
+                                       "operator's log has the cause")]
         else:
             field = exc.field if isinstance(exc, InvalidInput) else None
             errors = [error_body(code, str(exc), field)]
