@@ -25,13 +25,15 @@ from notifier.queues import Lease
 
 pytestmark = pytest.mark.integration
 
-# The "Add request" sample of the InTouch v3 webHooks reference, unchanged.
+# The "Add request" sample of the InTouch v3 webHooks reference, unchanged but for its
+# placeholder credentials ("Basic …"), written out: "…" is no character an HTTP header can carry,
+# so a webhook saved with it could never be sent to (it is refused, naming the header).
 INTOUCH_SAMPLE = {
     "active": True, "customerIdentifiersToBeEnriched": [],
     "eventNames": ["pointsIssued", "pointsRedeemed", "tierUpgraded", "CouponIssue", "customerAdded"],
     "maxAllowedConnections": 10, "methodType": "POST", "name": "test_post_webhook_12345",
     "slaInSeconds": 150,
-    "webHookHeaders": {"Authorization": "Basic …", "Content-Type": "application/json"},
+    "webHookHeaders": {"Authorization": "Basic dXNlcjpwYXNz", "Content-Type": "application/json"},
     "webHookType": "HTTP", "webHookUrl": "https://example.com/hook",
 }
 
@@ -94,7 +96,7 @@ def test_the_intouch_sample_is_accepted_unchanged(api: Api) -> None:
         assert hook[field] == (sorted(expected) if isinstance(expected, list) else expected)
     assert len(hook["webHookId"]) == 24 and len(hook["consumerGroupId"]) == 36
     assert hook["signingSecret"].startswith("whsec_")
-    assert hook["webHookHeaders"] == {"Authorization": "****", "Content-Type": "****json"}
+    assert hook["webHookHeaders"] == {"Authorization": "****YXNz", "Content-Type": "****json"}
     assert hook["attribution"]["createdOnISO"].endswith("Z")
 
 
