@@ -1,5 +1,6 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
-[--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000] [--backlog N]``."""
+[--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000] [--backlog N]
+[--soak SECONDS [--soak-rate R]]``."""
 
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ from pathlib import Path
 import celery
 import psutil
 
-from bench import enrichment, extra, run
+from bench import enrichment, extra, run, soak
 from bench.receiver import Receiver
 
 WARMUP = 100  # deliveries sent before each worker scenario's timed runs, not counted
+QUICK_SOAK = 6.0  # seconds of --quick's soak (after a warm-up of QUICK_SOAK_WARM_UP)
+QUICK_SOAK_WARM_UP = 2.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="CI-sized: 2000 deliveries, 1 repetition, fan-out 1 (under 2 minutes)")
+                        help="CI-sized: 2000 deliveries, 1 repetition, fan-out 1, a 6 s soak "
+                             "(under 2 minutes; 58 s here)")
     parser.add_argument("--deliveries", type=int, help="deliveries per run (default 5000; quick 2000)")
     parser.add_argument("--repeat", type=int, help="repetitions, median reported (default 3; quick 1)")
     parser.add_argument("--fanout", default="1", help="webhooks per event, comma separated (e.g. 1,10)")
@@ -52,7 +56,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="N deliveries (fan-out 1) queued while delivery is stopped, then "
                              "drained: drain rate against fan-out 1's, and the memory of Redis, "
                              "workers and the database per delivery (e.g. 100000; default off)")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="the soak alone: a steady rate over 10 webhooks (one answering after "
+                             "2 s, one 500, one trickling) for SECONDS, then the 7 healthy ones "
+                             "alone; lost, duplicates, p99 beside and without the bad ones, worker "
+                             "RSS each minute; exits 1 only when deliveries were lost. With "
+                             f"--quick: its soak's length (default {QUICK_SOAK:.0f})")
+    parser.add_argument("--soak-rate", type=float, default=10.0,
+                        help="events/s published during the soak, each to all 10 webhooks "
+                             "(default 10: 70 healthy deliveries/s, a fraction of fan-out 1's rate)")
     args = parser.parse_args(argv)
+    args.soak_only = args.soak is not None and not args.quick
+    if args.quick and args.soak is None:
+        args.soak = QUICK_SOAK
     args.latency_seconds = args.latency_seconds or (5.0 if args.quick else 20.0)
     args.latency = True if args.latency is None else args.latency
     args.http = not args.quick if args.http is None else args.http
@@ -105,9 +121,34 @@ def table(rows: list[Row], floor_b: Row | None) -> str:
     return "\n".join(lines)
 
 
+def run_soak(args: argparse.Namespace, folder: Path) -> tuple[int, str]:
+    """The soak scenario: (deliveries lost, its summary line); prints its details."""
+    warm_up = QUICK_SOAK_WARM_UP if args.quick else extra.WARM_UP_SECONDS
+    print(f"  soak: {args.soak:.0f} s at {args.soak_rate:g} events/s over 10 webhooks after a "
+          f"{warm_up:.0f} s warm-up, then the 7 healthy ones alone ...", flush=True)
+    run.ensure_database()
+    result = soak.soak(folder, args.concurrency, args.soak, args.soak_rate, args.max_connections,
+                       warm_up, args.receiver_processes)
+    print(result.text, flush=True)
+    return result.lost, result.note
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every finally runs
+    if args.soak_only:
+        print(f"notifier soak: {args.soak:.0f} s, concurrency {args.concurrency} (prefork); "
+              f"{psutil.cpu_count()} CPUs, Python {platform.python_version()}, Celery "
+              f"{celery.__version__}", flush=True)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="notifier-soak-") as tmp:
+            try:
+                lost, note = run_soak(args, Path(tmp))
+            except run.BenchError as exc:
+                print(f"soak: FAILED {exc}", file=sys.stderr, flush=True)
+                return 1
+        print(f"\n{note}\n{time.monotonic() - started:.0f}s in all")
+        return 1 if lost else 0
     c, n = args.concurrency, args.deliveries
     print(f"notifier benchmark: {n} deliveries x {args.repeat}, concurrency {c} (prefork), "
           f"fan-out {args.fanout}, receiver {args.receiver_processes} processes; "
@@ -274,6 +315,17 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{sample.rate / fanout_1.median:.2f} (target >= 1)")
 
             attempt(row, do_backlog)
+
+        if args.soak:
+            (folder / "soak").mkdir()
+            try:
+                lost, note = run_soak(args, folder / "soak")
+                notes.append(note)
+                if lost:
+                    failed.append("soak")
+            except run.BenchError as exc:
+                failed.append("soak")
+                notes.append(f"soak: FAILED {str(exc).splitlines()[0]}")
 
     print()
     print(table(rows, floor_b))

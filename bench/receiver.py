@@ -5,25 +5,33 @@ process, so no lock). It parses just enough HTTP: headers up to a blank line, a 
 
 A body holding ``"benchSentAtUs":<epoch microseconds>`` (found with one ``bytes.find``, not a JSON
 parse) has its latency (arrival - sent, in ms) stored in a shared array, one region per process.
-``delay`` (seconds) answers every request that much later without blocking other connections.
+``delay`` (seconds) answers every request that much later without blocking other connections;
+``status`` is the status every answer carries; ``trickle`` (seconds) answers one byte at a time,
+that far apart, for as long as the client listens (a body that never ends), each request counted
+when it arrives. ``record`` (a folder) keeps one line per request (arrival and sent-at in epoch
+microseconds, path, ``webhook-id``) in a file per process: see ``Receiver.records``.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import multiprocessing as mp
 import os
 import select
 import signal
 import socket
 import time
+from dataclasses import dataclass
+from http import HTTPStatus
 from multiprocessing.sharedctypes import Synchronized
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
-__all__ = ["Receiver"]
+__all__ = ["Receiver", "Request"]
 
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 SENT_AT = b'"benchSentAtUs":'
+WEBHOOK_ID = b"\r\nwebhook-id:"
 LATENCY_SLOTS = 400_000  # latencies kept per receiver process (a ring past that)
 
 
@@ -56,42 +64,81 @@ def _sent_at_us(buf: bytes, start: int, stop: int) -> int:
     return int(buf[at:end]) if end > at else 0
 
 
+def _webhook_id(head: bytes) -> bytes:
+    at = head.lower().find(WEBHOOK_ID)
+    if at < 0:
+        return b"-"
+    at += len(WEBHOOK_ID)
+    end = head.find(b"\r\n", at)
+    return head[at:end if end >= 0 else len(head)].strip() or b"-"
+
+
+@dataclass(frozen=True)
+class _Answers:
+    """How a receiver answers: after ``delay`` s, with ``status``, or trickled (see the module)."""
+
+    delay: float = 0.0
+    status: int = 200
+    trickle: float = 0.0
+    record: str = ""
+
+    def response(self) -> bytes:
+        line = f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}\r\n".encode()
+        if self.trickle:
+            return line + b"Content-Type: text/plain\r\nContent-Length: 1000000000\r\n\r\n"
+        return line + b"Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+
+
 def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: Any,
-           recorded: Any, delay: float) -> None:
+           recorded: Any, answers: _Answers) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = _listen(port)
     poll = select.epoll()
     poll.register(listener.fileno(), select.EPOLLIN)
     conns: dict[int, socket.socket] = {}
     buffers: dict[int, bytes] = {}
+    log = (os.open(Path(answers.record) / f"requests-{slot}.log",
+                   os.O_WRONLY | os.O_CREAT | os.O_APPEND) if answers.record else -1)
+    response = answers.response()
     with ready.get_lock():
         ready.value += 1
     served = 0
     noted = 0
     base = slot * LATENCY_SLOTS
-    due: list[tuple[float, int, int]] = []  # (answer at, fd, replies) when delaying
+    # (due at, tie-breaker, connection, replies to send; or, trickling, the next byte's offset).
+    # The connection itself, not its fd: a closed connection's fd is soon another's.
+    due: list[tuple[float, int, socket.socket, int]] = []
+    ties = itertools.count()
 
-    def answer(fd: int, replies: int) -> None:
+    def answer(conn: socket.socket, replies: int) -> None:
         nonlocal served
-        conn = conns.get(fd)
-        if conn is None:
+        if conns.get(conn.fileno()) is not conn:
             return
         conn.setblocking(True)
         try:
-            conn.sendall(RESPONSE * replies)
+            conn.sendall(response * replies)
         except OSError:
             return
         conn.setblocking(False)
         served += replies
         counts[slot] = served
 
+    def trickle(conn: socket.socket, offset: int) -> None:
+        if conns.get(conn.fileno()) is not conn:
+            return
+        try:
+            conn.send(response[offset:offset + 1] or b"x")
+        except OSError:
+            return
+        heapq.heappush(due, (time.monotonic() + answers.trickle, next(ties), conn, offset + 1))
+
     while True:
         timeout = -1.0
         if due:
             now = time.monotonic()
             while due and due[0][0] <= now:
-                _, dfd, n = heapq.heappop(due)
-                answer(dfd, n)
+                _, _, dconn, n = heapq.heappop(due)
+                (trickle if answers.trickle else answer)(dconn, n)
             timeout = max(0.0, due[0][0] - now) if due else -1.0
         for fd, _ in poll.poll(timeout):
             if fd == listener.fileno():
@@ -120,6 +167,7 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
                 continue
             buf = buffers[fd] + data
             replies = 0
+            lines: list[bytes] = []
             while True:
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
@@ -128,25 +176,50 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
                 if len(buf) < total:
                     break
                 sent = _sent_at_us(buf, end + 4, total)
+                now_us = time.time_ns() // 1000
                 if sent:
-                    latencies[base + noted % LATENCY_SLOTS] = (time.time_ns() // 1000 - sent) / 1000
+                    latencies[base + noted % LATENCY_SLOTS] = (now_us - sent) / 1000
                     noted += 1
                     recorded[slot] = noted
+                if log >= 0:
+                    path = buf[:buf.find(b"\r\n")].split(b" ")[1]
+                    lines.append(b"%d %d %s %s\n" % (now_us, sent, path, _webhook_id(buf[:end])))
                 buf = buf[total:]
                 replies += 1
             buffers[fd] = buf
+            if lines:
+                os.write(log, b"".join(lines))
             if replies:
-                if delay > 0:
-                    heapq.heappush(due, (time.monotonic() + delay, fd, replies))
+                if answers.trickle:
+                    served += replies  # counted as they arrive: the answer never ends
+                    counts[slot] = served
+                    trickle(conn, 0)
+                elif answers.delay > 0:
+                    heapq.heappush(due, (time.monotonic() + answers.delay, next(ties), conn,
+                                         replies))
                 else:
-                    answer(fd, replies)
+                    answer(conn, replies)
+
+
+class Request(NamedTuple):
+    """One request as ``record`` kept it."""
+
+    arrived_us: int
+    sent_us: int  # the body's benchSentAtUs, 0 without one
+    path: str
+    webhook_id: str
 
 
 class Receiver:
     """Start with ``with Receiver(processes) as r:``; ``r.count`` is requests answered so far."""
 
-    def __init__(self, processes: int = 2, port: int = 0, delay: float = 0.0) -> None:
+    def __init__(self, processes: int = 2, port: int = 0, delay: float = 0.0, status: int = 200,
+                 trickle: float = 0.0, record: Path | None = None) -> None:
         self.processes = processes
+        self.record = record
+        if record is not None:
+            record.mkdir(parents=True, exist_ok=True)
+        answers = _Answers(delay, status, trickle, str(record or ""))
         if port == 0:
             probe = _listen(0)
             port = probe.getsockname()[1]
@@ -158,11 +231,15 @@ class Receiver:
         self._latencies = ctx.RawArray("d", processes * LATENCY_SLOTS)
         self._recorded = ctx.RawArray("q", processes)
         self._procs = [ctx.Process(target=_serve, args=(port, self._counts, i, self._ready,
-                                                        self._latencies, self._recorded, delay),
+                                                        self._latencies, self._recorded, answers),
                                    daemon=True, name=f"receiver-{i}") for i in range(processes)]
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs if proc.pid is not None]
 
     @property
     def count(self) -> int:
@@ -179,6 +256,17 @@ class Receiver:
             base = slot * LATENCY_SLOTS
             out.extend(self._latencies[base + i % LATENCY_SLOTS]
                        for i in range(max(before, now - LATENCY_SLOTS), now))
+        return out
+
+    def records(self) -> list[Request]:
+        """Every request recorded so far (``record`` given), in no particular order."""
+        out: list[Request] = []
+        for file in sorted(self.record.glob("requests-*.log")) if self.record else []:
+            text = file.read_text()
+            # Up to the last newline: a line being written is read whole next time.
+            for line in text[:text.rfind("\n") + 1].splitlines():
+                arrived, sent, path, webhook_id = line.split(" ")
+                out.append(Request(int(arrived), int(sent), path, webhook_id))
         return out
 
     def wait_for(self, count: int, timeout: float) -> bool:

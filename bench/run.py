@@ -80,6 +80,18 @@ def body() -> dict[str, Any]:
 # ---------------------------------------------------------------- memory
 
 
+def tree_rss(pids: list[int]) -> int:
+    """Summed RSS of the processes ``pids`` and all their descendants, now."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+    return total
+
+
 class RssSampler:
     """Peak summed RSS of some process trees, sampled every 50 ms in a thread."""
 
@@ -90,14 +102,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _tree_rss(self) -> int:
-        total = 0
-        for pid in self.pids:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        total += proc.memory_info().rss
-        return total
+        return tree_rss(self.pids)
 
     def _run(self) -> None:
         while not self._stop.is_set():
