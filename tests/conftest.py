@@ -191,6 +191,7 @@ class Received:
     body: bytes
     at: float
     status: int = 200  # what the receiver answered
+    began: float = 0.0  # when its handling started (``at`` is when it ended)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                began = time.monotonic()
                 reply = receiver._begin(self.path)
                 try:
                     time.sleep(reply.delay)
@@ -229,7 +231,7 @@ class Receiver:
                 finally:
                     receiver._end(self.path, Received(
                         self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                        time.monotonic(), reply.status))
+                        time.monotonic(), reply.status, began))
 
             def log_message(self, *_: Any) -> None:
                 pass

@@ -4,13 +4,16 @@ every row of the table ends with: all due arrived, duplicates counted, none left
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 from sqlalchemy import func, select
 
+from notifier import publish, store
 from notifier.db import Database
 from notifier.models import FINAL_STATUSES, Delivery
+from notifier.schemas import load_catalog
+from notifier.vault import vault_for
 from tests.conftest import Received, Receiver, Stack, wait_until
 
 
@@ -20,6 +23,26 @@ def database(stack: Stack) -> Iterator[Database]:
     opened = Database(stack.settings.database_url)
     yield opened
     opened.dispose()
+
+
+def make_webhooks(stack: Stack, receiver: Receiver, database: Database, org_id: int,
+                  caps: Mapping[str, int]) -> None:
+    """An org and, for each path of ``caps``, a webhook of it on the receiver's path with that
+    cap, subscribed to pointsIssued."""
+    store.create_org(database, org_id, f"org {org_id}", now_ms=0)
+    vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)
+    for path, cap in caps.items():
+        store.create_webhook(database, load_catalog(), vault, org_id=org_id,
+                             name=path.strip("/"), url=receiver.url(path),
+                             event_names=["pointsIssued"], max_allowed_connections=cap, now_ms=0)
+
+
+def publish_points(stack: Stack, org_id: int, first: int, count: int) -> set[str]:
+    """Publish ``count`` pointsIssued events of ``org_id`` through the broker; their eventIds."""
+    return {publish("pointsIssued", {"customerIdentifiers": {"customerId": n},
+                                     "totalPointsIssued": 1},
+                    org_id=org_id, broker_url=stack.settings.broker_url)
+            for n in range(first, first + count)}
 
 
 def _open_deliveries(database: Database) -> int:

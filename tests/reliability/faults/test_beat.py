@@ -13,13 +13,11 @@ import time
 import pytest
 import redis
 
-from notifier import pipeline, publish, store
+from notifier import pipeline
 from notifier.db import Database
 from notifier.queues import Lease
-from notifier.schemas import load_catalog
-from notifier.vault import vault_for
 from tests.conftest import Receiver, Reply, Stack, wait_until
-from tests.reliability.faults.conftest import settle
+from tests.reliability.faults.conftest import make_webhooks, publish_points, settle
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -35,21 +33,14 @@ ERRORS_EACH = 15
 
 
 def _prepare(stack: Stack, receiver: Receiver, database: Database) -> None:
-    store.create_org(database, ORG, "beat org", now_ms=0)
-    vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)
+    make_webhooks(stack, receiver, database, ORG, dict.fromkeys(PATHS, CAP))
     for path in PATHS:
-        store.create_webhook(database, load_catalog(), vault, org_id=ORG, name=path.strip("/"),
-                             url=receiver.url(path), event_names=["pointsIssued"],
-                             max_allowed_connections=CAP, now_ms=0)
         receiver.script(path, *[Reply(503)] * ERRORS_EACH)
         receiver.hold(path, 0.1)
 
 
 def _publish(stack: Stack, first: int, count: int) -> set[str]:
-    return {publish("pointsIssued", {"customerIdentifiers": {"customerId": n},
-                                     "totalPointsIssued": 1},
-                    org_id=ORG, broker_url=stack.settings.broker_url)
-            for n in range(first, first + count)}
+    return publish_points(stack, ORG, first, count)
 
 
 def _settled(receiver: Receiver, database: Database, due: set[str]) -> str:
