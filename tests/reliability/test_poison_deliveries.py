@@ -47,15 +47,7 @@ def test_a_webhook_whose_secret_no_key_opens_fails_its_deliveries_and_its_neighb
 
     receiver.wait_for(4, "/healthy", timeout=12)
 
-    def failed() -> list[Delivery]:
-        mine = [d for d in deliveries(database) if d.webhook_id == poisoned]
-        done = [d for d in mine if d.status == DeliveryStatus.FAILED]
-        return done if len(done) == 3 else []
-
-    for delivery in wait_until(failed, 12, "the poisoned webhook's 3 deliveries failed"):
-        with database.session() as session:
-            (attempt,) = session.scalars(select(Attempt).where(
-                Attempt.delivery_id == delivery.id)).all()
+    for attempt in _only_attempts_of_failed(database, poisoned, 3):
         assert attempt.error_class == "VaultError"
         assert "NOTIFIER_SECRET_KEYS" in (attempt.error_message or "")
     assert len(receiver.at("/poisoned")) == 1
@@ -99,15 +91,7 @@ def test_a_lease_whose_outcome_the_database_refuses_fails_with_the_reason_and_it
 
         receiver.wait_for(4, "/fine", timeout=12)
 
-        def failed() -> list[Delivery]:
-            mine = [d for d in deliveries(database) if d.webhook_id == poisoned]
-            done = [d for d in mine if d.status == DeliveryStatus.FAILED]
-            return done if len(done) == 3 else []
-
-        for delivery in wait_until(failed, 12, "the poisoned webhook's 3 deliveries failed"):
-            with database.session() as session:
-                (attempt,) = session.scalars(select(Attempt).where(
-                    Attempt.delivery_id == delivery.id)).all()
+        for attempt in _only_attempts_of_failed(database, poisoned, 3):
             assert attempt.error_class == "StoreRefused"
             assert "outcome refused by the test trigger" in (attempt.error_message or "")
         queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
@@ -120,3 +104,19 @@ def test_a_lease_whose_outcome_the_database_refuses_fails_with_the_reason_and_it
             connection.exec_driver_sql(
                 "DROP TRIGGER IF EXISTS notifier_test_refuse_delivered ON deliveries")
         engine.dispose()
+
+
+def _only_attempts_of_failed(database: Database, webhook_id: str, count: int) -> list[Attempt]:
+    """Once ``count`` deliveries of the webhook have failed, the one attempt of each."""
+    def failed() -> list[Delivery]:
+        mine = [d for d in deliveries(database) if d.webhook_id == webhook_id]
+        done = [d for d in mine if d.status == DeliveryStatus.FAILED]
+        return done if len(done) == count else []
+
+    attempts = []
+    for delivery in wait_until(failed, 12, f"the poisoned webhook's {count} deliveries failed"):
+        with database.session() as session:
+            (attempt,) = session.scalars(select(Attempt).where(
+                Attempt.delivery_id == delivery.id)).all()
+        attempts.append(attempt)
+    return attempts
