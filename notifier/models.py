@@ -231,6 +231,9 @@ class Delivery(Base):
     ingested_at_ms: Mapped[int] = mapped_column(BigInteger)
     next_attempt_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     lease_until_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # The token of the claim that last took it (``store.Claim.token``): read only while it is
+    # in flight, to rebuild one connection slot per claim after Redis lost its state.
+    claimed_by: Mapped[str | None] = mapped_column(String(32))
     started_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     ended_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     sla_breach_at_ms: Mapped[int | None] = mapped_column(BigInteger)

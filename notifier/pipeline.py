@@ -414,6 +414,8 @@ class _Task:
                  interruptions: tuple[type[BaseException], ...]) -> None:
         self.services = services
         self.claimed_until = claimed_until
+        # The token of the task's own claim (``store.Claim.token``), once it has claimed.
+        self.claim_token: str | None = None
         # What stops the task midway (deliver's interruptions): never recorded as an attempt.
         self.interruptions = interruptions
         settings = services.settings
@@ -455,7 +457,7 @@ class _Task:
                     lot = self._next(hand_on)
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
                                                 batch=batch, lease_ms=lease_ms, now_ms=now_ms(),
-                                                claimed_until=self.claimed_until)
+                                                claim=self.claim_token)
         with self._lock:
             self._held = []
         for (lot, report), given_back in zip(done, released, strict=True):
@@ -526,6 +528,7 @@ class _Task:
             claimed[owner[item.id]].append(item)
         if claim.claimed:  # one statement: one lease_until_ms for all
             self.claimed_until = claim.claimed[0].lease_until_ms
+            self.claim_token = claim.token
         unready: dict[str, Exception] = {}
         targets = store.targets(
             services.db, services.vault,
@@ -720,17 +723,20 @@ def rebuild(services: Services) -> int:
 
     Deliveries whose claim is live are not queued: an earlier send of them may still be open.
     Their claims take slots first, before any is granted, so the cap counts the requests still
-    open; each slot lasts until its claim expires (or its task gives it back), and then what it
-    carried is queued again, as for any lease.
+    open: one slot per claim (a task's, whose deliveries of a webhook go one after another), which
+    lasts until the claim expires (or its task gives it back), and then what it carried is
+    queued again, as for any lease.
     """
     work = store.open_work(services.db)
     now = now_ms()
-    claims: dict[tuple[str, int], list[str]] = defaultdict(list)
+    claims: dict[tuple[str, str], tuple[int, list[str]]] = {}
     parked, waiting = [], []
     for item in work:
         queued, until = item.queued, item.claimed_until_ms
         if item.status == DeliveryStatus.IN_FLIGHT and until is not None and until > now:
-            claims[(queued.webhook_id, until)].append(queued.delivery_id)
+            # A claim from before claims had tokens is told by its expiry.
+            key = (queued.webhook_id, item.claimed_by or str(until))
+            claims.setdefault(key, (until, []))[1].append(queued.delivery_id)
         elif item.status == DeliveryStatus.RETRYING and item.due_ms is not None:
             parked.append((queued.webhook_id, queued.delivery_id, item.due_ms))
         else:

@@ -6,8 +6,8 @@ Keys, under the configured prefix ``P``:
 - ``P:queued``        set of webhooks whose queue is not empty (the sweeper pumps them)
 - ``P:limit``         hash webhook -> maxAllowedConnections
 - ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry; after Redis lost its
-                      state, also ``claim-<expiry>``: the slot of a claim the database holds
-                      live, rebuilt from it (``hold_claims``)
+                      state, also ``claim-<claim token>``: the slot of a claim the database
+                      holds live, rebuilt from it (``hold_claims``)
 - ``P:leases``        every lease ``webhook|token`` by expiry, with its deliveries in ``P:lease:items``
 - ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
                       (for at most 10 s: then it is presumed lost and another may be dispatched)
@@ -183,20 +183,20 @@ for i = 4, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now)
 return out
 """
 
-# A slot rebuilt from a live claim of the database, named after the claim's expiry (see
+# A slot rebuilt from a live claim of the database, named after the claim's token (see
 # Queues.hold_claims). Never the name of a lease (those begin with a digit).
 _CLAIM_SLOT_FN = """
-local function claim_slot(wh, expiry)
-  return 'claim-' .. expiry, wh .. '|claim-' .. expiry
+local function claim_slot(wh, claim)
+  return 'claim-' .. claim, wh .. '|claim-' .. claim
 end
 """
 
 _HOLD_CLAIMS = _CLAIM_SLOT_FN + """
 local p, now = ARGV[1], tonumber(ARGV[2])
-for i = 3, #ARGV, 3 do
-  local wh, expiry, items = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 3, #ARGV, 4 do
+  local wh, claim, expiry, items = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if tonumber(expiry) > now then
-    local token, member = claim_slot(wh, expiry)
+    local token, member = claim_slot(wh, claim)
     redis.call('ZADD', p .. ':slots:' .. wh, expiry, token)
     redis.call('ZADD', p .. ':leases', expiry, member)
     redis.call('HSET', p .. ':lease:items', member, items)
@@ -218,8 +218,8 @@ return out
 
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
 # up at once, easing down by 30% per faster batch) and since when it has been failing (the
-# first failed attempt after its last success), then dispatch what waits. A task's claim mark
-# (0: none) also gives back the slot rebuilt from its claim, if Redis lost its state meanwhile.
+# first failed attempt after its last success), then dispatch what waits. A task's claim token
+# ('': none) also gives back the slot rebuilt from its claim, if Redis lost its state meanwhile.
 # Each reply: whether the slot was still held, the webhook's failing mark (0: none), whether
 # Redis lost its state (nothing dispatched), then the dispatched leases.
 _RELEASE = _STARTED_FN + _DISPATCH_FN + _CLAIM_SLOT_FN + """
@@ -234,7 +234,7 @@ for i = 8, #ARGV, 6 do
   redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
   started(p, wh, token)
   local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
-  if ARGV[i + 5] ~= '0' then
+  if ARGV[i + 5] ~= '' then
     local claimed, member = claim_slot(wh, ARGV[i + 5])
     redis.call('ZREM', p .. ':slots:' .. wh, claimed)
     redis.call('ZREM', p .. ':leases', member)
@@ -514,25 +514,25 @@ class Queues:
         return [bool(held) for held in self._script("holding", now_ms, *flat)] if flat else []
 
     def release(self, lease: Lease, report: Report = Report(), *, batch: int, lease_ms: int,
-                now_ms: int, claimed_until: int | None = None) -> Released:
+                now_ms: int, claim: str | None = None) -> Released:
         """Give a slot back, then dispatch the webhook's queue, in one call.
 
         ``report`` is what the lease's batch did: its slowest response decides which lane the
         webhook's next leases take, and its failures mark since when the webhook has been
         failing. ``held`` is False when the lease had already expired (the sweeper took it back).
-        ``claimed_until`` is the mark of the task's claims (``store.Claimed.lease_until_ms``):
-        the slot rebuilt from them (``hold_claims``), if any, is given back too.
+        ``claim`` is the token of the task's claims (``store.Claim.token``): the slot rebuilt
+        from them (``hold_claims``), if any, is given back too.
         """
         return self.release_many([(lease, report)], batch=batch, lease_ms=lease_ms,
-                                 now_ms=now_ms, claimed_until=claimed_until)[0]
+                                 now_ms=now_ms, claim=claim)[0]
 
     def release_many(self, leases: Sequence[tuple[Lease, Report]], *, batch: int, lease_ms: int,
-                     now_ms: int, claimed_until: int | None = None) -> list[Released]:
+                     now_ms: int, claim: str | None = None) -> list[Released]:
         """``release`` for several ``(lease, report)`` (of one delivery task), in one call."""
         flat: list[Any] = []
         for lease, report in leases:
             flat += [lease.webhook_id, lease.token, report.took_ms, int(report.delivered),
-                     report.failing_since_ms, claimed_until or 0]
+                     report.failing_since_ms, claim or ""]
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
@@ -541,19 +541,20 @@ class Queues:
                          state_lost=bool(reply[2]))
                 for (lease, _), reply in zip(leases, replies, strict=True)]
 
-    def hold_claims(self, claims: Mapping[tuple[str, int], Sequence[str]], *,
+    def hold_claims(self, claims: Mapping[tuple[str, str], tuple[int, Sequence[str]]], *,
                     now_ms: int) -> None:
         """Count live claims of the database against their webhooks' caps: one slot for each
-        ``(webhook, claim expiry)``, carrying its deliveries, until that expiry.
+        ``(webhook, claim token)``, carrying its deliveries, until the claim's expiry
+        (``{(webhook, token): (expiry, delivery ids)}``).
 
         For a Redis that lost its state while requests were open: their tasks carry on, so their
         slots must be taken before any is granted. A task gives its claim's slot back with its
-        own (``release``'s ``claimed_until``); one whose task died expires with the claim, and
-        the sweeper re-queues what it carried, as for any lease.
+        own (``release``'s ``claim``); one whose task died expires with the claim, and the
+        sweeper re-queues what it carried, as for any lease.
         """
         flat: list[Any] = []
-        for (webhook_id, expiry), delivery_ids in claims.items():
-            flat += [webhook_id, expiry, ",".join(delivery_ids)]
+        for (webhook_id, token), (expiry, delivery_ids) in claims.items():
+            flat += [webhook_id, token, expiry, ",".join(delivery_ids)]
         if flat:
             self._script("hold_claims", now_ms, *flat)
 

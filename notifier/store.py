@@ -485,6 +485,10 @@ class Claim:
     later: tuple[tuple[str, int], ...] = ()
     # Retries not due yet: parked until they are.
     not_due: tuple[tuple[str, int], ...] = ()
+    # Names this claim among all others (stored on its deliveries as ``claimed_by``): a Redis
+    # rebuilt from the database counts one slot per claim, and two tasks that claim in the same
+    # millisecond share an expiry, never a token.
+    token: str = ""
 
 
 def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: int,
@@ -496,8 +500,9 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
     runs out. It is the same mark ``finish`` checks, so it claims nothing of anyone else's.
     """
     lease_until = now_ms + lease_ms
+    token = uuid.uuid4().hex
     params = {"ids": list(delivery_ids), "now_ms": now_ms, "new_lease_until_ms": lease_until,
-              "held_until_ms": held_until}
+              "held_until_ms": held_until, "claim_token": token}
     if db.is_postgresql:
         with db.autocommit() as connection:  # one statement, one round trip
             rows = connection.execute(_claim_statement(), params).all()
@@ -520,7 +525,7 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
             # Pending as the statement began, yet not ours: a concurrent claim won it. Look
             # again when that claim's lease would have run out.
             later.append((row.id, lease_until + 1))
-    return Claim(tuple(claimed), tuple(later), tuple(not_due))
+    return Claim(tuple(claimed), tuple(later), tuple(not_due), token)
 
 
 @functools.cache
@@ -535,7 +540,8 @@ def _take_statement() -> Any:
                     d.lease_until_ms < now,
                     d.lease_until_ms == bindparam("held_until_ms", type_=BigInteger)))))
             .values(status=DeliveryStatus.IN_FLIGHT,
-                    lease_until_ms=bindparam("new_lease_until_ms", type_=BigInteger))
+                    lease_until_ms=bindparam("new_lease_until_ms", type_=BigInteger),
+                    claimed_by=bindparam("claim_token"))
             .returning(d.id))
 
 
@@ -793,6 +799,8 @@ class OpenDelivery:
     # The expiry of the claim that holds it (in flight): until then an earlier send of it may
     # still be open, and its claim counts against the webhook's cap.
     claimed_until_ms: int | None
+    # That claim's token (``Claim.token``; None for a claim made before tokens were stored).
+    claimed_by: str | None = None
 
 
 def open_work(db: Database) -> list[OpenDelivery]:
@@ -801,10 +809,10 @@ def open_work(db: Database) -> list[OpenDelivery]:
         rows = session.execute(
             select(Delivery.webhook_id, Webhook.max_allowed_connections, Delivery.id,
                    Delivery.ingested_at_ms, Delivery.status, Delivery.next_attempt_at_ms,
-                   Delivery.lease_until_ms)
+                   Delivery.lease_until_ms, Delivery.claimed_by)
             .join(Webhook, Webhook.id == Delivery.webhook_id)
             .where(Delivery.status.not_in(FINAL_STATUSES))).all()
-    return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), r[4], r[5], r[6]) for r in rows]
+    return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
 
 def flag_sla_breaches(db: Database, *, now_ms: int) -> int:

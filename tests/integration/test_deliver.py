@@ -219,3 +219,41 @@ def test_a_task_whose_lease_redis_lost_before_its_claim_sends_nothing_and_requeu
     pipeline.deliver(services, [again], lambda lease: None, hand_on=no_hand_on)
     assert statuses(services) == [DeliveryStatus.DELIVERED] * 2
     assert len(receiver.wait_for(2)) == 2
+
+
+def test_two_tasks_claiming_in_one_millisecond_keep_a_slot_each_through_a_flush(
+    services: Services, receiver: Receiver
+) -> None:
+    store.create_org(services.db, 1, "org 1", now_ms=0)
+    webhook_id, _ = store.create_webhook(
+        services.db, services.catalog, services.vault, org_id=1, name="capped",
+        url=receiver.url("/capped"), event_names=["pointsIssued"], now_ms=0,
+        max_allowed_connections=2)
+    for n in range(3):
+        pipeline.accept(services, {"eventName": "pointsIssued", "orgId": 1,
+                                   "data": {"customerIdentifiers": {"customerId": n}}},
+                        lambda lease: None)
+    with services.db.session() as session:
+        first, second, third = session.scalars(
+            select(Delivery.id).order_by(Delivery.ingested_at_ms, Delivery.id))
+    # Two tasks of the webhook claim in the same millisecond (threads of the slow lane, started
+    # together, do): their claims carry the same expiry. Both requests are open when Redis
+    # loses its state, and another process rebuilds it.
+    now = pipeline.now_ms()
+    claims = [store.claim(services.db, [delivery_id], now_ms=now, lease_ms=60_000)
+              for delivery_id in (first, second)]
+    assert [len(claim.claimed) for claim in claims] == [1, 1]
+    services.queues.client.flushdb()
+    sent: list[Lease] = []
+    pipeline.recover(services, sent.append)
+
+    # Two requests open on a cap of 2: the third delivery waits.
+    assert services.queues.held(webhook_id, now_ms=pipeline.now_ms()) == 2
+    assert sent == []
+
+    # The first task ends: its claim's slot (and none other) frees for the third delivery.
+    released = services.queues.release(
+        Lease(webhook_id, "1-1", (first,)), batch=1, lease_ms=60_000, now_ms=pipeline.now_ms(),
+        claim=claims[0].token)
+    assert [lease.delivery_ids for lease in released.leases] == [(third,)]
+    assert services.queues.held(webhook_id, now_ms=pipeline.now_ms()) == 2

@@ -298,26 +298,27 @@ def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
 def test_live_claims_rebuilt_after_a_flush_count_against_the_cap(queues: Queues) -> None:
     (old,) = queues.offer("w", 2, [("a", 1), ("b", 2)], batch=2, lease_ms=LEASE, now_ms=1_000)
     queues.client.flushdb()  # its task claimed a and b (until 6 000) and is sending them
-    queues.hold_claims({("w", 6_000): ["a", "b"], ("w", 900): ["gone"]}, now_ms=1_500)
+    queues.hold_claims({("w", "c1"): (6_000, ["a", "b"]), ("w", "c0"): (900, ["gone"])},
+                       now_ms=1_500)
     queues.rebuilt()
     fill(queues, "w", 2, 6)
 
     (one,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2_000)
     assert queues.held("w", 2_000) == 2  # the claim's slot and the new lease: the cap of 2
 
-    # The old task ends and gives back its unknown lease with its claim's mark: its slot frees.
-    released = queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_001, claimed_until=6_000)
+    # The old task ends and gives back its unknown lease with its claim's token: its slot frees.
+    released = queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_001, claim="c1")
     assert released.held is False and len(released.leases) == 1
     assert queues.held("w", 2_001) == 2
     # Given back twice (a task retried): nobody else's slot goes with it.
-    queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_002, claimed_until=6_000)
+    queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_002, claim="c1")
     assert queues.held("w", 2_002) == 2
     assert {one.token, released.leases[0].token} == set(
         t.decode() for t in queues.client.zrange("t:slots:w", 0, -1))
 
 
 def test_a_live_claim_whose_task_died_comes_back_when_the_claim_expires(queues: Queues) -> None:
-    queues.hold_claims({("w", 6_000): ["a", "b"]}, now_ms=1_000)
+    queues.hold_claims({("w", "c1"): (6_000, ["a", "b"])}, now_ms=1_000)
     queues.set_limit("w", 1)
     assert queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1_000) == []
     assert queues.expire_leases(6_000) == []  # live until its expiry

@@ -60,10 +60,6 @@ def test_a_redis_flushed_while_requests_are_open_keeps_the_cap(
     assert outcome.peak <= CAP, str(outcome)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect, not a flake: 1 run in 3 saw 6 requests at once on a cap of 5 when events "
-    "arrive between the flush and the rebuild (all delivered, none duplicated); its cause is "
-    "being traced (issue 13: the cap holds through recovery)"))
 def test_events_arriving_before_the_rebuild_of_a_flushed_redis_keep_the_cap(
         stack: Stack, receiver: Receiver, database: Database) -> None:
     sent = start(stack, receiver, database, "/arrive")
