@@ -260,32 +260,59 @@ end
 return out
 """
 
-_PROMOTE = """
+# Put deliveries back at the head of a webhook's queue, before all that waits there, in the
+# order given: what a lease carried was taken from the head, so it is older than the rest, and
+# sending it behind a backlog made a request cut by a crash wait for the whole backlog.
+_TO_HEAD_FN = """
+local function to_head(p, wh, ids, fallback)
+  local q = p .. ':q:' .. wh
+  local head = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+  local top = head[2] and tonumber(head[2]) or fallback
+  for i, id in ipairs(ids) do redis.call('ZADD', q, 'NX', top - (#ids - i + 1), id) end
+  redis.call('SADD', p .. ':queued', wh)
+end
+"""
+
+# Due retries take their place in their queues by their due time; due re-checks go back to the
+# head (they were taken from it, by a task whose claim they waited for).
+_PROMOTE = _TO_HEAD_FN + """
 local p, now, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local touched, out = {}, {}
+local touched, out, rechecked = {}, {}, {}
+local function touch(wh)
+  if not touched[wh] then
+    touched[wh] = true
+    out[#out + 1] = wh
+  end
+end
 for _, parked in ipairs({p .. ':retry', p .. ':recheck'}) do
   local due = redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'WITHSCORES', 'LIMIT', 0, most)
   for i = 1, #due, 2 do
     local member, score = due[i], due[i + 1]
     local sep = string.find(member, '|', 1, true)
-    local wh = string.sub(member, 1, sep - 1)
-    redis.call('ZADD', p .. ':q:' .. wh, 'NX', score, string.sub(member, sep + 1))
+    local wh, id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
     redis.call('ZREM', parked, member)
-    if not touched[wh] then
-      touched[wh] = true
-      out[#out + 1] = wh
+    touch(wh)
+    if parked == p .. ':retry' then
+      redis.call('ZADD', p .. ':q:' .. wh, 'NX', score, id)
       redis.call('SADD', p .. ':queued', wh)
+    else
+      rechecked[wh] = rechecked[wh] or {}
+      table.insert(rechecked[wh], id)
     end
   end
 end
+for wh, ids in pairs(rechecked) do to_head(p, wh, ids, tonumber(now)) end
 return out
 """
 
-_EXPIRE = _STARTED_FN + """
+# Leases whose holder outlived them: their slots back, and what they carried to the head of its
+# queue (the earliest lease first).
+_EXPIRE = _STARTED_FN + _TO_HEAD_FN + """
 local p, now = ARGV[1], ARGV[2]
 local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', '(' .. now)
 local touched, out = {}, {}
-for _, member in ipairs(expired) do
+for k = #expired, 1, -1 do
+  local member = expired[k]
   local sep = string.find(member, '|', 1, true)
   local wh = string.sub(member, 1, sep - 1)
   redis.call('ZREM', p .. ':leases', member)
@@ -293,20 +320,16 @@ for _, member in ipairs(expired) do
   started(p, wh, string.sub(member, sep + 1))
   local items = redis.call('HGET', p .. ':lease:items', member)
   redis.call('HDEL', p .. ':lease:items', member)
-  if items then
-    for id in string.gmatch(items, '[^,]+') do
-      redis.call('ZADD', p .. ':q:' .. wh, 'NX', now, id)
-    end
-  end
+  local ids = {}
+  for id in string.gmatch(items or '', '[^,]+') do ids[#ids + 1] = id end
+  to_head(p, wh, ids, tonumber(now))
   if not touched[wh] then
     touched[wh] = true
     out[#out + 1] = wh
-    redis.call('SADD', p .. ':queued', wh)
   end
 end
 return out
 """
-
 
 _CLAIM_REBUILD = """
 if redis.call('EXISTS', ARGV[1] .. ':epoch') == 1 then return 0 end

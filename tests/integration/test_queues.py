@@ -326,3 +326,33 @@ def test_a_live_claim_whose_task_died_comes_back_when_the_claim_expires(queues: 
     assert queues.expire_leases(6_001) == ["w"]
     (lease,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=6_001)
     assert lease.delivery_ids == ("a", "b")
+
+
+def test_what_a_dead_task_held_goes_back_to_the_head_of_its_queue_in_order(
+        queues: Queues) -> None:
+    # A webhook with a backlog: its first two leases' tasks die with their batches (a SIGKILL).
+    fill(queues, "w", 2, 10)
+    first, second = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=100)
+    assert (first.delivery_ids, second.delivery_ids) == (("d0", "d1"), ("d2", "d3"))
+    queues.enqueue("w", 2, [("late", 200)])  # live traffic queued meanwhile
+
+    assert queues.expire_leases(LEASE + 101) == ["w"]
+    # They were taken from the head, older than all that waits: they go first, in their order,
+    # not behind the backlog (which made a cut request wait for the whole of it).
+    again = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=LEASE + 102)
+    assert [lease.delivery_ids for lease in again] == [("d0", "d1"), ("d2", "d3")]
+
+
+def test_a_recheck_goes_back_to_the_head_of_its_queue_and_a_retry_by_its_due_time(
+        queues: Queues) -> None:
+    # d0 went out in a lease, yet another task's claim held it (a killed task's, still live):
+    # it is looked at again when that claim runs out. Meanwhile the backlog waits.
+    fill(queues, "w", 1, 4)
+    queues.recheck([("w", "held", 500)])
+    queues.park([("w", "retry", 600)])
+    assert queues.promote_due(1_000) == ["w"]
+
+    (lease,) = queues.dispatch("w", batch=6, lease_ms=LEASE, now_ms=1_000)
+    # The re-check was at the head when it was first taken: it goes first. A retry takes its
+    # place by its due time, behind what was queued before it fell due.
+    assert lease.delivery_ids == ("held", "d0", "d1", "d2", "d3", "retry")
