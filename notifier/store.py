@@ -125,8 +125,9 @@ class IngestOutcome:
     created: bool
     error: str | None = None
     queued: tuple[Queued, ...] = ()
-    # Where and which check a rejected event failed (see InvalidEvent), for logs: ``error``
-    # may quote the event's values.
+    # Where a rejected event failed its checks (see InvalidEvent; None: it passed them, and the
+    # database refused it), as stored. And which check failed, for logs (``error`` may quote
+    # the event's values), when this sending found it.
     error_path: str | None = None
     error_rule: str | None = None
 
@@ -224,8 +225,7 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
         for index, row, audience, invalid in keyed:
             outcome = _insert_and_fan_out(connection, row, audience, now_ms)
             if invalid is not None and outcome.created:
-                outcome = replace(outcome, error_path=invalid.field,
-                                  error_rule=invalid.rule)
+                outcome = replace(outcome, error_rule=invalid.rule)
             outcomes[index] = outcome
     stored = [outcome for outcome in outcomes if outcome is not None]
     assert len(stored) == len(envelopes)  # every envelope has its outcome
@@ -265,12 +265,14 @@ def _insert_and_fan_out(connection: Connection, row: dict[str, Any], audience: d
     pk = _insert_once(connection, row)
     if pk is None:
         existing = connection.execute(
-            select(_events.c.pk, _events.c.status, _events.c.error_message)
+            select(_events.c.pk, _events.c.status, _events.c.error_message,
+                   _events.c.error_path)
             .where(_events.c.org_id == row["org_id"], _events.c.event_id == row["event_id"])).one()
-        return IngestOutcome(row["event_id"], existing.status, False,
-                             existing.error_message, _unfinished(connection, existing.pk))
+        return IngestOutcome(row["event_id"], existing.status, False, existing.error_message,
+                             _unfinished(connection, existing.pk), existing.error_path)
     if row["status"] == EventStatus.REJECTED:
-        return IngestOutcome(row["event_id"], row["status"], True, row["error_message"])
+        return IngestOutcome(row["event_id"], row["status"], True, row["error_message"],
+                             error_path=row["error_path"])
     hooks = connection.execute(_subscribers().order_by(_webhooks.c.id), audience).all()
     queued = tuple(Queued(hook_id, limit, new_delivery_id(), now_ms) for hook_id, limit in hooks)
     if queued:
@@ -373,9 +375,10 @@ def reject(db: Database, envelope: Any, reason: str, *, now_ms: int) -> IngestOu
     with db.transaction() as connection:
         if keyed and _insert_once(connection, row) is None:
             existing = connection.execute(
-                select(_events.c.status, _events.c.error_message)
+                select(_events.c.status, _events.c.error_message, _events.c.error_path)
                 .where(_events.c.org_id == row["org_id"], _events.c.event_id == event_id)).one()
-            return IngestOutcome(row["event_id"], existing.status, False, existing.error_message)
+            return IngestOutcome(row["event_id"], existing.status, False, existing.error_message,
+                                 error_path=existing.error_path)
         if not keyed:
             connection.execute(insert(_events).values(**row))
     return IngestOutcome(row["event_id"], row["status"], True, reason)

@@ -88,13 +88,11 @@ def ingest_events(request: Request, org: Org, body: Annotated[Events, Depends(_e
         outcome = pipeline.accept_or_end(services, {**event, "orgId": org},
                                          request.app.state.send_lease)
         results.append({"eventId": outcome.event_id, "status": outcome.status})
-        if outcome.error:
-            field = outcome.error.partition(":")[0]
-            if field.startswith("$"):  # a JSON path: the event failed its checks
-                errors.append(error_body("INVALID_EVENT", f"{where}{outcome.error}",
-                                         f"{where}{field}"))
-            else:
-                errors.append(error_body("NOT_STORED", f"{where}{outcome.error}"))
+        if outcome.error and outcome.error_path is not None:  # it failed its checks
+            errors.append(error_body("INVALID_EVENT", f"{where}{outcome.error}",
+                                     f"{where}{outcome.error_path}"))
+        elif outcome.error:  # the database refused it: kept, with the reason
+            errors.append(error_body("NOT_STORED", f"{where}{outcome.error}"))
     return envelope(results, status=400 if errors else 202, errors=errors)
 
 

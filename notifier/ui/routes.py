@@ -470,9 +470,7 @@ def publish(request: Request, org: OrgId, pairs: Pairs) -> Response:
     outcome = pipeline.accept(services, {"eventName": name, "data": data, "orgId": org},
                               request.app.state.send_lease)
     if outcome.error:
-        path, _, problem = outcome.error.partition(":")
-        field = "eventName" if path.strip() == "$.eventName" else "data"
+        field = "eventName" if outcome.error_path == "$.eventName" else "data"
         return _publish_page(request, name=name, data=raw, status=400,
-                             errors={field: f"{path.strip()}: {problem.strip()}"},
-                             result=outcome)
+                             errors={field: outcome.error}, result=outcome)
     return _publish_page(request, name=name, data=raw, result=outcome)

@@ -272,6 +272,25 @@ def test_an_invalid_event_is_stored_rejected_and_answered_with_its_field(api: Ap
         assert len(session.scalars(select(Delivery)).all()) == 1
 
 
+def test_a_rejected_event_is_answered_with_its_field_as_stored_not_read_back_from_text(
+        api: Api) -> None:
+    # The path names a key with a colon in it: the field is what the check found, which the
+    # message's text (path, colon, problem) cannot tell apart. And a duplicate is answered as
+    # its first sending was.
+    event = {"eventName": "pointsIssued", "eventId": "colon",
+             "data": {"customerIdentifiers": {"customerId": 1}, "note:x": "a\u0000b"}}
+
+    first = api.call("POST", "/v3/events", json=event)
+    invalid = {"eventName": "pointsIssued", "eventId": "empty", "data": {}}
+    once, twice = (api.call("POST", "/v3/events", json=invalid) for _ in range(2))
+
+    (error,) = first.json()["errors"]
+    assert first.status_code == 400
+    assert (error["code"], error["field"]) == ("INVALID_EVENT", "$.data.note:x"), error
+    assert once.json()["errors"] == twice.json()["errors"]
+    assert twice.json()["errors"][0]["field"] == "$.data"
+
+
 def test_the_catalog_and_schemas(api: Api) -> None:
     catalog = api.call("GET", "/v3/events/catalog").json()["data"]
     plain = api.call("GET", "/v3/events/catalog/pointsExpired/schema").json()["data"]
