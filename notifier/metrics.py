@@ -47,7 +47,7 @@ class Tally:
 
     The fields of the Redis hash: ``events|<outcome>``, ``fanned_out``, ``attempts|<webhook>|
     <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``,
-    ``webhooks_disabled``, ``delivery_tasks``, ``delivery_task_leases``.
+    ``webhooks_disabled``, ``delivery_tasks``, ``delivery_task_leases``, ``ingest_batches``.
     """
 
     def __init__(self) -> None:
@@ -65,6 +65,10 @@ class Tally:
         self._observe("response", RESPONSE_BUCKETS_MS, response_ms)
         if delivered_after_ms is not None:
             self._observe("delivered", DELIVERED_BUCKETS_MS, delivered_after_ms)
+
+    def ingest_batch(self) -> None:
+        """Events were stored together, in one transaction (``pipeline.accept_many``)."""
+        self.counts["ingest_batches"] += 1
 
     def delivery_task(self, leases: int) -> None:
         """A delivery task ran, sent with ``leases`` leases (a webhook's slot each)."""
@@ -106,6 +110,9 @@ class ServiceCollector(Collector):
                          RESPONSE_BUCKETS_MS)
         yield _histogram("notifier_delivered_seconds", "From an event's ingest to its "
                          "delivery's success.", counts, "delivered", DELIVERED_BUCKETS_MS)
+        yield _single(CounterMetricFamily, "notifier_ingest_batches", "Ingest runs, each "
+                      "storing its events in one transaction: over notifier_events_total, how "
+                      "many events a run takes.", counts.get("ingest_batches", 0))
         yield _single(CounterMetricFamily, "notifier_delivery_tasks", "Delivery tasks run "
                       "(a retry of one counts again).", counts.get("delivery_tasks", 0))
         yield _single(CounterMetricFamily, "notifier_delivery_task_leases", "Leases (a "

@@ -172,6 +172,7 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
                                  max_event_bytes=services.settings.max_event_bytes)
     _offer(services, [queued for outcome in outcomes for queued in outcome.queued], send)
     tally = Tally()
+    tally.ingest_batch()
     for outcome in outcomes:
         if not outcome.created:
             tally.event("duplicate")

@@ -14,7 +14,7 @@ from typing import Any
 from jsonschema import Draft6Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
-from referencing.exceptions import NoSuchResource
+from referencing.exceptions import NoSuchResource, Unresolvable
 from referencing.jsonschema import DRAFT6
 
 from notifier.errors import InvalidEvent
@@ -40,10 +40,12 @@ class EventCatalog:
         self.folder = folder
         # Every file is loaded into the registry up front: a registry is immutable, and one that
         # had to retrieve a $ref would read the file again on every validation.
+        files = {path.relative_to(folder).as_posix(): json.loads(path.read_text())
+                 for path in sorted(folder.rglob("*.json")) if path.name != "catalog.json"}
         self._registry: Registry[Any] = Registry(  # type: ignore[call-arg]
             retrieve=self._retrieve).with_resources(
-            (path.relative_to(folder).as_posix(), DRAFT6.create_resource(json.loads(path.read_text())))
-            for path in sorted(folder.rglob("*.json")) if path.name != "catalog.json").crawl()
+            (name, DRAFT6.create_resource(schema)) for name, schema in files.items()).crawl()
+        self._check_refs(files)
         self._validators: dict[str, Draft6Validator] = {}
         for path in sorted(folder.glob("*.json")):
             if path.name in _NOT_EVENTS:
@@ -54,6 +56,19 @@ class EventCatalog:
         catalog_file = folder / "catalog.json"
         self.entries: Mapping[str, Mapping[str, str]] = (
             json.loads(catalog_file.read_text()) if catalog_file.exists() else {})
+
+    def _check_refs(self, files: Mapping[str, Any]) -> None:
+        """Fail at load, naming the file and the ``$ref``, rather than at the first event that
+        reaches a ``$ref`` this folder cannot serve (remote, outside it, or missing)."""
+        for name, schema in files.items():
+            resolver = self._registry.resolver(base_uri=name)
+            for ref in _refs(schema):
+                try:
+                    resolver.lookup(ref)
+                except Unresolvable:
+                    raise ValueError(f"{self.folder / name}: $ref {ref!r} is not a file of "
+                                     f"{self.folder} (remote and outside $refs are refused)"
+                                     ) from None
 
     def _retrieve(self, uri: str) -> Resource[Any]:
         # Only plain relative names ("commonEvent.json", "internal/customer.json") are served,
@@ -113,6 +128,18 @@ class EventCatalog:
         if error is not None:
             raise InvalidEvent(json_path(error.absolute_path), error.message,
                                rule=str(error.validator))
+
+
+def _refs(node: Any) -> Iterable[str]:
+    """Every ``$ref`` in a schema, however deep."""
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
 
 
 @functools.cache

@@ -15,13 +15,24 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import IN_CI, Receiver, Stack, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
+
+
+def _missing(what: str) -> None:
+    # Under CI a missing browser is a failure (.ci/run installs it), never a quiet skip.
+    if IN_CI:
+        pytest.fail(f"{what}; .ci/run should have installed it", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
 if not Path(CHROMIUM).exists():
-    pytest.skip("Chromium not installed: apt-get install chromium", allow_module_level=True)
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright not installed: pip install -e '.[test]'")
+    _missing("Chromium not installed: apt-get install chromium")
+try:
+    from playwright import sync_api
+except ImportError:
+    _missing("playwright not installed: pip install -e '.[test]'")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 

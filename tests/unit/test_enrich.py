@@ -315,8 +315,9 @@ class Unreachable(FakeReader):
         raise StoreUnavailable("database error: connection refused")
 
 
-def attempt(reader: FakeReader, flags: dict[str, Any]) -> tuple[Any, RecordingSender]:
-    sender = RecordingSender()
+def attempt(reader: FakeReader, flags: dict[str, Any],
+            sender: RecordingSender | None = None) -> tuple[Any, RecordingSender]:
+    sender = sender or RecordingSender()
     services = pipeline.Services(settings=load_settings({}), db=None,  # type: ignore[arg-type]
                                  queues=None, catalog=None,  # type: ignore[arg-type]
                                  sender=sender, vault=None,  # type: ignore[arg-type]
@@ -347,8 +348,11 @@ def test_the_sent_payload_and_notes_go_to_the_delivery_record() -> None:
 
 
 def test_an_unreachable_reference_store_is_transient_and_nothing_is_sent() -> None:
+    sender = RecordingSender()
     with pytest.raises(StoreUnavailable):
-        attempt(Unreachable(), {"customerIdentifiersToBeEnriched": ["InStore"]})
+        attempt(Unreachable(), {"customerIdentifiersToBeEnriched": ["InStore"]}, sender)
+    # Sent without what the webhook asked for, it could not be taken back.
+    assert sender.requests == []
 
 
 def test_a_webhook_without_options_records_no_enriched_payload() -> None:

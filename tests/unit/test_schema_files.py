@@ -1,21 +1,19 @@
-"""Checks on the event JSON schemas under schemas/ (no services, no network)."""
+"""Checks on the event JSON schemas under schemas/, through the catalog the product loads
+(``notifier.schemas.EventCatalog``: the same ``$ref`` resolution, no services, no network)."""
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from jsonschema import Draft6Validator
-from referencing import Registry, Resource
-from referencing.exceptions import NoSuchResource
-from referencing.jsonschema import DRAFT6
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+from notifier.errors import InvalidEvent
+from notifier.schemas import SCHEMAS_DIR, EventCatalog, load_catalog
+
 NON_EVENT_FILES = {"commonEvent.json", "catalog.json"}
 GROUPS = {
     "Customer and User Group",
@@ -30,20 +28,8 @@ GROUPS = {
     "Advanced Request Workflows",
     "Communication",
 }
-
-
-def _retrieve(uri: str) -> Resource[Any]:
-    """Resolve a relative ref (e.g. ``internal/customer.json``) to a file in SCHEMAS_DIR."""
-    parts = urlsplit(uri)
-    if parts.scheme or parts.netloc:
-        raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
-    path = (SCHEMAS_DIR / parts.path).resolve()
-    if not path.is_relative_to(SCHEMAS_DIR) or not path.is_file():
-        raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
-    return DRAFT6.create_resource(json.loads(path.read_text(encoding="utf-8")))
-
-
-REGISTRY: Registry[Any] = Registry(retrieve=_retrieve)  # type: ignore[call-arg]
+CATALOG = load_catalog()
+DRAFT6 = "http://json-schema.org/draft-06/schema#"
 
 
 def _event_names() -> list[str]:
@@ -53,10 +39,6 @@ def _event_names() -> list[str]:
 def _load(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((SCHEMAS_DIR / f"{name}.json").read_text(encoding="utf-8"))
     return data
-
-
-def _validator(name: str) -> Draft6Validator:
-    return Draft6Validator(_load(name), registry=REGISTRY)
 
 
 def _minimal_event(name: str) -> dict[str, Any]:
@@ -69,16 +51,13 @@ def _minimal_event(name: str) -> dict[str, Any]:
     }
 
 
-def _refs(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            yield ref
-        for value in node.values():
-            yield from _refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _refs(item)
+def _problem(event: dict[str, Any]) -> str | None:
+    """What the catalog says is wrong with the event (its path and message), or None."""
+    try:
+        CATALOG.validate(event)
+    except InvalidEvent as exc:
+        return str(exc)
+    return None
 
 
 EVENT_NAMES = _event_names()
@@ -149,63 +128,95 @@ def test_catalog_matches_event_files() -> None:
         assert isinstance(entry["description"], str) and entry["description"], name
 
 
-@pytest.mark.parametrize("relpath", ALL_SCHEMA_FILES)
-def test_schema_is_valid_draft6(relpath: str) -> None:
-    schema = json.loads((SCHEMAS_DIR / relpath).read_text(encoding="utf-8"))
-    assert schema["$schema"] == "http://json-schema.org/draft-06/schema#"
-    assert "$id" not in schema
-    Draft6Validator.check_schema(schema)
+def test_every_file_is_a_draft6_schema_without_an_id() -> None:
+    wrong = []
+    for relpath in ALL_SCHEMA_FILES:
+        schema = json.loads((SCHEMAS_DIR / relpath).read_text(encoding="utf-8"))
+        if schema.get("$schema") != DRAFT6 or "$id" in schema:
+            wrong.append(relpath)
+        Draft6Validator.check_schema(schema)
+    assert wrong == []
 
 
-@pytest.mark.parametrize("relpath", ALL_SCHEMA_FILES)
-def test_every_ref_resolves_locally(relpath: str) -> None:
-    schema = json.loads((SCHEMAS_DIR / relpath).read_text(encoding="utf-8"))
-    resolver = REGISTRY.resolver(base_uri=relpath)
-    for ref in _refs(schema):
-        assert "://" not in ref
-        resolver.lookup(ref)
+def test_the_catalog_knows_every_event_file_with_its_refs_inlined() -> None:
+    assert CATALOG.names == EVENT_NAMES
+    assert [name for name in EVENT_NAMES if "$ref" in json.dumps(CATALOG.resolved(name))] == []
 
 
-@pytest.mark.parametrize("name", EVENT_NAMES)
-def test_event_schema_shape(name: str) -> None:
-    schema = _load(name)
-    assert schema["allOf"] == [{"$ref": "commonEvent.json"}]
-    assert schema["name"] == name
-    assert schema["description"].startswith("Schema for ")
-    assert schema["type"] == "object"
-    assert schema["properties"]["eventName"] == {"type": "string", "const": name}
-    assert schema["properties"]["data"]["type"] == "object"
+def test_every_event_schema_has_the_common_shape() -> None:
+    for name in EVENT_NAMES:
+        schema = _load(name)
+        assert schema["allOf"] == [{"$ref": "commonEvent.json"}], name
+        assert schema["name"] == name
+        assert schema["description"].startswith("Schema for "), name
+        assert schema["type"] == "object", name
+        assert schema["properties"]["eventName"] == {"type": "string", "const": name}
+        assert schema["properties"]["data"]["type"] == "object", name
 
 
-@pytest.mark.parametrize("name", EVENT_NAMES)
-def test_minimal_event_is_valid(name: str) -> None:
-    errors = [e.message for e in _validator(name).iter_errors(_minimal_event(name))]
-    assert errors == []
+def test_a_minimal_event_of_every_name_is_valid() -> None:
+    assert {name: _problem(_minimal_event(name)) for name in EVENT_NAMES} == dict.fromkeys(
+        EVENT_NAMES)
+
+
+def _folder(tmp_path: Path, ref: str) -> Path:
+    """A schemas folder with one event whose data is ``$ref``'d, and beside it (outside the
+    folder) a file that would accept anything."""
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    (tmp_path / "outside.json").write_text(json.dumps({"$schema": DRAFT6}))
+    (folder / "probe.json").write_text(json.dumps({
+        "$schema": DRAFT6, "type": "object", "properties": {"data": {"$ref": ref}}}))
+    return folder
+
+
+@pytest.mark.parametrize("ref", ["../outside.json", "{outside}", "file://{outside}",
+                                 "https://example.com/x.json", "nowhere.json"])
+def test_a_ref_to_anything_but_a_file_of_the_folder_is_refused_at_load(
+        tmp_path: Path, ref: str) -> None:
+    folder = _folder(tmp_path, ref.format(outside=tmp_path / "outside.json"))
+    # A remote ref whose path happens to name a file of the folder is still refused: the
+    # scheme, not the file system, decides.
+    remote_twin = folder / "https:" / "example.com" / "x.json"
+    remote_twin.parent.mkdir(parents=True)
+    remote_twin.write_text(json.dumps({"$schema": DRAFT6}))
+
+    with pytest.raises(ValueError, match=r"probe\.json: \$ref .* is not a file of"):
+        EventCatalog(folder)
+
+
+def test_a_ref_to_another_file_of_the_folder_resolves(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "internal/data.json")
+    (folder / "internal").mkdir()
+    (folder / "internal" / "data.json").write_text(json.dumps({"$schema": DRAFT6,
+                                                               "type": "object"}))
+    catalog = EventCatalog(folder)
+    catalog.validate({"eventName": "probe", "data": {}})
+    with pytest.raises(InvalidEvent, match=r"^\$\.data: 1 is not of type 'object'"):
+        catalog.validate({"eventName": "probe", "data": 1})
 
 
 def test_points_expired_without_customer_identifiers_fails() -> None:
     event = _minimal_event("pointsExpired")
     event["data"] = {"loyaltyProgramId": 2649, "pointsExpired": 10}
-    messages = [e.message for e in _validator("pointsExpired").iter_errors(event)]
-    assert any("customerIdentifiers" in m for m in messages), messages
+    assert "customerIdentifiers" in (_problem(event) or "")
 
 
-def test_wrong_event_name_fails() -> None:
+def test_a_schema_refuses_an_event_of_another_name() -> None:
     event = _minimal_event("pointsExpired")
     event["eventName"] = "pointsIssued"
-    assert not _validator("pointsExpired").is_valid(event)
+    # The catalog picks the schema by the name; each schema still pins its own name.
+    assert not CATALOG._validator("pointsExpired").is_valid(event)
 
 
 def test_missing_event_id_fails() -> None:
     event = _minimal_event("pointsIssued")
     del event["eventId"]
-    messages = [e.message for e in _validator("pointsIssued").iter_errors(event)]
-    assert any("eventId" in m for m in messages), messages
+    assert "eventId" in (_problem(event) or "")
 
 
 def test_reference_points_issued_sample_is_valid() -> None:
-    errors = [e.message for e in _validator("pointsIssued").iter_errors(POINTS_ISSUED_SAMPLE)]
-    assert errors == []
+    assert _problem(POINTS_ISSUED_SAMPLE) is None
 
 
 def test_points_enrichment_fields_are_typed() -> None:
@@ -213,22 +224,20 @@ def test_points_enrichment_fields_are_typed() -> None:
     event["data"]["AvailablePointsBalance"] = 540.5
     event["data"]["behavioralEventAttributes"] = {"eventName": "appOpen"}
     event["data"]["regularPointsBreakup"][0]["awardedReferenceId"] = "ref-1"
-    validator = _validator("pointsIssued")
-    assert validator.is_valid(event)
+    assert _problem(event) is None
     event["data"]["AvailablePointsBalance"] = "lots"
-    assert not validator.is_valid(event)
+    assert (_problem(event) or "").startswith("$.data.AvailablePointsBalance:")
 
 
 def test_nested_customer_ref_is_enforced() -> None:
     event = _minimal_event("tierUpgraded")
     event["data"]["customerIdentifiers"] = {"customerId": "not-an-int"}
-    assert not _validator("tierUpgraded").is_valid(event)
+    assert (_problem(event) or "").startswith("$.data.customerIdentifiers.customerId:")
 
 
 def test_delivery_failure_status_enum() -> None:
-    validator = _validator("communicationMessageUndelivered")
     event = _minimal_event("communicationMessageUndelivered")
     event["data"]["deliveryFailureStatus"] = "HARD_BOUNCED"
-    assert validator.is_valid(event)
+    assert _problem(event) is None
     event["data"]["deliveryFailureStatus"] = "BOUNCED_SOMEHOW"
-    assert not validator.is_valid(event)
+    assert (_problem(event) or "").startswith("$.data.deliveryFailureStatus:")
