@@ -88,10 +88,20 @@ class Row:
         self.name = name
         self.samples: list[run.Sample] = []
         self.error = ""
+        # Its rate over Floor B's, round by round: each round beside a Floor B round run just
+        # before it, so that the machine's drift weighs on both alike.
+        self.paired: list[float] = []
 
     @property
     def median(self) -> float:
         return statistics.median(s.rate for s in self.samples)
+
+    def pairing(self) -> str:
+        """The median of the pairwise ratios to Floor B, with their range and each of them."""
+        ratios = self.paired
+        return (f"{self.name} / Floor B = {statistics.median(ratios):.2f} (median of {len(ratios)} "
+                f"pairwise ratios, range {min(ratios):.2f}-{max(ratios):.2f}: "
+                f"{', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 def repeat(row: Row, times: int, once: Callable[[], run.Sample]) -> None:
@@ -113,7 +123,10 @@ def table(rows: list[Row], floor_b: Row | None) -> str:
             lines.append(f"{row.name:<26} FAILED: {row.error}")
             continue
         rates = [s.rate for s in row.samples]
-        ratio = f"{row.median / base:.2f}" if base and not row.name.startswith("receiver") else "-"
+        if row.paired:  # paired rounds: the median of the pairwise ratios
+            ratio = f"{statistics.median(row.paired):.2f}p"
+        else:
+            ratio = f"{row.median / base:.2f}" if base and not row.name.startswith("receiver") else "-"
         peak = max(s.peak_rss for s in row.samples)
         mem = f"{peak / 2**20:.0f}" if peak else "-"
         lines.append(f"{row.name:<26} {row.samples[0].deliveries:>10} {row.median:>9.0f} "
@@ -180,44 +193,81 @@ def main(argv: list[str] | None = None) -> int:
         floor_a = Row("Floor A (requests loops)")
         attempt(floor_a, lambda: repeat(floor_a, args.repeat, lambda: run.floor_a(receiver, n, c)))
 
-        floor_b = Row("Floor B (Celery task/POST)")
-
-        def do_floor_b() -> None:
-            with run.floor_b_worker(receiver, folder / "floor-b", c) as procs:
-                run.floor_b(receiver, procs, WARMUP)
-                repeat(floor_b, args.repeat, lambda: run.floor_b(receiver, procs, n))
-
-        (folder / "floor-b").mkdir()
-        attempt(floor_b, do_floor_b)
-
+        floor_b = base_row = Row("Floor B (Celery task/POST)")
+        rows.append(base_row)
         run.ensure_database()
-        for fanout in args.fanout:
-            row = Row(f"notifier fan-out {fanout}")
-            sub = folder / f"notifier-{fanout}"
-            sub.mkdir()
+        run.vacuum_analyze()
+        print(f"  PostgreSQL: {run.pg_settings()} (notifier_bench vacuumed and analyzed)",
+              flush=True)
+        notes.append(f"PostgreSQL: {run.pg_settings()}")
+        (folder / "floor-b").mkdir()
 
-            def do_notifier(row: Row = row, fanout: int = fanout, sub: Path = sub) -> None:
-                with run.notifier_stack(receiver, sub, c, fanout, args.max_connections) as procs:
-                    run.notifier(receiver, procs, max(WARMUP, fanout), fanout)
-                    repeat(row, args.repeat, lambda: run.notifier(receiver, procs, n, fanout))
-                    if fanout == 1 and args.latency:
-                        rate = row.median / 2
-                        print(f"  latency at half of fan-out 1 ({rate:.0f} deliveries/s) for "
-                              f"{args.latency_seconds:.0f}s ...", flush=True)
-                        notes.append(f"latency at {rate:.0f}/s offered (half of fan-out 1): "
-                                     + extra.latency(receiver, rate, args.latency_seconds))
-                        print(f"  {notes[-1]}", flush=True)
+        def paired(row: Row, i: int, floor_b_procs: run.Processes,
+                   once: Callable[[], run.Sample]) -> None:
+            """One round of ``row`` right after one of Floor B, both kept."""
+            base = run.floor_b(receiver, floor_b_procs, n)
+            base_row.samples.append(base)
+            sample = once()
+            row.samples.append(sample)
+            row.paired.append(sample.rate / base.rate)
+            print(f"  round {i + 1}/{args.repeat}: Floor B {base.rate:.0f}/s, {row.name} "
+                  f"{sample.rate:.0f}/s = {row.paired[-1]:.2f} {'; '.join(sample.notes)}",
+                  flush=True)
 
-            attempt(row, do_notifier)
+        def headline(floor_b_procs: run.Processes) -> None:
+            """Every headline scenario in rounds, each beside a round of Floor B (whose worker
+            waits idle meanwhile, as notifier's does during Floor B's)."""
+            run.floor_b(receiver, floor_b_procs, WARMUP)
+            for fanout in args.fanout:
+                row = Row(f"notifier fan-out {fanout}")
+                rows.append(row)
+                sub = folder / f"notifier-{fanout}"
+                sub.mkdir()
+                try:
+                    with run.notifier_stack(receiver, sub, c, fanout, args.max_connections) as procs:
+                        run.notifier(receiver, procs, max(WARMUP, fanout), fanout)
+                        def one_round(procs: run.Processes = procs,
+                                      fanout: int = fanout) -> run.Sample:
+                            return run.notifier(receiver, procs, n, fanout)
+
+                        for i in range(args.repeat):
+                            paired(row, i, floor_b_procs, one_round)
+                        if fanout == 1 and args.latency:
+                            rate = row.median / 2
+                            print(f"  latency at half of fan-out 1 ({rate:.0f} deliveries/s) for "
+                                  f"{args.latency_seconds:.0f}s ...", flush=True)
+                            notes.append(f"latency at {rate:.0f}/s offered (half of fan-out 1): "
+                                         + extra.latency(receiver, rate, args.latency_seconds))
+                            print(f"  {notes[-1]}", flush=True)
+                except run.BenchError as exc:
+                    row.error = str(exc).splitlines()[0]
+                    print(f"  {row.name}: {exc}", file=sys.stderr, flush=True)
+                if row.paired:
+                    notes.append(row.pairing())
+            if args.http:
+                row = Row("notifier HTTP fan-out 1")
+                rows.append(row)
+                (folder / "http").mkdir()
+                try:
+                    paired(row, 0, floor_b_procs, lambda: extra.http(
+                        receiver, folder / "http", c, n, args.max_connections))
+                    notes.append(row.pairing())
+                except run.BenchError as exc:
+                    row.error = str(exc).splitlines()[0]
+                    print(f"  {row.name}: {exc}", file=sys.stderr, flush=True)
+
+        def do_headline() -> None:
+            with run.floor_b_worker(receiver, folder / "floor-b", c) as floor_b_procs:
+                headline(floor_b_procs)
+
+        try:
+            do_headline()
+        except run.BenchError as exc:
+            base_row.error = str(exc).splitlines()[0]
+            print(f"  Floor B: {exc}", file=sys.stderr, flush=True)
         fanout_1 = next((r for r in rows if r.name == "notifier fan-out 1" and r.samples), None)
         if args.latency and fanout_1 is None:
             notes.append("latency: skipped (needs notifier fan-out 1 in the same run)")
-
-        if args.http:
-            row = Row("notifier HTTP fan-out 1")
-            (folder / "http").mkdir()
-            attempt(row, lambda: repeat(row, 1, lambda: extra.http(
-                receiver, folder / "http", c, n, args.max_connections)))
 
         if args.isolation:
             if fanout_1 is None:
@@ -329,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(rows, floor_b))
-    print(f"\nmedian of {args.repeat}; peak RSS = summed RSS of the worker process tree (Floor A: "
+    print(f"\nmedian of {args.repeat}; /FloorB ending in p: the median of the ratios of each "
+          f"round to the Floor B round run just before it (Floor B's row: every such round); "
+          f"peak RSS = summed RSS of the worker process tree (Floor A: "
           f"its loop processes); {time.monotonic() - started:.0f}s in all")
     for note in notes:
         print(note)

@@ -348,6 +348,23 @@ def pg_value(sql: str, url: str = PG_ADMIN_URL) -> Any:
         engine.dispose()
 
 
+# The settings that move notifier's rate and not Floor B's (notifier is bound by the database):
+# printed with every result.
+PG_SETTINGS = ("autovacuum", "synchronous_commit", "fsync", "shared_buffers", "wal_level")
+
+
+def pg_settings() -> str:
+    return ", ".join(f"{name}={pg_value(f'SHOW {name}')}" for name in PG_SETTINGS)
+
+
+def vacuum_analyze() -> None:
+    """Prepare notifier's database the same way before every run: vacuumed and analyzed."""
+    engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE")
+    engine.dispose()
+
+
 def autovacuum_on() -> bool:
     return bool(pg_value("SHOW autovacuum") == "on")
 
