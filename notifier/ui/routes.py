@@ -344,7 +344,8 @@ def replay(request: Request, org: OrgId, webhook_id: str, delivery_id: str) -> R
         logs.require_delivery(services.db, org, delivery_id)
     except NotFound as exc:
         return _not_found(request, str(exc))
-    if pipeline.replay(services, [delivery_id], request.app.state.send_lease):
+    if pipeline.replay(services, [delivery_id], request.app.state.send_lease,
+                       requested_by=f"admin pages (org {org})", org_id=org):
         _flash(request, f"Delivery {delivery_id} queued again, with the same webhook-id.")
     else:
         _flash(request, "That delivery is being sent right now; not replayed.", "warn")
