@@ -140,17 +140,15 @@ def _enqueue(services: Services, queued: Iterable[store.Queued], *, replay: bool
                                 [(i.delivery_id, i.score) for i in items], replay=replay)
 
 
-def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease, *,
-           replay: bool = False) -> int:
-    """Queue deliveries (in their webhooks' replay queues if ``replay``) and send a lease for
-    every free slot of their webhooks; returns how many leases were sent."""
+def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) -> int:
+    """Queue deliveries and send a lease for every free slot of their webhooks; returns how
+    many leases were sent."""
     sent, lost = 0, False
     for webhook_id, items in _by_webhook(queued).items():
         try:
             leases = services.queues.offer(
                 webhook_id, items[0].limit, [(i.delivery_id, i.score) for i in items],
-                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms(),
-                replay=replay)
+                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms())
         except StateLost:  # queued all the same; they go once Redis is rebuilt
             lost = True
             continue
@@ -836,9 +834,13 @@ def replay_selection(services: Services, selection: Selection, send: SendLease, 
                                    org_id=org_id, now_ms=now_ms())
     queued, after = 0, ""
     while True:
+        # Queued in Redis before the batch commits: a Redis failing leaves them as they were,
+        # for the same replay run again, never pending with nothing to send them. Dispatched
+        # only once committed: a claim meanwhile would find them as they were.
         batch_queued, looked_at, went_on = store.replay_batch(
-            services.db, selection, replay_id, after=after, most=batch)
-        _offer(services, batch_queued, send, replay=True)
+            services.db, selection, replay_id, after=after, most=batch,
+            queue=lambda items: _enqueue(services, items, replay=True))
+        pump(services, {item.webhook_id for item in batch_queued}, send)
         queued += len(batch_queued)
         progress(looked_at)
         if went_on is None:

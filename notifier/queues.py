@@ -153,9 +153,9 @@ return 1
 
 # Enqueue, then dispatch: what ingest does for every webhook an event reaches, in one call.
 _OFFER = _ENQUEUE_FN + _DISPATCH_FN + """
-enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV, 11)
-return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
-                tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]))
+enqueue(ARGV[1], ARGV[2], 'q', ARGV[3], ARGV, 10)
+return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+                tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
 """
 
 # The lease as its task starts, topped up with what queued meanwhile (see Queues.take).
@@ -499,14 +499,14 @@ class Queues:
             self._script("enqueue", webhook_id, _kind(replay), limit, *flat)
 
     def offer(self, webhook_id: str, limit: int, items: Iterable[tuple[str, int]], *, batch: int,
-              lease_ms: int, now_ms: int, replay: bool = False) -> list[Lease]:
+              lease_ms: int, now_ms: int) -> list[Lease]:
         """``enqueue`` then ``dispatch``, in one call. ``StateLost`` (the deliveries queued, none
         dispatched) while Redis has lost its state and is not rebuilt."""
         flat: list[Any] = []
         for delivery_id, score in items:
             flat += [delivery_id, score]
         return self._leases(webhook_id, self._script(
-            "offer", webhook_id, _kind(replay), limit, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
+            "offer", webhook_id, limit, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
             self.fast_leases, *flat))
 
     def set_limit(self, webhook_id: str, limit: int) -> None:

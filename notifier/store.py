@@ -12,7 +12,7 @@ import json
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -973,10 +973,11 @@ def start_replay(db: Database, selection: Selection, *, requested_by: str, org_i
             selection=selection.as_json(), queued=0).returning(_replays.c.id)))
 
 
-def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: str,
-                 most: int) -> tuple[list[Queued], int, str | None]:
+def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: str, most: int,
+                 queue: Callable[[list[Queued]], None]) -> tuple[list[Queued], int, str | None]:
     """Make the next ``most`` deliveries of a selection (by id, past ``after``) pending again,
-    keeping their ids (``webhook-id``), and mark them as the replay's, in one transaction.
+    keeping their ids (``webhook-id``), and mark them as the replay's, in one transaction;
+    ``queue`` them before it commits (what it raises undoes the batch).
 
     Returns what to queue, how many were looked at, and the id to go on after (None: done).
     Paging by id, not by status: a delivery replayed and delivered meanwhile still matches a
@@ -1000,10 +1001,14 @@ def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: s
             select(d.webhook_id, _webhooks.c.max_allowed_connections, d.id, d.ingested_at_ms)
             .join_from(_deliveries, _webhooks, _webhooks.c.id == d.webhook_id)
             .where(d.id.in_(taken))).all() if taken else []
+        queued = [Queued(*row) for row in rows]
         if taken:
             connection.execute(update(_replays).where(_replays.c.id == replay_id)
                                .values(queued=_replays.c.queued + len(taken)))
-    return [Queued(*row) for row in rows], len(ids), (ids[-1] if len(ids) == most else None)
+            # Their rows are locked (written) until this commits: a claim of one that Redis
+            # hands out meanwhile waits for it, and finds it pending.
+            queue(queued)
+    return queued, len(ids), (ids[-1] if len(ids) == most else None)
 
 
 @dataclass(frozen=True)

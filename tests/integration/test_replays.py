@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 
 from notifier import pipeline, store
 from notifier.db import Database
+from notifier.errors import QueueUnavailable
 from notifier.models import Delivery, DeliveryStatus, Webhook
 from notifier.pipeline import Services
 from notifier.replays import Selection, selection
@@ -107,9 +108,12 @@ def test_a_replay_goes_in_batches_marks_its_deliveries_and_queues_nothing_twice(
         db: Database, deliveries: dict[str, Any]) -> None:
     made = Selection(org_id=ORG)  # 9 deliveries, of which 2 pending already
     replay_id = store.start_replay(db, made, requested_by="tester", org_id=None, now_ms=NOW)
-    queued, after, batches = [], "", 0
+    queued: list[store.Queued] = []
+    queued_in_redis: list[list[store.Queued]] = []
+    after, batches = "", 0
     while True:
-        got, looked_at, went_on = store.replay_batch(db, made, replay_id, after=after, most=2)
+        got, looked_at, went_on = store.replay_batch(db, made, replay_id, after=after, most=2,
+                                                      queue=queued_in_redis.append)
         assert looked_at <= 2
         queued += got
         batches += 1
@@ -118,6 +122,7 @@ def test_a_replay_goes_in_batches_marks_its_deliveries_and_queues_nothing_twice(
         after = went_on
 
     assert len(queued) == 7 and batches == 4
+    assert queued_in_redis == [queued[:2], queued[2:4], queued[4:6], queued[6:]]
     assert {q.delivery_id for q in queued} == {
         v for k, v in deliveries["ids"].items() if not k.endswith("e5") and k != "x-e6"}
     with db.session() as session:
@@ -130,20 +135,23 @@ def test_a_replay_goes_in_batches_marks_its_deliveries_and_queues_nothing_twice(
 
     # Run again while they wait: every one is pending, so nothing is queued twice.
     again = store.start_replay(db, made, requested_by="tester", org_id=None, now_ms=NOW)
-    assert store.replay_batch(db, made, again, after="", most=100) == ([], 0, None)
+    assert store.replay_batch(db, made, again, after="", most=100,
+                              queue=queued_in_redis.append) == ([], 0, None)
 
 
 def test_a_replay_of_delivered_ones_takes_each_once(db: Database,
                                                     deliveries: dict[str, Any]) -> None:
     made = Selection(statuses=(DeliveryStatus.DELIVERED,))
     replay_id = store.start_replay(db, made, requested_by="t", org_id=None, now_ms=NOW)
-    first, _, went_on = store.replay_batch(db, made, replay_id, after="", most=1)
+    first, _, went_on = store.replay_batch(db, made, replay_id, after="", most=1,
+                                            queue=lambda _: None)
     # Delivered again before the next batch: it matches again, and is not taken again.
     with db.session() as session:
         session.execute(update(Delivery).where(Delivery.id == first[0].delivery_id)
                         .values(status=DeliveryStatus.DELIVERED))
     assert went_on is not None
-    second, _, _ = store.replay_batch(db, made, replay_id, after=went_on, most=1)
+    second, _, _ = store.replay_batch(db, made, replay_id, after=went_on, most=1,
+                                         queue=lambda _: None)
 
     assert {first[0].delivery_id, second[0].delivery_id} == {
         deliveries["ids"]["a-e4"], deliveries["ids"]["b-e4"]}
@@ -169,3 +177,20 @@ def test_a_replay_rides_the_replay_queue_also_after_redis_is_rebuilt(
     # event, is live work.
     assert services.queues.waiting(hook, replay=True) == 4
     assert services.queues.waiting(hook) == 1
+
+
+def test_a_batch_redis_refused_is_left_as_it_was(db: Database,
+                                                deliveries: dict[str, Any]) -> None:
+    made = Selection(webhook=deliveries["b"])
+    replay_id = store.start_replay(db, made, requested_by="t", org_id=None, now_ms=NOW)
+
+    def refused(_: list[store.Queued]) -> None:
+        raise QueueUnavailable("redis: connection refused")
+
+    with pytest.raises(QueueUnavailable):
+        store.replay_batch(db, made, replay_id, after="", most=10, queue=refused)
+
+    # Run again, the replay finds them all: none was left pending with nothing to send it.
+    assert store.count_selection(db, made).replayable == 3
+    (view,) = store.replays(db, replay_id=replay_id)
+    assert (view.queued, view.to_go) == (0, 0)
