@@ -710,8 +710,12 @@ def _give_back(services: Services, webhook_id: str, target: store.Target,
                rest: Iterable[store.Claimed]) -> None:
     rest = list(rest)
     store.release_claims(services.db, rest)
-    services.queues.enqueue(webhook_id, target.max_allowed_connections,
-                            [(c.id, c.ingested_at_ms) for c in rest])
+    # A replay's back in the replay queue: by its old ingestion time, it would go ahead of
+    # every live delivery waiting.
+    for replayed in (False, True):
+        services.queues.enqueue(webhook_id, target.max_allowed_connections,
+                                [(c.id, c.ingested_at_ms) for c in rest if c.replayed == replayed],
+                                replay=replayed)
 
 
 @dataclass(frozen=True)

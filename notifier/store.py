@@ -488,6 +488,8 @@ class Claimed:
     attempt_count: int
     ingested_at_ms: int
     lease_until_ms: int
+    # Queued by a replay: given back, it waits behind live traffic again (the replay queue).
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -530,7 +532,7 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
     for row in sorted(rows, key=lambda r: order[r.id]):
         if row.id in taken:
             claimed.append(Claimed(row.id, row.payload, row.attempt_count, row.ingested_at_ms,
-                                   lease_until))
+                                   lease_until, row.replay_id is not None))
         elif row.status == DeliveryStatus.IN_FLIGHT and row.lease_until_ms is not None:
             later.append((row.id, row.lease_until_ms + 1))
         elif row.status == DeliveryStatus.RETRYING and row.next_attempt_at_ms is not None:
@@ -563,7 +565,7 @@ def _take_statement() -> Any:
 def _claimable_statement() -> Any:
     d = _deliveries.c
     return (select(d.id, d.status, d.attempt_count, d.ingested_at_ms, d.next_attempt_at_ms,
-                   d.lease_until_ms, _events.c.payload)
+                   d.lease_until_ms, d.replay_id, _events.c.payload)
             .join_from(_deliveries, _events, _events.c.pk == d.event_pk)
             .where(d.id.in_(bindparam("ids", expanding=True))))
 
