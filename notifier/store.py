@@ -101,6 +101,7 @@ __all__ = [
     "reject",
     "release_claims",
     "replay_batch",
+    "replay_of",
     "replayable_dead_letters",
     "replays",
     "sample_selection",
@@ -925,6 +926,12 @@ class Selected:
     last_status_code: int | None
     ingested_at_ms: int
 
+    def as_json(self) -> dict[str, Any]:
+        return {"deliveryId": self.id, "webHookId": self.webhook_id,
+                "eventName": self.event_name, "status": self.status,
+                "lastStatusCode": self.last_status_code,
+                "ingestedAt": iso_ms(self.ingested_at_ms)}
+
 
 @dataclass(frozen=True)
 class SelectionCount:
@@ -1062,6 +1069,15 @@ def replays(db: Database, *, replay_id: int | None = None, org_id: int | None = 
         views.append(ReplayView(*row, delivered=delivered, failed=failed,
                                 to_go=sum(by_status.values()) - delivered - failed))
     return views
+
+
+def replay_of(db: Database, replay_id: int, *, org_id: int, webhook_id: str) -> ReplayView:
+    """A replay an org made of one of its webhooks, with its progress; ``NotFound`` for any
+    other (another org's, another webhook's)."""
+    found = replays(db, replay_id=replay_id, org_id=org_id)
+    if not found or found[0].selection.get("webhook") != webhook_id:
+        raise NotFound(f"no replay {replay_id} of webhook {webhook_id}")
+    return found[0]
 
 
 @dataclass(frozen=True)
