@@ -194,3 +194,31 @@ def test_a_batch_redis_refused_is_left_as_it_was(db: Database,
     assert store.count_selection(db, made).replayable == 3
     (view,) = store.replays(db, replay_id=replay_id)
     assert (view.queued, view.to_go) == (0, 0)
+
+
+def test_a_large_replay_goes_in_bounded_batches(services: Services,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store.create_org(services.db, ORG, "org", now_ms=0)
+    hook = webhook(services.db, "big", max_allowed_connections=1)
+    store.ingest_many(services.db, load_catalog(), [event(f"e{n}") for n in range(250)],
+                      now_ms=NOW)
+    with services.db.session() as session:
+        session.execute(update(Delivery).values(status=DeliveryStatus.DEAD))
+    services.queues.rebuilt()
+    calls: list[int] = []
+    enqueue = services.queues.enqueue
+
+    def counted(webhook_id: str, limit: int, items: Any, *, replay: bool = False) -> None:
+        items = list(items)
+        calls.append(len(items))
+        enqueue(webhook_id, limit, items, replay=replay)
+
+    monkeypatch.setattr(services.queues, "enqueue", counted)
+    looked_at: list[int] = []
+
+    done = pipeline.replay_selection(services, Selection(webhook=hook), lambda lease: None,
+                                     requested_by="t", progress=looked_at.append, batch=100)
+
+    # One transaction and one Redis call per batch (of one webhook), never one per delivery.
+    assert done.queued == 250 and calls == [100, 100, 50] and looked_at == [100, 100, 50]
+    assert services.queues.waiting(hook, replay=True) == 250 - 20  # one lease took a batch
