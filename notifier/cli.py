@@ -466,6 +466,32 @@ def dead_letters_replay(ids: tuple[int, ...]) -> None:
     click.echo(f"replayed {replayed} dead letters")
 
 
+@main.group("replays")
+def replays() -> None:
+    """Replays of deliveries (celery -A tasks replay, the API, the admin pages), with their
+    progress."""
+
+
+@replays.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for scripts.")
+@click.option("--most", default=20, show_default=True, type=click.IntRange(1, 1000),
+              help="How many of the latest replays.")
+def replays_list(as_json: bool, most: int) -> None:
+    """The latest replays, newest first: when, who asked, the selection, how many deliveries
+    were queued, and of those how many are delivered, failed and still to go."""
+    from notifier import store
+    from notifier.db import Database
+    from notifier.logs import iso_ms
+
+    for made in store.replays(Database(_settings().database_url), most=most):
+        if as_json:
+            click.echo(json.dumps(made.as_json()))
+            continue
+        click.echo(f"{made.id:>6}  {iso_ms(made.created_at_ms)}  {made.requested_by}  "
+                   f"queued {made.queued}: delivered {made.delivered}, failed {made.failed}, "
+                   f"to go {made.to_go}  {json.dumps(made.selection)}")
+
+
 @main.command()
 @click.argument("event_name")
 @click.option("--org", "org_id", type=int, required=True)

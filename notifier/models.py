@@ -43,6 +43,7 @@ __all__ = [
     "RefPointsBalance",
     "RefStore",
     "RefTill",
+    "Replay",
     "SigningSecret",
     "UiSession",
     "Webhook",
@@ -221,6 +222,7 @@ class Delivery(Base):
         Index("ix_deliveries_webhook_ingested", "webhook_id", "ingested_at_ms"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at_ms"),
         Index("ix_deliveries_sla_open", "sla_breach_at_ms", "status", "ingested_at_ms"),
+        Index("ix_deliveries_replay", "replay_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -244,6 +246,24 @@ class Delivery(Base):
     # for that the reference data could not supply.
     enrichment: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     enrichment_notes: Mapped[str | None] = mapped_column(Text)
+    # The replay that last queued it again (``Replay``): its progress is read from these rows.
+    # A later replay of the same delivery takes it over.
+    replay_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Replay(Base):
+    """A replay by selection: when, who asked (the OS user of the command line, the API key),
+    the selection as given, and how many deliveries it queued again."""
+
+    __tablename__ = "replays"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    # The org whose API key asked for it (None: the operator's command line).
+    org_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    selection: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    queued: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class Attempt(Base):

@@ -28,12 +28,13 @@ from config import Settings
 from notifier import faults, store, webhooks
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import DeliveryInterrupted, StateLost, TransientError
+from notifier.errors import DeliveryInterrupted, NotFound, StateLost, TransientError
 from notifier.logs import iso_ms
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
 from notifier.queues import Lease, Queues, Report
 from notifier.reference import Lookups
+from notifier.replays import Selection
 from notifier.retry import next_attempt_at_ms
 from notifier.schemas import EventCatalog, load_catalog
 from notifier.sender import (
@@ -50,7 +51,9 @@ from notifier.vault import Vault, vault_for
 
 __all__ = [
     "DEAD_LETTER",
+    "REPLAY_BATCH",
     "HandOn",
+    "Replayed",
     "Services",
     "SweepReport",
     "accept",
@@ -69,6 +72,7 @@ __all__ = [
     "render",
     "replay",
     "replay_dead_letters",
+    "replay_selection",
     "request_for",
     "sweep",
     "webhook_context",
@@ -130,10 +134,10 @@ def _by_webhook(queued: Iterable[store.Queued]) -> dict[str, list[store.Queued]]
     return by_hook
 
 
-def _enqueue(services: Services, queued: Iterable[store.Queued]) -> None:
+def _enqueue(services: Services, queued: Iterable[store.Queued], *, replay: bool = False) -> None:
     for webhook_id, items in _by_webhook(queued).items():
         services.queues.enqueue(webhook_id, items[0].limit,
-                                [(i.delivery_id, i.score) for i in items])
+                                [(i.delivery_id, i.score) for i in items], replay=replay)
 
 
 def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) -> int:
@@ -707,8 +711,12 @@ def _give_back(services: Services, webhook_id: str, target: store.Target,
                rest: Iterable[store.Claimed]) -> None:
     rest = list(rest)
     store.release_claims(services.db, rest)
-    services.queues.enqueue(webhook_id, target.max_allowed_connections,
-                            [(c.id, c.ingested_at_ms) for c in rest])
+    # A replay's back in the replay queue: by its old ingestion time, it would go ahead of
+    # every live delivery waiting.
+    for replayed in (False, True):
+        services.queues.enqueue(webhook_id, target.max_allowed_connections,
+                                [(c.id, c.ingested_at_ms) for c in rest if c.replayed == replayed],
+                                replay=replayed)
 
 
 @dataclass(frozen=True)
@@ -731,7 +739,9 @@ def rebuild(services: Services) -> int:
     work = store.open_work(services.db)
     now = now_ms()
     claims: dict[tuple[str, str], tuple[int, list[str]]] = {}
-    parked, waiting = [], []
+    parked: list[tuple[str, str, int]] = []
+    waiting: list[store.Queued] = []
+    replayed: list[store.Queued] = []
     for item in work:
         queued, until = item.queued, item.claimed_until_ms
         if item.status == DeliveryStatus.IN_FLIGHT and until is not None and until > now:
@@ -741,10 +751,12 @@ def rebuild(services: Services) -> int:
         elif item.status == DeliveryStatus.RETRYING and item.due_ms is not None:
             parked.append((queued.webhook_id, queued.delivery_id, item.due_ms))
         else:
-            waiting.append(queued)
+            # A replay's pending deliveries wait behind live traffic again (see replay_selection).
+            (replayed if item.replay_id is not None else waiting).append(queued)
     services.queues.hold_claims(claims, now_ms=now)
     services.queues.park(parked)
     _enqueue(services, waiting)
+    _enqueue(services, replayed, replay=True)
     return len(work)
 
 
@@ -793,11 +805,64 @@ def sweep(services: Services, send: SendLease) -> SweepReport:
     return SweepReport(rebuilt, len(promoted), len(expired), sent)
 
 
-def replay(services: Services, delivery_ids: Iterable[str], send: SendLease) -> int:
-    """Send deliveries again with their original ``webhook-id``; returns how many were queued."""
-    queued = store.replay(services.db, list(delivery_ids))
-    _offer(services, queued, send)
-    return len(queued)
+# Deliveries made pending again and queued per transaction (and per Redis call of a webhook):
+# a replay of 100 000 is bounded batches, never one statement or one call per delivery.
+REPLAY_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: its id (``notifier replays list``), how many deliveries it queued, how
+    many it left as they were (queued already), and the ids it named that are no delivery."""
+
+    replay_id: int
+    queued: int
+    skipped: int
+    not_found: tuple[str, ...] = ()
+
+
+def replay_selection(services: Services, selection: Selection, send: SendLease, *,
+                     requested_by: str, org_id: int | None = None,
+                     progress: Callable[[int], None] = lambda looked_at: None,
+                     batch: int = REPLAY_BATCH) -> Replayed:
+    """Send a selection's deliveries again, keeping their ids (``webhook-id``), recorded as one
+    replay ``requested_by`` someone (the OS user, an API key); each batch reports how many
+    deliveries it looked at to ``progress``.
+
+    Those pending or in flight are skipped (queued already): the same replay run twice queues
+    nothing twice. The rest go to their webhooks' replay queues, which the slots draw from only
+    while no live delivery waits: a replay keeps ``maxAllowedConnections`` and never holds live
+    traffic up.
+    """
+    counted = store.count_selection(services.db, selection)
+    replay_id = store.start_replay(services.db, selection, requested_by=requested_by,
+                                   org_id=org_id, now_ms=now_ms())
+    queued, after = 0, ""
+    while True:
+        # Queued in Redis before the batch commits: a Redis failing leaves them as they were,
+        # for the same replay run again, never pending with nothing to send them. Dispatched
+        # only once committed: a claim meanwhile would find them as they were.
+        batch_queued, looked_at, went_on = store.replay_batch(
+            services.db, selection, replay_id, after=after, most=batch,
+            queue=lambda items: _enqueue(services, items, replay=True))
+        pump(services, {item.webhook_id for item in batch_queued}, send)
+        queued += len(batch_queued)
+        progress(looked_at)
+        if went_on is None:
+            break
+        after = went_on
+    return Replayed(replay_id, queued, counted.matched - queued, counted.not_found)
+
+
+def replay(services: Services, delivery_ids: Sequence[str], send: SendLease, *,
+           requested_by: str, org_id: int | None = None) -> int:
+    """``replay_selection`` of these deliveries (of ``org_id``'s webhooks, if given); returns
+    how many were queued. ``NotFound`` names the ids that are no delivery, and queues none."""
+    selection = Selection(delivery_ids=tuple(delivery_ids), org_id=org_id)
+    if missing := store.count_selection(services.db, selection).not_found:
+        raise NotFound(f"no such delivery: {', '.join(missing)}")
+    return replay_selection(services, selection, send, requested_by=requested_by,
+                            org_id=org_id).queued
 
 
 def check_sla(services: Services) -> int:

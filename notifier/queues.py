@@ -3,6 +3,9 @@
 Keys, under the configured prefix ``P``:
 
 - ``P:q:<webhook>``   sorted set of waiting delivery ids, scored by time (FIFO-ish)
+- ``P:r:<webhook>``   the same for its replayed deliveries, scored by ingestion: drawn from only
+                      while ``P:q`` is empty, so that a replay (100 000 old deliveries) rides the
+                      webhook's slots behind its live traffic instead of ahead of it
 - ``P:queued``        set of webhooks whose queue is not empty (the sweeper pumps them)
 - ``P:limit``         hash webhook -> maxAllowedConnections
 - ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry; after Redis lost its
@@ -52,10 +55,10 @@ T = TypeVar("T")
 
 # Lua functions shared by the scripts below (each script is one atomic call).
 _ENQUEUE_FN = """
-local function enqueue(p, wh, limit, items, first)
+local function enqueue(p, wh, kind, limit, items, first)
   redis.call('HSET', p .. ':limit', wh, limit)
   for i = first, #items, 2 do
-    redis.call('ZADD', p .. ':q:' .. wh, 'NX', items[i + 1], items[i])
+    redis.call('ZADD', p .. ':' .. kind .. ':' .. wh, 'NX', items[i + 1], items[i])
   end
   redis.call('SADD', p .. ':queued', wh)
 end
@@ -66,7 +69,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   -- A Redis that lost its state grants nothing (false) until it is rebuilt: the requests of the
   -- database's live claims may still be open, and only the rebuild counts them.
   if redis.call('EXISTS', p .. ':epoch') == 0 then return false end
-  local q, slots = p .. ':q:' .. wh, p .. ':slots:' .. wh
+  local q, r, slots = p .. ':q:' .. wh, p .. ':r:' .. wh, p .. ':slots:' .. wh
   local limit = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
   -- Expired leases do not count: their holder is presumed dead, and the sweeper re-queues
   -- whatever they carried.
@@ -86,7 +89,9 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   end
   local out = {}
   while free > 0 do
-    local waiting = redis.call('ZCARD', q)
+    -- Live deliveries first; replays only while none waits (one more ZCARD, then only).
+    local from, waiting = q, redis.call('ZCARD', q)
+    if waiting == 0 then from, waiting = r, redis.call('ZCARD', r) end
     if waiting == 0 then break end
     local size = math.min(batch, waiting)
     local wait = 0
@@ -99,7 +104,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
       if unstarted and now - tonumber(string.match(unstarted, '^%d+')) < 10000 then break end
       if live > 0 then wait = linger end
     end
-    local popped = redis.call('ZPOPMIN', q, size)
+    local popped = redis.call('ZPOPMIN', from, size)
     local ids = {}
     for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
     -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
@@ -120,7 +125,9 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
     free = free - 1
     live = live + 1
   end
-  if redis.call('ZCARD', q) == 0 then redis.call('SREM', p .. ':queued', wh) end
+  if redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
+    redis.call('SREM', p .. ':queued', wh)
+  end
   return out
 end
 """
@@ -140,13 +147,13 @@ return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber
 """
 
 _ENQUEUE = _ENQUEUE_FN + """
-enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV, 4)
+enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV, 5)
 return 1
 """
 
 # Enqueue, then dispatch: what ingest does for every webhook an event reaches, in one call.
 _OFFER = _ENQUEUE_FN + _DISPATCH_FN + """
-enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV, 10)
+enqueue(ARGV[1], ARGV[2], 'q', ARGV[3], ARGV, 10)
 return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
                 tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
 """
@@ -160,17 +167,27 @@ local function take(p, wh, token, batch, now)
   -- the sweeper has re-queued what it held.
   if not expiry or tonumber(expiry) < now then return false end
   started(p, wh, token)
-  local q = p .. ':q:' .. wh
+  local q, r = p .. ':q:' .. wh, p .. ':r:' .. wh
   local items = redis.call('HGET', p .. ':lease:items', member) or ''
   local count = 0
   for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
-  if count < batch and redis.call('ZCARD', q) > 0 then
-    local popped = redis.call('ZPOPMIN', q, batch - count)
-    for i = 1, #popped, 2 do
-      items = (items == '') and popped[i] or (items .. ',' .. popped[i])
+  local topped = false
+  -- Live deliveries first, then replays (see dispatch).
+  for _, from in ipairs({q, r}) do
+    if count < batch and redis.call('ZCARD', from) > 0 then
+      local popped = redis.call('ZPOPMIN', from, batch - count)
+      for i = 1, #popped, 2 do
+        items = (items == '') and popped[i] or (items .. ',' .. popped[i])
+        count = count + 1
+      end
+      topped = true
     end
+  end
+  if topped then
     redis.call('HSET', p .. ':lease:items', member, items)
-    if redis.call('ZCARD', q) == 0 then redis.call('SREM', p .. ':queued', wh) end
+    if redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
+      redis.call('SREM', p .. ':queued', wh)
+    end
   end
   return items
 end
@@ -353,7 +370,7 @@ _STATE = """
 local p, now, slow_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local waiting = {}
 for _, wh in ipairs(redis.call('SMEMBERS', p .. ':queued')) do
-  local count = redis.call('ZCARD', p .. ':q:' .. wh)
+  local count = redis.call('ZCARD', p .. ':q:' .. wh) + redis.call('ZCARD', p .. ':r:' .. wh)
   if count > 0 then
     waiting[#waiting + 1] = wh
     waiting[#waiting + 1] = count
@@ -419,6 +436,11 @@ class QueueState:
     rechecks: int
 
 
+def _kind(replay: bool) -> str:
+    """The key of a webhook's live queue (``q``) or of its replays (``r``)."""
+    return "r" if replay else "q"
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -466,13 +488,15 @@ class Queues:
         self.client  # noqa: B018 - makes this process's client and scripts
         return self._run(lambda: self._scripts[name](args=[self.prefix, *args]))
 
-    def enqueue(self, webhook_id: str, limit: int, items: Iterable[tuple[str, int]]) -> None:
-        """Add deliveries ``(id, score)`` to a webhook's queue; ids already there stay put."""
+    def enqueue(self, webhook_id: str, limit: int, items: Iterable[tuple[str, int]], *,
+                replay: bool = False) -> None:
+        """Add deliveries ``(id, score)`` to a webhook's queue (its replay queue if ``replay``);
+        ids already there stay put."""
         flat: list[Any] = []
         for delivery_id, score in items:
             flat += [delivery_id, score]
         if flat:
-            self._script("enqueue", webhook_id, limit, *flat)
+            self._script("enqueue", webhook_id, _kind(replay), limit, *flat)
 
     def offer(self, webhook_id: str, limit: int, items: Iterable[tuple[str, int]], *, batch: int,
               lease_ms: int, now_ms: int) -> list[Lease]:
@@ -625,8 +649,10 @@ class Queues:
         """Undo ``claim_rebuild`` when the rebuild that followed it failed, so it runs again."""
         self._run(lambda: self.client.delete(f"{self.prefix}:rebuilding"))
 
-    def waiting(self, webhook_id: str) -> int:
-        return int(self._run(lambda: self.client.zcard(f"{self.prefix}:q:{webhook_id}")))
+    def waiting(self, webhook_id: str, *, replay: bool = False) -> int:
+        """How many deliveries wait in a webhook's queue (its replay queue if ``replay``)."""
+        key = f"{self.prefix}:{_kind(replay)}:{webhook_id}"
+        return int(self._run(lambda: self.client.zcard(key)))
 
     def held(self, webhook_id: str, now_ms: int) -> int:
         return int(self._run(lambda: self.client.zcount(

@@ -11,7 +11,8 @@ import ipaddress
 import json
 import math
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +43,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from notifier import webhooks
 from notifier.db import Database
 from notifier.errors import EventTooLarge, InvalidEvent, InvalidInput, NotFound
+from notifier.logs import iso_ms
 from notifier.models import (
     FINAL_STATUSES,
     Base,
@@ -52,6 +54,7 @@ from notifier.models import (
     SigningSecret,
     Webhook,
 )
+from notifier.replays import Selection
 from notifier.schemas import EventCatalog
 from notifier.vault import Vault
 
@@ -64,6 +67,7 @@ _webhooks = Base.metadata.tables["webhooks"]
 _subscriptions = Base.metadata.tables["webhook_subscriptions"]
 _orgs = Base.metadata.tables["orgs"]
 _dead_letters = Base.metadata.tables["dead_letters"]
+_replays = Base.metadata.tables["replays"]
 
 __all__ = [
     "Claim",
@@ -73,9 +77,13 @@ __all__ = [
     "IngestOutcome",
     "OpenDelivery",
     "Queued",
+    "ReplayView",
+    "Selected",
+    "SelectionCount",
     "Target",
     "check_event_size",
     "claim",
+    "count_selection",
     "create_org",
     "create_webhook",
     "dead_letter",
@@ -92,8 +100,12 @@ __all__ = [
     "open_work",
     "reject",
     "release_claims",
-    "replay",
+    "replay_batch",
+    "replay_of",
     "replayable_dead_letters",
+    "replays",
+    "sample_selection",
+    "start_replay",
     "still_claimed",
     "target",
     "targets",
@@ -477,6 +489,8 @@ class Claimed:
     attempt_count: int
     ingested_at_ms: int
     lease_until_ms: int
+    # Queued by a replay: given back, it waits behind live traffic again (the replay queue).
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -519,7 +533,7 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
     for row in sorted(rows, key=lambda r: order[r.id]):
         if row.id in taken:
             claimed.append(Claimed(row.id, row.payload, row.attempt_count, row.ingested_at_ms,
-                                   lease_until))
+                                   lease_until, row.replay_id is not None))
         elif row.status == DeliveryStatus.IN_FLIGHT and row.lease_until_ms is not None:
             later.append((row.id, row.lease_until_ms + 1))
         elif row.status == DeliveryStatus.RETRYING and row.next_attempt_at_ms is not None:
@@ -552,7 +566,7 @@ def _take_statement() -> Any:
 def _claimable_statement() -> Any:
     d = _deliveries.c
     return (select(d.id, d.status, d.attempt_count, d.ingested_at_ms, d.next_attempt_at_ms,
-                   d.lease_until_ms, _events.c.payload)
+                   d.lease_until_ms, d.replay_id, _events.c.payload)
             .join_from(_deliveries, _events, _events.c.pk == d.event_pk)
             .where(d.id.in_(bindparam("ids", expanding=True))))
 
@@ -804,6 +818,8 @@ class OpenDelivery:
     claimed_until_ms: int | None
     # That claim's token (``Claim.token``; None for a claim made before tokens were stored).
     claimed_by: str | None = None
+    # The replay that queued it again, if one did: pending, it waits in the replay queue.
+    replay_id: int | None = None
 
 
 def open_work(db: Database) -> list[OpenDelivery]:
@@ -812,10 +828,10 @@ def open_work(db: Database) -> list[OpenDelivery]:
         rows = session.execute(
             select(Delivery.webhook_id, Webhook.max_allowed_connections, Delivery.id,
                    Delivery.ingested_at_ms, Delivery.status, Delivery.next_attempt_at_ms,
-                   Delivery.lease_until_ms, Delivery.claimed_by)
+                   Delivery.lease_until_ms, Delivery.claimed_by, Delivery.replay_id)
             .join(Webhook, Webhook.id == Delivery.webhook_id)
             .where(Delivery.status.not_in(FINAL_STATUSES))).all()
-    return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+    return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), *r[4:]) for r in rows]
 
 
 def flag_sla_breaches(db: Database, *, now_ms: int) -> int:
@@ -864,28 +880,204 @@ def create_webhook(db: Database, catalog: EventCatalog, vault: Vault, *, org_id:
 _EVERY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
-def replay(db: Database, delivery_ids: Sequence[str]) -> list[Queued]:
-    """Make finished (or parked) deliveries pending again, keeping their ids (``webhook-id``).
+def _selected(selection: Selection) -> Select[Any]:
+    """The deliveries of a selection (a join of their events and webhooks), each criterion
+    given one condition: the one query every replay reads, counts and pages through."""
+    d, e, w = _deliveries.c, _events.c, _webhooks.c
+    conditions: list[Any] = []
+    if selection.delivery_ids:
+        conditions.append(d.id.in_(selection.delivery_ids))
+    if selection.event_id is not None:
+        conditions.append(e.event_id == selection.event_id)
+    if selection.webhook is not None:
+        conditions.append(or_(d.webhook_id == selection.webhook,
+                              w.consumer_group_id == selection.webhook))
+    if selection.org_id is not None:
+        conditions.append(w.org_id == selection.org_id)
+    if selection.statuses:
+        conditions.append(d.status.in_(selection.statuses))
+    if selection.event_names:
+        conditions.append(e.event_name.in_(selection.event_names))
+    if selection.since_ms is not None:
+        conditions.append(d.ingested_at_ms >= selection.since_ms)
+    if selection.until_ms is not None:
+        conditions.append(d.ingested_at_ms < selection.until_ms)
+    if selection.response_status is not None:
+        conditions.append(d.last_status_code.between(*selection.response_status))
+    return (select(d.id)
+            .join_from(_deliveries, _events, e.pk == d.event_pk)
+            .join(_webhooks, w.id == d.webhook_id)
+            .where(*conditions))
 
-    A delivery in flight is left alone: it is being sent right now.
+
+# Pending or in flight: queued already (by its event, a retry or an earlier replay). A replay
+# leaves them be, so that the same replay run twice queues nothing twice.
+_QUEUED_ALREADY = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A delivery of a selection, as a replay shows it before it is made."""
+
+    id: str
+    webhook_id: str
+    event_name: str
+    status: str
+    last_status_code: int | None
+    ingested_at_ms: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"deliveryId": self.id, "webHookId": self.webhook_id,
+                "eventName": self.event_name, "status": self.status,
+                "lastStatusCode": self.last_status_code,
+                "ingestedAt": iso_ms(self.ingested_at_ms)}
+
+
+@dataclass(frozen=True)
+class SelectionCount:
+    """How many deliveries a selection holds; those queued already are skipped by a replay,
+    and the ids it names that are no delivery (of its webhook and org, if given) not found."""
+
+    matched: int
+    skipped: int
+    not_found: tuple[str, ...] = ()
+
+    @property
+    def replayable(self) -> int:
+        return self.matched - self.skipped
+
+
+def count_selection(db: Database, selection: Selection) -> SelectionCount:
+    d = _deliveries.c
+    counted = _selected(selection).with_only_columns(
+        func.count(), func.coalesce(func.sum(case((d.status.in_(_QUEUED_ALREADY), 1), else_=0)),
+                                    0))
+    with db.autocommit() as connection:
+        matched, skipped = connection.execute(counted).one()
+        missing: tuple[str, ...] = ()
+        if selection.delivery_ids:
+            scope = Selection(delivery_ids=selection.delivery_ids, webhook=selection.webhook,
+                              org_id=selection.org_id)
+            known = set(connection.scalars(_selected(scope)))
+            missing = tuple(i for i in dict.fromkeys(selection.delivery_ids) if i not in known)
+    return SelectionCount(int(matched), int(skipped), missing)
+
+
+def sample_selection(db: Database, selection: Selection, *, most: int) -> list[Selected]:
+    """The first ``most`` deliveries of a selection, oldest first."""
+    d, e = _deliveries.c, _events.c
+    with db.autocommit() as connection:
+        rows = connection.execute(_selected(selection).with_only_columns(
+            d.id, d.webhook_id, e.event_name, d.status, d.last_status_code, d.ingested_at_ms)
+            .order_by(d.ingested_at_ms, d.id).limit(most)).all()
+    return [Selected(*row) for row in rows]
+
+
+def start_replay(db: Database, selection: Selection, *, requested_by: str, org_id: int | None,
+                 now_ms: int) -> int:
+    """Record a replay about to be made; returns its id."""
+    with db.autocommit() as connection:
+        return int(connection.scalar(insert(_replays).values(
+            created_at_ms=now_ms, requested_by=requested_by[:200], org_id=org_id,
+            selection=selection.as_json(), queued=0).returning(_replays.c.id)))
+
+
+def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: str, most: int,
+                 queue: Callable[[list[Queued]], None]) -> tuple[list[Queued], int, str | None]:
+    """Make the next ``most`` deliveries of a selection (by id, past ``after``) pending again,
+    keeping their ids (``webhook-id``), and mark them as the replay's, in one transaction;
+    ``queue`` them before it commits (what it raises undoes the batch).
+
+    Returns what to queue, how many were looked at, and the id to go on after (None: done).
+    Paging by id, not by status: a delivery replayed and delivered meanwhile still matches a
+    replay of delivered ones, and must not be taken twice by the same replay.
     """
-    with db.session() as session:
-        known = set(session.scalars(select(Delivery.id).where(Delivery.id.in_(delivery_ids))))
-        missing = [i for i in delivery_ids if i not in known]
-        if missing:
-            raise NotFound(f"no such delivery: {', '.join(missing)}")
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(delivery_ids), Delivery.status != DeliveryStatus.IN_FLIGHT)
+    d = _deliveries.c
+    with db.transaction() as connection:
+        ids = list(connection.scalars(
+            _selected(selection).where(d.id > after, d.status.not_in(_QUEUED_ALREADY))
+            .order_by(d.id).limit(most)))
+        if not ids:
+            return [], 0, None
+        # Checked again as it is changed: a delivery queued since it was read is left alone.
+        taken = list(connection.scalars(
+            update(_deliveries)
+            .where(d.id.in_(ids), d.status.not_in(_QUEUED_ALREADY))
             .values(status=DeliveryStatus.PENDING, next_attempt_at_ms=None, lease_until_ms=None,
-                    ended_at_ms=None))
-        rows = session.execute(
-            select(Delivery.webhook_id, Webhook.max_allowed_connections, Delivery.id,
-                   Delivery.ingested_at_ms)
-            .join(Webhook, Webhook.id == Delivery.webhook_id)
-            .where(Delivery.id.in_(delivery_ids),
-                   Delivery.status == DeliveryStatus.PENDING)).all()
-    return [Queued(*row) for row in rows]
+                    ended_at_ms=None, replay_id=replay_id)
+            .returning(d.id)))
+        rows = connection.execute(
+            select(d.webhook_id, _webhooks.c.max_allowed_connections, d.id, d.ingested_at_ms)
+            .join_from(_deliveries, _webhooks, _webhooks.c.id == d.webhook_id)
+            .where(d.id.in_(taken))).all() if taken else []
+        queued = [Queued(*row) for row in rows]
+        if taken:
+            connection.execute(update(_replays).where(_replays.c.id == replay_id)
+                               .values(queued=_replays.c.queued + len(taken)))
+            # Their rows are locked (written) until this commits: a claim of one that Redis
+            # hands out meanwhile waits for it, and finds it pending.
+            queue(queued)
+    return queued, len(ids), (ids[-1] if len(ids) == most else None)
+
+
+@dataclass(frozen=True)
+class ReplayView:
+    """A replay as listed, with its progress: of the deliveries it queued that are still its
+    own (a later replay takes a delivery over), how many are delivered, failed (for good or
+    dead) and still to go."""
+
+    id: int
+    created_at_ms: int
+    requested_by: str
+    org_id: int | None
+    selection: dict[str, Any]
+    queued: int
+    delivered: int = 0
+    failed: int = 0
+    to_go: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"replayId": self.id, "createdAt": iso_ms(self.created_at_ms),
+                "requestedBy": self.requested_by, "orgId": self.org_id,
+                "selection": self.selection, "queued": self.queued,
+                "delivered": self.delivered, "failed": self.failed, "toGo": self.to_go}
+
+
+def replays(db: Database, *, replay_id: int | None = None, org_id: int | None = None,
+            most: int = 100) -> list[ReplayView]:
+    """The latest replays (of an org's keys, if given), newest first, with their progress."""
+    r, d = _replays.c, _deliveries.c
+    query = select(r.id, r.created_at_ms, r.requested_by, r.org_id, r.selection, r.queued)
+    if replay_id is not None:
+        query = query.where(r.id == replay_id)
+    if org_id is not None:
+        query = query.where(r.org_id == org_id)
+    with db.autocommit() as connection:
+        rows = connection.execute(query.order_by(r.id.desc()).limit(most)).all()
+        progress: dict[int, dict[str, int]] = defaultdict(dict)
+        if rows:
+            for owner, status, count in connection.execute(
+                    select(d.replay_id, d.status, func.count())
+                    .where(d.replay_id.in_([row.id for row in rows]))
+                    .group_by(d.replay_id, d.status)):
+                progress[owner][status] = int(count)
+    views = []
+    for row in rows:
+        by_status = progress[row.id]
+        failed = by_status.get(DeliveryStatus.FAILED, 0) + by_status.get(DeliveryStatus.DEAD, 0)
+        delivered = by_status.get(DeliveryStatus.DELIVERED, 0)
+        views.append(ReplayView(*row, delivered=delivered, failed=failed,
+                                to_go=sum(by_status.values()) - delivered - failed))
+    return views
+
+
+def replay_of(db: Database, replay_id: int, *, org_id: int, webhook_id: str) -> ReplayView:
+    """A replay an org made of one of its webhooks, with its progress; ``NotFound`` for any
+    other (another org's, another webhook's)."""
+    found = replays(db, replay_id=replay_id, org_id=org_id)
+    if not found or found[0].selection.get("webhook") != webhook_id:
+        raise NotFound(f"no replay {replay_id} of webhook {webhook_id}")
+    return found[0]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from notifier import logs, pipeline
-from notifier.api.auth import caller_org
+from notifier.api.auth import caller_key, caller_org
 from notifier.api.envelope import envelope
 from notifier.api.schemas import answers
 
@@ -186,7 +186,8 @@ def replay_delivery(deliveryId: str, org: Org, request: Request) -> JSONResponse
     (``queued: 0``)."""
     services = request.app.state.services
     logs.require_delivery(services.db, org, deliveryId)
-    queued = pipeline.replay(services, [deliveryId], request.app.state.send_lease)
+    queued = pipeline.replay(services, [deliveryId], request.app.state.send_lease,
+                             requested_by=caller_key(request), org_id=org)
     warnings = [] if queued else ["the delivery is being sent right now; not replayed"]
     return envelope({"deliveryId": deliveryId, "queued": queued}, status=202, warnings=warnings)
 

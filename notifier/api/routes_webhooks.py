@@ -1,17 +1,27 @@
-"""``/v3/webHooks``: create, list, read, update (partial), delete (soft), rotate the secret."""
+"""``/v3/webHooks``: create, list, read, update (partial), delete (soft), rotate the secret,
+replay by selection."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier import webhooks
-from notifier.api.auth import caller_org
+from notifier import pipeline, replays, store, webhooks
+from notifier.api.auth import caller_key, caller_org
 from notifier.api.envelope import envelope
-from notifier.api.schemas import CreatedWebhookOut, RotatedOut, WebhookOut, answers
+from notifier.api.schemas import (
+    CreatedWebhookOut,
+    ReplayOut,
+    ReplayProgressOut,
+    RotatedOut,
+    WebhookOut,
+    answers,
+)
+from notifier.errors import InvalidInput
 from notifier.pipeline import now_ms, webhook_context
 
 __all__ = ["router"]
@@ -97,3 +107,63 @@ def rotate_secret(webHookId: str, org: Org, request: Request,
                                     overlap_seconds=overlap)
     return envelope({"webHookId": webHookId, "signingSecret": secret,
                      "previousSecretsValidForSeconds": overlap})
+
+
+class ReplayBody(BaseModel):
+    """Which of the webhook's deliveries to send again (each criterion given must hold; at least
+    one), as ``celery -A tasks replay`` takes them."""
+
+    # A misspelt criterion is refused, never read as "every delivery of the webhook".
+    model_config = ConfigDict(extra="forbid")
+
+    deliveryIds: list[str] | None = None
+    eventId: str | None = None
+    status: list[str] | None = Field(None, examples=[["failed", "dead"]])
+    eventName: list[str] | None = Field(None, examples=[["pointsIssued"]])
+    since: str | None = Field(None, description="Ingested at or after: ISO 8601 or a time ago "
+                              "(30m, 2h, 3d).", examples=["2h"])
+    until: str | None = Field(None, description="Ingested before (as since).")
+    responseStatus: str | None = Field(None, description="The last answer's status code (404) "
+                                       "or class (5xx).", examples=["5xx"])
+    dryRun: bool = Field(False, description="Count and show a sample; send nothing.")
+
+
+# Deliveries shown with a dry run.
+_SAMPLE = 5
+
+
+@router.post("/{webHookId}/replay", status_code=202, responses=answers(202, ReplayOut))
+def replay(webHookId: str, body: ReplayBody, org: Org, request: Request) -> JSONResponse:
+    """Send the webhook's deliveries that match again, with their ``webhook-id``, behind its
+    live traffic. Those pending or in flight are skipped (queued already). Answers the count and
+    the replay's id (``GET .../replays/{replayId}`` for its progress); with ``dryRun``, the
+    count and a sample, and no replay."""
+    services = request.app.state.services
+    webhooks.get(_context(request), org, webHookId)
+    selection = replace(replays.selection(
+        now_ms=now_ms(), delivery_ids=body.deliveryIds or (), event_id=body.eventId,
+        statuses=body.status or (), event_names=body.eventName or (), since=body.since,
+        until=body.until, response_status=body.responseStatus), webhook=webHookId, org_id=org)
+    counted = store.count_selection(services.db, selection)
+    answer = {"replayId": None, "matched": counted.matched, "queued": 0,
+              "skipped": counted.skipped, "notFound": list(counted.not_found)}
+    if counted.not_found and not body.dryRun:
+        first = counted.not_found[0]
+        raise InvalidInput(("deliveryIds", selection.delivery_ids.index(first)),
+                           f"{first} is no delivery of webhook {webHookId}: nothing replayed")
+    if body.dryRun:
+        sample = store.sample_selection(services.db, selection, most=_SAMPLE)
+        return envelope({**answer, "sample": [row.as_json() for row in sample]})
+    done = pipeline.replay_selection(services, selection, request.app.state.send_lease,
+                                     requested_by=caller_key(request), org_id=org)
+    return envelope({**answer, "replayId": done.replay_id, "queued": done.queued,
+                     "skipped": done.skipped}, status=202)
+
+
+@router.get("/{webHookId}/replays/{replayId}", responses=answers(200, ReplayProgressOut))
+def replay_progress(webHookId: str, replayId: int, org: Org, request: Request) -> JSONResponse:
+    """A replay of the webhook and its progress: of the deliveries it queued, how many are
+    delivered, failed (for good, or dead) and still to go."""
+    webhooks.get(_context(request), org, webHookId)
+    return envelope(store.replay_of(request.app.state.services.db, replayId, org_id=org,
+                                    webhook_id=webHookId).as_json())

@@ -66,6 +66,36 @@ class RotatedOut(BaseModel):
     previousSecretsValidForSeconds: int
 
 
+class ReplayedDelivery(BaseModel):
+    deliveryId: str
+    webHookId: str
+    eventName: str
+    status: str
+    lastStatusCode: int | None
+    ingestedAt: str
+
+
+class ReplayOut(BaseModel):
+    replayId: int | None = Field(description="null for a dry run")
+    matched: int
+    queued: int
+    skipped: int = Field(description="Pending or in flight already: left as they are")
+    notFound: list[str] = Field(description="deliveryIds that are no delivery of the webhook")
+    sample: list[ReplayedDelivery] | None = Field(None, description="With dryRun only")
+
+
+class ReplayProgressOut(BaseModel):
+    replayId: int
+    createdAt: str
+    requestedBy: str
+    orgId: int | None
+    selection: dict[str, Any]
+    queued: int
+    delivered: int
+    failed: int
+    toGo: int
+
+
 class AcceptedEvent(BaseModel):
     eventId: str
     status: str

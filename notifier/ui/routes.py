@@ -13,6 +13,7 @@ import json
 import secrets
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,9 +25,9 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from notifier import logs, pipeline, tenants, webhooks
+from notifier import logs, pipeline, replays, store, tenants, webhooks
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
-from notifier.models import Delivery, Event, Org, Webhook
+from notifier.models import Delivery, DeliveryStatus, Event, Org, Webhook
 from notifier.pipeline import Services, now_ms
 from notifier.reference import SOURCES
 from notifier.ui import forms, sessions
@@ -344,11 +345,81 @@ def replay(request: Request, org: OrgId, webhook_id: str, delivery_id: str) -> R
         logs.require_delivery(services.db, org, delivery_id)
     except NotFound as exc:
         return _not_found(request, str(exc))
-    if pipeline.replay(services, [delivery_id], request.app.state.send_lease):
+    if pipeline.replay(services, [delivery_id], request.app.state.send_lease,
+                       requested_by=f"admin pages (org {org})", org_id=org):
         _flash(request, f"Delivery {delivery_id} queued again, with the same webhook-id.")
     else:
         _flash(request, "That delivery is being sent right now; not replayed.", "warn")
     return _redirect(f"/ui/notifications/{webhook_id}")
+
+
+# ---------------------------------------------------------------- replay by selection
+
+# Deliveries shown before a replay is confirmed.
+REPLAY_SAMPLE = 5
+
+
+def _replay_page(request: Request, view: Mapping[str, Any], *, status: int = 200,
+                 **context: Any) -> HTMLResponse:
+    context.setdefault("form", {"status": [], "eventName": []})
+    return _page(request, "replay.html", status=status, hook=view, errors=context.pop(
+        "errors", {}), statuses=[s.value for s in DeliveryStatus], nav="notifications",
+        **context)
+
+
+@router.get("/notifications/{webhook_id}/replay", response_class=HTMLResponse)
+def replay_form(request: Request, org: OrgId, webhook_id: str) -> HTMLResponse:
+    try:
+        view = webhooks.get(_context(request), org, webhook_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    return _replay_page(request, view)
+
+
+@router.post("/notifications/{webhook_id}/replay", response_model=None)
+def replay_selected(request: Request, org: OrgId, webhook_id: str, pairs: Pairs) -> Response:
+    """The form's criteria counted (with a sample), then, confirmed, replayed."""
+    services = _services(request)
+    try:
+        view = webhooks.get(_context(request), org, webhook_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    given = dict(pairs)
+    form = {**given, "status": [v for k, v in pairs if k == "status"],
+            "eventName": [v for k, v in pairs if k == "eventName"]}
+    try:
+        selection = replace(replays.selection(
+            now_ms=now_ms(), delivery_ids=given.get("deliveryIds", "").split(),
+            event_id=given.get("eventId") or None, statuses=form["status"],
+            event_names=form["eventName"], since=given.get("since") or None,
+            until=given.get("until") or None,
+            response_status=given.get("responseStatus") or None),
+            webhook=webhook_id, org_id=org)
+    except InvalidInput as exc:
+        return _replay_page(request, view, status=400, form=form,
+                            errors={str(exc.path[0]): exc.problem})
+    counted = store.count_selection(services.db, selection)
+    if given.get("step") != "confirm" or counted.not_found or not counted.replayable:
+        return _replay_page(request, view, form=form, counted=counted,
+                            sample=store.sample_selection(services.db, selection,
+                                                          most=REPLAY_SAMPLE))
+    done = pipeline.replay_selection(services, selection, request.app.state.send_lease,
+                                     requested_by=f"admin pages (org {org})", org_id=org)
+    _flash(request, f"Replay {done.replay_id}: {done.queued} deliveries queued again, with "
+                    f"their webhook-ids; {done.skipped} left as they were.")
+    return _redirect(f"/ui/notifications/{webhook_id}/replays/{done.replay_id}")
+
+
+@router.get("/notifications/{webhook_id}/replays/{replay_id}", response_class=HTMLResponse)
+def replay_progress(request: Request, org: OrgId, webhook_id: str,
+                    replay_id: int) -> HTMLResponse:
+    try:
+        view = webhooks.get(_context(request), org, webhook_id)
+        progress = store.replay_of(_services(request).db, replay_id, org_id=org,
+                                   webhook_id=webhook_id)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    return _replay_page(request, view, progress=progress)
 
 
 @router.post("/notifications/{webhook_id}/test", response_model=None)

@@ -357,7 +357,8 @@ def test_replay_from_the_celery_command_keeps_the_webhook_id(
     wait_until(settled(database, DeliveryStatus.DELIVERED), 30, "delivered")
 
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tasks", "replay", first.headers["webhook-id"]],
+        [sys.executable, "-m", "celery", "-A", "tasks", "replay", first.headers["webhook-id"],
+         "--yes"],
         env=stack.env,
         capture_output=True,
         text=True,

@@ -356,3 +356,29 @@ def test_a_recheck_goes_back_to_the_head_of_its_queue_and_a_retry_by_its_due_tim
     # The re-check was at the head when it was first taken: it goes first. A retry takes its
     # place by its due time, behind what was queued before it fell due.
     assert lease.delivery_ids == ("held", "d0", "d1", "d2", "d3", "retry")
+
+
+def test_replays_wait_behind_live_deliveries_however_old_they_are(queues: Queues) -> None:
+    queues.enqueue("w", 1, [(f"old{i}", i) for i in range(3)], replay=True)
+    queues.enqueue("w", 1, [("live0", 1000), ("live1", 1001)])
+
+    (first,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
+    assert first.delivery_ids == ("live0", "live1")
+    queues.enqueue("w", 1, [("live2", 1002)])
+    released = queues.release(first, batch=2, lease_ms=LEASE, now_ms=1)
+    # A live one queued meanwhile goes before the replay, and tops up from it (its queue
+    # empty): the slot carries both, and the cap holds.
+    (second,) = released.leases
+    topped = queues.take(second, batch=2, now_ms=2)
+    assert topped is not None and topped.delivery_ids == ("live2", "old0")
+    assert queues.waiting("w", replay=True) == 2 and queues.queued_webhooks() == ["w"]
+    (third,) = queues.release(topped, batch=2, lease_ms=LEASE, now_ms=3).leases
+    assert third.delivery_ids == ("old1", "old2")
+    assert queues.queued_webhooks() == [] and queues.state(4).waiting == {}
+
+
+def test_replays_count_as_waiting_work(queues: Queues) -> None:
+    queues.enqueue("w", 1, [("old0", 0)], replay=True)
+    queues.enqueue("w", 1, [("live0", 5)])
+
+    assert queues.state(0).waiting == {"w": 2} and queues.queued_webhooks() == ["w"]

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from notifier import store
 from notifier.db import Database, upgrade
-from notifier.errors import InvalidInput, NotFound
+from notifier.errors import InvalidInput
 from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
@@ -253,19 +253,6 @@ def test_open_work_lists_unfinished_deliveries_with_their_due_times_and_claims(
                     two.delivery_id: (DeliveryStatus.RETRYING, 99, None),
                     four.delivery_id: (DeliveryStatus.IN_FLIGHT, None, 5_002)}
     assert claimed.lease_until_ms == 5_002
-
-
-def test_replay_makes_finished_deliveries_pending_with_the_same_id(org: Database) -> None:
-    webhook(org, "a")
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1).queued
-    with org.session() as session:
-        session.execute(update(Delivery).values(status=DeliveryStatus.DEAD, ended_at_ms=5))
-
-    (again,) = store.replay(org, [queued.delivery_id])
-
-    assert again.delivery_id == queued.delivery_id
-    with pytest.raises(NotFound, match="msg_nope"):
-        store.replay(org, ["msg_nope"])
 
 
 def test_webhook_input_errors_name_the_field(org: Database) -> None:

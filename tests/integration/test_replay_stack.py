@@ -1,0 +1,110 @@
+"""A replay by selection through the real worker: the receiver was down, it is fixed, one
+command sends again what died, with the same webhook-ids, within the cap, behind live traffic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from notifier import store
+from notifier.client import publish
+from notifier.db import Database
+from notifier.models import Attempt, Delivery, DeliveryStatus
+from notifier.schemas import load_catalog
+from notifier.vault import vault_for
+from tests.conftest import Receiver, Stack, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+ORG = 51188
+CAP = 2
+DOWN = 40
+LIVE = 3
+
+
+def deliveries(database: Database, status: DeliveryStatus | None = None) -> dict[str, str]:
+    with database.session() as session:
+        query = select(Delivery.id, Delivery.status)
+        if status is not None:
+            query = query.where(Delivery.status == status)
+        return {row.id: row.status for row in session.execute(query)}
+
+
+def attempts(database: Database) -> list[tuple[str, int, int | None]]:
+    """(delivery, started at, status code) of every attempt, in the order they started."""
+    with database.session() as session:
+        return [(row.delivery_id, row.started_at_ms, row.status_code) for row in session.execute(
+            select(Attempt.delivery_id, Attempt.started_at_ms, Attempt.status_code)
+            .order_by(Attempt.started_at_ms))]
+
+
+@pytest.fixture
+def database(stack: Stack) -> Iterator[Database]:
+    opened = Database(stack.settings.database_url)
+    yield opened
+    opened.dispose()
+
+
+def test_what_died_while_the_receiver_was_down_is_replayed_behind_live_traffic(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    # Dead at their first failure past a second: the outage ends fast. Short batches: a lease
+    # holds its slot for two answers, so that what waits for a slot is what is measured.
+    stack.env.update(NOTIFIER_RETRY_HORIZON="1", NOTIFIER_BATCH_SIZE="2")
+    store.create_org(database, ORG, "org", now_ms=0)
+    webhook_id, _ = store.create_webhook(
+        database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
+        org_id=ORG, name="crm", url=receiver.url("/r"), event_names=["pointsIssued"], now_ms=0,
+        max_allowed_connections=CAP)
+    receiver.script("/r", *[500] * 10_000)
+    stack.worker(concurrency=CAP + 2)
+    stack.beat()
+
+    def send(n: int) -> str:
+        return publish("pointsIssued", {"customerIdentifiers": {"customerId": n}}, org_id=ORG,
+                       broker_url=stack.settings.broker_url)
+
+    for n in range(DOWN):
+        send(n)
+    wait_until(lambda: len(deliveries(database, DeliveryStatus.DEAD)) == DOWN, 120,
+               f"{DOWN} deliveries dead")
+    down_ids = {r.headers["webhook-id"] for r in receiver.at("/r")}
+    assert len(down_ids) == DOWN
+    before = len(attempts(database))
+
+    # The receiver is back (each answer takes a while: the replay lasts long enough to be
+    # overtaken), and the operator replays what died.
+    with receiver.lock:
+        receiver.scripts["/r"].clear()
+    receiver.hold("/r", 0.2)
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "replay", "--webhook", webhook_id,
+         "--status", "dead", "--since", "1h", "--yes"],
+        env=stack.env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"queued {DOWN}, skipped 0" in done.stdout
+
+    # Live traffic keeps flowing meanwhile, one event after the other.
+    for n in range(LIVE):
+        send(1000 + n)
+        wait_until(lambda n=n: len(deliveries(database, DeliveryStatus.DELIVERED))
+                   >= n + 1, 60, f"live delivery {n + 1} delivered")
+    wait_until(lambda: len(deliveries(database, DeliveryStatus.DELIVERED)) == DOWN + LIVE, 120,
+               "the replay delivered")
+
+    ok = [r for r in receiver.at("/r") if r.status == 200]
+    replayed = {r.headers["webhook-id"] for r in ok} & down_ids
+    assert replayed == down_ids  # the same webhook-ids
+    assert receiver.peak["/r"] <= CAP, receiver.peak
+    # Recorded: each live delivery was sent while replayed ones still waited (a replayed
+    # attempt started after it), not behind the whole replay.
+    after = attempts(database)[before:]
+    live = {d for d in deliveries(database) if d not in down_ids}
+    assert len(live) == LIVE
+    last_replayed = max(started for d, started, _ in after if d in down_ids)
+    live_sent = [started for d, started, _ in after if d in live]
+    assert len(live_sent) == LIVE and all(code == 200 for _, _, code in after)
+    assert max(live_sent) < last_replayed, (live_sent, last_replayed)
