@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import select
 
 from notifier import consumers, publish, store
@@ -91,3 +92,27 @@ def test_the_fast_worker_leaves_the_slow_lane_once_a_slow_worker_answers(stack: 
     # Its prefork processes are kept from slow receivers again.
     wait_until(lambda: _consumed(stack).get(f"worker@{socket.gethostname()}")
                == {QUEUE, DELIVER_QUEUE}, 30, "the fast worker to leave the slow lane")
+
+
+def test_health_and_metrics_name_the_queue_that_no_worker_consumes(
+        stack: Stack, receiver: Receiver) -> None:
+    _hook(stack, receiver, "/unconsumed")
+    stack.worker("ingest", queues=QUEUE)  # ingests; no worker of either delivery lane
+    base = stack.web()
+
+    _publish(stack, 1)
+
+    def unconsumed() -> dict[str, object]:
+        answer = requests.get(f"{base}/health", timeout=30)
+        assert answer.status_code == 200, answer.text  # the API serves; its deliveries wait
+        data: dict[str, object] = answer.json()["data"]
+        return data if data["unconsumed"] else {}
+
+    # The new webhook's delivery went by the slow lane, which nothing consumes.
+    health = wait_until(unconsumed, 30, "/health to name the unconsumed queue")
+    assert health["unconsumed"] == {SLOW_QUEUE: 1} and health["status"] == "degraded"
+    assert health["workers"] == 1
+    metrics = requests.get(f"{base}/metrics", timeout=30).text
+    assert f'notifier_queue_unconsumed_messages{{queue="{SLOW_QUEUE}"}} 1.0' in metrics
+    assert f'notifier_queue_unconsumed_messages{{queue="{QUEUE}"}} 0.0' in metrics
+    assert receiver.at("/unconsumed") == []
