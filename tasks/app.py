@@ -63,7 +63,6 @@ class SlowLaneCover(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        self._taking = False
 
     def start(self, parent: Any) -> None:
         # (Started again after each lost broker connection: one watcher is enough.)
@@ -87,16 +86,20 @@ class SlowLaneCover(bootsteps.StartStopStep):
                 log.warning("could not ask which workers consume %s: %s", SLOW_QUEUE,
                             type(exc).__name__)
                 continue
-            if self._taking and found.slow_lane_worker(other_than=consumer.hostname):
+            # Read from the consumer each time: one rebuilt after a lost broker connection
+            # consumes the queues it was told to again, without the slow lane.
+            task_consumer = consumer.task_consumer
+            if task_consumer is None:
+                continue
+            taking = task_consumer.consuming_from(SLOW_QUEUE)
+            if taking and found.slow_lane_worker(other_than=consumer.hostname):
                 log.info("a worker of %s answers: leaving the slow lane to it", SLOW_QUEUE)
                 consumer.call_soon(consumer.cancel_task_queue, SLOW_QUEUE)
-                self._taking = False
-            elif not self._taking and not found.slow_lane_consumed(other_than=consumer.hostname):
+            elif not taking and not found.slow_lane_consumed(other_than=consumer.hostname):
                 log.warning("no worker consumes %s (the slow lane: webhooks not measured yet, or "
                             "slow): this worker takes it too, and slow receivers may hold its "
                             "processes; start the Procfile's slow worker", SLOW_QUEUE)
                 consumer.call_soon(consumer.add_task_queue, SLOW_QUEUE)
-                self._taking = True
 
 
 app.steps["consumer"].add(SlowLaneCover)
