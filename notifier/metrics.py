@@ -10,7 +10,8 @@ Counters: events by outcome, deliveries made by the fan-out, attempts by webhook
 delivery tasks and the leases they carried, SLA breaches flagged, failing webhooks deactivated;
 histograms: the webhook's response time, and the time from ingest to delivery. Gauges:
 deliveries waiting in each webhook's queue, retries parked, re-checks parked (no retries), slots
-held, webhooks in the slow lane, and unfinished deliveries by status (the database's count).
+held, webhooks in the slow lane, unfinished deliveries by status (the database's count), and
+the messages waiting in each broker queue that no worker consumes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from notifier.consumers import QUEUES
 from notifier.db import Database
 from notifier.models import DeadLetter, Delivery, DeliveryStatus
 from notifier.queues import Queues
@@ -91,9 +93,13 @@ class Tally:
 class ServiceCollector(Collector):
     """The service's metrics, read from Redis and the database when scraped."""
 
-    def __init__(self, queues: Queues, db: Database) -> None:
+    def __init__(self, queues: Queues, db: Database, *,
+                 unconsumed: Callable[[], Mapping[str, int] | None] | None = None) -> None:
+        """``unconsumed``: the broker's notifier queues with messages waiting and no worker
+        consuming them, by length (None when the broker does not answer)."""
         self.queues = queues
         self.db = db
+        self.unconsumed = unconsumed
 
     def collect(self) -> Iterator[Metric]:
         counts = self.queues.counts()
@@ -151,9 +157,22 @@ class ServiceCollector(Collector):
         for status, count in self._open_deliveries():
             open_.add_metric([status], count)
         yield open_
+        if self.unconsumed is not None:
+            yield from self._unconsumed(self.unconsumed())
         yield _single(GaugeMetricFamily, "notifier_dead_letters", "Events kept as dead letters "
                       "(not storable, or failing past NOTIFIER_INGEST_RETRY_HORIZON) and not "
                       "replayed yet: notifier dead-letters list.", self._dead_letters())
+
+    def _unconsumed(self, lengths: Mapping[str, int] | None) -> Iterator[Metric]:
+        if lengths is None:  # the broker did not answer: no sample rather than a false 0
+            return
+        family = GaugeMetricFamily("notifier_queue_unconsumed_messages", "Messages waiting in a "
+                                   "notifier broker queue that no worker consumes (none that "
+                                   "answered within a moment): they are not delivered until one "
+                                   "does. 0 for a queue consumed or empty.", labels=["queue"])
+        for name in QUEUES:
+            family.add_metric([name], lengths.get(name, 0))
+        yield family
 
     def _dead_letters(self) -> int:
         with self.db.autocommit() as connection:

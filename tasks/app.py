@@ -1,11 +1,18 @@
 """The Celery app, configured lazily from notifier's settings (see ``tasks.celeryconfig``)."""
 
+import logging
+import threading
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from celery.concurrency.base import BasePool
 
-__all__ = ["app"]
+from notifier import consumers
+from notifier.client import DELIVER_QUEUE, SLOW_QUEUE
+
+__all__ = ["SlowLaneCover", "app"]
+
+log = logging.getLogger(__name__)
 
 app = Celery("notifier")
 # A module name, not the module: settings are read when the app is first configured, not on import.
@@ -22,3 +29,77 @@ def _let_a_pool_that_cannot_stop_a_task_finish_it(sender: Any, **_: Any) -> None
     # Known only once the pool has started: prefork sets its terminate_job then.
     if getattr(sender.pool.terminate_job, "__func__", None) is BasePool.terminate_job:
         sender.app.conf.worker_cancel_long_running_tasks_on_connection_loss = False
+
+
+# Seconds between a fast-lane worker's looks at who consumes the slow lane, and the most each
+# look waits for the workers' answers.
+LANE_CHECK_SECONDS = 5.0
+LANE_SURVEY_TIMEOUT = 1.0
+
+
+class SlowLaneCover(bootsteps.StartStopStep):
+    """A worker of the fast lane also takes the slow lane while no other worker consumes it.
+
+    A webhook never measured is presumed slow, and a webhook past its first
+    NOTIFIER_FAST_LANE_LEASES leases goes by the slow lane however fast it is: a deployment
+    without the ``slow`` process (the Procfile's ``web``, ``worker`` and ``beat`` alone) sent
+    them to a queue nothing consumed, and delivered nothing to a new webhook, without a word.
+    Starting new webhooks on the fast lane would not do: a never-measured webhook could then take
+    every prefork process, and the leases past the first would still go by the slow lane.
+
+    So, every LANE_CHECK_SECONDS, a worker that consumes ``notifier.deliver`` but was not told
+    to consume ``notifier.slow`` asks the workers which queues they consume; while none other
+    consumes the slow lane it consumes it too (with a warning saying why), and once a slow lane's
+    own worker answers (one of ``notifier.slow`` and not ``notifier.deliver``) it leaves the
+    lane to it, so that its prefork processes are kept from slow receivers again. The queue is
+    added the way Celery's ``add_consumer`` remote-control command adds one (on the consumer's
+    own loop), without the round trip through the broker. A look that fails (broker away)
+    changes nothing.
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def start(self, parent: Any) -> None:
+        # (Started again after each lost broker connection: one watcher is enough.)
+        told = set(parent.app.amqp.queues.consume_from)
+        if self._thread is not None or DELIVER_QUEUE not in told or SLOW_QUEUE in told:
+            return
+        self._thread = threading.Thread(target=self._watch, args=(parent,), daemon=True,
+                                        name="slow-lane-cover")
+        self._thread.start()
+
+    def shutdown(self, parent: Any) -> None:
+        self._stopped.set()
+
+    def _watch(self, consumer: Any) -> None:
+        broker_url = consumer.app.conf.broker_url
+        while not self._stopped.wait(LANE_CHECK_SECONDS):
+            try:
+                with consumers.connect(broker_url, LANE_SURVEY_TIMEOUT) as connection:
+                    found = consumers.survey(connection, LANE_SURVEY_TIMEOUT, lengths=False)
+            except Exception as exc:  # the broker away: look again later, change nothing
+                log.warning("could not ask which workers consume %s: %s", SLOW_QUEUE,
+                            type(exc).__name__)
+                continue
+            # Read from the consumer each time: one rebuilt after a lost broker connection
+            # consumes the queues it was told to again, without the slow lane.
+            task_consumer = consumer.task_consumer
+            if task_consumer is None:
+                continue
+            taking = task_consumer.consuming_from(SLOW_QUEUE)
+            if taking and found.slow_lane_worker(other_than=consumer.hostname):
+                log.info("a worker of %s answers: leaving the slow lane to it", SLOW_QUEUE)
+                consumer.call_soon(consumer.cancel_task_queue, SLOW_QUEUE)
+            elif not taking and not found.slow_lane_consumed(other_than=consumer.hostname):
+                log.warning("no worker consumes %s (the slow lane: webhooks not measured yet, or "
+                            "slow): this worker takes it too, and slow receivers may hold its "
+                            "processes; start the Procfile's slow worker", SLOW_QUEUE)
+                consumer.call_soon(consumer.add_task_queue, SLOW_QUEUE)
+
+
+app.steps["consumer"].add(SlowLaneCover)

@@ -30,6 +30,12 @@ visibility_timeout = _settings.visibility_timeout
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
+# Flower shows tasks only from the workers' task events: sent by every worker (the Procfile's,
+# ``notifier up``'s, any other) without the -E switch a new operator would not know to add. They
+# show a task by name and ``argsrepr``: ids only (``client.ingest_reprs``; a delivery task's
+# arguments are ids). Not ``task_send_sent_event``: one more message for every task sent, for
+# the little a "sent" state adds (``/health`` names a queue that nothing consumes).
+worker_send_task_events = True
 # Delivery state lives in our tables; Celery results would only cost writes.
 task_ignore_result = True
 task_acks_late = True

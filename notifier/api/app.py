@@ -11,7 +11,7 @@ from config import Settings, load_settings
 from notifier import ui
 from notifier.api import routes_events, routes_logs, routes_reference, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
-from notifier.api.health import HealthCheck
+from notifier.api.health import Checks, HealthCheck
 from notifier.api.limits import BodyLimit
 from notifier.api.schemas import Envelope
 from notifier.client import lease_sender
@@ -43,20 +43,23 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     checks = HealthCheck(settings)
 
     @app.get("/health", tags=["health"], responses={
-        200: {"model": Envelope[dict[str, str | int]]},
-        503: {"model": Envelope[dict[str, str | int]]}})
+        200: {"model": Envelope[Checks]}, 503: {"model": Envelope[Checks]}})
     async def health() -> JSONResponse:
         """200 when the database, Redis and the broker answer, else 503 naming what is down.
 
-        ``workers`` counts the Celery workers that answered a ping within a moment: reported,
-        not required, since the API serves without them. Each check connects on its own with
-        a timeout; the answer is shared by the callers of one second.
+        ``workers`` counts the Celery workers that answered within a moment: reported, not
+        required, since the API serves without them. ``unconsumed`` names each notifier queue
+        with messages waiting that none of them consumes, with its length, and makes ``status``
+        ``degraded`` (still 200): what waits there is not delivered until a worker takes that
+        queue. Each check connects on its own with a timeout; the answer is shared by the
+        callers of one second.
         """
         answer, healthy = await checks.answer()
         return envelope(answer, status=200 if healthy else 503)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(app.state.services.queues, app.state.services.db))
+    registry.register(ServiceCollector(app.state.services.queues, app.state.services.db,
+                                        unconsumed=checks.unconsumed))
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse, responses={
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})

@@ -4,24 +4,29 @@ a second however many callers ask.
 The checks never borrow the connections the API publishes with: a ping that held one pooled
 broker connection while it waited for another deadlocked the pool of ten under forty concurrent
 calls, and every route that publishes with it (issue 12, item 5).
+
+The broker's check is a survey (``notifier.consumers``): the workers that answer, the queues
+they consume, and every notifier queue with messages waiting and none consuming it, which makes
+the answer ``degraded`` (still 200: the API serves; its deliveries do not). ``/metrics`` reads
+the last survey, or makes one, at most every SURVEY_SECONDS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
-from kombu.connection import Connection
-from kombu.pidbox import Mailbox
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 from starlette.concurrency import run_in_threadpool
 
 from config import Settings
+from notifier import consumers
 
 __all__ = ["HealthCheck"]
 
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Seconds each check may take to connect and to answer.
 CHECK_TIMEOUT = 2.0
-# Seconds a worker ping waits for replies: reported, not required.
+# Seconds the broker survey waits for the workers' replies (which queues each consumes).
 PING_TIMEOUT = 0.3
 # Seconds an answer is served again to later callers without a new check.
 FRESH_SECONDS = 1.0
@@ -37,7 +42,11 @@ FRESH_SECONDS = 1.0
 # waits for a check that a busy process makes slow; past this, callers wait for the check.
 STALE_SECONDS = 10.0
 
-Answer = tuple[dict[str, str | int], bool]
+# Seconds a survey of the broker's queues is served again to ``/metrics`` scrapes.
+SURVEY_SECONDS = 5.0
+
+Checks = dict[str, str | int | dict[str, int]]
+Answer = tuple[Checks, bool]
 
 
 class HealthCheck:
@@ -51,9 +60,12 @@ class HealthCheck:
         self._answer: Answer | None = None
         self._answered_at = float("-inf")
         self._pending: asyncio.Future[Answer] | None = None
+        self._surveyed: tuple[float, consumers.Survey | None] = (float("-inf"), None)
+        self._surveying = threading.Lock()  # one survey at a time for the scrapes
 
     async def answer(self) -> Answer:
-        """({component: "ok" | "down", "workers": n}, healthy): the answer of a check that ended
+        """({component: "ok" | "down", "workers": n, "unconsumed": {queue: length}, "status":
+        "ok" | "degraded" | "down"}, healthy): the answer of a check that ended
         at most a second before, or, while the next check runs, of the last one (up to
         STALE_SECONDS); with none as recent, the next check's."""
         age = time.monotonic() - self._answered_at
@@ -76,14 +88,17 @@ class HealthCheck:
 
     def check(self) -> Answer:
         """Every check now, each on a fresh connection with a timeout (blocking)."""
-        checks: dict[str, str | int] = {
+        checks: Checks = {
             "database": _probe("database", self._select_one),
             "redis": _probe("redis", self._ping_redis),
         }
-        workers: list[int] = []
-        checks["broker"] = _probe("broker", lambda: workers.append(self._ping_broker()))
+        surveys: list[consumers.Survey] = []
+        checks["broker"] = _probe("broker", lambda: surveys.append(self._survey_broker()))
         healthy = all(v == "ok" for v in checks.values())
-        checks["workers"] = workers[0] if workers else 0
+        checks["workers"] = len(surveys[0].workers) if surveys else 0
+        unconsumed = surveys[0].unconsumed if surveys else {}
+        checks["unconsumed"] = unconsumed
+        checks["status"] = "down" if not healthy else "degraded" if unconsumed else "ok"
         return checks, healthy
 
     def _select_one(self) -> None:
@@ -101,21 +116,28 @@ class HealthCheck:
         finally:
             client.close()
 
-    def _ping_broker(self) -> int:
-        """Connect to the broker and count the Celery workers that answer a ping."""
-        with Connection(self.settings.broker_url, connect_timeout=CHECK_TIMEOUT,  # type: ignore[no-untyped-call]
-                        transport_options={"socket_timeout": CHECK_TIMEOUT,
-                                           "socket_connect_timeout": CHECK_TIMEOUT,
-                                           "max_retries": 0,
-                                           # Redis: closing waits for the pending BRPOP
-                                           # (1 s by default), which this bounds.
-                                           "polling_interval": PING_TIMEOUT}) as connection:
+    def _survey_broker(self) -> consumers.Survey:
+        """Connect to the broker, ask which queues the Celery workers that answer within a
+        moment consume, and how many messages wait in each notifier queue."""
+        with consumers.connect(self.settings.broker_url, CHECK_TIMEOUT) as connection:
             connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
-            # Celery's control mailbox, without its producer pool: this connection only.
-            mailbox = Mailbox("celery", type="fanout", accept=["json"],  # type: ignore[no-untyped-call]
-                              serializer="json", producer_pool=None)(connection)
-            replies = mailbox._broadcast("ping", reply=True, timeout=PING_TIMEOUT) or []
-            return len(replies)
+            found = consumers.survey(connection, PING_TIMEOUT)
+        self._surveyed = (time.monotonic(), found)  # one assignment: read whole by any thread
+        return found
+
+    def unconsumed(self) -> dict[str, int] | None:
+        """Each notifier queue with messages waiting and no worker consuming it, by its length,
+        from a survey at most SURVEY_SECONDS old (``/health``'s own, or one made now and shared
+        by the callers waiting for it); None when the broker does not answer (blocking)."""
+        with self._surveying:
+            surveyed_at, found = self._surveyed
+            if found is None or time.monotonic() - surveyed_at >= SURVEY_SECONDS:
+                try:
+                    found = self._survey_broker()
+                except Exception as exc:  # the broker is down: /health names it
+                    log.warning("metrics: the broker is down (%s)", type(exc).__name__)
+                    return None
+            return found.unconsumed
 
 
 def _engine(url: str) -> Engine:

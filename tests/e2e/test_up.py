@@ -95,7 +95,7 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
         wait_until(flower_shows_its_ingest_succeeded, 30, "Flower to show the ingest task")
         health = requests.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
         assert health.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok",
-                                         "workers": 2}
+                                         "workers": 2, "unconsumed": {}, "status": "ok"}
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)

@@ -310,7 +310,8 @@ def test_health(api: Api) -> None:
     response = api.client.get("/health")
     assert response.status_code == 200
     # No worker runs in these tests: counted, not required.
-    assert response.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok", "workers": 0}
+    assert response.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok", "workers": 0,
+                                       "unconsumed": {}, "status": "ok"}
 
 
 def test_openapi_is_served(api: Api) -> None:

@@ -1,0 +1,99 @@
+"""Who consumes notifier's broker queues, and what waits in each: one survey on a connection of
+the caller's own, bounded in time.
+
+A queue that nothing consumes swallows its messages without a word: the slow lane without its
+``slow`` worker did (issue 14). ``/health`` and ``/metrics`` report such a queue by name and
+length, and a worker of the fast lane takes the slow lane over while no slow worker answers
+(``tasks.app``).
+
+Consumers are found by asking the workers (Celery's ``active_queues`` remote-control command,
+broadcast on the ``celery`` mailbox, replies waited for ``timeout`` seconds): the Redis transport
+keeps no consumer count, and the queues' bindings stay after their workers have gone. A worker
+too busy to answer in time counts as absent; a report of an unconsumed queue therefore needs
+messages waiting in it too. Lengths are the broker's own (a passive declare: the list's length
+on Redis, the queue's message count on RabbitMQ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kombu.connection import Connection
+from kombu.pidbox import Mailbox
+
+from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+
+__all__ = ["QUEUES", "Survey", "connect", "survey"]
+
+QUEUES = (QUEUE, DELIVER_QUEUE, SLOW_QUEUE)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The workers that answered, each with the queues it consumes, and the queues' lengths."""
+
+    workers: Mapping[str, frozenset[str]]
+    lengths: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def unconsumed(self) -> dict[str, int]:
+        """Each notifier queue with messages waiting and no worker consuming it: its length."""
+        consumed = set().union(*self.workers.values())
+        return {name: count for name, count in self.lengths.items()
+                if count and name not in consumed}
+
+    def slow_lane_worker(self, other_than: str) -> bool:
+        """Whether a worker other than ``other_than`` is a slow lane's own: it consumes the
+        slow lane and not the fast one, so the prefork pools are kept from slow receivers."""
+        return any(SLOW_QUEUE in queues and DELIVER_QUEUE not in queues
+                   for name, queues in self.workers.items() if name != other_than)
+
+    def slow_lane_consumed(self, other_than: str) -> bool:
+        """Whether a worker other than ``other_than`` consumes the slow lane, however."""
+        return any(SLOW_QUEUE in queues
+                   for name, queues in self.workers.items() if name != other_than)
+
+
+def connect(broker_url: str, timeout: float) -> Connection:
+    """A connection of its own to the broker (never one of a pool that publishes: a survey
+    that held a pooled connection while it waited for another deadlocked the pool), each
+    socket operation bounded by ``timeout``."""
+    return Connection(broker_url, connect_timeout=timeout,  # type: ignore[no-untyped-call]
+                      transport_options={"socket_timeout": timeout,
+                                         "socket_connect_timeout": timeout,
+                                         "max_retries": 0,
+                                         # Redis: closing waits for the pending BRPOP (1 s by
+                                         # default), which this bounds.
+                                         "polling_interval": min(timeout, 0.3)})
+
+
+def survey(connection: Connection, timeout: float, *, lengths: bool = True) -> Survey:
+    """Ask the workers which queues they consume (replies waited for ``timeout`` seconds) and,
+    with ``lengths``, the broker how many messages wait in each notifier queue."""
+    # Celery's control mailbox, without its producer pool: this connection only.
+    mailbox = Mailbox("celery", type="fanout", accept=["json"],  # type: ignore[no-untyped-call]
+                      serializer="json", producer_pool=None)(connection)
+    workers: dict[str, frozenset[str]] = {}
+    for reply in mailbox._broadcast("active_queues", reply=True, timeout=timeout) or []:
+        for hostname, queues in reply.items():
+            workers[hostname] = frozenset(q["name"] for q in queues
+                                          if isinstance(q, Mapping) and "name" in q)
+    return Survey(workers, _lengths(connection) if lengths else {})
+
+
+def _lengths(connection: Connection) -> dict[str, int]:
+    lengths = {}
+    for name in QUEUES:
+        channel = connection.channel()  # type: ignore[no-untyped-call]
+        try:
+            _, count, _ = channel.queue_declare(queue=name, passive=True)
+        except connection.channel_errors:
+            count = 0  # never declared: nothing was ever sent to it
+        finally:
+            # A passive declare of a missing queue has closed the channel on RabbitMQ already.
+            with contextlib.suppress(*connection.channel_errors, *connection.connection_errors):
+                channel.close()
+        lengths[name] = int(count)
+    return lengths

@@ -1,0 +1,118 @@
+"""A deployment cannot stall silently: real workers and beat, real Redis and PostgreSQL, a
+receiver on 127.0.0.1.
+
+A webhook never measured is presumed slow, so its leases go by the slow lane
+(``notifier.slow``); a deployment that runs only the Procfile's ``web``, ``worker`` and ``beat``
+once delivered nothing to it, and said nothing."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from notifier import consumers, publish, store
+from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+from notifier.db import Database
+from notifier.models import Delivery, DeliveryStatus
+from notifier.schemas import load_catalog
+from notifier.vault import vault_for
+from tests.conftest import Receiver, Stack, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+ORG = 71
+# The Procfile's worker line: ingest and the fast lane, not the slow lane.
+PROCFILE_WORKER = Path(__file__).resolve().parents[2].joinpath("Procfile").read_text()
+
+
+def _hook(stack: Stack, receiver: Receiver, path: str) -> str:
+    database = Database(stack.settings.database_url)
+    try:
+        store.create_org(database, ORG, "org", now_ms=0)
+        webhook_id, _ = store.create_webhook(
+            database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
+            org_id=ORG, name=path, url=receiver.url(path), event_names=["pointsIssued"],
+            now_ms=0)
+    finally:
+        database.dispose()
+    return webhook_id
+
+
+def _publish(stack: Stack, n: int) -> str:
+    return publish("pointsIssued", {"customerIdentifiers": {"customerId": n}}, org_id=ORG,
+                   broker_url=stack.settings.broker_url)
+
+
+def _statuses(stack: Stack) -> list[DeliveryStatus]:
+    database = Database(stack.settings.database_url)
+    try:
+        with database.session() as session:
+            return list(session.scalars(select(Delivery.status)))
+    finally:
+        database.dispose()
+
+
+def test_the_procfile_worker_queues_are_those_of_the_test() -> None:
+    (worker,) = [line for line in PROCFILE_WORKER.splitlines() if line.startswith("worker:")]
+    assert f"--queues {QUEUE},{DELIVER_QUEUE}" in worker and SLOW_QUEUE not in worker
+
+
+def test_without_a_slow_worker_a_new_webhook_is_still_delivered_to(
+        stack: Stack, receiver: Receiver) -> None:
+    _hook(stack, receiver, "/new")
+    stack.worker("worker", queues=f"{QUEUE},{DELIVER_QUEUE}")  # as the Procfile's worker
+    stack.beat()
+
+    event_id = _publish(stack, 1)
+
+    (got,) = receiver.wait_for(1, "/new", timeout=60)
+    assert event_id.encode() in got.body
+    wait_until(lambda: _statuses(stack) == [DeliveryStatus.DELIVERED], 30,
+               "the delivery recorded as delivered")
+    # And the log says why the worker took the slow lane.
+    assert f"no worker consumes {SLOW_QUEUE}" in stack.log("worker")
+
+
+def _consumed(stack: Stack) -> dict[str, frozenset[str]]:
+    with consumers.connect(stack.settings.broker_url, 2.0) as connection:
+        return dict(consumers.survey(connection, 1.0, lengths=False).workers)
+
+
+def test_the_fast_worker_leaves_the_slow_lane_once_a_slow_worker_answers(stack: Stack) -> None:
+    stack.worker("worker", queues=f"{QUEUE},{DELIVER_QUEUE}")
+    wait_until(lambda: SLOW_QUEUE in _consumed(stack).get(f"worker@{socket.gethostname()}", ()),
+               30, "the fast worker to take the slow lane, none other consuming it")
+
+    stack.worker("slow", pool="threads", concurrency=4, queues=SLOW_QUEUE)
+
+    # Its prefork processes are kept from slow receivers again.
+    wait_until(lambda: _consumed(stack).get(f"worker@{socket.gethostname()}")
+               == {QUEUE, DELIVER_QUEUE}, 30, "the fast worker to leave the slow lane")
+
+
+def test_health_and_metrics_name_the_queue_that_no_worker_consumes(
+        stack: Stack, receiver: Receiver) -> None:
+    _hook(stack, receiver, "/unconsumed")
+    stack.worker("ingest", queues=QUEUE)  # ingests; no worker of either delivery lane
+    base = stack.web()
+
+    _publish(stack, 1)
+
+    def unconsumed() -> dict[str, object]:
+        answer = requests.get(f"{base}/health", timeout=30)
+        assert answer.status_code == 200, answer.text  # the API serves; its deliveries wait
+        data: dict[str, object] = answer.json()["data"]
+        return data if data["unconsumed"] else {}
+
+    # The new webhook's delivery went by the slow lane, which nothing consumes.
+    health = wait_until(unconsumed, 30, "/health to name the unconsumed queue")
+    assert health["unconsumed"] == {SLOW_QUEUE: 1} and health["status"] == "degraded"
+    assert health["workers"] == 1
+    metrics = requests.get(f"{base}/metrics", timeout=30).text
+    assert f'notifier_queue_unconsumed_messages{{queue="{SLOW_QUEUE}"}} 1.0' in metrics
+    assert f'notifier_queue_unconsumed_messages{{queue="{QUEUE}"}} 0.0' in metrics
+    assert receiver.at("/unconsumed") == []
