@@ -443,8 +443,8 @@ def hold_statement(webhook_id: str) -> Update:
 
 
 def _release_held(session: Session, webhook_id: str) -> list[tuple[str, int]]:
-    """Make a webhook's held deliveries pending; ``(id, ingested_at_ms)`` in ingestion order,
-    which their queue keeps (its score is the ingestion time)."""
+    """Make a webhook's held deliveries pending; ``(id, ingested_at_ms)`` of each, which its
+    queue is ordered by: they go in the order they were ingested."""
     rows = session.execute(
         update(Delivery)
         .where(Delivery.webhook_id == webhook_id, Delivery.status == DeliveryStatus.HELD)
@@ -452,7 +452,7 @@ def _release_held(session: Session, webhook_id: str) -> list[tuple[str, int]]:
                 ended_at_ms=None)
         .returning(Delivery.id, Delivery.ingested_at_ms)
         .execution_options(synchronize_session=False)).all()
-    return sorted(((row.id, row.ingested_at_ms) for row in rows), key=lambda r: (r[1], r[0]))
+    return [(row.id, row.ingested_at_ms) for row in rows]
 
 
 def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:

@@ -499,6 +499,8 @@ def test_a_webhook_that_fails_every_attempt_for_too_long_is_deactivated(
     wait_until(lambda: len(deliveries(database, webhook_id=broken,
                                       status=DeliveryStatus.DELIVERED)) == 1, 30, "delivered")
     assert webhooks.get(context, ORG, broken)["active"]
+    # Activated without deliverHeld: what it held stays held, for a replay.
+    assert deliveries(database, id=delivery.id)[0].status == DeliveryStatus.HELD
 
 
 def test_an_event_sent_with_celery_call_is_delivered(
