@@ -414,7 +414,7 @@ def _save(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *
         hook.updated_at_ms = now_ms
         if was[1] and not hook.active and not deleting:
             session.execute(hold_statement(webhook_id))
-        released = _release_held(session, webhook_id) if deliver_held else []
+        released, waiting = _release_held(session, webhook_id) if deliver_held else (0, [])
         if event_names is not None:
             session.execute(delete(WebhookSubscription).where(
                 WebhookSubscription.webhook_id == webhook_id))
@@ -425,9 +425,9 @@ def _save(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *
     limit, active = view["maxAllowedConnections"], view["active"]
     if ctx.limit_changed is not None and active and (limit, active) != was:
         ctx.limit_changed(webhook_id, limit)  # after the commit: the queue pump reads it
-    if released and ctx.deliver is not None:
-        ctx.deliver(webhook_id, limit, released)
-    return Saved(view, warnings, delivered_held=len(released))
+    if waiting and ctx.deliver is not None:
+        ctx.deliver(webhook_id, limit, waiting)
+    return Saved(view, warnings, delivered_held=released)
 
 
 def hold_statement(webhook_id: str) -> Update:
@@ -442,17 +442,23 @@ def hold_statement(webhook_id: str) -> Update:
             .values(status=DeliveryStatus.HELD))
 
 
-def _release_held(session: Session, webhook_id: str) -> list[tuple[str, int]]:
-    """Make a webhook's held deliveries pending; ``(id, ingested_at_ms)`` of each, which its
-    queue is ordered by: they go in the order they were ingested."""
-    rows = session.execute(
+def _release_held(session: Session, webhook_id: str) -> tuple[int, list[tuple[str, int]]]:
+    """Make a webhook's held deliveries pending; returns how many, and ``(id, ingested_at_ms)``
+    of every pending one (its queue is ordered by ingestion time): those of an earlier
+    deliverHeld too, so that one whose queueing failed (Redis away, after the commit) is queued
+    by the next, as a redelivered ingest re-queues its deliveries. Queueing is idempotent, and
+    a claim never takes a delivery twice."""
+    released = session.execute(
         update(Delivery)
         .where(Delivery.webhook_id == webhook_id, Delivery.status == DeliveryStatus.HELD)
         .values(status=DeliveryStatus.PENDING, next_attempt_at_ms=None, lease_until_ms=None,
                 ended_at_ms=None)
-        .returning(Delivery.id, Delivery.ingested_at_ms)
-        .execution_options(synchronize_session=False)).all()
-    return [(row.id, row.ingested_at_ms) for row in rows]
+        .execution_options(synchronize_session=False))
+    waiting = session.execute(
+        select(Delivery.id, Delivery.ingested_at_ms)
+        .where(Delivery.webhook_id == webhook_id, Delivery.status == DeliveryStatus.PENDING)).all()
+    return int(getattr(released, "rowcount", 0) or 0), [(row.id, row.ingested_at_ms)
+                                                         for row in waiting]
 
 
 def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:

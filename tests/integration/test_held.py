@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from config import load_settings
 from notifier import pipeline, store, webhooks
 from notifier.db import Database
-from notifier.errors import InvalidInput
+from notifier.errors import InvalidInput, QueueUnavailable
 from notifier.models import Attempt, Delivery, DeliveryStatus
 from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
@@ -224,3 +224,34 @@ def test_a_deleted_webhook_holds_nothing(services: Services, receiver: Receiver)
     pipeline.accept(services, event("held"), leases.append)
     assert sorted(statuses(services.db, hook_id).values()) == [DeliveryStatus.FAILED,
                                                                DeliveryStatus.HELD]
+
+
+def test_held_deliveries_whose_queueing_failed_are_queued_by_the_next_deliver_held(
+        services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    hook_id = receiving(services, receiver, "retried", active=False)
+    leases: list[Lease] = []
+    # A Redis running as ever: a fresh one reads as lost, and its rebuild would queue them.
+    pipeline.recover(services, leases.append)
+    context = pipeline.webhook_context(services, leases.append)
+    for n in range(2):
+        store.ingest(services.db, services.catalog, event(f"e-{n}"), now_ms=1000 + n)
+
+    def away(*args: Any, **kwargs: Any) -> Any:
+        raise QueueUnavailable("Redis did not answer")
+
+    monkeypatch.setattr(services.queues, "offer", away)
+    with pytest.raises(QueueUnavailable):  # the caller is told (503), and may try again
+        webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
+                                now_ms=pipeline.now_ms())
+    monkeypatch.undo()
+    # Pending, but in no queue: nothing would ever send them.
+    assert set(statuses(services.db, hook_id).values()) == {DeliveryStatus.PENDING}
+    assert services.queues.waiting(hook_id) == 0 and leases == []
+
+    again = webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
+                                    now_ms=pipeline.now_ms())
+    deliver_all(services, leases)
+
+    assert again.delivered_held == 0  # none was held any more: the first made them pending
+    assert len(receiver.wait_for(2, "/retried")) == 2
+    assert set(statuses(services.db, hook_id).values()) == {DeliveryStatus.DELIVERED}
