@@ -409,29 +409,35 @@ def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | No
     click.echo(json.dumps(saved.view, indent=2))
 
 
-def _print_saved(change: str, webhook_id: str, org_id: int) -> None:
-    """Apply ``notifier.webhooks.<change>`` (activate, deactivate) and print the webhook."""
-    from notifier import webhooks
-
-    with _webhook_context() as context:
-        view = getattr(webhooks, change)(context, org_id, webhook_id, now_ms=_now_ms())
-    click.echo(json.dumps(view, indent=2))
-
-
 @webhooks.command("activate")
 @click.argument("webhook_id")
 @_org
-def webhooks_activate(webhook_id: str, org_id: int) -> None:
-    """Make a webhook active again."""
-    _print_saved("activate", webhook_id, org_id)
+@click.option("--deliver-held", is_flag=True,
+              help="Also send the events it held while inactive, in the order they came "
+                   "(deliverHeld). Without it they stay held, replayable.")
+def webhooks_activate(webhook_id: str, org_id: int, deliver_held: bool) -> None:
+    """Make a webhook active again; prints it as saved."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        saved = webhooks.activate(context, org_id, webhook_id, now_ms=_now_ms(),
+                                  deliver_held=deliver_held)
+    if deliver_held:
+        click.echo(f"{saved.delivered_held} held deliveries queued", err=True)
+    click.echo(json.dumps(saved.view, indent=2))
 
 
 @webhooks.command("deactivate")
 @click.argument("webhook_id")
 @_org
 def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
-    """Stop sending to a webhook; it keeps its history (InTouch's delete)."""
-    _print_saved("deactivate", webhook_id, org_id)
+    """Stop sending to a webhook; it keeps its history, and holds its events (and what it had
+    waiting) until it is activated."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        view = webhooks.deactivate(context, org_id, webhook_id, now_ms=_now_ms())
+    click.echo(json.dumps(view, indent=2))
 
 
 @main.group("dead-letters")

@@ -281,7 +281,8 @@ def consumer_group_metrics(db: Database, org_id: int, consumer_group_id: str, *,
     """Counts by state and the mean delivery time (ingested to delivered, ms) in the window.
 
     ``failedEvents`` counts failed for good and dead (retries exhausted); ``pendingEvents``
-    counts those waiting for a slot and those being sent right now.
+    counts those waiting for a slot and those being sent right now; ``heldEvents`` those held
+    for the webhook while inactive (not failed: never tried while it was).
     """
     start, end = _window(start_ms, end_ms, now_ms)
     with db.session() as session:
@@ -293,13 +294,14 @@ def consumer_group_metrics(db: Database, org_id: int, consumer_group_id: str, *,
                    _count(DeliveryStatus.FAILED, DeliveryStatus.DEAD).label("failed"),
                    _count(DeliveryStatus.RETRYING).label("retrying"),
                    _count(DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT).label("pending"),
+                   _count(DeliveryStatus.HELD).label("held"),
                    func.avg(case((delivered, Delivery.ended_at_ms - Delivery.ingested_at_ms),
                                  else_=literal(None))).label("average"))
             .where(Delivery.webhook_id == hook.id, Delivery.ingested_at_ms >= start,
                    Delivery.ingested_at_ms <= end)).one()
     return {"totalEvents": int(row.total), "deliveredEvents": int(row.delivered),
             "failedEvents": int(row.failed), "retryingEvents": int(row.retrying),
-            "pendingEvents": int(row.pending),
+            "pendingEvents": int(row.pending), "heldEvents": int(row.held),
             "averageDeliveryTime": 0 if row.average is None else round(float(row.average)),
             "startDate": start, "endDate": end}
 

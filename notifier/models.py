@@ -68,9 +68,15 @@ class DeliveryStatus(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     DEAD = "dead"
+    # Kept for an inactive webhook (deactivated by its org, or by notifier for failing too
+    # long) until it is activated with deliverHeld, or replayed: never queued meanwhile.
+    HELD = "held"
 
 
 FINAL_STATUSES = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.DEAD})
+# What nothing queues: the final statuses, and held (not final: it has not been sent, and ends
+# nothing; an activation with deliverHeld or a replay makes it pending again).
+RESTING_STATUSES = FINAL_STATUSES | {DeliveryStatus.HELD}
 
 
 class Base(DeclarativeBase):
@@ -134,6 +140,9 @@ class Webhook(Base):
     # Why notifier deactivated it (NOTIFIER_DISABLE_FAILING_AFTER); cleared when it is activated
     # or deactivated by hand.
     disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # When its org deleted it (InTouch's delete is soft: it stays, inactive, with its history).
+    # A deleted webhook holds nothing; an inactive one holds its events. Activating clears it.
+    deleted_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     consumer_group_id: Mapped[str] = mapped_column(String(36), unique=True)
     listen_to_child_events: Mapped[bool] = mapped_column(Boolean, default=False)
     till_details_enrichment: Mapped[bool] = mapped_column(Boolean, default=False)

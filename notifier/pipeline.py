@@ -295,15 +295,19 @@ def limit_changed(services: Services, webhook_id: str, limit: int, send: SendLea
 
 
 def webhook_context(services: Services, send: SendLease) -> webhooks.Context:
-    """What every room (API, admin pages, CLI) saves webhooks with: the settings' bounds, and a
-    saved connection limit that holds at once (``limit_changed``)."""
+    """What every room (API, admin pages, CLI) saves webhooks with: the settings' bounds, a
+    saved connection limit that holds at once (``limit_changed``), and held deliveries queued
+    as any others when an activation delivers them."""
     settings = services.settings
     return webhooks.Context(
         services.db, services.catalog, services.vault, settings.allow_private_networks,
         webhooks.Bounds(max_headers=settings.webhook_max_headers,
                         max_header_bytes=settings.webhook_max_header_bytes,
                         max_connections=settings.max_allowed_connections),
-        limit_changed=lambda webhook_id, limit: limit_changed(services, webhook_id, limit, send))
+        limit_changed=lambda webhook_id, limit: limit_changed(services, webhook_id, limit, send),
+        deliver=lambda webhook_id, limit, items: _offer(
+            services, [store.Queued(webhook_id, limit, delivery_id, ingested_at_ms)
+                       for delivery_id, ingested_at_ms in items], send))
 
 
 def render(payload: Mapping[str, Any]) -> bytes:
@@ -661,10 +665,17 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed,
     webhook was asked (a request was made), so that the outcome is its answer.
     ``interruptions`` (transient errors, the task's time limit) go up to the task."""
     started = now_ms()
-    if not target.active:
+    if target.deleted:
         return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
+                              error_class="WebhookDeleted",
+                              error_message="the webhook was deleted"), False
+    if not target.active:
+        # Deactivated since it was queued (by its org, or by notifier for failing too long):
+        # held with what else it holds, so that one activation or replay brings it all back.
+        return store.Finished(claimed, started, 0, DeliveryStatus.HELD,
                               error_class="WebhookInactive",
-                              error_message="the webhook was deactivated"), False
+                              error_message="the webhook is inactive: held until it is "
+                                            "activated with deliverHeld, or replayed"), False
     try:
         enriched = enrich(claimed.event, target.options, services.lookups)
         body = render(enriched.payload)

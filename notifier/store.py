@@ -46,6 +46,7 @@ from notifier.errors import EventTooLarge, InvalidEvent, InvalidInput, NotFound
 from notifier.logs import iso_ms
 from notifier.models import (
     FINAL_STATUSES,
+    RESTING_STATUSES,
     Base,
     Delivery,
     DeliveryStatus,
@@ -286,13 +287,20 @@ def _insert_and_fan_out(connection: Connection, row: dict[str, Any], audience: d
         return IngestOutcome(row["event_id"], row["status"], True, row["error_message"],
                              error_path=row["error_path"])
     hooks = connection.execute(_subscribers().order_by(_webhooks.c.id), audience).all()
-    queued = tuple(Queued(hook_id, limit, new_delivery_id(), now_ms) for hook_id, limit in hooks)
-    if queued:
+    made = [(Queued(hook_id, limit, new_delivery_id(), now_ms), _first_status(active))
+            for hook_id, limit, active in hooks]
+    if made:
         connection.execute(insert(_deliveries), [
-            {"id": q.delivery_id, "event_pk": pk, "webhook_id": q.webhook_id,
-             "status": DeliveryStatus.PENDING, "attempt_count": 0, "ingested_at_ms": now_ms}
-            for q in queued])
+            {"id": q.delivery_id, "event_pk": pk, "webhook_id": q.webhook_id, "status": status,
+             "attempt_count": 0, "ingested_at_ms": now_ms}
+            for q, status in made])
+    queued = tuple(q for q, status in made if status == DeliveryStatus.PENDING)
     return IngestOutcome(row["event_id"], row["status"], True, queued=queued)
+
+
+def _first_status(active: bool) -> DeliveryStatus:
+    """A new delivery waits in its webhook's queue, or, its webhook inactive, is held."""
+    return DeliveryStatus.PENDING if active else DeliveryStatus.HELD
 
 
 def _insert_with_deliveries(connection: Connection, row: dict[str, Any],
@@ -305,7 +313,8 @@ def _insert_with_deliveries(connection: Connection, row: dict[str, Any],
     if not rows:
         return None
     return tuple(sorted((Queued(r.webhook_id, r.max_allowed_connections, r.id, now_ms)
-                         for r in rows if r.id is not None), key=lambda q: q.webhook_id))
+                         for r in rows if r.status == DeliveryStatus.PENDING),
+                        key=lambda q: q.webhook_id))
 
 
 @functools.cache
@@ -320,13 +329,16 @@ def _insert_with_deliveries_statement() -> Select[Any]:
     hooks = _subscribers().cte("hooks")
     # The same form as new_delivery_id(): "msg_" and the 32 hex digits of a random UUID.
     delivery_id = literal("msg_") + func.replace(cast(func.gen_random_uuid(), String), "-", "")
+    # _first_status() in SQL: an inactive subscriber's delivery is held, in the same statement.
+    status = case((hooks.c.active, literal(DeliveryStatus.PENDING.value)),
+                  else_=literal(DeliveryStatus.HELD.value))
     made = (insert(_deliveries).from_select(
         ["id", "event_pk", "webhook_id", "status", "attempt_count", "ingested_at_ms"],
-        select(delivery_id, event.c.pk, hooks.c.id, literal(DeliveryStatus.PENDING.value),
+        select(delivery_id, event.c.pk, hooks.c.id, status,
                literal(0), bindparam("ingested_at_ms", type_=BigInteger))
         .select_from(event.join(hooks, true())))
-        .returning(_deliveries.c.id, _deliveries.c.webhook_id).cte("made"))
-    return (select(made.c.id, made.c.webhook_id, hooks.c.max_allowed_connections)
+        .returning(_deliveries.c.id, _deliveries.c.webhook_id, _deliveries.c.status).cte("made"))
+    return (select(made.c.id, made.c.webhook_id, made.c.status, hooks.c.max_allowed_connections)
             .select_from(event.outerjoin(made, true())
                          .outerjoin(hooks, hooks.c.id == made.c.webhook_id)))
 
@@ -337,18 +349,19 @@ _EVENT_COLUMNS = ("event_id", "event_name", "org_id", "ref_id", "api_request_id"
 
 @functools.cache
 def _subscribers() -> Select[Any]:
-    """Active webhooks subscribed to ``:event_name`` that hear the events of ``:org_id``: the
-    org's own, and its parent's that listen to children (the parent found inside the query).
+    """Webhooks subscribed to ``:event_name`` that hear the events of ``:org_id``: the org's
+    own, and its parent's that listen to children (the parent found inside the query), with
+    whether each is active (an inactive one holds the event); deleted ones hear nothing.
     A non-null ``:only_webhook`` narrows it to that one."""
     hooks, subscriptions = _webhooks.c, _subscriptions.c
     org_id = bindparam("org_id", type_=BigInteger)
     only = bindparam("only_webhook", type_=String)
     parent = select(_orgs.c.parent_id).where(_orgs.c.id == org_id).scalar_subquery()
-    return (select(hooks.id, hooks.max_allowed_connections)
+    return (select(hooks.id, hooks.max_allowed_connections, hooks.active)
             .join_from(_webhooks, _subscriptions, subscriptions.webhook_id == hooks.id)
             .where(or_(hooks.org_id == org_id,
                        and_(hooks.org_id == parent, hooks.listen_to_child_events.is_(True))),
-                   hooks.active.is_(True),
+                   hooks.deleted_at_ms.is_(None),
                    subscriptions.event_name == bindparam("event_name", type_=String),
                    or_(only.is_(None), hooks.id == only)))
 
@@ -476,7 +489,7 @@ def _unfinished(connection: Connection, event_pk: int) -> tuple[Queued, ...]:
                _deliveries.c.ingested_at_ms)
         .join_from(_deliveries, _webhooks, _webhooks.c.id == _deliveries.c.webhook_id)
         .where(_deliveries.c.event_pk == event_pk,
-               _deliveries.c.status.not_in(FINAL_STATUSES))).all()
+               _deliveries.c.status.not_in(RESTING_STATUSES))).all()
     return tuple(Queued(*row) for row in rows)
 
 
@@ -617,6 +630,8 @@ class Target:
     # When it was last saved (edited, activated, deactivated): a failing streak starts no
     # earlier (see pipeline's disabling of failing webhooks).
     updated_at_ms: int = 0
+    # Deleted by its org (soft): inactive, and holding nothing.
+    deleted: bool = False
 
 
 @functools.cache
@@ -631,7 +646,8 @@ def _targets_statement() -> Any:
     live = and_(secrets.webhook_id == w.id,
                 or_(secrets.expires_at_ms.is_(None), secrets.expires_at_ms > bindparam("now")))
     return (select(w.id, w.url, w.headers, w.active, w.sla_in_seconds,
-                   w.max_allowed_connections, w.updated_at_ms, w.till_details_enrichment,
+                   w.max_allowed_connections, w.updated_at_ms, w.deleted_at_ms,
+                   w.till_details_enrichment,
                    w.store_details_enrichment, w.customer_identifiers_to_be_enriched,
                    w.card_number_enrichment, w.awarded_reference_enrichment,
                    w.available_points_balance_enrichment, gate.label("points_allowed"),
@@ -694,16 +710,22 @@ def _target(vault: Vault, rows: Sequence[Any]) -> Target:
                   {name: vault.open(value) for name, value in (hook.headers or {}).items()},
                   tuple(vault.open(row.secret) for row in rows if row.secret is not None),
                   hook.active, hook.sla_in_seconds, hook.max_allowed_connections, options,
-                  hook.updated_at_ms)
+                  hook.updated_at_ms, hook.deleted_at_ms is not None)
 
 
 def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int) -> bool:
-    """Deactivate a webhook that keeps failing, saying why; False if it was inactive already."""
-    with db.autocommit() as connection:
+    """Deactivate a webhook that keeps failing, saying why; False if it was inactive already.
+
+    What it cuts short (deliveries waiting, or waiting to be tried again) is held with it, not
+    failed, so that activating it with deliverHeld, or one replay, brings it all back.
+    """
+    with db.transaction() as connection:
         result = connection.execute(
             update(_webhooks)
             .where(_webhooks.c.id == webhook_id, _webhooks.c.active.is_(True))
             .values(active=False, disabled_reason=reason, updated_at_ms=now_ms))
+        if result.rowcount:
+            connection.execute(webhooks.hold_statement(webhook_id))
     return bool(result.rowcount)
 
 
@@ -823,14 +845,15 @@ class OpenDelivery:
 
 
 def open_work(db: Database) -> list[OpenDelivery]:
-    """Every unfinished delivery with its status, due time and claim: what Redis must hold."""
+    """Every unfinished delivery with its status, due time and claim: what Redis must hold
+    (held ones wait for their webhook's activation, out of Redis)."""
     with db.session() as session:
         rows = session.execute(
             select(Delivery.webhook_id, Webhook.max_allowed_connections, Delivery.id,
                    Delivery.ingested_at_ms, Delivery.status, Delivery.next_attempt_at_ms,
                    Delivery.lease_until_ms, Delivery.claimed_by, Delivery.replay_id)
             .join(Webhook, Webhook.id == Delivery.webhook_id)
-            .where(Delivery.status.not_in(FINAL_STATUSES))).all()
+            .where(Delivery.status.not_in(RESTING_STATUSES))).all()
     return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), *r[4:]) for r in rows]
 
 

@@ -7,6 +7,10 @@ zero``), so an existing InTouch client gets errors it understands, and every inp
 and only ever shown masked; the secret is shown once, at creation and at rotation. A header
 value sent back as its mask means "keep the stored value", so a webhook read and written back
 loses nothing. A saved connection limit holds at once (``Context.limit_changed``).
+
+An inactive webhook holds its events (``held`` deliveries, never queued); deactivating it holds
+what waits to be sent, and activating it with ``deliverHeld`` sends what it holds, in the order
+they were ingested (``Context.deliver``). A deleted one (soft, as InTouch's) holds nothing.
 """
 
 from __future__ import annotations
@@ -20,14 +24,22 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Update, delete, select, update
 from sqlalchemy.orm import Session
 
 from notifier.db import Database
 from notifier.enrich import OPTION_FIELDS, check_options
 from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
 from notifier.logs import iso_ms
-from notifier.models import Org, SigningSecret, Webhook, WebhookSubscription
+from notifier.models import (
+    Base,
+    Delivery,
+    DeliveryStatus,
+    Org,
+    SigningSecret,
+    Webhook,
+    WebhookSubscription,
+)
 from notifier.reference import source_name
 from notifier.schemas import EventCatalog
 from notifier.sender import check_destination
@@ -35,8 +47,8 @@ from notifier.signing import new_secret
 from notifier.vault import Vault, mask
 
 __all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds",
-           "Context", "Saved", "activate", "create", "deactivate", "get", "list_all",
-           "rotate_secret", "update_webhook"]
+           "Context", "Saved", "activate", "create", "deactivate", "delete_webhook", "get",
+           "hold_statement", "list_all", "rotate_secret", "update_webhook"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -58,7 +70,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConnections",
           "slaInSeconds", "methodType", "webHookType", "customerIdentifiersToBeEnriched",
-          *FLAGS}
+          "deliverHeld", *FLAGS}
 # Read-only or not (yet) supported InTouch fields a client may send back: ignored, with a warning.
 _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", "neoEnrichment",
             "possibleValues", "orgId", "disabledReason"}
@@ -89,7 +101,9 @@ class Bounds:
 class Context:
     """What saving a webhook runs on. ``limit_changed(webhook_id, limit)`` is called after a
     save that changed the connection limit or activated the webhook, so the new cap holds at
-    once (``pipeline.webhook_context`` passes one that sets Redis's cap and pumps the queue)."""
+    once (``pipeline.webhook_context`` passes one that sets Redis's cap and pumps the queue).
+    ``deliver(webhook_id, limit, [(delivery_id, ingested_at_ms), ...])`` is called after a save
+    with ``deliverHeld`` made its held deliveries pending, to queue them (the pipeline's)."""
 
     db: Database
     catalog: EventCatalog
@@ -97,6 +111,7 @@ class Context:
     allowed_networks: Sequence[Network] = ()
     bounds: Bounds = Bounds()
     limit_changed: Callable[[str, int], object] | None = None
+    deliver: Callable[[str, int, Sequence[tuple[str, int]]], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,8 @@ class Saved:
     view: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     secret: str | None = None
+    # How many held deliveries this save (``deliverHeld``) queued.
+    delivered_held: int = 0
 
 
 def _view(hook: Webhook, event_names: Sequence[str], vault: Vault) -> dict[str, Any]:
@@ -230,7 +247,10 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
              current: Webhook | None, warnings: list[str]) -> tuple[dict[str, Any], list[str] | None]:
     """Check a request body; returns the column values it sets and its event names (if given)."""
     for name in body:
-        if name in _IGNORED:
+        if creating and name == "deliverHeld":
+            warnings.append("deliverHeld is for activating a webhook, which holds nothing "
+                            "before it exists; ignored")
+        elif name in _IGNORED:
             warnings.append(f"{name} is read-only or not supported here; ignored")
         elif name not in _KNOWN:
             warnings.append(f"{name} is not a webHooks field; ignored")
@@ -364,20 +384,37 @@ def update_webhook(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str
                    now_ms: int) -> Saved:
     """Apply an InTouch ``PUT /v3/webHooks/{id}`` body: every field optional, a field left out
     unchanged. ``webHookHeaders``, when given, is the whole set; a value equal to its mask keeps
-    the stored value."""
+    the stored value. ``deliverHeld: true`` (with the webhook active once saved) queues what it
+    holds, in the order it was ingested."""
+    return _save(ctx, org_id, webhook_id, body, now_ms=now_ms)
+
+
+def _save(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *, now_ms: int,
+          deleting: bool = False) -> Saved:
     warnings: list[str] = []
+    deliver_held = body.get("deliverHeld")
+    if deliver_held is not None and not isinstance(deliver_held, bool):
+        raise InvalidInput("deliverHeld", "must be true or false")
     with ctx.db.session() as session:
         hook = _load(session, org_id, webhook_id)
         was = (hook.max_allowed_connections, hook.active)
         values, event_names = _columns(ctx, _org(session, org_id), body, creating=False,
                                        current=hook, warnings=warnings)
+        if deliver_held and not values.get("active", hook.active):
+            raise InvalidInput("deliverHeld", "needs the webhook active: an inactive webhook "
+                                              "keeps holding its events")
         if "name" in values:
             _name_taken(session, org_id, values["name"], other_than=webhook_id)
         for column, value in values.items():
             setattr(hook, column, value)
         if "active" in values:
             hook.disabled_reason = None  # activated or deactivated by hand
+            # Deleted (soft) until activated again; a deleted webhook holds nothing.
+            hook.deleted_at_ms = now_ms if deleting else None
         hook.updated_at_ms = now_ms
+        if was[1] and not hook.active and not deleting:
+            session.execute(hold_statement(webhook_id))
+        released, waiting = _release_held(session, webhook_id) if deliver_held else (0, [])
         if event_names is not None:
             session.execute(delete(WebhookSubscription).where(
                 WebhookSubscription.webhook_id == webhook_id))
@@ -388,7 +425,40 @@ def update_webhook(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str
     limit, active = view["maxAllowedConnections"], view["active"]
     if ctx.limit_changed is not None and active and (limit, active) != was:
         ctx.limit_changed(webhook_id, limit)  # after the commit: the queue pump reads it
-    return Saved(view, warnings)
+    if waiting and ctx.deliver is not None:
+        ctx.deliver(webhook_id, limit, waiting)
+    return Saved(view, warnings, delivered_held=released)
+
+
+def hold_statement(webhook_id: str) -> Update:
+    """What an inactive webhook would send next (deliveries waiting, or waiting to be tried
+    again) is held instead. Its Redis entries are left: a claim takes nothing held, so they
+    fall away as they come up."""
+    table = Base.metadata.tables["deliveries"]  # Core: the store's connections run it too
+    deliveries = table.c
+    return (update(table)
+            .where(deliveries.webhook_id == webhook_id,
+                   deliveries.status.in_([DeliveryStatus.PENDING, DeliveryStatus.RETRYING]))
+            .values(status=DeliveryStatus.HELD))
+
+
+def _release_held(session: Session, webhook_id: str) -> tuple[int, list[tuple[str, int]]]:
+    """Make a webhook's held deliveries pending; returns how many, and ``(id, ingested_at_ms)``
+    of every pending one (its queue is ordered by ingestion time): those of an earlier
+    deliverHeld too, so that one whose queueing failed (Redis away, after the commit) is queued
+    by the next, as a redelivered ingest re-queues its deliveries. Queueing is idempotent, and
+    a claim never takes a delivery twice."""
+    released = session.execute(
+        update(Delivery)
+        .where(Delivery.webhook_id == webhook_id, Delivery.status == DeliveryStatus.HELD)
+        .values(status=DeliveryStatus.PENDING, next_attempt_at_ms=None, lease_until_ms=None,
+                ended_at_ms=None)
+        .execution_options(synchronize_session=False))
+    waiting = session.execute(
+        select(Delivery.id, Delivery.ingested_at_ms)
+        .where(Delivery.webhook_id == webhook_id, Delivery.status == DeliveryStatus.PENDING)).all()
+    return int(getattr(released, "rowcount", 0) or 0), [(row.id, row.ingested_at_ms)
+                                                         for row in waiting]
 
 
 def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:
@@ -410,13 +480,24 @@ def list_all(ctx: Context, org_id: int) -> list[dict[str, Any]]:
 
 
 def deactivate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> dict[str, Any]:
-    """InTouch's DELETE: the webhook stays, inactive, with its history."""
+    """Inactive: it holds its events (and what it had waiting) until it is activated."""
     return update_webhook(ctx, org_id, webhook_id, {"active": False}, now_ms=now_ms).view
 
 
-def activate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> dict[str, Any]:
-    """Active again (clearing why notifier deactivated it, if it did)."""
-    return update_webhook(ctx, org_id, webhook_id, {"active": True}, now_ms=now_ms).view
+def delete_webhook(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int
+                   ) -> dict[str, Any]:
+    """InTouch's DELETE: the webhook stays, inactive, with its history, and holds nothing
+    (what it had waiting ends failed when its turn comes, replayable). Activating it undoes
+    the delete."""
+    return _save(ctx, org_id, webhook_id, {"active": False}, now_ms=now_ms, deleting=True).view
+
+
+def activate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int,
+             deliver_held: bool = False) -> Saved:
+    """Active again (clearing why notifier deactivated it, if it did); with ``deliver_held``,
+    what it held is queued."""
+    return update_webhook(ctx, org_id, webhook_id,
+                          {"active": True, "deliverHeld": deliver_held}, now_ms=now_ms)
 
 
 def rotate_secret(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int,

@@ -69,6 +69,7 @@ class Metrics(BaseModel):
     failedEvents: int
     retryingEvents: int
     pendingEvents: int
+    heldEvents: int
     averageDeliveryTime: int
     startDate: int
     endDate: int
@@ -146,7 +147,7 @@ def consumer_group_logs(
     eventType: Annotated[str | None, Query()] = None,
     status: Annotated[str | None, Query(
         description="Delivery status(es), comma-separated: pending, in_flight, retrying, "
-                    "delivered, failed, dead")] = None,
+                    "delivered, failed, dead, held")] = None,
     startDate: Annotated[int | None, Query(description="Epoch ms; default 30 days ago")] = None,
     endDate: Annotated[int | None, Query(description="Epoch ms; default now")] = None,
     eventSearchKey: Annotated[str | None, Query(

@@ -51,6 +51,9 @@ class WebhookBody(BaseModel):
     awardedReferenceEnrichmentEnabled: bool | None = None
     availablePointsBalanceEnrichmentEnabled: bool | None = None
     listenToChildEvents: bool | None = None
+    deliverHeld: bool | None = Field(None, description=(
+        "With active true: queue the deliveries the webhook held while it was inactive, in "
+        "the order they were ingested. Without it they stay held (replayable)."))
 
 
 class RotateBody(BaseModel):
@@ -94,8 +97,10 @@ def update_webhook(webHookId: str, body: WebhookBody, org: Org,
 
 @router.delete("/{webHookId}", responses=answers(200, WebhookOut))
 def delete_webhook(webHookId: str, org: Org, request: Request) -> JSONResponse:
-    """Deactivate the webhook (InTouch's delete is soft: history stays)."""
-    return envelope(webhooks.deactivate(_context(request), org, webHookId, now_ms=now_ms()))
+    """Deactivate the webhook (InTouch's delete is soft: history stays); unlike a deactivated
+    one, it holds no events."""
+    return envelope(webhooks.delete_webhook(_context(request), org, webHookId,
+                                            now_ms=now_ms()))
 
 
 @router.post("/{webHookId}/secret/rotate", responses=answers(200, RotatedOut))

@@ -12,7 +12,7 @@ import hmac
 import json
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -250,13 +250,11 @@ def save_notification(request: Request, org: OrgId, webhook_id: str, pairs: Pair
     return _redirect(f"/ui/notifications/{webhook_id}")
 
 
-def _set_active(request: Request, org: int, webhook_id: str, active: bool, message: str,
+def _set_active(request: Request, org: int, webhook_id: str,
+                change: Callable[[webhooks.Context], object], message: str,
                 to: str) -> Response:
     try:
-        if active:
-            webhooks.activate(_context(request), org, webhook_id, now_ms=now_ms())
-        else:
-            webhooks.deactivate(_context(request), org, webhook_id, now_ms=now_ms())
+        change(_context(request))
     except NotFound as exc:
         return _not_found(request, str(exc))
     _flash(request, message)
@@ -265,22 +263,33 @@ def _set_active(request: Request, org: int, webhook_id: str, active: bool, messa
 
 @router.post("/notifications/{webhook_id}/deactivate", response_model=None)
 def deactivate(request: Request, org: OrgId, webhook_id: str) -> Response:
-    return _set_active(request, org, webhook_id, False,
-                       "Notification deactivated: no new events are sent to it.",
-                       f"/ui/notifications/{webhook_id}")
+    return _set_active(request, org, webhook_id,
+                       lambda ctx: webhooks.deactivate(ctx, org, webhook_id, now_ms=now_ms()),
+                       "Notification deactivated: its events are held for it until it is "
+                       "activated.", f"/ui/notifications/{webhook_id}")
 
 
 @router.post("/notifications/{webhook_id}/activate", response_model=None)
-def activate(request: Request, org: OrgId, webhook_id: str) -> Response:
-    return _set_active(request, org, webhook_id, True, "Notification activated.",
-                       f"/ui/notifications/{webhook_id}")
+def activate(request: Request, org: OrgId, webhook_id: str, pairs: Pairs) -> Response:
+    deliver_held = "deliverHeld" in dict(pairs)
+    try:
+        saved = webhooks.activate(_context(request), org, webhook_id, now_ms=now_ms(),
+                                  deliver_held=deliver_held)
+    except NotFound as exc:
+        return _not_found(request, str(exc))
+    _flash(request, f"Notification activated; {saved.delivered_held} held event(s) queued to "
+                    "it." if deliver_held else "Notification activated. What it held stays "
+                    "held; a replay can send it.")
+    return _redirect(f"/ui/notifications/{webhook_id}")
 
 
 @router.post("/notifications/{webhook_id}/delete", response_model=None)
 def delete(request: Request, org: OrgId, webhook_id: str) -> Response:
     # InTouch's delete is soft: the webhook is deactivated and keeps its delivery history; the
-    # list hides it unless "Show inactive" is on.
-    return _set_active(request, org, webhook_id, False,
+    # list hides it unless "Show inactive" is on. It holds nothing from now on.
+    return _set_active(request, org, webhook_id,
+                       lambda ctx: webhooks.delete_webhook(ctx, org, webhook_id,
+                                                           now_ms=now_ms()),
                        "Notification deleted. Its delivery history is kept; "
                        "“Show inactive” lists it.", "/ui/notifications")
 
@@ -288,7 +297,7 @@ def delete(request: Request, org: OrgId, webhook_id: str) -> Response:
 # ---------------------------------------------------------------- the webhook page
 
 DAYS = (1, 3, 7, 15, 30)
-STATUSES = ("delivered", "failed", "dead", "retrying", "pending", "in_flight")
+STATUSES = ("delivered", "failed", "dead", "retrying", "pending", "in_flight", "held")
 
 
 def _webhook_page(request: Request, org: int, webhook_id: str, *,

@@ -242,17 +242,21 @@ def test_metrics_count_by_state_with_the_mean_delivery_time(api: Api) -> None:
     with api.services.db.session() as session:
         hook_id = session.scalar(select(Delivery.webhook_id).where(Delivery.id == ids["e-1"]))
     _set(api, _deliveries(api, "e-6")[str(hook_id)], status=DeliveryStatus.DEAD)
+    _publish(api, "e-7")
+    _set(api, _deliveries(api, "e-7")[str(hook_id)], status=DeliveryStatus.HELD)
     path = f"/v3/events/consumer-groups/{group}/metrics"
 
     metrics = api.call("GET", path).json()["data"]
     old = api.call("GET", path, params={"startDate": 0, "endDate": 10_000}).json()["data"]
 
     assert {k: v for k, v in metrics.items() if k not in ("startDate", "endDate")} == {
-        "totalEvents": 6, "deliveredEvents": 2, "failedEvents": 2, "retryingEvents": 1,
-        "pendingEvents": 1, "averageDeliveryTime": 400}  # (600 + 200) / 2: ingested -> ended
+        "totalEvents": 7, "deliveredEvents": 2, "failedEvents": 2, "retryingEvents": 1,
+        "pendingEvents": 1, "heldEvents": 1,  # held: not failed, never tried while inactive
+        "averageDeliveryTime": 400}  # (600 + 200) / 2: ingested -> ended
     assert metrics["endDate"] - metrics["startDate"] == 30 * 24 * 3600 * 1000
     assert old == {"totalEvents": 0, "deliveredEvents": 0, "failedEvents": 0,
-                   "retryingEvents": 0, "pendingEvents": 0, "averageDeliveryTime": 0,
+                   "retryingEvents": 0, "pendingEvents": 0, "heldEvents": 0,
+                   "averageDeliveryTime": 0,
                    "startDate": 0, "endDate": 10_000}
     bad = api.call("GET", path, params={"startDate": 5, "endDate": 1})
     assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "endDate"

@@ -52,18 +52,20 @@ def test_migrations_match_the_models(db: Database) -> None:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 
 
-def test_ingest_fans_out_to_active_subscribers_only(org: Database) -> None:
+def test_ingest_queues_for_active_subscribers_and_holds_for_inactive_ones(org: Database) -> None:
     subscribed = webhook(org, "a")
     webhook(org, "other-event", events=("tierUpgraded",))
-    webhook(org, "inactive", active=False)
+    inactive = webhook(org, "inactive", active=False)
 
     outcome = store.ingest(org, load_catalog(), event(), now_ms=1000)
 
     assert outcome.created and outcome.status == EventStatus.DISPATCHED
     assert [q.webhook_id for q in outcome.queued] == [subscribed]
     with org.session() as session:
-        (delivery,) = session.scalars(select(Delivery))
-        assert delivery.status == DeliveryStatus.PENDING and delivery.ingested_at_ms == 1000
+        recorded = {(d.webhook_id, d.status, d.ingested_at_ms)
+                    for d in session.scalars(select(Delivery))}
+    assert recorded == {(subscribed, DeliveryStatus.PENDING, 1000),
+                        (inactive, DeliveryStatus.HELD, 1000)}
 
 
 def test_ingest_is_idempotent_on_org_and_event_id(org: Database) -> None:
