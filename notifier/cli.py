@@ -515,6 +515,38 @@ def _pretty(value: Any) -> str:
 
 
 @main.group()
+def retention() -> None:
+    """What is kept, and for how long (NOTIFIER_RETENTION_DAYS)."""
+
+
+@retention.command("run")
+@_json
+def retention_run(as_json: bool) -> None:
+    """Run one retention batch now, as beat does every NOTIFIER_RETENTION_INTERVAL: empty the
+    payloads of at most NOTIFIER_RETENTION_BATCH_SIZE events older than NOTIFIER_RETENTION_DAYS
+    whose deliveries are all finished, their deliveries' enrichment and their attempts'
+    responses and error messages. Prints what it emptied."""
+    from notifier import pipeline
+
+    settings = _settings()
+    services = pipeline.build_services(settings)
+    try:
+        purged = pipeline.purge(services)
+    finally:
+        services.db.dispose()
+    if purged is None:
+        click.echo(json.dumps(None) if as_json else
+                   "retention is off (NOTIFIER_RETENTION_DAYS=0): nothing emptied")
+        return
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(purged)))
+        return
+    click.echo(f"emptied {purged.events} events older than {settings.retention_days} days, "
+               f"{purged.deliveries} deliveries and {purged.attempts} attempts"
+               + ("; more are due: they go in the next runs" if purged.more else ""))
+
+
+@main.group()
 def deliveries() -> None:
     """Deliveries (one event to one webhook), with every attempt."""
 

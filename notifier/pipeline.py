@@ -63,6 +63,7 @@ __all__ = [
     "judge",
     "limit_changed",
     "pump",
+    "purge",
     "rebuild",
     "recover",
     "reject_for_good",
@@ -797,6 +798,18 @@ def replay(services: Services, delivery_ids: Iterable[str], send: SendLease) -> 
     queued = store.replay(services.db, list(delivery_ids))
     _offer(services, queued, send)
     return len(queued)
+
+
+def purge(services: Services) -> store.Purged | None:
+    """Retention: empty the oldest events past ``NOTIFIER_RETENTION_DAYS`` (at most
+    ``NOTIFIER_RETENTION_BATCH_SIZE``; the rest in the next run), see ``store.purge``. None when
+    retention is off (0 days)."""
+    days = services.settings.retention_days
+    if not days:
+        return None
+    now = now_ms()
+    return store.purge(services.db, older_than_ms=now - days * 24 * 3600 * 1000,
+                       batch=services.settings.retention_batch_size, now_ms=now)
 
 
 def check_sla(services: Services) -> int:

@@ -66,12 +66,14 @@ _orgs = Base.metadata.tables["orgs"]
 _dead_letters = Base.metadata.tables["dead_letters"]
 
 __all__ = [
+    "PURGED_PAYLOAD",
     "Claim",
     "Claimed",
     "DeadLetterView",
     "Finished",
     "IngestOutcome",
     "OpenDelivery",
+    "Purged",
     "Queued",
     "Target",
     "check_event_size",
@@ -90,6 +92,7 @@ __all__ = [
     "new_delivery_id",
     "normalize_envelope",
     "open_work",
+    "purge",
     "reject",
     "release_claims",
     "replay",
@@ -867,16 +870,19 @@ _EVERY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"
 def replay(db: Database, delivery_ids: Sequence[str]) -> list[Queued]:
     """Make finished (or parked) deliveries pending again, keeping their ids (``webhook-id``).
 
-    A delivery in flight is left alone: it is being sent right now.
+    A delivery in flight is left alone: it is being sent right now. So is one whose event's
+    payload retention emptied (``purge``): there is nothing left to send.
     """
     with db.session() as session:
         known = set(session.scalars(select(Delivery.id).where(Delivery.id.in_(delivery_ids))))
         missing = [i for i in delivery_ids if i not in known]
         if missing:
             raise NotFound(f"no such delivery: {', '.join(missing)}")
+        emptied = select(_events.c.pk).where(_events.c.purged_at_ms.is_not(None))
         session.execute(
             update(Delivery)
-            .where(Delivery.id.in_(delivery_ids), Delivery.status != DeliveryStatus.IN_FLIGHT)
+            .where(Delivery.id.in_(delivery_ids), Delivery.status != DeliveryStatus.IN_FLIGHT,
+                   Delivery.event_pk.not_in(emptied))
             .values(status=DeliveryStatus.PENDING, next_attempt_at_ms=None, lease_until_ms=None,
                     ended_at_ms=None))
         rows = session.execute(
@@ -886,6 +892,63 @@ def replay(db: Database, delivery_ids: Sequence[str]) -> list[Queued]:
             .where(Delivery.id.in_(delivery_ids),
                    Delivery.status == DeliveryStatus.PENDING)).all()
     return [Queued(*row) for row in rows]
+
+
+# What an event's payload becomes once retention has emptied it.
+PURGED_PAYLOAD = {"purged": True}
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What one retention run emptied: events' payloads, deliveries' enrichment, attempts'
+    responses and error messages. ``more``: the run was full, older events may be left."""
+
+    events: int
+    deliveries: int
+    attempts: int
+    more: bool
+
+
+def _purgeable(older_than_ms: int, batch: int) -> Select[Any]:
+    """The oldest events received before ``older_than_ms``, not emptied yet and with every
+    delivery finished: walked in the order of ``ix_events_unpurged_received``, which holds only
+    events not emptied yet, so a run reads what it empties (and the few old events kept for an
+    unfinished delivery), never what earlier runs emptied."""
+    e, d = _events.c, _deliveries.c
+    unfinished = (select(literal(1)).select_from(_deliveries)
+                  .where(d.event_pk == e.pk, d.status.not_in(FINAL_STATUSES)))
+    return (select(e.pk)
+            .where(e.purged_at_ms.is_(None), e.received_at_ms < older_than_ms,
+                   ~unfinished.exists())
+            .order_by(e.received_at_ms).limit(batch))
+
+
+def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purged:
+    """Empty at most ``batch`` events received before ``older_than_ms`` whose deliveries are all
+    finished (delivered, failed, dead; any other status, a new one included, keeps the event
+    whole): the payload becomes ``PURGED_PAYLOAD``, their deliveries lose what enrichment added
+    and their last error, their attempts their response excerpt and error message. Rows, ids,
+    statuses, status codes and timestamps stay. One transaction of four bounded statements."""
+    e, d, a = _events.c, _deliveries.c, _attempts.c
+    chosen = _purgeable(older_than_ms, batch)
+    with db.transaction() as connection:
+        if connection.dialect.name == "postgresql":
+            # Another run at the same time (a second beat, `notifier retention run`) takes the
+            # next events rather than waiting for these.
+            chosen = chosen.with_for_update(of=_events, skip_locked=True)
+        pks = list(connection.scalars(chosen))
+        if not pks:
+            return Purged(0, 0, 0, more=False)
+        connection.execute(update(_events).where(e.pk.in_(pks))
+                           .values(payload=PURGED_PAYLOAD, purged_at_ms=now_ms))
+        deliveries = connection.execute(
+            update(_deliveries).where(d.event_pk.in_(pks))
+            .values(enrichment=None, enrichment_notes=None, last_error=None)).rowcount
+        attempts = connection.execute(
+            update(_attempts)
+            .where(a.delivery_id.in_(select(d.id).where(d.event_pk.in_(pks))))
+            .values(response_excerpt=None, error_message=None)).rowcount
+    return Purged(len(pks), deliveries, attempts, more=len(pks) == batch)
 
 
 @dataclass(frozen=True)
