@@ -1,6 +1,6 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
 [--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000] [--backlog N]
-[--soak SECONDS [--soak-rate R]]``."""
+[--retention N] [--soak SECONDS [--soak-rate R]]``."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from pathlib import Path
 import celery
 import psutil
 
-from bench import enrichment, extra, run, soak
+from bench import enrichment, extra, retention, run, soak
 from bench.receiver import Receiver
 
 WARMUP = 100  # deliveries sent before each worker scenario's timed runs, not counted
 QUICK_SOAK = 6.0  # seconds of --quick's soak (after a warm-up of QUICK_SOAK_WARM_UP)
 QUICK_SOAK_WARM_UP = 2.0
+RETENTION_ROWS, QUICK_RETENTION_ROWS = 1_000_000, 20_000
+RETENTION_RATE = 100.0  # live deliveries/s of the retention scenario without fan-out 1's rate
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +58,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="N deliveries (fan-out 1) queued while delivery is stopped, then "
                              "drained: drain rate against fan-out 1's, and the memory of Redis, "
                              "workers and the database per delivery (e.g. 100000; default off)")
+    parser.add_argument("--retention", type=int, metavar="N",
+                        help="live p99 with and without a purge of N old events (with their "
+                             "deliveries and attempts) running, as a same-run ratio (default "
+                             f"{RETENTION_ROWS}; quick {QUICK_RETENTION_ROWS}; 0: off)")
     parser.add_argument("--soak", type=float, metavar="SECONDS",
                         help="the soak alone: a steady rate over 10 webhooks (one answering after "
                              "2 s, one 500, one trickling) for SECONDS, then the 7 healthy ones "
@@ -75,6 +81,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.isolation = not args.quick if args.isolation is None else args.isolation
     args.enrichment = not args.quick if args.enrichment is None else args.enrichment
     args.webhooks = [int(w) for w in args.webhooks.split(",") if w.strip()]
+    if args.retention is None:
+        args.retention = QUICK_RETENTION_ROWS if args.quick else RETENTION_ROWS
     args.deliveries = args.deliveries or (2000 if args.quick else 5000)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.fanout = [int(f) for f in args.fanout.split(",") if f.strip()]
@@ -365,6 +373,22 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{sample.rate / fanout_1.median:.2f} (target >= 1)")
 
             attempt(row, do_backlog)
+
+        if args.retention:
+            rate = fanout_1.median / 2 if fanout_1 is not None else RETENTION_RATE
+            print(f"  retention: {args.retention} old rows, live load {rate:.0f} deliveries/s "
+                  f"for {args.latency_seconds:.0f}s without, with and without a purge ...",
+                  flush=True)
+            (folder / "retention").mkdir()
+            try:
+                text = retention.retention(
+                    receiver, folder / "retention", c, args.retention, rate,
+                    args.latency_seconds, args.max_connections)
+                print(f"  {text}", flush=True)
+                notes.append(text)
+            except run.BenchError as exc:
+                failed.append("retention")
+                notes.append(f"retention: FAILED {str(exc).splitlines()[0]}")
 
         if args.soak:
             (folder / "soak").mkdir()

@@ -217,6 +217,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
     Setting("sla_check_interval", _positive_float, "30",
             "Seconds between beat checks for deliveries past their webhook's SLA."),
+    Setting("retention_days", _non_negative_int, "30",
+            "Days an event's payload, its deliveries' enrichment and its attempts' responses and "
+            "error messages are kept (InTouch keeps its logs 30); then beat empties them, "
+            "keeping every row with its ids, statuses and timestamps. An event with a delivery "
+            "not finished yet is kept whole. 0: keep everything for ever."),
+    Setting("retention_batch_size", _positive_int, "1000",
+            "Most events one retention run empties (with their deliveries and attempts), in one "
+            "short transaction; the rest go in the next runs, so a backlog never makes a long "
+            "one beside live traffic."),
+    Setting("retention_interval", _positive_float, "10",
+            "Seconds between beat's retention runs."),
     Setting("visibility_timeout", _positive_float, "900",
             "Seconds before the Redis broker hands an unacknowledged task to another worker."),
     Setting("max_event_bytes", _positive_int, str(256 * 1024),
@@ -277,6 +288,9 @@ class Settings:
     fast_lane_leases: int
     sweep_interval: float
     sla_check_interval: float
+    retention_days: int
+    retention_batch_size: int
+    retention_interval: float
     visibility_timeout: float
     max_event_bytes: int
     max_body_bytes: int

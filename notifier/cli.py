@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
@@ -359,15 +360,42 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
     click.echo(json.dumps({"webHookId": saved.view["webHookId"], "secret": saved.secret}))
 
 
-@webhooks.command("show")
-@click.argument("webhook_id")
-@_org
-def webhooks_show(webhook_id: str, org_id: int) -> None:
-    """Print a webhook as the API's GET does (header values masked)."""
+_json = click.option("--json", "as_json", is_flag=True,
+                     help="One line of JSON, with the v3 API's field names, for scripts.")
+
+
+@webhooks.command("list")
+@click.option("--org", "org_id", type=int, default=None, help="Only this org's webhooks.")
+@click.option("--active/--inactive", default=None, help="Only the active (or inactive) ones.")
+@_json
+def webhooks_list(org_id: int | None, active: bool | None, as_json: bool) -> None:
+    """The webhooks of every org (or of --org), by org, oldest first: one line each, or with
+    --json a JSON array of the API's webhooks with their orgId."""
     from notifier import webhooks
 
     with _webhook_context() as context:
-        click.echo(json.dumps(webhooks.get(context, org_id, webhook_id), indent=2))
+        listed = webhooks.list_by_org(context, org_id, active=active)
+    if as_json:
+        click.echo(json.dumps([{"orgId": org, **view} for org, view in listed]))
+        return
+    for org, view in listed:
+        click.echo(f"{view['webHookId']}  org {org}  "
+                   f"{'active' if view['active'] else 'inactive'}  {view['name']}  "
+                   f"{view['webHookUrl']}  {','.join(view['eventNames'])}")
+
+
+@webhooks.command("show")
+@click.argument("webhook_id")
+@_org
+@_json
+def webhooks_show(webhook_id: str, org_id: int, as_json: bool) -> None:
+    """Print a webhook as the API's GET does (header values masked), as JSON: indented, or
+    on one line with --json."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        view = webhooks.get(context, org_id, webhook_id)
+    click.echo(json.dumps(view) if as_json else json.dumps(view, indent=2))
 
 
 @webhooks.command("update")
@@ -440,6 +468,11 @@ def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
     click.echo(json.dumps(view, indent=2))
 
 
+# The same commands under the operator's words: one function each, whatever options they grow.
+webhooks.add_command(webhooks_activate, "enable")
+webhooks.add_command(webhooks_deactivate, "disable")
+
+
 @main.group("dead-letters")
 def dead_letters() -> None:
     """Events that could not be stored even as rejected (or kept failing past
@@ -498,22 +531,264 @@ def replays_list(as_json: bool, most: int) -> None:
                    f"to go {made.to_go}  {json.dumps(made.selection)}")
 
 
+@contextlib.contextmanager
+def _database() -> Iterator[Any]:
+    from notifier.db import Database
+
+    database = Database(_settings().database_url)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+@main.group()
+def retention() -> None:
+    """What is kept, and for how long (NOTIFIER_RETENTION_DAYS)."""
+
+
+@retention.command("run")
+@_json
+def retention_run(as_json: bool) -> None:
+    """Run one retention batch now, as beat does every NOTIFIER_RETENTION_INTERVAL: empty the
+    payloads of at most NOTIFIER_RETENTION_BATCH_SIZE events older than NOTIFIER_RETENTION_DAYS
+    whose deliveries are all finished, their deliveries' enrichment and their attempts'
+    responses and error messages. Prints what it emptied."""
+    from notifier import pipeline
+
+    settings = _settings()
+    services = pipeline.build_services(settings)
+    try:
+        purged = pipeline.purge(services)
+    finally:
+        services.db.dispose()
+    if purged is None:
+        click.echo(json.dumps(None) if as_json else
+                   "retention is off (NOTIFIER_RETENTION_DAYS=0): nothing emptied")
+        return
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(purged)))
+        return
+    click.echo(f"emptied {purged.events} events older than {settings.retention_days} days, "
+               f"{purged.deliveries} deliveries and {purged.attempts} attempts"
+               + (f"; {purged.held_ended} held deliveries ended (held past the retention)"
+                  if purged.held_ended else "")
+               + ("; more are due: they go in the next runs" if purged.more else ""))
+
+
+@main.group()
+def deliveries() -> None:
+    """Deliveries (one event to one webhook), with every attempt."""
+
+
+@deliveries.command("show")
+@click.argument("delivery_id")
+@_json
+def deliveries_show(delivery_id: str, as_json: bool) -> None:
+    """A delivery of any org: its status, webhook, event, every attempt (when, status code,
+    latency, error, the start of the response), and the payload as published and as sent
+    (enriched). Exit 1 if there is none. --json: the API's GET /v3/deliveries/ID."""
+    from notifier import logs
+
+    with _database() as database:
+        detail = logs.delivery_detail(database, None, delivery_id)
+    if as_json:
+        click.echo(json.dumps(detail))
+        return
+    click.echo(f"delivery {detail['deliveryId']}: {detail['status']}, "
+               f"{detail['attemptCount']} attempt(s)")
+    click.echo(f"webhook  {detail['webHookId']} (consumerGroupId {detail['consumerGroupId']})")
+    click.echo(f"event    {detail['eventName']} {detail['eventId']}, ingested "
+               f"{detail['eventIngestionTimestamp']}")
+    if detail["slaBreachTimestamp"]:
+        click.echo(f"SLA breached at {detail['slaBreachTimestamp']}")
+    for attempt in detail["attempts"]:
+        error = f", {attempt['errorClass']}: {attempt['errorMessage']}" \
+            if attempt["errorClass"] or attempt["errorMessage"] else ""
+        click.echo(f"attempt {attempt['number']}  {attempt['startedAt']}  "
+                   f"status {attempt['statusCode']}  {attempt['latencyMs']} ms  "
+                   f"{attempt['outcome']}{error}")
+        if attempt["responseExcerpt"]:
+            click.echo(f"    response: {attempt['responseExcerpt']}")
+    if detail["enrichmentNotes"]:
+        click.echo(f"enrichment notes: {detail['enrichmentNotes']}")
+    click.echo("original payload:\n" + _pretty(detail["originalPayload"]))
+    click.echo("delivered payload:\n" + _pretty(detail["deliveredPayload"]))
+
+
+@main.group()
+def events() -> None:
+    """Stored events."""
+
+
+@events.command("show")
+@click.argument("event_id")
+@click.option("--org", "org_id", type=int, default=None,
+              help="The event's org; needed when several orgs have an event of this id.")
+@_json
+def events_show(event_id: str, org_id: int | None, as_json: bool) -> None:
+    """An event: its status, why it was rejected (and where in the event), and its
+    deliveries (id, webhook, status). Exit 1 if there is none, 2 if several orgs have one of
+    this id and --org does not say which."""
+    from notifier import logs
+
+    with _database() as database:
+        found = logs.event_details(database, event_id, org_id)
+    if not found:
+        raise click.ClickException(f"eventId {event_id} does not exist"
+                                   + (f" in org {org_id}" if org_id is not None else ""))
+    if len(found) > 1:
+        raise click.UsageError(f"eventId {event_id} is in several orgs "
+                               f"({', '.join(str(e['orgId']) for e in found)}); give --org")
+    (event,) = found
+    if as_json:
+        click.echo(json.dumps(event))
+        return
+    click.echo(f"event {event['eventName']} {event['eventId']} of org {event['orgId']}: "
+               f"{event['status']}, ingested {event['eventIngestionTimestamp']}")
+    if event["error"]:
+        click.echo(f"rejected at {event['errorPath'] or '(not a field: the database refused it)'}"
+                   f": {event['error']}")
+    for delivery in event["deliveries"]:
+        click.echo(f"delivery {delivery['deliveryId']}  webhook {delivery['webHookId']}  "
+                   f"{delivery['status']}  {delivery['attemptCount']} attempt(s)")
+    if not event["deliveries"]:
+        click.echo("no deliveries")
+
+
 @main.command()
-@click.argument("event_name")
-@click.option("--org", "org_id", type=int, required=True)
-@click.option("--data", default="{}", help="The event's data object, as JSON.")
-@click.option("--event-id", default=None)
-def publish(event_name: str, org_id: int, data: str, event_id: str | None) -> None:
-    """Publish one event through the broker, as a loyalty service would."""
+@click.argument("source")
+@click.option("--org", "org_id", type=int, default=None,
+              help="The org: required with an event name; for a file, the orgId of the events "
+                   "that have none.")
+@click.option("--data", default=None, help="With an event name: its data object, as JSON.")
+@click.option("--event-id", default=None, help="With an event name: its eventId.")
+@_json
+def publish(source: str, org_id: int | None, data: str | None, event_id: str | None,
+            as_json: bool) -> None:
+    """Publish events as a loyalty service would. SOURCE is an event name, or a file, or -.
+
+    \b
+    notifier publish pointsIssued --org 100 --data '{"customerIdentifiers": ...}'
+        one event by name, through the broker, as notifier.publish() sends it; prints its
+        eventId (the worker validates and stores it).
+    notifier publish events.jsonl     (or - for stdin)
+        one JSON event, or JSON lines (one event per line), each stored and validated at
+        once, as POST /v3/events does, and its outcome printed (--json: a JSON line each:
+        line, eventId, status, created, error, errorPath). A bad line is reported by its
+        number and the others go on. Exit 1 if any was rejected or could not be read.
+
+    SOURCE is a file when it is -, an existing file, or has a / or . in it.
+    """
+    if source == "-" or "/" in source or "." in source or os.path.isfile(source):
+        if data is not None or event_id is not None:
+            raise click.UsageError("--data and --event-id go with an event name, not a file")
+        try:
+            handle = click.open_file(source, encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read it: {exc.strerror}",
+                                     param_hint="SOURCE") from exc
+        with handle:
+            refused = _publish_lines(handle, org_id, as_json)
+        if refused:
+            raise click.exceptions.Exit(1)
+        return
     from notifier.client import publish as publish_event
 
+    if org_id is None:
+        raise click.UsageError("Missing option '--org': an event published by name needs its "
+                               "org")
     try:
-        parsed = json.loads(data)
+        parsed = json.loads(data or "{}")
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
-    published = publish_event(event_name, parsed, org_id=org_id, event_id=event_id,
+    published = publish_event(source, parsed, org_id=org_id, event_id=event_id,
                               broker_url=_settings().broker_url)
-    click.echo(published)
+    click.echo(json.dumps({"eventId": published}) if as_json else published)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unreadable:
+    """A line of events that is not JSON."""
+
+    problem: str
+
+
+def _read(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        return _Unreadable(f"not JSON: {exc}")
+
+
+def _events_of(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, event)`` of JSON lines, blank lines skipped. When the first line is not
+    JSON the whole text is read as one event (an indented one), if it is one."""
+    numbered: Iterator[tuple[int, str]] = (
+        (number, line) for number, line in enumerate(lines, 1) if line.strip())
+    first = next(numbered, None)
+    if first is None:
+        return
+    event = _read(first[1])
+    if isinstance(event, _Unreadable):
+        rest = list(numbered)
+        whole = _read(first[1] + "".join(line for _, line in rest))
+        if isinstance(whole, dict):
+            yield first[0], whole
+            return
+        numbered = iter(rest)
+    yield first[0], event
+    for number, line in numbered:
+        yield number, _read(line)
+
+
+def _publish_lines(lines: Iterable[str], org_id: int | None, as_json: bool) -> int:
+    """Store each event of ``lines`` as POST /v3/events does, printing its outcome; returns how
+    many were rejected or could not be read."""
+    from notifier import pipeline
+    from notifier.client import lease_sender
+
+    settings = _settings()
+    services = pipeline.build_services(settings)
+    send = lease_sender(settings.broker_url)
+    refused = 0
+    try:
+        for number, event in _events_of(lines):
+            outcome: dict[str, Any] = {"line": number, "eventId": None, "status": "unread",
+                                       "created": False, "error": None, "errorPath": None}
+            if isinstance(event, _Unreadable):
+                outcome["error"] = event.problem
+            elif not isinstance(event, dict):
+                outcome["error"] = "must be an event object"
+            elif org_id is not None and event.setdefault("orgId", org_id) != org_id:
+                outcome.update(error="does not match --org", errorPath="orgId")
+            else:
+                stored = pipeline.accept_or_end(services, event, send)
+                outcome.update(eventId=stored.event_id, status=stored.status,
+                               created=stored.created, error=stored.error,
+                               errorPath=stored.error_path)
+            refused += outcome["error"] is not None
+            click.echo(json.dumps(outcome) if as_json else _outcome_line(outcome))
+    finally:
+        services.db.dispose()
+    return refused
+
+
+def _outcome_line(outcome: dict[str, Any]) -> str:
+    text = f"line {outcome['line']}: "
+    if outcome["eventId"] is not None:
+        text += f"{outcome['eventId']} {outcome['status']}"
+        text += "" if outcome["created"] else " (stored before)"
+    else:
+        text += "not published"
+    if outcome["error"]:
+        text += f": {outcome['errorPath'] + ': ' if outcome['errorPath'] else ''}" \
+                f"{outcome['error']}"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,7 @@ __all__ = [
     "consumer_group_logs",
     "consumer_group_metrics",
     "delivery_detail",
+    "event_details",
     "event_log",
     "example_event",
     "iso_ms",
@@ -306,12 +307,14 @@ def consumer_group_metrics(db: Database, org_id: int, consumer_group_id: str, *,
             "startDate": start, "endDate": end}
 
 
-def _owned(session: Session, org_id: int, delivery_id: str) -> Any:
+def _owned(session: Session, org_id: int | None, delivery_id: str) -> Any:
+    """The delivery's record row, if it went to one of ``org_id``'s webhooks (None: the
+    operator's command line, which sees every org's)."""
     row = None
     if _usable_text(delivery_id):
         row = session.execute(_records_query().add_columns(Event.payload, Webhook.org_id)
                               .where(Delivery.id == delivery_id)).first()
-    if row is None or row.org_id != org_id:
+    if row is None or (org_id is not None and row.org_id != org_id):
         raise NotFound(f"deliveryId {delivery_id} is invalid")
     return row
 
@@ -322,8 +325,10 @@ def require_delivery(db: Database, org_id: int, delivery_id: str) -> None:
         _owned(session, org_id, delivery_id)
 
 
-def delivery_detail(db: Database, org_id: int, delivery_id: str) -> dict[str, Any]:
-    """A delivery's log record with every attempt, and the payload before and after enrichment."""
+def delivery_detail(db: Database, org_id: int | None, delivery_id: str) -> dict[str, Any]:
+    """A delivery's log record with every attempt, and the payload before and after enrichment.
+
+    ``org_id`` None: whichever org's it is (the operator's command line)."""
     with db.session() as session:
         row = _owned(session, org_id, delivery_id)
         attempts = session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)
@@ -343,6 +348,32 @@ def delivery_detail(db: Database, org_id: int, delivery_id: str) -> dict[str, An
     detail["deliveredPayload"] = row.payload if added is None else overlay(row.payload, added)
     detail["enrichmentNotes"] = notes
     return detail
+
+
+def event_details(db: Database, event_id: str, org_id: int | None = None
+                  ) -> list[dict[str, Any]]:
+    """Every stored event with this eventId (of ``org_id`` only, if given; an eventId is
+    unique per org), oldest first, each with its status, why it was rejected (``error``, and
+    ``errorPath`` where in the event), and every delivery of it, to any org's webhook."""
+    if not _usable_text(event_id):
+        return []
+    with db.session() as session:
+        query = select(Event).where(Event.event_id == event_id)
+        if org_id is not None:
+            query = query.where(Event.org_id == org_id)
+        events = session.scalars(query.order_by(Event.received_at_ms, Event.pk)).all()
+        deliveries = session.execute(
+            select(Delivery.event_pk, Delivery.id, Delivery.webhook_id, Delivery.status,
+                   Delivery.attempt_count)
+            .where(Delivery.event_pk.in_([event.pk for event in events]))
+            .order_by(Delivery.ingested_at_ms, Delivery.webhook_id)).all()
+    return [{"eventId": event.event_id, "eventName": event.event_name, "orgId": event.org_id,
+             "status": event.status, "eventIngestionTimestamp": iso_ms(event.received_at_ms),
+             "error": event.error_message, "errorPath": event.error_path,
+             "deliveries": [{"deliveryId": d.id, "webHookId": d.webhook_id, "status": d.status,
+                             "attemptCount": d.attempt_count}
+                            for d in deliveries if d.event_pk == event.pk]}
+            for event in events]
 
 
 # ---------------------------------------------------------------- test events

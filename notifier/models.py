@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import false as sa_false
 from sqlalchemy.dialects.postgresql import JSONB
@@ -188,6 +189,11 @@ class Event(Base):
         Index("ix_events_ref_id", "ref_id"),
         Index("ix_events_api_request_id", "api_request_id"),
         Index("ix_events_org_received", "org_id", "received_at_ms"),
+        # Retention's walk: the oldest events not emptied yet, and no others, however many
+        # were emptied before (store.purge).
+        Index("ix_events_unpurged_received", "received_at_ms",
+              postgresql_where=text("purged_at_ms IS NULL"),
+              sqlite_where=text("purged_at_ms IS NULL")),
     )
 
     pk: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -202,6 +208,8 @@ class Event(Base):
     status: Mapped[str] = mapped_column(String(16))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_path: Mapped[str | None] = mapped_column(String(500))
+    # When retention replaced the payload by store.PURGED_PAYLOAD (NOTIFIER_RETENTION_DAYS).
+    purged_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class DeadLetter(Base):

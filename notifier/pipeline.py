@@ -66,6 +66,7 @@ __all__ = [
     "judge",
     "limit_changed",
     "pump",
+    "purge",
     "rebuild",
     "recover",
     "reject_for_good",
@@ -874,6 +875,18 @@ def replay(services: Services, delivery_ids: Sequence[str], send: SendLease, *,
         raise NotFound(f"no such delivery: {', '.join(missing)}")
     return replay_selection(services, selection, send, requested_by=requested_by,
                             org_id=org_id).queued
+
+
+def purge(services: Services) -> store.Purged | None:
+    """Retention: empty the oldest events past ``NOTIFIER_RETENTION_DAYS`` (at most
+    ``NOTIFIER_RETENTION_BATCH_SIZE``; the rest in the next run), see ``store.purge``. None when
+    retention is off (0 days)."""
+    days = services.settings.retention_days
+    if not days:
+        return None
+    now = now_ms()
+    return store.purge(services.db, older_than_ms=now - days * 24 * 3600 * 1000,
+                       batch=services.settings.retention_batch_size, now_ms=now)
 
 
 def check_sla(services: Services) -> int:

@@ -71,12 +71,14 @@ _dead_letters = Base.metadata.tables["dead_letters"]
 _replays = Base.metadata.tables["replays"]
 
 __all__ = [
+    "PURGED_PAYLOAD",
     "Claim",
     "Claimed",
     "DeadLetterView",
     "Finished",
     "IngestOutcome",
     "OpenDelivery",
+    "Purged",
     "Queued",
     "ReplayView",
     "Selected",
@@ -99,6 +101,7 @@ __all__ = [
     "new_delivery_id",
     "normalize_envelope",
     "open_work",
+    "purge",
     "reject",
     "release_claims",
     "replay_batch",
@@ -958,8 +961,9 @@ class Selected:
 
 @dataclass(frozen=True)
 class SelectionCount:
-    """How many deliveries a selection holds; those queued already are skipped by a replay,
-    and the ids it names that are no delivery (of its webhook and org, if given) not found."""
+    """How many deliveries a selection holds; those queued already, or whose event's payload
+    retention emptied (nothing left to send), are skipped by a replay; and the ids it names
+    that are no delivery (of its webhook and org, if given) not found."""
 
     matched: int
     skipped: int
@@ -971,10 +975,10 @@ class SelectionCount:
 
 
 def count_selection(db: Database, selection: Selection) -> SelectionCount:
-    d = _deliveries.c
+    d, e = _deliveries.c, _events.c
+    skipped = or_(d.status.in_(_QUEUED_ALREADY), e.purged_at_ms.is_not(None))
     counted = _selected(selection).with_only_columns(
-        func.count(), func.coalesce(func.sum(case((d.status.in_(_QUEUED_ALREADY), 1), else_=0)),
-                                    0))
+        func.count(), func.coalesce(func.sum(case((skipped, 1), else_=0)), 0))
     with db.autocommit() as connection:
         matched, skipped = connection.execute(counted).one()
         missing: tuple[str, ...] = ()
@@ -1017,8 +1021,10 @@ def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: s
     """
     d = _deliveries.c
     with db.transaction() as connection:
+        # Not one whose event's payload retention emptied (purge): nothing is left to send.
         ids = list(connection.scalars(
-            _selected(selection).where(d.id > after, d.status.not_in(_QUEUED_ALREADY))
+            _selected(selection).where(d.id > after, d.status.not_in(_QUEUED_ALREADY),
+                                       _events.c.purged_at_ms.is_(None))
             .order_by(d.id).limit(most)))
         if not ids:
             return [], 0, None
@@ -1101,6 +1107,82 @@ def replay_of(db: Database, replay_id: int, *, org_id: int, webhook_id: str) -> 
     if not found or found[0].selection.get("webhook") != webhook_id:
         raise NotFound(f"no replay {replay_id} of webhook {webhook_id}")
     return found[0]
+
+
+# What an event's payload becomes once retention has emptied it.
+PURGED_PAYLOAD = {"purged": True}
+# Why a held delivery ended failed (see purge).
+HELD_TOO_LONG = ("held past the retention period (NOTIFIER_RETENTION_DAYS) while its webhook was "
+                 "inactive: its event is emptied, nothing is left to send")
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What one retention run emptied: events' payloads, deliveries' enrichment, attempts'
+    responses and error messages. ``more``: the run was full, older events may be left."""
+
+    events: int
+    deliveries: int
+    attempts: int
+    more: bool
+    # Held deliveries (their webhook inactive) whose event outlived the retention: ended failed,
+    # with the reason, so that their events can be emptied (they could never be sent after).
+    held_ended: int = 0
+
+
+def _purgeable(older_than_ms: int, batch: int) -> Select[Any]:
+    """The oldest events received before ``older_than_ms``, not emptied yet and with every
+    delivery finished: walked in the order of ``ix_events_unpurged_received``, which holds only
+    events not emptied yet, so a run reads what it empties (and the few old events kept for an
+    unfinished delivery), never what earlier runs emptied."""
+    e, d = _events.c, _deliveries.c
+    unfinished = (select(literal(1)).select_from(_deliveries)
+                  .where(d.event_pk == e.pk, d.status.not_in(FINAL_STATUSES)))
+    return (select(e.pk)
+            .where(e.purged_at_ms.is_(None), e.received_at_ms < older_than_ms,
+                   ~unfinished.exists())
+            .order_by(e.received_at_ms).limit(batch))
+
+
+def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purged:
+    """Empty at most ``batch`` events received before ``older_than_ms`` whose deliveries are all
+    finished (delivered, failed, dead; any other status, a new one included, keeps the event
+    whole): the payload becomes ``PURGED_PAYLOAD``, their deliveries lose what enrichment added
+    and their last error, their attempts their response excerpt and error message. Rows, ids,
+    statuses, status codes and timestamps stay. Held deliveries of events past the retention
+    (their webhook stayed inactive) are ended first, failed with the reason (``HELD_TOO_LONG``,
+    kept), at most ``batch`` a run: held for ever, their events could never be emptied. One
+    transaction of five bounded statements."""
+    e, d, a = _events.c, _deliveries.c, _attempts.c
+    chosen = _purgeable(older_than_ms, batch)
+    with db.transaction() as connection:
+        held = (select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
+                .where(d.status == DeliveryStatus.HELD, e.received_at_ms < older_than_ms)
+                .limit(batch))
+        held_ended = connection.execute(
+            update(_deliveries).where(d.id.in_(held.scalar_subquery()))
+            .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
+        ).rowcount
+        if connection.dialect.name == "postgresql":
+            # Another run at the same time (a second beat, `notifier retention run`) takes the
+            # next events rather than waiting for these.
+            chosen = chosen.with_for_update(of=_events, skip_locked=True)
+        pks = list(connection.scalars(chosen))
+        if not pks:
+            return Purged(0, 0, 0, more=held_ended == batch, held_ended=held_ended)
+        connection.execute(update(_events).where(e.pk.in_(pks))
+                           .values(payload=PURGED_PAYLOAD, purged_at_ms=now_ms))
+        deliveries = connection.execute(
+            update(_deliveries).where(d.event_pk.in_(pks))
+            .values(enrichment=None, enrichment_notes=None,
+                    last_error=case((d.last_error == HELD_TOO_LONG, d.last_error), else_=None))
+        ).rowcount
+        attempts = connection.execute(
+            update(_attempts)
+            .where(a.delivery_id.in_(select(d.id).where(d.event_pk.in_(pks))))
+            .values(response_excerpt=None, error_message=None)).rowcount
+    return Purged(len(pks), deliveries, attempts, more=len(pks) == batch or held_ended == batch,
+                  held_ended=held_ended)
 
 
 @dataclass(frozen=True)

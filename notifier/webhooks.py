@@ -48,7 +48,7 @@ from notifier.vault import Vault, mask
 
 __all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds",
            "Context", "Saved", "activate", "create", "deactivate", "delete_webhook", "get",
-           "hold_statement", "list_all", "rotate_secret", "update_webhook"]
+           "hold_statement", "list_all", "list_by_org", "rotate_secret", "update_webhook"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -468,15 +468,27 @@ def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:
 
 
 def list_all(ctx: Context, org_id: int) -> list[dict[str, Any]]:
+    return [view for _org_id, view in list_by_org(ctx, org_id)]
+
+
+def list_by_org(ctx: Context, org_id: int | None = None, *, active: bool | None = None
+                ) -> list[tuple[int, dict[str, Any]]]:
+    """``(org id, view)`` of the webhooks of ``org_id`` (None: of every org, for the operator),
+    only the active or the inactive ones if ``active`` says so; by org, then oldest first."""
+    query = select(Webhook)
+    if org_id is not None:
+        query = query.where(Webhook.org_id == org_id)
+    if active is not None:
+        query = query.where(Webhook.active.is_(active))
     with ctx.db.session() as session:
-        hooks = session.scalars(select(Webhook).where(Webhook.org_id == org_id)
-                                .order_by(Webhook.created_at_ms, Webhook.id)).all()
+        hooks = session.scalars(query.order_by(Webhook.org_id, Webhook.created_at_ms,
+                                               Webhook.id)).all()
         subscriptions: dict[str, list[str]] = {h.id: [] for h in hooks}
         for webhook_id, name in session.execute(
                 select(WebhookSubscription.webhook_id, WebhookSubscription.event_name)
                 .where(WebhookSubscription.webhook_id.in_(list(subscriptions)))):
             subscriptions[webhook_id].append(name)
-        return [_view(h, subscriptions[h.id], ctx.vault) for h in hooks]
+        return [(h.org_id, _view(h, subscriptions[h.id], ctx.vault)) for h in hooks]
 
 
 def deactivate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> dict[str, Any]:

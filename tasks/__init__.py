@@ -3,7 +3,7 @@
 Tasks are thin: ids and plain dicts in, one ``notifier.pipeline`` call, transient errors retried.
 """
 
-from tasks import delivery  # noqa: F401 - registers the tasks on the app
+from tasks import delivery, retention  # noqa: F401 - registers the tasks on the app
 from tasks.app import app
 
 __all__ = ["app"]

@@ -67,4 +67,9 @@ beat_schedule = {
         "schedule": timedelta(seconds=_settings.sla_check_interval),
         "options": {"expires": _settings.sla_check_interval},
     },
+    "purge": {
+        "task": "notifier.purge",
+        "schedule": timedelta(seconds=_settings.retention_interval),
+        "options": {"expires": _settings.retention_interval},
+    },
 }

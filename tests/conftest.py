@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from click.testing import CliRunner, Result
 
 from config import Settings, load_settings
 from notifier.db import Database, upgrade
@@ -415,6 +416,22 @@ def stack_env(tmp_path: Path, pg_url: str, redis_url: str, broker_url: str) -> d
         "NOTIFIER_SLA_CHECK_INTERVAL": "0.5",
     })
     return env
+
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def cli(stack_env: dict[str, str]) -> Cli:
+    """Run ``notifier ARGS...`` in-process with the stack's settings (as they are at the
+    call); ``input`` goes to stdin."""
+    from notifier.cli import main
+
+    def run(*args: Any, input: str | None = None) -> Result:
+        env = {k: v for k, v in stack_env.items() if k.startswith("NOTIFIER_")}
+        return CliRunner().invoke(main, [str(a) for a in args], env=env, input=input)
+
+    return run
 
 
 @pytest.fixture

@@ -5,16 +5,15 @@ against the test PostgreSQL and Redis."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from fastapi.testclient import TestClient
 
 from config import load_settings
-from notifier.cli import main
 from notifier.pipeline import Services
 from notifier.queues import Lease
 from tests.conftest import sign_in_form
@@ -63,21 +62,6 @@ def form_pairs(html: str, form_id: str = "notification-form") -> list[tuple[str,
     reader = _FormReader(form_id)
     reader.feed(html)
     return reader.pairs
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(stack_env: dict[str, str]) -> Cli:
-    """Run ``notifier ARGS...`` with the stack's settings (as they are at the call);
-    ``input`` goes to stdin."""
-
-    def run(*args: Any, input: str | None = None) -> Result:
-        env = {k: v for k, v in stack_env.items() if k.startswith("NOTIFIER_")}
-        return CliRunner().invoke(main, [str(a) for a in args], env=env, input=input)
-
-    return run
 
 
 def created_id(result: Result) -> str:

@@ -10,7 +10,8 @@ from urllib.parse import urlencode
 import pytest
 
 from notifier.webhooks import MAX_OVERLAP_SECONDS, MAX_SLA_SECONDS, MAX_URL_CHARS
-from tests.webhooks.conftest import Cli, Rooms, created_id
+from tests.conftest import Cli
+from tests.webhooks.conftest import Rooms, created_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

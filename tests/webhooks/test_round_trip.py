@@ -14,8 +14,8 @@ from sqlalchemy import update
 
 from notifier.models import Webhook
 from notifier.pipeline import now_ms
-from tests.conftest import Receiver, Stack, sign_in_form
-from tests.webhooks.conftest import Cli, Rooms, form_pairs
+from tests.conftest import Cli, Receiver, Stack, sign_in_form
+from tests.webhooks.conftest import Rooms, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

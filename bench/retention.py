@@ -1,0 +1,152 @@
+"""Retention beside live traffic: the live p99 (publish to arrival) with and without a purge of
+many old rows running, in one stack, as a same-run ratio (issue 14: at most 1.10).
+
+Old rows are written straight into the tables (one ``INSERT ... SELECT`` each: events of
+``run.event_data()``'s size, one delivered delivery and one attempt each), received
+``OLD_DAYS`` ago. The stack's beat keeps its own retention run (``NOTIFIER_RETENTION_DAYS``,
+30 by default, which these rows are younger than), so the purge measured is the bench's own:
+``store.purge``, the function beat's task calls, with a cutoff of ``CUTOFF_DAYS``, in batches of
+``NOTIFIER_RETENTION_BATCH_SIZE``, back to back in a thread (beat would leave
+``NOTIFIER_RETENTION_INTERVAL`` between them: this is the heavier case). The live load runs
+without the purge, then with it, then without again; ``without`` is the worse of the two runs
+around it, so that a drift of the machine does not count against the purge.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bench import extra, run
+from bench.receiver import Receiver
+
+OLD_DAYS = 20
+CUTOFF_DAYS = 10
+_DAY_MS = 24 * 3600 * 1000
+_SPREAD_MS = _DAY_MS  # the old rows' received times, over one day
+
+
+def fill(rows: int, webhook_id: str) -> float:
+    """``rows`` old events, each with a delivered delivery and its attempt; returns seconds."""
+    payload = json.dumps({"eventName": run.EVENT, "orgId": run.ORG, "data": run.event_data()})
+    oldest = time.time_ns() // 1_000_000 - OLD_DAYS * _DAY_MS
+    engine = sa.create_engine(run.PG_URL)
+    started = time.perf_counter()
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO events (event_id, event_name, org_id, created_at_ms, received_at_ms, "
+                "payload, status) SELECT 'old-' || g, :name, :org, :oldest, "
+                ":oldest + g * :step, CAST(:payload AS jsonb), 'dispatched' "
+                "FROM generate_series(1, :rows) AS g"),
+                {"name": run.EVENT, "org": run.ORG, "oldest": oldest,
+                 "step": max(1, _SPREAD_MS // rows), "payload": payload, "rows": rows})
+            conn.execute(sa.text(
+                "INSERT INTO deliveries (id, event_pk, webhook_id, status, attempt_count, "
+                "ingested_at_ms, started_at_ms, ended_at_ms, last_status_code) "
+                "SELECT 'msg_old_' || pk, pk, :hook, 'delivered', 1, received_at_ms, "
+                "received_at_ms + 3, received_at_ms + 8, 200 FROM events "
+                "WHERE event_id LIKE 'old-%'"), {"hook": webhook_id})
+            conn.execute(sa.text(
+                "INSERT INTO attempts (delivery_id, number, started_at_ms, latency_ms, "
+                "status_code, outcome, response_excerpt) SELECT id, 1, started_at_ms, 5, 200, "
+                "'delivered', 'ok' FROM deliveries WHERE id LIKE 'msg_old_%'"))
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                sa.text("VACUUM ANALYZE events, deliveries, attempts"))
+    finally:
+        engine.dispose()
+    return time.perf_counter() - started
+
+
+class Purging:
+    """``store.purge`` batch after batch in a thread, until stopped or nothing is left."""
+
+    def __init__(self, batch: int) -> None:
+        from notifier.db import Database
+
+        self.batch = batch
+        self.db = Database(run.PG_URL)
+        self.events = self.batches = 0
+        self.busy = 0.0  # seconds spent inside purge calls
+        self.ended_at: float | None = None  # when it ran out of rows
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from notifier import store
+
+        while not self._stop.is_set():
+            now = time.time_ns() // 1_000_000
+            started = time.perf_counter()
+            purged = store.purge(self.db, older_than_ms=now - CUTOFF_DAYS * _DAY_MS,
+                                 batch=self.batch, now_ms=now)
+            self.busy += time.perf_counter() - started
+            self.events += purged.events
+            self.batches += 1
+            if not purged.more:
+                self.ended_at = time.perf_counter()
+                return
+
+    def __enter__(self) -> Purging:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.stopped = time.perf_counter()
+        self.db.dispose()
+
+
+def retention(receiver: Receiver, folder: Path, concurrency: int, rows: int, rate: float,
+              seconds: float, connections: int) -> str:
+    """``rows`` old rows, then ``rate`` live deliveries/s for ``seconds`` without the purge, with
+    it, and without again; returns what it measured (the live p99s and their ratio)."""
+    from config import load_settings
+    from notifier import publish
+
+    env = run.notifier_env(folder)
+    batch = load_settings({k: v for k, v in env.items()
+                           if k.startswith("NOTIFIER_")}).retention_batch_size
+    hooks = [(run.ORG, receiver.url("/retention/live"), connections)]
+    with extra.stack(folder, concurrency, hooks) as (_procs, _, _):
+        engine = sa.create_engine(run.PG_URL)
+        try:
+            with engine.connect() as conn:
+                webhook_id = conn.execute(sa.text("SELECT id FROM webhooks")).scalar_one()
+        finally:
+            engine.dispose()
+        filled = fill(rows, webhook_id)
+        print(f"  retention: {rows} old events, deliveries and attempts written in "
+              f"{filled:.1f}s", flush=True)
+
+        def load() -> tuple[list[float], str]:
+            return extra.offered_load(receiver, rate, seconds, 1, lambda: publish(
+                run.EVENT, extra.bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
+
+        load()  # warm-up: cold start, the webhook measured (fast lane)
+        before, _ = load()
+        wal = run.wal_bytes()
+        with Purging(batch) as purging:
+            during, note = load()
+        wal = run.wal_bytes() - wal
+        after, _ = load()
+    without, with_purge = max(extra.p99(before), extra.p99(after)), extra.p99(during)
+    window = purging.stopped - purging.started
+    ran = (purging.ended_at or purging.stopped) - purging.started
+    text = (f"retention: live p99 {without:.1f} ms without a purge (worse of before "
+            f"{extra.p99(before):.1f} and after {extra.p99(after):.1f}), {with_purge:.1f} ms "
+            f"with one: ratio {with_purge / without:.2f} (target <= 1.10); live {note}; the purge "
+            f"emptied {purging.events} of {rows} old events (with their deliveries and attempts) "
+            f"in {purging.batches} batches of {batch}, {purging.events / max(ran, 1e-9):.0f} "
+            f"events/s, busy {purging.busy / window:.0%} of the {window:.1f} s window"
+            + ("" if purging.ended_at is None else
+               f" (ran out of old rows after {ran:.1f} s: a larger --retention keeps it busy)")
+            + f"; {wal / max(1, purging.events):.0f} B of WAL per emptied event, live included")
+    return text

@@ -1,0 +1,248 @@
+"""Retention (``NOTIFIER_RETENTION_DAYS``) on both databases: what a purge empties, what it keeps,
+the bound of one run, the index it walks, and the beat task through a real worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import func, insert, select, text, update
+
+from notifier import store
+from notifier.db import Database
+from notifier.models import Attempt, Delivery, DeliveryStatus, Event
+from notifier.pipeline import now_ms
+from notifier.replays import Selection
+from notifier.schemas import load_catalog
+from tests.conftest import Cli, Stack, wait_until
+from tests.integration.test_store import ORG, event, webhook
+
+pytestmark = pytest.mark.integration
+
+DAY = 24 * 3600 * 1000
+NOW = 100 * DAY
+CUTOFF = NOW - 30 * DAY
+OLD, RECENT = CUTOFF - DAY, CUTOFF + DAY
+
+
+@pytest.fixture
+def org(db: Database) -> Database:
+    store.create_org(db, ORG, "org", now_ms=0)
+    webhook(db, "a")
+    webhook(db, "b")
+    return db
+
+
+def ingest(db: Database, event_id: str, at_ms: int, *statuses: str, **data: Any) -> None:
+    """An event received at ``at_ms`` whose deliveries (by webhook id) are in ``statuses`` (the
+    last repeated for the rest), each with an attempt that left its answer, and what enrichment added."""
+    store.ingest(db, load_catalog(), event(event_id, **data), now_ms=at_ms)
+    with db.session() as session:
+        deliveries = session.scalars(
+            select(Delivery).join(Event, Event.pk == Delivery.event_pk)
+            .where(Event.event_id == event_id).order_by(Delivery.webhook_id)).all()
+        for number, delivery in enumerate(deliveries):
+            status = statuses[min(number, len(statuses) - 1)]
+            delivery.status, delivery.ended_at_ms = status, at_ms + 5
+            delivery.last_status_code, delivery.last_error = 500, "HTTP 500"
+            delivery.enrichment = {"data": {"store": {"name": "Main St"}}}
+            delivery.enrichment_notes = "till 3 unknown"
+            session.execute(insert(Attempt).values(
+                delivery_id=delivery.id, number=1, started_at_ms=at_ms + 1, latency_ms=4,
+                status_code=500, outcome=status, error_class="HTTPError",
+                error_message="HTTP 500", response_excerpt="customer 42 is a member"))
+
+
+def emptied(db: Database) -> dict[str, bool]:
+    """eventId -> whether its payload was emptied."""
+    with db.session() as session:
+        return {row.event_id: row.purged_at_ms is not None
+                for row in session.execute(select(Event.event_id, Event.purged_at_ms))}
+
+
+def purge(db: Database, batch: int = 100) -> store.Purged:
+    return store.purge(db, older_than_ms=CUTOFF, batch=batch, now_ms=NOW)
+
+
+def test_old_finished_events_are_emptied_keeping_their_rows(org: Database) -> None:
+    ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.DEAD)
+    ingest(org, "recent", RECENT, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED)
+    store.ingest(org, load_catalog(), event("old-rejected", customerIdentifiers="x"),
+                 now_ms=OLD)
+
+    purged = purge(org)
+
+    assert purged == store.Purged(events=2, deliveries=2, attempts=2, more=False)
+    with org.session() as session:
+        events = {e.event_id: e for e in session.scalars(select(Event))}
+        deliveries = session.scalars(select(Delivery).order_by(Delivery.webhook_id)).all()
+        attempts = session.scalars(select(Attempt).order_by(Attempt.id)).all()
+    old, recent, rejected = events["old"], events["recent"], events["old-rejected"]
+    assert (old.payload, old.purged_at_ms) == (store.PURGED_PAYLOAD, NOW)
+    assert (old.status, old.event_name, old.org_id, old.received_at_ms) == \
+        ("dispatched", "pointsIssued", ORG, OLD)
+    assert (rejected.payload, rejected.status) == (store.PURGED_PAYLOAD, "rejected")
+    assert rejected.error_path == "$.data.customerIdentifiers"  # why it was refused: kept
+    assert recent.payload == event("recent") and recent.purged_at_ms is None
+    by_event = {d.event_pk: [] for d in deliveries}
+    for delivery in deliveries:
+        by_event[delivery.event_pk].append(delivery)
+    for delivery in by_event[old.pk]:
+        assert (delivery.enrichment, delivery.enrichment_notes, delivery.last_error) == \
+            (None, None, None)
+        assert (delivery.ingested_at_ms, delivery.ended_at_ms, delivery.last_status_code) == \
+            (OLD, OLD + 5, 500)
+    assert [d.status for d in by_event[old.pk]] == ["delivered", "dead"]
+    for delivery in by_event[recent.pk]:
+        assert delivery.enrichment is not None and delivery.last_error == "HTTP 500"
+    old_ids = {d.id for d in by_event[old.pk]}
+    for attempt in attempts:
+        kept = attempt.delivery_id not in old_ids
+        assert (attempt.response_excerpt is not None, attempt.error_message is not None) == \
+            (kept, kept)
+        assert (attempt.status_code, attempt.latency_ms) == (500, 4)
+        assert attempt.started_at_ms in (OLD + 1, RECENT + 1)
+
+
+@pytest.mark.parametrize("unfinished", [DeliveryStatus.PENDING, DeliveryStatus.RETRYING,
+                                        DeliveryStatus.IN_FLIGHT])
+def test_an_event_with_an_unfinished_delivery_is_kept_whole(org: Database,
+                                                             unfinished: str) -> None:
+    ingest(org, "open", OLD - DAY, DeliveryStatus.DELIVERED, unfinished)
+    ingest(org, "done", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED)
+
+    # The open event is the oldest: the batch of one passes it by and takes the next.
+    assert purge(org, batch=1) == store.Purged(events=1, deliveries=2, attempts=2, more=True)
+
+    assert emptied(org) == {"open": False, "done": True}
+    with org.session() as session:
+        (kept,) = session.scalars(select(Event).where(Event.event_id == "open"))
+        assert kept.payload == event("open")
+        assert session.scalar(select(func.count()).select_from(Attempt).where(
+            Attempt.response_excerpt.is_not(None))) == 2
+    # Finished at last: the next run empties it.
+    with org.session() as session:
+        session.execute(update(Delivery).where(Delivery.status == unfinished)
+                        .values(status=DeliveryStatus.DELIVERED))
+    assert purge(org).events == 1 and emptied(org) == {"open": True, "done": True}
+
+
+def test_a_delivery_held_past_the_retention_ends_failed_and_its_event_is_emptied(
+        org: Database) -> None:
+    ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.HELD)
+    ingest(org, "recent", RECENT, DeliveryStatus.HELD)
+
+    assert purge(org) == store.Purged(events=1, deliveries=2, attempts=2, more=False,
+                                      held_ended=1)
+
+    assert emptied(org) == {"old": True, "recent": False}
+    with org.session() as session:
+        rows = session.execute(select(Event.event_id, Delivery.status, Delivery.last_error,
+                                      Delivery.ended_at_ms)
+                               .join(Delivery, Delivery.event_pk == Event.pk)).all()
+    ended = [(status, error) for event_id, status, error, at in rows
+             if event_id == "old" and status != DeliveryStatus.DELIVERED and at]
+    assert ended == [(DeliveryStatus.FAILED, store.HELD_TOO_LONG)]  # the reason outlives the purge
+    # A recent one stays held (for each webhook), for its webhook's activation.
+    assert [status for event_id, status, *_ in rows if event_id == "recent"] == [
+        DeliveryStatus.HELD] * 2
+
+
+def test_a_run_empties_at_most_its_batch_oldest_first_and_the_next_goes_on(
+        org: Database) -> None:
+    for day in range(5):
+        ingest(org, f"e{day}", OLD - day * DAY, DeliveryStatus.DELIVERED)
+
+    first = purge(org, batch=2)
+    assert (first.events, first.more) == (2, True)
+    assert emptied(org) == {"e0": False, "e1": False, "e2": False, "e3": True, "e4": True}
+    assert (purge(org, batch=2).events, purge(org, batch=2)) == \
+        (2, store.Purged(events=1, deliveries=2, attempts=2, more=False))
+    assert all(emptied(org).values())
+    assert purge(org, batch=2) == store.Purged(0, 0, 0, more=False)
+
+
+def test_a_replay_leaves_an_emptied_delivery_alone(org: Database) -> None:
+    ingest(org, "old", OLD, DeliveryStatus.FAILED)
+    ingest(org, "recent", RECENT, DeliveryStatus.FAILED)
+    purge(org)
+    with org.session() as session:
+        ids = dict(session.execute(select(Event.event_id, Delivery.id)
+                                   .join(Delivery, Delivery.event_pk == Event.pk)
+                                   .where(Delivery.status == DeliveryStatus.FAILED)).all())
+
+    selection = Selection(delivery_ids=(ids["old"], ids["recent"]))
+    counted = store.count_selection(org, selection)  # told before the replay is made
+    replay_id = store.start_replay(org, selection, requested_by="test", org_id=None, now_ms=1)
+    queued, _, _ = store.replay_batch(org, selection, replay_id, after="", most=10,
+                                      queue=lambda items: None)
+
+    assert (counted.matched, counted.skipped, counted.replayable) == (2, 1, 1)
+    assert [q.delivery_id for q in queued] == [ids["recent"]]  # nothing left to send of old
+
+
+def test_the_purge_walks_the_index_of_events_not_emptied(org: Database) -> None:
+    statement = store._purgeable(CUTOFF, 1000)
+    compiled = statement.compile(org.engine, compile_kwargs={"literal_binds": True})
+    with org.transaction() as connection:
+        if org.is_postgresql:
+            # On a table this small a sequential scan is cheaper; forbid it to see whether the
+            # index can serve the query at all (its partial predicate matching the query's).
+            connection.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = connection.execute(text(f"EXPLAIN {compiled}")).scalars().all()
+        else:
+            plan = [row[-1] for row in connection.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))]
+    assert "ix_events_unpurged_received" in "\n".join(plan), plan
+
+
+def test_the_beat_task_is_scheduled() -> None:
+    import tasks
+
+    entry = tasks.app.conf.beat_schedule["purge"]
+    assert entry["task"] == "notifier.purge" and "notifier.purge" in tasks.app.tasks
+
+
+@pytest.mark.postgres
+def test_retention_run_prints_what_it_emptied(stack: Stack, stack_env: dict[str, str],
+                                              cli: Cli) -> None:
+    database = Database(stack.settings.database_url)
+    try:
+        store.create_org(database, ORG, "org", now_ms=0)
+        webhook(database, "a")
+        ingest(database, "old", now_ms() - 31 * DAY, DeliveryStatus.DELIVERED)
+
+        stack_env["NOTIFIER_RETENTION_DAYS"] = "0"
+        assert "retention is off" in cli("retention", "run").stdout
+        assert emptied(database) == {"old": False}
+        stack_env["NOTIFIER_RETENTION_DAYS"] = "30"
+        ran = cli("retention", "run", "--json")
+    finally:
+        database.dispose()
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.stdout) == {"events": 1, "deliveries": 1, "attempts": 1,
+                                      "more": False, "held_ended": 0}
+    assert cli("retention", "run").stdout == \
+        "emptied 0 events older than 30 days, 0 deliveries and 0 attempts\n"
+
+
+@pytest.mark.postgres
+def test_beat_empties_old_events_through_a_real_worker(stack: Stack,
+                                                       stack_env: dict[str, str]) -> None:
+    stack_env.update(NOTIFIER_RETENTION_DAYS="1", NOTIFIER_RETENTION_INTERVAL="0.5",
+                     NOTIFIER_RETENTION_BATCH_SIZE="2")
+    database = Database(stack.settings.database_url)
+    try:
+        store.create_org(database, ORG, "org", now_ms=0)
+        webhook(database, "a")
+        for number in range(5):
+            ingest(database, f"old{number}", now_ms() - 2 * DAY, DeliveryStatus.DELIVERED)
+        ingest(database, "new", now_ms(), DeliveryStatus.DELIVERED)
+        stack.worker(queues="notifier")
+        stack.beat()
+
+        wait_until(lambda: sum(emptied(database).values()) == 5, 60,
+                   "beat to empty the five old events, two a run")
+        assert emptied(database)["new"] is False
+    finally:
+        database.dispose()
