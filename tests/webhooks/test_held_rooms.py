@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from notifier.models import Delivery, DeliveryStatus
 from notifier.pipeline import now_ms
-from tests.webhooks.conftest import Cli, Rooms, form_pairs
+from tests.conftest import Cli
+from tests.webhooks.conftest import Rooms, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
