@@ -34,8 +34,9 @@ accept_content = ["json"]
 # ``notifier up``'s, any other) without the -E switch a new operator would not know to add. They
 # show a task by name and ``argsrepr``: ids only (``client.ingest_reprs``; a delivery task's
 # arguments are ids). Not ``task_send_sent_event``: one more message for every task sent, for
-# the little a "sent" state adds (``/health`` names a queue that nothing consumes).
-worker_send_task_events = True
+# the little a "sent" state adds (``/health`` names a queue that nothing consumes). They cost a
+# busy worker about 9% of its rate: NOTIFIER_TASK_EVENTS=off where nothing watches them.
+worker_send_task_events = _settings.task_events
 # Delivery state lives in our tables; Celery results would only cost writes.
 task_ignore_result = True
 task_acks_late = True

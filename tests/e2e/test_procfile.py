@@ -1,8 +1,7 @@
 """The whole Procfile under ``honcho start``, against PostgreSQL and Redis, as a deployment runs
 it: events posted through the API arrive at a real receiver, Flower shows the tasks by their
-ids, and the fast worker leaves the slow lane to the ``slow`` process.
-
-(Replaying a selection through this deployment belongs to the replay work of issue 14.)
+ids, the fast worker leaves the slow lane to the ``slow`` process, and a replay by selection
+(``celery -A tasks replay``) brings back deliveries that failed.
 """
 
 from __future__ import annotations
@@ -169,3 +168,45 @@ def test_the_procfile_under_honcho_delivers_and_flower_shows_the_tasks(
     # (taken at most for a moment, if the slow worker answered after the worker's first look).
     wait_until(lambda: _fast_worker_queues(stack) == {QUEUE, DELIVER_QUEUE}, 30,
                "the fast worker to consume only ingest and the fast lane")
+
+
+def test_a_replay_by_selection_brings_back_what_failed_under_the_procfile(
+        stack: Stack, honcho: Honcho, receiver: Receiver) -> None:
+    auth = {"Authorization": f"Bearer {stack.org(ORG, 'procfile')}"}
+    wait_until(lambda: _up(honcho), 120, "every Procfile process to answer")
+    created = requests.post(f"{honcho.url('web')}/v3/webHooks", headers=auth, timeout=10, json={
+        "name": "refusing", "webHookUrl": receiver.url("/refusing"),
+        "eventNames": ["pointsIssued"], "maxAllowedConnections": 2})
+    assert created.status_code == 201, created.text
+    webhook_id = created.json()["data"]["webHookId"]
+    # The receiver refuses them for good (a 400 is not retried): they end failed.
+    receiver.script("/refusing", *[400] * 3)
+    posted = requests.post(f"{honcho.url('web')}/v3/events", headers=auth, timeout=10, json=[
+        {"eventName": "pointsIssued", "data": {"customerIdentifiers": {"customerId": n}}}
+        for n in range(3)])
+    assert posted.status_code == 202, posted.text
+
+    def failed() -> dict[str, Any]:
+        # Counted as an operator would before replaying: a dry run through the API.
+        answer = requests.post(f"{honcho.url('web')}/v3/webHooks/{webhook_id}/replay",
+                               headers=auth, timeout=10,
+                               json={"status": ["failed"], "dryRun": True})
+        assert answer.status_code == 200, answer.text
+        data: dict[str, Any] = answer.json()["data"]
+        return data if data["matched"] == 3 else {}
+
+    wait_until(failed, 90, "the three deliveries failed")
+    refused = {r.headers["webhook-id"] for r in receiver.at("/refusing")}
+    assert len(refused) == 3
+
+    # The receiver is fixed; the operator replays what failed, from the celery command line.
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "replay", "--webhook", webhook_id,
+         "--status", "failed", "--since", "1h", "--yes"],
+        env={**stack.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=120, check=False)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+
+    got = receiver.wait_for(6, "/refusing", timeout=90)
+    delivered = {r.headers["webhook-id"] for r in got if r.status == 200}
+    assert delivered == refused  # the same webhook-ids, each delivered

@@ -64,6 +64,7 @@ def test_values_are_parsed() -> None:
     ("NOTIFIER_DATABASE_URL", "   "),
     ("NOTIFIER_DATABASE_TIMEOUT", "1"),
     ("NOTIFIER_DATABASE_TIMEOUT", "2.5"),
+    ("NOTIFIER_TASK_EVENTS", "maybe"),
 ])
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
@@ -161,3 +162,10 @@ def test_a_bad_secret_setting_is_named_without_its_value() -> None:
 def test_ui_session_lifetimes() -> None:
     settings = load_settings({"NOTIFIER_UI_SESSION_IDLE_SECONDS": "600"})
     assert (settings.ui_session_idle_seconds, settings.ui_session_max_seconds) == (600, 86400)
+
+
+@pytest.mark.parametrize(("value", "on"), [("on", True), ("1", True), ("Yes", True),
+                                           ("off", False), ("0", False), ("false", False)])
+def test_task_events_are_a_switch(value: str, on: bool) -> None:
+    assert load_settings({}).task_events is True
+    assert load_settings({"NOTIFIER_TASK_EVENTS": value}).task_events is on
