@@ -6,9 +6,9 @@ Old rows are written straight into the tables (one ``INSERT ... SELECT`` each: e
 ``OLD_DAYS`` ago. The stack's beat keeps its own retention run (``NOTIFIER_RETENTION_DAYS``,
 30 by default, which these rows are younger than), so the purge measured is the bench's own:
 ``store.purge``, the function beat's task calls, with a cutoff of ``CUTOFF_DAYS``, in batches of
-``NOTIFIER_RETENTION_BATCH_SIZE``, back to back in a thread (beat would leave
-``NOTIFIER_RETENTION_INTERVAL`` between them: this is the heavier case). The live load runs
-without the purge, then with it, then without again; ``without`` is the better of the two runs
+``NOTIFIER_RETENTION_BATCH_SIZE``, in a thread: first at beat's pace (``NOTIFIER_RETENTION_INTERVAL``
+between batches), then back to back (the worst case). The live load runs without the purge,
+then with it at each pace, then without again; ``without`` is the better of the two runs
 around it (the worse may hold a hiccup of the machine, which would flatter the purge).
 """
 
@@ -58,21 +58,23 @@ def fill(rows: int, webhook_id: str) -> float:
         with engine.connect() as conn:
             # Written out before the clock runs: a checkpoint flushing a million rows' pages
             # during the first window made "without a purge" the slowest of the three.
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-                sa.text("VACUUM ANALYZE events, deliveries, attempts"))
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("CHECKPOINT"))
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            auto.execute(sa.text("VACUUM ANALYZE events, deliveries, attempts"))
+            auto.execute(sa.text("CHECKPOINT"))
     finally:
         engine.dispose()
     return time.perf_counter() - started
 
 
 class Purging:
-    """``store.purge`` batch after batch in a thread, until stopped or nothing is left."""
+    """``store.purge`` batch after batch in a thread, ``pause`` seconds apart (beat's
+    ``NOTIFIER_RETENTION_INTERVAL``, or 0: back to back), until stopped or nothing is left."""
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, pause: float = 0.0) -> None:
         from notifier.db import Database
 
         self.batch = batch
+        self.pause = pause
         self.db = Database(run.PG_URL)
         self.events = self.batches = 0
         self.busy = 0.0  # seconds spent inside purge calls
@@ -94,6 +96,7 @@ class Purging:
             if not purged.more:
                 self.ended_at = time.perf_counter()
                 return
+            self._stop.wait(self.pause)
 
     def __enter__(self) -> Purging:
         self.started = time.perf_counter()
@@ -115,8 +118,8 @@ def retention(receiver: Receiver, folder: Path, concurrency: int, rows: int, rat
     from notifier import publish
 
     env = run.notifier_env(folder)
-    batch = load_settings({k: v for k, v in env.items()
-                           if k.startswith("NOTIFIER_")}).retention_batch_size
+    settings = load_settings({k: v for k, v in env.items() if k.startswith("NOTIFIER_")})
+    batch, interval = settings.retention_batch_size, settings.retention_interval
     hooks = [(run.ORG, receiver.url("/retention/live"), connections)]
     with extra.stack(folder, concurrency, hooks) as (_procs, _, _):
         engine = sa.create_engine(run.PG_URL)
@@ -135,6 +138,8 @@ def retention(receiver: Receiver, folder: Path, concurrency: int, rows: int, rat
 
         load()  # warm-up: cold start, the webhook measured (fast lane)
         before, _ = load()
+        with Purging(batch, interval) as paced:  # as beat runs it
+            during_paced, _ = load()
         wal = run.wal_bytes()
         with Purging(batch) as purging:
             during, note = load()
@@ -143,12 +148,17 @@ def retention(receiver: Receiver, folder: Path, concurrency: int, rows: int, rat
     # Against the better of the windows without a purge: the worse one may hold a hiccup of the
     # machine, which would flatter the purge.
     without, with_purge = min(extra.p99(before), extra.p99(after)), extra.p99(during)
+    at_pace = extra.p99(during_paced)
     window = purging.stopped - purging.started
     ran = (purging.ended_at or purging.stopped) - purging.started
     text = (f"retention: live p99 {without:.1f} ms without a purge (better of before "
-            f"{extra.p99(before):.1f} and after {extra.p99(after):.1f}), {with_purge:.1f} ms "
-            f"with one: ratio {with_purge / without:.2f} (target <= 1.10); live {note}; the purge "
-            f"emptied {purging.events} of {rows} old events (with their deliveries and attempts) "
+            f"{extra.p99(before):.1f} and after {extra.p99(after):.1f}); "
+            f"with one at beat's pace ({paced.batches} batches of {batch}, "
+            f"{interval:g} s apart: {paced.events} events emptied): {at_pace:.1f} ms, ratio "
+            f"{at_pace / without:.2f} (target <= 1.10); with batches back to back (the worst "
+            f"case): {with_purge:.1f} ms, ratio {with_purge / without:.2f}; live {note}; the purge "
+            f"back to back emptied {purging.events} of {rows} old events (with their deliveries "
+            f"and attempts) "
             f"in {purging.batches} batches of {batch}, {purging.events / max(ran, 1e-9):.0f} "
             f"events/s, busy {purging.busy / window:.0%} of the {window:.1f} s window"
             + ("" if purging.ended_at is None else
