@@ -439,3 +439,12 @@ def stack(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     running = Stack(stack_env, tmp_path)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def database(stack: Stack) -> Iterator[Database]:
+    """The stack's database, reached directly (a folder's conftest or a module may override it,
+    with the orgs its tests need)."""
+    opened = Database(stack.settings.database_url)
+    yield opened
+    opened.dispose()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -40,13 +39,6 @@ def attempts(database: Database) -> list[tuple[str, int, int | None]]:
         return [(row.delivery_id, row.started_at_ms, row.status_code) for row in session.execute(
             select(Attempt.delivery_id, Attempt.started_at_ms, Attempt.status_code)
             .order_by(Attempt.started_at_ms))]
-
-
-@pytest.fixture
-def database(stack: Stack) -> Iterator[Database]:
-    opened = Database(stack.settings.database_url)
-    yield opened
-    opened.dispose()
 
 
 def test_what_died_while_the_receiver_was_down_is_replayed_behind_live_traffic(
