@@ -333,6 +333,16 @@ def _webhook_context() -> Iterator[Any]:
 
 
 _org = click.option("--org", "org_id", type=int, required=True, help="The webhook's org.")
+# For a webhook named by its id: the org is found from it, or checked if given.
+_its_org = click.option("--org", "org_id", type=int, default=None,
+                        help="The webhook's org (found from the webhook if left out; if given, "
+                             "a webhook of another org is not found).")
+
+
+def _owner(context: Any, webhook_id: str, org_id: int | None) -> int:
+    from notifier import webhooks
+
+    return webhooks.org_of(context, webhook_id) if org_id is None else org_id
 
 
 @webhooks.command("create")
@@ -386,21 +396,21 @@ def webhooks_list(org_id: int | None, active: bool | None, as_json: bool) -> Non
 
 @webhooks.command("show")
 @click.argument("webhook_id")
-@_org
+@_its_org
 @_json
-def webhooks_show(webhook_id: str, org_id: int, as_json: bool) -> None:
+def webhooks_show(webhook_id: str, org_id: int | None, as_json: bool) -> None:
     """Print a webhook as the API's GET does (header values masked), as JSON: indented, or
     on one line with --json."""
     from notifier import webhooks
 
     with _webhook_context() as context:
-        view = webhooks.get(context, org_id, webhook_id)
+        view = webhooks.get(context, _owner(context, webhook_id, org_id), webhook_id)
     click.echo(json.dumps(view) if as_json else json.dumps(view, indent=2))
 
 
 @webhooks.command("update")
 @click.argument("webhook_id")
-@_org
+@_its_org
 @click.option("--body", "body_file", type=click.File("r"), default=None,
               help="A JSON file (- for stdin) of InTouch webHooks fields, as `show` prints or "
                    "the API takes; the options below override its fields.")
@@ -412,7 +422,7 @@ def webhooks_show(webhook_id: str, org_id: int, as_json: bool) -> None:
                    "stored value.")
 @click.option("--max-connections", type=int, default=None, help="maxAllowedConnections.")
 @click.option("--sla", type=int, default=None, help="Delivery SLA, seconds (slaInSeconds).")
-def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | None,
+def webhooks_update(webhook_id: str, org_id: int | None, body_file: Any, name: str | None,
                     url: str | None, events: tuple[str, ...], headers: dict[str, str],
                     max_connections: int | None, sla: int | None) -> None:
     """Change a webhook: only the fields given; prints it as saved."""
@@ -431,7 +441,8 @@ def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | No
     if not body:
         raise click.UsageError("nothing to change; see --help")
     with _webhook_context() as context:
-        saved = webhooks.update_webhook(context, org_id, webhook_id, body, now_ms=_now_ms())
+        saved = webhooks.update_webhook(context, _owner(context, webhook_id, org_id), webhook_id,
+                                        body, now_ms=_now_ms())
     for warning in saved.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps(saved.view, indent=2))
@@ -439,17 +450,17 @@ def webhooks_update(webhook_id: str, org_id: int, body_file: Any, name: str | No
 
 @webhooks.command("activate")
 @click.argument("webhook_id")
-@_org
+@_its_org
 @click.option("--deliver-held", is_flag=True,
               help="Also send the events it held while inactive, in the order they came "
                    "(deliverHeld). Without it they stay held, replayable.")
-def webhooks_activate(webhook_id: str, org_id: int, deliver_held: bool) -> None:
+def webhooks_activate(webhook_id: str, org_id: int | None, deliver_held: bool) -> None:
     """Make a webhook active again; prints it as saved."""
     from notifier import webhooks
 
     with _webhook_context() as context:
-        saved = webhooks.activate(context, org_id, webhook_id, now_ms=_now_ms(),
-                                  deliver_held=deliver_held)
+        saved = webhooks.activate(context, _owner(context, webhook_id, org_id), webhook_id,
+                                  now_ms=_now_ms(), deliver_held=deliver_held)
     if deliver_held:
         click.echo(f"{saved.delivered_held} held deliveries queued", err=True)
     click.echo(json.dumps(saved.view, indent=2))
@@ -457,14 +468,34 @@ def webhooks_activate(webhook_id: str, org_id: int, deliver_held: bool) -> None:
 
 @webhooks.command("deactivate")
 @click.argument("webhook_id")
-@_org
-def webhooks_deactivate(webhook_id: str, org_id: int) -> None:
+@_its_org
+def webhooks_deactivate(webhook_id: str, org_id: int | None) -> None:
     """Stop sending to a webhook; it keeps its history, and holds its events (and what it had
     waiting) until it is activated."""
     from notifier import webhooks
 
     with _webhook_context() as context:
-        view = webhooks.deactivate(context, org_id, webhook_id, now_ms=_now_ms())
+        view = webhooks.deactivate(context, _owner(context, webhook_id, org_id), webhook_id,
+                                   now_ms=_now_ms())
+    click.echo(json.dumps(view, indent=2))
+
+
+@webhooks.command("delete")
+@click.argument("webhook_id")
+@_its_org
+@click.option("--yes", "-y", is_flag=True, help="Do not ask first.")
+def webhooks_delete(webhook_id: str, org_id: int | None, yes: bool) -> None:
+    """Delete a webhook as the API's DELETE does: it stays, inactive, with its history, and
+    holds nothing from now on (what it had waiting ends failed, replayable). Activating it
+    undoes the delete."""
+    from notifier import webhooks
+
+    with _webhook_context() as context:
+        owner = _owner(context, webhook_id, org_id)
+        if not yes:
+            name = webhooks.get(context, owner, webhook_id)["name"]
+            click.confirm(f"Delete webhook {webhook_id} ({name!r}, org {owner})?", abort=True)
+        view = webhooks.delete_webhook(context, owner, webhook_id, now_ms=_now_ms())
     click.echo(json.dumps(view, indent=2))
 
 

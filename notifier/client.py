@@ -19,12 +19,14 @@ from celery import Celery
 from notifier.errors import InvalidEvent
 from notifier.queues import Lease
 
-__all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "SLOW_QUEUE", "build_envelope",
-           "ingest_reprs", "lease_args", "lease_sender", "producer", "publish",
-           "publish_envelope", "send_lease", "send_leases"]
+__all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "REPLAY_TASK", "SLOW_QUEUE",
+           "build_envelope", "ingest_reprs", "lease_args", "lease_sender", "producer", "publish",
+           "publish_envelope", "replay_sender", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
+# Carries a replay on past the batches queued by the request that made it (the API, the UI).
+REPLAY_TASK = "notifier.replay"
 # Events to ingest, and beat's tasks.
 QUEUE = "notifier"
 # Delivery tasks have a queue of their own, which a worker takes turns with QUEUE: a burst of
@@ -130,6 +132,17 @@ def lease_sender(broker_url: str) -> Callable[[Lease], None]:
 
     def send(lease: Lease) -> None:
         send_lease(app, lease)
+
+    return send
+
+
+def replay_sender(broker_url: str) -> Callable[[int], None]:
+    """Hands a replay (by id) over the broker at ``broker_url`` to a worker, which queues what
+    is left of it (``pipeline.carry_on_replay``)."""
+    app = producer(broker_url)
+
+    def send(replay_id: int) -> None:
+        app.send_task(REPLAY_TASK, args=[replay_id], queue=QUEUE)
 
     return send
 

@@ -281,6 +281,11 @@ class Replay(Base):
     org_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     selection: Mapped[dict[str, Any]] = mapped_column(JsonType)
     queued: Mapped[int] = mapped_column(Integer, server_default="0")
+    # How far it has queued (its deliveries are taken in id order, in batches): the last id of
+    # its last batch, where a worker carries it on ("": from the start).
+    queued_after: Mapped[str] = mapped_column(String(40), server_default="")
+    # When its last batch was queued (None: still queuing).
+    finished_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Attempt(Base):

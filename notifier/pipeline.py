@@ -60,6 +60,7 @@ __all__ = [
     "accept_many",
     "accept_or_end",
     "build_services",
+    "carry_on_replay",
     "check_sla",
     "dead_letter",
     "deliver",
@@ -73,6 +74,7 @@ __all__ = [
     "render",
     "replay",
     "replay_dead_letters",
+    "replay_handing_on",
     "replay_selection",
     "request_for",
     "sweep",
@@ -825,21 +827,25 @@ REPLAY_BATCH = 1000
 @dataclass(frozen=True)
 class Replayed:
     """What a replay did: its id (``notifier replays list``), how many deliveries it queued, how
-    many it left as they were (queued already), and the ids it named that are no delivery."""
+    many it left as they were (queued already), and the ids it named that are no delivery.
+    ``finished``: False when it queued only its first batches, and a worker carries it on
+    (``carry_on_replay``)."""
 
     replay_id: int
     queued: int
     skipped: int
     not_found: tuple[str, ...] = ()
+    finished: bool = True
 
 
 def replay_selection(services: Services, selection: Selection, send: SendLease, *,
                      requested_by: str, org_id: int | None = None,
                      progress: Callable[[int], None] = lambda looked_at: None,
-                     batch: int = REPLAY_BATCH) -> Replayed:
+                     batch: int = REPLAY_BATCH, batches: int | None = None) -> Replayed:
     """Send a selection's deliveries again, keeping their ids (``webhook-id``), recorded as one
     replay ``requested_by`` someone (the OS user, an API key); each batch reports how many
-    deliveries it looked at to ``progress``.
+    deliveries it looked at to ``progress``. At most ``batches`` batches (None: all of them);
+    what is left, ``carry_on_replay`` queues.
 
     Those pending or in flight are skipped (queued already): the same replay run twice queues
     nothing twice. The rest go to their webhooks' replay queues, which the slots draw from only
@@ -849,21 +855,53 @@ def replay_selection(services: Services, selection: Selection, send: SendLease, 
     counted = store.count_selection(services.db, selection)
     replay_id = store.start_replay(services.db, selection, requested_by=requested_by,
                                    org_id=org_id, now_ms=now_ms())
-    queued, after = 0, ""
-    while True:
+    queued, finished = _carry_on(services, replay_id, send, progress, batch, batches)
+    # Until it is finished, only those queued already when it began are known to be skipped.
+    skipped = counted.matched - queued if finished else counted.skipped
+    return Replayed(replay_id, queued, skipped, counted.not_found, finished)
+
+
+# Batches that a request (the API, the admin pages) queues itself before it hands the rest of a
+# replay to a worker: a replay of up to a few thousand deliveries is done when the request
+# answers, and a larger one never holds the request (100 000 take seconds to queue).
+REQUEST_REPLAY_BATCHES = 2
+
+
+def replay_handing_on(services: Services, selection: Selection, send: SendLease,
+                      hand_on: Callable[[int], None], *, requested_by: str,
+                      org_id: int | None) -> Replayed:
+    """``replay_selection`` for a request: its first batches, then ``hand_on`` (the replay's
+    id, to a worker: ``client.replay_sender``) carries it on, if anything is left."""
+    done = replay_selection(services, selection, send, requested_by=requested_by,
+                            org_id=org_id, batches=REQUEST_REPLAY_BATCHES)
+    if not done.finished:
+        hand_on(done.replay_id)
+    return done
+
+
+def carry_on_replay(services: Services, replay_id: int, send: SendLease, *,
+                    batch: int = REPLAY_BATCH) -> int:
+    """Queue what is left of a replay, from where its last batch stopped (a replay that is
+    finished queues nothing); returns how many deliveries this queued."""
+    return _carry_on(services, replay_id, send, lambda looked_at: None, batch, None)[0]
+
+
+def _carry_on(services: Services, replay_id: int, send: SendLease,
+              progress: Callable[[int], None], batch: int, batches: int | None) -> tuple[int, bool]:
+    queued = 0
+    while batches is None or batches > 0:
         # Queued in Redis before the batch commits: a Redis failing leaves them as they were,
-        # for the same replay run again, never pending with nothing to send them. Dispatched
+        # for the same replay to carry on, never pending with nothing to send them. Dispatched
         # only once committed: a claim meanwhile would find them as they were.
-        batch_queued, looked_at, went_on = store.replay_batch(
-            services.db, selection, replay_id, after=after, most=batch,
-            queue=lambda items: _enqueue(services, items, replay=True))
-        pump(services, {item.webhook_id for item in batch_queued}, send)
-        queued += len(batch_queued)
-        progress(looked_at)
-        if went_on is None:
-            break
-        after = went_on
-    return Replayed(replay_id, queued, counted.matched - queued, counted.not_found)
+        done = store.replay_batch(services.db, replay_id, most=batch, now_ms=now_ms(),
+                                  queue=lambda items: _enqueue(services, items, replay=True))
+        pump(services, {item.webhook_id for item in done.queued}, send)
+        queued += len(done.queued)
+        progress(done.looked_at)
+        if done.finished:
+            return queued, True
+        batches = None if batches is None else batches - 1
+    return queued, False
 
 
 def replay(services: Services, delivery_ids: Sequence[str], send: SendLease, *,

@@ -64,6 +64,17 @@ class Selection:
             "responseStatus": list(self.response_status) if self.response_status else None}
         return {name: value for name, value in given.items() if value not in (None, [])}
 
+    @classmethod
+    def from_json(cls, given: Mapping[str, Any]) -> Selection:
+        """The selection a replay recorded (``as_json``), to carry the replay on."""
+        status = given.get("responseStatus")
+        return cls(
+            delivery_ids=tuple(given.get("deliveryIds", ())), event_id=given.get("eventId"),
+            webhook=given.get("webhook"), org_id=given.get("org"),
+            statuses=tuple(given.get("status", ())), event_names=tuple(given.get("eventName", ())),
+            since_ms=_recorded_time(given.get("since")), until_ms=_recorded_time(given.get("until")),
+            response_status=(int(status[0]), int(status[1])) if status else None)
+
 
 def selection(*, now_ms: int, delivery_ids: Iterable[str] = (), event_id: str | None = None,
               webhook: str | None = None, org: str | int | None = None,
@@ -104,6 +115,10 @@ def selection(*, now_ms: int, delivery_ids: Iterable[str] = (), event_id: str | 
     if made.since_ms is not None and made.until_ms is not None and made.until_ms <= made.since_ms:
         raise InvalidInput("until", "must be later than since")
     return made
+
+
+def _recorded_time(text: str | None) -> int | None:
+    return None if text is None else round(datetime.fromisoformat(text).timestamp() * 1000)
 
 
 def _check_text(field: str | tuple[str, int], value: Any, longest: int) -> None:

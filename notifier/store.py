@@ -80,6 +80,7 @@ __all__ = [
     "OpenDelivery",
     "Purged",
     "Queued",
+    "ReplayBatch",
     "ReplayView",
     "Selected",
     "SelectionCount",
@@ -1002,32 +1003,45 @@ def sample_selection(db: Database, selection: Selection, *, most: int) -> list[S
 
 def start_replay(db: Database, selection: Selection, *, requested_by: str, org_id: int | None,
                  now_ms: int) -> int:
-    """Record a replay about to be made; returns its id."""
+    """Record a replay about to be made (``replay_batch`` makes it); returns its id."""
     with db.autocommit() as connection:
         return int(connection.scalar(insert(_replays).values(
             created_at_ms=now_ms, requested_by=requested_by[:200], org_id=org_id,
             selection=selection.as_json(), queued=0).returning(_replays.c.id)))
 
 
-def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: str, most: int,
-                 queue: Callable[[list[Queued]], None]) -> tuple[list[Queued], int, str | None]:
-    """Make the next ``most`` deliveries of a selection (by id, past ``after``) pending again,
-    keeping their ids (``webhook-id``), and mark them as the replay's, in one transaction;
-    ``queue`` them before it commits (what it raises undoes the batch).
+def replay_batch(db: Database, replay_id: int, *, most: int, now_ms: int,
+                 queue: Callable[[list[Queued]], None]) -> ReplayBatch:
+    """Make the replay's next ``most`` deliveries (by id, past where it stopped) pending again,
+    keeping their ids (``webhook-id``), mark them as the replay's and move its cursor past them,
+    in one transaction; ``queue`` them before it commits (what it raises undoes the batch). The
+    batch that finds nothing left marks the replay finished.
 
-    Returns what to queue, how many were looked at, and the id to go on after (None: done).
     Paging by id, not by status: a delivery replayed and delivered meanwhile still matches a
-    replay of delivered ones, and must not be taken twice by the same replay.
+    replay of delivered ones, and must not be taken twice by the same replay. The cursor is the
+    replay's own row, locked for the batch: whoever carries the replay on (the request that made
+    it, a worker, a worker again after a crash) takes up where the last batch committed, and
+    two never take the same batch.
     """
-    d = _deliveries.c
+    d, r = _deliveries.c, _replays.c
     with db.transaction() as connection:
+        record = connection.execute(
+            select(r.selection, r.queued_after, r.finished_at_ms)
+            .where(r.id == replay_id).with_for_update()).one_or_none()
+        if record is None:
+            raise NotFound(f"no replay {replay_id}")
+        if record.finished_at_ms is not None:
+            return ReplayBatch([], 0, finished=True)
         # Not one whose event's payload retention emptied (purge): nothing is left to send.
         ids = list(connection.scalars(
-            _selected(selection).where(d.id > after, d.status.not_in(_QUEUED_ALREADY),
-                                       _events.c.purged_at_ms.is_(None))
+            _selected(Selection.from_json(record.selection))
+            .where(d.id > record.queued_after, d.status.not_in(_QUEUED_ALREADY),
+                   _events.c.purged_at_ms.is_(None))
             .order_by(d.id).limit(most)))
         if not ids:
-            return [], 0, None
+            connection.execute(update(_replays).where(r.id == replay_id)
+                               .values(finished_at_ms=now_ms))
+            return ReplayBatch([], 0, finished=True)
         # Checked again as it is changed: a delivery queued since it was read is left alone.
         taken = list(connection.scalars(
             update(_deliveries)
@@ -1040,13 +1054,25 @@ def replay_batch(db: Database, selection: Selection, replay_id: int, *, after: s
             .join_from(_deliveries, _webhooks, _webhooks.c.id == d.webhook_id)
             .where(d.id.in_(taken))).all() if taken else []
         queued = [Queued(*row) for row in rows]
-        if taken:
-            connection.execute(update(_replays).where(_replays.c.id == replay_id)
-                               .values(queued=_replays.c.queued + len(taken)))
+        finished = len(ids) < most
+        connection.execute(update(_replays).where(r.id == replay_id).values(
+            queued=r.queued + len(taken), queued_after=ids[-1],
+            finished_at_ms=now_ms if finished else None))
+        if queued:
             # Their rows are locked (written) until this commits: a claim of one that Redis
             # hands out meanwhile waits for it, and finds it pending.
             queue(queued)
-    return queued, len(ids), (ids[-1] if len(ids) == most else None)
+    return ReplayBatch(queued, len(ids), finished=finished)
+
+
+@dataclass(frozen=True)
+class ReplayBatch:
+    """One batch of a replay: what it queued, how many deliveries it looked at, and whether the
+    replay is finished (nothing of its selection is left past it)."""
+
+    queued: list[Queued]
+    looked_at: int
+    finished: bool
 
 
 @dataclass(frozen=True)
@@ -1061,6 +1087,8 @@ class ReplayView:
     org_id: int | None
     selection: dict[str, Any]
     queued: int
+    # When it finished queuing (None: still queuing, its deliveries taken in batches).
+    finished_at_ms: int | None
     delivered: int = 0
     failed: int = 0
     to_go: int = 0
@@ -1068,7 +1096,8 @@ class ReplayView:
     def as_json(self) -> dict[str, Any]:
         return {"replayId": self.id, "createdAt": iso_ms(self.created_at_ms),
                 "requestedBy": self.requested_by, "orgId": self.org_id,
-                "selection": self.selection, "queued": self.queued,
+                "selection": self.selection, "queuing": self.finished_at_ms is None,
+                "queued": self.queued,
                 "delivered": self.delivered, "failed": self.failed, "toGo": self.to_go}
 
 
@@ -1076,7 +1105,8 @@ def replays(db: Database, *, replay_id: int | None = None, org_id: int | None = 
             most: int = 100) -> list[ReplayView]:
     """The latest replays (of an org's keys, if given), newest first, with their progress."""
     r, d = _replays.c, _deliveries.c
-    query = select(r.id, r.created_at_ms, r.requested_by, r.org_id, r.selection, r.queued)
+    query = select(r.id, r.created_at_ms, r.requested_by, r.org_id, r.selection, r.queued,
+                   r.finished_at_ms)
     if replay_id is not None:
         query = query.where(r.id == replay_id)
     if org_id is not None:

@@ -467,6 +467,16 @@ def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:
         return _view(hook, _events_of(session, webhook_id), ctx.vault)
 
 
+def org_of(ctx: Context, webhook_id: str) -> int:
+    """The org of a webhook, for the operator's command line, which may name the webhook
+    alone."""
+    with ctx.db.session() as session:
+        org_id = session.scalar(select(Webhook.org_id).where(Webhook.id == webhook_id))
+    if org_id is None:
+        raise NotFound(f"webHookId {webhook_id} is invalid")
+    return int(org_id)
+
+
 def list_all(ctx: Context, org_id: int) -> list[dict[str, Any]]:
     return [view for _org_id, view in list_by_org(ctx, org_id)]
 

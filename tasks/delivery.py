@@ -1,4 +1,4 @@
-"""The tasks: ingest events, deliver leases, and beat's sweep and SLA check."""
+"""The tasks: ingest events, deliver leases, carry replays on, and beat's sweep and SLA check."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from config import load_settings
 from notifier import client, pipeline, store
-from notifier.client import DELIVER_TASK, INGEST_TASK
+from notifier.client import DELIVER_TASK, INGEST_TASK, REPLAY_TASK
 from notifier.errors import DeliveryInterrupted, TransientError
 from notifier.faults import is_transient, reason, summary
 from notifier.queues import Lease
@@ -20,7 +20,7 @@ from tasks.app import app
 from tasks.gathering import Gathering, SimpleRequest
 from tasks.runtime import services
 
-__all__ = ["check_sla", "deliver", "ingest", "send_lease", "sweep"]
+__all__ = ["check_sla", "deliver", "ingest", "replay", "send_lease", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,20 @@ def deliver(self: Task, webhook_id: str, token: str, delivery_ids: list[str],
 
 def _hand_on(leases: Sequence[Lease], claimed_until: int | None) -> None:
     client.send_leases(app, leases, most=1, claimed_until=claimed_until)  # one task each
+
+
+@app.task(name=REPLAY_TASK, bind=True, max_retries=None)
+def replay(self: Task, replay_id: int) -> None:
+    """Queue what is left of a replay that the API or the admin pages made, from where the
+    request that made it stopped (it queues the first batches itself, so that a small replay is
+    done when it answers). Run again (a retry, or a redelivery after a crash), it carries on from
+    its last committed batch: nothing is queued twice."""
+    try:
+        with _sent_together() as send:
+            queued = pipeline.carry_on_replay(services(), replay_id, send)
+    except TransientError as exc:
+        raise self.retry(exc=exc, countdown=_countdown(self.request.retries)) from exc
+    log.info("replay %d: %d more deliveries queued, all queued now", replay_id, queued)
 
 
 @app.task(name="notifier.sweep", bind=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -14,7 +16,7 @@ from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.health import Checks, HealthCheck
 from notifier.api.limits import BodyLimit
 from notifier.api.schemas import Envelope
-from notifier.client import lease_sender
+from notifier.client import lease_sender, replay_sender
 from notifier.metrics import ServiceCollector
 from notifier.pipeline import SendLease, Services, build_services
 
@@ -24,13 +26,16 @@ __all__ = ["create_app"]
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None,
-               send_lease: SendLease | None = None) -> FastAPI:
+               send_lease: SendLease | None = None,
+               hand_on_replay: Callable[[int], None] | None = None) -> FastAPI:
     """The API for ``settings`` (default: from the environment)."""
     settings = settings or load_settings()
     app = FastAPI(title="notifier", version=notifier.__version__,
                   description="Event notifications for loyalty platforms (InTouch v3 compatible).")
     app.state.services = services or build_services(settings)
     app.state.send_lease = send_lease or lease_sender(settings.broker_url)
+    # What is left of a large replay, to a worker (see pipeline.replay_handing_on).
+    app.state.hand_on_replay = hand_on_replay or replay_sender(settings.broker_url)
     install_error_handlers(app)
     app.include_router(routes_webhooks.router)
     app.include_router(routes_reference.router)

@@ -142,7 +142,9 @@ def replay(webHookId: str, body: ReplayBody, org: Org, request: Request) -> JSON
     """Send the webhook's deliveries that match again, with their ``webhook-id``, behind its
     live traffic. Those pending or in flight are skipped (queued already). Answers the count and
     the replay's id (``GET .../replays/{replayId}`` for its progress); with ``dryRun``, the
-    count and a sample, and no replay."""
+    count and a sample, and no replay. A large replay answers once its first few thousand
+    deliveries are queued (``queuing``: a worker queues the rest; ``queued`` grows in its
+    progress)."""
     services = request.app.state.services
     webhooks.get(_context(request), org, webHookId)
     selection = replace(replays.selection(
@@ -159,10 +161,11 @@ def replay(webHookId: str, body: ReplayBody, org: Org, request: Request) -> JSON
     if body.dryRun:
         sample = store.sample_selection(services.db, selection, most=_SAMPLE)
         return envelope({**answer, "sample": [row.as_json() for row in sample]})
-    done = pipeline.replay_selection(services, selection, request.app.state.send_lease,
-                                     requested_by=caller_key(request), org_id=org)
+    done = pipeline.replay_handing_on(services, selection, request.app.state.send_lease,
+                                      request.app.state.hand_on_replay,
+                                      requested_by=caller_key(request), org_id=org)
     return envelope({**answer, "replayId": done.replay_id, "queued": done.queued,
-                     "skipped": done.skipped}, status=202)
+                     "skipped": done.skipped, "queuing": not done.finished}, status=202)
 
 
 @router.get("/{webHookId}/replays/{replayId}", responses=answers(200, ReplayProgressOut))

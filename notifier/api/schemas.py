@@ -80,6 +80,8 @@ class ReplayOut(BaseModel):
     matched: int
     queued: int
     skipped: int = Field(description="Pending or in flight already: left as they are")
+    queuing: bool = Field(False, description="A large replay: a worker queues the rest of it "
+                          "(its progress tells when it is done)")
     notFound: list[str] = Field(description="deliveryIds that are no delivery of the webhook")
     sample: list[ReplayedDelivery] | None = Field(None, description="With dryRun only")
 
@@ -90,6 +92,7 @@ class ReplayProgressOut(BaseModel):
     requestedBy: str
     orgId: int | None
     selection: dict[str, Any]
+    queuing: bool = Field(description="Still queuing its deliveries (a large replay, in batches)")
     queued: int
     delivered: int
     failed: int

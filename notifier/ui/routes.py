@@ -412,10 +412,12 @@ def replay_selected(request: Request, org: OrgId, webhook_id: str, pairs: Pairs)
         return _replay_page(request, view, form=form, counted=counted,
                             sample=store.sample_selection(services.db, selection,
                                                           most=REPLAY_SAMPLE))
-    done = pipeline.replay_selection(services, selection, request.app.state.send_lease,
-                                     requested_by=f"admin pages (org {org})", org_id=org)
+    done = pipeline.replay_handing_on(services, selection, request.app.state.send_lease,
+                                      request.app.state.hand_on_replay,
+                                      requested_by=f"admin pages (org {org})", org_id=org)
     _flash(request, f"Replay {done.replay_id}: {done.queued} deliveries queued again, with "
-                    f"their webhook-ids; {done.skipped} left as they were.")
+                    f"their webhook-ids; {done.skipped} left as they were."
+                    + ("" if done.finished else " A worker queues the rest."))
     return _redirect(f"/ui/notifications/{webhook_id}/replays/{done.replay_id}")
 
 

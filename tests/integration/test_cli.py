@@ -169,6 +169,28 @@ def test_webhooks_list_filters_and_enable_disable_are_activate_deactivate(
     assert cli("webhooks", "list", "--org", "x").exit_code == 2
 
 
+def test_a_webhook_named_by_its_id_alone_and_deleted(stack: Stack, cli: Cli) -> None:
+    stack.org(1)
+    stack.org(2)
+    hook = _hook(cli, 2, "crm", "http://127.0.0.1:9/a")
+
+    # The operator names the webhook; its org is found from it.
+    assert json.loads(cli("webhooks", "show", hook, "--json").stdout)["name"] == "crm"
+    assert json.loads(cli("webhooks", "disable", hook).stdout)["active"] is False
+    assert json.loads(cli("webhooks", "enable", hook).stdout)["active"] is True
+    assert json.loads(cli("webhooks", "update", hook, "--sla", "60").stdout)["slaInSeconds"] == 60
+    assert cli("webhooks", "show", "nosuch").exit_code == 1
+
+    declined = cli("webhooks", "delete", hook, input="n\n")
+    assert declined.exit_code == 1 and "Delete webhook" in declined.stdout
+    assert cli("webhooks", "delete", hook, "--org", 1, "--yes").exit_code == 1  # not org 1's
+    deleted = cli("webhooks", "delete", hook, "--yes")
+    assert deleted.exit_code == 0, deleted.output
+    assert json.loads(deleted.stdout)["active"] is False
+    listed = json.loads(cli("webhooks", "list", "--json").stdout)
+    assert [(v["webHookId"], v["active"]) for v in listed] == [(hook, False)]
+
+
 def test_not_found_is_1_and_an_event_id_of_several_orgs_asks_for_org(
         stack: Stack, cli: Cli) -> None:
     stack.org(1)

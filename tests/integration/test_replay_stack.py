@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from notifier import store
+from notifier import pipeline, store
 from notifier.client import publish
 from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus
@@ -100,3 +100,47 @@ def test_what_died_while_the_receiver_was_down_is_replayed_behind_live_traffic(
     live_sent = [started for d, started, _ in after if d in live]
     assert len(live_sent) == LIVE and all(code == 200 for _, _, code in after)
     assert max(live_sent) < last_replayed, (live_sent, last_replayed)
+
+
+def test_a_large_replay_made_in_a_request_is_carried_on_by_a_worker(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    """The API's and the admin pages' way: the request queues the first batches and hands the
+    replay's id to a worker, which queues the rest; every delivery is sent once more."""
+    from notifier.client import replay_sender
+    from notifier.pipeline import REPLAY_BATCH, REQUEST_REPLAY_BATCHES, build_services
+    from notifier.replays import Selection
+
+    many = REPLAY_BATCH * REQUEST_REPLAY_BATCHES + 500
+    store.create_org(database, ORG, "org", now_ms=0)
+    webhook_id, _ = store.create_webhook(
+        database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
+        org_id=ORG, name="crm", url=receiver.url("/r"), event_names=["pointsIssued"], now_ms=0,
+        max_allowed_connections=CAP)
+    events = [{"eventName": "pointsIssued", "eventId": f"e{n}", "orgId": ORG, "createdAt": 1,
+               "data": {"customerIdentifiers": {"customerId": n}}} for n in range(many)]
+    store.ingest_many(database, load_catalog(), events, now_ms=1)
+    with database.session() as session:  # died long ago, before any worker ran
+        session.execute(update(Delivery).values(status=DeliveryStatus.DEAD, ended_at_ms=2))
+    services = build_services(stack.settings)
+    try:
+        done = pipeline.replay_handing_on(
+            services, Selection(webhook=webhook_id), lambda lease: None,
+            replay_sender(stack.settings.broker_url), requested_by="test", org_id=ORG)
+        assert (done.queued, done.finished) == (REPLAY_BATCH * REQUEST_REPLAY_BATCHES, False)
+        (view,) = store.replays(database, replay_id=done.replay_id)
+        assert view.as_json()["queuing"] is True
+
+        stack.worker(concurrency=CAP + 1)
+        stack.beat()  # the sweeper pumps what the request queued (its leases went nowhere)
+        wait_until(lambda: len(deliveries(database, DeliveryStatus.DELIVERED)) == many, 180,
+                   f"{many} replayed deliveries delivered")
+    finally:
+        services.db.dispose()
+
+    (view,) = store.replays(database, replay_id=done.replay_id)
+    assert (view.queued, view.delivered, view.as_json()["queuing"]) == (many, many, False)
+    sent = [r.headers["webhook-id"] for r in receiver.at("/r")]
+    assert len(sent) == len(set(sent)) == many  # each once
+    assert receiver.peak["/r"] <= CAP, receiver.peak
+    assert f"replay {done.replay_id}: {many - done.queued} more deliveries queued" in (
+        stack.log("w1"))

@@ -104,22 +104,29 @@ def test_a_count_skips_what_is_queued_already_and_names_ids_not_found(
     assert counted.not_found == (ids["x-e6"], "msg_nope") and counted.matched == 1
 
 
+def _batches(db: Database, replay_id: int, most: int,
+             queue: Any = lambda _: None) -> tuple[list[store.Queued], int]:
+    """Run a replay's batches to the end: what they queued, and how many batches ran."""
+    queued: list[store.Queued] = []
+    batches = 0
+    while True:
+        done = store.replay_batch(db, replay_id, most=most, now_ms=NOW, queue=queue)
+        assert done.looked_at <= most
+        queued += done.queued
+        batches += 1
+        if done.finished:
+            return queued, batches
+
+
 def test_a_replay_goes_in_batches_marks_its_deliveries_and_queues_nothing_twice(
         db: Database, deliveries: dict[str, Any]) -> None:
     made = Selection(org_id=ORG)  # 9 deliveries, of which 2 pending already
     replay_id = store.start_replay(db, made, requested_by="tester", org_id=None, now_ms=NOW)
-    queued: list[store.Queued] = []
     queued_in_redis: list[list[store.Queued]] = []
-    after, batches = "", 0
-    while True:
-        got, looked_at, went_on = store.replay_batch(db, made, replay_id, after=after, most=2,
-                                                      queue=queued_in_redis.append)
-        assert looked_at <= 2
-        queued += got
-        batches += 1
-        if went_on is None:
-            break
-        after = went_on
+    (view,) = store.replays(db)
+    assert view.as_json()["queuing"] is True
+
+    queued, batches = _batches(db, replay_id, 2, queued_in_redis.append)
 
     assert len(queued) == 7 and batches == 4
     assert queued_in_redis == [queued[:2], queued[2:4], queued[4:6], queued[6:]]
@@ -131,29 +138,51 @@ def test_a_replay_goes_in_batches_marks_its_deliveries_and_queues_nothing_twice(
     assert set(replayed) == {(DeliveryStatus.PENDING, replay_id)}
     (view,) = store.replays(db)
     assert (view.id, view.queued, view.to_go, view.requested_by) == (replay_id, 7, 7, "tester")
-    assert view.selection == {"org": ORG}
+    assert view.selection == {"org": ORG} and view.as_json()["queuing"] is False
+    # Finished, it is finished: carried on again (a task redelivered), it queues nothing.
+    assert store.replay_batch(db, replay_id, most=2, now_ms=NOW, queue=queued_in_redis.append
+                              ) == store.ReplayBatch([], 0, finished=True)
 
     # Run again while they wait: every one is pending, so nothing is queued twice.
     again = store.start_replay(db, made, requested_by="tester", org_id=None, now_ms=NOW)
-    assert store.replay_batch(db, made, again, after="", most=100,
-                              queue=queued_in_redis.append) == ([], 0, None)
+    assert _batches(db, again, 100, queued_in_redis.append) == ([], 1)
+
+
+def test_a_replay_carried_on_takes_up_where_its_last_batch_committed(
+        db: Database, deliveries: dict[str, Any]) -> None:
+    made = Selection(org_id=ORG)
+    replay_id = store.start_replay(db, made, requested_by="t", org_id=None, now_ms=NOW)
+    first = store.replay_batch(db, replay_id, most=3, now_ms=NOW, queue=lambda _: None)
+
+    def refused(_: list[store.Queued]) -> None:
+        raise QueueUnavailable("redis: connection refused")
+
+    # A batch that fails (a worker killed, Redis away) leaves the cursor where it was.
+    with pytest.raises(QueueUnavailable):
+        store.replay_batch(db, replay_id, most=3, now_ms=NOW, queue=refused)
+    rest, _ = _batches(db, replay_id, 3)
+
+    taken = [q.delivery_id for q in first.queued + rest]
+    assert len(taken) == len(set(taken)) == 7
+    # Past the last batch committed, in id order.
+    assert max(q.delivery_id for q in first.queued) < min(q.delivery_id for q in rest)
+    (view,) = store.replays(db, replay_id=replay_id)
+    assert (view.queued, view.finished_at_ms) == (7, NOW)
 
 
 def test_a_replay_of_delivered_ones_takes_each_once(db: Database,
                                                     deliveries: dict[str, Any]) -> None:
     made = Selection(statuses=(DeliveryStatus.DELIVERED,))
     replay_id = store.start_replay(db, made, requested_by="t", org_id=None, now_ms=NOW)
-    first, _, went_on = store.replay_batch(db, made, replay_id, after="", most=1,
-                                            queue=lambda _: None)
+    first = store.replay_batch(db, replay_id, most=1, now_ms=NOW, queue=lambda _: None)
     # Delivered again before the next batch: it matches again, and is not taken again.
     with db.session() as session:
-        session.execute(update(Delivery).where(Delivery.id == first[0].delivery_id)
+        session.execute(update(Delivery).where(Delivery.id == first.queued[0].delivery_id)
                         .values(status=DeliveryStatus.DELIVERED))
-    assert went_on is not None
-    second, _, _ = store.replay_batch(db, made, replay_id, after=went_on, most=1,
-                                         queue=lambda _: None)
+    assert not first.finished
+    rest, _ = _batches(db, replay_id, 1)
 
-    assert {first[0].delivery_id, second[0].delivery_id} == {
+    assert {q.delivery_id for q in first.queued + rest} == {
         deliveries["ids"]["a-e4"], deliveries["ids"]["b-e4"]}
     (view,) = store.replays(db, replay_id=replay_id)
     assert (view.queued, view.delivered, view.failed, view.to_go) == (2, 1, 0, 1)
@@ -188,7 +217,7 @@ def test_a_batch_redis_refused_is_left_as_it_was(db: Database,
         raise QueueUnavailable("redis: connection refused")
 
     with pytest.raises(QueueUnavailable):
-        store.replay_batch(db, made, replay_id, after="", most=10, queue=refused)
+        store.replay_batch(db, replay_id, most=10, now_ms=NOW, queue=refused)
 
     # Run again, the replay finds them all: none was left pending with nothing to send it.
     assert store.count_selection(db, made).replayable == 3

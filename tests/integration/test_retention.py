@@ -175,8 +175,8 @@ def test_a_replay_leaves_an_emptied_delivery_alone(org: Database) -> None:
     selection = Selection(delivery_ids=(ids["old"], ids["recent"]))
     counted = store.count_selection(org, selection)  # told before the replay is made
     replay_id = store.start_replay(org, selection, requested_by="test", org_id=None, now_ms=1)
-    queued, _, _ = store.replay_batch(org, selection, replay_id, after="", most=10,
-                                      queue=lambda items: None)
+    queued = store.replay_batch(org, replay_id, most=10, now_ms=1,
+                                queue=lambda items: None).queued
 
     assert (counted.matched, counted.skipped, counted.replayable) == (2, 1, 1)
     assert [q.delivery_id for q in queued] == [ids["recent"]]  # nothing left to send of old
