@@ -14,9 +14,10 @@
     └── TransientError          worth retrying: the same call may succeed later
         ├── StoreUnavailable    the database did not answer
         ├── QueueUnavailable    Redis did not answer
-        ├── StateLost           Redis lost notifier's state: nothing is dispatched until rebuilt
-        └── DeliveryInterrupted a delivery task stopped by one of those (or its time limit);
-                                what to carry on with
+        └── StateLost           Redis lost notifier's state: nothing is dispatched until rebuilt
+
+(``pipeline.DeliveryInterrupted``, a ``TransientError`` that carries the leases a stopped delivery
+task still holds, lives with the leases, not here: the root knows nothing of Redis.)
 
 Outside errors are wrapped at the boundary (``raise StoreUnavailable(...) from exc``) so callers
 only ever catch these. Tasks retry ``TransientError``; the API maps each class to one status.
@@ -27,15 +28,10 @@ a ``TransientError`` (after wrapping) is permanent, and ends its work with a rec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from notifier.queues import Lease
 
 __all__ = [
     "AuthenticationFailed",
     "DeadlineExceeded",
-    "DeliveryInterrupted",
     "DestinationNotAllowed",
     "EventTooLarge",
     "InvalidEvent",
@@ -149,22 +145,6 @@ class StateLost(TransientError):
     yet: no slot is granted until it is, or the requests still open would not be counted."""
 
     public = "Redis (queues and slots) is being rebuilt; try again shortly"
-
-
-class DeliveryInterrupted(TransientError):
-    """A delivery task stopped midway by a transient error or by its time limit (its cause,
-    chained).
-
-    ``leases`` are the task's leases whose slots it had not given back yet, for a retry to
-    carry on with; ``claimed_until`` marks the claims on their deliveries that it still holds
-    (``store.claim``'s ``held_until``).
-    """
-
-    def __init__(self, cause: BaseException, leases: Sequence[Lease],
-                 claimed_until: int | None) -> None:
-        super().__init__(str(cause))
-        self.leases = tuple(leases)
-        self.claimed_until = claimed_until
 
 
 class InvalidRows(InvalidInput):

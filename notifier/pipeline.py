@@ -28,7 +28,7 @@ from config import Settings
 from notifier import faults, store, webhooks
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import DeliveryInterrupted, NotFound, StateLost, TransientError
+from notifier.errors import NotFound, StateLost, TransientError
 from notifier.logs import iso_ms
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
@@ -52,6 +52,7 @@ from notifier.vault import Vault, vault_for
 __all__ = [
     "DEAD_LETTER",
     "REPLAY_BATCH",
+    "DeliveryInterrupted",
     "HandOn",
     "Replayed",
     "Services",
@@ -90,6 +91,22 @@ _OWN_HEADERS = frozenset({"content-type", "content-length", "host"})
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class DeliveryInterrupted(TransientError):
+    """A delivery task stopped midway by a transient error or by its time limit (its cause,
+    chained).
+
+    ``leases`` are the task's leases whose slots it had not given back yet, for a retry to
+    carry on with; ``claimed_until`` marks the claims on their deliveries that it still holds
+    (``store.claim``'s ``held_until``).
+    """
+
+    def __init__(self, cause: BaseException, leases: Sequence[Lease],
+                 claimed_until: int | None) -> None:
+        super().__init__(str(cause))
+        self.leases = tuple(leases)
+        self.claimed_until = claimed_until
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from datetime import timedelta
 
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from config import load_settings
 from notifier.client import DELIVER_QUEUE, DELIVER_TASK, QUEUE, SLOW_QUEUE
@@ -54,7 +54,7 @@ task_annotations = {DELIVER_TASK: {"soft_time_limit": _settings.task_soft_time_l
 task_default_queue = QUEUE
 # Each queue with an exchange of its own: sharing the default one would copy every message into
 # all of them. A worker started without --queues takes all three.
-task_queues = [Queue(name, Exchange(name), routing_key=name)
+task_queues = [Queue(name, Exchange(name), routing_key=name)  # type: ignore[no-untyped-call]
                for name in (QUEUE, DELIVER_QUEUE, SLOW_QUEUE)]
 
 beat_schedule = {

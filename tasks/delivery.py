@@ -13,8 +13,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from config import load_settings
 from notifier import client, pipeline, store
 from notifier.client import DELIVER_TASK, INGEST_TASK, REPLAY_TASK
-from notifier.errors import DeliveryInterrupted, TransientError
+from notifier.errors import TransientError
 from notifier.faults import is_transient, reason, summary
+from notifier.pipeline import DeliveryInterrupted
 from notifier.queues import Lease
 from tasks.app import app
 from tasks.gathering import Gathering, SimpleRequest

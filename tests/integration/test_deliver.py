@@ -16,9 +16,9 @@ from sqlalchemy import event, select
 
 from config import load_settings
 from notifier import pipeline, store
-from notifier.errors import DeliveryInterrupted, StoreUnavailable
+from notifier.errors import StoreUnavailable
 from notifier.models import Delivery, DeliveryStatus
-from notifier.pipeline import Services, build_services
+from notifier.pipeline import DeliveryInterrupted, Services, build_services
 from notifier.queues import Lease
 from tests.conftest import Receiver, Reply, wait_until
 

@@ -37,3 +37,18 @@ def test_importing_notifier_and_publishing_loads_no_server_module() -> None:
     # Nor notifier's server side: only the client and what it needs.
     ours = {name for name in answer["modules"] if name.partition(".")[0] in ("notifier", "tasks")}
     assert ours <= {"notifier", "notifier.client", "notifier.errors", "notifier.queues"}, ours
+
+
+def test_a_receiver_importing_the_signing_code_loads_no_celery_nor_broker_client() -> None:
+    """``notifier.publish`` is loaded on first use: a receiver verifying signatures with
+    ``notifier.signing`` needs none of the producer's side."""
+    code = ("import json, sys, notifier, notifier.signing, notifier.errors\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    loaded = {name.partition(".")[0] for name in json.loads(done.stdout.splitlines()[-1])}
+    assert loaded.isdisjoint({"celery", "kombu", "redis", *SERVER_MODULES}), sorted(
+        loaded & {"celery", "kombu", "redis", *SERVER_MODULES})
