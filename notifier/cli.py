@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from config import SettingsError, describe, load_settings
+from notifier.clock import iso_ms, now_ms
 
 __all__ = ["main"]
 
@@ -25,10 +26,6 @@ def _settings() -> Any:
         return load_settings()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class _Group(click.Group):
@@ -185,8 +182,8 @@ def orgs_create(org_id: int, name: str, parent: int | None) -> None:
     from notifier.db import Database
 
     database = Database(_settings().database_url)
-    store.create_org(database, org_id, name, now_ms=_now_ms(), parent_id=parent)
-    key = tenants.create_key(database, org_id, now_ms=_now_ms())
+    store.create_org(database, org_id, name, now_ms=now_ms(), parent_id=parent)
+    key = tenants.create_key(database, org_id, now_ms=now_ms())
     click.echo(json.dumps({"orgId": org_id, "apiKey": key}))
 
 
@@ -203,7 +200,7 @@ def org_keys_create(org_id: int) -> None:
     from notifier.db import Database
 
     click.echo(tenants.create_key(Database(_settings().database_url), org_id,
-                                  now_ms=_now_ms()))
+                                  now_ms=now_ms()))
 
 
 @org_keys.command("list")
@@ -225,7 +222,7 @@ def org_keys_revoke(org_id: int, prefix: str) -> None:
     from notifier import tenants
     from notifier.db import Database
 
-    tenants.revoke_key(Database(_settings().database_url), org_id, prefix, now_ms=_now_ms())
+    tenants.revoke_key(Database(_settings().database_url), org_id, prefix, now_ms=now_ms())
     click.echo("revoked")
 
 
@@ -364,7 +361,7 @@ def webhooks_create(org_id: int, name: str, url: str, events: tuple[str, ...],
             "webHookHeaders": headers, "maxAllowedConnections": max_connections,
             "slaInSeconds": sla}
     with _webhook_context() as context:
-        saved = webhooks.create(context, org_id, body, now_ms=_now_ms())
+        saved = webhooks.create(context, org_id, body, now_ms=now_ms())
     for warning in saved.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps({"webHookId": saved.view["webHookId"], "secret": saved.secret}))
@@ -442,7 +439,7 @@ def webhooks_update(webhook_id: str, org_id: int | None, body_file: Any, name: s
         raise click.UsageError("nothing to change; see --help")
     with _webhook_context() as context:
         saved = webhooks.update_webhook(context, _owner(context, webhook_id, org_id), webhook_id,
-                                        body, now_ms=_now_ms())
+                                        body, now_ms=now_ms())
     for warning in saved.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps(saved.view, indent=2))
@@ -460,7 +457,7 @@ def webhooks_activate(webhook_id: str, org_id: int | None, deliver_held: bool) -
 
     with _webhook_context() as context:
         saved = webhooks.activate(context, _owner(context, webhook_id, org_id), webhook_id,
-                                  now_ms=_now_ms(), deliver_held=deliver_held)
+                                  now_ms=now_ms(), deliver_held=deliver_held)
     if deliver_held:
         click.echo(f"{saved.delivered_held} held deliveries queued", err=True)
     click.echo(json.dumps(saved.view, indent=2))
@@ -476,7 +473,7 @@ def webhooks_deactivate(webhook_id: str, org_id: int | None) -> None:
 
     with _webhook_context() as context:
         view = webhooks.deactivate(context, _owner(context, webhook_id, org_id), webhook_id,
-                                   now_ms=_now_ms())
+                                   now_ms=now_ms())
     click.echo(json.dumps(view, indent=2))
 
 
@@ -495,7 +492,7 @@ def webhooks_delete(webhook_id: str, org_id: int | None, yes: bool) -> None:
         if not yes:
             name = webhooks.get(context, owner, webhook_id)["name"]
             click.confirm(f"Delete webhook {webhook_id} ({name!r}, org {owner})?", abort=True)
-        view = webhooks.delete_webhook(context, owner, webhook_id, now_ms=_now_ms())
+        view = webhooks.delete_webhook(context, owner, webhook_id, now_ms=now_ms())
     click.echo(json.dumps(view, indent=2))
 
 
@@ -551,7 +548,6 @@ def replays_list(as_json: bool, most: int) -> None:
     were queued, and of those how many are delivered, failed and still to go."""
     from notifier import store
     from notifier.db import Database
-    from notifier.logs import iso_ms
 
     for made in store.replays(Database(_settings().database_url), most=most):
         if as_json:

@@ -46,18 +46,24 @@ from notifier.reference import (
     source_name,
 )
 
-__all__ = ["OPTION_FIELDS", "Enriched", "Options", "Reader", "additions", "check_options", "enrich",
-           "overlay", "prefetch", "set_points_balance_allowed"]
+__all__ = ["OPTION_COLUMNS", "OPTION_FIELDS", "POINTS_BALANCE_OPTION", "SOURCES_OPTION", "Enriched",
+           "Options", "Reader", "additions", "check_options", "enrich", "overlay", "prefetch",
+           "set_points_balance_allowed"]
 
-# The InTouch v3 webHooks fields that ask for enrichment.
-OPTION_FIELDS = (
-    "tillDetailsEnrichmentEnabled",
-    "storeDetailsEnrichmentEnabled",
-    "customerIdentifiersToBeEnriched",
-    "cardNumberEnrichmentEnabled",
-    "awardedReferenceEnrichmentEnabled",
-    "availablePointsBalanceEnrichmentEnabled",
-)
+# The InTouch v3 webHooks fields that ask for enrichment, each with the webhooks column that
+# keeps it: the one mapping that the save path, the delivery path and the views read.
+OPTION_COLUMNS: Mapping[str, str] = {
+    "tillDetailsEnrichmentEnabled": "till_details_enrichment",
+    "storeDetailsEnrichmentEnabled": "store_details_enrichment",
+    "customerIdentifiersToBeEnriched": "customer_identifiers_to_be_enriched",
+    "cardNumberEnrichmentEnabled": "card_number_enrichment",
+    "awardedReferenceEnrichmentEnabled": "awarded_reference_enrichment",
+    "availablePointsBalanceEnrichmentEnabled": "available_points_balance_enrichment",
+}
+OPTION_FIELDS = tuple(OPTION_COLUMNS)
+# The one option that is a list (of sources), not a switch; and the one an org's gate bounds.
+SOURCES_OPTION = "customerIdentifiersToBeEnriched"
+POINTS_BALANCE_OPTION = "availablePointsBalanceEnrichmentEnabled"
 # Source -> its block under data.customerIdentifiers (internal/customer.json).
 _BLOCK_OF_SOURCE = {"InStore": "instore", "WeChat": "wechat", "WebEngage": "web_engage"}
 _BALANCE_EVENTS = frozenset({"pointsIssued", "pointsRedeemed"})

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
+from notifier.clock import iso_ms
 from notifier.db import Database
 from notifier.enrich import overlay
 from notifier.errors import InvalidEvent, InvalidInput, NotFound
@@ -79,14 +79,6 @@ SORTS: Mapping[str, tuple[Any, ...]] = {
     "eventType:desc": (Event.event_name.desc(), _ingested.desc(), Delivery.id.desc()),
 }
 _STATUSES = frozenset(DeliveryStatus)
-
-
-def iso_ms(ms: int | None) -> str | None:
-    """Epoch milliseconds as ``2025-03-05T15:43:43.549Z``; None stays None."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 def _last_excerpt() -> Any:

@@ -17,7 +17,6 @@ the messages waiting in each broker queue that no worker consumes.
 from __future__ import annotations
 
 import bisect
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -30,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from notifier.clock import now_ms
 from notifier.consumers import QUEUES
 from notifier.db import Database
 from notifier.models import DeadLetter, Delivery, DeliveryStatus
@@ -134,7 +134,7 @@ class ServiceCollector(Collector):
         yield from self._gauges()
 
     def _gauges(self) -> Iterator[Metric]:
-        state = self.queues.state(now_ms=time.time_ns() // 1_000_000)
+        state = self.queues.state(now_ms=now_ms())
         waiting = GaugeMetricFamily("notifier_deliveries_waiting", "Deliveries waiting in a "
                                     "webhook's queue for a slot.", labels=["webhook"])
         for webhook_id, count in sorted(state.waiting.items()):

@@ -26,10 +26,10 @@ import requests
 
 from config import Settings
 from notifier import faults, store, webhooks
+from notifier.clock import iso_ms, now_ms
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
 from notifier.errors import NotFound, StateLost, TransientError
-from notifier.logs import iso_ms
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
 from notifier.queues import Lease, Queues, Report
@@ -87,10 +87,6 @@ log = logging.getLogger(__name__)
 SendLease = Callable[[Lease], None]
 EXCERPT_BYTES = 1024
 _OWN_HEADERS = frozenset({"content-type", "content-length", "host"})
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class DeliveryInterrupted(TransientError):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from notifier.clock import iso_ms
 from notifier.errors import InvalidInput
-from notifier.logs import iso_ms
 from notifier.models import DeliveryStatus
 
 __all__ = ["FIELDS", "MAX_IDS", "MAX_NAMES", "Selection", "selection"]

@@ -41,9 +41,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from notifier import webhooks
+from notifier.clock import iso_ms
 from notifier.db import Database
+from notifier.enrich import OPTION_COLUMNS, POINTS_BALANCE_OPTION, SOURCES_OPTION
 from notifier.errors import EventTooLarge, InvalidEvent, InvalidInput, NotFound
-from notifier.logs import iso_ms
 from notifier.models import (
     FINAL_STATUSES,
     RESTING_STATUSES,
@@ -651,11 +652,8 @@ def _targets_statement() -> Any:
                 or_(secrets.expires_at_ms.is_(None), secrets.expires_at_ms > bindparam("now")))
     return (select(w.id, w.url, w.headers, w.active, w.sla_in_seconds,
                    w.max_allowed_connections, w.updated_at_ms, w.deleted_at_ms,
-                   w.till_details_enrichment,
-                   w.store_details_enrichment, w.customer_identifiers_to_be_enriched,
-                   w.card_number_enrichment, w.awarded_reference_enrichment,
-                   w.available_points_balance_enrichment, gate.label("points_allowed"),
-                   secrets.secret)
+                   *(w[column] for column in OPTION_COLUMNS.values()),
+                   gate.label("points_allowed"), secrets.secret)
             .select_from(_webhooks.outerjoin(SigningSecret.__table__, live))
             .where(w.id.in_(bindparam("ids", expanding=True)))
             .order_by(w.id, secrets.id.desc()))
@@ -701,15 +699,9 @@ def _target(vault: Vault, rows: Sequence[Any]) -> Target:
     hook = rows[0]
     # The points balance also needs the org's operator-set gate, checked here too so that
     # turning the gate off stops it at once for webhooks that already ask for it.
-    options = {
-        "tillDetailsEnrichmentEnabled": hook.till_details_enrichment,
-        "storeDetailsEnrichmentEnabled": hook.store_details_enrichment,
-        "customerIdentifiersToBeEnriched": tuple(hook.customer_identifiers_to_be_enriched or ()),
-        "cardNumberEnrichmentEnabled": hook.card_number_enrichment,
-        "awardedReferenceEnrichmentEnabled": hook.awarded_reference_enrichment,
-        "availablePointsBalanceEnrichmentEnabled": bool(
-            hook.available_points_balance_enrichment and hook.points_allowed),
-    }
+    options = {name: getattr(hook, column) for name, column in OPTION_COLUMNS.items()}
+    options[SOURCES_OPTION] = tuple(options[SOURCES_OPTION] or ())
+    options[POINTS_BALANCE_OPTION] = bool(options[POINTS_BALANCE_OPTION] and hook.points_allowed)
     return Target(hook.id, hook.url,
                   {name: vault.open(value) for name, value in (hook.headers or {}).items()},
                   tuple(vault.open(row.secret) for row in rows if row.secret is not None),

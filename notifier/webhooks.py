@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 from sqlalchemy import Update, delete, select, update
 from sqlalchemy.orm import Session
 
+from notifier.clock import iso_ms
 from notifier.db import Database
-from notifier.enrich import OPTION_FIELDS, check_options
+from notifier.enrich import OPTION_COLUMNS, OPTION_FIELDS, SOURCES_OPTION, check_options
 from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
-from notifier.logs import iso_ms
 from notifier.models import (
     Base,
     Delivery,
@@ -52,13 +52,10 @@ __all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# InTouch flag name -> column.
+# InTouch flag name -> column: the enrichment switches (all of enrich.OPTION_COLUMNS but the
+# list of sources) and the webhook's own.
 FLAGS = {
-    "tillDetailsEnrichmentEnabled": "till_details_enrichment",
-    "storeDetailsEnrichmentEnabled": "store_details_enrichment",
-    "cardNumberEnrichmentEnabled": "card_number_enrichment",
-    "awardedReferenceEnrichmentEnabled": "awarded_reference_enrichment",
-    "availablePointsBalanceEnrichmentEnabled": "available_points_balance_enrichment",
+    **{name: column for name, column in OPTION_COLUMNS.items() if name != SOURCES_OPTION},
     "listenToChildEvents": "listen_to_child_events",
     "active": "active",
 }

@@ -14,8 +14,8 @@ import click
 from celery.bin.base import CeleryCommand, handle_preload_options
 
 from notifier import pipeline, replays, store
+from notifier.clock import iso_ms, now_ms
 from notifier.errors import InvalidInput, NotifierError, TransientError
-from notifier.logs import iso_ms
 from notifier.models import DeliveryStatus
 
 __all__ = ["replay"]
@@ -68,7 +68,7 @@ def replay(ctx: click.Context, delivery_ids: tuple[str, ...], event_id: str | No
 
     try:
         selection = replays.selection(
-            now_ms=pipeline.now_ms(), delivery_ids=delivery_ids, event_id=event_id,
+            now_ms=now_ms(), delivery_ids=delivery_ids, event_id=event_id,
             webhook=webhook, org=org, statuses=statuses, event_names=event_names, since=since,
             until=until, response_status=response_status)
     except InvalidInput as exc:

@@ -20,6 +20,7 @@ from notifier import logs, pipeline
 from notifier.api.auth import caller_key, caller_org
 from notifier.api.envelope import envelope
 from notifier.api.schemas import answers
+from notifier.clock import now_ms
 
 __all__ = ["router"]
 
@@ -156,7 +157,7 @@ def consumer_group_logs(
 ) -> JSONResponse:
     """A webhook's delivery records, newest first by default; filters combine."""
     return envelope(logs.consumer_group_logs(
-        request.app.state.services.db, org, consumerGroupId, now_ms=pipeline.now_ms(),
+        request.app.state.services.db, org, consumerGroupId, now_ms=now_ms(),
         page=page, size=size, event_type=eventType, status=status, start_ms=startDate,
         end_ms=endDate, search_key=eventSearchKey, sort=sortBy))
 
@@ -170,7 +171,7 @@ def consumer_group_metrics(
 ) -> JSONResponse:
     """Delivery counts by state and the mean delivery time (ms) of the webhook's events."""
     return envelope(logs.consumer_group_metrics(
-        request.app.state.services.db, org, consumerGroupId, now_ms=pipeline.now_ms(),
+        request.app.state.services.db, org, consumerGroupId, now_ms=now_ms(),
         start_ms=startDate, end_ms=endDate))
 
 
@@ -204,7 +205,7 @@ def send_test_event(webHookId: str, org: Org, request: Request,
     services = request.app.state.services
     event = logs.test_event(services.db, services.catalog, org, webHookId,
                             body.eventName if body else None, event_id=str(uuid.uuid4()),
-                            now_ms=pipeline.now_ms())
+                            now_ms=now_ms())
     outcome = pipeline.accept(services, event, request.app.state.send_lease,
                               only_webhook=webHookId)
     return envelope({"eventId": outcome.event_id, "eventName": event["eventName"],

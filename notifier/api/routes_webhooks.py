@@ -21,8 +21,9 @@ from notifier.api.schemas import (
     WebhookOut,
     answers,
 )
+from notifier.clock import now_ms
 from notifier.errors import InvalidInput
-from notifier.pipeline import now_ms, webhook_context
+from notifier.pipeline import webhook_context
 
 __all__ = ["router"]
 

@@ -26,9 +26,10 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from notifier import logs, pipeline, replays, store, tenants, webhooks
+from notifier.clock import now_ms
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
 from notifier.models import Delivery, DeliveryStatus, Event, Org, Webhook
-from notifier.pipeline import Services, now_ms
+from notifier.pipeline import Services
 from notifier.reference import SOURCES
 from notifier.ui import forms, sessions
 
