@@ -82,9 +82,8 @@ def prepare(events: int, url: str, connections: int) -> Callable[[Any, Any, Any]
         from notifier.models import Webhook
 
         store.create_org(db, ON_ORG, "bench-enriched", now_ms=0)
-        store.create_webhook(db, catalog, vault, org_id=ON_ORG, name="enriched", url=url,
-                             event_names=[run.EVENT], now_ms=0,
-                             max_allowed_connections=connections)
+        run.create_webhook(db, catalog, vault, org_id=ON_ORG, name="enriched", url=url,
+                           event_names=[run.EVENT], max_allowed_connections=connections)
         records = reference.parse_jsonl(reference_lines(events))
         for org in (run.ORG, ON_ORG):
             reference.load(db, org, records)

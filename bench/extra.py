@@ -74,8 +74,8 @@ def stack(folder: Path, concurrency: int, hooks: list[tuple[int, str, int]],
             store.create_org(db, org, f"bench-{org}", now_ms=0)
         catalog, vault = load_catalog(), vault_for(settings.secret_keys, settings.data_dir)
         for i, (org, url, connections) in enumerate(hooks):
-            store.create_webhook(db, catalog, vault, org_id=org, name=f"hook-{i}", url=url,
-                                 event_names=[run.EVENT], now_ms=0, max_allowed_connections=connections)
+            run.create_webhook(db, catalog, vault, org_id=org, name=f"hook-{i}", url=url,
+                               event_names=[run.EVENT], max_allowed_connections=connections)
         key = tenants.create_key(db, hooks[0][0], now_ms=0)
     finally:
         db.dispose()

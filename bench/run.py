@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import multiprocessing as mp
 import os
@@ -400,6 +401,23 @@ def notifier_env(folder: Path) -> dict[str, str]:
     return env
 
 
+
+def create_webhook(db: Any, catalog: Any, vault: Any, *, org_id: int, name: str, url: str,
+                   event_names: list[str], max_allowed_connections: int = 10,
+                   headers: dict[str, str] | None = None, **options: Any) -> str:
+    """A webhook made through the one save path (``notifier.webhooks.create``), to a receiver
+    on loopback, where the benchmark's receivers are (and nothing else is); ``options``: more
+    InTouch webHooks fields (enrichment). Returns its id."""
+    from notifier import webhooks
+
+    loopback = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    context = webhooks.Context(db, catalog, vault, allowed_networks=loopback)
+    saved = webhooks.create(context, org_id, {
+        "name": name, "webHookUrl": url, "eventNames": event_names,
+        "webHookHeaders": headers or {}, "maxAllowedConnections": max_allowed_connections,
+        **options}, now_ms=0)
+    return str(saved.view["webHookId"])
+
 @contextlib.contextmanager
 def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: int,
                    connections: int, prepare: Callable[[Any, Any, Any], None] | None = None
@@ -426,9 +444,9 @@ def notifier_stack(receiver: Receiver, folder: Path, concurrency: int, fanout: i
         store.create_org(db, ORG, "bench", now_ms=0)
         catalog, vault = load_catalog(), vault_for(settings.secret_keys, settings.data_dir)
         for i in range(fanout):
-            store.create_webhook(db, catalog, vault, org_id=ORG, name=f"hook-{i}",
-                                 url=receiver.url(f"/notifier/{i}"), event_names=[EVENT], now_ms=0,
-                                 max_allowed_connections=connections)
+            create_webhook(db, catalog, vault, org_id=ORG, name=f"hook-{i}",
+                           url=receiver.url(f"/notifier/{i}"), event_names=[EVENT],
+                           max_allowed_connections=connections)
         if prepare is not None:
             prepare(db, catalog, vault)
     finally:

@@ -7,7 +7,6 @@ the same delivery (a re-queue after a lost lease, a broker redelivery) never bot
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import math
 import uuid
@@ -24,6 +23,7 @@ from sqlalchemy import (
     Select,
     String,
     Text,
+    Update,
     and_,
     bindparam,
     case,
@@ -40,7 +40,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from notifier import webhooks
 from notifier.clock import iso_ms
 from notifier.db import Database
 from notifier.enrich import OPTION_COLUMNS, POINTS_BALANCE_OPTION, SOURCES_OPTION
@@ -90,13 +89,13 @@ __all__ = [
     "claim",
     "count_selection",
     "create_org",
-    "create_webhook",
     "dead_letter",
     "dead_letters",
     "disable_failing",
     "event_id_of",
     "finish",
     "flag_sla_breaches",
+    "hold_statement",
     "ingest",
     "ingest_many",
     "mark_replayed",
@@ -709,6 +708,17 @@ def _target(vault: Vault, rows: Sequence[Any]) -> Target:
                   hook.updated_at_ms, hook.deleted_at_ms is not None)
 
 
+def hold_statement(webhook_id: str) -> Update:
+    """What an inactive webhook would send next (deliveries waiting, or waiting to be tried
+    again) is held instead. Its Redis entries are left: a claim takes nothing held, so they
+    fall away as they come up."""
+    deliveries = _deliveries.c  # Core: the webhooks' ORM sessions run it too
+    return (update(_deliveries)
+            .where(deliveries.webhook_id == webhook_id,
+                   deliveries.status.in_([DeliveryStatus.PENDING, DeliveryStatus.RETRYING]))
+            .values(status=DeliveryStatus.HELD))
+
+
 def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int) -> bool:
     """Deactivate a webhook that keeps failing, saying why; False if it was inactive already.
 
@@ -721,7 +731,7 @@ def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int) 
             .where(_webhooks.c.id == webhook_id, _webhooks.c.active.is_(True))
             .values(active=False, disabled_reason=reason, updated_at_ms=now_ms))
         if result.rowcount:
-            connection.execute(webhooks.hold_statement(webhook_id))
+            connection.execute(hold_statement(webhook_id))
     return bool(result.rowcount)
 
 
@@ -876,27 +886,6 @@ def create_org(db: Database, org_id: int, name: str, *, now_ms: int,
         if session.get(Org, org_id) is not None:
             raise InvalidInput("orgId", f"org {org_id} exists already")
         session.add(Org(id=org_id, name=name, parent_id=parent_id, created_at_ms=now_ms))
-
-
-def create_webhook(db: Database, catalog: EventCatalog, vault: Vault, *, org_id: int, name: str,
-                   url: str, event_names: Sequence[str], now_ms: int,
-                   headers: Mapping[str, str] | None = None, max_allowed_connections: int = 10,
-                   sla_in_seconds: int = 3600, active: bool = True) -> tuple[str, str]:
-    """Create a webhook with Python arguments; returns ``(webHookId, secret)``.
-
-    A shorthand for ``notifier.webhooks.create``, which holds every rule. Private addresses are
-    allowed here: callers (tests, tools) are trusted with their URLs.
-    """
-    context = webhooks.Context(db, catalog, vault, allowed_networks=_EVERY_NETWORK)
-    saved = webhooks.create(context, org_id, {
-        "name": name, "webHookUrl": url, "eventNames": list(event_names),
-        "webHookHeaders": dict(headers or {}), "maxAllowedConnections": max_allowed_connections,
-        "slaInSeconds": sla_in_seconds, "active": active}, now_ms=now_ms)
-    assert saved.secret is not None
-    return saved.view["webHookId"], saved.secret
-
-
-_EVERY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
 def _selected(selection: Selection) -> Select[Any]:

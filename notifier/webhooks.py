@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Update, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from notifier import store
 from notifier.clock import iso_ms
 from notifier.db import Database
 from notifier.enrich import OPTION_COLUMNS, OPTION_FIELDS, SOURCES_OPTION, check_options
 from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
 from notifier.models import (
-    Base,
     Delivery,
     DeliveryStatus,
     Org,
@@ -48,7 +48,7 @@ from notifier.vault import Vault, mask
 
 __all__ = ["FLAGS", "MAX_OVERLAP_SECONDS", "MAX_SLA_SECONDS", "MAX_URL_CHARS", "Bounds",
            "Context", "Saved", "activate", "create", "deactivate", "delete_webhook", "get",
-           "hold_statement", "list_all", "list_by_org", "rotate_secret", "update_webhook"]
+           "list_all", "list_by_org", "rotate_secret", "update_webhook"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -410,7 +410,7 @@ def _save(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *
             hook.deleted_at_ms = now_ms if deleting else None
         hook.updated_at_ms = now_ms
         if was[1] and not hook.active and not deleting:
-            session.execute(hold_statement(webhook_id))
+            session.execute(store.hold_statement(webhook_id))
         released, waiting = _release_held(session, webhook_id) if deliver_held else (0, [])
         if event_names is not None:
             session.execute(delete(WebhookSubscription).where(
@@ -425,18 +425,6 @@ def _save(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *
     if waiting and ctx.deliver is not None:
         ctx.deliver(webhook_id, limit, waiting)
     return Saved(view, warnings, delivered_held=released)
-
-
-def hold_statement(webhook_id: str) -> Update:
-    """What an inactive webhook would send next (deliveries waiting, or waiting to be tried
-    again) is held instead. Its Redis entries are left: a claim takes nothing held, so they
-    fall away as they come up."""
-    table = Base.metadata.tables["deliveries"]  # Core: the store's connections run it too
-    deliveries = table.c
-    return (update(table)
-            .where(deliveries.webhook_id == webhook_id,
-                   deliveries.status.in_([DeliveryStatus.PENDING, DeliveryStatus.RETRYING]))
-            .values(status=DeliveryStatus.HELD))
 
 
 def _release_held(session: Session, webhook_id: str) -> tuple[int, list[tuple[str, int]]]:

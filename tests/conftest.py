@@ -8,6 +8,7 @@ PostgreSQL its tests are skipped, except under CI, where a missing service is a 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -448,3 +449,25 @@ def database(stack: Stack) -> Iterator[Database]:
     opened = Database(stack.settings.database_url)
     yield opened
     opened.dispose()
+
+
+# Where the tests' webhooks may point: their receivers are on loopback, and nothing else is.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def create_webhook(db: Database, catalog: Any, vault: Any, *, org_id: int, name: str, url: str,
+                   event_names: list[str] | tuple[str, ...], now_ms: int,
+                   headers: dict[str, str] | None = None, max_allowed_connections: int = 10,
+                   sla_in_seconds: int = 3600, active: bool = True) -> tuple[str, str]:
+    """A webhook made through the one save path (``notifier.webhooks.create``, every rule of
+    the API's), with Python arguments; returns ``(webHookId, secret)``. Loopback is allowed."""
+    from notifier import webhooks
+
+    context = webhooks.Context(db, catalog, vault, allowed_networks=LOOPBACK)
+    saved = webhooks.create(context, org_id, {
+        "name": name, "webHookUrl": url, "eventNames": list(event_names),
+        "webHookHeaders": dict(headers or {}), "maxAllowedConnections": max_allowed_connections,
+        "slaInSeconds": sla_in_seconds, "active": active}, now_ms=now_ms)
+    assert saved.secret is not None
+    return saved.view["webHookId"], saved.secret
+

@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from notifier import store
 from notifier.client import publish
 from notifier.db import Database
 from notifier.models import Delivery, DeliveryStatus
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 from tests.e2e import test_ui
 from tests.e2e.test_ui import shot
 
@@ -36,7 +35,7 @@ def test_replay_from_the_webhook_page_counts_confirms_and_shows_progress(
     stack.env["NOTIFIER_RETRY_HORIZON"] = "1"  # dead at the first failure past a second
     key = stack.org(ORG, "Acme Loyalty")
     database = Database(stack.settings.database_url)
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name="crm", url=receiver.url("/crm"), event_names=["pointsIssued"],
         now_ms=0)

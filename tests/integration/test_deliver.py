@@ -20,7 +20,7 @@ from notifier.errors import StoreUnavailable
 from notifier.models import Delivery, DeliveryStatus
 from notifier.pipeline import DeliveryInterrupted, Services, build_services
 from notifier.queues import Lease
-from tests.conftest import Receiver, Reply, wait_until
+from tests.conftest import Receiver, Reply, create_webhook, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def leases_of(services: Services, receiver: Receiver, org_id: int, webhooks: int
     taken)."""
     store.create_org(services.db, org_id, f"org {org_id}", now_ms=0)
     for n in range(webhooks):
-        store.create_webhook(services.db, services.catalog, services.vault, org_id=org_id,
+        create_webhook(services.db, services.catalog, services.vault, org_id=org_id,
                              name=f"h{n}", url=receiver.url(f"/{org_id}/{n}"),
                              event_names=["pointsIssued"], now_ms=0)
     leases: list[Lease] = []
@@ -158,7 +158,7 @@ def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
     services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.create_org(services.db, 1, "org 1", now_ms=0)
-    store.create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
+    create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
                          url=receiver.url("/h"), event_names=["pointsIssued"], now_ms=0)
     envelope = {"eventName": "pointsIssued", "orgId": 1, "eventId": "e-1",
                 "data": {"customerIdentifiers": {"customerId": 1}}}
@@ -225,7 +225,7 @@ def test_two_tasks_claiming_in_one_millisecond_keep_a_slot_each_through_a_flush(
     services: Services, receiver: Receiver
 ) -> None:
     store.create_org(services.db, 1, "org 1", now_ms=0)
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         services.db, services.catalog, services.vault, org_id=1, name="capped",
         url=receiver.url("/capped"), event_names=["pointsIssued"], now_ms=0,
         max_allowed_connections=2)

@@ -18,7 +18,7 @@ from notifier.logs import delivery_detail
 from notifier.models import Delivery, DeliveryStatus, Event, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -127,7 +127,7 @@ def database(stack: Stack) -> Iterator[Database]:
 
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str,
          columns: dict[str, Any], events: tuple[str, ...] = ("pointsIssued",)) -> str:
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name=path.strip("/"), url=receiver.url(path), event_names=list(events),
         now_ms=0)

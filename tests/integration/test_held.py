@@ -22,7 +22,7 @@ from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
-from tests.conftest import Receiver
+from tests.conftest import Receiver, create_webhook
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def org(db: Database) -> Database:
 
 
 def webhook(db: Database, name: str, **options: Any) -> str:
-    webhook_id, _ = store.create_webhook(db, load_catalog(), VAULT, org_id=ORG, name=name,
+    webhook_id, _ = create_webhook(db, load_catalog(), VAULT, org_id=ORG, name=name,
                                          url=f"https://example.com/{name}",
                                          event_names=["pointsIssued"], now_ms=0, **options)
     return webhook_id
@@ -93,7 +93,7 @@ def services(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Serv
 
 def receiving(services: Services, receiver: Receiver, name: str, **options: Any) -> str:
     """A webhook posting to ``receiver`` at ``/name``, its secret sealed by the services' vault."""
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         services.db, services.catalog, services.vault, org_id=ORG, name=name,
         url=receiver.url(f"/{name}"), event_names=["pointsIssued"], now_ms=0, **options)
     return webhook_id

@@ -30,7 +30,7 @@ from notifier.pipeline import build_services
 from notifier.queues import Lease, Queues
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Reply, Stack, wait_until
+from tests.conftest import Receiver, Reply, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -59,7 +59,7 @@ def hook(
     events: tuple[str, ...] = ("pointsIssued",),
     **options: Any,
 ) -> tuple[str, str]:
-    return store.create_webhook(
+    return create_webhook(
         database,
         load_catalog(),
         vault_for(stack.settings.secret_keys, stack.settings.data_dir),
@@ -697,7 +697,7 @@ def test_traffic_spread_over_webhooks_shares_delivery_tasks(
     vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)
     for n, org in enumerate(orgs):
         store.create_org(database, org, f"org {n}", now_ms=0)
-        store.create_webhook(database, load_catalog(), vault, org_id=org, name=f"s{n}",
+        create_webhook(database, load_catalog(), vault, org_id=org, name=f"s{n}",
                              url=receiver.url(f"/s{n}"), event_names=["pointsIssued"], now_ms=0)
     # Warm up: each webhook measured fast, so that what follows rides the fast lane.
     stack.worker("w1", concurrency=2)

@@ -15,7 +15,7 @@ from notifier.db import Database
 from notifier.models import Delivery, DeliveryStatus
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Stack
+from tests.conftest import Stack, create_webhook
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -29,7 +29,7 @@ def dead(stack: Stack) -> Iterator[tuple[Database, str, list[str]]]:
     worker: what a replay queues stays pending, as while a backlog is being sent."""
     database = Database(stack.settings.database_url)
     store.create_org(database, ORG, "org", now_ms=0)
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name="down", url="http://127.0.0.1:9/down", event_names=["pointsIssued"],
         now_ms=0)

@@ -15,7 +15,7 @@ from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -47,7 +47,7 @@ def test_what_died_while_the_receiver_was_down_is_replayed_behind_live_traffic(
     # holds its slot for two answers, so that what waits for a slot is what is measured.
     stack.env.update(NOTIFIER_RETRY_HORIZON="1", NOTIFIER_BATCH_SIZE="2")
     store.create_org(database, ORG, "org", now_ms=0)
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name="crm", url=receiver.url("/r"), event_names=["pointsIssued"], now_ms=0,
         max_allowed_connections=CAP)
@@ -112,7 +112,7 @@ def test_a_large_replay_made_in_a_request_is_carried_on_by_a_worker(
 
     many = REPLAY_BATCH * REQUEST_REPLAY_BATCHES + 500
     store.create_org(database, ORG, "org", now_ms=0)
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name="crm", url=receiver.url("/r"), event_names=["pointsIssued"], now_ms=0,
         max_allowed_connections=CAP)

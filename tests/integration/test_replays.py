@@ -14,6 +14,7 @@ from notifier.models import Delivery, DeliveryStatus, Webhook
 from notifier.pipeline import Services
 from notifier.replays import Selection, selection
 from notifier.schemas import load_catalog
+from tests.conftest import create_webhook
 from tests.integration import test_deliver
 from tests.integration.test_store import ORG, VAULT, event, webhook
 
@@ -33,7 +34,7 @@ def deliveries(db: Database) -> dict[str, Any]:
     store.create_org(db, OTHER_ORG, "other", now_ms=0)
     a = webhook(db, "a", events=("pointsIssued", "tierUpgraded"))
     b = webhook(db, "b")
-    other, _ = store.create_webhook(db, load_catalog(), VAULT, org_id=OTHER_ORG, name="x",
+    other, _ = create_webhook(db, load_catalog(), VAULT, org_id=OTHER_ORG, name="x",
                                     url="https://example.com/x", event_names=["pointsIssued"],
                                     now_ms=0)
     rows = [  # (event id, name, org, hours ago, status per webhook, last status code)

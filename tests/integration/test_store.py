@@ -20,7 +20,7 @@ from notifier.errors import InvalidInput
 from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
-from tests.conftest import wait_until
+from tests.conftest import create_webhook, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def org(db: Database) -> Database:
 
 def webhook(db: Database, name: str, events: tuple[str, ...] = ("pointsIssued",),
             **options: Any) -> str:
-    webhook_id, _ = store.create_webhook(db, load_catalog(), VAULT, org_id=ORG, name=name,
+    webhook_id, _ = create_webhook(db, load_catalog(), VAULT, org_id=ORG, name=name,
                                          url=f"https://example.com/{name}",
                                          event_names=list(events), now_ms=0, **options)
     return webhook_id
@@ -266,12 +266,12 @@ def test_webhook_input_errors_name_the_field(org: Database) -> None:
         arguments: dict[str, Any] = {"org_id": ORG, "name": "b", "url": "https://x.example/h",
                                      "event_names": ["pointsIssued"], "now_ms": 0, **override}
         with pytest.raises(InvalidInput) as caught:
-            store.create_webhook(org, load_catalog(), VAULT, **arguments)
+            create_webhook(org, load_catalog(), VAULT, **arguments)
         assert caught.value.field == field
 
 
 def test_header_values_and_secrets_are_sealed_at_rest(org: Database) -> None:
-    webhook_id, secret = store.create_webhook(
+    webhook_id, secret = create_webhook(
         org, load_catalog(), VAULT, org_id=ORG, name="sealed", url="https://x.example/h",
         event_names=["pointsIssued"], now_ms=0, headers={"Authorization": "Basic c2VjcmV0"})
 

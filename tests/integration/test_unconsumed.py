@@ -20,7 +20,7 @@ from notifier.db import Database
 from notifier.models import Delivery, DeliveryStatus
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -33,7 +33,7 @@ def _hook(stack: Stack, receiver: Receiver, path: str) -> str:
     database = Database(stack.settings.database_url)
     try:
         store.create_org(database, ORG, "org", now_ms=0)
-        webhook_id, _ = store.create_webhook(
+        webhook_id, _ = create_webhook(
             database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
             org_id=ORG, name=path, url=receiver.url(path), event_names=["pointsIssued"],
             now_ms=0)

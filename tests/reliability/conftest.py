@@ -16,7 +16,7 @@ from notifier.db import Database
 from notifier.models import FINAL_STATUSES, Delivery, Event, EventStatus
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack
+from tests.conftest import Receiver, Stack, create_webhook
 
 ORG = 71013
 
@@ -38,7 +38,7 @@ def database(stack: Stack) -> Iterator[Database]:
 def hook(stack: Stack, database: Database, receiver: Receiver) -> Callable[..., str]:
     """Make a webhook of the test org on the receiver's ``path``; returns its id."""
     def make(path: str, **options: Any) -> str:
-        webhook_id, _ = store.create_webhook(
+        webhook_id, _ = create_webhook(
             database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
             org_id=ORG, name=path.strip("/"), url=receiver.url(path),
             event_names=["pointsIssued"], now_ms=0, **options)

@@ -21,7 +21,7 @@ from notifier.db import Database
 from notifier.models import Attempt, Delivery, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, sign_in_form
+from tests.conftest import Receiver, Stack, create_webhook, sign_in_form
 from tests.integration.test_api import api  # noqa: F401 - the in-process API, for save-time tests
 
 ORG = 4242
@@ -55,7 +55,7 @@ def make_hook(stack: Stack, database: Database, url: str, *, org_id: int = ORG,
               name: str = "hook", raw_url: str | None = None, **options: Any) -> str:
     """A webhook of ``org_id`` to ``url``; with ``raw_url``, its row is then given that URL as
     it is, as a row saved before the save-time check refused it would hold it."""
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=org_id, name=name, url=url, event_names=["pointsIssued"], now_ms=0, **options)
     if raw_url is not None:

@@ -12,7 +12,7 @@ from notifier import publish, store
 from notifier.db import Database
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Reply, Stack, wait_until
+from tests.conftest import Receiver, Reply, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -27,7 +27,7 @@ def _event(stack: Stack, org_id: int, n: int) -> str:
 def _hook(stack: Stack, database: Database, receiver: Receiver, org_id: int, path: str,
           **options: Any) -> str:
     store.create_org(database, org_id, f"org {org_id}", now_ms=0)
-    webhook_id, _ = store.create_webhook(database, load_catalog(),
+    webhook_id, _ = create_webhook(database, load_catalog(),
                          vault_for(stack.settings.secret_keys, stack.settings.data_dir),
                          org_id=org_id, name=path, url=receiver.url(path),
                          event_names=["pointsIssued"], now_ms=0, **options)

@@ -16,7 +16,7 @@ from notifier.enrich import set_points_balance_allowed
 from notifier.models import Delivery, Event, EventStatus, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 from tests.integration.test_enrichment import CUSTOMER, points_issued_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -40,7 +40,7 @@ def test_a_childs_balance_is_sent_to_its_parents_webhook_only_if_the_childs_gate
     reference.load(database, CHILD, reference.parse_jsonl([json.dumps(
         {"kind": "pointsBalances", "customerId": CUSTOMER,
          "programs": [{"programId": 1, "availablePoints": 150}]})]))
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=PARENT, name="parent", url=receiver.url("/parent"), event_names=["pointsIssued"],
         now_ms=0)
@@ -90,7 +90,7 @@ def test_a_rejected_events_log_line_names_the_path_and_rule_never_the_value(
 
 def test_an_sla_of_40_days_is_checked_on_postgresql(stack: Stack, database: Database) -> None:
     store.create_org(database, PARENT, "org", now_ms=0)
-    store.create_webhook(database, load_catalog(),
+    create_webhook(database, load_catalog(),
                          vault_for(stack.settings.secret_keys, stack.settings.data_dir),
                          org_id=PARENT, name="slow", url="https://example.com/hook",
                          event_names=["pointsIssued"], now_ms=0, sla_in_seconds=40 * DAY)

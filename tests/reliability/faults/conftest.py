@@ -14,7 +14,7 @@ from notifier.db import Database
 from notifier.models import FINAL_STATUSES, Delivery
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Received, Receiver, Stack, wait_until
+from tests.conftest import Received, Receiver, Stack, create_webhook, wait_until
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def make_webhooks(stack: Stack, receiver: Receiver, database: Database, org_id: 
     store.create_org(database, org_id, f"org {org_id}", now_ms=0)
     vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)
     for path, cap in caps.items():
-        store.create_webhook(database, load_catalog(), vault, org_id=org_id,
+        create_webhook(database, load_catalog(), vault, org_id=org_id,
                              name=path.strip("/"), url=receiver.url(path),
                              event_names=["pointsIssued"], max_allowed_connections=cap, now_ms=0)
 

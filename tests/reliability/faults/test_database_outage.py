@@ -12,11 +12,10 @@ import pytest
 import requests
 from sqlalchemy import make_url
 
-from notifier import store
 from notifier.db import Database
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 from tests.integration.test_pipeline import Gate
 from tests.reliability.faults.conftest import settle
 
@@ -52,7 +51,7 @@ def _assert_unavailable(answer: requests.Response, took: float, gate: Gate) -> N
 def test_events_posted_while_the_database_is_away_get_503_in_time_and_the_rest_is_delivered(
         stack: Stack, receiver: Receiver, database: Database) -> None:
     key = stack.org(ORG, "Outage Org")
-    store.create_webhook(database, load_catalog(),
+    create_webhook(database, load_catalog(),
                          vault_for(stack.settings.secret_keys, stack.settings.data_dir),
                          org_id=ORG, name="outage", url=receiver.url("/outage"),
                          event_names=["pointsIssued"], max_allowed_connections=CAP, now_ms=0)

@@ -22,7 +22,7 @@ from notifier.db import Database
 from notifier.models import FINAL_STATUSES, Delivery, Event
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
 
 ORG = 61_013
 
@@ -92,7 +92,7 @@ def _free_port() -> int:
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,
          cap: int) -> str:
     """A webhook of the test org on ``receiver``'s ``path``, taking ``cap`` connections."""
-    webhook_id, _ = store.create_webhook(
+    webhook_id, _ = create_webhook(
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name=path.strip("/"), url=receiver.url(path), event_names=["pointsIssued"],
         now_ms=0, max_allowed_connections=cap)
