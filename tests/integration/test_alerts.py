@@ -49,8 +49,8 @@ def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,
         now_ms=0, **options)
 
 
-def send(stack: Stack, n: int = 1) -> str:
-    return publish("pointsIssued", {"customerIdentifiers": {"customerId": n}},
+def send(stack: Stack, n: int = 1, event_name: str = "pointsIssued") -> str:
+    return publish(event_name, {"customerIdentifiers": {"customerId": n}},
                    org_id=ORG, broker_url=stack.settings.broker_url)
 
 
@@ -213,11 +213,11 @@ def test_no_operations_webhook_named_or_subscribed_sends_nothing_and_loses_nothi
     assert alerts.recent(database, ORG)[0]["kind"] == "deliveryExhausted"
 
     # Named, but not subscribed to the kind: the alert's event is stored, and goes nowhere.
-    second, _ = hook(stack, database, receiver, "/second")
+    second, _ = hook(stack, database, receiver, "/second", events=("tierUpgraded",))
     named, _ = hook(stack, database, receiver, "/named", events=("slaBreached",))
     alerts.set_operations_webhook(database, ORG, named)
     receiver.script("/second", *[500] * 200)
-    send(stack, 2)
+    send(stack, 2, "tierUpgraded")
     wait_until(lambda: len(rows(database, Alert)) == 2, 60, "the second alert kept")
     wait_until(lambda: rows(database, Event, event_name="deliveryExhausted"), 30,
                "the alert's event stored")
