@@ -106,6 +106,13 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _webhook_id_or_none(raw: str) -> str | None:
+    raw = raw.strip()
+    if len(raw) > 24:
+        raise ValueError("must be a webHookId (at most 24 characters), or empty for none")
+    return raw or None
+
+
 def _basic_auth(raw: str) -> tuple[str, ...]:
     pairs = tuple(part.strip() for part in raw.split(",") if part.strip())
     for pair in pairs:
@@ -187,6 +194,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("disable_failing_after", _non_negative_float, str(5 * 24 * 3600),
             "Seconds a webhook may fail every attempt (no success since its first failure) "
             "before notifier deactivates it, at its next failed attempt; 0: never."),
+    Setting("operator_alerts_webhook", _webhook_id_or_none, "",
+            "The webHookId of the operator's operations webhook: it receives notifier's own "
+            "alert events (slaBreached, webhookDisabled, webhookRecovered, deliveryExhausted) "
+            "about every org's webhooks, besides each org's own operations webhook; those it is "
+            "subscribed to. Empty: none."),
     Setting("allow_private_networks", _networks, "",
             "CIDRs a webhook may target besides public addresses, comma separated "
             "(e.g. 127.0.0.0/8 for local tests)."),
@@ -287,6 +299,7 @@ class Settings:
     retry_horizon: float
     retry_after_max: float
     disable_failing_after: float
+    operator_alerts_webhook: str | None
     allow_private_networks: tuple[Network, ...]
     webhook_max_headers: int
     webhook_max_header_bytes: int

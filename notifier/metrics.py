@@ -7,7 +7,8 @@ Redis and the database. One scrape of any API process sees the whole service. A 
 loses its state starts the counters again from zero, which Prometheus reads as a counter reset.
 
 Counters: events by outcome, deliveries made by the fan-out, attempts by webhook and outcome,
-delivery tasks and the leases they carried, SLA breaches flagged, failing webhooks deactivated;
+delivery tasks and the leases they carried, SLA breaches flagged, failing webhooks deactivated,
+operational alerts raised by kind;
 histograms: the webhook's response time, and the time from ingest to delivery. Gauges:
 deliveries waiting in each webhook's queue, retries parked, re-checks parked (no retries), slots
 held, webhooks in the slow lane, unfinished deliveries by status (the database's count), and
@@ -49,7 +50,8 @@ class Tally:
 
     The fields of the Redis hash: ``events|<outcome>``, ``fanned_out``, ``attempts|<webhook>|
     <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``,
-    ``webhooks_disabled``, ``delivery_tasks``, ``delivery_task_leases``, ``ingest_batches``.
+    ``webhooks_disabled``, ``alerts|<kind>``, ``delivery_tasks``, ``delivery_task_leases``,
+    ``ingest_batches``.
     """
 
     def __init__(self) -> None:
@@ -79,6 +81,10 @@ class Tally:
 
     def webhook_disabled(self) -> None:
         self.counts["webhooks_disabled"] += 1
+
+    def alert(self, kind: str) -> None:
+        """An operational alert was raised (``notifier.alerts``; once each)."""
+        self.counts[f"alerts|{kind}"] += 1
 
     def sla_breaches(self, count: int) -> None:
         if count:
@@ -131,6 +137,9 @@ class ServiceCollector(Collector):
         yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries that the SLA "
                       "check found not delivered within their webhook's SLA.",
                       counts.get("sla_breaches", 0))
+        yield _counter("notifier_alerts", "Operational alerts raised (slaBreached: one per "
+                       "webhook per minute), by kind; sent to the operations webhooks that "
+                       "hear them.", counts, "alerts", ["kind"])
         yield from self._gauges()
 
     def _gauges(self) -> Iterator[Metric]:

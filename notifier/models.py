@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "Alert",
     "ApiKey",
     "Attempt",
     "Base",
@@ -94,6 +95,10 @@ class Org(Base):
     available_points_balance_enrichment_enabled: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=sa_false())
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # The org's webhook that receives notifier's own alert events about the org's webhooks
+    # (notifier.alerts). No foreign key: orgs and webhooks would reference each other; the
+    # save path checks it is the org's own, and a webhook gone since receives nothing.
+    operations_webhook_id: Mapped[str | None] = mapped_column(String(24), nullable=True)
 
 
 class ApiKey(Base):
@@ -286,6 +291,28 @@ class Replay(Base):
     queued_after: Mapped[str] = mapped_column(String(40), server_default="")
     # When its last batch was queued (None: still queuing).
     finished_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Alert(Base):
+    """An operational alert notifier raised about a webhook (``notifier.alerts``): what the
+    "Recent alerts" list shows, and, through ``key`` (unique), what makes it raised once: one
+    ``slaBreached`` per webhook per minute, whose ``count`` grows with what that minute finds
+    after it was sent."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_org", "org_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # Also the eventId of the alert events sent for it.
+    key: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # The org that owns the webhook it is about.
+    org_id: Mapped[int] = mapped_column(BigInteger)
+    webhook_id: Mapped[str] = mapped_column(String(24))
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    # The alert event's data as sent (the first delivery ids of a slaBreached, a reason).
+    data: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class Attempt(Base):

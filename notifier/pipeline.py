@@ -25,7 +25,7 @@ from typing import Any
 import requests
 
 from config import Settings
-from notifier import faults, store, webhooks
+from notifier import alerts, faults, store, webhooks
 from notifier.clock import iso_ms, now_ms
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
@@ -60,6 +60,10 @@ __all__ = [
     "accept",
     "accept_many",
     "accept_or_end",
+    "alert_delivery_exhausted",
+    "alert_sla_breached",
+    "alert_webhook_disabled",
+    "alert_webhook_recovered",
     "build_services",
     "carry_on_replay",
     "check_sla",
@@ -69,6 +73,7 @@ __all__ = [
     "limit_changed",
     "pump",
     "purge",
+    "raise_alerts",
     "rebuild",
     "recover",
     "reject_for_good",
@@ -455,6 +460,8 @@ class _Task:
         self._waiting: collections.deque[_Lot] = collections.deque()
         self.tally = Tally()
         self.tally.delivery_task(len(leases))
+        # Deliveries that died in this task (retries exhausted), alerted once it gave back.
+        self.exhausted: list[tuple[store.Target, store.Finished]] = []
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
@@ -489,9 +496,12 @@ class _Task:
             for following in given_back.leases:
                 send(following)
             if report.failing_since_ms and lot.target is not None:
-                self._disable_if_failing_too_long(lot.target, given_back.failing_since_ms)
+                self._disable_if_failing_too_long(lot, lot.target, given_back.failing_since_ms,
+                                                  send)
         if any(given_back.state_lost for given_back in released):
             recover(services, send)
+        for target, finished in self.exhausted:
+            alert_delivery_exhausted(services, target, finished, send)
 
     def _send(self, lot: _Lot) -> Report:
         """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
@@ -499,7 +509,7 @@ class _Task:
         the task carries on with its other leases."""
         try:
             return _deliver_lot(self.services, lot, self._budget_ends, self.tally,
-                                self.interruptions)
+                                self.interruptions, self.exhausted)
         except self.interruptions:
             raise
         except Exception as exc:
@@ -512,11 +522,13 @@ class _Task:
             return _fail_lot(self.services, replace(lot, claimed=tuple(held), fault=exc),
                              self.tally)
 
-    def _disable_if_failing_too_long(self, target: store.Target, failing_since_ms: int) -> None:
+    def _disable_if_failing_too_long(self, lot: _Lot, target: store.Target,
+                                     failing_since_ms: int, send: SendLease) -> None:
         """Deactivate a webhook every attempt to which has failed for
         ``NOTIFIER_DISABLE_FAILING_AFTER``, counted from its first failure since its last
         success, and never from before it was last saved (an org that edits, deactivates or
-        activates its webhook gets a fresh period)."""
+        activates its webhook gets a fresh period); and raise ``webhookDisabled``, unless what
+        failed were alert events (an alert never raises one about itself)."""
         after_ms = self.services.settings.disable_failing_after * 1000
         since = max(failing_since_ms, target.updated_at_ms)
         now = now_ms()
@@ -528,6 +540,8 @@ class _Task:
         if store.disable_failing(self.services.db, target.id, reason=reason, now_ms=now):
             log.warning("webhook %s %s", target.id, reason)
             self.tally.webhook_disabled()
+            if not all(alerts.is_alert_event(claimed.event) for claimed in lot.claimed):
+                alert_webhook_disabled(self.services, target.org_id, target.id, reason, send)
 
     def _claim(self) -> list[_Lot]:
         """Claim every held lease's deliveries, read their webhooks and the reference data
@@ -628,7 +642,8 @@ class _Task:
 
 
 def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally,
-                 interruptions: tuple[type[BaseException], ...]) -> Report:
+                 interruptions: tuple[type[BaseException], ...],
+                 exhausted: list[tuple[store.Target, store.Finished]]) -> Report:
     """POST what a lot claimed; returns what its slot's release reports: the slowest response,
     and the webhook's successes and failures (its answers only, not notifier's own faults).
 
@@ -653,21 +668,24 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
             # as a timeout and retried on the schedule, then the task stops.
             _record(services, lease.webhook_id, target, judge(services, claimed, Result(
                 now_ms() - started, error=requests.Timeout(
-                    "cut by the delivery task's time limit")), started), tally)
+                    "cut by the delivery task's time limit")), started), tally, exhausted)
             raise
         slowest = max(slowest, finished.latency_ms)
         if posted and finished.outcome == DeliveryStatus.DELIVERED:
             delivered, failing_since = True, 0
         elif posted and not failing_since:
             failing_since = finished.started_at_ms
-        _record(services, lease.webhook_id, target, finished, tally)
+        _record(services, lease.webhook_id, target, finished, tally, exhausted)
     return Report(slowest, delivered, failing_since)
 
 
 def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
-            tally: Tally) -> None:
-    """Record an attempt, count it, and park its delivery if it is to be retried."""
+            tally: Tally, exhausted: list[tuple[store.Target, store.Finished]]) -> None:
+    """Record an attempt, count it, and park its delivery if it is to be retried; one that
+    died (retries exhausted) goes to ``exhausted``, for its alert."""
     store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+    if finished.outcome == DeliveryStatus.DEAD:
+        exhausted.append((target, finished))
     tally.attempt(webhook_id, finished.outcome, finished.latency_ms,
                   finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
     if finished.next_attempt_at_ms is not None:
@@ -940,10 +958,76 @@ def purge(services: Services) -> store.Purged | None:
                        batch=services.settings.retention_batch_size, now_ms=now)
 
 
-def check_sla(services: Services) -> int:
-    """Beat's SLA pass: stamp deliveries that missed their webhook's SLA; returns how many."""
+def check_sla(services: Services, send: SendLease) -> int:
+    """Beat's SLA pass: stamp deliveries that missed their webhook's SLA, count them and raise
+    their ``slaBreached`` alerts; returns how many."""
     flagged = store.flag_sla_breaches(services.db, now_ms=now_ms())
     tally = Tally()
-    tally.sla_breaches(flagged)
+    tally.sla_breaches(len(flagged))
     _count(services, tally)
-    return flagged
+    alert_sla_breached(services, flagged, send)
+    return len(flagged)
+
+
+# ---------------------------------------------------------------- operational alerts
+
+
+def raise_alerts(services: Services, raised: Iterable[alerts.Alert], send: SendLease) -> int:
+    """Keep each alert (``alerts.record``: once per key, whichever process raises it first) and
+    send the new ones as events to the operations webhooks that should hear them, by the same
+    pipeline as any event (``accept``: stored, fanned out to that webhook if it is subscribed,
+    signed, recorded). Returns how many were new.
+
+    An alert that cannot be kept or sent is logged and given up: it never fails the delivery,
+    disable or SLA check that raised it."""
+    tally, new = Tally(), 0
+    for alert in raised:
+        try:
+            if not alerts.record(services.db, alert, now_ms=now_ms()):
+                continue
+            new += 1
+            tally.alert(alert.kind)
+            for envelope, webhook_id in alerts.envelopes(
+                    services.db, alert, operator_webhook=services.settings.operator_alerts_webhook,
+                    now_ms=now_ms()):
+                accept(services, envelope, send, only_webhook=webhook_id)
+        except Exception as exc:
+            log.error("alert %s not raised: %s", alert.key, faults.summary(exc))
+    _count(services, tally)
+    return new
+
+
+def alert_webhook_disabled(services: Services, org_id: int, webhook_id: str, reason: str,
+                           send: SendLease) -> None:
+    """notifier deactivated a webhook (failing too long; any automatic deactivation goes
+    through here): ``webhookDisabled`` with the reason."""
+    raise_alerts(services, [alerts.webhook_disabled(org_id, webhook_id, reason,
+                                                    now_ms=now_ms())], send)
+
+
+def alert_webhook_recovered(services: Services, org_id: int, webhook_id: str, send: SendLease,
+                            *, reason: str = "") -> None:
+    """A webhook that was failing answers again: ``webhookRecovered``."""
+    raise_alerts(services, [alerts.webhook_recovered(org_id, webhook_id, now_ms=now_ms(),
+                                                     reason=reason)], send)
+
+
+def alert_delivery_exhausted(services: Services, target: store.Target, finished: store.Finished,
+                             send: SendLease) -> None:
+    """A delivery died, its retries exhausted: ``deliveryExhausted``; not for a delivery of an
+    alert event (an alert never raises one about itself)."""
+    claimed = finished.claimed
+    if alerts.is_alert_event(claimed.event):
+        return
+    raise_alerts(services, [alerts.delivery_exhausted(
+        target.org_id, target.id, claimed.id, claimed.event,
+        attempts=claimed.attempt_count + 1, last_status_code=finished.status_code)], send)
+
+
+def alert_sla_breached(services: Services, breaches: Sequence[tuple[str, str]],
+                       send: SendLease) -> None:
+    """Deliveries were stamped as SLA breaches (``(webhook id, delivery id)``, each once):
+    ``slaBreached``, one per webhook per minute with its count and first delivery ids. Those
+    of alert events raise none."""
+    if breaches:
+        raise_alerts(services, alerts.sla_breached(services.db, breaches, now_ms=now_ms()), send)

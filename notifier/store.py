@@ -636,6 +636,8 @@ class Target:
     updated_at_ms: int = 0
     # Deleted by its org (soft): inactive, and holding nothing.
     deleted: bool = False
+    # Its org: whose operations webhook hears the alerts about it (notifier.alerts).
+    org_id: int = 0
 
 
 @functools.cache
@@ -649,7 +651,7 @@ def _targets_statement() -> Any:
             .where(Org.id == w.org_id).scalar_subquery())
     live = and_(secrets.webhook_id == w.id,
                 or_(secrets.expires_at_ms.is_(None), secrets.expires_at_ms > bindparam("now")))
-    return (select(w.id, w.url, w.headers, w.active, w.sla_in_seconds,
+    return (select(w.id, w.org_id, w.url, w.headers, w.active, w.sla_in_seconds,
                    w.max_allowed_connections, w.updated_at_ms, w.deleted_at_ms,
                    *(w[column] for column in OPTION_COLUMNS.values()),
                    gate.label("points_allowed"), secrets.secret)
@@ -705,7 +707,7 @@ def _target(vault: Vault, rows: Sequence[Any]) -> Target:
                   {name: vault.open(value) for name, value in (hook.headers or {}).items()},
                   tuple(vault.open(row.secret) for row in rows if row.secret is not None),
                   hook.active, hook.sla_in_seconds, hook.max_allowed_connections, options,
-                  hook.updated_at_ms, hook.deleted_at_ms is not None)
+                  hook.updated_at_ms, hook.deleted_at_ms is not None, int(hook.org_id))
 
 
 def hold_statement(webhook_id: str) -> Update:
@@ -863,8 +865,10 @@ def open_work(db: Database) -> list[OpenDelivery]:
     return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), *r[4:]) for r in rows]
 
 
-def flag_sla_breaches(db: Database, *, now_ms: int) -> int:
-    """Stamp ``slaBreachTimestamp`` on deliveries not delivered within their webhook's SLA."""
+def flag_sla_breaches(db: Database, *, now_ms: int) -> list[tuple[str, str]]:
+    """Stamp ``slaBreachTimestamp`` on deliveries not delivered within their webhook's SLA;
+    returns the ``(webhook id, delivery id)`` of each row this call stamped (what its alerts
+    and counts are made of: a row stamped once is returned once)."""
     # In BIGINT: the column is a 32-bit integer, and its product with 1000 overflowed on
     # PostgreSQL for an SLA above 24.8 days.
     sla_ms = (select(cast(Webhook.sla_in_seconds, BigInteger) * 1000)
@@ -876,8 +880,9 @@ def flag_sla_breaches(db: Database, *, now_ms: int) -> int:
                    Delivery.status != DeliveryStatus.DELIVERED,
                    Delivery.ingested_at_ms + sla_ms < now_ms)
             .values(sla_breach_at_ms=Delivery.ingested_at_ms + sla_ms)
+            .returning(Delivery.webhook_id, Delivery.id)
             .execution_options(synchronize_session=False))
-        return int(getattr(result, "rowcount", 0) or 0)
+        return [(row[0], row[1]) for row in result]
 
 
 def create_org(db: Database, org_id: int, name: str, *, now_ms: int,

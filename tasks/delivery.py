@@ -219,7 +219,8 @@ def sweep(self: Task) -> None:
 @app.task(name="notifier.check_sla")
 def check_sla() -> None:
     try:
-        flagged = pipeline.check_sla(services())
+        with _sent_together() as send:
+            flagged = pipeline.check_sla(services(), send)
     except TransientError as exc:
         log.warning("SLA check skipped: %s", exc)
         return

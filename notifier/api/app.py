@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import notifier
 from config import Settings, load_settings
 from notifier import ui
-from notifier.api import routes_events, routes_logs, routes_reference, routes_webhooks
+from notifier.api import routes_events, routes_logs, routes_org, routes_reference, routes_webhooks
 from notifier.api.envelope import envelope, install_error_handlers
 from notifier.api.health import Checks, HealthCheck
 from notifier.api.limits import BodyLimit
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(routes_reference.router)
     app.include_router(routes_events.router)
     app.include_router(routes_logs.router)
+    app.include_router(routes_org.router)
     ui.install(app)
     # Outermost, so that no handler (nor the session middleware) reads an oversized body.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -25,7 +25,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from notifier import logs, pipeline, replays, store, tenants, webhooks
+from notifier import alerts, logs, pipeline, replays, store, tenants, webhooks
 from notifier.clock import now_ms
 from notifier.errors import AuthenticationFailed, InvalidInput, NotFound
 from notifier.models import Delivery, DeliveryStatus, Event, Org, Webhook
@@ -192,8 +192,10 @@ def notifications(request: Request, org: OrgId, inactive: bool = False) -> HTMLR
     hooks = webhooks.list_all(_context(request), org)
     hidden = sum(1 for h in hooks if not h["active"])
     shown = hooks if inactive else [h for h in hooks if h["active"]]
+    db = _services(request).db
     return _page(request, "notifications.html", hooks=shown, hidden=hidden,
-                 show_inactive=inactive, nav="notifications")
+                 show_inactive=inactive, nav="notifications",
+                 alerts=alerts.recent(db, org), operations=alerts.operations_webhook(db, org))
 
 
 def _form_page(request: Request, form: forms.NotificationForm, *, webhook_id: str | None,

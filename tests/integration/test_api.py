@@ -332,3 +332,41 @@ def test_health_names_what_is_down(database_url: str, broker_url: str, tmp_path:
     assert checks["database"] == "ok" and checks["broker"] == "ok"
     # Named, without exception text (which can carry hosts, users and paths).
     assert checks["redis"] == "down"
+
+
+def test_an_org_names_its_own_operations_webhook_and_no_other(api: Api) -> None:
+    own = api.webhook(1, eventNames=["webhookDisabled", "slaBreached"])["webHookId"]
+    other = api.webhook(2)["webHookId"]
+
+    refused = api.call("PUT", "/v3/org/operationsWebHook", json={"webHookId": other})
+    named = api.call("PUT", "/v3/org/operationsWebHook", json={"webHookId": own})
+
+    assert refused.status_code == 400, refused.text
+    assert [e["field"] for e in refused.json()["errors"]] == ["webHookId"]
+    assert named.status_code == 200 and named.json()["data"] == {"webHookId": own}
+    assert api.call("GET", "/v3/org/operationsWebHook").json()["data"] == {"webHookId": own}
+    assert api.call("GET", "/v3/org/operationsWebHook", 2).json()["data"] == {"webHookId": None}
+    assert api.call("GET", "/v3/org/alerts").json()["data"] == []
+    cleared = api.call("PUT", "/v3/org/operationsWebHook", json={"webHookId": None})
+    assert cleared.json()["data"] == {"webHookId": None}
+
+
+def test_recent_alerts_are_listed_in_the_api_and_on_the_notifications_page(api: Api) -> None:
+    from notifier import alerts
+    from tests.conftest import sign_in_form
+
+    hook = api.webhook(1)["webHookId"]
+    alerts.record(api.services.db, alerts.webhook_disabled(1, hook, "failing for 5 days",
+                                                           now_ms=1000), now_ms=1000)
+    alerts.record(api.services.db, alerts.webhook_disabled(2, "wh_other", "not org 1's",
+                                                           now_ms=1000), now_ms=1000)
+
+    listed = api.call("GET", "/v3/org/alerts").json()["data"]
+    form = api.client.get("/ui/login")
+    api.client.post("/ui/login", data=sign_in_form(form.text, 1, api.keys[1]))
+    page = api.client.get("/ui/notifications").text
+
+    assert [(a["kind"], a["webHookId"], a["data"]["reason"]) for a in listed] == [
+        ("webhookDisabled", hook, "failing for 5 days")]
+    assert "Recent alerts" in page and "failing for 5 days" in page and hook in page
+    assert "not org 1" not in page

@@ -227,8 +227,8 @@ def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> No
     store.ingest(org, load_catalog(), event("e-1"), now_ms=1000)
     store.ingest(org, load_catalog(), event("e-2"), now_ms=50_000)
 
-    assert store.flag_sla_breaches(org, now_ms=20_000) == 1
-    assert store.flag_sla_breaches(org, now_ms=30_000) == 0
+    assert len(store.flag_sla_breaches(org, now_ms=20_000)) == 1
+    assert len(store.flag_sla_breaches(org, now_ms=30_000)) == 0
     with org.session() as session:
         flagged = session.scalars(select(Delivery.sla_breach_at_ms).order_by(
             Delivery.ingested_at_ms)).all()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft6Validator
 
+from notifier import alerts
 from notifier.errors import InvalidEvent
 from notifier.schemas import SCHEMAS_DIR, EventCatalog, load_catalog
 
@@ -27,6 +28,7 @@ GROUPS = {
     "Request Updates",
     "Advanced Request Workflows",
     "Communication",
+    "Operations",
 }
 CATALOG = load_catalog()
 DRAFT6 = "http://json-schema.org/draft-06/schema#"
@@ -41,13 +43,23 @@ def _load(name: str) -> dict[str, Any]:
     return data
 
 
+# The least data of each of notifier's own alert events (notifier.alerts).
+ALERT_DATA: dict[str, dict[str, Any]] = {
+    "slaBreached": {"webHookId": "wh_1", "orgId": 51186, "count": 200,
+                    "firstDeliveryIds": ["msg_1", "msg_2"], "minuteStart": 1750224480000},
+    "webhookDisabled": {"webHookId": "wh_1", "orgId": 51186, "reason": "failing for 5 days"},
+    "webhookRecovered": {"webHookId": "wh_1", "orgId": 51186},
+    "deliveryExhausted": {"webHookId": "wh_1", "orgId": 51186, "deliveryId": "msg_1"},
+}
+
+
 def _minimal_event(name: str) -> dict[str, Any]:
     return {
         "eventName": name,
         "eventId": "4647d7b7-61c0-480f-8dfe-40ff87f8a445",
         "orgId": 51186,
         "createdAt": 1750224535590,
-        "data": {"customerIdentifiers": {"customerId": 1}},
+        "data": ALERT_DATA.get(name, {"customerIdentifiers": {"customerId": 1}}),
     }
 
 
@@ -241,3 +253,27 @@ def test_delivery_failure_status_enum() -> None:
     assert _problem(event) is None
     event["data"]["deliveryFailureStatus"] = "BOUNCED_SOMEHOW"
     assert (_problem(event) or "").startswith("$.data.deliveryFailureStatus:")
+
+
+def test_the_alert_events_are_in_the_catalog_as_operations() -> None:
+    catalog = json.loads((SCHEMAS_DIR / "catalog.json").read_text(encoding="utf-8"))
+    assert set(ALERT_DATA) == set(alerts.KINDS)
+    assert {name for name, entry in catalog.items() if entry["group"] == "Operations"} == set(
+        alerts.KINDS)
+
+
+@pytest.mark.parametrize(("name", "field", "value", "path"), [
+    ("webhookDisabled", "reason", None, "$.data"),
+    ("deliveryExhausted", "deliveryId", None, "$.data"),
+    ("slaBreached", "count", 0, "$.data.count"),
+    ("slaBreached", "firstDeliveryIds", [f"msg_{n}" for n in range(11)],
+     "$.data.firstDeliveryIds"),
+    ("webhookRecovered", "webHookId", None, "$.data"),
+])
+def test_an_alert_event_without_what_it_must_say_fails(
+        name: str, field: str, value: Any, path: str) -> None:
+    event = _minimal_event(name)
+    event["data"] = {**event["data"], field: value}
+    if value is None:
+        del event["data"][field]
+    assert (_problem(event) or "").startswith(f"{path}:")

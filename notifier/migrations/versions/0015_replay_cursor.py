@@ -3,14 +3,14 @@ batch) and when it finished, so that a worker can carry a large replay on, and c
 after a crash, from where it stopped
 
 Revision ID: 0015
-Revises: 0011
+Revises: 0014
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0015"
-down_revision = "0011"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,275 @@
+"""Operational alert events (notifier.alerts) through a real worker, beat and receiver: each sent,
+signed, to the operations webhooks that hear it, once; never an alert about an alert."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from notifier import alerts, pipeline, publish, store
+from notifier.client import lease_sender
+from notifier.db import Database
+from notifier.models import Alert, Delivery, DeliveryStatus, Event
+from notifier.pipeline import build_services
+from notifier.schemas import load_catalog
+from notifier.vault import vault_for
+from tests.conftest import Receiver, Stack, create_webhook, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+ORG = 51186
+OPERATOR_ORG = 1
+ALERT_NAMES = tuple(sorted(alerts.KINDS))
+
+
+@pytest.fixture
+def database(stack: Stack) -> Iterator[Database]:
+    opened = Database(stack.settings.database_url)
+    store.create_org(opened, ORG, "test org", now_ms=0)
+    store.create_org(opened, OPERATOR_ORG, "the operator", now_ms=0)
+    yield opened
+    opened.dispose()
+
+
+def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,
+         org: int = ORG, events: tuple[str, ...] = ("pointsIssued",),
+         **options: Any) -> tuple[str, str]:
+    return create_webhook(
+        database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
+        org_id=org, name=path.strip("/"), url=receiver.url(path), event_names=list(events),
+        now_ms=0, **options)
+
+
+def send(stack: Stack, n: int = 1, event_name: str = "pointsIssued") -> str:
+    return publish(event_name, {"customerIdentifiers": {"customerId": n}},
+                   org_id=ORG, broker_url=stack.settings.broker_url)
+
+
+def rows(database: Database, model: Any, **where: Any) -> list[Any]:
+    with database.session() as session:
+        query = select(model)
+        for name, value in where.items():
+            query = query.where(getattr(model, name) == value)
+        return list(session.scalars(query))
+
+
+def verified(request: Any, secret: str) -> dict[str, Any]:
+    StandardWebhook(secret).verify(request.body, request.headers)  # raises on a bad signature
+    body: dict[str, Any] = json.loads(request.body)
+    return body
+
+
+def test_a_webhook_disabled_for_failing_too_long_sends_one_webhook_disabled_with_the_reason(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    broken, _ = hook(stack, database, receiver, "/broken")
+    ops, ops_secret = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    operator, operator_secret = hook(stack, database, receiver, "/operator", org=OPERATOR_ORG,
+                                     events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    receiver.script("/broken", *[503] * 200)
+    stack.env["NOTIFIER_DISABLE_FAILING_AFTER"] = "2"
+    stack.env["NOTIFIER_OPERATOR_ALERTS_WEBHOOK"] = operator
+    stack.worker()
+    stack.beat()
+    base = stack.web()
+
+    send(stack)
+
+    (got,) = receiver.wait_for(1, "/ops", timeout=60)
+    (to_operator,) = receiver.wait_for(1, "/operator", timeout=30)
+    body = verified(got, ops_secret)
+    assert body["eventName"] == "webhookDisabled" and body["orgId"] == ORG
+    assert body["data"]["webHookId"] == broken and body["data"]["orgId"] == ORG
+    assert body["data"]["reason"].startswith("deactivated by notifier: every attempt has failed")
+    # The operator's copy: an event of the operator's org, the same alert.
+    operator_body = verified(to_operator, operator_secret)
+    assert operator_body["orgId"] == OPERATOR_ORG and operator_body["data"] == body["data"]
+    # Delivered and recorded like any event; raised once.
+    wait_until(lambda: [d for d in rows(database, Delivery, webhook_id=ops)
+                        if d.status == DeliveryStatus.DELIVERED], 30, "the alert delivered")
+    (kept,) = rows(database, Alert)
+    assert (kept.kind, kept.webhook_id, kept.data["reason"]) == (
+        "webhookDisabled", broken, body["data"]["reason"])
+    samples = requests.get(f"{base}/metrics", timeout=10).text
+    counted = {sample.labels.get("kind"): sample.value
+               for family in text_string_to_metric_families(samples)
+               if family.name == "notifier_alerts" for sample in family.samples}
+    assert counted == {"webhookDisabled": 1}
+    assert len(receiver.at("/ops")) == 1 and len(receiver.at("/operator")) == 1
+
+
+def test_a_dead_delivery_sends_delivery_exhausted(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    dying, _ = hook(stack, database, receiver, "/dying")
+    ops, ops_secret = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    receiver.script("/dying", *[500] * 200)
+    stack.env["NOTIFIER_RETRY_HORIZON"] = "1"
+    stack.worker()
+    stack.beat()
+
+    event_id = send(stack)
+
+    (got,) = receiver.wait_for(1, "/ops", timeout=60)
+    (dead,) = rows(database, Delivery, webhook_id=dying)
+    assert dead.status == DeliveryStatus.DEAD
+    body = verified(got, ops_secret)
+    assert body["eventName"] == "deliveryExhausted"
+    assert body["data"] == {"webHookId": dying, "orgId": ORG, "deliveryId": dead.id,
+                            "eventId": event_id, "eventName": "pointsIssued",
+                            "attempts": dead.attempt_count, "lastStatusCode": 500}
+
+
+def test_a_flood_of_late_deliveries_sends_one_sla_breached_per_webhook_per_minute(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    late, _ = hook(stack, database, receiver, "/late", sla_in_seconds=1,
+                   max_allowed_connections=1)
+    ops, ops_secret = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    receiver.script("/late", *[500] * 5000)  # never delivered: every one stays late
+    stack.worker()
+    stack.beat()
+    # A second beat: two SLA checks race for the same minutes.
+    stack.beat("beat2")
+
+    for n in range(200):
+        send(stack, n)
+
+    wait_until(lambda: len([d for d in rows(database, Delivery, webhook_id=late)
+                            if d.sla_breach_at_ms is not None]) == 200, 60, "200 breaches stamped")
+    # Every breach is counted in its minute's alert (a kept count grows with later finds).
+    wait_until(lambda: sum(a.count for a in rows(database, Alert)) == 200, 30, "200 counted")
+    kept = rows(database, Alert)
+    assert {a.kind for a in kept} == {"slaBreached"} and {a.webhook_id for a in kept} == {late}
+    minutes = sorted(a.data["minuteStart"] for a in kept)
+    assert len(minutes) == len(set(minutes)) <= 2  # one a minute; 200 events fit in two
+    got = receiver.wait_for(len(kept), "/ops", timeout=30)
+    wait_until(lambda: len([d for d in rows(database, Delivery, webhook_id=ops)
+                            if d.status == DeliveryStatus.DELIVERED]) == len(kept), 30,
+               "the alerts delivered")
+    late_ids = {d.id for d in rows(database, Delivery, webhook_id=late)}
+    sent = sorted((verified(request, ops_secret) for request in receiver.at("/ops")),
+                  key=lambda body: body["data"]["minuteStart"])
+    assert len(got) == len(sent) == len(kept)
+    for body, row in zip(sent, sorted(kept, key=lambda a: a.data["minuteStart"]), strict=True):
+        data = body["data"]
+        assert body["eventName"] == "slaBreached" and data["webHookId"] == late
+        assert data["minuteStart"] == row.data["minuteStart"] and data["slaInSeconds"] == 1
+        # At least this many: what the minute found when it was raised.
+        assert 1 <= data["count"] <= row.count
+        assert len(data["firstDeliveryIds"]) == min(10, data["count"])
+        assert set(data["firstDeliveryIds"]) <= late_ids
+
+
+def test_the_operations_webhook_failing_raises_no_alert_about_itself(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    dying, _ = hook(stack, database, receiver, "/dying")
+    # It fails every alert sent to it, past its SLA: neither its dead deliveries nor its
+    # breaches raise an alert, which it would be sent, and fail, and so on.
+    ops, _ = hook(stack, database, receiver, "/ops", events=ALERT_NAMES, sla_in_seconds=1)
+    alerts.set_operations_webhook(database, ORG, ops)
+    receiver.script("/dying", *[500] * 200)
+    receiver.script("/ops", *[500] * 200)
+    stack.env["NOTIFIER_RETRY_HORIZON"] = "2"
+    stack.worker()
+    stack.beat()
+
+    send(stack)
+
+    (to_ops,) = wait_until(lambda: [d for d in rows(database, Delivery, webhook_id=ops)
+                                    if d.status == DeliveryStatus.DEAD
+                                    and d.sla_breach_at_ms is not None], 60,
+                           "the alert's delivery dead, past its SLA")
+    # Beat's check that stamped it has finished (it logs after raising its alerts).
+    wait_until(lambda: "SLA: 1 deliveries flagged" in stack.log("w1"), 30, "the SLA check")
+    (kept,) = rows(database, Alert)
+    assert (kept.kind, kept.webhook_id) == ("deliveryExhausted", dying)
+    assert {r.headers["webhook-id"] for r in receiver.at("/ops")} == {to_ops.id}
+    assert len(rows(database, Delivery, webhook_id=ops)) == 1
+
+
+def test_no_operations_webhook_named_or_subscribed_sends_nothing_and_loses_nothing(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    first, _ = hook(stack, database, receiver, "/first")
+    hook(stack, database, receiver, "/watcher", events=ALERT_NAMES)  # subscribed, not named
+    receiver.script("/first", *[500] * 200)
+    stack.env["NOTIFIER_RETRY_HORIZON"] = "1"
+    stack.worker()
+    stack.beat()
+
+    send(stack, 1)
+
+    (kept,) = wait_until(lambda: rows(database, Alert), 60, "the alert kept")
+    assert (kept.kind, kept.webhook_id) == ("deliveryExhausted", first)
+    assert alerts.recent(database, ORG)[0]["kind"] == "deliveryExhausted"
+
+    # Named, but not subscribed to the kind: the alert's event is stored, and goes nowhere.
+    second, _ = hook(stack, database, receiver, "/second", events=("tierUpgraded",))
+    named, _ = hook(stack, database, receiver, "/named", events=("slaBreached",))
+    alerts.set_operations_webhook(database, ORG, named)
+    receiver.script("/second", *[500] * 200)
+    send(stack, 2, "tierUpgraded")
+    wait_until(lambda: len(rows(database, Alert)) == 2, 60, "the second alert kept")
+    wait_until(lambda: rows(database, Event, event_name="deliveryExhausted"), 30,
+               "the alert's event stored")
+    assert [d for d in rows(database, Delivery)
+            if d.webhook_id not in (first, second)] == []
+    assert receiver.at("/watcher") == [] and receiver.at("/named") == []
+    assert [a["webHookId"] for a in alerts.recent(database, ORG)] == [second, first]
+
+
+def test_webhook_recovered_through_the_pipeline(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    mended, _ = hook(stack, database, receiver, "/mended")
+    ops, ops_secret = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    stack.worker()
+    services = build_services(stack.settings)
+    try:
+        pipeline.alert_webhook_recovered(services, ORG, mended,
+                                         lease_sender(stack.settings.broker_url),
+                                         reason="its circuit closed")
+    finally:
+        services.db.dispose()
+        services.queues.client.close()
+
+    (got,) = receiver.wait_for(1, "/ops", timeout=30)
+    body = verified(got, ops_secret)
+    assert body["eventName"] == "webhookRecovered"
+    assert body["data"] == {"webHookId": mended, "orgId": ORG, "reason": "its circuit closed"}
+
+
+def test_one_alert_per_key_however_many_race_for_it(database_url: str) -> None:
+    """Several processes raising the same minute's slaBreached at once: one sends it, and the
+    kept count is every breach they found."""
+    db = Database(database_url)
+    store.create_org(db, ORG, "test org", now_ms=0)
+    raised = alerts.Alert("slaBreached", ORG, "wh_1", "slaBreached:wh_1:60000",
+                          {"count": 3}, count=3)
+    won: list[bool] = []
+    start = threading.Barrier(8)
+
+    def race() -> None:
+        start.wait()
+        won.append(alerts.record(db, raised, now_ms=int(time.time() * 1000)))
+
+    try:
+        threads = [threading.Thread(target=race) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(won) == [False] * 7 + [True]
+        (kept,) = rows(db, Alert)
+        assert kept.count == 24
+    finally:
+        db.dispose()
