@@ -180,21 +180,23 @@ def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) 
 
 
 def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
-           only_webhook: str | None = None) -> store.IngestOutcome:
+           only_webhook: str | None = None, own: bool = False) -> store.IngestOutcome:
     """Store, validate and fan out one event, queue its deliveries and send what can go now.
 
-    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest``).
+    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest``). ``own``: one of
+    notifier's own events (an alert), which a producer's event may not be.
     """
-    return accept_many(services, [envelope], send, only_webhook=only_webhook)[0]
+    return accept_many(services, [envelope], send, only_webhook=only_webhook, own=own)[0]
 
 
 def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send: SendLease, *,
-                only_webhook: str | None = None) -> list[store.IngestOutcome]:
+                only_webhook: str | None = None, own: bool = False) -> list[store.IngestOutcome]:
     """``accept`` for several events: one transaction stores them all, and each webhook's new
     deliveries reach its queue in one call."""
     outcomes = store.ingest_many(services.db, services.catalog, envelopes, now_ms=now_ms(),
                                  only_webhook=only_webhook,
-                                 max_event_bytes=services.settings.max_event_bytes)
+                                 max_event_bytes=services.settings.max_event_bytes,
+                                 reserved=() if own else alerts.KINDS)
     _offer(services, [queued for outcome in outcomes for queued in outcome.queued], send)
     tally = Tally()
     tally.ingest_batch()
@@ -990,7 +992,7 @@ def raise_alerts(services: Services, raised: Iterable[alerts.Alert], send: SendL
             for envelope, webhook_id in alerts.envelopes(
                     services.db, alert, operator_webhook=services.settings.operator_alerts_webhook,
                     now_ms=now_ms()):
-                accept(services, envelope, send, only_webhook=webhook_id)
+                accept(services, envelope, send, only_webhook=webhook_id, own=True)
         except Exception as exc:
             log.error("alert %s not raised: %s", alert.key, faults.summary(exc))
     _count(services, tally)

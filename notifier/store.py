@@ -11,7 +11,7 @@ import json
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -188,8 +188,12 @@ def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
 
 def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *,
                 now_ms: int, only_webhook: str | None = None,
-                max_event_bytes: int | None = None) -> list[IngestOutcome]:
+                max_event_bytes: int | None = None,
+                reserved: Collection[str] = ()) -> list[IngestOutcome]:
     """``ingest`` for several events in one transaction; the outcomes in the envelopes' order.
+
+    An event named in ``reserved`` (notifier's own events, when a producer publishes) is
+    stored rejected, naming ``eventName``.
 
     Each envelope should be a mapping; anything else is stored rejected, naming the problem.
     An envelope over ``max_event_bytes`` is stored rejected with only the fields that name it
@@ -223,6 +227,9 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
         try:
             _check_finite(event, "$")
             catalog.validate(event)
+            if event["eventName"] in reserved:
+                raise InvalidEvent("$.eventName", f"{event['eventName']!r} is one of notifier's "
+                                   "own alert events, which only notifier publishes")
         except InvalidEvent as exc:
             invalid = exc
         row = _event_row(event, invalid, now_ms)

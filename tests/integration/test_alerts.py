@@ -273,3 +273,19 @@ def test_one_alert_per_key_however_many_race_for_it(database_url: str) -> None:
         assert kept.count == 24
     finally:
         db.dispose()
+
+
+def test_a_producer_cannot_publish_an_alert(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    """The alert kinds are notifier's own: one published by a producer (a forged
+    webhookDisabled, say) is stored rejected, naming eventName, and reaches no webhook."""
+    hook(stack, database, receiver, "/watcher", events=ALERT_NAMES)
+    stack.worker()
+
+    forged = publish("webhookDisabled", {"webHookId": "x" * 24, "orgId": ORG, "reason": "forged"},
+                     org_id=ORG, broker_url=stack.settings.broker_url)
+
+    (event,) = wait_until(lambda: rows(database, Event, event_id=forged), 30, "the event row")
+    assert (event.status, event.error_path) == ("rejected", "$.eventName")
+    assert "notifier's own" in (event.error_message or "")
+    assert rows(database, Delivery) == [] and receiver.at("/watcher") == []
