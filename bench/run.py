@@ -401,7 +401,6 @@ def notifier_env(folder: Path) -> dict[str, str]:
     return env
 
 
-
 def create_webhook(db: Any, catalog: Any, vault: Any, *, org_id: int, name: str, url: str,
                    event_names: list[str], max_allowed_connections: int = 10,
                    headers: dict[str, str] | None = None, **options: Any) -> str:
