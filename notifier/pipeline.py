@@ -293,8 +293,14 @@ def _dispatch(services: Services, webhook_ids: Iterable[str], send: SendLease) -
 def limit_changed(services: Services, webhook_id: str, limit: int, send: SendLease) -> int:
     """A webhook was saved with ``maxAllowedConnections=limit``: Redis enforces it at once (a
     lowered cap starts no new lease until enough are back; a raised one takes in what waits).
-    Returns the leases sent. With Redis away the cap comes with the webhook's next event."""
+    Returns the leases sent. With Redis away the cap comes with the webhook's next event.
+
+    The save (an activation, a new cap) also closes the webhook's circuit breaker: its org has
+    looked at it, as the failing period of NOTIFIER_DISABLE_FAILING_AFTER starts again then; a
+    breaker left open from before its deactivation would hold back what it is sent next for up
+    to NOTIFIER_BREAKER_COOLDOWN_MAX."""
     try:
+        services.queues.reset_breaker(webhook_id)
         services.queues.set_limit(webhook_id, limit)
         return pump(services, [webhook_id], send)
     except TransientError as exc:

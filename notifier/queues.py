@@ -800,6 +800,15 @@ class Queues:
         return QueueState({_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)},
                           int(parked), int(held), int(slow), int(rechecks))
 
+    def reset_breaker(self, webhook_id: str) -> None:
+        """Close a webhook's circuit breaker and forget its failures (a fresh start)."""
+        def reset() -> None:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.hdel(f"{self.prefix}:breaker:runs", webhook_id)
+                pipe.hdel(f"{self.prefix}:breaker:open", webhook_id)
+                pipe.execute()
+        self._run(reset)
+
     def breakers(self, webhook_ids: Sequence[str] | None = None, *,
                  now_ms: int) -> dict[str, Breaker]:
         """The circuit breakers of these webhooks (default: every one not closed or with
