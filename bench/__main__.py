@@ -1,5 +1,5 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
-[--latency] [--http] [--isolation] [--enrichment] [--webhooks 10,1000] [--backlog N]
+[--latency] [--http] [--isolation [--isolation-dead STATUS]] [--enrichment] [--webhooks 10,1000] [--backlog N]
 [--retention N] [--soak SECONDS [--soak-rate R]]``."""
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="fan-out 1 fed by POST /v3/events (default on; off with --quick)")
     parser.add_argument("--isolation", action=on, help="9 fast webhooks' p99 alone and beside one "
                         "answering after 2 s (default on; off with --quick)")
+    parser.add_argument("--isolation-dead", type=int, metavar="STATUS", default=0,
+                        help="with --isolation: the 9 fast webhooks beside a dead one answering "
+                             "every request with STATUS (503: its circuit breaker opens; 410: "
+                             "deactivated at once); default off")
     parser.add_argument("--enrichment", action=on,
                         help="fan-out 1 with every enrichment option off, then on, against loaded "
                              "reference data; reports the per-delivery cost (default on; off with "
@@ -294,6 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                 except run.BenchError as exc:
                     failed.append("isolation")
                     notes.append(f"isolation: FAILED {str(exc).splitlines()[0]}")
+                if args.isolation_dead:
+                    try:
+                        dead_p99, text = extra.isolation_dead(
+                            receiver, folder, c, rate, args.latency_seconds, args.max_connections,
+                            status=args.isolation_dead)
+                        print(text, flush=True)
+                        notes.append(f"isolation: fast webhooks' p99 {dead_p99:.1f} ms beside a "
+                                     f"dead webhook answering {args.isolation_dead}")
+                    except run.BenchError as exc:
+                        failed.append("isolation-dead")
+                        notes.append(f"isolation-dead: FAILED {str(exc).splitlines()[0]}")
 
         if args.enrichment:
             off, on = Row("enrichment OFF fan-out 1"), Row("enrichment ON fan-out 1")

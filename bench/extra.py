@@ -234,6 +234,36 @@ def isolation(receiver: Receiver, folder: Path, concurrency: int, rate: float, s
     return without, with_slow, text
 
 
+def isolation_dead(receiver: Receiver, folder: Path, concurrency: int, rate: float,
+                   seconds: float, connections: int, status: int = 503) -> tuple[float, str]:
+    """9 fast webhooks beside one dead endpoint, answering every request with ``status`` (503:
+    always failing, its circuit breaker opens and it gets probes only; 410: deactivated at its
+    first answer), subscribed to the same events (maxAllowedConnections=2).
+
+    Offered load: ``rate`` deliveries/s to the fast ones together (the dead one gets as many
+    events again). Returns the fast p99 (ms) and a line saying what the dead endpoint got; to
+    be read against ``isolation``'s fast p99 alone, from the same run.
+    """
+    from notifier import publish
+
+    fast = [(run.ORG, receiver.url(f"/fast/{i}"), connections) for i in range(9)]
+    (folder / "isolation-dead").mkdir()
+    with Receiver(1, status=status) as dead:
+        with stack(folder / "isolation-dead", concurrency,
+                   [*fast, (run.ORG, dead.url("/dead"), 2)]):
+            def load(for_seconds: float) -> tuple[list[float], str]:
+                return offered_load(receiver, rate / 9, for_seconds, 9, lambda: publish(
+                    run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
+
+            cold, _ = load(WARM_UP_SECONDS)
+            lat, note = load(seconds)
+        dead_got = dead.count
+    text = (f"  fast p99 beside a dead webhook (every answer {status}): {percentiles(lat)}; "
+            f"{note}; the {WARM_UP_SECONDS:.0f} s warm-up before it: p99 {p99(cold):.1f} ms; "
+            f"the dead one got {dead_got} requests in {WARM_UP_SECONDS + seconds:.0f} s")
+    return p99(lat), text
+
+
 # ---------------------------------------------------------------- many webhooks
 
 

@@ -92,6 +92,13 @@ def _schedule(raw: str) -> tuple[float, ...]:
     return steps
 
 
+def _log_format(raw: str) -> str:
+    word = raw.strip().lower()
+    if word not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return word
+
+
 def _networks(raw: str) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(part.strip()) for part in raw.split(",") if part.strip())
 
@@ -199,6 +206,15 @@ SETTINGS: tuple[Setting, ...] = (
             "alert events (slaBreached, webhookDisabled, webhookRecovered, deliveryExhausted) "
             "about every org's webhooks, besides each org's own operations webhook; those it is "
             "subscribed to. Empty: none."),
+    Setting("breaker_failures", _non_negative_int, "5",
+            "Failed attempts in a row after which a webhook's circuit breaker opens: its queue "
+            "pauses (nothing is sent to it, its retries wait without being tried) until one "
+            "probe delivery, after NOTIFIER_BREAKER_COOLDOWN, succeeds; 0: no breaker."),
+    Setting("breaker_cooldown", _positive_float, "10",
+            "Seconds an open circuit breaker waits before its probe; doubled after each failed "
+            "probe, up to NOTIFIER_BREAKER_COOLDOWN_MAX."),
+    Setting("breaker_cooldown_max", _positive_float, "600",
+            "Most seconds an open circuit breaker waits between probes."),
     Setting("allow_private_networks", _networks, "",
             "CIDRs a webhook may target besides public addresses, comma separated "
             "(e.g. 127.0.0.0/8 for local tests)."),
@@ -238,6 +254,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
     Setting("sla_check_interval", _positive_float, "30",
             "Seconds between beat checks for deliveries past their webhook's SLA."),
+    Setting("log_format", _log_format, "text",
+            "How the workers write their logs: text, or json (one JSON object a line; each "
+            "delivery attempt a line of its own with its event, delivery and webhook ids, "
+            "status, latency and outcome, never a payload or a header value)."),
     Setting("task_events", _switch, "on",
             "Workers send task events (received, started, succeeded), which Flower shows. They "
             "cost about 9% of a busy worker's delivery rate (python -m bench, fan-out 1); off "
@@ -300,6 +320,9 @@ class Settings:
     retry_after_max: float
     disable_failing_after: float
     operator_alerts_webhook: str | None
+    breaker_failures: int
+    breaker_cooldown: float
+    breaker_cooldown_max: float
     allow_private_networks: tuple[Network, ...]
     webhook_max_headers: int
     webhook_max_header_bytes: int
@@ -314,6 +337,7 @@ class Settings:
     fast_lane_leases: int
     sweep_interval: float
     sla_check_interval: float
+    log_format: str
     task_events: bool
     retention_days: int
     retention_batch_size: int

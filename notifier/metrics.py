@@ -8,10 +8,11 @@ loses its state starts the counters again from zero, which Prometheus reads as a
 
 Counters: events by outcome, deliveries made by the fan-out, attempts by webhook and outcome,
 delivery tasks and the leases they carried, SLA breaches flagged, failing webhooks deactivated,
-operational alerts raised by kind;
+operational alerts raised by kind; circuit breakers opened and closed;
 histograms: the webhook's response time, and the time from ingest to delivery. Gauges:
 deliveries waiting in each webhook's queue, retries parked, re-checks parked (no retries), slots
-held, webhooks in the slow lane, unfinished deliveries by status (the database's count), and
+held, webhooks in the slow lane, circuit breakers by state (and, for the webhooks failing now,
+their failures in a row and next probe), unfinished deliveries by status (the database's count), and
 the messages waiting in each broker queue that no worker consumes.
 """
 
@@ -34,7 +35,7 @@ from notifier.clock import now_ms
 from notifier.consumers import QUEUES
 from notifier.db import Database
 from notifier.models import DeadLetter, Delivery, DeliveryStatus
-from notifier.queues import Queues
+from notifier.queues import BREAKER_STATES, Queues
 
 __all__ = ["DELIVERED_BUCKETS_MS", "RESPONSE_BUCKETS_MS", "ServiceCollector", "Tally"]
 
@@ -86,6 +87,10 @@ class Tally:
         """An operational alert was raised (``notifier.alerts``; once each)."""
         self.counts[f"alerts|{kind}"] += 1
 
+    def breaker(self, state: str) -> None:
+        """A webhook's circuit breaker opened, or closed after being open."""
+        self.counts[f"breakers|{state}"] += 1
+
     def sla_breaches(self, count: int) -> None:
         if count:
             self.counts["sla_breaches"] += count
@@ -134,6 +139,10 @@ class ServiceCollector(Collector):
         yield _single(CounterMetricFamily, "notifier_webhooks_disabled", "Webhooks notifier "
                       "deactivated: every attempt failed for NOTIFIER_DISABLE_FAILING_AFTER.",
                       counts.get("webhooks_disabled", 0))
+        yield _counter("notifier_circuit_breaker_transitions", "Webhooks' circuit breakers that "
+                       "opened (NOTIFIER_BREAKER_FAILURES failed attempts in a row), or closed "
+                       "after being open (the webhook recovered), by the state they went to.",
+                       counts, "breakers", ["state"])
         yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries that the SLA "
                       "check found not delivered within their webhook's SLA.",
                       counts.get("sla_breaches", 0))
@@ -160,6 +169,7 @@ class ServiceCollector(Collector):
         yield _single(GaugeMetricFamily, "notifier_webhooks_slow_lane", "Webhooks sent to by the "
                       "slow lane: their slowest recent answer took NOTIFIER_SLOW_WEBHOOK_MS or "
                       "more.", state.slow)
+        yield from self._breakers()
         open_ = GaugeMetricFamily("notifier_deliveries_open", "Unfinished deliveries in the "
                                   "database (the source of truth), by status.",
                                   labels=["status"])
@@ -171,6 +181,33 @@ class ServiceCollector(Collector):
         yield _single(GaugeMetricFamily, "notifier_dead_letters", "Events kept as dead letters "
                       "(not storable, or failing past NOTIFIER_INGEST_RETRY_HORIZON) and not "
                       "replayed yet: notifier dead-letters list.", self._dead_letters())
+
+    def _breakers(self) -> Iterator[Metric]:
+        now = now_ms()
+        breakers = self.queues.breakers(now_ms=now)
+        states = Counter(breaker.state for breaker in breakers.values())
+        family = GaugeMetricFamily("notifier_circuit_breakers", "Webhooks' circuit breakers by "
+                                   "state: open (paused until its probe), halfOpen (its probe "
+                                   "may go, or is out); closed counts only those with failed "
+                                   "attempts in a row (the others are not kept).",
+                                   labels=["state"])
+        for state in BREAKER_STATES:
+            family.add_metric([state], states.get(state, 0))
+        yield family
+        # Per webhook only for those failing now (as notifier_deliveries_waiting: those waiting).
+        failures = GaugeMetricFamily("notifier_webhook_consecutive_failures", "Failed attempts "
+                                     "in a row of a webhook with any (its circuit breaker opens "
+                                     "at NOTIFIER_BREAKER_FAILURES).", labels=["webhook"])
+        probes = GaugeMetricFamily("notifier_webhook_breaker_next_probe_timestamp_seconds",
+                                   "When the probe of a webhook whose circuit breaker is open "
+                                   "may go (Unix time).", labels=["webhook"])
+        for webhook_id, breaker in sorted(breakers.items()):
+            if breaker.consecutive_failures:
+                failures.add_metric([webhook_id], breaker.consecutive_failures)
+            if breaker.next_probe_at_ms is not None:
+                probes.add_metric([webhook_id], breaker.next_probe_at_ms / 1000)
+        yield failures
+        yield probes
 
     def _unconsumed(self, lengths: Mapping[str, int] | None) -> Iterator[Metric]:
         if lengths is None:  # the broker did not answer: no sample rather than a false 0

@@ -38,6 +38,7 @@ from notifier.replays import Selection
 from notifier.retry import next_attempt_at_ms
 from notifier.schemas import EventCatalog, load_catalog
 from notifier.sender import (
+    GONE_STATUS,
     HttpSender,
     OutboundRequest,
     Result,
@@ -64,6 +65,7 @@ __all__ = [
     "alert_sla_breached",
     "alert_webhook_disabled",
     "alert_webhook_recovered",
+    "breaker_views",
     "build_services",
     "carry_on_replay",
     "check_sla",
@@ -88,6 +90,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# One line per delivery attempt, its fields also as data (``extra``) for NOTIFIER_LOG_FORMAT=json.
+attempt_log = logging.getLogger("notifier.attempts")
 
 SendLease = Callable[[Lease], None]
 EXCERPT_BYTES = 1024
@@ -138,7 +142,10 @@ def build_services(settings: Settings) -> Services:
         db=Database(settings.database_url, timeout=settings.database_timeout),
         queues=Queues(settings.redis_url, settings.redis_prefix,
                       slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms,
-                      fast_leases=settings.fast_lane_leases),
+                      fast_leases=settings.fast_lane_leases,
+                      breaker_failures=settings.breaker_failures,
+                      breaker_cooldown_ms=round(settings.breaker_cooldown * 1000),
+                      breaker_cooldown_max_ms=round(settings.breaker_cooldown_max * 1000)),
         catalog=load_catalog(),
         sender=HttpSender(timeout=settings.http_timeout,
                           max_response_bytes=settings.max_response_bytes,
@@ -308,8 +315,14 @@ def _dispatch(services: Services, webhook_ids: Iterable[str], send: SendLease) -
 def limit_changed(services: Services, webhook_id: str, limit: int, send: SendLease) -> int:
     """A webhook was saved with ``maxAllowedConnections=limit``: Redis enforces it at once (a
     lowered cap starts no new lease until enough are back; a raised one takes in what waits).
-    Returns the leases sent. With Redis away the cap comes with the webhook's next event."""
+    Returns the leases sent. With Redis away the cap comes with the webhook's next event.
+
+    The save (an activation, a new cap) also closes the webhook's circuit breaker: its org has
+    looked at it, as the failing period of NOTIFIER_DISABLE_FAILING_AFTER starts again then; a
+    breaker left open from before its deactivation would hold back what it is sent next for up
+    to NOTIFIER_BREAKER_COOLDOWN_MAX."""
     try:
+        services.queues.reset_breaker(webhook_id)
         services.queues.set_limit(webhook_id, limit)
         return pump(services, [webhook_id], send)
     except TransientError as exc:
@@ -330,7 +343,19 @@ def webhook_context(services: Services, send: SendLease) -> webhooks.Context:
         limit_changed=lambda webhook_id, limit: limit_changed(services, webhook_id, limit, send),
         deliver=lambda webhook_id, limit, items: _offer(
             services, [store.Queued(webhook_id, limit, delivery_id, ingested_at_ms)
-                       for delivery_id, ingested_at_ms in items], send))
+                       for delivery_id, ingested_at_ms in items], send),
+        breakers=lambda webhook_ids: breaker_views(services, webhook_ids))
+
+
+def breaker_views(services: Services, webhook_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The circuit breakers of these webhooks as the API and the admin pages show them
+    (``circuitBreaker``): ``state`` (closed, open, halfOpen), ``consecutiveFailures`` and
+    ``nextProbeAt`` (null unless open)."""
+    return {webhook_id: {"state": breaker.state,
+                         "consecutiveFailures": breaker.consecutive_failures,
+                         "nextProbeAt": iso_ms(breaker.next_probe_at_ms)}
+            for webhook_id, breaker in services.queues.breakers(
+                webhook_ids, now_ms=now_ms()).items()}
 
 
 def render(payload: Mapping[str, Any]) -> bytes:
@@ -351,8 +376,10 @@ def judge(services: Services, claimed: store.Claimed, result: Result,
           started_at_ms: int) -> store.Finished:
     """Turn one POST's result into the delivery's next state."""
     verdict = classify(result)
+    # Gone (410): held with what else its webhook, deactivated for it, would have sent.
     outcome = {Verdict.DELIVERED: DeliveryStatus.DELIVERED,
-               Verdict.FAILED: DeliveryStatus.FAILED}.get(verdict, DeliveryStatus.RETRYING)
+               Verdict.FAILED: DeliveryStatus.FAILED,
+               Verdict.GONE: DeliveryStatus.HELD}.get(verdict, DeliveryStatus.RETRYING)
     due = None
     if verdict is Verdict.RETRY:
         settings = services.settings
@@ -428,6 +455,16 @@ def _duration(ms: float) -> str:
     return f"{seconds / 86_400:.1f} days"
 
 
+@dataclass
+class _Aftermath:
+    """What a delivery task's sends leave to alert about once it has given its slots back:
+    deliveries that died (retries exhausted), and webhooks deactivated (410 Gone), with why.
+    Never about alert events (an alert never raises one about itself)."""
+
+    exhausted: list[tuple[store.Target, store.Finished]] = field(default_factory=list)
+    disabled: list[tuple[store.Target, str]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class _Lot:
     """A lease of a task, taken: the deliveries it claimed, and their webhook."""
@@ -462,8 +499,8 @@ class _Task:
         self._waiting: collections.deque[_Lot] = collections.deque()
         self.tally = Tally()
         self.tally.delivery_task(len(leases))
-        # Deliveries that died in this task (retries exhausted), alerted once it gave back.
-        self.exhausted: list[tuple[store.Target, store.Finished]] = []
+        # What its sends left to alert about, raised once it gave its slots back.
+        self.aftermath = _Aftermath()
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
@@ -497,13 +534,19 @@ class _Task:
         for (lot, report), given_back in zip(done, released, strict=True):
             for following in given_back.leases:
                 send(following)
+            if given_back.breaker_opened:
+                _breaker_opened(services, lot.lease.webhook_id, self.tally)
+            if given_back.breaker_closed:
+                _webhook_recovered(services, lot, self.tally, send)
             if report.failing_since_ms and lot.target is not None:
                 self._disable_if_failing_too_long(lot, lot.target, given_back.failing_since_ms,
                                                   send)
         if any(given_back.state_lost for given_back in released):
             recover(services, send)
-        for target, finished in self.exhausted:
+        for target, finished in self.aftermath.exhausted:
             alert_delivery_exhausted(services, target, finished, send)
+        for target, reason in self.aftermath.disabled:
+            alert_webhook_disabled(services, target.org_id, target.id, reason, send)
 
     def _send(self, lot: _Lot) -> Report:
         """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
@@ -511,7 +554,7 @@ class _Task:
         the task carries on with its other leases."""
         try:
             return _deliver_lot(self.services, lot, self._budget_ends, self.tally,
-                                self.interruptions, self.exhausted)
+                                self.interruptions, self.aftermath)
         except self.interruptions:
             raise
         except Exception as exc:
@@ -539,11 +582,9 @@ class _Task:
         reason = (f"deactivated by notifier: every attempt has failed since {iso_ms(since)} "
                   f"({_duration(now - since)}; NOTIFIER_DISABLE_FAILING_AFTER is "
                   f"{_duration(after_ms)})")
-        if store.disable_failing(self.services.db, target.id, reason=reason, now_ms=now):
-            log.warning("webhook %s %s", target.id, reason)
-            self.tally.webhook_disabled()
-            if not all(alerts.is_alert_event(claimed.event) for claimed in lot.claimed):
-                alert_webhook_disabled(self.services, target.org_id, target.id, reason, send)
+        if _deactivate(self.services, target, reason, self.tally) and not all(
+                alerts.is_alert_event(claimed.event) for claimed in lot.claimed):
+            alert_webhook_disabled(self.services, target.org_id, target.id, reason, send)
 
     def _claim(self) -> list[_Lot]:
         """Claim every held lease's deliveries, read their webhooks and the reference data
@@ -645,7 +686,7 @@ class _Task:
 
 def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally,
                  interruptions: tuple[type[BaseException], ...],
-                 exhausted: list[tuple[store.Target, store.Finished]]) -> Report:
+                 aftermath: _Aftermath) -> Report:
     """POST what a lot claimed; returns what its slot's release reports: the slowest response,
     and the webhook's successes and failures (its answers only, not notifier's own faults).
 
@@ -654,10 +695,15 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
     """
     lease, target = lot.lease, lot.target
     assert target is not None  # read for every lot that claimed something
-    slowest, delivered, failing_since = -1, False, 0
+    slowest, delivered, failing_since, failures = -1, False, 0, 0
     for index, claimed in enumerate(lot.claimed):
         too_slow = not lease.slow and slowest >= services.settings.slow_webhook_ms
-        if index > 0 and (too_slow or time.monotonic() > budget_ends):
+        # Its webhook's circuit breaker opens with this run of failures: the rest wait in the
+        # queue, which the breaker pauses.
+        tripped = bool(lease.failures_allowed) and failures >= lease.failures_allowed
+        # (Deactivated midway, by a 410: the rest is held at once, no request made.)
+        if index > 0 and target.active and (too_slow or tripped
+                                            or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
         started = now_ms()
@@ -670,28 +716,83 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
             # as a timeout and retried on the schedule, then the task stops.
             _record(services, lease.webhook_id, target, judge(services, claimed, Result(
                 now_ms() - started, error=requests.Timeout(
-                    "cut by the delivery task's time limit")), started), tally, exhausted)
+                    "cut by the delivery task's time limit")), started), tally, aftermath)
             raise
         slowest = max(slowest, finished.latency_ms)
         if posted and finished.outcome == DeliveryStatus.DELIVERED:
-            delivered, failing_since = True, 0
-        elif posted and not failing_since:
-            failing_since = finished.started_at_ms
-        _record(services, lease.webhook_id, target, finished, tally, exhausted)
-    return Report(slowest, delivered, failing_since)
+            delivered, failing_since, failures = True, 0, 0
+        elif posted:
+            failures += 1
+            failing_since = failing_since or finished.started_at_ms
+        _record(services, lease.webhook_id, target, finished, tally, aftermath)
+        if posted and finished.status_code == GONE_STATUS:
+            reason = (f"deactivated by notifier: its endpoint answered 410 Gone at "
+                      f"{iso_ms(finished.started_at_ms)} (delivery {claimed.id})")
+            if _deactivate(services, target, reason, tally) and not alerts.is_alert_event(
+                    claimed.event):
+                aftermath.disabled.append((target, reason))
+            target = replace(target, active=False)
+    return Report(slowest, delivered, failing_since, failures)
+
+
+def _deactivate(services: Services, target: store.Target, reason: str, tally: Tally) -> bool:
+    """Deactivate a webhook for notifier's ``reason`` (shown as its ``disabledReason``): what
+    it would send next is held (``store.disable_failing``). The one way notifier deactivates a
+    webhook (failing too long, or gone); False if it was inactive already."""
+    if not store.disable_failing(services.db, target.id, reason=reason, now_ms=now_ms()):
+        return False
+    log.warning("webhook %s %s", target.id, reason)
+    tally.webhook_disabled()
+    return True
+
+
+def _breaker_opened(services: Services, webhook_id: str, tally: Tally) -> None:
+    """A webhook's circuit breaker opened (``Queues.release``): its queue is paused until a
+    probe succeeds."""
+    settings = services.settings
+    log.warning("webhook %s: circuit breaker open after %d failed attempts in a row: nothing is "
+                "sent to it until a probe, in %g s, succeeds", webhook_id,
+                settings.breaker_failures, settings.breaker_cooldown)
+    tally.breaker("open")
+
+
+def _webhook_recovered(services: Services, lot: _Lot, tally: Tally, send: SendLease) -> None:
+    """A webhook's circuit breaker closed after being open (``Queues.release``): it answered
+    again, and its queue goes on; ``webhookRecovered``, unless what it answered were alert
+    events."""
+    webhook_id = lot.lease.webhook_id
+    log.info("webhook %s: circuit breaker closed: it answered again, its queue goes on",
+             webhook_id)
+    tally.breaker("closed")
+    if lot.target is not None and not all(alerts.is_alert_event(c.event) for c in lot.claimed):
+        alert_webhook_recovered(services, lot.target.org_id, webhook_id, send,
+                                reason="its circuit breaker closed: a probe delivery succeeded")
 
 
 def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
-            tally: Tally, exhausted: list[tuple[store.Target, store.Finished]]) -> None:
-    """Record an attempt, count it, and park its delivery if it is to be retried; one that
-    died (retries exhausted) goes to ``exhausted``, for its alert."""
+            tally: Tally, aftermath: _Aftermath) -> None:
+    """Record an attempt, count it, log it, and park its delivery if it is to be retried; one
+    that died (retries exhausted) goes to ``aftermath``, for its alert."""
     store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+    _log_attempt(webhook_id, finished)
     if finished.outcome == DeliveryStatus.DEAD:
-        exhausted.append((target, finished))
+        aftermath.exhausted.append((target, finished))
     tally.attempt(webhook_id, finished.outcome, finished.latency_ms,
                   finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
     if finished.next_attempt_at_ms is not None:
         services.queues.park([(webhook_id, finished.claimed.id, finished.next_attempt_at_ms)])
+
+
+def _log_attempt(webhook_id: str, finished: store.Finished) -> None:
+    """One line per attempt, with its ids, status, latency and outcome (never the payload nor a
+    header: they may hold personal data or secrets)."""
+    fields = {"eventId": finished.claimed.event.get("eventId"),
+              "deliveryId": finished.claimed.id, "webhookId": webhook_id,
+              "statusCode": finished.status_code, "latencyMs": finished.latency_ms,
+              "outcome": str(finished.outcome), "error": finished.error_class}
+    attempt_log.info("attempt %s of event %s to webhook %s: %s in %d ms, %s", finished.claimed.id,
+                     fields["eventId"], webhook_id, finished.status_code or finished.error_class,
+                     finished.latency_ms, finished.outcome, extra={"fields": fields})
 
 
 def _attempt(services: Services, target: store.Target, claimed: store.Claimed,

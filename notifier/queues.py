@@ -16,6 +16,10 @@ Keys, under the configured prefix ``P``:
                       (for at most 10 s: then it is presumed lost and another may be dispatched)
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:failing``       hash webhook -> the time of its first failed attempt since its last success
+- ``P:breaker:runs`` hash webhook -> its consecutive failed attempts (its circuit breaker)
+- ``P:breaker:open`` hash webhook -> ``<next probe ms>|<cool-down ms>|<probe lease token>`` while
+                      its breaker is open: its queue is paused, nothing is claimable but one
+                      probe delivery once the cool-down is over (see ``Breaker``)
 - ``P:retry``         parked retries ``webhook|delivery`` by due time
 - ``P:recheck``       deliveries under another task's claim ``webhook|delivery``, by when it
                       would run out: looked at again then, in case its holder died
@@ -49,7 +53,7 @@ import redis.exceptions
 
 from notifier.errors import QueueUnavailable, StateLost
 
-__all__ = ["Lease", "QueueState", "Queues", "Released", "Report"]
+__all__ = ["BREAKER_STATES", "Breaker", "Lease", "QueueState", "Queues", "Released", "Report"]
 
 T = TypeVar("T")
 
@@ -64,7 +68,21 @@ local function enqueue(p, wh, kind, limit, items, first)
 end
 """
 
-_DISPATCH_FN = """
+# A webhook's circuit breaker: nil when closed; else when its next probe may go, its cool-down,
+# and the token of the probe's lease ('' while none is out).
+_BREAKER_FN = """
+local function breaker(p, wh)
+  local open = redis.call('HGET', p .. ':breaker:open', wh)
+  if not open then return nil end
+  local at, cool, probe = string.match(open, '^(%d+)|(%d+)|(.*)$')
+  return tonumber(at), tonumber(cool), probe
+end
+local function set_open(p, wh, at, cool, probe)
+  redis.call('HSET', p .. ':breaker:open', wh, at .. '|' .. cool .. '|' .. probe)
+end
+"""
+
+_DISPATCH_FN = _BREAKER_FN + """
 local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   -- A Redis that lost its state grants nothing (false) until it is rebuilt: the requests of the
   -- database's live claims may still be open, and only the rebuild counts them.
@@ -75,6 +93,17 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   -- whatever they carried.
   local live = redis.call('ZCOUNT', slots, now, '+inf')
   local free = limit - live
+  -- An open breaker pauses the queue: nothing goes but one probe of one delivery, once the
+  -- cool-down is over and while no other probe is out (a probe whose lease expired is lost).
+  local probe_at, cooldown, probing = breaker(p, wh)
+  if probe_at then
+    local out_since = probing ~= '' and redis.call('ZSCORE', slots, probing)
+    if now < probe_at or (out_since and tonumber(out_since) >= now) then
+      free = 0
+    else
+      free, batch = math.min(free, 1), 1
+    end
+  end
   -- A webhook never measured (new, or Redis lost its state) is presumed slow until it answers.
   local latency = redis.call('HGET', p .. ':latency', wh)
   local slow = (not latency or tonumber(latency) >= slow_ms) and 1 or 0
@@ -118,6 +147,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
     redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
     redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
     if size < batch then redis.call('HSET', p .. ':unstarted', wh, token) end
+    if probe_at then set_open(p, wh, probe_at, cooldown, token) end
     out[#out + 1] = token
     out[#out + 1] = joined
     out[#out + 1] = lane
@@ -158,9 +188,23 @@ return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber
                 tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
 """
 
-# The lease as its task starts, topped up with what queued meanwhile (see Queues.take).
-_TAKE_FN = _STARTED_FN + """
-local function take(p, wh, token, batch, now)
+# Put deliveries back at the head of a webhook's queue, before all that waits there, in the
+# order given: what a lease carried was taken from the head, so it is older than the rest, and
+# sending it behind a backlog made a request cut by a crash wait for the whole backlog.
+_TO_HEAD_FN = """
+local function to_head(p, wh, ids, fallback)
+  local q = p .. ':q:' .. wh
+  local head = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+  local top = head[2] and tonumber(head[2]) or fallback
+  for i, id in ipairs(ids) do redis.call('ZADD', q, 'NX', top - (#ids - i + 1), id) end
+  redis.call('SADD', p .. ':queued', wh)
+end
+"""
+
+# The lease as its task starts, topped up with what queued meanwhile (see Queues.take), and how
+# many failures in a row it may have before it stops (0: no limit).
+_TAKE_FN = _STARTED_FN + _BREAKER_FN + _TO_HEAD_FN + """
+local function take(p, wh, token, batch, now, trip)
   local member = wh .. '|' .. token
   local expiry = redis.call('ZSCORE', p .. ':slots:' .. wh, token)
   -- A lease that was given back or expired carries nothing: its slot is no longer ours, and
@@ -169,6 +213,21 @@ local function take(p, wh, token, batch, now)
   started(p, wh, token)
   local q, r = p .. ':q:' .. wh, p .. ':r:' .. wh
   local items = redis.call('HGET', p .. ':lease:items', member) or ''
+  local probe_at, _, probing = breaker(p, wh)
+  if probe_at then
+    -- The breaker opened since this lease was dispatched: only its probe goes (as it is, one
+    -- failure allowed); any other lease gives what it carries back to the head of the queue.
+    if probing == token then return {items, 1} end
+    local ids = {}
+    for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
+    if #ids > 0 then to_head(p, wh, ids, now) end
+    redis.call('HSET', p .. ':lease:items', member, '')
+    return {'', 1}
+  end
+  local allowed = 0
+  if trip > 0 then
+    allowed = math.max(1, trip - tonumber(redis.call('HGET', p .. ':breaker:runs', wh) or '0'))
+  end
   local count = 0
   for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
   local topped = false
@@ -189,14 +248,14 @@ local function take(p, wh, token, batch, now)
       redis.call('SREM', p .. ':queued', wh)
     end
   end
-  return items
+  return {items, allowed}
 end
 """
 
 _TAKE = _TAKE_FN + """
-local p, batch, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local p, batch, now, trip = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {}
-for i = 4, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now) end
+for i = 5, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now, trip) end
 return out
 """
 
@@ -234,19 +293,23 @@ return out
 """
 
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
-# up at once, easing down by 30% per faster batch) and since when it has been failing (the
-# first failed attempt after its last success), then dispatch what waits. A task's claim token
-# ('': none) also gives back the slot rebuilt from its claim, if Redis lost its state meanwhile.
-# Each reply: whether the slot was still held, the webhook's failing mark (0: none), whether
-# Redis lost its state (nothing dispatched), then the dispatched leases.
+# up at once, easing down by 30% per faster batch), since when it has been failing (the first
+# failed attempt after its last success) and its run of failures for its circuit breaker, then
+# dispatch what waits. A task's claim token ('': none) also gives back the slot rebuilt from its
+# claim, if Redis lost its state meanwhile. Each reply: whether the slot was still held, the
+# webhook's failing mark (0: none), whether Redis lost its state (nothing dispatched), what
+# became of its breaker (0: nothing, 1: it opened, 2: it closed after being open), then the
+# dispatched leases.
 _RELEASE = _STARTED_FN + _DISPATCH_FN + _CLAIM_SLOT_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger, fast = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local marks = p .. ':failing'
+local trip, cool, cool_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local marks, runs = p .. ':failing', p .. ':breaker:runs'
 local out = {}
-for i = 8, #ARGV, 6 do
+for i = 11, #ARGV, 7 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
+  local failures = tonumber(ARGV[i + 6])
   redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
   redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
   started(p, wh, token)
@@ -266,28 +329,49 @@ for i = 8, #ARGV, 6 do
   elseif failing > 0 then
     redis.call('HSETNX', marks, wh, failing)
   end
+  -- The circuit breaker: a success closes it (the failures after it start the next run); a
+  -- run of `trip` failures opens it; its probe failing opens it again for twice as long.
+  local breaker_change = 0
+  local probe_at, cooldown, probing = breaker(p, wh)
+  local run = 0
+  if delivered then
+    if failures > 0 then redis.call('HSET', runs, wh, failures) else redis.call('HDEL', runs, wh) end
+    run = failures
+    if probe_at then
+      redis.call('HDEL', p .. ':breaker:open', wh)
+      probe_at, breaker_change = nil, 2
+    end
+  elseif failures > 0 then
+    run = redis.call('HINCRBY', runs, wh, failures)
+  end
+  if trip == 0 then
+    -- The breaker is off: one open from before lets all go again (at its next probe at the
+    -- latest: then it is given back here).
+    if probe_at then redis.call('HDEL', p .. ':breaker:open', wh) end
+  elseif probe_at then
+    if probing == token then
+      if failures > 0 then
+        cooldown = math.min(cooldown * 2, cool_max)
+        set_open(p, wh, now + cooldown, cooldown, '')
+      else
+        -- The probe asked nothing (its delivery was done or held meanwhile): another goes now.
+        set_open(p, wh, probe_at, cooldown, '')
+      end
+    end
+  elseif run >= trip then
+    set_open(p, wh, now + cool, cool, '')
+    breaker_change = 1
+  end
   local released = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   local lost = 0
   if not released then released, lost = {}, 1 end
+  table.insert(released, 1, breaker_change)
   table.insert(released, 1, lost)
   table.insert(released, 1, tonumber(redis.call('HGET', marks, wh) or '0'))
   table.insert(released, 1, held)
   out[#out + 1] = released
 end
 return out
-"""
-
-# Put deliveries back at the head of a webhook's queue, before all that waits there, in the
-# order given: what a lease carried was taken from the head, so it is older than the rest, and
-# sending it behind a backlog made a request cut by a crash wait for the whole backlog.
-_TO_HEAD_FN = """
-local function to_head(p, wh, ids, fallback)
-  local q = p .. ':q:' .. wh
-  local head = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
-  local top = head[2] and tonumber(head[2]) or fallback
-  for i, id in ipairs(ids) do redis.call('ZADD', q, 'NX', top - (#ids - i + 1), id) end
-  redis.call('SADD', p .. ':queued', wh)
-end
 """
 
 # Due retries take their place in their queues by their due time; due re-checks go back to the
@@ -397,6 +481,9 @@ class Lease:
     # Wait this long before starting, gathering what queues meanwhile (a short batch beside a
     # busy slot).
     linger_ms: int = 0
+    # Failed attempts in a row after which the lease stops, its webhook's circuit breaker about
+    # to open (or the lease its probe: 1); 0: no limit. Known once taken (``Queues.take``).
+    failures_allowed: int = 0
 
 
 @dataclass(frozen=True)
@@ -410,6 +497,9 @@ class Report:
     delivered: bool = False
     # When the first failed attempt after its last success was made (0: none).
     failing_since_ms: int = 0
+    # Its failed attempts after its last success (all of them, if none succeeded): they add to
+    # the webhook's run of failures, which opens its circuit breaker.
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -423,6 +513,29 @@ class Released:
     leases: list[Lease]
     # Redis lost its state and is not rebuilt yet: nothing was dispatched (see StateLost).
     state_lost: bool = False
+    # The webhook's circuit breaker opened with this release (its queue is paused), or closed
+    # after being open (its probe, or a lease from before, succeeded: the webhook recovered).
+    breaker_opened: bool = False
+    breaker_closed: bool = False
+
+
+# A circuit breaker's states, as the API and the metrics name them.
+BREAKER_STATES = ("closed", "open", "halfOpen")
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """A webhook's circuit breaker as Redis holds it (``Queues.breakers``).
+
+    ``closed``: its queue goes as usual. ``open``: paused, nothing is sent until
+    ``next_probe_at_ms``. ``halfOpen``: the cool-down is over: one probe delivery may go, or is
+    out; its success closes the breaker, its failure opens it again for twice the cool-down.
+    """
+
+    state: str = "closed"
+    consecutive_failures: int = 0
+    next_probe_at_ms: int | None = None
+    cooldown_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -449,13 +562,20 @@ class Queues:
     """The Redis side of delivery: queues, slots, parked retries. Safe to share per process."""
 
     def __init__(self, url: str, prefix: str, *, slow_ms: int = 1000, linger_ms: int = 0,
-                 fast_leases: int = 1) -> None:
+                 fast_leases: int = 1, breaker_failures: int = 0, breaker_cooldown_ms: int = 10_000,
+                 breaker_cooldown_max_ms: int = 600_000) -> None:
         self.url = url
         self.prefix = prefix
         self.slow_ms = slow_ms
         self.linger_ms = linger_ms
         # Most live leases of one webhook in the fast lane (NOTIFIER_FAST_LANE_LEASES).
         self.fast_leases = fast_leases
+        # A webhook's circuit breaker opens after this many failed attempts in a row (0: never),
+        # for this cool-down, doubled after each failed probe up to the most
+        # (NOTIFIER_BREAKER_FAILURES, NOTIFIER_BREAKER_COOLDOWN, NOTIFIER_BREAKER_COOLDOWN_MAX).
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_ms = breaker_cooldown_ms
+        self.breaker_cooldown_max_ms = max(breaker_cooldown_max_ms, breaker_cooldown_ms)
         self._pid = -1
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
@@ -537,7 +657,10 @@ class Queues:
 
         A task waits in the broker after its lease is dispatched; deliveries queued for the
         webhook in that time ride along instead of each waiting for a task of its own. None
-        when the lease is no longer held (given back, expired, or Redis lost it).
+        when the lease is no longer held (given back, expired, or Redis lost it). Its
+        ``failures_allowed`` is what its webhook's circuit breaker leaves it; a lease whose
+        webhook's breaker opened since it was dispatched carries nothing (what it carried goes
+        back to the head of the queue), unless it is the breaker's probe.
         """
         return self.take_many([lease], batch=batch, now_ms=now_ms)[0]
 
@@ -547,11 +670,11 @@ class Queues:
         flat: list[Any] = []
         for lease in leases:
             flat += [lease.webhook_id, lease.token]
-        taken = self._script("take", batch, now_ms, *flat) if flat else []
-        return [None if items is None else
-                replace(lease, delivery_ids=tuple(i for i in _text(items).split(",") if i),
-                        linger_ms=0)
-                for lease, items in zip(leases, taken, strict=True)]
+        taken = self._script("take", batch, now_ms, self.breaker_failures, *flat) if flat else []
+        return [None if reply is None else
+                replace(lease, delivery_ids=tuple(i for i in _text(reply[0]).split(",") if i),
+                        linger_ms=0, failures_allowed=int(reply[1]))
+                for lease, reply in zip(leases, taken, strict=True)]
 
     def still_held(self, leases: Sequence[Lease], *, now_ms: int) -> list[bool]:
         """Whether each lease still holds its slot (not given back, expired, or lost by Redis)."""
@@ -579,13 +702,15 @@ class Queues:
         flat: list[Any] = []
         for lease, report in leases:
             flat += [lease.webhook_id, lease.token, report.took_ms, int(report.delivered),
-                     report.failing_since_ms, claim or ""]
+                     report.failing_since_ms, claim or "", report.failures]
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
-                               self.fast_leases, *flat)
-        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[3:]),
-                         state_lost=bool(reply[2]))
+                               self.fast_leases, self.breaker_failures, self.breaker_cooldown_ms,
+                               self.breaker_cooldown_max_ms, *flat)
+        return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[4:]),
+                         state_lost=bool(reply[2]), breaker_opened=int(reply[3]) == 1,
+                         breaker_closed=int(reply[3]) == 2)
                 for (lease, _), reply in zip(leases, replies, strict=True)]
 
     def hold_claims(self, claims: Mapping[tuple[str, str], tuple[int, Sequence[str]]], *,
@@ -674,6 +799,45 @@ class Queues:
         parked, held, slow, flat, rechecks = self._script("state", now_ms, self.slow_ms)
         return QueueState({_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)},
                           int(parked), int(held), int(slow), int(rechecks))
+
+    def reset_breaker(self, webhook_id: str) -> None:
+        """Close a webhook's circuit breaker and forget its failures (a fresh start)."""
+        def reset() -> None:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.hdel(f"{self.prefix}:breaker:runs", webhook_id)
+                pipe.hdel(f"{self.prefix}:breaker:open", webhook_id)
+                pipe.execute()
+        self._run(reset)
+
+    def breakers(self, webhook_ids: Sequence[str] | None = None, *,
+                 now_ms: int) -> dict[str, Breaker]:
+        """The circuit breakers of these webhooks (default: every one not closed or with
+        failures counted); a webhook with no failures counted has a closed one."""
+        runs_key, open_key = f"{self.prefix}:breaker:runs", f"{self.prefix}:breaker:open"
+        if webhook_ids is None:
+            runs = {_text(k): _text(v) for k, v in self._run(
+                lambda: self.client.hgetall(runs_key)).items()}
+            opened = {_text(k): _text(v) for k, v in self._run(
+                lambda: self.client.hgetall(open_key)).items()}
+            webhook_ids = sorted(runs.keys() | opened.keys())
+        else:
+            ids = list(webhook_ids)
+            if not ids:
+                return {}
+            runs = {wh: _text(v) for wh, v in zip(ids, self._run(
+                lambda: self.client.hmget(runs_key, ids)), strict=True) if v is not None}
+            opened = {wh: _text(v) for wh, v in zip(ids, self._run(
+                lambda: self.client.hmget(open_key, ids)), strict=True) if v is not None}
+        found = {}
+        for webhook_id in webhook_ids:
+            failures = int(runs.get(webhook_id, 0))
+            if webhook_id not in opened:
+                found[webhook_id] = Breaker("closed", failures)
+                continue
+            probe_at, cooldown, _ = opened[webhook_id].split("|", 2)
+            state = "open" if now_ms < int(probe_at) else "halfOpen"
+            found[webhook_id] = Breaker(state, failures, int(probe_at), int(cooldown))
+        return found
 
     def ping(self) -> bool:
         return bool(self._run(lambda: self.client.ping()))

@@ -39,6 +39,7 @@ from urllib3.util import parse_url
 from notifier.errors import DeadlineExceeded, DestinationNotAllowed
 
 __all__ = [
+    "GONE_STATUS",
     "RETRYABLE",
     "RETRYABLE_STATUSES",
     "Destination",
@@ -60,6 +61,7 @@ RETRYABLE: tuple[type[Exception], ...] = (
     requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, DeadlineExceeded)
 # Statuses that mean "not now" rather than "never": timeouts, conflicts, too early, too many.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
+GONE_STATUS = 410
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -85,6 +87,9 @@ class Verdict(enum.StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     FAILED = "failed"
+    # The endpoint says it is gone for good (410): its webhook is deactivated at once, as
+    # Standard Webhooks advises, and the delivery held with what else it would have sent.
+    GONE = "gone"
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ class Sender(Protocol):
 
 
 def classify(result: Result) -> Verdict:
-    """2xx delivered; 408/409/425/429, 5xx and wire errors retried; anything else failed."""
+    """2xx delivered; 408/409/425/429, 5xx and wire errors retried; 410 gone; anything else
+    failed."""
     if result.error is not None:
         return Verdict.RETRY if isinstance(result.error, RETRYABLE) else Verdict.FAILED
     code = result.status_code or 0
@@ -118,6 +124,8 @@ def classify(result: Result) -> Verdict:
         return Verdict.DELIVERED
     if code >= 500 or code in RETRYABLE_STATUSES:
         return Verdict.RETRY
+    if code == GONE_STATUS:
+        return Verdict.GONE
     # 3xx too: redirects are not followed, so the webhook's URL is wrong.
     return Verdict.FAILED
 

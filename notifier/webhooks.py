@@ -31,7 +31,7 @@ from notifier import store
 from notifier.clock import iso_ms
 from notifier.db import Database
 from notifier.enrich import OPTION_COLUMNS, OPTION_FIELDS, SOURCES_OPTION, check_options
-from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound
+from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound, TransientError
 from notifier.models import (
     Delivery,
     DeliveryStatus,
@@ -70,7 +70,7 @@ _KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConne
           "deliverHeld", *FLAGS}
 # Read-only or not (yet) supported InTouch fields a client may send back: ignored, with a warning.
 _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", "neoEnrichment",
-            "possibleValues", "orgId", "disabledReason"}
+            "possibleValues", "orgId", "disabledReason", "circuitBreaker"}
 DEFAULT_SLA_SECONDS = 3600
 ROTATION_OVERLAP_SECONDS = 24 * 3600
 # What the column holds (a 32-bit integer, 68 years); the SLA check multiplies it into
@@ -109,6 +109,8 @@ class Context:
     bounds: Bounds = Bounds()
     limit_changed: Callable[[str, int], object] | None = None
     deliver: Callable[[str, int, Sequence[tuple[str, int]]], object] | None = None
+    # The circuit breakers of these webhooks, as shown (``circuitBreaker``); None: not shown.
+    breakers: Callable[[Sequence[str]], Mapping[str, dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,7 @@ def create(ctx: Context, org_id: int, body: Mapping[str, Any], *, now_ms: int) -
                                   created_at_ms=now_ms))
         session.flush()
         view = _view(hook, event_names or (), ctx.vault)
+    _show_breakers(ctx, [view])
     return Saved(view, warnings, secret)
 
 
@@ -424,6 +427,7 @@ def _save(ctx: Context, org_id: int, webhook_id: str, body: Mapping[str, Any], *
         ctx.limit_changed(webhook_id, limit)  # after the commit: the queue pump reads it
     if waiting and ctx.deliver is not None:
         ctx.deliver(webhook_id, limit, waiting)
+    _show_breakers(ctx, [view])
     return Saved(view, warnings, delivered_held=released)
 
 
@@ -449,7 +453,9 @@ def _release_held(session: Session, webhook_id: str) -> tuple[int, list[tuple[st
 def get(ctx: Context, org_id: int, webhook_id: str) -> dict[str, Any]:
     with ctx.db.session() as session:
         hook = _load(session, org_id, webhook_id)
-        return _view(hook, _events_of(session, webhook_id), ctx.vault)
+        view = _view(hook, _events_of(session, webhook_id), ctx.vault)
+    _show_breakers(ctx, [view])
+    return view
 
 
 def org_of(ctx: Context, webhook_id: str) -> int:
@@ -483,7 +489,22 @@ def list_by_org(ctx: Context, org_id: int | None = None, *, active: bool | None 
                 select(WebhookSubscription.webhook_id, WebhookSubscription.event_name)
                 .where(WebhookSubscription.webhook_id.in_(list(subscriptions)))):
             subscriptions[webhook_id].append(name)
-        return [(h.org_id, _view(h, subscriptions[h.id], ctx.vault)) for h in hooks]
+        found = [(h.org_id, _view(h, subscriptions[h.id], ctx.vault)) for h in hooks]
+    _show_breakers(ctx, [view for _, view in found])
+    return found
+
+
+def _show_breakers(ctx: Context, views: Sequence[dict[str, Any]]) -> None:
+    """Add each webhook's circuit breaker (Redis's) to its view; null while Redis is away,
+    which must not keep anyone from reading or saving webhooks."""
+    if ctx.breakers is None or not views:
+        return
+    try:
+        breakers = ctx.breakers([view["webHookId"] for view in views])
+    except TransientError:
+        breakers = {}
+    for view in views:
+        view["circuitBreaker"] = breakers.get(view["webHookId"])
 
 
 def deactivate(ctx: Context, org_id: int, webhook_id: str, *, now_ms: int) -> dict[str, Any]:

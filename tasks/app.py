@@ -7,8 +7,10 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from celery.concurrency.base import BasePool
 
+from config import load_settings
 from notifier import consumers
 from notifier.client import DELIVER_QUEUE, SLOW_QUEUE
+from notifier.logformat import use_json
 
 __all__ = ["SlowLaneCover", "app"]
 
@@ -17,6 +19,15 @@ log = logging.getLogger(__name__)
 app = Celery("notifier")
 # A module name, not the module: settings are read when the app is first configured, not on import.
 app.config_from_object("tasks.celeryconfig")
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_as_configured(logger: logging.Logger, **_: Any) -> None:
+    """NOTIFIER_LOG_FORMAT=json: the worker's and beat's lines (Celery's own and notifier's,
+    one per delivery attempt among them) as JSON objects, one a line."""
+    if load_settings().log_format == "json":
+        use_json([logger])
 
 
 @signals.worker_ready.connect

@@ -415,6 +415,10 @@ def stack_env(tmp_path: Path, pg_url: str, redis_url: str, broker_url: str) -> d
         "NOTIFIER_VISIBILITY_TIMEOUT": "30",
         "NOTIFIER_SWEEP_INTERVAL": "0.5",
         "NOTIFIER_SLA_CHECK_INTERVAL": "0.5",
+        # A dead endpoint's breaker probes at the pace of the short retries, so that tests
+        # scripting runs of failures see them through in seconds.
+        "NOTIFIER_BREAKER_COOLDOWN": "0.3",
+        "NOTIFIER_BREAKER_COOLDOWN_MAX": "0.6",
     })
     return env
 

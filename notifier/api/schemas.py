@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -30,6 +30,19 @@ class Attribution(BaseModel):
     lastUpdatedOnISO: str
 
 
+class CircuitBreakerOut(BaseModel):
+    """After NOTIFIER_BREAKER_FAILURES failed attempts in a row the breaker opens: nothing is
+    sent to the webhook (its deliveries wait, their retries unspent) until, after a cool-down,
+    one probe delivery succeeds."""
+
+    state: Literal["closed", "open", "halfOpen"] = Field(description=(
+        "closed: sending as usual; open: paused until nextProbeAt; halfOpen: one probe "
+        "delivery may go, or is out."))
+    consecutiveFailures: int = Field(description="Failed attempts since the last success.")
+    nextProbeAt: str | None = Field(None, description=(
+        "When the probe may go (ISO 8601, UTC); null while closed."))
+
+
 class WebhookOut(BaseModel):
     webHookId: str
     name: str
@@ -53,7 +66,10 @@ class WebhookOut(BaseModel):
     active: bool
     disabledReason: str | None = Field(None, description=(
         "Why notifier deactivated the webhook (every attempt failed for "
-        "NOTIFIER_DISABLE_FAILING_AFTER); null otherwise. Activating it clears this."))
+        "NOTIFIER_DISABLE_FAILING_AFTER, or its endpoint answered 410 Gone); null otherwise. "
+        "Activating it clears this."))
+    circuitBreaker: CircuitBreakerOut | None = Field(None, description=(
+        "The webhook's circuit breaker; null while Redis does not answer."))
 
 
 class CreatedWebhookOut(WebhookOut):

@@ -34,7 +34,7 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
     (404, Verdict.FAILED),
     (408, Verdict.RETRY),
     (409, Verdict.RETRY),
-    (410, Verdict.FAILED),
+    (410, Verdict.GONE),
     (425, Verdict.RETRY),
     (429, Verdict.RETRY),
     (500, Verdict.RETRY),

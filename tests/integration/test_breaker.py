@@ -1,0 +1,167 @@
+"""A webhook's circuit breaker, as the Redis queues keep it (Lua), against a real Redis server:
+a run of failures opens it, its queue pauses but for one probe after the cool-down, a failed
+probe doubles the cool-down (up to its most), a success closes it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from notifier.queues import Breaker, Lease, Queues, Report
+
+pytestmark = pytest.mark.integration
+
+LEASE = 60_000
+COOL = 1_000
+
+
+@pytest.fixture
+def queues(redis_url: str) -> Iterator[Queues]:
+    made = Queues(redis_url, "t", breaker_failures=3, breaker_cooldown_ms=COOL,
+                  breaker_cooldown_max_ms=3_000)
+    made.rebuilt()
+    yield made
+    made.client.close()
+
+
+def fill(queues: Queues, count: int, limit: int = 1, first: int = 0) -> None:
+    queues.enqueue("w", limit, [(f"d{i}", i) for i in range(first, first + count)])
+
+
+def taken(queues: Queues, lease: Lease, now: int, batch: int = 2) -> Lease:
+    started = queues.take(lease, batch=batch, now_ms=now)
+    assert started is not None
+    return started
+
+
+def fail(queues: Queues, lease: Lease, failures: int, now: int, batch: int = 2) -> list[Lease]:
+    released = queues.release(lease, Report(took_ms=5, failing_since_ms=1, failures=failures),
+                              batch=batch, lease_ms=LEASE, now_ms=now)
+    return released.leases
+
+
+def test_a_run_of_failures_opens_the_breaker_and_pauses_the_queue(queues: Queues) -> None:
+    fill(queues, 10)
+    (lease,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=100)
+    lease = taken(queues, lease, 100)
+    assert lease.failures_allowed == 3
+    (lease,) = fail(queues, lease, 2, 100)  # 2 in a row: still closed, the next lease goes
+    assert queues.breakers(["w"], now_ms=100)["w"] == Breaker("closed", 2)
+    lease = taken(queues, lease, 101)
+    assert lease.failures_allowed == 1  # the run has one failure left before it opens
+    released = queues.release(lease, Report(took_ms=5, failing_since_ms=1, failures=1), batch=2,
+                              lease_ms=LEASE, now_ms=200)
+
+    assert released.breaker_opened and released.leases == []
+    assert queues.breakers(["w"], now_ms=200)["w"] == Breaker("open", 3, 200 + COOL, COOL)
+    # Paused: nothing is claimable until the cool-down is over, whoever pumps it.
+    assert queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=200 + COOL - 1) == []
+    assert queues.waiting("w") == 6  # waiting, not sent, not failed
+    assert "w" in queues.queued_webhooks()  # the sweeper keeps looking at it
+
+
+def test_after_the_cool_down_one_probe_of_one_delivery_goes_and_nothing_beside_it(
+        queues: Queues) -> None:
+    fill(queues, 10, limit=3)
+    leases = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
+    assert len(leases) == 3
+    first = taken(queues, leases[0], 1)
+    # The first lease fails three times in a row: open, while the other two wait to start.
+    assert fail(queues, first, 3, 2) == []
+    # A lease dispatched before it opened carries nothing when it starts: its deliveries go back
+    # to the head of the queue (with several slots, a webhook's deliveries go in parallel: no
+    # order between leases to keep).
+    late = taken(queues, leases[1], 3)
+    assert late.delivery_ids == () and late.failures_allowed == 1
+    queues.release(late, batch=2, lease_ms=LEASE, now_ms=3)
+    queues.release(taken(queues, leases[2], 3), batch=2, lease_ms=LEASE, now_ms=3)
+    head = queues.client.zrange("t:q:w", 0, 3)
+    assert sorted(head) == [b"d2", b"d3", b"d4", b"d5"] and queues.waiting("w") == 8
+
+    (probe,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2 + COOL)
+    assert len(probe.delivery_ids) == 1 and probe.delivery_ids[0].encode() == head[0]
+    assert queues.breakers(["w"], now_ms=2 + COOL)["w"].state == "halfOpen"
+    # One probe at a time, and it is not topped up with what waits.
+    assert queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=3 + COOL) == []
+    probe = taken(queues, probe, 3 + COOL)
+    assert probe.delivery_ids == (head[0].decode(),) and probe.failures_allowed == 1
+
+
+def test_a_failed_probe_opens_it_again_for_twice_as_long_up_to_the_most(queues: Queues) -> None:
+    fill(queues, 10)
+    (lease,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
+    fail(queues, taken(queues, lease, 0), 3, 0)
+    now, cooldowns = COOL, []
+    for _ in range(3):
+        (probe,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=now)
+        released = queues.release(taken(queues, probe, now),
+                                  Report(took_ms=5, failing_since_ms=1, failures=1), batch=2,
+                                  lease_ms=LEASE, now_ms=now)
+        assert released.leases == [] and not released.breaker_opened  # opened already
+        breaker = queues.breakers(["w"], now_ms=now)["w"]
+        cooldown = breaker.cooldown_ms
+        assert cooldown is not None
+        assert breaker.state == "open" and breaker.next_probe_at_ms == now + cooldown
+        cooldowns.append(cooldown)
+        assert queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=now + cooldown - 1) == []
+        now += cooldown
+    assert cooldowns == [2_000, 3_000, 3_000]
+    assert queues.breakers(["w"], now_ms=now)["w"].consecutive_failures == 6
+
+
+def test_a_successful_probe_closes_it_and_the_queue_drains(queues: Queues) -> None:
+    fill(queues, 5, limit=2)
+    (first, _) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    fail(queues, taken(queues, first, 0, batch=1), 3, 0, batch=1)
+    (probe,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL)
+
+    released = queues.release(taken(queues, probe, COOL, batch=1),
+                              Report(took_ms=5, delivered=True), batch=1, lease_ms=LEASE,
+                              now_ms=COOL)
+
+    assert released.breaker_closed and not released.breaker_opened
+    assert queues.breakers(["w"], now_ms=COOL)["w"] == Breaker("closed", 0)
+    assert len(released.leases) == 1  # the other slot is still held by the lease from before
+    assert taken(queues, released.leases[0], COOL, batch=1).failures_allowed == 3
+
+
+def test_a_probe_that_asked_nothing_lets_the_next_go_and_a_lost_probe_is_replaced(
+        queues: Queues) -> None:
+    fill(queues, 5)
+    (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    fail(queues, taken(queues, lease, 0, batch=1), 3, 0, batch=1)
+    (probe,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL)
+    # Its delivery was finished meanwhile: no request, no verdict; the next probe goes at once.
+    (following,) = queues.release(taken(queues, probe, COOL, batch=1), batch=1, lease_ms=LEASE,
+                                  now_ms=COOL).leases
+    assert following.delivery_ids == ("d2",)
+    # Its worker dies: once its lease expires, another probe may go.
+    assert queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL + LEASE - 1) == []
+    queues.expire_leases(COOL + LEASE + 1)
+    (again,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL + LEASE + 1)
+    assert again.delivery_ids == ("d2",)
+
+
+def test_a_success_in_a_batch_starts_the_run_again_and_no_breaker_when_off(
+        queues: Queues, redis_url: str) -> None:
+    fill(queues, 5)
+    (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    (lease,) = fail(queues, taken(queues, lease, 0, batch=1), 2, 0, batch=1)
+    queues.release(taken(queues, lease, 0, batch=1),
+                   Report(took_ms=5, delivered=True, failures=1), batch=1, lease_ms=LEASE,
+                   now_ms=0)
+    assert queues.breakers(["w"], now_ms=0)["w"] == Breaker("closed", 1)
+
+    off = Queues(redis_url, "off", breaker_failures=0)
+    off.rebuilt()
+    off.enqueue("w", 1, [(f"d{i}", i) for i in range(20)])
+    (lease,) = off.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    for now in range(10):
+        assert off.take(lease, batch=1, now_ms=now).failures_allowed == 0  # type: ignore[union-attr]
+        released = off.release(lease, Report(took_ms=5, failures=1), batch=1, lease_ms=LEASE,
+                               now_ms=now)
+        assert not released.breaker_opened
+        (lease,) = released.leases
+    assert off.breakers(["w"], now_ms=10)["w"] == Breaker("closed", 10)
+    off.client.close()
