@@ -224,8 +224,13 @@ SETTINGS: tuple[Setting, ...] = (
             "prefork processes. Keep it below the prefork workers' concurrency."),
     Setting("sweep_interval", _positive_float, "1",
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
-    Setting("sla_check_interval", _positive_float, "30",
-            "Seconds between beat checks for deliveries past their webhook's SLA."),
+    Setting("sla_check_interval", _positive_float, "5",
+            "Seconds between beat checks for deliveries past their webhook's SLA: a delivery "
+            "still undelivered is stamped within this long of its breach."),
+    Setting("sla_check_batch_size", _positive_int, "5000",
+            "Deliveries beat's SLA check stamps in one transaction; a check goes on with more "
+            "batches while they come back full, for at most half the interval, and leaves the "
+            "rest to the next check."),
     Setting("task_events", _switch, "on",
             "Workers send task events (received, started, succeeded), which Flower shows. They "
             "cost about 9% of a busy worker's delivery rate (python -m bench, fan-out 1); off "
@@ -301,6 +306,7 @@ class Settings:
     fast_lane_leases: int
     sweep_interval: float
     sla_check_interval: float
+    sla_check_batch_size: int
     task_events: bool
     retention_days: int
     retention_batch_size: int

@@ -652,7 +652,7 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
 def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
             tally: Tally) -> None:
     """Record an attempt, count it, and park its delivery if it is to be retried."""
-    store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+    _breached(tally, store.finish(services.db, [finished]))
     tally.attempt(webhook_id, finished.outcome, finished.latency_ms,
                   finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
     if finished.next_attempt_at_ms is not None:
@@ -712,8 +712,7 @@ def _fail_lot(services: Services, lot: _Lot, tally: Tally) -> Report:
               faults.reason(lot.fault))
     started = now_ms()
     failed = [_failed_in_notifier(claimed, started, lot.fault) for claimed in lot.claimed]
-    # (No SLA to flag: it concerns deliveries that succeed late.)
-    store.finish(services.db, failed, sla_in_seconds=0)
+    _breached(tally, store.finish(services.db, failed))
     for finished in failed:
         tally.attempt(lot.lease.webhook_id, finished.outcome, finished.latency_ms, None)
     return Report()
@@ -889,10 +888,27 @@ def purge(services: Services) -> store.Purged | None:
                        batch=services.settings.retention_batch_size, now_ms=now)
 
 
+def _breached(tally: Tally, breaches: Sequence[store.Breach]) -> None:
+    """Where every SLA breach passes once, whichever statement stamped it (beat's check, or
+    the attempt that ended late): the store returns only the rows each statement stamped."""
+    tally.sla_breaches(len(breaches))
+
+
 def check_sla(services: Services) -> int:
-    """Beat's SLA pass: stamp deliveries that missed their webhook's SLA; returns how many."""
-    flagged = store.flag_sla_breaches(services.db, now_ms=now_ms())
-    tally = Tally()
-    tally.sla_breaches(flagged)
-    _count(services, tally)
-    return flagged
+    """Beat's SLA pass: stamp deliveries not delivered within their SLA; returns how many.
+
+    Batches of ``NOTIFIER_SLA_CHECK_BATCH_SIZE``, each its own short transaction, until one
+    comes back short or half of ``NOTIFIER_SLA_CHECK_INTERVAL`` is spent (the rest goes in the
+    next pass, which then does not queue behind this one)."""
+    settings = services.settings
+    ends = time.monotonic() + settings.sla_check_interval / 2
+    flagged = 0
+    while True:
+        breaches = store.flag_sla_breaches(services.db, now_ms=now_ms(),
+                                           batch=settings.sla_check_batch_size)
+        tally = Tally()
+        _breached(tally, breaches)
+        _count(services, tally)
+        flagged += len(breaches)
+        if len(breaches) < settings.sla_check_batch_size or time.monotonic() > ends:
+            return flagged

@@ -202,15 +202,15 @@ def _waiting_for_a_lock(db: Database) -> bool:
 
 
 def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -> None:
-    webhook(org, "a", sla_in_seconds=1)
+    hook = webhook(org, "a", sla_in_seconds=1)
     (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
     (stale,) = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=1000).claimed
     (fresh,) = store.claim(org, [queued.delivery_id], now_ms=3500, lease_ms=1000).claimed
 
-    store.finish(org, [store.Finished(stale, 2000, 10, DeliveryStatus.FAILED, 400)],
-                 sla_in_seconds=1)
-    store.finish(org, [store.Finished(fresh, 3500, 20, DeliveryStatus.DELIVERED, 200)],
-                 sla_in_seconds=1)
+    # Both end past the SLA (due at 2000); only the holder's attempt stamps the breach.
+    assert store.finish(org, [store.Finished(stale, 2000, 10, DeliveryStatus.FAILED, 400)]) == []
+    assert store.finish(org, [store.Finished(fresh, 3500, 20, DeliveryStatus.DELIVERED, 200)]) \
+        == [store.Breach(queued.delivery_id, hook, 2000)]
 
     with org.session() as session:
         delivery = session.get(Delivery, queued.delivery_id)
@@ -223,16 +223,70 @@ def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -
 
 
 def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> None:
-    webhook(org, "a", sla_in_seconds=10)
-    store.ingest(org, load_catalog(), event("e-1"), now_ms=1000)
+    hook = webhook(org, "a", sla_in_seconds=10)
+    (first,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1000).queued
     store.ingest(org, load_catalog(), event("e-2"), now_ms=50_000)
 
-    assert store.flag_sla_breaches(org, now_ms=20_000) == 1
-    assert store.flag_sla_breaches(org, now_ms=30_000) == 0
+    assert store.flag_sla_breaches(org, now_ms=11_000, batch=10) == []  # due, not past it
+    assert store.flag_sla_breaches(org, now_ms=20_000, batch=10) == [
+        store.Breach(first.delivery_id, hook, 11_000)]
+    assert store.flag_sla_breaches(org, now_ms=30_000, batch=10) == []
     with org.session() as session:
         flagged = session.scalars(select(Delivery.sla_breach_at_ms).order_by(
             Delivery.ingested_at_ms)).all()
     assert flagged == [11_000, None]
+
+
+def _sla_of(db: Database, delivery_id: str) -> tuple[int | None, int | None]:
+    with db.session() as session:
+        row = session.execute(select(Delivery.sla_due_at_ms, Delivery.sla_breach_at_ms)
+                              .where(Delivery.id == delivery_id)).one()
+    return row.sla_due_at_ms, row.sla_breach_at_ms
+
+
+def test_a_breach_stamped_by_beat_in_flight_is_not_stamped_again_by_the_late_finish(
+        org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (claimed,) = store.claim(org, [queued.delivery_id], now_ms=1100, lease_ms=60_000).claimed
+
+    assert store.flag_sla_breaches(org, now_ms=2500, batch=10) == [
+        store.Breach(queued.delivery_id, hook, 2000)]
+    assert store.finish(org, [store.Finished(claimed, 1100, 3000, DeliveryStatus.DELIVERED,
+                                             200)]) == []
+    assert store.flag_sla_breaches(org, now_ms=9000, batch=10) == []
+    assert _sla_of(org, queued.delivery_id) == (None, 2000)
+
+
+def test_a_late_finish_stamps_the_breach_and_beat_then_finds_nothing(org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (claimed,) = store.claim(org, [queued.delivery_id], now_ms=1100, lease_ms=60_000).claimed
+
+    assert store.finish(org, [store.Finished(claimed, 1100, 3000, DeliveryStatus.DELIVERED,
+                                             200)]) == [store.Breach(queued.delivery_id, hook, 2000)]
+    assert store.flag_sla_breaches(org, now_ms=9000, batch=10) == []
+    assert _sla_of(org, queued.delivery_id) == (None, 2000)
+
+
+def test_a_delivery_in_time_meets_its_sla_for_good_and_a_failure_breaches_at_its_due_time(
+        org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (met,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1000).queued
+    (failed,) = store.ingest(org, load_catalog(), event("e-2"), now_ms=1000).queued
+    claimed = store.claim(org, [met.delivery_id, failed.delivery_id], now_ms=1100,
+                          lease_ms=60_000).claimed
+
+    assert store.finish(org, [store.Finished(claimed[0], 1100, 500, DeliveryStatus.DELIVERED,
+                                             200),
+                              store.Finished(claimed[1], 1100, 500, DeliveryStatus.FAILED,
+                                             400)]) == []
+    # Delivered in time: decided, out of the check's index, even when replayed later.
+    assert _sla_of(org, met.delivery_id) == (None, None)
+    # Failed for good before its SLA: never delivered, so it breaches when the SLA runs out.
+    assert _sla_of(org, failed.delivery_id) == (2000, None)
+    assert store.flag_sla_breaches(org, now_ms=2001, batch=10) == [
+        store.Breach(failed.delivery_id, hook, 2000)]
 
 
 def test_open_work_lists_unfinished_deliveries_with_their_due_times_and_claims(
