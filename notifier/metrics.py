@@ -128,8 +128,9 @@ class ServiceCollector(Collector):
         yield _single(CounterMetricFamily, "notifier_webhooks_disabled", "Webhooks notifier "
                       "deactivated: every attempt failed for NOTIFIER_DISABLE_FAILING_AFTER.",
                       counts.get("webhooks_disabled", 0))
-        yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries that the SLA "
-                      "check found not delivered within their webhook's SLA.",
+        yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries not delivered "
+                      "within their webhook's SLA, each once: stamped by beat's SLA check or "
+                      "by the attempt that ended late.",
                       counts.get("sla_breaches", 0))
         yield from self._gauges()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 
-from notifier import store
+from config import load_settings
+from notifier import store, webhooks
 from notifier.db import Database, upgrade
 from notifier.errors import InvalidInput
 from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus, Webhook
@@ -452,3 +454,60 @@ def test_a_parent_webhook_listening_to_children_hears_a_childs_events(org: Datab
     outcome = store.ingest(org, load_catalog(), {**event(), "orgId": ORG + 10}, now_ms=1)
 
     assert [q.webhook_id for q in outcome.queued] == [listening]
+
+
+def test_the_sla_check_stamps_a_backlog_in_batches_each_bounded(org: Database) -> None:
+    batch = load_settings({}).sla_check_batch_size
+    hook = webhook(org, "a", sla_in_seconds=1)
+    held = webhook(org, "b", sla_in_seconds=1, active=False)  # held: not delivered either
+    catalog = load_catalog()
+    for start in range(0, 5000, 1000):
+        store.ingest_many(org, catalog, [event(f"e-{n}") for n in range(start, start + 1000)],
+                          now_ms=1000 + start)
+    # 10 000 deliveries due from 2000 to 6999, and one delivered in time (out of the check).
+    (met,) = store.ingest(org, catalog, event("met"), now_ms=1000, only_webhook=hook).queued
+    (claimed,) = store.claim(org, [met.delivery_id], now_ms=1000, lease_ms=9000).claimed
+    store.finish(org, [store.Finished(claimed, 1000, 10, DeliveryStatus.DELIVERED, 200)])
+
+    runs: list[tuple[int, float]] = []
+    last_due = 0
+    while True:
+        began = time.perf_counter()
+        stamped = store.flag_sla_breaches(org, now_ms=60_000, batch=batch)
+        runs.append((len(stamped), round((time.perf_counter() - began) * 1000, 1)))
+        if not stamped:
+            break
+        # The earliest due first.
+        assert min(b.breached_at_ms for b in stamped) >= last_due
+        last_due = max(b.breached_at_ms for b in stamped)
+    print(f"\n{org.engine.dialect.name}: SLA check, batch of {batch}: (rows stamped, ms) "
+          f"per run: {runs}")
+
+    assert [rows for rows, _ in runs] == [batch, 10_000 - batch, 0]
+    with org.session() as session:
+        breached = dict(session.execute(
+            select(Delivery.webhook_id, func.count(Delivery.sla_breach_at_ms))
+            .group_by(Delivery.webhook_id)).all())
+        wrong = session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.id != met.delivery_id,
+            or_(Delivery.sla_breach_at_ms.is_(None), Delivery.sla_due_at_ms.is_not(None),
+                Delivery.sla_breach_at_ms != Delivery.ingested_at_ms + 1000)))
+    assert breached == {hook: 5000, held: 5000} and wrong == 0
+
+
+def test_the_largest_sla_allowed_is_checked_without_overflow(org: Database) -> None:
+    largest = webhooks.MAX_SLA_SECONDS  # what the webhook's validation lets through
+    hook = webhook(org, "a", sla_in_seconds=largest)
+    now = 1_800_000_000_000  # 2027
+    due = now + largest * 1000
+    first, second = (store.ingest(org, load_catalog(), event(f"e-{n}"), now_ms=now).queued[0]
+                     for n in (1, 2))
+    (claimed,) = store.claim(org, [second.delivery_id], now_ms=now, lease_ms=1000).claimed
+
+    assert _sla_of(org, first.delivery_id) == (due, None)
+    assert store.flag_sla_breaches(org, now_ms=due, batch=10) == []
+    # The late finish's path: delivered a millisecond past it; then beat's, for the other.
+    assert store.finish(org, [store.Finished(claimed, due, 1, DeliveryStatus.DELIVERED, 200)]) \
+        == [store.Breach(second.delivery_id, hook, due)]
+    assert store.flag_sla_breaches(org, now_ms=due + 1, batch=10) == [
+        store.Breach(first.delivery_id, hook, due)]
