@@ -511,3 +511,37 @@ def test_the_largest_sla_allowed_is_checked_without_overflow(org: Database) -> N
         == [store.Breach(second.delivery_id, hook, due)]
     assert store.flag_sla_breaches(org, now_ms=due + 1, batch=10) == [
         store.Breach(first.delivery_id, hook, due)]
+
+
+def test_migration_0012_gives_undecided_deliveries_their_due_time(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from notifier.db import MIGRATIONS
+
+    db = Database(database_url)
+    store.create_org(db, ORG, "org", now_ms=0)
+    webhook(db, "a", sla_in_seconds=10)
+    ids = [store.ingest(db, load_catalog(), event(f"e-{n}"), now_ms=1000).queued[0].delivery_id
+           for n in range(3)]
+    waiting, delivered, stamped = ids
+    with db.session() as session:
+        session.execute(update(Delivery).where(Delivery.id == delivered)
+                        .values(status=DeliveryStatus.DELIVERED))
+        session.execute(update(Delivery).where(Delivery.id == stamped)
+                        .values(status=DeliveryStatus.RETRYING, sla_breach_at_ms=11_000))
+    db.dispose()
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.downgrade(config, "0011")
+
+    upgrade(database_url)
+
+    db = Database(database_url)
+    try:
+        assert [_sla_of(db, delivery_id) for delivery_id in ids] == [
+            (11_000, None), (None, None), (None, 11_000)]
+        assert store.flag_sla_breaches(db, now_ms=20_000, batch=10)[0].delivery_id == waiting
+    finally:
+        db.dispose()
