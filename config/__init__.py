@@ -252,8 +252,13 @@ SETTINGS: tuple[Setting, ...] = (
             "prefork processes. Keep it below the prefork workers' concurrency."),
     Setting("sweep_interval", _positive_float, "1",
             "Seconds between beat sweeps: due retries, expired leases, lost work."),
-    Setting("sla_check_interval", _positive_float, "30",
-            "Seconds between beat checks for deliveries past their webhook's SLA."),
+    Setting("sla_check_interval", _positive_float, "5",
+            "Seconds between beat checks for deliveries past their webhook's SLA: a delivery "
+            "still undelivered is stamped within this long of its breach."),
+    Setting("sla_check_batch_size", _positive_int, "5000",
+            "Deliveries beat's SLA check stamps in one transaction; a check goes on with more "
+            "batches while they come back full, for at most half the interval, and leaves the "
+            "rest to the next check."),
     Setting("log_format", _log_format, "text",
             "How the workers write their logs: text, or json (one JSON object a line; each "
             "delivery attempt a line of its own with its event, delivery and webhook ids, "
@@ -337,6 +342,7 @@ class Settings:
     fast_lane_leases: int
     sweep_interval: float
     sla_check_interval: float
+    sla_check_batch_size: int
     log_format: str
     task_events: bool
     retention_days: int

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Select, case, func, literal, or_, select
+from sqlalchemy import Select, and_, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from notifier.clock import iso_ms
@@ -226,12 +226,14 @@ def consumer_group_logs(db: Database, org_id: int, consumer_group_id: str, *, no
                         page: int = 0, size: int = 20, event_type: str | None = None,
                         status: str | None = None, start_ms: int | None = None,
                         end_ms: int | None = None, search_key: str | None = None,
-                        sort: str | None = None) -> dict[str, Any]:
+                        sort: str | None = None, sla_breached: bool | None = None
+                        ) -> dict[str, Any]:
     """One page (0-based, as Spring's ``Page``) of a webhook's delivery records.
 
     Filters combine with AND: ``eventType`` (event name), ``status`` (one or more delivery
-    statuses, comma-separated), the ingestion window (default the last 30 days) and
-    ``eventSearchKey``. Errors name the query parameter (``sortBy``, ``size``, ...).
+    statuses, comma-separated), the ingestion window (default the last 30 days),
+    ``eventSearchKey`` and ``slaBreached`` (true: those with a ``slaBreachTimestamp`` only;
+    false: those without). Errors name the query parameter (``sortBy``, ``size``, ...).
     """
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise InvalidInput("size", f"must be between 1 and {MAX_PAGE_SIZE}")
@@ -255,6 +257,9 @@ def consumer_group_logs(db: Database, org_id: int, consumer_group_id: str, *, no
             conditions.append(Event.event_name == event_type)
         if search_key:
             conditions.append(_search(search_key))
+        if sla_breached is not None:
+            stamped = Delivery.sla_breach_at_ms
+            conditions.append(stamped.is_not(None) if sla_breached else stamped.is_(None))
         total = session.scalar(
             select(func.count()).select_from(Delivery)
             .join(Event, Event.pk == Delivery.event_pk).where(*conditions)) or 0
@@ -276,6 +281,10 @@ def consumer_group_metrics(db: Database, org_id: int, consumer_group_id: str, *,
     ``failedEvents`` counts failed for good and dead (retries exhausted); ``pendingEvents``
     counts those waiting for a slot and those being sent right now; ``heldEvents`` those held
     for the webhook while inactive (not failed: never tried while it was).
+    ``slaBreachedEvents`` counts those not delivered within the SLA (stamped with a
+    ``slaBreachTimestamp``), ``slaMetEvents`` those delivered within it, and ``slaMetPercent``
+    is the share of these decided ones that met it (null while none is decided: a delivery
+    still on its way within its SLA counts in neither).
     """
     start, end = _window(start_ms, end_ms, now_ms)
     with db.session() as session:
@@ -288,6 +297,10 @@ def consumer_group_metrics(db: Database, org_id: int, consumer_group_id: str, *,
                    _count(DeliveryStatus.RETRYING).label("retrying"),
                    _count(DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT).label("pending"),
                    _count(DeliveryStatus.HELD).label("held"),
+                   func.count(Delivery.sla_breach_at_ms).label("breached"),
+                   func.coalesce(func.sum(case(
+                       (and_(delivered, Delivery.sla_breach_at_ms.is_(None)), 1), else_=0)),
+                       0).label("met"),
                    func.avg(case((delivered, Delivery.ended_at_ms - Delivery.ingested_at_ms),
                                  else_=literal(None))).label("average"))
             .where(Delivery.webhook_id == hook.id, Delivery.ingested_at_ms >= start,
@@ -296,7 +309,13 @@ def consumer_group_metrics(db: Database, org_id: int, consumer_group_id: str, *,
             "failedEvents": int(row.failed), "retryingEvents": int(row.retrying),
             "pendingEvents": int(row.pending), "heldEvents": int(row.held),
             "averageDeliveryTime": 0 if row.average is None else round(float(row.average)),
+            "slaBreachedEvents": int(row.breached), "slaMetEvents": int(row.met),
+            "slaMetPercent": _percent(int(row.met), int(row.met) + int(row.breached)),
             "startDate": start, "endDate": end}
+
+
+def _percent(part: int, whole: int) -> float | None:
+    return round(100 * part / whole, 2) if whole else None
 
 
 def _owned(session: Session, org_id: int | None, delivery_id: str) -> Any:

@@ -143,8 +143,9 @@ class ServiceCollector(Collector):
                        "opened (NOTIFIER_BREAKER_FAILURES failed attempts in a row), or closed "
                        "after being open (the webhook recovered), by the state they went to.",
                        counts, "breakers", ["state"])
-        yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries that the SLA "
-                      "check found not delivered within their webhook's SLA.",
+        yield _single(CounterMetricFamily, "notifier_sla_breaches", "Deliveries not delivered "
+                      "within their webhook's SLA, each once: stamped by beat's SLA check or "
+                      "by the attempt that ended late.",
                       counts.get("sla_breaches", 0))
         yield _counter("notifier_alerts", "Operational alerts raised (slaBreached: one per "
                        "webhook per minute), by kind; sent to the operations webhooks that "

@@ -243,7 +243,12 @@ class Delivery(Base):
         UniqueConstraint("event_pk", "webhook_id", name="uq_deliveries_event_webhook"),
         Index("ix_deliveries_webhook_ingested", "webhook_id", "ingested_at_ms"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at_ms"),
-        Index("ix_deliveries_sla_open", "sla_breach_at_ms", "status", "ingested_at_ms"),
+        # Beat's SLA check: the deliveries whose SLA is still undecided, by when they breach
+        # (store.flag_sla_breaches). Only those are in it: decided ones (delivered in time, or
+        # stamped) leave it, so it stays as small as the open work however long the history.
+        Index("ix_deliveries_sla_due", "sla_due_at_ms",
+              postgresql_where=text("sla_due_at_ms IS NOT NULL"),
+              sqlite_where=text("sla_due_at_ms IS NOT NULL")),
         Index("ix_deliveries_replay", "replay_id"),
     )
 
@@ -261,6 +266,11 @@ class Delivery(Base):
     started_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     ended_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     sla_breach_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # When it breaches its SLA if not delivered by then (ingested + the webhook's slaInSeconds
+    # when it was ingested), while that is undecided; NULL once delivered in time, or once
+    # stamped in ``sla_breach_at_ms`` (by beat, or by the attempt that ended late): clearing it
+    # is what makes a breach counted once, whichever path stamps it.
+    sla_due_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     # What enrichment added to the event's payload (None: sent as published); the payload as

@@ -458,11 +458,13 @@ def _duration(ms: float) -> str:
 @dataclass
 class _Aftermath:
     """What a delivery task's sends leave to alert about once it has given its slots back:
-    deliveries that died (retries exhausted), and webhooks deactivated (410 Gone), with why.
+    deliveries that died (retries exhausted), webhooks deactivated (410 Gone) with why, and the
+    SLA breaches their finishes stamped.
     Never about alert events (an alert never raises one about itself)."""
 
     exhausted: list[tuple[store.Target, store.Finished]] = field(default_factory=list)
     disabled: list[tuple[store.Target, str]] = field(default_factory=list)
+    breaches: list[store.Breach] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -547,6 +549,7 @@ class _Task:
             alert_delivery_exhausted(services, target, finished, send)
         for target, reason in self.aftermath.disabled:
             alert_webhook_disabled(services, target.org_id, target.id, reason, send)
+        alert_sla_breached(services, self.aftermath.breaches, send)
 
     def _send(self, lot: _Lot) -> Report:
         """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
@@ -771,9 +774,12 @@ def _webhook_recovered(services: Services, lot: _Lot, tally: Tally, send: SendLe
 
 def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
             tally: Tally, aftermath: _Aftermath) -> None:
-    """Record an attempt, count it, log it, and park its delivery if it is to be retried; one
-    that died (retries exhausted) goes to ``aftermath``, for its alert."""
-    store.finish(services.db, [finished], sla_in_seconds=target.sla_in_seconds)
+    """Record an attempt, count it, log it, and park its delivery if it is to be retried; what
+    it leaves to alert about (a delivery that died, the SLA breach its finish stamped) goes to
+    ``aftermath``."""
+    breaches = store.finish(services.db, [finished])
+    _breached(tally, breaches)
+    aftermath.breaches.extend(breaches)
     _log_attempt(webhook_id, finished)
     if finished.outcome == DeliveryStatus.DEAD:
         aftermath.exhausted.append((target, finished))
@@ -848,8 +854,7 @@ def _fail_lot(services: Services, lot: _Lot, tally: Tally) -> Report:
               faults.reason(lot.fault))
     started = now_ms()
     failed = [_failed_in_notifier(claimed, started, lot.fault) for claimed in lot.claimed]
-    # (No SLA to flag: it concerns deliveries that succeed late.)
-    store.finish(services.db, failed, sla_in_seconds=0)
+    _breached(tally, store.finish(services.db, failed))
     for finished in failed:
         tally.attempt(lot.lease.webhook_id, finished.outcome, finished.latency_ms, None)
     return Report()
@@ -1061,15 +1066,32 @@ def purge(services: Services) -> store.Purged | None:
                        batch=services.settings.retention_batch_size, now_ms=now)
 
 
+def _breached(tally: Tally, breaches: Sequence[store.Breach]) -> None:
+    """Where every SLA breach passes once, whichever statement stamped it (beat's check, or
+    the attempt that ended late): the store returns only the rows each statement stamped."""
+    tally.sla_breaches(len(breaches))
+
+
 def check_sla(services: Services, send: SendLease) -> int:
-    """Beat's SLA pass: stamp deliveries that missed their webhook's SLA, count them and raise
-    their ``slaBreached`` alerts; returns how many."""
-    flagged = store.flag_sla_breaches(services.db, now_ms=now_ms())
-    tally = Tally()
-    tally.sla_breaches(len(flagged))
-    _count(services, tally)
-    alert_sla_breached(services, flagged, send)
-    return len(flagged)
+    """Beat's SLA pass: stamp deliveries not delivered within their SLA, count them and raise
+    their ``slaBreached`` alerts; returns how many.
+
+    Batches of ``NOTIFIER_SLA_CHECK_BATCH_SIZE``, each its own short transaction, until one
+    comes back short or half of ``NOTIFIER_SLA_CHECK_INTERVAL`` is spent (the rest goes in the
+    next pass, which then does not queue behind this one)."""
+    settings = services.settings
+    ends = time.monotonic() + settings.sla_check_interval / 2
+    flagged = 0
+    while True:
+        breaches = store.flag_sla_breaches(services.db, now_ms=now_ms(),
+                                           batch=settings.sla_check_batch_size)
+        tally = Tally()
+        _breached(tally, breaches)
+        _count(services, tally)
+        alert_sla_breached(services, breaches, send)
+        flagged += len(breaches)
+        if len(breaches) < settings.sla_check_batch_size or time.monotonic() > ends:
+            return flagged
 
 
 # ---------------------------------------------------------------- operational alerts
@@ -1127,10 +1149,18 @@ def alert_delivery_exhausted(services: Services, target: store.Target, finished:
         attempts=claimed.attempt_count + 1, last_status_code=finished.status_code)], send)
 
 
-def alert_sla_breached(services: Services, breaches: Sequence[tuple[str, str]],
+def alert_sla_breached(services: Services, breaches: Sequence[store.Breach],
                        send: SendLease) -> None:
-    """Deliveries were stamped as SLA breaches (``(webhook id, delivery id)``, each once):
+    """Deliveries were stamped as SLA breaches (each once, by the statement that stamped it):
     ``slaBreached``, one per webhook per minute with its count and first delivery ids. Those
     of alert events raise none."""
-    if breaches:
-        raise_alerts(services, alerts.sla_breached(services.db, breaches, now_ms=now_ms()), send)
+    if not breaches:
+        return
+    try:
+        raised = alerts.sla_breached(services.db, [(b.webhook_id, b.delivery_id)
+                                                   for b in breaches], now_ms=now_ms())
+    except Exception as exc:  # as raise_alerts: never fails what stamped them
+        log.error("slaBreached alerts of %d breaches not raised: %s", len(breaches),
+                  faults.summary(exc))
+        return
+    raise_alerts(services, raised, send)

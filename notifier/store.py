@@ -72,6 +72,7 @@ _replays = Base.metadata.tables["replays"]
 
 __all__ = [
     "PURGED_PAYLOAD",
+    "Breach",
     "Claim",
     "Claimed",
     "DeadLetterView",
@@ -298,14 +299,15 @@ def _insert_and_fan_out(connection: Connection, row: dict[str, Any], audience: d
         return IngestOutcome(row["event_id"], row["status"], True, row["error_message"],
                              error_path=row["error_path"])
     hooks = connection.execute(_subscribers().order_by(_webhooks.c.id), audience).all()
-    made = [(Queued(hook_id, limit, new_delivery_id(), now_ms), _first_status(active))
-            for hook_id, limit, active in hooks]
+    made = [(Queued(hook_id, limit, new_delivery_id(), now_ms), _first_status(active),
+             now_ms + sla_in_seconds * 1000)
+            for hook_id, limit, active, sla_in_seconds in hooks]
     if made:
         connection.execute(insert(_deliveries), [
             {"id": q.delivery_id, "event_pk": pk, "webhook_id": q.webhook_id, "status": status,
-             "attempt_count": 0, "ingested_at_ms": now_ms}
-            for q, status in made])
-    queued = tuple(q for q, status in made if status == DeliveryStatus.PENDING)
+             "attempt_count": 0, "ingested_at_ms": now_ms, "sla_due_at_ms": due}
+            for q, status, due in made])
+    queued = tuple(q for q, status, _ in made if status == DeliveryStatus.PENDING)
     return IngestOutcome(row["event_id"], row["status"], True, queued=queued)
 
 
@@ -343,10 +345,12 @@ def _insert_with_deliveries_statement() -> Select[Any]:
     # _first_status() in SQL: an inactive subscriber's delivery is held, in the same statement.
     status = case((hooks.c.active, literal(DeliveryStatus.PENDING.value)),
                   else_=literal(DeliveryStatus.HELD.value))
+    ingested = bindparam("ingested_at_ms", type_=BigInteger)
     made = (insert(_deliveries).from_select(
-        ["id", "event_pk", "webhook_id", "status", "attempt_count", "ingested_at_ms"],
-        select(delivery_id, event.c.pk, hooks.c.id, status,
-               literal(0), bindparam("ingested_at_ms", type_=BigInteger))
+        ["id", "event_pk", "webhook_id", "status", "attempt_count", "ingested_at_ms",
+         "sla_due_at_ms"],
+        select(delivery_id, event.c.pk, hooks.c.id, status, literal(0), ingested,
+               ingested + _sla_ms(hooks.c.sla_in_seconds))
         .select_from(event.join(hooks, true())))
         .returning(_deliveries.c.id, _deliveries.c.webhook_id, _deliveries.c.status).cte("made"))
     return (select(made.c.id, made.c.webhook_id, made.c.status, hooks.c.max_allowed_connections)
@@ -356,6 +360,12 @@ def _insert_with_deliveries_statement() -> Select[Any]:
 
 _EVENT_COLUMNS = ("event_id", "event_name", "org_id", "ref_id", "api_request_id", "created_at_ms",
                   "received_at_ms", "payload", "status", "error_message", "error_path")
+
+
+def _sla_ms(sla_in_seconds: Any) -> Any:
+    """A webhook's ``slaInSeconds`` in milliseconds, in SQL: in BIGINT, because the column is a
+    32-bit integer and its product with 1000 overflows one (PostgreSQL: from 24.8 days)."""
+    return cast(sla_in_seconds, BigInteger) * 1000
 
 
 @functools.cache
@@ -368,7 +378,7 @@ def _subscribers() -> Select[Any]:
     org_id = bindparam("org_id", type_=BigInteger)
     only = bindparam("only_webhook", type_=String)
     parent = select(_orgs.c.parent_id).where(_orgs.c.id == org_id).scalar_subquery()
-    return (select(hooks.id, hooks.max_allowed_connections, hooks.active)
+    return (select(hooks.id, hooks.max_allowed_connections, hooks.active, hooks.sla_in_seconds)
             .join_from(_webhooks, _subscriptions, subscriptions.webhook_id == hooks.id)
             .where(or_(hooks.org_id == org_id,
                        and_(hooks.org_id == parent, hooks.listen_to_child_events.is_(True))),
@@ -515,6 +525,9 @@ class Claimed:
     lease_until_ms: int
     # Queued by a replay: given back, it waits behind live traffic again (the replay queue).
     replayed: bool = False
+    # When it breaches its SLA, while undecided (``Delivery.sla_due_at_ms``): an attempt that
+    # ends later stamps the breach, unless beat did first.
+    sla_due_at_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -557,7 +570,7 @@ def claim(db: Database, delivery_ids: Sequence[str], *, now_ms: int, lease_ms: i
     for row in sorted(rows, key=lambda r: order[r.id]):
         if row.id in taken:
             claimed.append(Claimed(row.id, row.payload, row.attempt_count, row.ingested_at_ms,
-                                   lease_until, row.replay_id is not None))
+                                   lease_until, row.replay_id is not None, row.sla_due_at_ms))
         elif row.status == DeliveryStatus.IN_FLIGHT and row.lease_until_ms is not None:
             later.append((row.id, row.lease_until_ms + 1))
         elif row.status == DeliveryStatus.RETRYING and row.next_attempt_at_ms is not None:
@@ -590,7 +603,7 @@ def _take_statement() -> Any:
 def _claimable_statement() -> Any:
     d = _deliveries.c
     return (select(d.id, d.status, d.attempt_count, d.ingested_at_ms, d.next_attempt_at_ms,
-                   d.lease_until_ms, d.replay_id, _events.c.payload)
+                   d.lease_until_ms, d.replay_id, d.sla_due_at_ms, _events.c.payload)
             .join_from(_deliveries, _events, _events.c.pk == d.event_pk)
             .where(d.id.in_(bindparam("ids", expanding=True))))
 
@@ -767,27 +780,58 @@ class Finished:
         """From the event's ingest to the end of this attempt."""
         return self.started_at_ms + self.latency_ms - self.claimed.ingested_at_ms
 
+    @property
+    def ended_at_ms(self) -> int:
+        return self.started_at_ms + self.latency_ms
 
-def finish(db: Database, done: Sequence[Finished], *, sla_in_seconds: int) -> None:
-    """Record attempts and move their deliveries on, atomically.
+    @property
+    def late(self) -> bool:
+        """Whether this attempt ended past its delivery's SLA, which was undecided when it
+        was claimed."""
+        due = self.claimed.sla_due_at_ms
+        return due is not None and self.ended_at_ms > due
+
+
+@dataclass(frozen=True)
+class Breach:
+    """A delivery stamped as past its SLA by the statement that returned it: each is returned
+    once, by the one statement that stamped it (beat's check or the late attempt's finish)."""
+
+    delivery_id: str
+    webhook_id: str
+    breached_at_ms: int
+
+
+def finish(db: Database, done: Sequence[Finished]) -> list[Breach]:
+    """Record attempts and move their deliveries on, atomically; returns the SLA breaches this
+    stamped (attempts that ended past an SLA that beat had not stamped yet).
 
     A delivery whose lease was taken over meanwhile keeps its new holder's state; its attempt
     is still recorded, because it happened.
     """
-    rows = [_finish_row(f, sla_in_seconds) for f in done]
-    if db.is_postgresql:
+    rows = [_finish_row(f) for f in done]
+    late = [f for f in done if f.late]
+    if db.is_postgresql and not late:
         # Each attempt and its delivery's move in one statement: one round trip each.
         with db.autocommit() as connection:
             connection.execute(_record_and_move_statement(), rows)
-        return
+        return []
     with db.transaction() as connection:
-        connection.execute(_record_statement(), rows)
-        connection.execute(_move_statement(), rows)
+        # Stamped before the move, while the claim still names its holder: a stale holder's
+        # late attempt stamps nothing.
+        breaches = [_breach(row) for f in late for row in connection.execute(
+            _stamp_late_statement(), {"delivery_id": f.claimed.id,
+                                      "claimed_until_ms": f.claimed.lease_until_ms})]
+        if db.is_postgresql:
+            connection.execute(_record_and_move_statement(), rows)
+        else:
+            connection.execute(_record_statement(), rows)
+            connection.execute(_move_statement(), rows)
+    return breaches
 
 
-def _finish_row(f: Finished, sla_in_seconds: int) -> dict[str, Any]:
-    ended = f.started_at_ms + f.latency_ms
-    breached = f.outcome == DeliveryStatus.DELIVERED and f.taken_ms > sla_in_seconds * 1000
+def _finish_row(f: Finished) -> dict[str, Any]:
+    ended = f.ended_at_ms
     return {
         "delivery_id": f.claimed.id, "claimed_until_ms": f.claimed.lease_until_ms,
         "number": f.claimed.attempt_count + 1, "started_at_ms": f.started_at_ms,
@@ -795,7 +839,8 @@ def _finish_row(f: Finished, sla_in_seconds: int) -> dict[str, Any]:
         "error_class": f.error_class, "error_message": f.error_message,
         "response_excerpt": f.response_excerpt, "next_attempt_at_ms": f.next_attempt_at_ms,
         "ended_at_ms": ended if f.outcome in FINAL_STATUSES else None,
-        "sla_breach_at_ms": f.claimed.ingested_at_ms + sla_in_seconds * 1000 if breached else None,
+        # Delivered in time: the SLA is met, and the delivery leaves beat's SLA index.
+        "sla_met": f.outcome == DeliveryStatus.DELIVERED and not f.late,
         # Enrichment that ran replaces what an earlier attempt recorded; none leaves it be.
         "enriched": f.enrichment is not None or f.enrichment_notes is not None,
         "enrichment": f.enrichment, "enrichment_notes": f.enrichment_notes,
@@ -831,7 +876,8 @@ def _move_statement() -> Any:
                     last_status_code=bindparam("status_code", type_=Integer),
                     last_error=bindparam("error_message", type_=Text),
                     ended_at_ms=func.coalesce(given("ended_at_ms"), d.ended_at_ms),
-                    sla_breach_at_ms=func.coalesce(d.sla_breach_at_ms, given("sla_breach_at_ms")),
+                    sla_due_at_ms=case((bindparam("sla_met", type_=Boolean), null()),
+                                       else_=d.sla_due_at_ms),
                     enrichment=case((enriched, given("enrichment")), else_=d.enrichment),
                     enrichment_notes=case((enriched, given("enrichment_notes")),
                                           else_=d.enrichment_notes)))
@@ -840,6 +886,31 @@ def _move_statement() -> Any:
 @functools.cache
 def _record_and_move_statement() -> Any:
     return _move_statement().add_cte(_record_statement().cte("attempt"))
+
+
+def _stamp() -> dict[str, Any]:
+    """What stamping a breach writes: its time, and the due time cleared, so that no other
+    statement (conditioned on the due time) stamps or counts it again."""
+    return {"sla_breach_at_ms": _deliveries.c.sla_due_at_ms, "sla_due_at_ms": null()}
+
+
+def _stamped() -> tuple[Any, ...]:
+    d = _deliveries.c
+    return d.id, d.webhook_id, d.sla_breach_at_ms
+
+
+def _breach(row: Any) -> Breach:
+    return Breach(row.id, row.webhook_id, row.sla_breach_at_ms)
+
+
+@functools.cache
+def _stamp_late_statement() -> Any:
+    d = _deliveries.c
+    return (update(_deliveries)
+            .where(d.id == bindparam("delivery_id", type_=String),
+                   d.lease_until_ms == bindparam("claimed_until_ms", type_=BigInteger),
+                   d.sla_due_at_ms.is_not(None))
+            .values(_stamp()).returning(*_stamped()))
 
 
 @dataclass(frozen=True)
@@ -872,24 +943,27 @@ def open_work(db: Database) -> list[OpenDelivery]:
     return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), *r[4:]) for r in rows]
 
 
-def flag_sla_breaches(db: Database, *, now_ms: int) -> list[tuple[str, str]]:
-    """Stamp ``slaBreachTimestamp`` on deliveries not delivered within their webhook's SLA;
-    returns the ``(webhook id, delivery id)`` of each row this call stamped (what its alerts
-    and counts are made of: a row stamped once is returned once)."""
-    # In BIGINT: the column is a 32-bit integer, and its product with 1000 overflowed on
-    # PostgreSQL for an SLA above 24.8 days.
-    sla_ms = (select(cast(Webhook.sla_in_seconds, BigInteger) * 1000)
-              .where(Webhook.id == Delivery.webhook_id).scalar_subquery())
-    with db.session() as session:
-        result = session.execute(
-            update(Delivery)
-            .where(Delivery.sla_breach_at_ms.is_(None),
-                   Delivery.status != DeliveryStatus.DELIVERED,
-                   Delivery.ingested_at_ms + sla_ms < now_ms)
-            .values(sla_breach_at_ms=Delivery.ingested_at_ms + sla_ms)
-            .returning(Delivery.webhook_id, Delivery.id)
-            .execution_options(synchronize_session=False))
-        return [(row[0], row[1]) for row in result]
+def flag_sla_breaches(db: Database, *, now_ms: int, batch: int) -> list[Breach]:
+    """Stamp ``slaBreachTimestamp`` on at most ``batch`` deliveries not delivered within their
+    SLA (the earliest due first; the rest in the next call); returns those it stamped.
+
+    It reads only deliveries due by ``now_ms`` from the index of undecided SLAs, and stamps
+    each one whose SLA is still undecided as the update reaches it: one that its attempt
+    finished meanwhile (delivered in time, or stamped late) is left as that made it.
+    """
+    d = _deliveries.c
+    due = (select(d.id).where(d.sla_due_at_ms.is_not(None), d.sla_due_at_ms < now_ms)
+           .order_by(d.sla_due_at_ms).limit(batch))
+    if db.is_postgresql:
+        # Rows that an attempt's finish holds are left to it (or to the next check): two
+        # beats, or a beat and a busy worker, never wait on each other.
+        due = due.with_for_update(skip_locked=True)
+    with db.transaction() as connection:
+        rows = connection.execute(
+            update(_deliveries)
+            .where(d.id.in_(due.scalar_subquery()), d.sla_due_at_ms.is_not(None))
+            .values(_stamp()).returning(*_stamped())).all()
+    return [_breach(row) for row in rows]
 
 
 def create_org(db: Database, org_id: int, name: str, *, now_ms: int,

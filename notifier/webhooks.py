@@ -73,8 +73,8 @@ _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", 
             "possibleValues", "orgId", "disabledReason", "circuitBreaker"}
 DEFAULT_SLA_SECONDS = 3600
 ROTATION_OVERLAP_SECONDS = 24 * 3600
-# What the column holds (a 32-bit integer, 68 years); the SLA check multiplies it into
-# milliseconds in 64 bits (store.flag_sla_breaches), so no allowed value can overflow there.
+# What the column holds (a 32-bit integer, 68 years); the fan-out multiplies it into a
+# delivery's due time in 64 bits (store._sla_ms), so no allowed value can overflow there.
 MAX_SLA_SECONDS = 2**31 - 1
 # What browsers and proxies reliably carry; the URL is also shown in every log line of it.
 MAX_URL_CHARS = 2048

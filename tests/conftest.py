@@ -210,6 +210,7 @@ class Receiver:
         self.requests: list[Received] = []
         self.scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self.holds: dict[str, float] = {}
+        self.gates: dict[str, threading.Event] = {}
         self.in_flight: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self.lock = threading.Condition()
@@ -224,6 +225,8 @@ class Receiver:
                 reply = receiver._begin(self.path)
                 try:
                     time.sleep(reply.delay)
+                    if gate := receiver.gates.get(self.path):
+                        gate.wait(60)
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():
                         self.send_header(name, value)
@@ -253,6 +256,12 @@ class Receiver:
 
     def hold(self, path: str, seconds: float) -> None:
         self.holds[path] = seconds
+
+    def gate(self, path: str) -> threading.Event:
+        """Requests to ``path`` wait for the returned event to be set (at most 60 s) before
+        they are answered: a test looks at what notifier does while a request is open."""
+        self.gates[path] = threading.Event()
+        return self.gates[path]
 
     def _begin(self, path: str) -> Reply:
         with self.lock:

@@ -72,6 +72,9 @@ class Metrics(BaseModel):
     pendingEvents: int
     heldEvents: int
     averageDeliveryTime: int
+    slaBreachedEvents: int
+    slaMetEvents: int
+    slaMetPercent: float | None
     startDate: int
     endDate: int
 
@@ -154,12 +157,15 @@ def consumer_group_logs(
     eventSearchKey: Annotated[str | None, Query(
         description="refId, apiRequestId, eventId, eventSearchKey or customerId")] = None,
     sortBy: Annotated[str | None, Query(description=", ".join(logs.SORTS))] = None,
+    slaBreached: Annotated[bool | None, Query(
+        description="true: only deliveries past their SLA (with a slaBreachTimestamp); "
+                    "false: only the others")] = None,
 ) -> JSONResponse:
     """A webhook's delivery records, newest first by default; filters combine."""
     return envelope(logs.consumer_group_logs(
         request.app.state.services.db, org, consumerGroupId, now_ms=now_ms(),
         page=page, size=size, event_type=eventType, status=status, start_ms=startDate,
-        end_ms=endDate, search_key=eventSearchKey, sort=sortBy))
+        end_ms=endDate, search_key=eventSearchKey, sort=sortBy, sla_breached=slaBreached))
 
 
 @router.get("/v3/events/consumer-groups/{consumerGroupId}/metrics",
@@ -169,7 +175,8 @@ def consumer_group_metrics(
     startDate: Annotated[int | None, Query(description="Epoch ms; default 30 days ago")] = None,
     endDate: Annotated[int | None, Query(description="Epoch ms; default now")] = None,
 ) -> JSONResponse:
-    """Delivery counts by state and the mean delivery time (ms) of the webhook's events."""
+    """Delivery counts by state, the mean delivery time (ms) of the webhook's events, and how
+    many were delivered within the SLA and how many not (``slaMetPercent``: the share within)."""
     return envelope(logs.consumer_group_metrics(
         request.app.state.services.db, org, consumerGroupId, now_ms=now_ms(),
         start_ms=startDate, end_ms=endDate))

@@ -312,7 +312,8 @@ def _webhook_page(request: Request, org: int, webhook_id: str, *,
     query = request.query_params
     days = int(query["days"]) if query.get("days", "").isdigit() and \
         int(query["days"]) in DAYS else 7
-    filters = {"eventName": query.get("eventName", ""), "status": query.get("status", "")}
+    filters = {"eventName": query.get("eventName", ""), "status": query.get("status", ""),
+               "slaBreached": "true" if query.get("slaBreached") == "true" else ""}
     activity = _activity(request, org, view, days, filters)
     return _page(request, "webhook.html", hook=view, secret=secret, days=days, all_days=DAYS,
                  filters=filters, statuses=STATUSES, form=forms.form_from_view(view),
@@ -336,7 +337,8 @@ def _activity(request: Request, org: int, view: Mapping[str, Any], days: int,
         found = logs.consumer_group_logs(
             db, org, group, now_ms=now, start_ms=start, size=PAGE_SIZE,
             page=int(page) if page.isdigit() else 0,
-            event_type=filters["eventName"] or None, status=filters["status"] or None)
+            event_type=filters["eventName"] or None, status=filters["status"] or None,
+            sla_breached=True if filters["slaBreached"] else None)
     except InvalidInput as exc:
         found = {"content": [], "page": 0, "totalElements": 0, "totalPages": 0}
         _flash(request, str(exc), "error")

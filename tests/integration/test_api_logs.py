@@ -165,6 +165,10 @@ def _five_deliveries(api: Api) -> tuple[str, dict[str, str]]:
         _set(api, ids[event_id], status=status, ingested_at_ms=base + ingested,
              started_at_ms=None if started is None else base + started,
              ended_at_ms=None if ended is None else base + ended)
+    # e-3 missed its SLA (failed past it); e-1 and e-2 were delivered within it.
+    _set(api, ids["e-3"], sla_breach_at_ms=base + 4000, sla_due_at_ms=None)
+    _set(api, ids["e-1"], sla_due_at_ms=None)
+    _set(api, ids["e-2"], sla_due_at_ms=None)
     return hook["consumerGroupId"], ids
 
 
@@ -202,6 +206,11 @@ def test_consumer_group_logs_page_filter_and_sort(api: Api) -> None:
     assert _event_ids(_logs(api, group, eventType="tierUpgraded")) == ["e-4", "e-2"]
     assert _event_ids(_logs(api, group, status="delivered")) == ["e-2", "e-1"]
     assert _event_ids(_logs(api, group, status="failed,RETRYING")) == ["e-5", "e-3"]
+    breached = _logs(api, group, slaBreached="true")
+    assert _event_ids(breached) == ["e-3"] and breached["totalElements"] == 1
+    assert breached["content"][0]["slaBreachTimestamp"] is not None
+    assert _event_ids(_logs(api, group, slaBreached="false")) == ["e-5", "e-4", "e-2", "e-1"]
+    assert _event_ids(_logs(api, group, slaBreached="true", status="delivered")) == []
     for key in ("13", "1_e-3", "req-e-3", "e-3", "key-13"):  # customerId, refId, request, ...
         assert _event_ids(_logs(api, group, eventSearchKey=key)) == ["e-3"], key
     assert _event_ids(_logs(api, group, eventSearchKey="e-3", eventType="tierUpgraded")) == []
@@ -221,6 +230,7 @@ def test_consumer_group_logs_page_filter_and_sort(api: Api) -> None:
     ({"size": 0}, "size"),
     ({"size": 201}, "size"),
     ({"size": "ten"}, "size"),
+    ({"slaBreached": "maybe"}, "slaBreached"),
     ({"page": -1}, "page"),
     ({"startDate": 2000, "endDate": 1000}, "endDate"),
     ({"startDate": -5}, "startDate"),
@@ -252,12 +262,14 @@ def test_metrics_count_by_state_with_the_mean_delivery_time(api: Api) -> None:
     assert {k: v for k, v in metrics.items() if k not in ("startDate", "endDate")} == {
         "totalEvents": 7, "deliveredEvents": 2, "failedEvents": 2, "retryingEvents": 1,
         "pendingEvents": 1, "heldEvents": 1,  # held: not failed, never tried while inactive
-        "averageDeliveryTime": 400}  # (600 + 200) / 2: ingested -> ended
+        "averageDeliveryTime": 400,  # (600 + 200) / 2: ingested -> ended
+        # e-1 and e-2 within their SLA, e-3 not; the others are undecided yet.
+        "slaBreachedEvents": 1, "slaMetEvents": 2, "slaMetPercent": 66.67}
     assert metrics["endDate"] - metrics["startDate"] == 30 * 24 * 3600 * 1000
     assert old == {"totalEvents": 0, "deliveredEvents": 0, "failedEvents": 0,
                    "retryingEvents": 0, "pendingEvents": 0, "heldEvents": 0,
-                   "averageDeliveryTime": 0,
-                   "startDate": 0, "endDate": 10_000}
+                   "averageDeliveryTime": 0, "slaBreachedEvents": 0, "slaMetEvents": 0,
+                   "slaMetPercent": None, "startDate": 0, "endDate": 10_000}
     bad = api.call("GET", path, params={"startDate": 5, "endDate": 1})
     assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "endDate"
 
@@ -269,11 +281,10 @@ def test_delivery_detail_has_every_attempt_and_both_payloads(api: Api) -> None:
     db = api.services.db
     (first,) = store.claim(db, [delivery], now_ms=now_ms(), lease_ms=5000).claimed
     store.finish(db, [store.Finished(first, 1000, 30, DeliveryStatus.RETRYING, 503,
-                                     response_excerpt="busy", next_attempt_at_ms=0)],
-                 sla_in_seconds=3600)
+                                     response_excerpt="busy", next_attempt_at_ms=0)])
     (second,) = store.claim(db, [delivery], now_ms=now_ms(), lease_ms=5000).claimed
     store.finish(db, [store.Finished(second, 2000, 40, DeliveryStatus.DELIVERED, 200,
-                                     response_excerpt="ok")], sla_in_seconds=3600)
+                                     response_excerpt="ok")])
 
     response = api.call("GET", f"/v3/deliveries/{delivery}")
 

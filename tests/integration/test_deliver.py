@@ -125,11 +125,11 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
     finish = store.finish
     recorded: list[Any] = []
 
-    def database_lost_at_the_second_record(*args: Any, **kwargs: Any) -> None:
+    def database_lost_at_the_second_record(*args: Any, **kwargs: Any) -> list[store.Breach]:
         recorded.append(args)
         if len(recorded) == 2:
             raise StoreUnavailable("database: the connection was lost")
-        finish(*args, **kwargs)
+        return finish(*args, **kwargs)
 
     monkeypatch.setattr(store, "finish", database_lost_at_the_second_record)
     with pytest.raises(DeliveryInterrupted) as stopped:

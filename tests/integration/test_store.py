@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 
-from notifier import store
+from config import load_settings
+from notifier import store, webhooks
 from notifier.db import Database, upgrade
 from notifier.errors import InvalidInput
 from notifier.models import Attempt, Base, Delivery, DeliveryStatus, Event, EventStatus, Webhook
@@ -202,15 +204,15 @@ def _waiting_for_a_lock(db: Database) -> bool:
 
 
 def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -> None:
-    webhook(org, "a", sla_in_seconds=1)
+    hook = webhook(org, "a", sla_in_seconds=1)
     (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
     (stale,) = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=1000).claimed
     (fresh,) = store.claim(org, [queued.delivery_id], now_ms=3500, lease_ms=1000).claimed
 
-    store.finish(org, [store.Finished(stale, 2000, 10, DeliveryStatus.FAILED, 400)],
-                 sla_in_seconds=1)
-    store.finish(org, [store.Finished(fresh, 3500, 20, DeliveryStatus.DELIVERED, 200)],
-                 sla_in_seconds=1)
+    # Both end past the SLA (due at 2000); only the holder's attempt stamps the breach.
+    assert store.finish(org, [store.Finished(stale, 2000, 10, DeliveryStatus.FAILED, 400)]) == []
+    assert store.finish(org, [store.Finished(fresh, 3500, 20, DeliveryStatus.DELIVERED, 200)]) \
+        == [store.Breach(queued.delivery_id, hook, 2000)]
 
     with org.session() as session:
         delivery = session.get(Delivery, queued.delivery_id)
@@ -223,16 +225,70 @@ def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -
 
 
 def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> None:
-    webhook(org, "a", sla_in_seconds=10)
-    store.ingest(org, load_catalog(), event("e-1"), now_ms=1000)
+    hook = webhook(org, "a", sla_in_seconds=10)
+    (first,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1000).queued
     store.ingest(org, load_catalog(), event("e-2"), now_ms=50_000)
 
-    assert len(store.flag_sla_breaches(org, now_ms=20_000)) == 1
-    assert len(store.flag_sla_breaches(org, now_ms=30_000)) == 0
+    assert store.flag_sla_breaches(org, now_ms=11_000, batch=10) == []  # due, not past it
+    assert store.flag_sla_breaches(org, now_ms=20_000, batch=10) == [
+        store.Breach(first.delivery_id, hook, 11_000)]
+    assert store.flag_sla_breaches(org, now_ms=30_000, batch=10) == []
     with org.session() as session:
         flagged = session.scalars(select(Delivery.sla_breach_at_ms).order_by(
             Delivery.ingested_at_ms)).all()
     assert flagged == [11_000, None]
+
+
+def _sla_of(db: Database, delivery_id: str) -> tuple[int | None, int | None]:
+    with db.session() as session:
+        row = session.execute(select(Delivery.sla_due_at_ms, Delivery.sla_breach_at_ms)
+                              .where(Delivery.id == delivery_id)).one()
+    return row.sla_due_at_ms, row.sla_breach_at_ms
+
+
+def test_a_breach_stamped_by_beat_in_flight_is_not_stamped_again_by_the_late_finish(
+        org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (claimed,) = store.claim(org, [queued.delivery_id], now_ms=1100, lease_ms=60_000).claimed
+
+    assert store.flag_sla_breaches(org, now_ms=2500, batch=10) == [
+        store.Breach(queued.delivery_id, hook, 2000)]
+    assert store.finish(org, [store.Finished(claimed, 1100, 3000, DeliveryStatus.DELIVERED,
+                                             200)]) == []
+    assert store.flag_sla_breaches(org, now_ms=9000, batch=10) == []
+    assert _sla_of(org, queued.delivery_id) == (None, 2000)
+
+
+def test_a_late_finish_stamps_the_breach_and_beat_then_finds_nothing(org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (claimed,) = store.claim(org, [queued.delivery_id], now_ms=1100, lease_ms=60_000).claimed
+
+    assert store.finish(org, [store.Finished(claimed, 1100, 3000, DeliveryStatus.DELIVERED,
+                                             200)]) == [store.Breach(queued.delivery_id, hook, 2000)]
+    assert store.flag_sla_breaches(org, now_ms=9000, batch=10) == []
+    assert _sla_of(org, queued.delivery_id) == (None, 2000)
+
+
+def test_a_delivery_in_time_meets_its_sla_for_good_and_a_failure_breaches_at_its_due_time(
+        org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (met,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1000).queued
+    (failed,) = store.ingest(org, load_catalog(), event("e-2"), now_ms=1000).queued
+    claimed = store.claim(org, [met.delivery_id, failed.delivery_id], now_ms=1100,
+                          lease_ms=60_000).claimed
+
+    assert store.finish(org, [store.Finished(claimed[0], 1100, 500, DeliveryStatus.DELIVERED,
+                                             200),
+                              store.Finished(claimed[1], 1100, 500, DeliveryStatus.FAILED,
+                                             400)]) == []
+    # Delivered in time: decided, out of the check's index, even when replayed later.
+    assert _sla_of(org, met.delivery_id) == (None, None)
+    # Failed for good before its SLA: never delivered, so it breaches when the SLA runs out.
+    assert _sla_of(org, failed.delivery_id) == (2000, None)
+    assert store.flag_sla_breaches(org, now_ms=2001, batch=10) == [
+        store.Breach(failed.delivery_id, hook, 2000)]
 
 
 def test_open_work_lists_unfinished_deliveries_with_their_due_times_and_claims(
@@ -398,3 +454,94 @@ def test_a_parent_webhook_listening_to_children_hears_a_childs_events(org: Datab
     outcome = store.ingest(org, load_catalog(), {**event(), "orgId": ORG + 10}, now_ms=1)
 
     assert [q.webhook_id for q in outcome.queued] == [listening]
+
+
+def test_the_sla_check_stamps_a_backlog_in_batches_each_bounded(org: Database) -> None:
+    batch = load_settings({}).sla_check_batch_size
+    hook = webhook(org, "a", sla_in_seconds=1)
+    held = webhook(org, "b", sla_in_seconds=1, active=False)  # held: not delivered either
+    catalog = load_catalog()
+    for start in range(0, 5000, 1000):
+        store.ingest_many(org, catalog, [event(f"e-{n}") for n in range(start, start + 1000)],
+                          now_ms=1000 + start)
+    # 10 000 deliveries due from 2000 to 6999, and one delivered in time (out of the check).
+    (met,) = store.ingest(org, catalog, event("met"), now_ms=1000, only_webhook=hook).queued
+    (claimed,) = store.claim(org, [met.delivery_id], now_ms=1000, lease_ms=9000).claimed
+    store.finish(org, [store.Finished(claimed, 1000, 10, DeliveryStatus.DELIVERED, 200)])
+
+    runs: list[tuple[int, float]] = []
+    last_due = 0
+    while True:
+        began = time.perf_counter()
+        stamped = store.flag_sla_breaches(org, now_ms=60_000, batch=batch)
+        runs.append((len(stamped), round((time.perf_counter() - began) * 1000, 1)))
+        if not stamped:
+            break
+        # The earliest due first.
+        assert min(b.breached_at_ms for b in stamped) >= last_due
+        last_due = max(b.breached_at_ms for b in stamped)
+    print(f"\n{org.engine.dialect.name}: SLA check, batch of {batch}: (rows stamped, ms) "
+          f"per run: {runs}")
+
+    assert [rows for rows, _ in runs] == [batch, 10_000 - batch, 0]
+    with org.session() as session:
+        breached = dict(session.execute(
+            select(Delivery.webhook_id, func.count(Delivery.sla_breach_at_ms))
+            .group_by(Delivery.webhook_id)).all())
+        wrong = session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.id != met.delivery_id,
+            or_(Delivery.sla_breach_at_ms.is_(None), Delivery.sla_due_at_ms.is_not(None),
+                Delivery.sla_breach_at_ms != Delivery.ingested_at_ms + 1000)))
+    assert breached == {hook: 5000, held: 5000} and wrong == 0
+
+
+def test_the_largest_sla_allowed_is_checked_without_overflow(org: Database) -> None:
+    largest = webhooks.MAX_SLA_SECONDS  # what the webhook's validation lets through
+    hook = webhook(org, "a", sla_in_seconds=largest)
+    now = 1_800_000_000_000  # 2027
+    due = now + largest * 1000
+    first, second = (store.ingest(org, load_catalog(), event(f"e-{n}"), now_ms=now).queued[0]
+                     for n in (1, 2))
+    (claimed,) = store.claim(org, [second.delivery_id], now_ms=now, lease_ms=1000).claimed
+
+    assert _sla_of(org, first.delivery_id) == (due, None)
+    assert store.flag_sla_breaches(org, now_ms=due, batch=10) == []
+    # The late finish's path: delivered a millisecond past it; then beat's, for the other.
+    assert store.finish(org, [store.Finished(claimed, due, 1, DeliveryStatus.DELIVERED, 200)]) \
+        == [store.Breach(second.delivery_id, hook, due)]
+    assert store.flag_sla_breaches(org, now_ms=due + 1, batch=10) == [
+        store.Breach(first.delivery_id, hook, due)]
+
+
+def test_migration_0012_gives_undecided_deliveries_their_due_time(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from notifier.db import MIGRATIONS
+
+    db = Database(database_url)
+    store.create_org(db, ORG, "org", now_ms=0)
+    webhook(db, "a", sla_in_seconds=10)
+    ids = [store.ingest(db, load_catalog(), event(f"e-{n}"), now_ms=1000).queued[0].delivery_id
+           for n in range(3)]
+    waiting, delivered, stamped = ids
+    with db.session() as session:
+        session.execute(update(Delivery).where(Delivery.id == delivered)
+                        .values(status=DeliveryStatus.DELIVERED))
+        session.execute(update(Delivery).where(Delivery.id == stamped)
+                        .values(status=DeliveryStatus.RETRYING, sla_breach_at_ms=11_000))
+    db.dispose()
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.downgrade(config, "0011")
+
+    upgrade(database_url)
+
+    db = Database(database_url)
+    try:
+        assert [_sla_of(db, delivery_id) for delivery_id in ids] == [
+            (11_000, None), (None, None), (None, 11_000)]
+        assert store.flag_sla_breaches(db, now_ms=20_000, batch=10)[0].delivery_id == waiting
+    finally:
+        db.dispose()

@@ -99,8 +99,8 @@ def test_an_sla_of_40_days_is_checked_on_postgresql(stack: Stack, database: Data
     store.ingest(database, load_catalog(), {**event, "eventId": "old"}, now_ms=1000)
     store.ingest(database, load_catalog(), {**event, "eventId": "new"}, now_ms=10 * DAY * 1000)
 
-    assert len(store.flag_sla_breaches(database, now_ms=1000 + 40 * DAY * 1000 - 1)) == 0
-    assert len(store.flag_sla_breaches(database, now_ms=41 * DAY * 1000)) == 1
+    assert store.flag_sla_breaches(database, now_ms=1000 + 40 * DAY * 1000, batch=10) == []
+    assert len(store.flag_sla_breaches(database, now_ms=41 * DAY * 1000, batch=10)) == 1
     with database.session() as session:
         flagged = session.scalars(select(Delivery.sla_breach_at_ms)
                                   .order_by(Delivery.ingested_at_ms)).all()

@@ -2,7 +2,7 @@
 (the "Recent alerts" list; a unique key raises each once, one slaBreached per webhook a minute)
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0012
 """
 
 import sqlalchemy as sa
@@ -10,7 +10,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0014"
-down_revision = "0011"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
