@@ -1,6 +1,6 @@
 """notifier: event notifications for loyalty platforms, delivered as signed webhooks."""
 
-from notifier.client import publish
+from notifier.client import publish, publish_many
 
-__all__ = ["publish"]
+__all__ = ["publish", "publish_many"]
 __version__ = "0.1.0"
