@@ -112,13 +112,15 @@ def _envelope_of(event: Any, index: int, org_id: int | None) -> dict[str, Any]:
                            f"must be an event envelope (a mapping), not {type(event).__name__}")
     fields = dict(event)
     try:
-        return build_envelope(
+        envelope = build_envelope(
             fields.pop("eventName", None), fields.pop("data", None),
             org_id=fields.pop("orgId", org_id), event_id=fields.pop("eventId", None),
             ref_id=fields.pop("refId", None), api_request_id=fields.pop("apiRequestId", None),
-            created_at=fields.pop("createdAt", None), **fields)
+            created_at=fields.pop("createdAt", None))
     except InvalidEvent as exc:
         raise InvalidEvent(path_text(("events", index, *exc.path)), exc.problem) from exc
+    envelope.update(fields)  # the envelope's other fields, as given
+    return envelope
 
 
 def _max_events_per_message() -> int:

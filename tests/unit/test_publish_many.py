@@ -43,7 +43,7 @@ def event(n: int, **fields: Any) -> dict[str, Any]:
 def test_one_message_carries_an_envelope_per_event_in_order(producer: Producer) -> None:
     ids = notifier.publish_many(
         [event(1, orgId=ORG), event(2, eventId="given", refId="r-2", createdAt=5),
-         event(3, orgId=7, loyaltyProgram="gold")],
+         event(3, orgId=7, loyaltyProgram="gold", event_id="a field like any other")],
         org_id=ORG, broker_url="memory://")
 
     (message,) = producer.sent
@@ -58,6 +58,7 @@ def test_one_message_carries_an_envelope_per_event_in_order(producer: Producer) 
     assert [e["orgId"] for e in envelopes] == [ORG, ORG, 7]
     assert envelopes[1]["refId"] == "r-2" and envelopes[1]["createdAt"] == 5
     assert envelopes[2]["loyaltyProgram"] == "gold"
+    assert envelopes[2]["event_id"] == "a field like any other"
     assert all(e["createdAt"] > 0 and e["eventName"] == "pointsIssued" for e in envelopes)
     assert [e["data"] for e in envelopes] == [event(n)["data"] for n in (1, 2, 3)]
 
