@@ -219,9 +219,11 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
     unusable: list[tuple[int, dict[str, Any], InvalidEvent]] = []
     keyed: list[tuple[int, dict[str, Any], dict[str, Any], InvalidEvent | None]] = []
     for index, envelope in enumerate(envelopes):
+        if isinstance(envelope, Refused):
+            unusable.append((index, _unusable_row(envelope, envelope.problem, now_ms),
+                             envelope.problem))
+            continue
         try:
-            if isinstance(envelope, Refused):
-                raise envelope.problem
             if not isinstance(envelope, Mapping):
                 raise InvalidEvent("$", "must be an event envelope (a JSON object), not "
                                         f"{type(envelope).__name__}")
