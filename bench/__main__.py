@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--concurrency C]
-[--latency] [--http] [--isolation [--isolation-dead STATUS]] [--enrichment] [--webhooks 10,1000] [--backlog N]
+"""``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--lists 20]
+[--concurrency C] [--latency] [--http] [--isolation [--isolation-dead STATUS]] [--enrichment]
+[--webhooks 10,1000] [--backlog N]
 [--retention N] [--soak SECONDS [--soak-rate R]]``."""
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deliveries", type=int, help="deliveries per run (default 5000; quick 2000)")
     parser.add_argument("--repeat", type=int, help="repetitions, median reported (default 3; quick 1)")
     parser.add_argument("--fanout", default="1", help="webhooks per event, comma separated (e.g. 1,10)")
+    parser.add_argument("--lists", type=int, default=20, metavar="N",
+                        help="fan-out 1 again with the events published N a message "
+                             "(notifier.publish_many), its rounds alternating with fan-out 1's "
+                             "in the same stack, each beside a Floor B round (default 20; 0: off)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="worker processes: Floor A loops, prefork children of each worker")
     parser.add_argument("--receiver-processes", type=int, default=2)
@@ -126,13 +131,13 @@ def repeat(row: Row, times: int, once: Callable[[], run.Sample]) -> None:
 
 
 def table(rows: list[Row], floor_b: Row | None) -> str:
-    head = (f"{'scenario':<26} {'deliveries':>10} {'median/s':>9} {'range/s':>13} "
+    head = (f"{'scenario':<32} {'deliveries':>10} {'median/s':>9} {'range/s':>13} "
             f"{'/FloorB':>8} {'peak RSS MiB':>13}")
     lines = [head, "-" * len(head)]
     base = floor_b.median if floor_b and floor_b.samples else None
     for row in rows:
         if not row.samples:
-            lines.append(f"{row.name:<26} FAILED: {row.error}")
+            lines.append(f"{row.name:<32} FAILED: {row.error}")
             continue
         rates = [s.rate for s in row.samples]
         if row.paired:  # paired rounds: the median of the pairwise ratios
@@ -141,7 +146,7 @@ def table(rows: list[Row], floor_b: Row | None) -> str:
             ratio = f"{row.median / base:.2f}" if base and not row.name.startswith("receiver") else "-"
         peak = max(s.peak_rss for s in row.samples)
         mem = f"{peak / 2**20:.0f}" if peak else "-"
-        lines.append(f"{row.name:<26} {row.samples[0].deliveries:>10} {row.median:>9.0f} "
+        lines.append(f"{row.name:<32} {row.samples[0].deliveries:>10} {row.median:>9.0f} "
                      f"{f'{min(rates):.0f}-{max(rates):.0f}':>13} {ratio:>8} {mem:>13}")
     return "\n".join(lines)
 
@@ -233,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             for fanout in args.fanout:
                 row = Row(f"notifier fan-out {fanout}")
                 rows.append(row)
+                listed = Row(f"notifier fan-out 1, lists of {args.lists}")
+                if fanout == 1 and args.lists > 1:
+                    rows.append(listed)
                 sub = folder / f"notifier-{fanout}"
                 sub.mkdir()
                 try:
@@ -242,8 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                                       fanout: int = fanout) -> run.Sample:
                             return run.notifier(receiver, procs, n, fanout)
 
+                        def listed_round(procs: run.Processes = procs) -> run.Sample:
+                            return run.notifier(receiver, procs, n, 1, per_message=args.lists)
+
                         for i in range(args.repeat):
                             paired(row, i, floor_b_procs, one_round)
+                            if listed in rows:
+                                paired(listed, i, floor_b_procs, listed_round)
                         if fanout == 1 and args.latency:
                             rate = row.median / 2
                             print(f"  latency at half of fan-out 1 ({rate:.0f} deliveries/s) for "
@@ -254,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                 except run.BenchError as exc:
                     row.error = str(exc).splitlines()[0]
                     print(f"  {row.name}: {exc}", file=sys.stderr, flush=True)
+                    if listed in rows and len(listed.samples) < args.repeat:
+                        listed.error = row.error
                 if row.paired:
                     notes.append(row.pairing())
+                if listed in rows and listed.paired:
+                    notes.append(listed.pairing())
             if args.http:
                 row = Row("notifier HTTP fan-out 1")
                 rows.append(row)

@@ -507,10 +507,12 @@ def _db_counts() -> tuple[int, int, int]:
 
 
 def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
-             make_data: Callable[[], dict[str, Any]] | None = None, org: int = ORG) -> Sample:
+             make_data: Callable[[], dict[str, Any]] | None = None, org: int = ORG,
+             per_message: int = 1) -> Sample:
     """Publish ``deliveries / fanout`` events of ``org`` (worker paused), time the drain;
-    ``make_data()`` gives each event's data (default: the same ``event_data()`` for all)."""
-    from notifier import publish
+    ``make_data()`` gives each event's data (default: the same ``event_data()`` for all).
+    ``per_message`` > 1: the events go in lists of that many a message (``publish_many``)."""
+    from notifier import publish, publish_many
     from notifier.client import QUEUE
 
     _truncate("attempts, deliveries, events")
@@ -519,12 +521,19 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     start_count = receiver.count
     procs.pause(NOTIFIER_BROKER, "notifier", QUEUE)
     t0 = time.perf_counter()
-    for _ in range(events):
-        publish(EVENT, data if make_data is None else make_data(), org_id=org,
-                broker_url=NOTIFIER_BROKER)
+    if per_message > 1:
+        for first in range(0, events, per_message):
+            publish_many([{"eventName": EVENT, "data": data if make_data is None else make_data()}
+                          for _ in range(min(per_message, events - first))],
+                         org_id=org, broker_url=NOTIFIER_BROKER)
+    else:
+        for _ in range(events):
+            publish(EVENT, data if make_data is None else make_data(), org_id=org,
+                    broker_url=NOTIFIER_BROKER)
     fill = time.perf_counter() - t0
+    messages = -(-events // per_message)
     # (beat's sweep tasks share the queue, so it may hold a few more)
-    if receiver.count != start_count or _queue_length(NOTIFIER_BROKER, QUEUE) < events:
+    if receiver.count != start_count or _queue_length(NOTIFIER_BROKER, QUEUE) < messages:
         raise BenchError("notifier: the paused worker consumed from its queue")
     tasks_before, wal_before = delivery_tasks(procs), wal_bytes()
     with RssSampler(worker_pids(procs)) as rss:

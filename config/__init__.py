@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PREFIX", "SETTINGS", "Setting", "Settings", "SettingsError", "describe", "load_settings"]
+__all__ = ["PREFIX", "SETTINGS", "Setting", "Settings", "SettingsError", "describe", "load_setting",
+           "load_settings"]
 
 PREFIX = "NOTIFIER_"
 
@@ -237,8 +238,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Milliseconds a short batch of a webhook that is already being sent to waits before "
             "it starts, gathering what queues meanwhile (0: start at once)."),
     Setting("ingest_batch_size", _positive_int, "50",
-            "Most events one ingest task stores together (one transaction, one queue call per "
-            "webhook); events that arrive while a worker's ingest task runs gather for its next."),
+            "Most ingest messages one ingest task takes together, stored in one transaction "
+            "(one queue call per webhook) up to NOTIFIER_MAX_EVENTS_PER_MESSAGE events; messages "
+            "that arrive while a worker's ingest task runs gather for its next."),
     Setting("ingest_retry_horizon", _positive_float, str(6 * 3600),
             "Seconds an event's ingest is retried after transient failures (the database or "
             "Redis away, a deadlock) before it is kept as a dead letter, with the reason, "
@@ -288,6 +290,11 @@ SETTINGS: tuple[Setting, ...] = (
             "answered 413 before it is read whole."),
     Setting("max_events_per_request", _positive_int, "1000",
             "Most events one POST /v3/events may carry; a longer list is answered 413."),
+    Setting("max_events_per_message", _positive_int, "1000",
+            "Most events one broker message may carry (notifier.publish_many, or a list given "
+            "to the notifier.ingest task): the producer client refuses a longer list, and each "
+            "event of a longer message is stored rejected (its names only), never delivered. "
+            "Also the most events one ingest transaction stores, past one message's."),
     Setting("secret_keys", _fernet_keys, "",
             "Fernet keys sealing webhook header values and signing secrets at rest, comma "
             "separated; the first seals, all open (rotation). Default: data_dir/secret.key.",
@@ -352,6 +359,7 @@ class Settings:
     max_event_bytes: int
     max_body_bytes: int
     max_events_per_request: int
+    max_events_per_message: int
     secret_keys: tuple[str, ...]
     ui_session_idle_seconds: float
     ui_session_max_seconds: float
@@ -396,20 +404,32 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        raw = env.get(setting.env)
-        if raw is None:
-            if callable(setting.default):
-                values[setting.name] = setting.default(values)
-                continue
-            raw = setting.default
-        try:
-            values[setting.name] = setting.parse(raw)
-        except ValueError as exc:
-            shown = "(hidden)" if setting.secret else repr(raw)
-            raise SettingsError(f"{setting.env}={shown}: {exc}") from exc
+        values[setting.name] = _value(setting, env, values)
     settings = Settings(**values)
     _check_together(settings)
     return settings
+
+
+def load_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting that has a default of its own, read and checked as ``load_settings`` does,
+    for a process that needs no other (a producer: ``notifier.publish_many``)."""
+    (setting,) = (s for s in SETTINGS if s.name == name)
+    if callable(setting.default):
+        raise ValueError(f"{setting.env} is derived from other settings: use load_settings()")
+    return _value(setting, os.environ if environ is None else environ, {})
+
+
+def _value(setting: Setting, env: Mapping[str, str], values: Mapping[str, Any]) -> Any:
+    raw = env.get(setting.env)
+    if raw is None:
+        if callable(setting.default):
+            return setting.default(values)
+        raw = setting.default
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        shown = "(hidden)" if setting.secret else repr(raw)
+        raise SettingsError(f"{setting.env}={shown}: {exc}") from exc
 
 
 def _check_together(settings: Settings) -> None:

@@ -1,6 +1,7 @@
 """notifier: event notifications for loyalty platforms, delivered as signed webhooks.
 
-``notifier.publish`` is the producer's one call (``notifier.client``); it is loaded on first use,
+``notifier.publish`` and ``notifier.publish_many`` are the producer's calls (``notifier.client``),
+loaded on first use,
 so that importing any part of notifier (``notifier.signing`` in a receiver, say) loads neither
 Celery nor a broker client.
 """
@@ -10,15 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from notifier.client import publish
+    from notifier.client import publish, publish_many
 
-__all__ = ["publish"]
+__all__ = ["publish", "publish_many"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "publish":
-        from notifier.client import publish
+    if name in __all__:
+        from notifier import client
 
-        return publish
+        return getattr(client, name)
     raise AttributeError(f"module 'notifier' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The producer client: ``publish`` an event without any of notifier's task code.
+"""The producer client: ``publish`` an event (or ``publish_many`` several in one message)
+without any of notifier's task code.
 
 It sends the ``notifier.ingest`` task by name over the broker, so a loyalty service needs only
 this module (and Celery's client side) to publish.
@@ -16,12 +17,12 @@ from typing import Any
 
 from celery import Celery
 
-from notifier.errors import InvalidEvent
+from notifier.errors import InvalidEvent, TooLarge, path_text
 from notifier.queues import Lease
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "REPLAY_TASK", "SLOW_QUEUE",
            "build_envelope", "ingest_reprs", "lease_args", "lease_sender", "producer", "publish",
-           "publish_envelope", "replay_sender", "send_lease", "send_leases"]
+           "publish_envelope", "publish_many", "replay_sender", "send_lease", "send_leases"]
 
 INGEST_TASK = "notifier.ingest"
 DELIVER_TASK = "notifier.deliver"
@@ -84,30 +85,93 @@ def publish(event_name: str, data: Mapping[str, Any], *, org_id: int,
     return str(envelope["eventId"])
 
 
+def publish_many(events: Iterable[Mapping[str, Any]], *, org_id: int | None = None,
+                 broker_url: str | None = None) -> list[str]:
+    """Publish several events in one broker message; returns their ``eventId``s, in order.
+
+    Each event is an InTouch envelope (``eventName``, ``orgId``, ``data``; ``eventId``,
+    ``createdAt``, ``refId``, ``apiRequestId`` filled in or left out as ``publish`` does them);
+    ``org_id`` stands for a missing ``orgId``. notifier stores, validates and delivers each as
+    if it had been published alone: one that fails its schema is stored rejected and the others
+    go on, and an ``eventId`` given twice is one event. Nothing is sent when an envelope cannot
+    be built (``InvalidEvent`` naming it: ``events[3].orgId``) or when there are more than
+    ``NOTIFIER_MAX_EVENTS_PER_MESSAGE`` (1000) of them (``TooLarge``).
+    """
+    listed = list(events)
+    most = _max_events_per_message()
+    if len(listed) > most:
+        raise TooLarge("events", f"has {len(listed)} events, over the limit of {most} a message "
+                                 "(NOTIFIER_MAX_EVENTS_PER_MESSAGE): publish them in several")
+    envelopes = [_envelope_of(event, index, org_id) for index, event in enumerate(listed)]
+    if envelopes:
+        _send_ingest(envelopes, broker_url)
+    return [str(envelope["eventId"]) for envelope in envelopes]
+
+
+def _envelope_of(event: Any, index: int, org_id: int | None) -> dict[str, Any]:
+    if not isinstance(event, Mapping):
+        raise InvalidEvent(path_text(("events", index)),
+                           f"must be an event envelope (a mapping), not {type(event).__name__}")
+    fields = dict(event)
+    try:
+        envelope = build_envelope(
+            fields.pop("eventName", None), fields.pop("data", None),
+            org_id=fields.pop("orgId", org_id), event_id=fields.pop("eventId", None),
+            ref_id=fields.pop("refId", None), api_request_id=fields.pop("apiRequestId", None),
+            created_at=fields.pop("createdAt", None))
+    except InvalidEvent as exc:
+        raise InvalidEvent(path_text(("events", index, *exc.path)), exc.problem) from exc
+    envelope.update(fields)  # the envelope's other fields, as given
+    return envelope
+
+
+def _max_events_per_message() -> int:
+    from config import load_setting
+
+    return int(load_setting("max_events_per_message"))
+
+
 def publish_envelope(envelope: Any, *, broker_url: str | None = None) -> None:
     """Send one event envelope, as it is, to be ingested (``publish`` builds it first)."""
+    _send_ingest(envelope, broker_url)
+
+
+def _send_ingest(body: Any, broker_url: str | None) -> None:
+    """Send one ingest message: an envelope, or a list of them."""
     if broker_url is None:
         from config import load_settings
 
         broker_url = load_settings().broker_url
-    producer(broker_url).send_task(INGEST_TASK, args=[envelope], queue=QUEUE,
-                                   **ingest_reprs([envelope], {}))
+    producer(broker_url).send_task(INGEST_TASK, args=[body], queue=QUEUE,
+                                   **ingest_reprs([body], {}))
 
 
 _ID_FIELDS = ("orgId", "eventName", "eventId")
+# The events of a list whose ids a message's headers show; the rest are counted.
+_SHOWN_EVENTS = 5
 
 
 def ingest_reprs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, str]:
-    """``argsrepr`` and ``kwargsrepr`` of an ingest message: the event's ids, never its payload.
+    """``argsrepr`` and ``kwargsrepr`` of an ingest message: the event's ids, never its payload
+    (of a list: the first few events' ids, and how many more there are).
 
     Celery puts them in the message's headers for Flower and the workers' logs to show instead
     of the arguments; by default they are the arguments' repr, the whole event with its
     customer data.
     """
-    envelope = args[0] if args else kwargs.get("envelope")
-    ids = ({name: _short(envelope.get(name)) for name in _ID_FIELDS if name in envelope}
-           if isinstance(envelope, Mapping) else {})
-    return {"argsrepr": json.dumps([ids]), "kwargsrepr": "{}"}
+    body = args[0] if args else kwargs.get("envelope")
+    if isinstance(body, list):
+        shown: list[Any] = [_ids(envelope) for envelope in body[:_SHOWN_EVENTS]]
+        if len(body) > _SHOWN_EVENTS:
+            shown.append(f"+{len(body) - _SHOWN_EVENTS} more")
+        return {"argsrepr": json.dumps([shown]), "kwargsrepr": "{}"}
+    return {"argsrepr": json.dumps([_ids(body)]), "kwargsrepr": "{}"}
+
+
+def _ids(envelope: Any) -> dict[str, Any]:
+    if not isinstance(envelope, Mapping):
+        return {}
+    return {name: _short(envelope.get(name)) for name in _ID_FIELDS if name in envelope}
 
 
 def _short(value: Any) -> Any:

@@ -3,7 +3,9 @@
     NotifierError
     ├── InvalidInput            bad input from a caller; names the field
     │   ├── InvalidEvent        an event that fails its envelope or schema check
-    │   │   └── EventTooLarge   an event over NOTIFIER_MAX_EVENT_BYTES (also a TooLarge)
+    │   │   ├── EventTooLarge   an event over NOTIFIER_MAX_EVENT_BYTES (also a TooLarge)
+    │   │   └── TooManyEvents   an event of a broker message carrying more than
+    │   │                       NOTIFIER_MAX_EVENTS_PER_MESSAGE (also a TooLarge)
     │   ├── InvalidRows         bulk input with bad lines; lists each by number
     │   └── TooLarge            input over a size limit; names the field and the limit
     ├── NotFound                an id that does not exist (or belongs to another org)
@@ -44,6 +46,7 @@ __all__ = [
     "StoreRefused",
     "StoreUnavailable",
     "TooLarge",
+    "TooManyEvents",
     "TransientError",
     "path_text",
 ]
@@ -96,6 +99,12 @@ class TooLarge(InvalidInput):
 class EventTooLarge(TooLarge, InvalidEvent):
     """An event over ``NOTIFIER_MAX_EVENT_BYTES``: refused by the API, stored as rejected when
     it came through the broker."""
+
+
+class TooManyEvents(TooLarge, InvalidEvent):
+    """An event of a broker message carrying more than ``NOTIFIER_MAX_EVENTS_PER_MESSAGE``:
+    stored as rejected, as an event over the size limit is (``notifier.publish_many`` refuses
+    such a list before sending it)."""
 
 
 class NotFound(NotifierError):

@@ -29,7 +29,7 @@ from notifier import alerts, faults, store, webhooks
 from notifier.clock import iso_ms, now_ms
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import NotFound, StateLost, TransientError
+from notifier.errors import NotFound, StateLost, TooManyEvents, TransientError
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
 from notifier.queues import Lease, Queues, Report
@@ -73,6 +73,7 @@ __all__ = [
     "deliver",
     "judge",
     "limit_changed",
+    "message_events",
     "pump",
     "purge",
     "raise_alerts",
@@ -216,6 +217,23 @@ def accept_many(services: Services, envelopes: Sequence[Mapping[str, Any]], send
             tally.event("accepted", deliveries=len(outcome.queued))
     _count(services, tally)
     return outcomes
+
+
+def message_events(body: Any, most: int) -> list[Any]:
+    """The events one ingest message carries: its envelope, or each envelope of the list it
+    carries (``notifier.publish_many``), each to be ingested as if it had come alone.
+
+    A list of more than ``most`` (``NOTIFIER_MAX_EVENTS_PER_MESSAGE``) is not ingested: each of
+    its events is stored rejected, by its names only (``store.Refused``), as an event over the
+    size limit is, so that nothing sent is lost and none is delivered.
+    """
+    if not isinstance(body, list):
+        return [body]
+    if len(body) <= most:
+        return body
+    problem = TooManyEvents("$", f"is one of the {len(body)} events of one message, over the "
+                                 f"limit of {most} (NOTIFIER_MAX_EVENTS_PER_MESSAGE)")
+    return [store.Refused(envelope, problem) for envelope in body]
 
 
 # The status of an ingest outcome whose event was kept as a dead letter, not stored.

@@ -43,7 +43,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from notifier.clock import iso_ms
 from notifier.db import Database
 from notifier.enrich import OPTION_COLUMNS, POINTS_BALANCE_OPTION, SOURCES_OPTION
-from notifier.errors import EventTooLarge, InvalidEvent, InvalidInput, NotFound
+from notifier.errors import EventTooLarge, InvalidEvent, InvalidInput, NotFound, TooLarge
 from notifier.models import (
     FINAL_STATUSES,
     RESTING_STATUSES,
@@ -81,6 +81,7 @@ __all__ = [
     "OpenDelivery",
     "Purged",
     "Queued",
+    "Refused",
     "ReplayBatch",
     "ReplayView",
     "Selected",
@@ -164,6 +165,17 @@ def normalize_envelope(envelope: Mapping[str, Any], now_ms: int) -> dict[str, An
     return event
 
 
+class Refused(dict[str, Any]):
+    """An envelope refused before it is stored (one of a broker message's events past its
+    bound): its naming fields only, as for an event over the size limit, and the ``problem``
+    that ``ingest_many`` stores it rejected with. A mapping, so that every other path (a
+    rejection for good, a dead letter, a log line) takes it as the envelope it stands for."""
+
+    def __init__(self, envelope: Any, problem: InvalidEvent) -> None:
+        super().__init__(_naming_fields(envelope) if isinstance(envelope, Mapping) else {})
+        self.problem = problem
+
+
 def check_event_size(envelope: Any, limit: int, field: str = "$") -> None:
     """Raise ``EventTooLarge`` naming ``field`` when ``envelope`` takes more than ``limit``
     bytes as compact JSON (``NOTIFIER_MAX_EVENT_BYTES``)."""
@@ -198,7 +210,7 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
 
     Each envelope should be a mapping; anything else is stored rejected, naming the problem.
     An envelope over ``max_event_bytes`` is stored rejected with only the fields that name it
-    (``check_event_size``).
+    (``check_event_size``), and so is a ``Refused`` one, with its problem.
     One transaction writes the batch, rejected envelopes included, so a batch that is retried
     after a failure stores nothing twice.
 
@@ -213,6 +225,10 @@ def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *
     unusable: list[tuple[int, dict[str, Any], InvalidEvent]] = []
     keyed: list[tuple[int, dict[str, Any], dict[str, Any], InvalidEvent | None]] = []
     for index, envelope in enumerate(envelopes):
+        if isinstance(envelope, Refused):
+            unusable.append((index, _unusable_row(envelope, envelope.problem, now_ms),
+                             envelope.problem))
+            continue
         try:
             if not isinstance(envelope, Mapping):
                 raise InvalidEvent("$", "must be an event envelope (a JSON object), not "
@@ -390,7 +406,7 @@ def _subscribers() -> Select[Any]:
 def _unusable_row(envelope: Any, exc: InvalidEvent, now_ms: int) -> dict[str, Any]:
     # An envelope whose orgId or eventId is unusable cannot be keyed for idempotency; it is
     # still kept, rejected, under a fresh id, so that nothing sent to notifier is lost.
-    if isinstance(exc, EventTooLarge) and isinstance(envelope, Mapping):
+    if isinstance(exc, TooLarge) and isinstance(envelope, Mapping):
         envelope = _naming_fields(envelope)
     return _rejected_row(envelope, str(exc), exc.field, now_ms)
 

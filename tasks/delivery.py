@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
@@ -60,38 +61,80 @@ class _Ingest(Gathering):
         self.flush_every = load_settings().ingest_batch_size
 
 
+@dataclass(frozen=True)
+class _Message:
+    """A gathered ingest message and the events it carries (``pipeline.message_events``)."""
+
+    request: SimpleRequest
+    envelopes: list[Any]
+
+
 @app.task(name=INGEST_TASK, base=_Ingest)
 def ingest(requests: list[SimpleRequest]) -> int:
     """Store, validate and fan out the events a worker gathered, queue and pump their deliveries.
 
-    Each message carries one event envelope (``args=[envelope]``). Returns how many were settled:
-    ingested, rejected for good, kept as dead letters, or sent again to be retried after a
-    transient failure (``notifier.faults`` tells which).
+    Each message carries one event envelope (``args=[envelope]``) or a list of them
+    (``args=[[envelope, ...]]``, ``notifier.publish_many``), each event ingested as if it had
+    come alone. The messages' events are stored in one transaction, or, past
+    ``NOTIFIER_MAX_EVENTS_PER_MESSAGE`` events, in one per group of whole messages under it.
+    Returns how many messages were settled (the gathering acknowledges them then): their
+    events ingested, rejected for good, kept as dead letters, or sent again to be retried after
+    a transient failure (``notifier.faults`` tells which).
     """
-    envelopes = [_envelope(request) for request in requests]
+    most = services().settings.max_events_per_message
+    messages = [_Message(request, pipeline.message_events(_body(request), most))
+                for request in requests]
     with _sent_together() as send:
-        try:
-            for outcome in pipeline.accept_many(services(), envelopes, send):
-                _log_ended(outcome)
-        except Exception as exc:
-            if is_transient(exc):
-                _ingest_later(requests, envelopes, exc)
-            else:
-                _each_on_its_own(requests, envelopes, send)
+        for together in _transactions(messages, most):
+            _ingest_together(together, send)
     return len(requests)
 
 
-def _each_on_its_own(requests: list[SimpleRequest], envelopes: list[Any],
-                     send: Callable[[Lease], None]) -> None:
+def _transactions(messages: list[_Message], most: int) -> Iterator[list[_Message]]:
+    """The messages in groups of at most ``most`` events, each message whole (a longer one
+    alone); one transaction each."""
+    group: list[_Message] = []
+    events = 0
+    for message in messages:
+        if group and events + len(message.envelopes) > most:
+            yield group
+            group, events = [], 0
+        group.append(message)
+        events += len(message.envelopes)
+    if group:
+        yield group
+
+
+def _ingest_together(messages: list[_Message], send: Callable[[Lease], None]) -> None:
+    envelopes = [envelope for message in messages for envelope in message.envelopes]
+    if not envelopes:  # (messages of empty lists)
+        return
+    try:
+        for outcome in pipeline.accept_many(services(), envelopes, send):
+            _log_ended(outcome)
+    except Exception as exc:
+        if is_transient(exc):
+            _ingest_later([(message, message.envelopes) for message in messages], exc)
+        else:
+            _each_on_its_own(messages, send)
+
+
+def _each_on_its_own(messages: list[_Message], send: Callable[[Lease], None]) -> None:
     """One event's fault must not hold back the others: each on its own, and one that fails
     for good ends recorded (rejected, or a dead letter), never sent again."""
-    for request, envelope in zip(requests, envelopes, strict=True):
-        try:
-            outcome = pipeline.accept_or_end(services(), envelope, send)
-        except Exception as exc:  # transient, or even the recording of its end failed
-            _ingest_later([request], [envelope], exc)
-            continue
-        _log_ended(outcome)
+    for message in messages:
+        failed: list[Any] = []
+        fault: Exception | None = None
+        for envelope in message.envelopes:
+            try:
+                outcome = pipeline.accept_or_end(services(), envelope, send)
+            except Exception as exc:  # transient, or even the recording of its end failed
+                failed.append(envelope)
+                fault = exc
+                continue
+            _log_ended(outcome)
+        if fault is not None:
+            _ingest_later([(message, failed)], fault)
 
 
 def _log_ended(outcome: store.IngestOutcome) -> None:
@@ -103,7 +146,8 @@ def _log_ended(outcome: store.IngestOutcome) -> None:
                  outcome.error_path or "$", outcome.error_rule or "stored before")
 
 
-def _envelope(request: SimpleRequest) -> Any:
+def _body(request: SimpleRequest) -> Any:
+    """What the message carries: an envelope, or a list of them."""
     if len(request.args) == 1 and not request.kwargs:
         return request.args[0]
     if not request.args and set(request.kwargs) == {"envelope"}:
@@ -117,18 +161,21 @@ def _waited(retries: int) -> int:
     return sum(_countdown(before) for before in range(retries))
 
 
-def _ingest_later(requests: list[SimpleRequest], envelopes: list[Any], exc: Exception) -> None:
+def _ingest_later(failed: list[tuple[_Message, list[Any]]], exc: Exception) -> None:
     """Send the messages again, each with a countdown that doubles with its retries (1 s, 2 s,
-    4 s, ... up to 30 s); the run acknowledges the originals once this returns. A message that
-    has waited ``NOTIFIER_INGEST_RETRY_HORIZON`` is kept as a dead letter instead (or, with the
-    database away, sent again: nothing is dropped)."""
+    4 s, ... up to 30 s); the run acknowledges the originals once this returns. A message is
+    sent again whole: those of its events that were stored are then duplicates, which ingest
+    takes as it takes any redelivery. A message that has waited
+    ``NOTIFIER_INGEST_RETRY_HORIZON`` has its failed events kept as dead letters instead (or,
+    with the database away, is sent again: nothing is dropped)."""
     horizon = services().settings.ingest_retry_horizon
     sent = attempt = 0
-    for request, envelope in zip(requests, envelopes, strict=True):
+    for message, envelopes in failed:
+        request = message.request
         before = int((request.request_dict or {}).get("retries") or 0)
-        if _waited(before) >= horizon and _kept_as_dead_letter(envelope, exc, before, horizon):
+        if _waited(before) >= horizon and _kept_as_dead_letters(envelopes, exc, before, horizon):
             continue
-        attempt, sent = max(attempt, before + 1), sent + 1
+        attempt, sent = max(attempt, before + 1), sent + len(envelopes)
         app.send_task(INGEST_TASK, args=request.args, kwargs=request.kwargs, task_id=request.id,
                       queue=client.QUEUE, retries=before + 1, countdown=_countdown(before),
                       **client.ingest_reprs(request.args, request.kwargs))
@@ -137,14 +184,16 @@ def _ingest_later(requests: list[SimpleRequest], envelopes: list[Any], exc: Exce
                     summary(exc))
 
 
-def _kept_as_dead_letter(envelope: Any, exc: Exception, retries: int, horizon: float) -> bool:
+def _kept_as_dead_letters(envelopes: list[Any], exc: Exception, retries: int,
+                          horizon: float) -> bool:
     try:
-        pipeline.dead_letter(services(), [envelope], (
+        pipeline.dead_letter(services(), envelopes, (
             f"{reason(exc)}; still failing after {retries} retries over {_waited(retries)} s "
             f"(NOTIFIER_INGEST_RETRY_HORIZON is {horizon:g} s)"))
     except Exception as again:  # the database is away too: sent again, never dropped
-        log.warning("event %s past the retry horizon, not kept as dead letter yet: %s",
-                    store.event_id_of(envelope), summary(again))
+        log.warning("event(s) %s past the retry horizon, not kept as dead letters yet: %s",
+                    ", ".join(str(store.event_id_of(envelope)) for envelope in envelopes[:5]),
+                    summary(again))
         return False
     return True
 

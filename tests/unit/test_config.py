@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Settings, SettingsError, describe, load_settings
+from config import Settings, SettingsError, describe, load_setting, load_settings
 
 
 def test_defaults_with_an_empty_environ() -> None:
@@ -78,6 +78,15 @@ def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
 def test_nan_is_refused(variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings({variable: "nan"})
+
+
+def test_one_setting_is_read_alone_as_load_settings_reads_it() -> None:
+    # A producer reads the bound it needs without the worker's whole environment.
+    assert load_setting("max_events_per_message", {}) == 1000
+    assert load_setting("max_events_per_message",
+                        {"NOTIFIER_MAX_EVENTS_PER_MESSAGE": "20", "NOTIFIER_NOPE": "x"}) == 20
+    with pytest.raises(SettingsError, match="NOTIFIER_MAX_EVENTS_PER_MESSAGE='0'"):
+        load_setting("max_events_per_message", {"NOTIFIER_MAX_EVENTS_PER_MESSAGE": "0"})
 
 
 def test_an_unknown_variable_is_named() -> None:

@@ -9,28 +9,45 @@ from typing import Any
 
 import pytest
 
-from notifier.errors import StoreUnavailable
+from notifier import store
+from notifier.errors import StoreUnavailable, TooManyEvents
 from notifier.store import IngestOutcome
 from tasks import delivery
 from tasks.gathering import SimpleRequest
 
 
+def _event(n: int | str) -> dict[str, Any]:
+    return {"eventName": "pointsIssued", "eventId": f"e-{n}", "orgId": 1}
+
+
 def _request(n: int, retries: int = 0, **kwargs: Any) -> SimpleRequest:
-    args = () if kwargs else ({"eventName": "pointsIssued", "eventId": f"e-{n}", "orgId": 1},)
+    args = () if kwargs else (_event(n),)
+    return _message(n, args, retries, **kwargs)
+
+
+def _listed(n: int, events: list[dict[str, Any]], retries: int = 0) -> SimpleRequest:
+    """A message of notifier.publish_many: the list is its one argument."""
+    return _message(n, (events,), retries)
+
+
+def _message(n: int, args: tuple[Any, ...], retries: int = 0, **kwargs: Any) -> SimpleRequest:
     return SimpleRequest(id=f"task-{n}", name=delivery.INGEST_TASK, args=args, kwargs=kwargs,
                          delivery_info={}, hostname="test", ignore_result=True, reply_to=None,
                          correlation_id=None, request_dict={"retries": retries})
 
 
 class Recorder:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_batch: Exception,
-                 fail_alone: dict[str, Exception], horizon: float = 3600) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_batch: Exception | None,
+                 fail_alone: dict[str, Exception], horizon: float = 3600,
+                 most: int = 1000) -> None:
         self.accepted: list[Any] = []
         self.sent: list[dict[str, Any]] = []
         self.ended: list[tuple[Any, BaseException]] = []
         self.dead: list[tuple[list[Any], str]] = []
+        self.batches: list[list[Any]] = []  # what each accept_many was given
         self.fail_batch, self.fail_alone = fail_batch, fail_alone
-        services = SimpleNamespace(settings=SimpleNamespace(ingest_retry_horizon=horizon))
+        services = SimpleNamespace(settings=SimpleNamespace(ingest_retry_horizon=horizon,
+                                                           max_events_per_message=most))
         monkeypatch.setattr(delivery, "services", lambda: services)
         monkeypatch.setattr(delivery.pipeline, "accept_many", self.accept_many)
         monkeypatch.setattr(delivery.pipeline, "accept", self.accept)
@@ -48,9 +65,10 @@ class Recorder:
         return [len(self.dead)]
 
     def accept_many(self, services: Any, envelopes: list[Any], send: Any) -> list[Any]:
-        if len(envelopes) > 1:
+        self.batches.append(list(envelopes))
+        if len(envelopes) > 1 and self.fail_batch is not None:
             raise self.fail_batch
-        return [self.accept(services, envelopes[0], send)]
+        return [self.accept(services, envelope, send) for envelope in envelopes]
 
     def accept(self, services: Any, envelope: Any, send: Any) -> Any:
         if (fault := self.fail_alone.get(envelope.get("eventId"))) is not None:
@@ -122,3 +140,82 @@ def test_a_message_with_the_envelope_as_a_keyword_is_read_and_anything_else_is_k
     assert recorder.accepted[0] == envelope
     # Not an envelope: handed to the store as it came, which keeps it as rejected.
     assert recorder.accepted[1] == {"args": [], "kwargs": {"event": envelope}}
+
+
+# ---------------------------------------------------------------- several events a message
+
+
+def test_each_event_of_a_list_is_ingested_on_its_own_and_a_poison_holds_back_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    poison = KeyError("poison")
+    recorder = Recorder(monkeypatch, ValueError("a bug"), {"e-b": poison})
+    events = [_event("a"), _event("b"), _event("c")]
+
+    settled = delivery.ingest.run([_listed(1, events), _request(2)])
+
+    assert settled == 2  # messages, each acknowledged once all its events are settled
+    assert recorder.batches[0] == [*events, _event(2)]  # one transaction tried first
+    assert [e["eventId"] for e in recorder.accepted] == ["e-a", "e-c", "e-2"]
+    assert recorder.ended == [(_event("b"), poison)]
+    assert recorder.sent == []
+
+
+def test_a_list_whose_events_fail_transiently_is_sent_again_once_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    away = StoreUnavailable("database away")
+    recorder = Recorder(monkeypatch, ValueError("a bug"), {"e-b": away, "e-c": away})
+    events = [_event("a"), _event("b"), _event("c")]
+
+    delivery.ingest.run([_listed(1, events, retries=2)])
+
+    # Once, not once per failed event: "e-a", stored already, is then a duplicate.
+    (again,) = recorder.sent
+    assert again["args"] == (events,) and again["task_id"] == "task-1"
+    assert again["retries"] == 3 and again["countdown"] == 4
+    # Flower shows the list by its events' ids.
+    assert json.loads(again["argsrepr"]) == [[{"orgId": 1, "eventName": "pointsIssued",
+                                               "eventId": f"e-{n}"} for n in "abc"]]
+
+
+def test_a_list_past_the_horizon_keeps_only_its_failed_events_as_dead_letters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    away = StoreUnavailable("deadlock")
+    recorder = Recorder(monkeypatch, ValueError("a bug"), {"e-b": away}, horizon=15)
+
+    delivery.ingest.run([_listed(1, [_event("a"), _event("b")], retries=4)])
+
+    assert recorder.sent == []
+    ((envelopes, reason),) = recorder.dead
+    assert envelopes == [_event("b")] and "deadlock" in reason
+
+
+def test_messages_are_stored_in_transactions_of_whole_messages_up_to_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch, None, {}, most=5)
+    sizes = [3, 2, 1, 5, 2]
+    requests = [_listed(m, [_event(f"{m}.{n}") for n in range(size)])
+                for m, size in enumerate(sizes)]
+
+    delivery.ingest.run(requests)
+
+    assert [len(batch) for batch in recorder.batches] == [5, 1, 5, 2]
+    assert len(recorder.accepted) == sum(sizes)
+
+
+def test_a_list_over_the_bound_is_stored_rejected_event_by_event_by_their_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch, None, {}, most=2)
+    events = [{**_event(n), "data": {"customerIdentifiers": {"customerId": n}}}
+              for n in range(3)]
+
+    delivery.ingest.run([_listed(1, events), _listed(2, events[:2])])
+
+    over, fine = recorder.batches
+    assert fine == events[:2]
+    # Each event of the message over the bound goes to the store to be kept rejected, named
+    # by its ids, never its data, with the problem that names the limit.
+    assert over == [_event(n) for n in range(3)]
+    assert all(isinstance(refused, store.Refused) for refused in over)
+    problem = over[0].problem
+    assert isinstance(problem, TooManyEvents) and problem.field == "$"
+    assert "3 events" in str(problem) and "NOTIFIER_MAX_EVENTS_PER_MESSAGE" in str(problem)

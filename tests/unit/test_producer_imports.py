@@ -1,4 +1,5 @@
-"""A producer that imports ``notifier`` to call ``notifier.publish`` loads none of the server:
+"""A producer that imports ``notifier`` to call ``notifier.publish`` (or ``publish_many``) loads
+none of the server:
 no web framework, database layer, migrations or monitor (Celery and kombu are the client's)."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json, sys
 import notifier
 event_id = notifier.publish("pointsIssued", {"customerIdentifiers": {"customerId": 1}},
                             org_id=1, broker_url="memory://")
+notifier.publish_many([{"eventName": "pointsIssued", "data": {}}] * 2, org_id=1,
+                      broker_url="memory://")
 print(json.dumps({"event_id": event_id, "modules": sorted(sys.modules)}))
 """
 
