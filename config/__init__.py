@@ -1,4 +1,5 @@
-"""notifier's settings: each defined once (type, default, help), read from ``NOTIFIER_*`` variables.
+"""notifier's settings: each defined once (type, parser, default, help, as a field of ``Settings``),
+read from ``NOTIFIER_*`` variables.
 
 ``load_settings()`` reads the environment and checks every value at start-up; a bad value raises
 ``SettingsError`` naming the variable and the problem. Nothing is read at import time.
@@ -14,7 +15,7 @@ import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -164,207 +165,212 @@ class Setting:
         return PREFIX + self.name.upper()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("data_dir", _path, "notifier-data",
-            "Folder for the embedded default: the SQLite file and the embedded Redis socket."),
-    Setting("database_url", _text,
-            lambda v: f"sqlite:///{Path(v['data_dir']) / 'notifier.db'}",
-            "SQLAlchemy URL of the database, the source of truth (postgresql+psycopg://...)."),
-    Setting("database_timeout", _connect_seconds, "3",
-            "Seconds to wait for the database to accept a new connection (2 or more), and for "
-            "a free connection of a process's pool; then the call fails as unavailable (the API "
-            "answers 503, a task retries) instead of hanging on a database that does not answer."),
-    Setting("broker_url", _text,
-            lambda v: f"redis+socket://{_embedded_socket(v)}",
-            "Celery broker URL (redis://... or amqp://...). Default: the embedded Redis."),
-    Setting("redis_url", _text,
-            lambda v: f"unix://{_embedded_socket(v)}",
-            "Redis for queues, slots and retry times. Default: the embedded Redis."),
-    Setting("redis_prefix", _text, "notifier",
-            "Prefix of every Redis key notifier writes, so one Redis can serve several installs."),
-    Setting("http_connect_timeout", _positive_float, "5",
-            "Seconds to wait for a webhook's TCP/TLS connection."),
-    Setting("http_read_timeout", _positive_float, "30",
-            "Seconds to wait for each read of a webhook's response."),
-    Setting("http_deadline", _positive_float, "30",
-            "Seconds a whole request to a webhook may take, connect, headers and body together, "
-            "however slowly the receiver trickles them; then it is cut and retried."),
-    Setting("max_response_bytes", _positive_int, "65536",
-            "Most bytes of a webhook's response that are read; the rest is dropped."),
-    Setting("retry_schedule", _schedule, "5,30,120,600,1800,3600,10800,21600,43200",
-            "Seconds before each retry, comma separated; the last one repeats until the horizon."),
-    Setting("retry_jitter", _fraction, "0.2",
-            "Random spread of each retry delay, as a fraction of it (0.2: +/-20%)."),
-    Setting("retry_horizon", _positive_float, str(3 * 24 * 3600),
-            "Seconds after ingestion past which a delivery is not retried again: it is dead."),
-    Setting("retry_after_max", _positive_float, str(24 * 3600),
-            "Largest Retry-After (seconds) a webhook may ask for; longer asks are cut to this."),
-    Setting("disable_failing_after", _non_negative_float, str(5 * 24 * 3600),
-            "Seconds a webhook may fail every attempt (no success since its first failure) "
-            "before notifier deactivates it, at its next failed attempt; 0: never."),
-    Setting("operator_alerts_webhook", _webhook_id_or_none, "",
-            "The webHookId of the operator's operations webhook: it receives notifier's own "
-            "alert events (slaBreached, webhookDisabled, webhookRecovered, deliveryExhausted) "
-            "about every org's webhooks, besides each org's own operations webhook; those it is "
-            "subscribed to. Empty: none."),
-    Setting("breaker_failures", _non_negative_int, "5",
-            "Failed attempts in a row after which a webhook's circuit breaker opens: its queue "
-            "pauses (nothing is sent to it, its retries wait without being tried) until one "
-            "probe delivery, after NOTIFIER_BREAKER_COOLDOWN, succeeds; 0: no breaker."),
-    Setting("breaker_cooldown", _positive_float, "10",
-            "Seconds an open circuit breaker waits before its probe; doubled after each failed "
-            "probe, up to NOTIFIER_BREAKER_COOLDOWN_MAX."),
-    Setting("breaker_cooldown_max", _positive_float, "600",
-            "Most seconds an open circuit breaker waits between probes."),
-    Setting("allow_private_networks", _networks, "",
-            "CIDRs a webhook may target besides public addresses, comma separated "
-            "(e.g. 127.0.0.0/8 for local tests)."),
-    Setting("webhook_max_headers", _positive_int, "50",
-            "Most headers one webhook may set (webHookHeaders)."),
-    Setting("webhook_max_header_bytes", _positive_int, "8192",
-            "Most bytes of one webhook's header names and values, all together."),
-    Setting("max_allowed_connections", _positive_int, "100",
-            "Highest maxAllowedConnections a webhook may ask for: each connection can hold a "
-            "worker process or thread for a whole request."),
-    Setting("slot_lease_seconds", _positive_float, "120",
-            "How long a delivery task may hold one of a webhook's connection slots; "
-            "a killed worker's slot comes back after this."),
-    Setting("batch_size", _positive_int, "20",
-            "Most deliveries of one webhook that one lease carries over one connection slot; "
-            "the leases of several webhooks that share a task start with at most this many."),
-    Setting("batch_time_budget", _positive_float, "5",
-            "Seconds after which a task takes no further delivery of its batch."),
-    Setting("batch_linger_ms", _non_negative_int, "20",
-            "Milliseconds a short batch of a webhook that is already being sent to waits before "
-            "it starts, gathering what queues meanwhile (0: start at once)."),
-    Setting("ingest_batch_size", _positive_int, "50",
-            "Most ingest messages one ingest task takes together, stored in one transaction "
-            "(one queue call per webhook) up to NOTIFIER_MAX_EVENTS_PER_MESSAGE events; messages "
-            "that arrive while a worker's ingest task runs gather for its next."),
-    Setting("ingest_retry_horizon", _positive_float, str(6 * 3600),
-            "Seconds an event's ingest is retried after transient failures (the database or "
-            "Redis away, a deadlock) before it is kept as a dead letter, with the reason, "
-            "to replay with 'notifier dead-letters replay'."),
-    Setting("slow_webhook_ms", _positive_int, "1000",
-            "A webhook whose slowest recent response took this long (milliseconds) is sent to "
-            "by the slow lane (the threads worker), so it cannot hold up the others."),
-    Setting("fast_lane_leases", _positive_int, "1",
-            "Most leases of one webhook in the fast lane at once; its others go by the slow lane "
-            "however fast it answers, so that a webhook that turns slow holds at most this many "
-            "prefork processes. Keep it below the prefork workers' concurrency."),
-    Setting("sweep_interval", _positive_float, "1",
-            "Seconds between beat sweeps: due retries, expired leases, lost work."),
-    Setting("sla_check_interval", _positive_float, "5",
-            "Seconds between beat checks for deliveries past their webhook's SLA: a delivery "
-            "still undelivered is stamped within this long of its breach."),
-    Setting("sla_check_batch_size", _positive_int, "5000",
-            "Deliveries beat's SLA check stamps in one transaction; a check goes on with more "
-            "batches while they come back full, for at most half the interval, and leaves the "
-            "rest to the next check."),
-    Setting("log_format", _log_format, "text",
-            "How the workers write their logs: text, or json (one JSON object a line; each "
-            "delivery attempt a line of its own with its event, delivery and webhook ids, "
-            "status, latency and outcome, never a payload or a header value)."),
-    Setting("task_events", _switch, "on",
-            "Workers send task events (received, started, succeeded), which Flower shows. They "
-            "cost about 9% of a busy worker's delivery rate (python -m bench, fan-out 1); off "
-            "when nothing watches them."),
-    Setting("retention_days", _non_negative_int, "30",
-            "Days an event's payload, its deliveries' enrichment and its attempts' responses and "
-            "error messages are kept (InTouch keeps its logs 30); then beat empties them, "
-            "keeping every row with its ids, statuses and timestamps. An event with a delivery "
-            "not finished yet is kept whole. 0: keep everything for ever."),
-    Setting("retention_batch_size", _positive_int, "1000",
-            "Most events one retention run empties (with their deliveries and attempts), in one "
-            "short transaction; the rest go in the next runs, so a backlog never makes a long "
-            "one beside live traffic."),
-    Setting("retention_interval", _positive_float, "10",
-            "Seconds between beat's retention runs."),
-    Setting("visibility_timeout", _positive_float, "900",
-            "Seconds before the Redis broker hands an unacknowledged task to another worker."),
-    Setting("max_event_bytes", _positive_int, str(256 * 1024),
-            "Largest event, as JSON bytes: a bigger one is refused (413 over HTTP; stored as "
-            "rejected, never delivered, when published through the broker)."),
-    Setting("max_body_bytes", _positive_int, str(10 * 1024 * 1024),
-            "Largest HTTP request body the API reads (also when sent chunked); a bigger one is "
-            "answered 413 before it is read whole."),
-    Setting("max_events_per_request", _positive_int, "1000",
-            "Most events one POST /v3/events may carry; a longer list is answered 413."),
-    Setting("max_events_per_message", _positive_int, "1000",
-            "Most events one broker message may carry (notifier.publish_many, or a list given "
-            "to the notifier.ingest task): the producer client refuses a longer list, and each "
-            "event of a longer message is stored rejected (its names only), never delivered. "
-            "Also the most events one ingest transaction stores, past one message's."),
-    Setting("secret_keys", _fernet_keys, "",
-            "Fernet keys sealing webhook header values and signing secrets at rest, comma "
-            "separated; the first seals, all open (rotation). Default: data_dir/secret.key.",
-            secret=True),
-    Setting("ui_session_idle_seconds", _positive_float, str(8 * 3600),
-            "Seconds an admin-page session may go unused before it ends (sign in again)."),
-    Setting("ui_session_max_seconds", _positive_float, str(24 * 3600),
-            "Seconds an admin-page session lasts at most from its sign-in, however busy it is."),
-    Setting("flower_address", _text, "127.0.0.1",
-            "Address Flower (the Celery monitor) listens on, in the Procfile and `notifier up`; "
-            "it shows every task's arguments, so keep it off the public network."),
-    Setting("flower_basic_auth", _basic_auth, "",
-            "user:password that Flower asks for (HTTP basic auth), comma separated for several; "
-            "empty: Flower asks for none (then only bind it to 127.0.0.1).", secret=True),
-)
+
+
+def _setting(parse: Callable[[str], Any], default: str | Callable[[Mapping[str, Any]], Any],
+             help: str, *, secret: bool = False) -> Any:
+    """A field of ``Settings`` with its definition (see ``Setting``): each setting is written
+    once, where its type is."""
+    return field(metadata={"parse": parse, "default": default, "help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, parsed and checked. Build with ``load_settings()``."""
+    """Every setting, parsed and checked. Build with ``load_settings()``.
 
-    data_dir: Path
-    database_url: str
-    database_timeout: int
-    broker_url: str
-    redis_url: str
-    redis_prefix: str
-    http_connect_timeout: float
-    http_read_timeout: float
-    http_deadline: float
-    max_response_bytes: int
-    retry_schedule: tuple[float, ...]
-    retry_jitter: float
-    retry_horizon: float
-    retry_after_max: float
-    disable_failing_after: float
-    operator_alerts_webhook: str | None
-    breaker_failures: int
-    breaker_cooldown: float
-    breaker_cooldown_max: float
-    allow_private_networks: tuple[Network, ...]
-    webhook_max_headers: int
-    webhook_max_header_bytes: int
-    max_allowed_connections: int
-    slot_lease_seconds: float
-    batch_size: int
-    batch_time_budget: float
-    batch_linger_ms: int
-    ingest_batch_size: int
-    ingest_retry_horizon: float
-    slow_webhook_ms: int
-    fast_lane_leases: int
-    sweep_interval: float
-    sla_check_interval: float
-    sla_check_batch_size: int
-    log_format: str
-    task_events: bool
-    retention_days: int
-    retention_batch_size: int
-    retention_interval: float
-    visibility_timeout: float
-    max_event_bytes: int
-    max_body_bytes: int
-    max_events_per_request: int
-    max_events_per_message: int
-    secret_keys: tuple[str, ...]
-    ui_session_idle_seconds: float
-    ui_session_max_seconds: float
-    flower_address: str
-    flower_basic_auth: tuple[str, ...]
+    Each field is one setting's whole definition: its type, how ``NOTIFIER_<NAME>`` is parsed,
+    its default (text, or derived from the settings before it) and its help.
+    """
+
+    data_dir: Path = _setting(  # noqa: RUF009 - a dataclasses.field, as each below
+        _path, "notifier-data",
+        "Folder for the embedded default: the SQLite file and the embedded Redis socket.")
+    database_url: str = _setting(
+        _text, lambda v: f"sqlite:///{Path(v['data_dir']) / 'notifier.db'}",
+        "SQLAlchemy URL of the database, the source of truth (postgresql+psycopg://...).")
+    database_timeout: int = _setting(
+        _connect_seconds, "3",
+        "Seconds to wait for the database to accept a new connection (2 or more), and for "
+        "a free connection of a process's pool; then the call fails as unavailable (the API "
+        "answers 503, a task retries) instead of hanging on a database that does not answer.")
+    broker_url: str = _setting(
+        _text, lambda v: f"redis+socket://{_embedded_socket(v)}",
+        "Celery broker URL (redis://... or amqp://...). Default: the embedded Redis.")
+    redis_url: str = _setting(
+        _text, lambda v: f"unix://{_embedded_socket(v)}",
+        "Redis for queues, slots and retry times. Default: the embedded Redis.")
+    redis_prefix: str = _setting(
+        _text, "notifier",
+        "Prefix of every Redis key notifier writes, so one Redis can serve several installs.")
+    http_connect_timeout: float = _setting(
+        _positive_float, "5",
+        "Seconds to wait for a webhook's TCP/TLS connection.")
+    http_read_timeout: float = _setting(
+        _positive_float, "30",
+        "Seconds to wait for each read of a webhook's response.")
+    http_deadline: float = _setting(
+        _positive_float, "30",
+        "Seconds a whole request to a webhook may take, connect, headers and body together, "
+        "however slowly the receiver trickles them; then it is cut and retried.")
+    max_response_bytes: int = _setting(
+        _positive_int, "65536",
+        "Most bytes of a webhook's response that are read; the rest is dropped.")
+    retry_schedule: tuple[float, ...] = _setting(
+        _schedule, "5,30,120,600,1800,3600,10800,21600,43200",
+        "Seconds before each retry, comma separated; the last one repeats until the horizon.")
+    retry_jitter: float = _setting(
+        _fraction, "0.2",
+        "Random spread of each retry delay, as a fraction of it (0.2: +/-20%).")
+    retry_horizon: float = _setting(
+        _positive_float, str(3 * 24 * 3600),
+        "Seconds after ingestion past which a delivery is not retried again: it is dead.")
+    retry_after_max: float = _setting(
+        _positive_float, str(24 * 3600),
+        "Largest Retry-After (seconds) a webhook may ask for; longer asks are cut to this.")
+    disable_failing_after: float = _setting(
+        _non_negative_float, str(5 * 24 * 3600),
+        "Seconds a webhook may fail every attempt (no success since its first failure) "
+        "before notifier deactivates it, at its next failed attempt; 0: never.")
+    operator_alerts_webhook: str | None = _setting(
+        _webhook_id_or_none, "",
+        "The webHookId of the operator's operations webhook: it receives notifier's own "
+        "alert events (slaBreached, webhookDisabled, webhookRecovered, deliveryExhausted) "
+        "about every org's webhooks, besides each org's own operations webhook; those it is "
+        "subscribed to. Empty: none.")
+    breaker_failures: int = _setting(
+        _non_negative_int, "5",
+        "Failed attempts in a row after which a webhook's circuit breaker opens: its queue "
+        "pauses (nothing is sent to it, its retries wait without being tried) until one "
+        "probe delivery, after NOTIFIER_BREAKER_COOLDOWN, succeeds; 0: no breaker.")
+    breaker_cooldown: float = _setting(
+        _positive_float, "10",
+        "Seconds an open circuit breaker waits before its probe; doubled after each failed "
+        "probe, up to NOTIFIER_BREAKER_COOLDOWN_MAX.")
+    breaker_cooldown_max: float = _setting(
+        _positive_float, "600",
+        "Most seconds an open circuit breaker waits between probes.")
+    allow_private_networks: tuple[Network, ...] = _setting(
+        _networks, "",
+        "CIDRs a webhook may target besides public addresses, comma separated "
+        "(e.g. 127.0.0.0/8 for local tests).")
+    webhook_max_headers: int = _setting(
+        _positive_int, "50",
+        "Most headers one webhook may set (webHookHeaders).")
+    webhook_max_header_bytes: int = _setting(
+        _positive_int, "8192",
+        "Most bytes of one webhook's header names and values, all together.")
+    max_allowed_connections: int = _setting(
+        _positive_int, "100",
+        "Highest maxAllowedConnections a webhook may ask for: each connection can hold a "
+        "worker process or thread for a whole request.")
+    slot_lease_seconds: float = _setting(
+        _positive_float, "120",
+        "How long a delivery task may hold one of a webhook's connection slots; "
+        "a killed worker's slot comes back after this.")
+    batch_size: int = _setting(
+        _positive_int, "20",
+        "Most deliveries of one webhook that one lease carries over one connection slot; "
+        "the leases of several webhooks that share a task start with at most this many.")
+    batch_time_budget: float = _setting(
+        _positive_float, "5",
+        "Seconds after which a task takes no further delivery of its batch.")
+    batch_linger_ms: int = _setting(
+        _non_negative_int, "20",
+        "Milliseconds a short batch of a webhook that is already being sent to waits before "
+        "it starts, gathering what queues meanwhile (0: start at once).")
+    ingest_batch_size: int = _setting(
+        _positive_int, "50",
+        "Most ingest messages one ingest task takes together, stored in one transaction "
+        "(one queue call per webhook) up to NOTIFIER_MAX_EVENTS_PER_MESSAGE events; messages "
+        "that arrive while a worker's ingest task runs gather for its next.")
+    ingest_retry_horizon: float = _setting(
+        _positive_float, str(6 * 3600),
+        "Seconds an event's ingest is retried after transient failures (the database or "
+        "Redis away, a deadlock) before it is kept as a dead letter, with the reason, "
+        "to replay with 'notifier dead-letters replay'.")
+    slow_webhook_ms: int = _setting(
+        _positive_int, "1000",
+        "A webhook whose slowest recent response took this long (milliseconds) is sent to "
+        "by the slow lane (the threads worker), so it cannot hold up the others.")
+    fast_lane_leases: int = _setting(
+        _positive_int, "1",
+        "Most leases of one webhook in the fast lane at once; its others go by the slow lane "
+        "however fast it answers, so that a webhook that turns slow holds at most this many "
+        "prefork processes. Keep it below the prefork workers' concurrency.")
+    sweep_interval: float = _setting(
+        _positive_float, "1",
+        "Seconds between beat sweeps: due retries, expired leases, lost work.")
+    sla_check_interval: float = _setting(
+        _positive_float, "5",
+        "Seconds between beat checks for deliveries past their webhook's SLA: a delivery "
+        "still undelivered is stamped within this long of its breach.")
+    sla_check_batch_size: int = _setting(
+        _positive_int, "5000",
+        "Deliveries beat's SLA check stamps in one transaction; a check goes on with more "
+        "batches while they come back full, for at most half the interval, and leaves the "
+        "rest to the next check.")
+    log_format: str = _setting(
+        _log_format, "text",
+        "How the workers write their logs: text, or json (one JSON object a line; each "
+        "delivery attempt a line of its own with its event, delivery and webhook ids, "
+        "status, latency and outcome, never a payload or a header value).")
+    task_events: bool = _setting(
+        _switch, "on",
+        "Workers send task events (received, started, succeeded), which Flower shows. They "
+        "cost about 9% of a busy worker's delivery rate (python -m bench, fan-out 1); off "
+        "when nothing watches them.")
+    retention_days: int = _setting(
+        _non_negative_int, "30",
+        "Days an event's payload, its deliveries' enrichment and its attempts' responses and "
+        "error messages are kept (InTouch keeps its logs 30); then beat empties them, "
+        "keeping every row with its ids, statuses and timestamps. An event with a delivery "
+        "not finished yet is kept whole. 0: keep everything for ever.")
+    retention_batch_size: int = _setting(
+        _positive_int, "1000",
+        "Most events one retention run empties (with their deliveries and attempts), in one "
+        "short transaction; the rest go in the next runs, so a backlog never makes a long "
+        "one beside live traffic.")
+    retention_interval: float = _setting(
+        _positive_float, "10",
+        "Seconds between beat's retention runs.")
+    visibility_timeout: float = _setting(
+        _positive_float, "900",
+        "Seconds before the Redis broker hands an unacknowledged task to another worker.")
+    max_event_bytes: int = _setting(
+        _positive_int, str(256 * 1024),
+        "Largest event, as JSON bytes: a bigger one is refused (413 over HTTP; stored as "
+        "rejected, never delivered, when published through the broker).")
+    max_body_bytes: int = _setting(
+        _positive_int, str(10 * 1024 * 1024),
+        "Largest HTTP request body the API reads (also when sent chunked); a bigger one is "
+        "answered 413 before it is read whole.")
+    max_events_per_request: int = _setting(
+        _positive_int, "1000",
+        "Most events one POST /v3/events may carry; a longer list is answered 413.")
+    max_events_per_message: int = _setting(
+        _positive_int, "1000",
+        "Most events one broker message may carry (notifier.publish_many, or a list given "
+        "to the notifier.ingest task): the producer client refuses a longer list, and each "
+        "event of a longer message is stored rejected (its names only), never delivered. "
+        "Also the most events one ingest transaction stores, past one message's.")
+    secret_keys: tuple[str, ...] = _setting(
+        _fernet_keys, "",
+        "Fernet keys sealing webhook header values and signing secrets at rest, comma "
+        "separated; the first seals, all open (rotation). Default: data_dir/secret.key.", secret=True)
+    ui_session_idle_seconds: float = _setting(
+        _positive_float, str(8 * 3600),
+        "Seconds an admin-page session may go unused before it ends (sign in again).")
+    ui_session_max_seconds: float = _setting(
+        _positive_float, str(24 * 3600),
+        "Seconds an admin-page session lasts at most from its sign-in, however busy it is.")
+    flower_address: str = _setting(
+        _text, "127.0.0.1",
+        "Address Flower (the Celery monitor) listens on, in the Procfile and `notifier up`; "
+        "it shows every task's arguments, so keep it off the public network.")
+    flower_basic_auth: tuple[str, ...] = _setting(
+        _basic_auth, "",
+        "user:password that Flower asks for (HTTP basic auth), comma separated for several; "
+        "empty: Flower asks for none (then only bind it to 127.0.0.1).", secret=True)
 
     @property
     def uses_embedded_redis(self) -> bool:
@@ -392,6 +398,11 @@ class Settings:
         """Celery's hard time limit of a delivery task: the soft limit and a moment to hand
         on. Past it the process is killed; its leases expire after the slot lease."""
         return self.task_soft_time_limit + TASK_TIME_MARGIN
+
+
+# Every setting's definition, in the order of the fields that define them (a derived default
+# reads the settings before it).
+SETTINGS: tuple[Setting, ...] = tuple(Setting(f.name, **f.metadata) for f in fields(Settings))
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -472,6 +483,3 @@ def describe() -> str:
         lines.append(f"{setting.env}  default {default}\n    {setting.help}")
     return "\n".join(lines)
 
-
-# Keep the dataclass and the definitions in step: a setting defined in one but not the other is a bug.
-assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]
