@@ -289,3 +289,30 @@ def test_a_producer_cannot_publish_an_alert(
     assert (event.status, event.error_path) == ("rejected", "$.eventName")
     assert "notifier's own" in (event.error_message or "")
     assert rows(database, Delivery) == [] and receiver.at("/watcher") == []
+
+
+def test_a_breach_stamped_by_a_late_answer_raises_its_alert_once(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    """No beat runs: the breach is stamped by the attempt that ends past the SLA, and that
+    stamp alone raises slaBreached (a late finish is a breach as beat's is)."""
+    late, _ = hook(stack, database, receiver, "/late", sla_in_seconds=1)
+    ops, ops_secret = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    receiver.hold("/late", 1.5)
+    # A request may stay open past the SLA (and a slot's lease above the task's limit).
+    stack.env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "5", "NOTIFIER_HTTP_DEADLINE": "5",
+                      "NOTIFIER_SLOT_LEASE_SECONDS": "10"})
+    stack.worker()
+
+    send(stack, 1)
+
+    (got,) = receiver.wait_for(1, "/ops", timeout=30)
+    (delivery,) = rows(database, Delivery, webhook_id=late)
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert delivery.sla_breach_at_ms == delivery.ingested_at_ms + 1000
+    body = verified(got, ops_secret)
+    assert body["eventName"] == "slaBreached"
+    assert (body["data"]["webHookId"], body["data"]["count"],
+            body["data"]["firstDeliveryIds"]) == (late, 1, [delivery.id])
+    (kept,) = rows(database, Alert)
+    assert (kept.kind, kept.count) == ("slaBreached", 1)
