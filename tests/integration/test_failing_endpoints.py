@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from notifier import publish, store, tenants
+from notifier import alerts, publish, store, tenants
 from notifier.db import Database
 from notifier.models import DeliveryStatus
 from notifier.schemas import load_catalog
@@ -44,6 +44,22 @@ def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,
         org_id=ORG, name=path.strip("/"), url=receiver.url(path), event_names=["pointsIssued"],
         now_ms=0, max_allowed_connections=limit, headers=headers)
     return webhook_id
+
+
+def operations(stack: Stack, database: Database, receiver: Receiver) -> str:
+    """The org's operations webhook, hearing every alert kind, at /ops."""
+    webhook_id, _ = create_webhook(
+        database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
+        org_id=ORG, name="ops", url=receiver.url("/ops"), event_names=sorted(alerts.KINDS),
+        now_ms=0)
+    alerts.set_operations_webhook(database, ORG, webhook_id)
+    return webhook_id
+
+
+def alerted(receiver: Receiver) -> list[tuple[str, str]]:
+    """(kind, webhook) of each alert /ops got."""
+    return [(body["eventName"], body["data"]["webHookId"])
+            for body in (json.loads(r.body) for r in receiver.at("/ops"))]
 
 
 def send(stack: Stack, n: int) -> str:
@@ -77,6 +93,7 @@ def api(stack: Stack, database: Database) -> Api:
 def test_a_receiver_answering_410_gone_deactivates_its_webhook_after_one_attempt(
         stack: Stack, receiver: Receiver, database: Database) -> None:
     gone = hook(stack, database, receiver, "/gone")
+    operations(stack, database, receiver)
     receiver.script("/gone", *[410] * 10)
     stack.worker()
     stack.beat()
@@ -101,6 +118,10 @@ def test_a_receiver_answering_410_gone_deactivates_its_webhook_after_one_attempt
     assert len(receiver.at("/gone")) == 1
     assert f"webhook {gone} deactivated by notifier: its endpoint answered 410 Gone" in \
         stack.log("w1")
+    # Told once, with the reason.
+    receiver.wait_for(1, "/ops", timeout=30)
+    assert alerted(receiver) == [("webhookDisabled", gone)]
+    assert json.loads(receiver.at("/ops")[0].body)["data"]["reason"] == reason
 
 
 COOLDOWN = 0.5
@@ -115,6 +136,7 @@ def test_a_dead_endpoint_opens_its_breaker_and_gets_probes_only_until_it_recover
                       "NOTIFIER_DISABLE_FAILING_AFTER": "0"})
     dead = hook(stack, database, receiver, "/dead")
     healthy = hook(stack, database, receiver, "/healthy")
+    operations(stack, database, receiver)
     receiver.script("/dead", *[503] * 10_000)
     stack.worker()
     stack.beat()
@@ -173,6 +195,9 @@ def test_a_dead_endpoint_opens_its_breaker_and_gets_probes_only_until_it_recover
     assert {json.loads(r.body)["eventId"] for r in delivered} == set(events)
     assert f"webhook {dead}: circuit breaker open" in stack.log("w1")
     assert f"webhook {dead}: circuit breaker closed" in stack.log("w1")
+    # Its recovery told once (its failures alone raise nothing: it was never deactivated).
+    receiver.wait_for(1, "/ops", timeout=30)
+    assert alerted(receiver) == [("webhookRecovered", dead)]
     assert healthy  # delivered, above
 
 
