@@ -97,7 +97,7 @@ def test_it_asks_first_and_the_same_replay_twice_queues_nothing_twice(
     (line,) = listed.stdout.splitlines()
     assert json.loads(line) | {"createdAt": None} == {
         "replayId": first.id, "createdAt": None, "requestedBy": first.requested_by,
-        "orgId": None, "queued": 3, "delivered": 0, "failed": 0, "toGo": 3,
+        "orgId": None, "queuing": False, "queued": 3, "delivered": 0, "failed": 0, "toGo": 3,
         "selection": {"webhook": webhook_id, "since": "2001-09-09T01:46:40.000Z"}}
     assert first.requested_by.endswith("(command line)")
 
