@@ -145,9 +145,13 @@ def test_public_addresses(address: str) -> None:
     check_address(ipaddress.ip_address(address), ())
 
 
-def _answers(*addresses: str) -> Any:
-    return lambda host, port, *_: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-                                   for a in addresses]
+def _answers(*addresses: str, name: str = "hook.test") -> Any:
+    """A resolver that knows ``name`` only, and answers ``addresses`` for it."""
+    def resolve(host: str, port: int, *_: Any) -> list[tuple[Any, ...]]:
+        if host != name:
+            raise socket.gaierror(socket.EAI_NONAME, f"unknown name {host!r}")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+    return resolve
 
 
 def test_resolving_refuses_a_name_with_any_refused_address() -> None:
@@ -155,3 +159,12 @@ def test_resolving_refuses_a_name_with_any_refused_address() -> None:
 
     with pytest.raises(DestinationNotAllowed, match=r"10\.0\.0\.1"):
         check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8", "10.0.0.1"))
+
+
+def test_resolving_asks_for_the_urls_host_and_refuses_a_name_that_does_not_resolve() -> None:
+    check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8", name="hook.test"))
+
+    with pytest.raises(DestinationNotAllowed, match="'other.test' does not resolve"):
+        check_destination("https://other.test/x", (), resolver=_answers("8.8.8.8"))
+    with pytest.raises(DestinationNotAllowed, match="does not resolve to any address"):
+        check_destination("https://hook.test/x", (), resolver=_answers())
