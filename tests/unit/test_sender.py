@@ -29,6 +29,8 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 @pytest.mark.parametrize(("status", "verdict"), [
     (200, Verdict.DELIVERED),
     (204, Verdict.DELIVERED),
+    (299, Verdict.DELIVERED),
+    (300, Verdict.FAILED),
     (301, Verdict.FAILED),
     (400, Verdict.FAILED),
     (404, Verdict.FAILED),
