@@ -164,7 +164,22 @@ def test_resolving_refuses_a_name_with_any_refused_address() -> None:
 def test_resolving_asks_for_the_urls_host_and_refuses_a_name_that_does_not_resolve() -> None:
     check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8", name="hook.test"))
 
-    with pytest.raises(DestinationNotAllowed, match="'other.test' does not resolve"):
+    with pytest.raises(DestinationNotAllowed, match=r"'other\.test' does not resolve"):
         check_destination("https://other.test/x", (), resolver=_answers("8.8.8.8"))
     with pytest.raises(DestinationNotAllowed, match="does not resolve to any address"):
         check_destination("https://hook.test/x", (), resolver=_answers())
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS)
+def test_the_sender_names_the_url_it_refuses(url: str) -> None:
+    with pytest.raises(DestinationNotAllowed) as caught:
+        check_destination(url, EVERY_NETWORK, resolve=False)
+
+    assert str(caught.value).startswith(f"{url!r}: ")
+
+
+@pytest.mark.parametrize("url", ["http://exämple.com/hook", "http://example.com/a\x7fb",
+                                 "http://example.com/a\x00b"])
+def test_a_url_not_printable_ascii_is_refused_as_such(url: str) -> None:
+    with pytest.raises(DestinationNotAllowed, match="must be printable ASCII"):
+        check_destination(url, EVERY_NETWORK, resolve=False)
