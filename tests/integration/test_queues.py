@@ -382,3 +382,22 @@ def test_replays_count_as_waiting_work(queues: Queues) -> None:
     queues.enqueue("w", 1, [("live0", 5)])
 
     assert queues.state(0).waiting == {"w": 2} and queues.queued_webhooks() == ["w"]
+
+
+def test_counts_add_up_across_calls(queues: Queues) -> None:
+    queues.add_counts({"delivered": 2, "failed": 1})
+    queues.add_counts({"delivered": 3})
+    queues.add_counts({})
+
+    assert queues.counts() == {"delivered": 5, "failed": 1}
+    assert queues.ping() is True
+
+
+def test_a_lease_is_still_held_until_given_back_or_expired(queues: Queues) -> None:
+    fill(queues, "w", 2, 2)
+    first, second = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    queues.release(first, batch=1, lease_ms=LEASE, now_ms=1)
+
+    assert queues.still_held([first, second], now_ms=2) == [False, True]
+    assert queues.still_held([second], now_ms=LEASE + 1) == [False]
+    assert queues.still_held([], now_ms=2) == []
