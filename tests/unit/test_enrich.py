@@ -332,11 +332,14 @@ def test_an_event_without_org_or_data_is_sent_as_published_with_a_note(
         event, True, ("the event has no orgId or data to enrich",))
 
 
-def test_what_an_event_lacks_to_be_enriched_by_is_noted() -> None:
+@pytest.mark.parametrize("identifiers", [{"mobile": "1"}, ["1"]])
+def test_what_an_event_lacks_to_be_enriched_by_is_noted(identifiers: Any) -> None:
     event = {"eventName": "pointsIssued", "eventId": "e", "orgId": ORG, "createdAt": 1,
-             "data": {"customerIdentifiers": {"mobile": "1"}, "regularPointsBreakup": [{}]}}
+             "data": {"customerIdentifiers": identifiers, "regularPointsBreakup": [{}],
+                      "loyaltyEventId": ""}}
+    reader = full_reader()
 
-    result = enrich(event, EVERY_OPTION, full_reader())
+    result = enrich(event, EVERY_OPTION, reader)
 
     assert result.payload == event
     assert result.notes == (
@@ -344,6 +347,7 @@ def test_what_an_event_lacks_to_be_enriched_by_is_noted() -> None:
         "no customerIdentifiers.customerId to find the customer by",
         "no loyaltyEventId to find awarded reference ids by",
         "no points balance known for customer None")
+    assert reader.reads == []  # nothing to look up by
 
 
 @pytest.mark.parametrize("till_id", ["50671937", True, None])
@@ -357,7 +361,7 @@ def test_a_till_id_that_is_not_an_integer_is_not_looked_up(till_id: Any) -> None
 
     assert result.payload == event
     assert result.notes == ("no till id in triggeringActivity.enteredBy", "no store for till None")
-    assert "till" not in reader.reads
+    assert reader.reads == []
 
 
 def test_the_till_named_in_entered_by_till_wins_and_its_store_carries_every_id() -> None:
@@ -534,3 +538,13 @@ def test_what_enrichment_added_rebuilds_the_payload_as_sent() -> None:
     assert set(added) == {"data"} and "orgId" not in added  # nothing unchanged is kept
     assert len(json.dumps(added)) < len(json.dumps(sent))
     assert overlay(event, sent) == sent  # a whole enriched payload (rows before 0004) too
+
+
+def test_the_loyalty_event_id_may_stand_beside_data_and_a_non_block_stops_nothing() -> None:
+    event = points_issued(regularPointsBreakup="none")
+    event["loyaltyEventId"] = event["data"].pop("loyaltyEventId")
+
+    result = enrich(event, {"awardedReferenceEnrichmentEnabled": True}, full_reader())
+
+    assert result.payload["data"]["promotionalPointsIssued"][0]["awardedReferenceId"] == "AR-P0"
+    assert result.notes == ()
