@@ -336,7 +336,7 @@ def test_an_event_without_org_or_data_is_sent_as_published_with_a_note(
 def test_what_an_event_lacks_to_be_enriched_by_is_noted(identifiers: Any) -> None:
     event = {"eventName": "pointsIssued", "eventId": "e", "orgId": ORG, "createdAt": 1,
              "data": {"customerIdentifiers": identifiers, "regularPointsBreakup": [{}],
-                      "loyaltyEventId": ""}}
+                      "loyaltyEventId": 5}}
     reader = full_reader()
 
     result = enrich(event, EVERY_OPTION, reader)
