@@ -152,6 +152,7 @@ def test_sends_body_and_headers() -> None:
     assert result.body_excerpt == b"ok"
     assert result.headers["X-Reply"] == "yes"
     assert result.error is None
+    assert result.latency_ms >= 0  # measured, on every path
 
 
 def test_does_not_follow_redirects() -> None:
@@ -190,6 +191,7 @@ def test_a_connection_error_is_returned_not_raised() -> None:
     assert result.status_code is None
     assert isinstance(result.error, requests.ConnectionError)
     assert classify(result) is Verdict.RETRY
+    assert result.latency_ms >= 0
 
 
 def test_uses_the_configured_timeouts_and_verifies_tls() -> None:
