@@ -165,3 +165,22 @@ def test_a_success_in_a_batch_starts_the_run_again_and_no_breaker_when_off(
         (lease,) = released.leases
     assert off.breakers(["w"], now_ms=10)["w"] == Breaker("closed", 10)
     off.client.close()
+
+
+def test_resetting_closes_an_open_breaker_and_forgets_its_failures(queues: Queues) -> None:
+    fill(queues, 4)
+    (lease,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=100)
+    fail(queues, taken(queues, lease, 100), 3, 200)
+    assert queues.breakers(now_ms=200) == {"w": Breaker("open", 3, 200 + COOL, COOL)}
+
+    queues.reset_breaker("w")
+
+    assert queues.breakers(["w"], now_ms=200) == {"w": Breaker("closed", 0)}
+    assert queues.breakers(now_ms=200) == {}  # closed with no failures: not listed
+    assert [len(lease.delivery_ids) for lease in queues.dispatch(
+        "w", batch=2, lease_ms=LEASE, now_ms=201)] == [2]
+
+
+def test_breakers_of_no_webhook_and_of_one_unknown(queues: Queues) -> None:
+    assert queues.breakers([], now_ms=0) == {}
+    assert queues.breakers(["nobody"], now_ms=0) == {"nobody": Breaker("closed", 0)}

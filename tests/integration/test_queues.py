@@ -382,3 +382,42 @@ def test_replays_count_as_waiting_work(queues: Queues) -> None:
     queues.enqueue("w", 1, [("live0", 5)])
 
     assert queues.state(0).waiting == {"w": 2} and queues.queued_webhooks() == ["w"]
+
+
+def test_counts_add_up_across_calls(queues: Queues) -> None:
+    queues.add_counts({"delivered": 2, "failed": 1})
+    queues.add_counts({"delivered": 3})
+    queues.add_counts({})
+
+    assert queues.counts() == {"delivered": 5, "failed": 1}
+    assert queues.ping() is True
+
+
+def test_a_lease_is_still_held_until_given_back_or_expired(queues: Queues) -> None:
+    fill(queues, "w", 2, 2)
+    first, second = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    queues.release(first, batch=1, lease_ms=LEASE, now_ms=1)
+
+    assert queues.still_held([first, second], now_ms=2) == [False, True]
+    assert queues.still_held([second], now_ms=LEASE + 1) == [False]
+    assert queues.still_held([], now_ms=2) == []
+
+
+def test_the_state_counts_each_queue_and_the_slots_held_at_that_moment(queues: Queues) -> None:
+    fill(queues, "w", 1, 3)
+    fill(queues, "v", 1, 5)
+    queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+
+    now = queues.state(now_ms=1)
+    assert (now.waiting, now.slots_held) == ({"w": 2, "v": 5}, 1)
+    assert queues.state(now_ms=LEASE + 1).slots_held == 0
+
+
+def test_offer_queues_every_item_and_set_limit_caps_the_next_dispatch(queues: Queues) -> None:
+    queues.offer("w", 1, [("a", 1), ("b", 2), ("c", 3)], batch=1, lease_ms=LEASE, now_ms=0)
+    assert queues.waiting("w") == 2
+
+    queues.set_limit("w", 3)
+
+    assert [lease.delivery_ids for lease in queues.dispatch(
+        "w", batch=1, lease_ms=LEASE, now_ms=1)] == [("b",), ("c",)]

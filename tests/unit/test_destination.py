@@ -11,7 +11,7 @@ import pytest
 
 from notifier import webhooks
 from notifier.errors import DestinationNotAllowed, InvalidInput
-from notifier.sender import check_address, check_destination
+from notifier.sender import Destination, check_address, check_destination, read_url
 
 LOOPBACK_2 = (ipaddress.ip_network("127.0.0.2/32"),)
 
@@ -145,9 +145,13 @@ def test_public_addresses(address: str) -> None:
     check_address(ipaddress.ip_address(address), ())
 
 
-def _answers(*addresses: str) -> Any:
-    return lambda host, port, *_: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-                                   for a in addresses]
+def _answers(*addresses: str, name: str = "hook.test") -> Any:
+    """A resolver that knows ``name`` only, and answers ``addresses`` for it."""
+    def resolve(host: str, port: int, *_: Any) -> list[tuple[Any, ...]]:
+        if host != name:
+            raise socket.gaierror(socket.EAI_NONAME, f"unknown name {host!r}")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+    return resolve
 
 
 def test_resolving_refuses_a_name_with_any_refused_address() -> None:
@@ -155,3 +159,65 @@ def test_resolving_refuses_a_name_with_any_refused_address() -> None:
 
     with pytest.raises(DestinationNotAllowed, match=r"10\.0\.0\.1"):
         check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8", "10.0.0.1"))
+
+
+def test_resolving_asks_for_the_urls_host_and_refuses_a_name_that_does_not_resolve() -> None:
+    check_destination("https://hook.test/x", (), resolver=_answers("8.8.8.8", name="hook.test"))
+
+    with pytest.raises(DestinationNotAllowed, match=r"'other\.test' does not resolve"):
+        check_destination("https://other.test/x", (), resolver=_answers("8.8.8.8"))
+    with pytest.raises(DestinationNotAllowed, match="does not resolve to any address"):
+        check_destination("https://hook.test/x", (), resolver=_answers())
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS)
+def test_the_sender_names_the_url_it_refuses(url: str) -> None:
+    with pytest.raises(DestinationNotAllowed) as caught:
+        check_destination(url, EVERY_NETWORK, resolve=False)
+
+    assert str(caught.value).startswith(f"{url!r}: ")
+
+
+@pytest.mark.parametrize("url", ["http://exämple.com/hook", "http://example.com/a\x7fb",
+                                 "http://example.com/a\x00b"])
+def test_a_url_not_printable_ascii_is_refused_as_such(url: str) -> None:
+    with pytest.raises(DestinationNotAllowed, match="must be printable ASCII"):
+        check_destination(url, EVERY_NETWORK, resolve=False)
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://exa mple.com/hook",
+     "must be printable ASCII without white space (IDNA-encode the host)"),
+    ("http://127.0.0.1:8080\\@8.8.8.8/", "must not contain a backslash"),
+    ("http://[::1/hook", "not a valid URL (Failed to parse: http://[::1/hook)"),
+    ("ftp://example.com/hook", "only http and https URLs with a host are allowed"),
+    ("http://user@8.8.8.8/hook", "must not carry a user name or password (use webHookHeaders)"),
+    ("http://@example.com/", "must not carry a user name or password (use webHookHeaders)"),
+    ("http://[fe80::1%25eth0]/hook", "its host or port reads differently to different URL parsers"),
+    ("http://example.com:0/hook", "the port must be between 1 and 65535"),
+    ("http://[fe80::1%eth0]/hook", "an IPv6 address must not carry a zone id"),
+    ("http://ex%61mple.com/hook", "the host must be a DNS name or an IP address"),
+    ("http://0x7f000001/hook",
+     "an IPv4 address must be written as four decimal numbers (such as 192.0.2.10)"),
+])
+def test_read_url_names_the_url_and_why_it_is_refused(url: str, problem: str) -> None:
+    with pytest.raises(DestinationNotAllowed) as caught:
+        read_url(url)
+
+    assert str(caught.value) == f"{url!r}: {problem}"
+
+
+@pytest.mark.parametrize(("url", "destination"), [
+    ("https://Example.com/hook", Destination("https", "example.com", 443, None)),
+    ("http://example.com/hook", Destination("http", "example.com", 80, None)),
+    ("http://example.com:1/hook", Destination("http", "example.com", 1, None)),
+    ("http://example.com:65535/hook", Destination("http", "example.com", 65535, None)),
+    ("http://8.8.8.8:81/", Destination("http", "8.8.8.8", 81, ipaddress.ip_address("8.8.8.8"))),
+    ("https://[2606:4700::1111]/hook",
+     Destination("https", "2606:4700::1111", 443, ipaddress.ip_address("2606:4700::1111"))),
+    ("http://[::ffff:1.2.3.4]:8/x",
+     Destination("http", "::ffff:1.2.3.4", 8, ipaddress.ip_address("::ffff:1.2.3.4"))),
+])
+def test_read_url_reads_scheme_host_port_and_literal_address(
+        url: str, destination: Destination) -> None:
+    assert read_url(url) == destination

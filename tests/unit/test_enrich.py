@@ -54,26 +54,27 @@ class FakeReader:
 
     def identifiers(self, org_id: int, customer_id: int) -> Mapping[str, Mapping[str, Any]]:
         self.reads.append("identifiers")
-        return self.profiles.get(customer_id, {})
+        return self.profiles.get(customer_id, {}) if org_id == ORG else {}
 
     def cards(self, org_id: int, customer_id: int) -> Mapping[str, tuple[str, ...]]:
         self.reads.append("cards")
-        return self.card_numbers.get(customer_id, {})
+        return self.card_numbers.get(customer_id, {}) if org_id == ORG else {}
 
     def awarded_references(self, org_id: int,
                            loyalty_event_id: str) -> Mapping[tuple[int, str, int], str]:
         self.reads.append("awarded")
-        return self.references.get(loyalty_event_id, {})
+        return self.references.get(loyalty_event_id, {}) if org_id == ORG else {}
 
     def points_balance(self, org_id: int, customer_id: int) -> float | None:
         self.reads.append("balance")
-        return self.balances.get(customer_id)
+        return self.balances.get(customer_id) if org_id == ORG else None
 
 
 def full_reader() -> FakeReader:
     return FakeReader(
-        tills={TILL: Till(TILL, "T01", "Front till", 75)},
+        tills={TILL: Till(TILL, "T01", "Front till", 75), 7: Till(7, "T07", "Back till", 76)},
         stores={75: Store(75, "S75", "High Street", "HS-75", "HS-75-1", None),
+                77: Store(77, "S77", "Airport", "AP", "AP-1", "AP-2"),
                 76: Store(76, "S76", "Mall", None, None, None)},
         profiles={CUSTOMER: {
             "InStore": {"externalId": "ext-1", "mobile": "919300000020",
@@ -266,19 +267,184 @@ def test_options_read_intouch_source_spellings() -> None:
     assert options.sources == ("InStore", "WebEngage")
 
 
-@pytest.mark.parametrize(("flags", "allowed", "field"), [
-    ({"cardNumberEnrichmentEnabled": True}, True, "cardNumberEnrichmentEnabled"),
+SOURCES_PROBLEM = "must be a list of sources (InStore, WeChat, WebEngage)"
+
+
+@pytest.mark.parametrize(("flags", "allowed", "field", "problem"), [
+    ({"cardNumberEnrichmentEnabled": True}, True, "cardNumberEnrichmentEnabled",
+     "needs a source in customerIdentifiersToBeEnriched first"),
     ({"availablePointsBalanceEnrichmentEnabled": True}, False,
-     "availablePointsBalanceEnrichmentEnabled"),
-    ({"customerIdentifiersToBeEnriched": ["Facebook"]}, True, "customerIdentifiersToBeEnriched"),
-    ({"customerIdentifiersToBeEnriched": "InStore"}, True, "customerIdentifiersToBeEnriched"),
-    ({"tillDetailsEnrichmentEnabled": "yes"}, True, "tillDetailsEnrichmentEnabled"),
+     "availablePointsBalanceEnrichmentEnabled",
+     "is not enabled for this org; ask the operator to enable it"),
+    ({"customerIdentifiersToBeEnriched": ["Facebook"]}, True, "customerIdentifiersToBeEnriched",
+     None),
+    ({"customerIdentifiersToBeEnriched": "InStore"}, True, "customerIdentifiersToBeEnriched",
+     SOURCES_PROBLEM),
+    ({"customerIdentifiersToBeEnriched": ["InStore", 5]}, True,
+     "customerIdentifiersToBeEnriched", SOURCES_PROBLEM),
+    ({"tillDetailsEnrichmentEnabled": "yes"}, True, "tillDetailsEnrichmentEnabled",
+     "must be true or false"),
 ])
 def test_check_options_names_the_field(flags: dict[str, Any], allowed: bool,
-                                       field: str) -> None:
+                                       field: str, problem: str | None) -> None:
     with pytest.raises(InvalidInput) as caught:
         check_options(flags, points_balance_allowed=allowed)
-    assert caught.value.field == field
+    assert caught.value.field.startswith(field)
+    if problem is not None:
+        assert caught.value.problem == problem
+
+
+def test_options_name_the_field_of_an_unknown_source() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        Options.of({"customerIdentifiersToBeEnriched": ["Facebook"]})
+
+    assert caught.value.field.startswith("customerIdentifiersToBeEnriched")
+
+
+def test_another_orgs_reference_data_is_never_added() -> None:
+    event = points_issued()
+    event["orgId"] = ORG + 1
+
+    result = enrich(event, EVERY_OPTION, full_reader())
+
+    data = result.payload["data"]
+    assert data["triggeringActivity"] == event["data"]["triggeringActivity"]
+    assert "AvailablePointsBalance" not in data
+    assert all("awardedReferenceId" not in block for block in data["regularPointsBreakup"])
+    # The blocks asked for are there, with no card and no profile of ORG's customer.
+    assert data["customerIdentifiers"] == {"customerId": CUSTOMER,
+                                           "instore": {"cardNumbers": []},
+                                           "wechat": {"cardNumbers": []}}
+    assert f"till {TILL} unknown" in result.notes
+
+
+@pytest.mark.parametrize("event", [
+    {"eventName": "pointsIssued", "eventId": "e", "createdAt": 1, "data": {}},
+    {"eventName": "pointsIssued", "eventId": "e", "orgId": ORG, "createdAt": 1},
+    {"eventName": "pointsIssued", "eventId": "e", "orgId": ORG, "createdAt": 1, "data": []},
+    {"eventName": "pointsIssued", "eventId": "e", "orgId": True, "createdAt": 1, "data": {}},
+])
+def test_an_event_without_org_or_data_is_sent_as_published_with_a_note(
+        event: dict[str, Any]) -> None:
+    result = enrich(event, EVERY_OPTION, full_reader())
+
+    assert (result.payload, result.enriched, result.notes) == (
+        event, True, ("the event has no orgId or data to enrich",))
+
+
+@pytest.mark.parametrize("identifiers", [{"mobile": "1"}, ["1"]])
+def test_what_an_event_lacks_to_be_enriched_by_is_noted(identifiers: Any) -> None:
+    event = {"eventName": "pointsIssued", "eventId": "e", "orgId": ORG, "createdAt": 1,
+             "data": {"customerIdentifiers": identifiers, "regularPointsBreakup": [{}],
+                      "loyaltyEventId": 5}}
+    reader = full_reader()
+
+    result = enrich(event, EVERY_OPTION, reader)
+
+    assert result.payload == event
+    assert result.notes == (
+        "no triggeringActivity.enteredBy to find the till and store by",
+        "no customerIdentifiers.customerId to find the customer by",
+        "no loyaltyEventId to find awarded reference ids by",
+        "no points balance known for customer None")
+    assert reader.reads == []  # nothing to look up by
+
+
+@pytest.mark.parametrize("till_id", ["50671937", True, None])
+def test_a_till_id_that_is_not_an_integer_is_not_looked_up(till_id: Any) -> None:
+    reader = full_reader()
+    event = points_issued()
+    event["data"]["triggeringActivity"]["enteredBy"] = {"id": till_id}
+
+    result = enrich(event, {"tillDetailsEnrichmentEnabled": True,
+                            "storeDetailsEnrichmentEnabled": True}, reader)
+
+    assert result.payload == event
+    assert result.notes == ("no till id in triggeringActivity.enteredBy", "no store for till None")
+    assert reader.reads == []
+
+
+def test_the_till_named_in_entered_by_till_wins_and_its_store_carries_every_id() -> None:
+    event = points_issued()
+    event["data"]["triggeringActivity"]["enteredBy"] = {"id": TILL, "till": {"id": 7},
+                                                        "store": {"id": 77}}
+
+    result = enrich(event, {"tillDetailsEnrichmentEnabled": True,
+                            "storeDetailsEnrichmentEnabled": True}, full_reader())
+
+    assert result.payload["data"]["triggeringActivity"]["enteredBy"] == {
+        "id": TILL, "till": {"id": 7, "code": "T07", "name": "Back till"},
+        "store": {"id": 77, "code": "S77", "name": "Airport", "externalId": "AP",
+                  "externalId1": "AP-1", "externalId2": "AP-2"}}
+    assert result.notes == ()
+
+
+def test_an_unknown_store_named_in_the_event_is_noted_and_the_till_not_read() -> None:
+    reader = full_reader()
+    event = points_issued()
+    event["data"]["triggeringActivity"]["enteredBy"]["store"] = {"id": 99}
+
+    result = enrich(event, {"storeDetailsEnrichmentEnabled": True}, reader)
+
+    assert result.payload == event
+    assert result.notes == ("store 99 unknown",)
+    assert reader.reads == ["store"]
+
+
+def test_cards_are_read_only_when_asked_for() -> None:
+    reader = full_reader()
+
+    enrich(points_issued(), {"customerIdentifiersToBeEnriched": ["InStore"]}, reader)
+
+    assert reader.reads == ["identifiers"]
+
+
+def test_awarded_ids_skip_what_is_not_a_block_and_go_on_past_it() -> None:
+    event = points_issued(regularPointsBreakup=[7, {"points": 1}, {"points": 2}],
+                          promotionalPointsIssued="none")
+    reader = full_reader()
+    reader.references["le-1"][(2649, "regularPointsBreakup", 2)] = "AR-2"
+
+    result = enrich(event, {"awardedReferenceEnrichmentEnabled": True}, reader)
+
+    assert result.payload["data"]["regularPointsBreakup"] == [
+        7, {"points": 1}, {"points": 2, "awardedReferenceId": "AR-2"}]
+    assert result.notes == ("no awardedReferenceId for regularPointsBreakup[1] "
+                            "(loyaltyEventId le-1, program 2649)",)
+
+
+def test_awarded_ids_of_an_issue_use_the_events_program_whatever_a_block_says() -> None:
+    event = points_issued(regularPointsBreakup=[{"points": 1, "programId": 7}])
+
+    result = enrich(event, {"awardedReferenceEnrichmentEnabled": True}, full_reader())
+
+    assert result.payload["data"]["regularPointsBreakup"][0]["awardedReferenceId"] == "AR-0"
+
+
+def test_a_redemption_without_any_program_gets_no_awarded_id() -> None:
+    event = points_redeemed()
+    event["data"]["redemptionFromEarningPrograms"] = [{"pointsRedeemed": 10}]
+    reader = full_reader()
+    reader.references["le-1"][(None, "redemptionFromEarningPrograms", 0)] = "AR-NONE"  # type: ignore[index]
+
+    result = enrich(event, {"awardedReferenceEnrichmentEnabled": True}, reader)
+
+    assert "awardedReferenceId" not in result.payload["data"]["redemptionFromEarningPrograms"][0]
+    assert result.notes == ("no awardedReferenceId for redemptionFromEarningPrograms[0] "
+                            "(loyaltyEventId le-1, program None)",)
+
+
+def test_a_fractional_points_balance_is_sent_as_it_is() -> None:
+    reader = full_reader()
+    reader.balances[CUSTOMER] = 150.5
+
+    result = enrich(points_issued(), {"availablePointsBalanceEnrichmentEnabled": True}, reader)
+
+    assert result.payload["data"]["AvailablePointsBalance"] == 150.5
+
+
+def test_what_was_added_over_a_null_counts_as_added() -> None:
+    assert additions({"a": None, "b": 1}, {"a": None, "b": 1, "c": None}) == {"c": None}
 
 
 def test_check_options_accepts_cards_with_a_source_and_an_allowed_balance() -> None:
@@ -372,3 +538,13 @@ def test_what_enrichment_added_rebuilds_the_payload_as_sent() -> None:
     assert set(added) == {"data"} and "orgId" not in added  # nothing unchanged is kept
     assert len(json.dumps(added)) < len(json.dumps(sent))
     assert overlay(event, sent) == sent  # a whole enriched payload (rows before 0004) too
+
+
+def test_the_loyalty_event_id_may_stand_beside_data_and_a_non_block_stops_nothing() -> None:
+    event = points_issued(regularPointsBreakup="none")
+    event["loyaltyEventId"] = event["data"].pop("loyaltyEventId")
+
+    result = enrich(event, {"awardedReferenceEnrichmentEnabled": True}, full_reader())
+
+    assert result.payload["data"]["promotionalPointsIssued"][0]["awardedReferenceId"] == "AR-P0"
+    assert result.notes == ()

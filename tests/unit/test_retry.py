@@ -66,3 +66,15 @@ def test_the_horizon_counts_from_ingestion() -> None:
 
 def test_a_retry_after_past_the_horizon_is_none() -> None:
     assert _next(retry_after=3600.0, horizon=600.0) is None
+
+
+class _Edge(random.Random):
+    """A generator whose every draw is the top of its range."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_the_jitter_comes_from_the_generator_given() -> None:
+    # The top of the band lengthens the step by the whole jitter; the generator passed decides.
+    assert _next(schedule=(100.0,), jitter=0.2, rng=_Edge()) == NOW + 120_000

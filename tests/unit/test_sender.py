@@ -11,8 +11,9 @@ import requests
 import responses
 import urllib3.exceptions
 
-from notifier.errors import DestinationNotAllowed
+from notifier.errors import DeadlineExceeded, DestinationNotAllowed
 from notifier.sender import (
+    _WATCHDOG,
     HttpSender,
     OutboundRequest,
     Result,
@@ -21,6 +22,7 @@ from notifier.sender import (
     classify,
     retry_after_seconds,
 )
+from tests.conftest import wait_until
 
 URL = "http://93.184.216.34/hook"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -29,6 +31,8 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 @pytest.mark.parametrize(("status", "verdict"), [
     (200, Verdict.DELIVERED),
     (204, Verdict.DELIVERED),
+    (299, Verdict.DELIVERED),
+    (300, Verdict.FAILED),
     (301, Verdict.FAILED),
     (400, Verdict.FAILED),
     (404, Verdict.FAILED),
@@ -148,6 +152,7 @@ def test_sends_body_and_headers() -> None:
     assert result.body_excerpt == b"ok"
     assert result.headers["X-Reply"] == "yes"
     assert result.error is None
+    assert result.latency_ms >= 0  # measured, on every path
 
 
 def test_does_not_follow_redirects() -> None:
@@ -186,6 +191,7 @@ def test_a_connection_error_is_returned_not_raised() -> None:
     assert result.status_code is None
     assert isinstance(result.error, requests.ConnectionError)
     assert classify(result) is Verdict.RETRY
+    assert result.latency_ms >= 0
 
 
 def test_uses_the_configured_timeouts_and_verifies_tls() -> None:
@@ -193,11 +199,12 @@ def test_uses_the_configured_timeouts_and_verifies_tls() -> None:
     with responses.RequestsMock() as mock:
         mock.add(responses.POST, URL, status=204)
 
-        sender.send(OutboundRequest(URL, {}, b"{}"))
+        result = sender.send(OutboundRequest(URL, {}, b"{}"))
 
         sent = mock.calls[0].request
     assert sent.req_kwargs["timeout"] == (3.0, 7.0)
     assert sent.req_kwargs["verify"] is True
+    assert (result.status_code, result.body_excerpt) == (204, b"")
 
 
 def test_ignores_proxy_settings_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,3 +249,29 @@ def test_a_malformed_url_is_an_error_result(url: str) -> None:
     result = _sender().send(OutboundRequest(url, {}, b"{}"))
 
     assert isinstance(result.error, DestinationNotAllowed)
+
+
+def test_an_answer_that_comes_after_the_deadline_is_a_deadline_error() -> None:
+    # responses answers without a socket, so nothing is cut: the answer arrives, late.
+    sender = _sender(deadline=0.05)
+
+    def late(request: object) -> tuple[int, dict[str, str], bytes]:
+        wait_until(lambda: _WATCHDOG._local.timer.fired, 10, "the request's deadline to pass")
+        return 200, {}, b"ok"
+
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.POST, URL, callback=late)
+
+        result = sender.send(OutboundRequest(URL, {}, b"{}"))
+
+    assert isinstance(result.error, DeadlineExceeded)
+    assert "NOTIFIER_HTTP_DEADLINE" in str(result.error)
+    assert result.status_code is None
+    assert classify(result) is Verdict.RETRY
+    assert 50 <= result.latency_ms < 60_000
+
+
+def test_a_refused_address_names_the_setting_that_allows_it() -> None:
+    with pytest.raises(DestinationNotAllowed,
+                       match="allow its range in NOTIFIER_ALLOW_PRIVATE_NETWORKS to send there"):
+        check_destination("http://10.0.0.1/hook", ())
