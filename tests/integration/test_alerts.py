@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,12 +31,11 @@ ALERT_NAMES = tuple(sorted(alerts.KINDS))
 
 
 @pytest.fixture
-def database(stack: Stack) -> Iterator[Database]:
-    opened = Database(stack.settings.database_url)
-    store.create_org(opened, ORG, "test org", now_ms=0)
-    store.create_org(opened, OPERATOR_ORG, "the operator", now_ms=0)
-    yield opened
-    opened.dispose()
+def database(database: Database) -> Database:
+    """The stack's database (tests/conftest.py), with the test org and the operator's."""
+    store.create_org(database, ORG, "test org", now_ms=0)
+    store.create_org(database, OPERATOR_ORG, "the operator", now_ms=0)
+    return database
 
 
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,

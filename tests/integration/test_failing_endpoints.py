@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,11 +29,10 @@ ORG = 51187
 
 
 @pytest.fixture
-def database(stack: Stack) -> Iterator[Database]:
-    opened = Database(stack.settings.database_url)
-    store.create_org(opened, ORG, "test org", now_ms=0)
-    yield opened
-    opened.dispose()
+def database(database: Database) -> Database:
+    """The stack's database (tests/conftest.py), with the test org in it."""
+    store.create_org(database, ORG, "test org", now_ms=0)
+    return database
 
 
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,

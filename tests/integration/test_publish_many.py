@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,12 +26,10 @@ ORG = 1717
 
 
 @pytest.fixture
-def database(stack: Stack) -> Iterator[Database]:
-    """The stack's database, with the test org in it."""
-    opened = Database(stack.settings.database_url)
-    store.create_org(opened, ORG, "test org", now_ms=0)
-    yield opened
-    opened.dispose()
+def database(database: Database) -> Database:
+    """The stack's database (tests/conftest.py), with the test org in it."""
+    store.create_org(database, ORG, "test org", now_ms=0)
+    return database
 
 
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str) -> None:

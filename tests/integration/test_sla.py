@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,13 +35,6 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
                       "NOTIFIER_SLOT_LEASE_SECONDS": "20"})
     del stack_env["NOTIFIER_SLA_CHECK_INTERVAL"]
     return stack_env
-
-
-@pytest.fixture
-def database(stack: Stack) -> Iterator[Database]:
-    opened = Database(stack.settings.database_url)
-    yield opened
-    opened.dispose()
 
 
 @pytest.fixture
