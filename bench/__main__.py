@@ -408,14 +408,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.retention:
             rate = fanout_1.median / 2 if fanout_1 is not None else RETENTION_RATE
-            print(f"  retention: {args.retention} old rows, live load {rate:.0f} deliveries/s "
-                  f"for {args.latency_seconds:.0f}s without, with and without a purge ...",
-                  flush=True)
+            pairs = max(2, args.repeat)
+            print(f"  retention: {args.retention} old rows, live load {rate:.0f} deliveries/s, "
+                  f"{pairs} pairs of {args.latency_seconds:.0f}s windows without and with a purge "
+                  f"at beat's pace, then one with it back to back ...", flush=True)
             (folder / "retention").mkdir()
             try:
                 text = retention.retention(
                     receiver, folder / "retention", c, args.retention, rate,
-                    args.latency_seconds, args.max_connections)
+                    args.latency_seconds, args.max_connections, pairs)
                 print(f"  {text}", flush=True)
                 notes.append(text)
             except run.BenchError as exc:
