@@ -18,7 +18,9 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    ColumnElement,
     Connection,
+    Exists,
     Integer,
     Select,
     String,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    delete,
     func,
     insert,
     literal,
@@ -35,6 +38,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -69,6 +73,8 @@ _subscriptions = Base.metadata.tables["webhook_subscriptions"]
 _orgs = Base.metadata.tables["orgs"]
 _dead_letters = Base.metadata.tables["dead_letters"]
 _replays = Base.metadata.tables["replays"]
+_retention_cursor_table = Base.metadata.tables["retention_cursor"]
+_retention_kept = Base.metadata.tables["retention_kept"]
 
 __all__ = [
     "PURGED_PAYLOAD",
@@ -1243,32 +1249,52 @@ class Purged:
     held_ended: int = 0
 
 
-def _purgeable(older_than_ms: int, batch: int) -> Select[Any]:
-    """The oldest events received before ``older_than_ms``, not emptied yet and with every
-    delivery finished: walked in the order of ``ix_events_unpurged_received``, which holds only
-    events not emptied yet, so a run reads what it empties (and the few old events kept for an
-    unfinished delivery), never what earlier runs emptied."""
-    e, d = _events.c, _deliveries.c
-    unfinished = (select(literal(1)).select_from(_deliveries)
-                  .where(d.event_pk == e.pk, d.status.not_in(FINAL_STATUSES)))
-    return (select(e.pk)
-            .where(e.purged_at_ms.is_(None), e.received_at_ms < older_than_ms,
-                   ~unfinished.exists())
-            .order_by(e.received_at_ms).limit(batch))
+def _has_unfinished(event_pk: ColumnElement[int]) -> Exists:
+    """Whether the event ``event_pk`` has a delivery not finished yet (any status but delivered,
+    failed and dead, a new one included)."""
+    d = _deliveries.c
+    return (select(literal(1)).select_from(_deliveries)
+            .where(d.event_pk == event_pk, d.status.not_in(FINAL_STATUSES)).exists())
+
+
+def _retention_cursor(connection: Connection) -> tuple[int, int] | None:
+    """Where the last run's walk stopped, ``(received_at_ms, event pk)``, locked for this run;
+    None while another run holds it (a second beat, ``notifier retention run``): that run goes
+    on, and this one leaves the events to it rather than waiting."""
+    c = _retention_cursor_table.c
+    first = {"id": 1, "received_at_ms": -1, "event_pk": 0}
+    if connection.dialect.name == "postgresql":
+        connection.execute(pg_insert(_retention_cursor_table).values(first)
+                           .on_conflict_do_nothing(index_elements=["id"]))
+        query = select(c.received_at_ms, c.event_pk).where(c.id == 1).with_for_update(
+            skip_locked=True)
+    else:  # SQLite: one writer at a time already
+        connection.execute(sqlite_insert(_retention_cursor_table).values(first)
+                           .on_conflict_do_nothing(index_elements=["id"]))
+        query = select(c.received_at_ms, c.event_pk).where(c.id == 1)
+    row = connection.execute(query).first()
+    return None if row is None else (row.received_at_ms, row.event_pk)
 
 
 def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purged:
-    """Empty at most ``batch`` events received before ``older_than_ms`` whose deliveries are all
-    finished (delivered, failed, dead; any other status, a new one included, keeps the event
-    whole): the payload becomes ``PURGED_PAYLOAD``, their deliveries lose what enrichment added
-    and their last error, their attempts their response excerpt and error message. Rows, ids,
-    statuses, status codes and timestamps stay. Held deliveries of events past the retention
-    (their webhook stayed inactive) are ended first, failed with the reason (``HELD_TOO_LONG``,
-    kept), at most ``batch`` a run: held for ever, their events could never be emptied. One
-    transaction of five bounded statements."""
-    e, d, a = _events.c, _deliveries.c, _attempts.c
-    chosen = _purgeable(older_than_ms, batch)
+    """Empty the events received before ``older_than_ms`` whose deliveries are all finished
+    (delivered, failed, dead): the payload becomes ``PURGED_PAYLOAD``, their deliveries lose what
+    enrichment added and their last error, their attempts their response excerpt and error
+    message. Rows, ids, statuses, status codes and timestamps stay.
+
+    One run walks at most ``batch`` events by age, from where the last one stopped
+    (``RetentionCursor``); an event it passes with a delivery not finished is kept whole, aside
+    (``RetentionKept``), and looked at again by each run (at most ``batch``) until its
+    deliveries end. Held deliveries of events past the retention (their webhook stayed
+    inactive) are ended first, failed with the reason (``HELD_TOO_LONG``, kept), at most
+    ``batch`` a run: held for ever, their events could never be emptied. One transaction of a
+    few bounded statements; emptying changes no indexed column of events (see
+    ``models.Event``)."""
+    e, d, a, k = _events.c, _deliveries.c, _attempts.c, _retention_kept.c
     with db.transaction() as connection:
+        cursor = _retention_cursor(connection)
+        if cursor is None:
+            return Purged(0, 0, 0, more=False)
         held = (select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
                 .where(d.status == DeliveryStatus.HELD, e.received_at_ms < older_than_ms)
                 .limit(batch))
@@ -1276,13 +1302,26 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             update(_deliveries).where(d.id.in_(held.scalar_subquery()))
             .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
         ).rowcount
-        if connection.dialect.name == "postgresql":
-            # Another run at the same time (a second beat, `notifier retention run`) takes the
-            # next events rather than waiting for these.
-            chosen = chosen.with_for_update(of=_events, skip_locked=True)
-        pks = list(connection.scalars(chosen))
+        # Kept aside by earlier runs, and finished since.
+        ready = list(connection.scalars(select(k.event_pk).where(~_has_unfinished(k.event_pk))
+                                        .order_by(k.event_pk).limit(batch)))
+        if ready:
+            connection.execute(delete(_retention_kept).where(k.event_pk.in_(ready)))
+        walked = connection.execute(
+            select(e.pk, e.received_at_ms, e.purged_at_ms.is_(None).label("full"),
+                   _has_unfinished(e.pk).label("open"))
+            .where(tuple_(e.received_at_ms, e.pk) > tuple_(*cursor),
+                   e.received_at_ms < older_than_ms)
+            .order_by(e.received_at_ms, e.pk).limit(batch)).all()
+        if walked:
+            connection.execute(update(_retention_cursor_table).values(
+                received_at_ms=walked[-1].received_at_ms, event_pk=walked[-1].pk))
+        if kept := [{"event_pk": row.pk} for row in walked if row.full and row.open]:
+            connection.execute(insert(_retention_kept), kept)
+        pks = ready + [row.pk for row in walked if row.full and not row.open]
+        more = batch in (len(walked), len(ready), held_ended)
         if not pks:
-            return Purged(0, 0, 0, more=held_ended == batch, held_ended=held_ended)
+            return Purged(0, 0, 0, more=more, held_ended=held_ended)
         connection.execute(update(_events).where(e.pk.in_(pks))
                            .values(payload=PURGED_PAYLOAD, purged_at_ms=now_ms))
         # Only rows that hold something to empty are written: most deliveries carry no
@@ -1300,8 +1339,7 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             .where(a.delivery_id.in_(select(d.id).where(d.event_pk.in_(pks))),
                    or_(a.response_excerpt.is_not(None), a.error_message.is_not(None)))
             .values(response_excerpt=None, error_message=None)).rowcount
-    return Purged(len(pks), deliveries, attempts, more=len(pks) == batch or held_ended == batch,
-                  held_ended=held_ended)
+    return Purged(len(pks), deliveries, attempts, more=more, held_ended=held_ended)
 
 
 @dataclass(frozen=True)
