@@ -191,8 +191,8 @@ def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
            only_webhook: str | None = None, own: bool = False) -> store.IngestOutcome:
     """Store, validate and fan out one event, queue its deliveries and send what can go now.
 
-    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest``). ``own``: one of
-    notifier's own events (an alert), which a producer's event may not be.
+    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest_many``). ``own``:
+    one of notifier's own events (an alert), which a producer's event may not be.
     """
     return accept_many(services, [envelope], send, only_webhook=only_webhook, own=own)[0]
 

@@ -62,8 +62,9 @@ def set_status(db: Database, delivery_id: str, status: DeliveryStatus, **values:
 
 def test_an_automatic_disable_holds_what_it_cuts_short(org: Database) -> None:
     failing = webhook(org, "failing")
-    ids = [store.ingest(org, load_catalog(), event(f"e-{n}"), now_ms=1000 + n).queued[0]
-           .delivery_id for n in range(5)]
+    ids = [outcome.queued[0].delivery_id for n in range(5)
+           for outcome in store.ingest_many(org, load_catalog(), [event(f"e-{n}")],
+                                            now_ms=1000 + n)]
     pending, retrying, in_flight, delivered, failed = ids
     set_status(org, retrying, DeliveryStatus.RETRYING, next_attempt_at_ms=9000)
     set_status(org, in_flight, DeliveryStatus.IN_FLIGHT, lease_until_ms=9000)
@@ -168,7 +169,7 @@ def test_activation_without_deliver_held_keeps_them_held_and_with_it_sends_them_
     context = pipeline.webhook_context(services, leases.append)
     # Ingested out of the order they are stored in: ingestion time orders them.
     for name, at in (("late", 3000), ("early", 1000), ("middle", 2000)):
-        store.ingest(services.db, services.catalog, event(name), now_ms=at)
+        store.ingest_many(services.db, services.catalog, [event(name)], now_ms=at)
     held = statuses(services.db, hook_id)
 
     plain = webhooks.activate(context, ORG, hook_id, now_ms=pipeline.now_ms())
@@ -191,7 +192,7 @@ def test_deliver_held_is_refused_for_a_webhook_left_inactive_naming_the_field(
         services: Services, receiver: Receiver) -> None:
     hook_id = receiving(services, receiver, "still-off", active=False)
     context = pipeline.webhook_context(services, lambda lease: None)
-    store.ingest(services.db, services.catalog, event("e-1"), now_ms=1000)
+    store.ingest_many(services.db, services.catalog, [event("e-1")], now_ms=1000)
     for body in ({"deliverHeld": True}, {"active": False, "deliverHeld": True},
                  {"active": True, "deliverHeld": "yes"}):
         with pytest.raises(InvalidInput) as refused:
@@ -234,7 +235,7 @@ def test_held_deliveries_whose_queueing_failed_are_queued_by_the_next_deliver_he
     pipeline.recover(services, leases.append)
     context = pipeline.webhook_context(services, leases.append)
     for n in range(2):
-        store.ingest(services.db, services.catalog, event(f"e-{n}"), now_ms=1000 + n)
+        store.ingest_many(services.db, services.catalog, [event(f"e-{n}")], now_ms=1000 + n)
 
     def away(*args: Any, **kwargs: Any) -> Any:
         raise QueueUnavailable("Redis did not answer")

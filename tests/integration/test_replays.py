@@ -47,8 +47,9 @@ def deliveries(db: Database) -> dict[str, Any]:
     ]
     ids: dict[str, str] = {}
     for event_id, name, org_id, ago, status, code in rows:
-        outcome = store.ingest(db, load_catalog(), {**event(event_id, name), "orgId": org_id},
-                               now_ms=NOW - ago * HOUR)
+        (outcome,) = store.ingest_many(db, load_catalog(),
+                                       [{**event(event_id, name), "orgId": org_id}],
+                                       now_ms=NOW - ago * HOUR)
         for queued in outcome.queued:
             label = {a: "a", b: "b", other: "x"}[queued.webhook_id] + "-" + event_id
             ids[label] = queued.delivery_id
