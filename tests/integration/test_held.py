@@ -22,7 +22,7 @@ from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
-from tests.conftest import Receiver, create_webhook
+from tests.conftest import Receiver, create_webhook, waiting
 
 pytestmark = pytest.mark.integration
 
@@ -117,16 +117,16 @@ def test_held_deliveries_stay_out_of_redis_and_a_rebuild_queues_none(
 
     assert {q.webhook_id for o in outcomes for q in o.queued} == {active}
     assert set(statuses(services.db, inactive).values()) == {DeliveryStatus.HELD}
-    assert services.queues.waiting(inactive) == 0 and {lease.webhook_id for lease in leases} == {
+    assert waiting(services.queues, inactive) == 0 and {lease.webhook_id for lease in leases} == {
         active}
     # Redis lost: the rebuild reads what is open in the database; what is held is not.
     services.queues.client.flushdb()
     assert pipeline.rebuild(services) == 3
-    assert services.queues.waiting(inactive) == 0 and services.queues.waiting(active) == 3
+    assert waiting(services.queues, inactive) == 0 and waiting(services.queues, active) == 3
     # A duplicate ingest hands back what it may have left out of Redis: nothing held.
     again = pipeline.accept(services, event("e-0"), leases.append)
     assert not again.created and {q.webhook_id for q in again.queued} == {active}
-    assert services.queues.waiting(inactive) == 0
+    assert waiting(services.queues, inactive) == 0
 
 
 def test_deactivating_holds_what_waits_and_a_task_holds_what_it_finds_inactive(
@@ -159,7 +159,7 @@ def test_deactivating_holds_what_waits_and_a_task_holds_what_it_finds_inactive(
     assert [(outcome, error) for _, outcome, error in recorded] == [
         (DeliveryStatus.HELD, "WebhookInactive")]
     assert [recorded[0].delivery_id] == list(lease.delivery_ids)
-    assert services.queues.waiting(hook_id) == 0
+    assert waiting(services.queues, hook_id) == 0
 
 
 def test_activation_without_deliver_held_keeps_them_held_and_with_it_sends_them_in_order(
@@ -174,7 +174,7 @@ def test_activation_without_deliver_held_keeps_them_held_and_with_it_sends_them_
 
     plain = webhooks.activate(context, ORG, hook_id, now_ms=pipeline.now_ms())
     assert plain.delivered_held == 0 and leases == []
-    assert statuses(services.db, hook_id) == held and services.queues.waiting(hook_id) == 0
+    assert statuses(services.db, hook_id) == held and waiting(services.queues, hook_id) == 0
 
     webhooks.deactivate(context, ORG, hook_id, now_ms=pipeline.now_ms())
     saved = webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
@@ -247,7 +247,7 @@ def test_held_deliveries_whose_queueing_failed_are_queued_by_the_next_deliver_he
     monkeypatch.undo()
     # Pending, but in no queue: nothing would ever send them.
     assert set(statuses(services.db, hook_id).values()) == {DeliveryStatus.PENDING}
-    assert services.queues.waiting(hook_id) == 0 and leases == []
+    assert waiting(services.queues, hook_id) == 0 and leases == []
 
     again = webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
                                     now_ms=pipeline.now_ms())
