@@ -191,8 +191,8 @@ def accept(services: Services, envelope: Mapping[str, Any], send: SendLease, *,
            only_webhook: str | None = None, own: bool = False) -> store.IngestOutcome:
     """Store, validate and fan out one event, queue its deliveries and send what can go now.
 
-    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest``). ``own``: one of
-    notifier's own events (an alert), which a producer's event may not be.
+    ``only_webhook`` narrows the fan-out to one webhook (see ``store.ingest_many``). ``own``:
+    one of notifier's own events (an alert), which a producer's event may not be.
     """
     return accept_many(services, [envelope], send, only_webhook=only_webhook, own=own)[0]
 
@@ -768,7 +768,7 @@ def _deactivate(services: Services, target: store.Target, reason: str, tally: Ta
 
 
 def _breaker_opened(services: Services, webhook_id: str, tally: Tally) -> None:
-    """A webhook's circuit breaker opened (``Queues.release``): its queue is paused until a
+    """A webhook's circuit breaker opened (``Queues.release_many``): its queue is paused until a
     probe succeeds."""
     settings = services.settings
     log.warning("webhook %s: circuit breaker open after %d failed attempts in a row: nothing is "
@@ -778,7 +778,7 @@ def _breaker_opened(services: Services, webhook_id: str, tally: Tally) -> None:
 
 
 def _webhook_recovered(services: Services, lot: _Lot, tally: Tally, send: SendLease) -> None:
-    """A webhook's circuit breaker closed after being open (``Queues.release``): it answered
+    """A webhook's circuit breaker closed after being open (``Queues.release_many``): it answered
     again, and its queue goes on; ``webhookRecovered``, unless what it answered were alert
     events."""
     webhook_id = lot.lease.webhook_id

@@ -201,8 +201,8 @@ local function to_head(p, wh, ids, fallback)
 end
 """
 
-# The lease as its task starts, topped up with what queued meanwhile (see Queues.take), and how
-# many failures in a row it may have before it stops (0: no limit).
+# The lease as its task starts, topped up with what queued meanwhile (see Queues.take_many),
+# and how many failures in a row it may have before it stops (0: no limit).
 _TAKE_FN = _STARTED_FN + _BREAKER_FN + _TO_HEAD_FN + """
 local function take(p, wh, token, batch, now, trip)
   local member = wh .. '|' .. token
@@ -482,7 +482,7 @@ class Lease:
     # busy slot).
     linger_ms: int = 0
     # Failed attempts in a row after which the lease stops, its webhook's circuit breaker about
-    # to open (or the lease its probe: 1); 0: no limit. Known once taken (``Queues.take``).
+    # to open (or the lease its probe: 1); 0: no limit. Known once taken (``Queues.take_many``).
     failures_allowed: int = 0
 
 
@@ -636,7 +636,7 @@ class Queues:
         """Take free slots of a webhook that has work waiting, one lease per slot.
 
         Leases are full batches while the queue holds enough; of a short batch there is one at
-        a time per webhook, which gathers what queues until its task starts (see ``take``).
+        a time per webhook, which gathers what queues until its task starts (see ``take_many``).
         ``StateLost`` while Redis has lost its state and is not rebuilt.
         """
         return self._leases(webhook_id, self._script(
@@ -652,21 +652,18 @@ class Queues:
                       slow=bool(int(flat[i + 2])), linger_ms=int(flat[i + 3]))
                 for i in range(0, len(flat), 4)]
 
-    def take(self, lease: Lease, *, batch: int, now_ms: int) -> Lease | None:
-        """The lease as its task starts: topped up to ``batch`` with what queued meanwhile.
+    def take_many(self, leases: Sequence[Lease], *, batch: int,
+                  now_ms: int) -> list[Lease | None]:
+        """The leases (of one delivery task) as their task starts, in one call: each topped up
+        to ``batch`` with what queued meanwhile.
 
-        A task waits in the broker after its lease is dispatched; deliveries queued for the
-        webhook in that time ride along instead of each waiting for a task of its own. None
-        when the lease is no longer held (given back, expired, or Redis lost it). Its
+        A task waits in the broker after its leases are dispatched; deliveries queued for a
+        webhook in that time ride along instead of each waiting for a task of its own. None for
+        a lease no longer held (given back, expired, or Redis lost it). A lease's
         ``failures_allowed`` is what its webhook's circuit breaker leaves it; a lease whose
         webhook's breaker opened since it was dispatched carries nothing (what it carried goes
         back to the head of the queue), unless it is the breaker's probe.
         """
-        return self.take_many([lease], batch=batch, now_ms=now_ms)[0]
-
-    def take_many(self, leases: Sequence[Lease], *, batch: int,
-                  now_ms: int) -> list[Lease | None]:
-        """``take`` for several leases (of one delivery task), in one call."""
         flat: list[Any] = []
         for lease in leases:
             flat += [lease.webhook_id, lease.token]
@@ -683,22 +680,18 @@ class Queues:
             flat += [lease.webhook_id, lease.token]
         return [bool(held) for held in self._script("holding", now_ms, *flat)] if flat else []
 
-    def release(self, lease: Lease, report: Report = Report(), *, batch: int, lease_ms: int,
-                now_ms: int, claim: str | None = None) -> Released:
-        """Give a slot back, then dispatch the webhook's queue, in one call.
-
-        ``report`` is what the lease's batch did: its slowest response decides which lane the
-        webhook's next leases take, and its failures mark since when the webhook has been
-        failing. ``held`` is False when the lease had already expired (the sweeper took it back).
-        ``claim`` is the token of the task's claims (``store.Claim.token``): the slot rebuilt
-        from them (``hold_claims``), if any, is given back too.
-        """
-        return self.release_many([(lease, report)], batch=batch, lease_ms=lease_ms,
-                                 now_ms=now_ms, claim=claim)[0]
-
     def release_many(self, leases: Sequence[tuple[Lease, Report]], *, batch: int, lease_ms: int,
                      now_ms: int, claim: str | None = None) -> list[Released]:
-        """``release`` for several ``(lease, report)`` (of one delivery task), in one call."""
+        """Give slots back, then dispatch their webhooks' queues, in one call: the leases of one
+        delivery task, each with its ``Report``.
+
+        A report is what its lease's batch did: its slowest response decides which lane the
+        webhook's next leases take, and its failures mark since when the webhook has been
+        failing. A ``Released``'s ``held`` is False when its lease had already expired (the
+        sweeper took it back). ``claim`` is the token of the task's claims
+        (``store.Claim.token``): the slot rebuilt from them (``hold_claims``), if any, is given
+        back too.
+        """
         flat: list[Any] = []
         for lease, report in leases:
             flat += [lease.webhook_id, lease.token, report.took_ms, int(report.delivered),
@@ -721,7 +714,7 @@ class Queues:
 
         For a Redis that lost its state while requests were open: their tasks carry on, so their
         slots must be taken before any is granted. A task gives its claim's slot back with its
-        own (``release``'s ``claim``); one whose task died expires with the claim, and the
+        own (``release_many``'s ``claim``); one whose task died expires with the claim, and the
         sweeper re-queues what it carried, as for any lease.
         """
         flat: list[Any] = []
@@ -773,15 +766,6 @@ class Queues:
     def forget_rebuild(self) -> None:
         """Undo ``claim_rebuild`` when the rebuild that followed it failed, so it runs again."""
         self._run(lambda: self.client.delete(f"{self.prefix}:rebuilding"))
-
-    def waiting(self, webhook_id: str, *, replay: bool = False) -> int:
-        """How many deliveries wait in a webhook's queue (its replay queue if ``replay``)."""
-        key = f"{self.prefix}:{_kind(replay)}:{webhook_id}"
-        return int(self._run(lambda: self.client.zcard(key)))
-
-    def held(self, webhook_id: str, now_ms: int) -> int:
-        return int(self._run(lambda: self.client.zcount(
-            f"{self.prefix}:slots:{webhook_id}", now_ms, "+inf")))
 
     def add_counts(self, counts: Mapping[str, int]) -> None:
         """Add to the service's counters (``notifier.metrics``), in one call."""

@@ -104,7 +104,6 @@ __all__ = [
     "finish",
     "flag_sla_breaches",
     "hold_statement",
-    "ingest",
     "ingest_many",
     "mark_replayed",
     "new_delivery_id",
@@ -192,24 +191,15 @@ def check_event_size(envelope: Any, limit: int, field: str = "$") -> None:
                                    "(NOTIFIER_MAX_EVENT_BYTES)")
 
 
-def ingest(db: Database, catalog: EventCatalog, envelope: Mapping[str, Any], *,
-           now_ms: int, only_webhook: str | None = None,
-           max_event_bytes: int | None = None) -> IngestOutcome:
-    """Store an event (once per org and eventId), validate it, and fan it out to its webhooks.
-
-    ``only_webhook`` narrows the fan-out to that one webhook (a test send reaches only the
-    webhook under test); by default every subscribed webhook gets the event. The rest is
-    ``ingest_many``'s.
-    """
-    return ingest_many(db, catalog, [envelope], now_ms=now_ms, only_webhook=only_webhook,
-                       max_event_bytes=max_event_bytes)[0]
-
-
 def ingest_many(db: Database, catalog: EventCatalog, envelopes: Sequence[Any], *,
                 now_ms: int, only_webhook: str | None = None,
                 max_event_bytes: int | None = None,
                 reserved: Collection[str] = ()) -> list[IngestOutcome]:
-    """``ingest`` for several events in one transaction; the outcomes in the envelopes' order.
+    """Store events (each once per org and eventId), validate them, and fan each out to its
+    webhooks, in one transaction; the outcomes in the envelopes' order.
+
+    ``only_webhook`` narrows the fan-out to that one webhook (a test send reaches only the
+    webhook under test); by default every subscribed webhook gets each event.
 
     An event named in ``reserved`` (notifier's own events, when a producer publishes) is
     stored rejected, naming ``eventName``.
@@ -433,7 +423,7 @@ def _rejected_row(envelope: Any, message: str, path: str | None, now_ms: int) ->
 def reject(db: Database, envelope: Any, reason: str, *, now_ms: int) -> IngestOutcome:
     """Store an event whose ingest failed for good (the database refused it) as rejected, with
     ``reason``: it ends recorded instead of being retried for ever. Once per (org, eventId),
-    as ``ingest``; an envelope that cannot be keyed is kept under a fresh id."""
+    as ``ingest_many``; an envelope that cannot be keyed is kept under a fresh id."""
     row = _rejected_row(envelope, reason, None, now_ms)
     event_id = envelope.get("eventId") if isinstance(envelope, Mapping) else None
     keyed = (isinstance(event_id, str) and 0 < len(event_id) <= 100 and not _bad_text(event_id)

@@ -32,6 +32,7 @@ from click.testing import CliRunner, Result
 from config import Settings, load_settings
 from notifier.db import Database, upgrade
 from notifier.models import Base
+from notifier.queues import Queues
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NOTIFIER_TEST_DATABASE_URL",
@@ -62,6 +63,19 @@ def sign_in_form(page: str, org: int | str, key: str) -> dict[str, str]:
     token = re.search(r'name="csrf" value="([^"]+)"', page)
     assert token, "the sign-in form carries a CSRF token"
     return {"orgId": str(org), "apiKey": key, "csrf": token.group(1)}
+
+
+def waiting(queues: Queues, webhook_id: str, *, replay: bool = False) -> int:
+    """How many deliveries wait in a webhook's live queue in Redis (``P:q:<webhook>``), or in its
+    replay queue (``P:r:<webhook>``) if ``replay``: the keys ``notifier.queues`` documents. The
+    product reads the two only together (``Queues.state``, for the metrics)."""
+    return int(queues.client.zcard(f"{queues.prefix}:{'r' if replay else 'q'}:{webhook_id}"))
+
+
+def slots_held(queues: Queues, webhook_id: str, now_ms: int) -> int:
+    """A webhook's connection slots held in Redis at ``now_ms`` (``P:slots:<webhook>``): its live
+    leases, and the slots rebuilt from the database's live claims (``Queues.hold_claims``)."""
+    return int(queues.client.zcount(f"{queues.prefix}:slots:{webhook_id}", now_ms, "+inf"))
 
 
 def _unavailable(service: str, exc: Exception) -> None:

@@ -21,7 +21,7 @@ from notifier import store, tenants
 from notifier.api import create_app
 from notifier.models import Delivery, Event, EventStatus, Org
 from notifier.pipeline import build_services
-from notifier.queues import Lease
+from notifier.queues import Lease, Report
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ class Api:
     def settle(self) -> None:
         """Give back every lease sent so far, as finished delivery tasks would, and forget them."""
         for lease in self.leases:
-            self.services.queues.release(lease, batch=1, lease_ms=1, now_ms=0)
+            self.services.queues.release_many([(lease, Report())], batch=1, lease_ms=1, now_ms=0)
         self.leases.clear()
 
     def org(self, org_id: int) -> str:
@@ -215,8 +215,9 @@ def test_a_changed_connection_limit_holds_at_once(api: Api) -> None:
     assert api.call("PUT", path, json={"maxAllowedConnections": 1}).status_code == 200
     assert len(api.leases) == 3
     now = store_now()
-    following = [api.services.queues.release(lease, batch=1, lease_ms=60_000, now_ms=now).leases
-                 for lease in api.leases]
+    following = [released.leases for lease in api.leases
+                 for released in api.services.queues.release_many(
+                     [(lease, Report())], batch=1, lease_ms=60_000, now_ms=now)]
     assert [len(leases) for leases in following] == [0, 0, 1]
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from notifier.queues import Breaker, Lease, Queues, Report
+from tests.conftest import waiting
 
 pytestmark = pytest.mark.integration
 
@@ -30,14 +31,14 @@ def fill(queues: Queues, count: int, limit: int = 1, first: int = 0) -> None:
 
 
 def taken(queues: Queues, lease: Lease, now: int, batch: int = 2) -> Lease:
-    started = queues.take(lease, batch=batch, now_ms=now)
+    (started,) = queues.take_many([lease], batch=batch, now_ms=now)
     assert started is not None
     return started
 
 
 def fail(queues: Queues, lease: Lease, failures: int, now: int, batch: int = 2) -> list[Lease]:
-    released = queues.release(lease, Report(took_ms=5, failing_since_ms=1, failures=failures),
-                              batch=batch, lease_ms=LEASE, now_ms=now)
+    report = Report(took_ms=5, failing_since_ms=1, failures=failures)
+    (released,) = queues.release_many([(lease, report)], batch=batch, lease_ms=LEASE, now_ms=now)
     return released.leases
 
 
@@ -50,14 +51,14 @@ def test_a_run_of_failures_opens_the_breaker_and_pauses_the_queue(queues: Queues
     assert queues.breakers(["w"], now_ms=100)["w"] == Breaker("closed", 2)
     lease = taken(queues, lease, 101)
     assert lease.failures_allowed == 1  # the run has one failure left before it opens
-    released = queues.release(lease, Report(took_ms=5, failing_since_ms=1, failures=1), batch=2,
-                              lease_ms=LEASE, now_ms=200)
+    report = Report(took_ms=5, failing_since_ms=1, failures=1)
+    (released,) = queues.release_many([(lease, report)], batch=2, lease_ms=LEASE, now_ms=200)
 
     assert released.breaker_opened and released.leases == []
     assert queues.breakers(["w"], now_ms=200)["w"] == Breaker("open", 3, 200 + COOL, COOL)
     # Paused: nothing is claimable until the cool-down is over, whoever pumps it.
     assert queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=200 + COOL - 1) == []
-    assert queues.waiting("w") == 6  # waiting, not sent, not failed
+    assert waiting(queues, "w") == 6  # waiting, not sent, not failed
     assert "w" in queues.queued_webhooks()  # the sweeper keeps looking at it
 
 
@@ -74,10 +75,11 @@ def test_after_the_cool_down_one_probe_of_one_delivery_goes_and_nothing_beside_i
     # order between leases to keep).
     late = taken(queues, leases[1], 3)
     assert late.delivery_ids == () and late.failures_allowed == 1
-    queues.release(late, batch=2, lease_ms=LEASE, now_ms=3)
-    queues.release(taken(queues, leases[2], 3), batch=2, lease_ms=LEASE, now_ms=3)
+    queues.release_many([(late, Report())], batch=2, lease_ms=LEASE, now_ms=3)
+    queues.release_many([(taken(queues, leases[2], 3), Report())], batch=2, lease_ms=LEASE,
+                        now_ms=3)
     head = queues.client.zrange("t:q:w", 0, 3)
-    assert sorted(head) == [b"d2", b"d3", b"d4", b"d5"] and queues.waiting("w") == 8
+    assert sorted(head) == [b"d2", b"d3", b"d4", b"d5"] and waiting(queues, "w") == 8
 
     (probe,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2 + COOL)
     assert len(probe.delivery_ids) == 1 and probe.delivery_ids[0].encode() == head[0]
@@ -95,9 +97,9 @@ def test_a_failed_probe_opens_it_again_for_twice_as_long_up_to_the_most(queues: 
     now, cooldowns = COOL, []
     for _ in range(3):
         (probe,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=now)
-        released = queues.release(taken(queues, probe, now),
-                                  Report(took_ms=5, failing_since_ms=1, failures=1), batch=2,
-                                  lease_ms=LEASE, now_ms=now)
+        report = Report(took_ms=5, failing_since_ms=1, failures=1)
+        (released,) = queues.release_many([(taken(queues, probe, now), report)], batch=2,
+                                          lease_ms=LEASE, now_ms=now)
         assert released.leases == [] and not released.breaker_opened  # opened already
         breaker = queues.breakers(["w"], now_ms=now)["w"]
         cooldown = breaker.cooldown_ms
@@ -116,9 +118,9 @@ def test_a_successful_probe_closes_it_and_the_queue_drains(queues: Queues) -> No
     fail(queues, taken(queues, first, 0, batch=1), 3, 0, batch=1)
     (probe,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL)
 
-    released = queues.release(taken(queues, probe, COOL, batch=1),
-                              Report(took_ms=5, delivered=True), batch=1, lease_ms=LEASE,
-                              now_ms=COOL)
+    report = Report(took_ms=5, delivered=True)
+    (released,) = queues.release_many([(taken(queues, probe, COOL, batch=1), report)], batch=1,
+                                      lease_ms=LEASE, now_ms=COOL)
 
     assert released.breaker_closed and not released.breaker_opened
     assert queues.breakers(["w"], now_ms=COOL)["w"] == Breaker("closed", 0)
@@ -133,8 +135,9 @@ def test_a_probe_that_asked_nothing_lets_the_next_go_and_a_lost_probe_is_replace
     fail(queues, taken(queues, lease, 0, batch=1), 3, 0, batch=1)
     (probe,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL)
     # Its delivery was finished meanwhile: no request, no verdict; the next probe goes at once.
-    (following,) = queues.release(taken(queues, probe, COOL, batch=1), batch=1, lease_ms=LEASE,
-                                  now_ms=COOL).leases
+    (released,) = queues.release_many([(taken(queues, probe, COOL, batch=1), Report())], batch=1,
+                                      lease_ms=LEASE, now_ms=COOL)
+    (following,) = released.leases
     assert following.delivery_ids == ("d2",)
     # Its worker dies: once its lease expires, another probe may go.
     assert queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=COOL + LEASE - 1) == []
@@ -148,9 +151,9 @@ def test_a_success_in_a_batch_starts_the_run_again_and_no_breaker_when_off(
     fill(queues, 5)
     (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
     (lease,) = fail(queues, taken(queues, lease, 0, batch=1), 2, 0, batch=1)
-    queues.release(taken(queues, lease, 0, batch=1),
-                   Report(took_ms=5, delivered=True, failures=1), batch=1, lease_ms=LEASE,
-                   now_ms=0)
+    report = Report(took_ms=5, delivered=True, failures=1)
+    queues.release_many([(taken(queues, lease, 0, batch=1), report)], batch=1, lease_ms=LEASE,
+                        now_ms=0)
     assert queues.breakers(["w"], now_ms=0)["w"] == Breaker("closed", 1)
 
     off = Queues(redis_url, "off", breaker_failures=0)
@@ -158,9 +161,10 @@ def test_a_success_in_a_batch_starts_the_run_again_and_no_breaker_when_off(
     off.enqueue("w", 1, [(f"d{i}", i) for i in range(20)])
     (lease,) = off.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
     for now in range(10):
-        assert off.take(lease, batch=1, now_ms=now).failures_allowed == 0  # type: ignore[union-attr]
-        released = off.release(lease, Report(took_ms=5, failures=1), batch=1, lease_ms=LEASE,
-                               now_ms=now)
+        (started,) = off.take_many([lease], batch=1, now_ms=now)
+        assert started is not None and started.failures_allowed == 0
+        (released,) = off.release_many([(lease, Report(took_ms=5, failures=1))], batch=1,
+                                       lease_ms=LEASE, now_ms=now)
         assert not released.breaker_opened
         (lease,) = released.leases
     assert off.breakers(["w"], now_ms=10)["w"] == Breaker("closed", 10)

@@ -19,8 +19,8 @@ from notifier import pipeline, store
 from notifier.errors import StoreUnavailable
 from notifier.models import Delivery, DeliveryStatus
 from notifier.pipeline import DeliveryInterrupted, Services, build_services
-from notifier.queues import Lease
-from tests.conftest import Receiver, Reply, create_webhook, wait_until
+from notifier.queues import Lease, Report
+from tests.conftest import Receiver, Reply, create_webhook, slots_held, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +151,7 @@ def test_a_task_stopped_midway_carries_on_at_once_with_the_claims_it_held(
     assert statuses(services) == [DeliveryStatus.DELIVERED] * 3
     ids = [request.headers["webhook-id"] for request in receiver.wait_for(4)]
     assert len(ids) == 4 and len(set(ids)) == 3 and ids[1] == ids[2]
-    assert [services.queues.held(lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
+    assert [slots_held(services.queues, lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
 
 
 def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
@@ -248,12 +248,12 @@ def test_two_tasks_claiming_in_one_millisecond_keep_a_slot_each_through_a_flush(
     pipeline.recover(services, sent.append)
 
     # Two requests open on a cap of 2: the third delivery waits.
-    assert services.queues.held(webhook_id, now_ms=pipeline.now_ms()) == 2
+    assert slots_held(services.queues, webhook_id, now_ms=pipeline.now_ms()) == 2
     assert sent == []
 
     # The first task ends: its claim's slot (and none other) frees for the third delivery.
-    released = services.queues.release(
-        Lease(webhook_id, "1-1", (first,)), batch=1, lease_ms=60_000, now_ms=pipeline.now_ms(),
-        claim=claims[0].token)
+    (released,) = services.queues.release_many(
+        [(Lease(webhook_id, "1-1", (first,)), Report())], batch=1, lease_ms=60_000,
+        now_ms=pipeline.now_ms(), claim=claims[0].token)
     assert [lease.delivery_ids for lease in released.leases] == [(third,)]
-    assert services.queues.held(webhook_id, now_ms=pipeline.now_ms()) == 2
+    assert slots_held(services.queues, webhook_id, now_ms=pipeline.now_ms()) == 2

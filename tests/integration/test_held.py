@@ -22,7 +22,7 @@ from notifier.pipeline import Services, build_services
 from notifier.queues import Lease
 from notifier.schemas import load_catalog
 from notifier.vault import Vault
-from tests.conftest import Receiver, create_webhook
+from tests.conftest import Receiver, create_webhook, waiting
 
 pytestmark = pytest.mark.integration
 
@@ -62,8 +62,9 @@ def set_status(db: Database, delivery_id: str, status: DeliveryStatus, **values:
 
 def test_an_automatic_disable_holds_what_it_cuts_short(org: Database) -> None:
     failing = webhook(org, "failing")
-    ids = [store.ingest(org, load_catalog(), event(f"e-{n}"), now_ms=1000 + n).queued[0]
-           .delivery_id for n in range(5)]
+    ids = [outcome.queued[0].delivery_id for n in range(5)
+           for outcome in store.ingest_many(org, load_catalog(), [event(f"e-{n}")],
+                                            now_ms=1000 + n)]
     pending, retrying, in_flight, delivered, failed = ids
     set_status(org, retrying, DeliveryStatus.RETRYING, next_attempt_at_ms=9000)
     set_status(org, in_flight, DeliveryStatus.IN_FLIGHT, lease_until_ms=9000)
@@ -116,16 +117,16 @@ def test_held_deliveries_stay_out_of_redis_and_a_rebuild_queues_none(
 
     assert {q.webhook_id for o in outcomes for q in o.queued} == {active}
     assert set(statuses(services.db, inactive).values()) == {DeliveryStatus.HELD}
-    assert services.queues.waiting(inactive) == 0 and {lease.webhook_id for lease in leases} == {
+    assert waiting(services.queues, inactive) == 0 and {lease.webhook_id for lease in leases} == {
         active}
     # Redis lost: the rebuild reads what is open in the database; what is held is not.
     services.queues.client.flushdb()
     assert pipeline.rebuild(services) == 3
-    assert services.queues.waiting(inactive) == 0 and services.queues.waiting(active) == 3
+    assert waiting(services.queues, inactive) == 0 and waiting(services.queues, active) == 3
     # A duplicate ingest hands back what it may have left out of Redis: nothing held.
     again = pipeline.accept(services, event("e-0"), leases.append)
     assert not again.created and {q.webhook_id for q in again.queued} == {active}
-    assert services.queues.waiting(inactive) == 0
+    assert waiting(services.queues, inactive) == 0
 
 
 def test_deactivating_holds_what_waits_and_a_task_holds_what_it_finds_inactive(
@@ -158,7 +159,7 @@ def test_deactivating_holds_what_waits_and_a_task_holds_what_it_finds_inactive(
     assert [(outcome, error) for _, outcome, error in recorded] == [
         (DeliveryStatus.HELD, "WebhookInactive")]
     assert [recorded[0].delivery_id] == list(lease.delivery_ids)
-    assert services.queues.waiting(hook_id) == 0
+    assert waiting(services.queues, hook_id) == 0
 
 
 def test_activation_without_deliver_held_keeps_them_held_and_with_it_sends_them_in_order(
@@ -168,12 +169,12 @@ def test_activation_without_deliver_held_keeps_them_held_and_with_it_sends_them_
     context = pipeline.webhook_context(services, leases.append)
     # Ingested out of the order they are stored in: ingestion time orders them.
     for name, at in (("late", 3000), ("early", 1000), ("middle", 2000)):
-        store.ingest(services.db, services.catalog, event(name), now_ms=at)
+        store.ingest_many(services.db, services.catalog, [event(name)], now_ms=at)
     held = statuses(services.db, hook_id)
 
     plain = webhooks.activate(context, ORG, hook_id, now_ms=pipeline.now_ms())
     assert plain.delivered_held == 0 and leases == []
-    assert statuses(services.db, hook_id) == held and services.queues.waiting(hook_id) == 0
+    assert statuses(services.db, hook_id) == held and waiting(services.queues, hook_id) == 0
 
     webhooks.deactivate(context, ORG, hook_id, now_ms=pipeline.now_ms())
     saved = webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
@@ -191,7 +192,7 @@ def test_deliver_held_is_refused_for_a_webhook_left_inactive_naming_the_field(
         services: Services, receiver: Receiver) -> None:
     hook_id = receiving(services, receiver, "still-off", active=False)
     context = pipeline.webhook_context(services, lambda lease: None)
-    store.ingest(services.db, services.catalog, event("e-1"), now_ms=1000)
+    store.ingest_many(services.db, services.catalog, [event("e-1")], now_ms=1000)
     for body in ({"deliverHeld": True}, {"active": False, "deliverHeld": True},
                  {"active": True, "deliverHeld": "yes"}):
         with pytest.raises(InvalidInput) as refused:
@@ -234,7 +235,7 @@ def test_held_deliveries_whose_queueing_failed_are_queued_by_the_next_deliver_he
     pipeline.recover(services, leases.append)
     context = pipeline.webhook_context(services, leases.append)
     for n in range(2):
-        store.ingest(services.db, services.catalog, event(f"e-{n}"), now_ms=1000 + n)
+        store.ingest_many(services.db, services.catalog, [event(f"e-{n}")], now_ms=1000 + n)
 
     def away(*args: Any, **kwargs: Any) -> Any:
         raise QueueUnavailable("Redis did not answer")
@@ -246,7 +247,7 @@ def test_held_deliveries_whose_queueing_failed_are_queued_by_the_next_deliver_he
     monkeypatch.undo()
     # Pending, but in no queue: nothing would ever send them.
     assert set(statuses(services.db, hook_id).values()) == {DeliveryStatus.PENDING}
-    assert services.queues.waiting(hook_id) == 0 and leases == []
+    assert waiting(services.queues, hook_id) == 0 and leases == []
 
     again = webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
                                     now_ms=pipeline.now_ms())

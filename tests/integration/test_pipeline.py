@@ -743,7 +743,7 @@ def test_a_webhook_that_turns_slow_in_a_shared_task_hands_the_others_on(
 ) -> None:
     first, _ = hook(stack, database, receiver, "/one")
     second, _ = hook(stack, database, receiver, "/two")
-    # The task's own lease is the lower webhook id's (store.ingest orders the fan-out by id).
+    # The task's own lease is the lower webhook id's (store.ingest_many orders the fan-out by id).
     lagging, other = ("/one", "/two") if first < second else ("/two", "/one")
     stack.env["NOTIFIER_SLOW_WEBHOOK_MS"] = "300"
     stack.worker("w1", concurrency=2, queues="notifier,notifier.deliver")

@@ -8,6 +8,7 @@ import pytest
 
 from notifier.errors import StateLost
 from notifier.queues import Queues, Report
+from tests.conftest import slots_held, waiting
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def test_dispatch_takes_at_most_the_limit_in_full_batches(queues: Queues) -> Non
     assert [len(lease.delivery_ids) for lease in leases] == [4, 4, 4]
     assert [i for lease in leases for i in lease.delivery_ids] == [f"d{i}" for i in range(12)]
     assert queues.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1) == []
-    assert queues.held("w", 1) == 3 and queues.waiting("w") == 13
+    assert slots_held(queues, "w", 1) == 3 and waiting(queues, "w") == 13
 
 
 def test_one_short_batch_at_a_time_waits_to_start_and_gathers_what_queues_meanwhile(
@@ -46,7 +47,7 @@ def test_one_short_batch_at_a_time_waits_to_start_and_gathers_what_queues_meanwh
     lingering.enqueue("w", 3, [("late0", 10)])
     # A free slot remains, but the short batch not yet started will carry it.
     assert lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1) == []
-    started = lingering.take(first, batch=1, now_ms=1)
+    (started,) = lingering.take_many([first], batch=1, now_ms=1)
     assert started is not None and started.delivery_ids == ("d0",)
 
     (second,) = lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1)
@@ -54,7 +55,7 @@ def test_one_short_batch_at_a_time_waits_to_start_and_gathers_what_queues_meanwh
 
     lingering.enqueue("w", 3, [("late1", 11), ("late2", 12)])
     assert lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=2) == []
-    held = lingering.take(second, batch=4, now_ms=3)
+    (held,) = lingering.take_many([second], batch=4, now_ms=3)
     assert held is not None and held.delivery_ids == ("late0", "late1", "late2")
 
     lingering.enqueue("w", 3, [("late3", 13)])
@@ -67,11 +68,13 @@ def test_giving_a_slot_back_dispatches_what_waits_in_the_same_call(queues: Queue
     fill(queues, "w", 1, 3)
     (first,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
 
-    released = queues.release(first, Report(took_ms=5), batch=2, lease_ms=LEASE, now_ms=1)
+    (released,) = queues.release_many([(first, Report(took_ms=5))], batch=2, lease_ms=LEASE,
+                                      now_ms=1)
 
     assert released.held
     assert [lease.delivery_ids for lease in released.leases] == [("d2",)]
-    assert not queues.release(first, batch=2, lease_ms=LEASE, now_ms=2).held  # given back
+    (again,) = queues.release_many([(first, Report())], batch=2, lease_ms=LEASE, now_ms=2)
+    assert not again.held  # given back
 
 
 def test_a_webhook_that_answered_slowly_gets_slow_leases_until_it_is_fast_again(
@@ -79,7 +82,7 @@ def test_a_webhook_that_answered_slowly_gets_slow_leases_until_it_is_fast_again(
     def cycle(took_ms: int) -> bool:
         fill(queues, "w", 1, 1)
         (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
-        queues.release(lease, Report(took_ms=took_ms), batch=1, lease_ms=LEASE, now_ms=0)
+        queues.release_many([(lease, Report(took_ms=took_ms))], batch=1, lease_ms=LEASE, now_ms=0)
         return lease.slow
 
     assert cycle(took_ms=10)  # never measured: presumed slow
@@ -95,7 +98,8 @@ def test_a_released_slot_is_taken_by_the_next_batch(queues: Queues) -> None:
     (first,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
     assert queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0) == []
 
-    (second,) = queues.release(first, batch=1, lease_ms=LEASE, now_ms=0).leases
+    (released,) = queues.release_many([(first, Report())], batch=1, lease_ms=LEASE, now_ms=0)
+    (second,) = released.leases
 
     assert second.delivery_ids == ("d1",)
 
@@ -110,16 +114,17 @@ def test_a_lease_from_before_a_flush_never_gives_back_a_newer_leases_slot(
     (new,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=2_000)
 
     # The task that held the old lease ends only now, and gives it back.
-    assert queues.release(old, batch=1, lease_ms=LEASE, now_ms=2_001).held is False
+    (released,) = queues.release_many([(old, Report())], batch=1, lease_ms=LEASE, now_ms=2_001)
+    assert released.held is False
 
-    taken = queues.take(new, batch=1, now_ms=2_002)
+    (taken,) = queues.take_many([new], batch=1, now_ms=2_002)
     assert taken is not None and taken.delivery_ids == new.delivery_ids
 
 
 def test_batches_are_capped(queues: Queues) -> None:
     fill(queues, "w", 1, 25)
     (lease,) = queues.dispatch("w", batch=10, lease_ms=LEASE, now_ms=0)
-    assert len(lease.delivery_ids) == 10 and queues.waiting("w") == 15
+    assert len(lease.delivery_ids) == 10 and waiting(queues, "w") == 15
 
 
 def test_a_short_batch_whose_task_never_starts_holds_up_the_next_for_10_s_only(
@@ -132,8 +137,9 @@ def test_a_short_batch_whose_task_never_starts_holds_up_the_next_for_10_s_only(
     (next_,) = queues.dispatch("w", batch=4, lease_ms=60_000, now_ms=11_000)
     assert next_.delivery_ids == ("late",)
     # The lost one still holds its slot until its lease runs out.
-    assert queues.held("w", 11_000) == 2
-    assert queues.take(lost, batch=4, now_ms=11_001) is not None  # late, but still its own
+    assert slots_held(queues, "w", 11_000) == 2
+    (late,) = queues.take_many([lost], batch=4, now_ms=11_001)
+    assert late is not None  # late, but still its own
 
 
 def test_a_lease_is_topped_up_when_its_task_starts(queues: Queues) -> None:
@@ -141,21 +147,22 @@ def test_a_lease_is_topped_up_when_its_task_starts(queues: Queues) -> None:
     (lease,) = queues.dispatch("w", batch=3, lease_ms=LEASE, now_ms=0)
     queues.enqueue("w", 1, [(f"late{i}", 10 + i) for i in range(4)])
 
-    held = queues.take(lease, batch=3, now_ms=1)
+    (held,) = queues.take_many([lease], batch=3, now_ms=1)
 
     assert held is not None and held.delivery_ids == ("d0", "late0", "late1")
-    assert queues.waiting("w") == 2
+    assert waiting(queues, "w") == 2
     # What it carries now is what the sweeper re-queues if its holder dies.
-    assert queues.expire_leases(LEASE + 1) == ["w"] and queues.waiting("w") == 5
+    assert queues.expire_leases(LEASE + 1) == ["w"] and waiting(queues, "w") == 5
 
 
 def test_a_lease_no_longer_held_carries_nothing(queues: Queues) -> None:
     fill(queues, "w", 1, 2)
     (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
 
-    assert queues.take(lease, batch=5, now_ms=LEASE + 1) is None  # expired
-    (following,) = queues.release(lease, batch=1, lease_ms=LEASE, now_ms=0).leases
-    assert queues.take(lease, batch=5, now_ms=0) is None  # given back
+    assert queues.take_many([lease], batch=5, now_ms=LEASE + 1) == [None]  # expired
+    (released,) = queues.release_many([(lease, Report())], batch=1, lease_ms=LEASE, now_ms=0)
+    (following,) = released.leases
+    assert queues.take_many([lease], batch=5, now_ms=0) == [None]  # given back
     assert following.delivery_ids == ("d1",)  # the next lease has it, not the old one
 
 
@@ -166,7 +173,8 @@ def test_the_leases_of_a_task_are_taken_and_given_back_in_one_call_each(queues: 
               for lease in queues.dispatch(webhook, batch=2, lease_ms=LEASE, now_ms=0)]
     queues.enqueue("a", 1, [("a-late", 10)])
     queues.enqueue("c", 1, [("c-late0", 11), ("c-late1", 12), ("c-late2", 13)])
-    queues.release(leases[1], batch=2, lease_ms=LEASE, now_ms=0)  # b's slot: no longer ours
+    # b's slot: no longer ours.
+    queues.release_many([(leases[1], Report())], batch=2, lease_ms=LEASE, now_ms=0)
 
     a, b, c = queues.take_many(leases, batch=2, now_ms=1)
 
@@ -178,7 +186,7 @@ def test_the_leases_of_a_task_are_taken_and_given_back_in_one_call_each(queues: 
     assert released[0].leases == []
     (following,) = released[1].leases  # what still waited for c, and c answered slowly
     assert following.delivery_ids == ("c-late1", "c-late2") and following.slow
-    assert [queues.held(webhook, 2) for webhook in ("a", "b", "c")] == [0, 0, 1]
+    assert [slots_held(queues, webhook, 2) for webhook in ("a", "b", "c")] == [0, 0, 1]
 
 
 def test_a_webhook_is_marked_failing_from_its_first_failure_after_its_last_success(
@@ -186,7 +194,8 @@ def test_a_webhook_is_marked_failing_from_its_first_failure_after_its_last_succe
     def batch(report: Report) -> int:
         fill(queues, "w", 1, 1)
         (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
-        return queues.release(lease, report, batch=1, lease_ms=LEASE, now_ms=0).failing_since_ms
+        (released,) = queues.release_many([(lease, report)], batch=1, lease_ms=LEASE, now_ms=0)
+        return released.failing_since_ms
 
     assert batch(Report(took_ms=5)) == 0  # nothing failed
     assert batch(Report(took_ms=5, failing_since_ms=100)) == 100
@@ -219,7 +228,7 @@ def test_webhooks_are_independent(queues: Queues) -> None:
 def test_enqueue_is_idempotent(queues: Queues) -> None:
     fill(queues, "w", 1, 3)
     fill(queues, "w", 1, 3)
-    assert queues.waiting("w") == 3
+    assert waiting(queues, "w") == 3
     assert queues.queued_webhooks() == ["w"]
 
 
@@ -228,9 +237,9 @@ def test_parked_retries_come_back_when_due(queues: Queues) -> None:
     queues.park([("w", "d1", 500), ("w", "d2", 1500)])
 
     assert queues.promote_due(1000) == ["w"]
-    assert queues.waiting("w") == 1
+    assert waiting(queues, "w") == 1
     assert queues.promote_due(1000) == []
-    assert queues.promote_due(2000) == ["w"] and queues.waiting("w") == 2
+    assert queues.promote_due(2000) == ["w"] and waiting(queues, "w") == 2
 
 
 def test_rechecks_come_back_when_due_and_are_no_parked_retries(queues: Queues) -> None:
@@ -240,8 +249,8 @@ def test_rechecks_come_back_when_due_and_are_no_parked_retries(queues: Queues) -
     state = queues.state(now_ms=0)
     assert (state.parked, state.rechecks) == (1, 1)
 
-    assert queues.promote_due(1000) == ["w"] and queues.waiting("w") == 1
-    assert queues.promote_due(2000) == ["w"] and queues.waiting("w") == 2
+    assert queues.promote_due(1000) == ["w"] and waiting(queues, "w") == 1
+    assert queues.promote_due(2000) == ["w"] and waiting(queues, "w") == 2
     state = queues.state(now_ms=0)
     assert (state.parked, state.rechecks) == (0, 0)
 
@@ -252,7 +261,7 @@ def test_a_webhook_measured_fast_has_at_most_its_fast_lane_leases_in_the_fast_la
     lanes = Queues(queues.url, queues.prefix, fast_leases=fast_leases)
     fill(lanes, "w", 4, 1)
     (measured,) = lanes.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
-    lanes.release(measured, Report(took_ms=5), batch=1, lease_ms=LEASE, now_ms=0)
+    lanes.release_many([(measured, Report(took_ms=5))], batch=1, lease_ms=LEASE, now_ms=0)
     fill(lanes, "w", 4, 8)
 
     leases = lanes.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
@@ -263,10 +272,11 @@ def test_a_webhook_measured_fast_has_at_most_its_fast_lane_leases_in_the_fast_la
     # A fast lane lease given back is followed by one in the fast lane; a slow lane one by one
     # in the slow lane.
     fill(lanes, "w", 4, 10)
-    (after_fast,) = lanes.release(leases[0], Report(took_ms=5), batch=2, lease_ms=LEASE,
-                                  now_ms=2).leases
-    (after_slow,) = lanes.release(leases[-1], Report(took_ms=5), batch=2, lease_ms=LEASE,
-                                  now_ms=2).leases
+    (fast,) = lanes.release_many([(leases[0], Report(took_ms=5))], batch=2, lease_ms=LEASE,
+                                 now_ms=2)
+    (slow,) = lanes.release_many([(leases[-1], Report(took_ms=5))], batch=2, lease_ms=LEASE,
+                                 now_ms=2)
+    (after_fast,), (after_slow,) = fast.leases, slow.leases
     assert (after_fast.slow, after_slow.slow) == (False, True)
     lanes.client.close()
 
@@ -277,7 +287,7 @@ def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
     queues.client.flushdb()
     with pytest.raises(StateLost):
         queues.offer("w", 2, [("a", 1)], batch=1, lease_ms=LEASE, now_ms=0)
-    assert queues.waiting("w") == 1 and queues.queued_webhooks() == ["w"]  # kept for later
+    assert waiting(queues, "w") == 1 and queues.queued_webhooks() == ["w"]  # kept for later
 
     assert queues.claim_rebuild(60_000)
     assert not queues.claim_rebuild(60_000)  # one rebuilds at a time
@@ -288,7 +298,7 @@ def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
     assert not queues.claim_rebuild(60_000)
 
     queues.client.flushdb()
-    released = queues.release(lease, batch=1, lease_ms=LEASE, now_ms=1)
+    (released,) = queues.release_many([(lease, Report())], batch=1, lease_ms=LEASE, now_ms=1)
     assert released.state_lost and released.leases == []
     assert queues.claim_rebuild(60_000)
     queues.forget_rebuild()  # that rebuild failed: the next one runs
@@ -304,15 +314,16 @@ def test_live_claims_rebuilt_after_a_flush_count_against_the_cap(queues: Queues)
     fill(queues, "w", 2, 6)
 
     (one,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2_000)
-    assert queues.held("w", 2_000) == 2  # the claim's slot and the new lease: the cap of 2
+    assert slots_held(queues, "w", 2_000) == 2  # the claim's slot and the new lease: the cap of 2
 
     # The old task ends and gives back its unknown lease with its claim's token: its slot frees.
-    released = queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_001, claim="c1")
+    (released,) = queues.release_many([(old, Report())], batch=2, lease_ms=LEASE, now_ms=2_001,
+                                      claim="c1")
     assert released.held is False and len(released.leases) == 1
-    assert queues.held("w", 2_001) == 2
+    assert slots_held(queues, "w", 2_001) == 2
     # Given back twice (a task retried): nobody else's slot goes with it.
-    queues.release(old, batch=2, lease_ms=LEASE, now_ms=2_002, claim="c1")
-    assert queues.held("w", 2_002) == 2
+    queues.release_many([(old, Report())], batch=2, lease_ms=LEASE, now_ms=2_002, claim="c1")
+    assert slots_held(queues, "w", 2_002) == 2
     assert {one.token, released.leases[0].token} == set(
         t.decode() for t in queues.client.zrange("t:slots:w", 0, -1))
 
@@ -365,14 +376,15 @@ def test_replays_wait_behind_live_deliveries_however_old_they_are(queues: Queues
     (first,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
     assert first.delivery_ids == ("live0", "live1")
     queues.enqueue("w", 1, [("live2", 1002)])
-    released = queues.release(first, batch=2, lease_ms=LEASE, now_ms=1)
+    (released,) = queues.release_many([(first, Report())], batch=2, lease_ms=LEASE, now_ms=1)
     # A live one queued meanwhile goes before the replay, and tops up from it (its queue
     # empty): the slot carries both, and the cap holds.
     (second,) = released.leases
-    topped = queues.take(second, batch=2, now_ms=2)
+    (topped,) = queues.take_many([second], batch=2, now_ms=2)
     assert topped is not None and topped.delivery_ids == ("live2", "old0")
-    assert queues.waiting("w", replay=True) == 2 and queues.queued_webhooks() == ["w"]
-    (third,) = queues.release(topped, batch=2, lease_ms=LEASE, now_ms=3).leases
+    assert waiting(queues, "w", replay=True) == 2 and queues.queued_webhooks() == ["w"]
+    (released,) = queues.release_many([(topped, Report())], batch=2, lease_ms=LEASE, now_ms=3)
+    (third,) = released.leases
     assert third.delivery_ids == ("old1", "old2")
     assert queues.queued_webhooks() == [] and queues.state(4).waiting == {}
 
@@ -396,7 +408,7 @@ def test_counts_add_up_across_calls(queues: Queues) -> None:
 def test_a_lease_is_still_held_until_given_back_or_expired(queues: Queues) -> None:
     fill(queues, "w", 2, 2)
     first, second = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
-    queues.release(first, batch=1, lease_ms=LEASE, now_ms=1)
+    queues.release_many([(first, Report())], batch=1, lease_ms=LEASE, now_ms=1)
 
     assert queues.still_held([first, second], now_ms=2) == [False, True]
     assert queues.still_held([second], now_ms=LEASE + 1) == [False]
@@ -415,7 +427,7 @@ def test_the_state_counts_each_queue_and_the_slots_held_at_that_moment(queues: Q
 
 def test_offer_queues_every_item_and_set_limit_caps_the_next_dispatch(queues: Queues) -> None:
     queues.offer("w", 1, [("a", 1), ("b", 2), ("c", 3)], batch=1, lease_ms=LEASE, now_ms=0)
-    assert queues.waiting("w") == 2
+    assert waiting(queues, "w") == 2
 
     queues.set_limit("w", 3)
 

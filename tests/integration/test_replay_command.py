@@ -35,9 +35,9 @@ def dead(stack: Stack) -> Iterator[tuple[Database, str, list[str]]]:
         now_ms=0)
     ids = []
     for n in range(3):
-        (queued,) = store.ingest(database, load_catalog(), {
+        (queued,) = store.ingest_many(database, load_catalog(), [{
             "eventName": "pointsIssued", "eventId": f"e{n}", "orgId": ORG, "createdAt": 1,
-            "data": {"customerIdentifiers": {"customerId": n}}}, now_ms=NOW + n).queued
+            "data": {"customerIdentifiers": {"customerId": n}}}], now_ms=NOW + n)[0].queued
         ids.append(queued.delivery_id)
     with database.session() as session:
         session.execute(update(Delivery).values(status=DeliveryStatus.DEAD, last_status_code=500))

@@ -14,7 +14,7 @@ from notifier.models import Delivery, DeliveryStatus, Webhook
 from notifier.pipeline import Services
 from notifier.replays import Selection, selection
 from notifier.schemas import load_catalog
-from tests.conftest import create_webhook
+from tests.conftest import create_webhook, waiting
 from tests.integration import test_deliver
 from tests.integration.test_store import ORG, VAULT, event, webhook
 
@@ -47,8 +47,9 @@ def deliveries(db: Database) -> dict[str, Any]:
     ]
     ids: dict[str, str] = {}
     for event_id, name, org_id, ago, status, code in rows:
-        outcome = store.ingest(db, load_catalog(), {**event(event_id, name), "orgId": org_id},
-                               now_ms=NOW - ago * HOUR)
+        (outcome,) = store.ingest_many(db, load_catalog(),
+                                       [{**event(event_id, name), "orgId": org_id}],
+                                       now_ms=NOW - ago * HOUR)
         for queued in outcome.queued:
             label = {a: "a", b: "b", other: "x"}[queued.webhook_id] + "-" + event_id
             ids[label] = queued.delivery_id
@@ -199,14 +200,14 @@ def test_a_replay_rides_the_replay_queue_also_after_redis_is_rebuilt(
 
     assert (done.queued, done.skipped) == (4, 1)
     sent = [i for lease in leases for i in lease.delivery_ids]
-    assert len(sent) + services.queues.waiting(hook, replay=True) == 4
-    assert services.queues.waiting(hook) == 0
+    assert len(sent) + waiting(services.queues, hook, replay=True) == 4
+    assert waiting(services.queues, hook) == 0
     services.queues.client.flushall()
     pipeline.rebuild(services)
     # The replayed ones (none claimed yet) back behind live traffic; a-e5, pending from its
     # event, is live work.
-    assert services.queues.waiting(hook, replay=True) == 4
-    assert services.queues.waiting(hook) == 1
+    assert waiting(services.queues, hook, replay=True) == 4
+    assert waiting(services.queues, hook) == 1
 
 
 def test_a_batch_redis_refused_is_left_as_it_was(db: Database,
@@ -251,4 +252,4 @@ def test_a_large_replay_goes_in_bounded_batches(services: Services,
 
     # One transaction and one Redis call per batch (of one webhook), never one per delivery.
     assert done.queued == 250 and calls == [100, 100, 50] and looked_at == [100, 100, 50]
-    assert services.queues.waiting(hook, replay=True) == 250 - 20  # one lease took a batch
+    assert waiting(services.queues, hook, replay=True) == 250 - 20  # one lease took a batch

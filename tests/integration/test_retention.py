@@ -37,7 +37,7 @@ def org(db: Database) -> Database:
 def ingest(db: Database, event_id: str, at_ms: int, *statuses: str, **data: Any) -> None:
     """An event received at ``at_ms`` whose deliveries (by webhook id) are in ``statuses`` (the
     last repeated for the rest), each with an attempt that left its answer, and what enrichment added."""
-    store.ingest(db, load_catalog(), event(event_id, **data), now_ms=at_ms)
+    store.ingest_many(db, load_catalog(), [event(event_id, **data)], now_ms=at_ms)
     with db.session() as session:
         deliveries = session.scalars(
             select(Delivery).join(Event, Event.pk == Delivery.event_pk)
@@ -68,7 +68,7 @@ def purge(db: Database, batch: int = 100) -> store.Purged:
 def test_old_finished_events_are_emptied_keeping_their_rows(org: Database) -> None:
     ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.DEAD)
     ingest(org, "recent", RECENT, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED)
-    store.ingest(org, load_catalog(), event("old-rejected", customerIdentifiers="x"),
+    store.ingest_many(org, load_catalog(), [event("old-rejected", customerIdentifiers="x")],
                  now_ms=OLD)
 
     purged = purge(org)

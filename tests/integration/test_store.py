@@ -59,7 +59,7 @@ def test_ingest_queues_for_active_subscribers_and_holds_for_inactive_ones(org: D
     webhook(org, "other-event", events=("tierUpgraded",))
     inactive = webhook(org, "inactive", active=False)
 
-    outcome = store.ingest(org, load_catalog(), event(), now_ms=1000)
+    (outcome,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)
 
     assert outcome.created and outcome.status == EventStatus.DISPATCHED
     assert [q.webhook_id for q in outcome.queued] == [subscribed]
@@ -72,8 +72,8 @@ def test_ingest_queues_for_active_subscribers_and_holds_for_inactive_ones(org: D
 
 def test_ingest_is_idempotent_on_org_and_event_id(org: Database) -> None:
     webhook(org, "a")
-    first = store.ingest(org, load_catalog(), event(), now_ms=1000)
-    again = store.ingest(org, load_catalog(), event(), now_ms=2000)
+    (first,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)
+    (again,) = store.ingest_many(org, load_catalog(), [event()], now_ms=2000)
 
     assert not again.created
     # An unfinished delivery is handed back so a crashed ingest can re-queue it.
@@ -85,8 +85,8 @@ def test_ingest_is_idempotent_on_org_and_event_id(org: Database) -> None:
 
 def test_the_same_event_id_in_another_org_is_another_event(org: Database) -> None:
     store.create_org(org, ORG + 1, "other", now_ms=0)
-    store.ingest(org, load_catalog(), event(), now_ms=1)
-    other = store.ingest(org, load_catalog(), {**event(), "orgId": ORG + 1}, now_ms=1)
+    store.ingest_many(org, load_catalog(), [event()], now_ms=1)
+    (other,) = store.ingest_many(org, load_catalog(), [{**event(), "orgId": ORG + 1}], now_ms=1)
     assert other.created
 
 
@@ -95,9 +95,11 @@ def test_invalid_events_are_kept_as_rejected_with_the_field(org: Database) -> No
     bad = event()
     del bad["data"]["customerIdentifiers"]
 
-    outcome = store.ingest(org, load_catalog(), bad, now_ms=1)
-    unknown = store.ingest(org, load_catalog(), event("e-2", name="noSuchEvent"), now_ms=1)
-    no_org = store.ingest(org, load_catalog(), {**event("e-3"), "orgId": "x"}, now_ms=1)
+    (outcome,) = store.ingest_many(org, load_catalog(), [bad], now_ms=1)
+    (unknown,) = store.ingest_many(org, load_catalog(), [event("e-2", name="noSuchEvent")],
+                                   now_ms=1)
+    (no_org,) = store.ingest_many(org, load_catalog(), [{**event("e-3"), "orgId": "x"}],
+                                  now_ms=1)
 
     assert outcome.status == EventStatus.REJECTED and "customerIdentifiers" in (outcome.error or "")
     assert "noSuchEvent" in (unknown.error or "")
@@ -131,7 +133,7 @@ def test_an_event_over_the_size_limit_is_kept_rejected_by_its_names_without_its_
 
 def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> None:
     webhook(org, "a")
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (queued,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)[0].queued
 
     first = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=5000)
     second = store.claim(org, [queued.delivery_id], now_ms=3000, lease_ms=5000)
@@ -144,7 +146,7 @@ def test_a_claim_is_exclusive_and_parks_what_it_cannot_take(org: Database) -> No
 
 def test_a_claim_parks_a_retry_not_due_as_a_retry_not_as_a_recheck(org: Database) -> None:
     webhook(org, "a")
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (queued,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)[0].queued
     with org.session() as session:
         session.execute(update(Delivery).where(Delivery.id == queued.delivery_id).values(
             status=DeliveryStatus.RETRYING, next_attempt_at_ms=9000))
@@ -157,7 +159,7 @@ def test_a_claim_parks_a_retry_not_due_as_a_retry_not_as_a_recheck(org: Database
 
 def test_a_claim_takes_back_its_own_held_claims_and_no_one_elses(org: Database) -> None:
     webhook(org, "a")
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (queued,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)[0].queued
     (held,) = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=5000).claimed
 
     wrong_mark = store.claim(org, [queued.delivery_id], now_ms=3000, lease_ms=5000,
@@ -178,8 +180,10 @@ def test_a_claim_that_loses_a_race_parks_what_it_lost(org: Database) -> None:
     if not org.is_postgresql:
         pytest.skip("SQLite has one writer at a time: a claim cannot start during another")
     webhook(org, "a")
-    ids = [q.delivery_id for i in range(3)
-           for q in store.ingest(org, load_catalog(), event(f"e-{i}"), now_ms=1000).queued]
+    ids = [q.delivery_id
+           for outcome in store.ingest_many(org, load_catalog(),
+                                            [event(f"e-{i}") for i in range(3)], now_ms=1000)
+           for q in outcome.queued]
     with org.engine.connect() as rival:
         # Another worker's claim, not committed yet, holds the rows.
         rival.execute(update(Delivery).where(Delivery.id.in_(ids))
@@ -205,7 +209,7 @@ def _waiting_for_a_lock(db: Database) -> bool:
 
 def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=1)
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (queued,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)[0].queued
     (stale,) = store.claim(org, [queued.delivery_id], now_ms=2000, lease_ms=1000).claimed
     (fresh,) = store.claim(org, [queued.delivery_id], now_ms=3500, lease_ms=1000).claimed
 
@@ -226,8 +230,8 @@ def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -
 
 def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=10)
-    (first,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1000).queued
-    store.ingest(org, load_catalog(), event("e-2"), now_ms=50_000)
+    (first,) = store.ingest_many(org, load_catalog(), [event("e-1")], now_ms=1000)[0].queued
+    store.ingest_many(org, load_catalog(), [event("e-2")], now_ms=50_000)
 
     assert store.flag_sla_breaches(org, now_ms=11_000, batch=10) == []  # due, not past it
     assert store.flag_sla_breaches(org, now_ms=20_000, batch=10) == [
@@ -249,7 +253,7 @@ def _sla_of(db: Database, delivery_id: str) -> tuple[int | None, int | None]:
 def test_a_breach_stamped_by_beat_in_flight_is_not_stamped_again_by_the_late_finish(
         org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=1)
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (queued,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)[0].queued
     (claimed,) = store.claim(org, [queued.delivery_id], now_ms=1100, lease_ms=60_000).claimed
 
     assert store.flag_sla_breaches(org, now_ms=2500, batch=10) == [
@@ -262,7 +266,7 @@ def test_a_breach_stamped_by_beat_in_flight_is_not_stamped_again_by_the_late_fin
 
 def test_a_late_finish_stamps_the_breach_and_beat_then_finds_nothing(org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=1)
-    (queued,) = store.ingest(org, load_catalog(), event(), now_ms=1000).queued
+    (queued,) = store.ingest_many(org, load_catalog(), [event()], now_ms=1000)[0].queued
     (claimed,) = store.claim(org, [queued.delivery_id], now_ms=1100, lease_ms=60_000).claimed
 
     assert store.finish(org, [store.Finished(claimed, 1100, 3000, DeliveryStatus.DELIVERED,
@@ -274,8 +278,8 @@ def test_a_late_finish_stamps_the_breach_and_beat_then_finds_nothing(org: Databa
 def test_a_delivery_in_time_meets_its_sla_for_good_and_a_failure_breaches_at_its_due_time(
         org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=1)
-    (met,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1000).queued
-    (failed,) = store.ingest(org, load_catalog(), event("e-2"), now_ms=1000).queued
+    (met,) = store.ingest_many(org, load_catalog(), [event("e-1")], now_ms=1000)[0].queued
+    (failed,) = store.ingest_many(org, load_catalog(), [event("e-2")], now_ms=1000)[0].queued
     claimed = store.claim(org, [met.delivery_id, failed.delivery_id], now_ms=1100,
                           lease_ms=60_000).claimed
 
@@ -294,10 +298,10 @@ def test_a_delivery_in_time_meets_its_sla_for_good_and_a_failure_breaches_at_its
 def test_open_work_lists_unfinished_deliveries_with_their_due_times_and_claims(
         org: Database) -> None:
     webhook(org, "a")
-    (one,) = store.ingest(org, load_catalog(), event("e-1"), now_ms=1).queued
-    (two,) = store.ingest(org, load_catalog(), event("e-2"), now_ms=1).queued
-    (three,) = store.ingest(org, load_catalog(), event("e-3"), now_ms=1).queued
-    (four,) = store.ingest(org, load_catalog(), event("e-4"), now_ms=1).queued
+    (one,) = store.ingest_many(org, load_catalog(), [event("e-1")], now_ms=1)[0].queued
+    (two,) = store.ingest_many(org, load_catalog(), [event("e-2")], now_ms=1)[0].queued
+    (three,) = store.ingest_many(org, load_catalog(), [event("e-3")], now_ms=1)[0].queued
+    (four,) = store.ingest_many(org, load_catalog(), [event("e-4")], now_ms=1)[0].queued
     (claimed,) = store.claim(org, [four.delivery_id], now_ms=2, lease_ms=5_000).claimed
     with org.session() as session:
         session.execute(update(Delivery).where(Delivery.id == two.delivery_id).values(
@@ -373,7 +377,7 @@ def test_migration_0002_seals_secrets_written_in_the_clear(
 
 def test_ingest_many_stores_a_batch_with_each_outcome_in_order(org: Database) -> None:
     hooks = {webhook(org, "a"), webhook(org, "b")}
-    store.ingest(org, load_catalog(), event("e-old"), now_ms=1)
+    store.ingest_many(org, load_catalog(), [event("e-old")], now_ms=1)
     bad = event("e-bad")
     del bad["data"]["customerIdentifiers"]
     batch: list[Any] = [event("e-2"), "not an envelope", event("e-old"), bad, event("e-1"),
@@ -402,7 +406,8 @@ def test_ingest_many_stores_a_batch_with_each_outcome_in_order(org: Database) ->
 
 def test_a_created_at_beyond_bigint_is_rejected_by_the_schema_not_the_database(
         org: Database) -> None:
-    outcome = store.ingest(org, load_catalog(), {**event(), "createdAt": 2**63}, now_ms=9)
+    (outcome,) = store.ingest_many(org, load_catalog(), [{**event(), "createdAt": 2**63}],
+                                   now_ms=9)
 
     assert outcome.status == EventStatus.REJECTED
     assert (outcome.error or "").startswith("$.createdAt: ")
@@ -416,8 +421,8 @@ def test_unstorable_text_is_rejected_naming_where_and_kept_scrubbed(org: Databas
     surrogate = event("e-sur")
     surrogate["data"]["customerIdentifiers"]["\udc80"] = 1
 
-    first = store.ingest(org, load_catalog(), bad, now_ms=1)
-    second = store.ingest(org, load_catalog(), surrogate, now_ms=1)
+    (first,) = store.ingest_many(org, load_catalog(), [bad], now_ms=1)
+    (second,) = store.ingest_many(org, load_catalog(), [surrogate], now_ms=1)
 
     assert first.status == EventStatus.REJECTED and "$.data.note" in (first.error or "")
     assert "$.data.customerIdentifiers" in (second.error or "")
@@ -432,8 +437,8 @@ def test_non_finite_numbers_are_rejected_naming_where_and_kept_by_name(org: Data
     bad["data"]["extra"] = [1, {"deep": math.inf}]
     bad["data"]["totalPointsIssued"] = math.nan
 
-    outcome = store.ingest(org, load_catalog(), bad, now_ms=1)
-    again = store.ingest(org, load_catalog(), bad, now_ms=2)  # keyed by its eventId: once
+    (outcome,) = store.ingest_many(org, load_catalog(), [bad], now_ms=1)
+    (again,) = store.ingest_many(org, load_catalog(), [bad], now_ms=2)  # keyed by eventId: once
 
     assert outcome.status == EventStatus.REJECTED and outcome.created and not again.created
     assert outcome.error == "$.data.extra[1].deep: must be a finite number, not Infinity"
@@ -451,7 +456,7 @@ def test_a_parent_webhook_listening_to_children_hears_a_childs_events(org: Datab
         session.execute(update(Webhook).where(Webhook.id == listening)
                         .values(listen_to_child_events=True))
 
-    outcome = store.ingest(org, load_catalog(), {**event(), "orgId": ORG + 10}, now_ms=1)
+    (outcome,) = store.ingest_many(org, load_catalog(), [{**event(), "orgId": ORG + 10}], now_ms=1)
 
     assert [q.webhook_id for q in outcome.queued] == [listening]
 
@@ -465,7 +470,8 @@ def test_the_sla_check_stamps_a_backlog_in_batches_each_bounded(org: Database) -
         store.ingest_many(org, catalog, [event(f"e-{n}") for n in range(start, start + 1000)],
                           now_ms=1000 + start)
     # 10 000 deliveries due from 2000 to 6999, and one delivered in time (out of the check).
-    (met,) = store.ingest(org, catalog, event("met"), now_ms=1000, only_webhook=hook).queued
+    (stored,) = store.ingest_many(org, catalog, [event("met")], now_ms=1000, only_webhook=hook)
+    (met,) = stored.queued
     (claimed,) = store.claim(org, [met.delivery_id], now_ms=1000, lease_ms=9000).claimed
     store.finish(org, [store.Finished(claimed, 1000, 10, DeliveryStatus.DELIVERED, 200)])
 
@@ -500,8 +506,8 @@ def test_the_largest_sla_allowed_is_checked_without_overflow(org: Database) -> N
     hook = webhook(org, "a", sla_in_seconds=largest)
     now = 1_800_000_000_000  # 2027
     due = now + largest * 1000
-    first, second = (store.ingest(org, load_catalog(), event(f"e-{n}"), now_ms=now).queued[0]
-                     for n in (1, 2))
+    first, second = (outcome.queued[0] for outcome in store.ingest_many(
+        org, load_catalog(), [event("e-1"), event("e-2")], now_ms=now))
     (claimed,) = store.claim(org, [second.delivery_id], now_ms=now, lease_ms=1000).claimed
 
     assert _sla_of(org, first.delivery_id) == (due, None)
@@ -522,8 +528,8 @@ def test_migration_0012_gives_undecided_deliveries_their_due_time(database_url: 
     db = Database(database_url)
     store.create_org(db, ORG, "org", now_ms=0)
     webhook(db, "a", sla_in_seconds=10)
-    ids = [store.ingest(db, load_catalog(), event(f"e-{n}"), now_ms=1000).queued[0].delivery_id
-           for n in range(3)]
+    ids = [outcome.queued[0].delivery_id for outcome in store.ingest_many(
+        db, load_catalog(), [event(f"e-{n}") for n in range(3)], now_ms=1000)]
     waiting, delivered, stamped = ids
     with db.session() as session:
         session.execute(update(Delivery).where(Delivery.id == delivered)

@@ -54,6 +54,6 @@ def test_a_replay_failing_midway_sends_nothing_twice_and_makes_one_event_per_let
     # the dead letter fixes for an envelope that named none.
     assert len(published) == 3
     for envelope in [*published, published[0]]:
-        store.ingest(db, load_catalog(), envelope, now_ms=2)
+        store.ingest_many(db, load_catalog(), [envelope], now_ms=2)
     with db.session() as session:
         assert session.scalar(select(func.count()).select_from(Event)) == 2

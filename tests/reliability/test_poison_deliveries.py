@@ -15,7 +15,7 @@ from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus
 from notifier.queues import Queues
 from notifier.vault import Vault
-from tests.conftest import Receiver, Stack, wait_until
+from tests.conftest import Receiver, Stack, slots_held, wait_until
 from tests.reliability.conftest import assert_nothing_open, customer, deliveries, send
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -53,8 +53,9 @@ def test_a_webhook_whose_secret_no_key_opens_fails_its_deliveries_and_its_neighb
     assert len(receiver.at("/poisoned")) == 1
     queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
     # Given back, not left to expire (20 s): no slot of either webhook is held.
-    wait_until(lambda: queues.held(poisoned, time.time_ns() // 1_000_000) == 0
-               and queues.held(healthy, time.time_ns() // 1_000_000) == 0, 5, "slots given back")
+    wait_until(lambda: slots_held(queues, poisoned, time.time_ns() // 1_000_000) == 0
+               and slots_held(queues, healthy, time.time_ns() // 1_000_000) == 0, 5,
+               "slots given back")
     assert_nothing_open(database)
 
 
@@ -95,8 +96,8 @@ def test_a_lease_whose_outcome_the_database_refuses_fails_with_the_reason_and_it
             assert attempt.error_class == "StoreRefused"
             assert "outcome refused by the test trigger" in (attempt.error_message or "")
         queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
-        wait_until(lambda: queues.held(poisoned, time.time_ns() // 1_000_000) == 0
-                   and queues.held(healthy, time.time_ns() // 1_000_000) == 0, 5,
+        wait_until(lambda: slots_held(queues, poisoned, time.time_ns() // 1_000_000) == 0
+                   and slots_held(queues, healthy, time.time_ns() // 1_000_000) == 0, 5,
                    "slots given back")
         assert_nothing_open(database)
     finally:

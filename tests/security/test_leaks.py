@@ -96,8 +96,9 @@ def test_an_sla_of_40_days_is_checked_on_postgresql(stack: Stack, database: Data
                          event_names=["pointsIssued"], now_ms=0, sla_in_seconds=40 * DAY)
     event = {"eventName": "pointsIssued", "orgId": PARENT, "createdAt": 1,
              "data": {"customerIdentifiers": {"customerId": 1}}}
-    store.ingest(database, load_catalog(), {**event, "eventId": "old"}, now_ms=1000)
-    store.ingest(database, load_catalog(), {**event, "eventId": "new"}, now_ms=10 * DAY * 1000)
+    store.ingest_many(database, load_catalog(), [{**event, "eventId": "old"}], now_ms=1000)
+    store.ingest_many(database, load_catalog(), [{**event, "eventId": "new"}],
+                      now_ms=10 * DAY * 1000)
 
     assert store.flag_sla_breaches(database, now_ms=1000 + 40 * DAY * 1000, batch=10) == []
     assert len(store.flag_sla_breaches(database, now_ms=41 * DAY * 1000, batch=10)) == 1

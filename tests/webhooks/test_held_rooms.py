@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from notifier.models import Delivery, DeliveryStatus
 from notifier.pipeline import now_ms
-from tests.conftest import Cli
+from tests.conftest import Cli, slots_held
 from tests.webhooks.conftest import Rooms, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -51,7 +51,7 @@ def test_the_cli_activates_keeping_what_is_held_or_delivering_it(rooms: Rooms, c
     assert "2 held deliveries queued" in delivering.stderr
     assert statuses(rooms, hook_id) == [DeliveryStatus.PENDING] * 2
     # Queued through the pipeline: its one slot is taken by the lease sent to the broker.
-    assert rooms.services.queues.held(hook_id, now_ms()) == 1
+    assert slots_held(rooms.services.queues, hook_id, now_ms()) == 1
 
 
 def test_the_admin_page_activates_delivering_what_is_held_when_the_box_is_ticked(

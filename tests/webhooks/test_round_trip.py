@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from notifier.models import Webhook
 from notifier.pipeline import now_ms
-from tests.conftest import Cli, Receiver, Stack, sign_in_form
+from tests.conftest import Cli, Receiver, Stack, sign_in_form, slots_held, waiting
 from tests.webhooks.conftest import Rooms, form_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -171,8 +171,8 @@ def test_a_limit_saved_from_the_form_or_the_cli_holds_at_once(
 
     assert cli("webhooks", "update", hook_id, "--org", 1, "--max-connections", 5).exit_code == 0
     # The CLI's leases went to the broker (no worker here): five slots are held in Redis.
-    assert rooms.services.queues.held(hook_id, now_ms()) == 5
-    assert rooms.services.queues.waiting(hook_id) == 1
+    assert slots_held(rooms.services.queues, hook_id, now_ms()) == 5
+    assert waiting(rooms.services.queues, hook_id) == 1
 
 
 def test_the_form_shows_a_header_error_beside_the_headers_naming_the_header(
