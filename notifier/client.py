@@ -19,23 +19,18 @@ from celery import Celery
 
 from notifier.errors import InvalidEvent, TooLarge, path_text
 from notifier.queues import Lease
+from notifier.routes import (
+    DELIVER_QUEUE,
+    DELIVER_TASK,
+    INGEST_TASK,
+    QUEUE,
+    REPLAY_TASK,
+    SLOW_QUEUE,
+)
 
 __all__ = ["DELIVER_QUEUE", "DELIVER_TASK", "INGEST_TASK", "QUEUE", "REPLAY_TASK", "SLOW_QUEUE",
            "build_envelope", "ingest_reprs", "lease_args", "lease_sender", "producer", "publish",
            "publish_envelope", "publish_many", "replay_sender", "send_lease", "send_leases"]
-
-INGEST_TASK = "notifier.ingest"
-DELIVER_TASK = "notifier.deliver"
-# Carries a replay on past the batches queued by the request that made it (the API, the UI).
-REPLAY_TASK = "notifier.replay"
-# Events to ingest, and beat's tasks.
-QUEUE = "notifier"
-# Delivery tasks have a queue of their own, which a worker takes turns with QUEUE: a burst of
-# events waiting to be ingested never stands in front of the deliveries of earlier ones.
-DELIVER_QUEUE = "notifier.deliver"
-# Delivery tasks of webhooks that answer slowly, for a threads worker (the slow lane).
-SLOW_QUEUE = "notifier.slow"
-
 
 def build_envelope(event_name: str, data: Mapping[str, Any], *, org_id: int,
                    event_id: str | None = None, ref_id: str | None = None,

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from kombu.connection import Connection
 from kombu.pidbox import Mailbox
 
-from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
+from notifier.routes import DELIVER_QUEUE, QUEUES, SLOW_QUEUE
 
 __all__ = ["QUEUES", "Survey", "connect", "survey"]
-
-QUEUES = (QUEUE, DELIVER_QUEUE, SLOW_QUEUE)
 
 
 @dataclass(frozen=True)

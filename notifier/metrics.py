@@ -32,10 +32,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from notifier.clock import now_ms
-from notifier.consumers import QUEUES
 from notifier.db import Database
 from notifier.models import DeadLetter, Delivery, DeliveryStatus
 from notifier.queues import BREAKER_STATES, Queues
+from notifier.routes import QUEUES
 
 __all__ = ["DELIVERED_BUCKETS_MS", "RESPONSE_BUCKETS_MS", "ServiceCollector", "Tally"]
 
