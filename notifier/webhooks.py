@@ -30,7 +30,13 @@ from sqlalchemy.orm import Session
 from notifier import store
 from notifier.clock import iso_ms
 from notifier.db import Database
-from notifier.enrich import OPTION_COLUMNS, OPTION_FIELDS, SOURCES_OPTION, check_options
+from notifier.enrich import (
+    OPTION_COLUMNS,
+    OPTION_FIELDS,
+    POINTS_BALANCE_OPTION,
+    SOURCES_OPTION,
+    check_options,
+)
 from notifier.errors import DestinationNotAllowed, InvalidInput, NotFound, TransientError
 from notifier.models import (
     Delivery,
@@ -59,6 +65,7 @@ FLAGS = {
     "listenToChildEvents": "listen_to_child_events",
     "active": "active",
 }
+_SOURCES_COLUMN = OPTION_COLUMNS[SOURCES_OPTION]
 # Headers notifier sets itself; a webhook may not set them (Content-Type it may, to the same).
 _RESERVED = {"host", "content-length", "transfer-encoding", "connection"}
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -66,8 +73,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # past Latin-1 at send time, so each delivery would fail instead of the save.
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _KNOWN = {"name", "webHookUrl", "webHookHeaders", "eventNames", "maxAllowedConnections",
-          "slaInSeconds", "methodType", "webHookType", "customerIdentifiersToBeEnriched",
-          "deliverHeld", *FLAGS}
+          "slaInSeconds", "methodType", "webHookType", SOURCES_OPTION, "deliverHeld", *FLAGS}
 # Read-only or not (yet) supported InTouch fields a client may send back: ignored, with a warning.
 _IGNORED = {"webHookId", "consumerGroupId", "attribution", "noOfRetryAttempts", "neoEnrichment",
             "possibleValues", "orgId", "disabledReason", "circuitBreaker"}
@@ -136,7 +142,7 @@ def _view(hook: Webhook, event_names: Sequence[str], vault: Vault) -> dict[str, 
         "maxAllowedConnections": hook.max_allowed_connections,
         "slaInSeconds": hook.sla_in_seconds,
         "consumerGroupId": hook.consumer_group_id,
-        "customerIdentifiersToBeEnriched": list(hook.customer_identifiers_to_be_enriched),
+        SOURCES_OPTION: list(getattr(hook, _SOURCES_COLUMN)),
         "noOfRetryAttempts": 0,
         "disabledReason": hook.disabled_reason,
         "attribution": {"createdOn": iso_ms(hook.created_at_ms), "createdOnISO": iso_ms(hook.created_at_ms),
@@ -296,12 +302,11 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
             if not isinstance(body[name], bool):
                 raise InvalidInput(name, "must be true or false")
             values[column] = body[name]
-    if body.get("customerIdentifiersToBeEnriched") is not None:
-        sources = body["customerIdentifiersToBeEnriched"]
+    if body.get(SOURCES_OPTION) is not None:
+        sources = body[SOURCES_OPTION]
         if not isinstance(sources, list):
-            raise InvalidInput("customerIdentifiersToBeEnriched", "must be a list of sources")
-        values["customer_identifiers_to_be_enriched"] = sorted(
-            {source_name(s, "customerIdentifiersToBeEnriched") for s in sources})
+            raise InvalidInput(SOURCES_OPTION, "must be a list of sources")
+        values[_SOURCES_COLUMN] = sorted({source_name(s, SOURCES_OPTION) for s in sources})
     event_names = None
     if "eventNames" in body:
         names = body["eventNames"]
@@ -320,9 +325,8 @@ def _columns(ctx: Context, org: Org, body: Mapping[str, Any], *, creating: bool,
     # webhooks' other fields (the sender stops adding the balance at once anyway).
     flags: dict[str, Any] = {name: final(column) for name, column in FLAGS.items()
                              if name in OPTION_FIELDS}
-    flags["customerIdentifiersToBeEnriched"] = final("customer_identifiers_to_be_enriched")
-    flags["availablePointsBalanceEnrichmentEnabled"] = values.get(
-        "available_points_balance_enrichment")
+    flags[SOURCES_OPTION] = final(_SOURCES_COLUMN)
+    flags[POINTS_BALANCE_OPTION] = values.get(OPTION_COLUMNS[POINTS_BALANCE_OPTION])
     check_options(flags, points_balance_allowed=org.available_points_balance_enrichment_enabled)
     return values, event_names
 
@@ -365,7 +369,7 @@ def create(ctx: Context, org_id: int, body: Mapping[str, Any], *, now_ms: int) -
         _name_taken(session, org_id, values["name"])
         values.setdefault("sla_in_seconds", DEFAULT_SLA_SECONDS)
         values.setdefault("headers", {})
-        values.setdefault("customer_identifiers_to_be_enriched", [])
+        values.setdefault(_SOURCES_COLUMN, [])
         hook = Webhook(id=webhook_id, org_id=org_id, consumer_group_id=str(uuid.uuid4()),
                        created_at_ms=now_ms, updated_at_ms=now_ms, **values)
         session.add(hook)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from notifier.enrich import OPTION_FIELDS, SOURCES_OPTION
 from notifier.errors import InvalidInput, path_text
 
 __all__ = ["ENRICHMENT_FLAGS", "NotificationForm", "body_of", "errors_of", "form_from_view",
@@ -21,8 +22,9 @@ ENRICHMENT_FLAGS = {
     "tillDetailsEnrichmentEnabled": "Till",
     "storeDetailsEnrichmentEnabled": "Store",
 }
-_LATER_FLAGS = ("cardNumberEnrichmentEnabled", "awardedReferenceEnrichmentEnabled",
-                "availablePointsBalanceEnrichmentEnabled")
+# Every enrichment switch (all the options but the list of sources), the labelled ones first.
+_SWITCHES = (*ENRICHMENT_FLAGS, *(name for name in OPTION_FIELDS
+                                  if name != SOURCES_OPTION and name not in ENRICHMENT_FLAGS))
 
 
 @dataclass
@@ -56,11 +58,11 @@ class NotificationForm:
 
 def form_from_view(view: Mapping[str, Any]) -> NotificationForm:
     """The edit form of a stored webhook (header values stay masked)."""
-    sources = view.get("customerIdentifiersToBeEnriched") or []
+    sources = view.get(SOURCES_OPTION) or []
     return NotificationForm(
         name=view["name"], webHookUrl=view["webHookUrl"],
         headers=[HeaderRow(k, "", v) for k, v in sorted(view.get("webHookHeaders", {}).items())],
-        flags={name: bool(view.get(name)) for name in (*ENRICHMENT_FLAGS, *_LATER_FLAGS)},
+        flags={name: bool(view.get(name)) for name in _SWITCHES},
         source=sources[0] if sources else "",
         maxAllowedConnections=str(view["maxAllowedConnections"]),
         slaInSeconds=str(view["slaInSeconds"]),
@@ -89,7 +91,7 @@ def read_form(pairs: Sequence[tuple[str, str]],
             for k, v in zip(keys, values, strict=False) if k.strip() or v]
     return NotificationForm(
         name=single.get("name", ""), webHookUrl=single.get("webHookUrl", ""), headers=rows,
-        flags={name: name in single for name in (*ENRICHMENT_FLAGS, *_LATER_FLAGS)},
+        flags={name: name in single for name in _SWITCHES},
         source=single.get("customerSource", "") if single.get("customerIdentifier") else "",
         maxAllowedConnections=single.get("maxAllowedConnections", ""),
         slaInSeconds=single.get("slaInSeconds", ""),
@@ -111,7 +113,7 @@ def body_of(form: NotificationForm) -> dict[str, Any]:
         headers[row.key] = row.value or row.masked
     body: dict[str, Any] = {
         "name": form.name, "webHookUrl": form.webHookUrl, "webHookHeaders": headers,
-        "customerIdentifiersToBeEnriched": [form.source] if form.source else [],
+        SOURCES_OPTION: [form.source] if form.source else [],
         "eventNames": form.eventNames,
         **form.flags,
     }
