@@ -68,12 +68,15 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # ``socket.getaddrinfo``'s shape: (host, port, family, type) -> [(family, type, proto, name,
 # sockaddr)]. The seam through which tests answer DNS as they like (rebinding included).
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
-# Address blocks that ``is_global`` lets through but that no webhook may reach.
+# Address blocks that ``is_global`` (Python 3.11's) lets through but that no webhook may reach.
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REFUSED = (*(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "100.64.0.0/10", "198.18.0.0/15", "224.0.0.0/4", "255.255.255.255/32",
     "::ffff:0:0/96",    # IPv4-mapped
+    "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+    "64:ff9b:1::/48",   # local-use NAT64 (RFC 8215): a site's own translator, to its own IPv4
+    "fec0::/10",        # site-local (deprecated, still routed inside some sites)
     "ff00::/8")), _IPV4_COMPATIBLE)
 # A host name as DNS spells it (letters, digits, '-', '_' in labels), nothing a parser could
 # decode into something else (percent escapes, IDNA, dots of other scripts).
@@ -217,8 +220,9 @@ _read_sent_url = functools.lru_cache(maxsize=4096)(read_url)
 def check_address(address: Address, allowed: Sequence[Network]) -> None:
     """Refuse an address that is not public, unless a network of ``allowed`` holds it.
 
-    Beyond ``is_global``: 0/8, 100.64/10, 198.18/15, multicast and broadcast, IPv4-compatible
-    and IPv4-mapped IPv6, and NAT64 or 6to4 addresses wrapping an IPv4 address refused itself.
+    Beyond ``is_global``: 0/8, 100.64/10, 198.18/15, multicast and broadcast, IPv4-compatible,
+    IPv4-mapped and IPv4-translated IPv6, local-use NAT64, site-local, and NAT64 or 6to4
+    addresses wrapping an IPv4 address refused itself.
     """
     if any(address in network for network in allowed):
         return

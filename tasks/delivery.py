@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
 
 from config import load_settings
 from notifier import client, pipeline, store
@@ -59,6 +60,12 @@ class _Ingest(Gathering):
 
     def configure(self, consumer: Any) -> None:
         self.flush_every = load_settings().ingest_batch_size
+
+    def shown(self, request: Request) -> tuple[str, str]:
+        # The event's ids, whoever sent it: a producer other than notifier.publish (`celery
+        # call`, another language) leaves Celery's default argsrepr, the payload itself.
+        shown = client.ingest_reprs(request.args, request.kwargs)
+        return shown["argsrepr"], shown["kwargsrepr"]
 
 
 @dataclass(frozen=True)

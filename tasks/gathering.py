@@ -55,6 +55,11 @@ class Gathering(Batches):
     def configure(self, consumer: Any) -> None:
         """Set ``flush_every`` and ``flush_interval`` as the worker starts; by default nothing."""
 
+    def shown(self, request: Request) -> tuple[str, str]:
+        """What the task events (Flower) show of a message's arguments: by default the
+        ``argsrepr`` and ``kwargsrepr`` its producer put in its headers."""
+        return request.argsrepr, request.kwargsrepr
+
     def Strategy(self, task: Batches, app: Celery, consumer: Any) -> Callable[..., None]:
         self.configure(consumer)
         handle = super().Strategy(task, app, consumer)
@@ -83,8 +88,9 @@ class Gathering(Batches):
         started = time.monotonic()
         for request in held:
             # What the default strategy tells Flower (when events are on), one task each.
-            request.send_event("task-received", name=request.name, args=request.argsrepr,
-                               kwargs=request.kwargsrepr, root_id=request.root_id,
+            args, kwargs = self.shown(request)
+            request.send_event("task-received", name=request.name, args=args,
+                               kwargs=kwargs, root_id=request.root_id,
                                parent_id=request.parent_id,
                                retries=request.request_dict.get("retries", 0))
             request.send_event("task-started")

@@ -10,15 +10,18 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import requests
 
 from config import load_settings
+from notifier.client import INGEST_TASK as QUEUE_TASK
 from notifier.client import QUEUE, publish
-from tests.conftest import BROKER_DB, _with_db, wait_until
+from tests.conftest import BROKER_DB, Stack, _with_db, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -103,3 +106,37 @@ def test_a_published_events_message_shows_its_ids_never_its_payload(
     assert "jane@example.com" not in shown and "customerIdentifiers" not in shown
     assert json.loads(headers["argsrepr"]) == [
         {"orgId": 7, "eventName": "pointsIssued", "eventId": event_id}]
+
+
+def test_an_ingest_message_sent_by_task_name_is_shown_by_its_ids_never_its_payload(
+        stack: Stack) -> None:
+    """``celery -A tasks call notifier.ingest`` (a way in the README gives) and any producer
+    that is not ``notifier.publish`` send Celery's default ``argsrepr``: the payload itself.
+    What the worker tells Flower (its task events) must still be the ids alone."""
+    from celery import Celery
+
+    stack.worker()
+    app = Celery(broker=stack.settings.broker_url, set_as_current=False)
+    events: list[dict[str, Any]] = []
+    receiver = app.events.Receiver(app.connection(), handlers={"*": events.append})
+    listening = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
+    listening.start()
+    try:
+        # A worker's heartbeat seen: the event queue is bound, nothing sent from now is missed.
+        wait_until(lambda: any(e["type"] == "worker-heartbeat" for e in events), 30,
+                   "a worker heartbeat")
+        sent = app.send_task(QUEUE_TASK, queue=QUEUE, args=[{
+            "eventName": "pointsIssued", "orgId": 7, "eventId": "by-name-1",
+            "data": {"firstName": "Jane-Private",
+                     "customerIdentifiers": {"email": "jane@example.com"}}}])
+        (received,) = wait_until(
+            lambda: [e for e in events if e["type"] == "task-received"
+                     and e.get("uuid") == sent.id] or None, 30, "the ingest task's event")
+    finally:
+        receiver.should_stop = True
+        listening.join(timeout=10)
+        app.close()
+    shown = received["args"] + received["kwargs"]
+    assert "Jane-Private" not in shown and "customerIdentifiers" not in shown, shown
+    assert json.loads(received["args"]) == [
+        {"orgId": 7, "eventName": "pointsIssued", "eventId": "by-name-1"}]

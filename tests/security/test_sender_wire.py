@@ -232,6 +232,24 @@ def test_one_refused_address_refuses_the_name(serve: Callable[..., RawServer]) -
     assert server.requests == 0
 
 
+@pytest.mark.parametrize("how", ["literal", "name"])
+def test_the_peer_reached_is_checked_not_only_the_address_asked_for(
+        serve: Callable[..., RawServer], how: str) -> None:
+    # Linux takes a connection to 0.0.0.0 to the loopback: an operator who allows 0.0.0.0
+    # (a "this host" placeholder in many configs) has not allowed 127.0.0.1, and the peer
+    # the kernel reached is what the check must see.
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    to = sender(resolver=Resolver("0.0.0.0"),
+                allowed_networks=(ipaddress.ip_network("0.0.0.0/32"),))
+    host = "0.0.0.0" if how == "literal" else "hook.test"
+
+    result, _ = post(to, f"http://{host}:{server.port}/hook")
+
+    assert isinstance(result.error, DestinationNotAllowed), result
+    assert "127.0.0.1" in str(result.error)
+    assert server.requests == 0
+
+
 def _certificate(folder: Path, name: str) -> tuple[Path, ssl.SSLContext]:
     """A CA's bundle, and a server context with the CA's certificate for ``name``."""
     now = datetime.datetime.now(datetime.UTC)

@@ -29,9 +29,16 @@ HOSTILE_URLS = {
     "octal": "http://0177.0.0.1:{port}/internal",
     "short": "http://127.1:{port}/internal",
     "mapped": "http://[::ffff:127.0.0.1]:{port}/internal",
+    "zero": "http://0.0.0.0:{port}/internal",  # Linux connects 0.0.0.0 to the loopback
+    "unspecified-v6": "http://[::]:{port}/internal",
     "localhost": "http://localhost:{port}/internal",
     "private-name": "http://private.test:{port}/internal",
+    "zero-name": "http://zero.test:{port}/internal",
+    "mapped-name": "http://mapped.test:{port}/internal",
 }
+# Only forms that land on this host if let through: the other refused blocks (100.64/10,
+# 198.18/15, multicast, IPv4-compatible, NAT64, 6to4 ...) would route off the machine, so
+# they are checked without a socket, in tests/unit/test_destination.py.
 
 
 @pytest.fixture
@@ -56,6 +63,7 @@ def test_no_url_form_and_no_dns_answer_reaches_a_private_address(
         stack: Stack, receiver: Receiver, allowed: Receiver, database: object,
         hosts_file: object) -> None:
     asked = hosts_file({"private.test": ["127.0.0.1"],  # type: ignore[operator]
+                        "zero.test": ["0.0.0.0"], "mapped.test": ["::ffff:127.0.0.1"],
                         "rebind.test": ["127.0.0.2", "127.0.0.1"]})
     port = receiver.server.server_port
     hostile = {name: make_hook(stack, database, allowed.url("/"), name=name,  # type: ignore[arg-type]

@@ -64,6 +64,11 @@ NOT_PUBLIC = [
     "http://[::127.0.0.1]/hook",                   # IPv4-compatible
     "http://[64:ff9b::7f00:1]/hook",               # NAT64 of 127.0.0.1
     "http://[2002:7f00:1::]/hook",                 # 6to4 of 127.0.0.1
+    "http://[2002::1]/hook",                       # 6to4 of 0.0.0.0
+    "http://[64:ff9b:1::7f00:1]/hook",             # local-use NAT64
+    "http://[::ffff:0:7f00:1]/hook",               # IPv4-translated 127.0.0.1
+    "http://[fec0::1]/hook",                       # site-local
+    "http://[::]/hook",
     "http://[ff02::1]/hook",
     "http://localhost/hook",
     "http://api.localhost/hook",
@@ -133,6 +138,10 @@ def test_an_allowed_range_covers_the_ipv4_inside_a_mapped_address() -> None:
 @pytest.mark.parametrize("address", [
     "0.1.2.3", "100.64.0.1", "198.19.255.255", "224.0.0.1", "239.1.1.1", "255.255.255.255",
     "::ffff:8.8.8.8", "::8.8.8.8", "64:ff9b::a00:1", "2002:a00:1::", "ff0e::1", "fc00::1",
+    # What Python 3.11's is_global lets through: local-use NAT64 (RFC 8215, a site's own
+    # translator, to any IPv4 behind it), IPv4-translated (SIIT), deprecated site-local.
+    "64:ff9b:1::a00:1", "64:ff9b:1:ffff::808:808", "::ffff:0:a00:1", "::ffff:0:808:808",
+    "fec0::1", "feff::1",
 ])
 def test_refused_addresses(address: str) -> None:
     with pytest.raises(DestinationNotAllowed):
