@@ -1302,9 +1302,12 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             update(_deliveries).where(d.id.in_(held.scalar_subquery()))
             .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
         ).rowcount
-        # Kept aside by earlier runs, and finished since.
-        ready = list(connection.scalars(select(k.event_pk).where(~_has_unfinished(k.event_pk))
-                                        .order_by(k.event_pk).limit(batch)))
+        # Kept aside by earlier runs, finished since, and past the retention still: raised
+        # since they were passed (NOTIFIER_RETENTION_DAYS), it keeps them whole until then.
+        ready = list(connection.scalars(
+            select(k.event_pk).join_from(_retention_kept, _events, e.pk == k.event_pk)
+            .where(e.received_at_ms < older_than_ms, ~_has_unfinished(k.event_pk))
+            .order_by(k.event_pk).limit(batch)))
         if ready:
             connection.execute(delete(_retention_kept).where(k.event_pk.in_(ready)))
         walked = connection.execute(

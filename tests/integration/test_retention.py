@@ -133,6 +133,25 @@ def test_an_event_with_an_unfinished_delivery_is_kept_whole(org: Database,
     assert purge(org) == store.Purged(0, 0, 0, more=False)
 
 
+def test_an_event_kept_aside_is_emptied_only_past_the_retention_of_the_run(
+        org: Database) -> None:
+    ingest(org, "open", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.RETRYING)
+    assert purge(org) == store.Purged(0, 0, 0, more=False)  # passed, kept aside
+    with org.session() as session:
+        session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.RETRYING)
+                        .values(status=DeliveryStatus.DELIVERED))
+
+    # NOTIFIER_RETENTION_DAYS raised meanwhile: the event is within the retention again, and
+    # stays whole as one the walk has not reached yet would.
+    raised = store.purge(org, older_than_ms=OLD - DAY, batch=100, now_ms=NOW)
+
+    assert raised == store.Purged(0, 0, 0, more=False)
+    assert emptied(org) == {"open": False}
+    # Past it again: emptied, once.
+    assert purge(org) == store.Purged(events=1, deliveries=2, attempts=2, more=False)
+    assert purge(org) == store.Purged(0, 0, 0, more=False)
+
+
 def test_a_delivery_held_past_the_retention_ends_failed_and_its_event_is_emptied(
         org: Database) -> None:
     ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.HELD)
