@@ -1238,7 +1238,8 @@ HELD_TOO_LONG = ("held past the retention period (NOTIFIER_RETENTION_DAYS) while
 @dataclass(frozen=True)
 class Purged:
     """What one retention run emptied: events' payloads, deliveries' enrichment, attempts'
-    responses and error messages. ``more``: the run was full, older events may be left."""
+    responses and error messages. ``more``: the run was full, or found another under way:
+    older events may be left."""
 
     events: int
     deliveries: int
@@ -1260,7 +1261,8 @@ def _has_unfinished(event_pk: ColumnElement[int]) -> Exists:
 def _retention_cursor(connection: Connection) -> tuple[int, int] | None:
     """Where the last run's walk stopped, ``(received_at_ms, event pk)``, locked for this run;
     None while another run holds it (a second beat, ``notifier retention run``): that run goes
-    on, and this one leaves the events to it rather than waiting."""
+    on, and this one leaves the events to it rather than waiting (saying that more may be due:
+    it cannot know)."""
     c = _retention_cursor_table.c
     first = {"id": 1, "received_at_ms": -1, "event_pk": 0}
     if connection.dialect.name == "postgresql":
@@ -1293,8 +1295,8 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
     e, d, a, k = _events.c, _deliveries.c, _attempts.c, _retention_kept.c
     with db.transaction() as connection:
         cursor = _retention_cursor(connection)
-        if cursor is None:
-            return Purged(0, 0, 0, more=False)
+        if cursor is None:  # another run is under way: more may be due, for the next
+            return Purged(0, 0, 0, more=True)
         held = (select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
                 .where(d.status == DeliveryStatus.HELD, e.received_at_ms < older_than_ms)
                 .limit(batch))

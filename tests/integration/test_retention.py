@@ -152,6 +152,21 @@ def test_an_event_kept_aside_is_emptied_only_past_the_retention_of_the_run(
     assert purge(org) == store.Purged(0, 0, 0, more=False)
 
 
+def test_a_run_that_finds_another_under_way_says_more_may_be_due(org: Database) -> None:
+    if not org.is_postgresql:
+        pytest.skip("SQLite has one writer: a second run waits for the first, then goes on")
+    ingest(org, "old", OLD, DeliveryStatus.DELIVERED)
+    assert store.purge(org, older_than_ms=OLD, batch=1, now_ms=NOW).events == 0  # a first run
+
+    with org.transaction() as other:  # a run under way (beat's) holds the cursor
+        other.execute(select(RetentionCursor).with_for_update())
+        skipped = purge(org, batch=1)
+
+    # It emptied nothing, and does not say that nothing is due: `notifier retention run`
+    # would print so, and a caller looping while `more` would stop with events left.
+    assert (skipped.events, skipped.more) == (0, True)
+
+
 def test_a_delivery_held_past_the_retention_ends_failed_and_its_event_is_emptied(
         org: Database) -> None:
     ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.HELD)
