@@ -1306,12 +1306,16 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
         ).rowcount
         # Kept aside by earlier runs, finished since, and past the retention still: raised
         # since they were passed (NOTIFIER_RETENTION_DAYS), it keeps them whole until then.
-        ready = list(connection.scalars(
-            select(k.event_pk).join_from(_retention_kept, _events, e.pk == k.event_pk)
+        # One emptied already (by the retention of before migration 0018, still running while
+        # it was deployed) only leaves the set.
+        ready = connection.execute(
+            select(k.event_pk, e.purged_at_ms.is_(None).label("full"))
+            .join_from(_retention_kept, _events, e.pk == k.event_pk)
             .where(e.received_at_ms < older_than_ms, ~_has_unfinished(k.event_pk))
-            .order_by(k.event_pk).limit(batch)))
+            .order_by(k.event_pk).limit(batch)).all()
         if ready:
-            connection.execute(delete(_retention_kept).where(k.event_pk.in_(ready)))
+            connection.execute(delete(_retention_kept)
+                               .where(k.event_pk.in_([row.event_pk for row in ready])))
         walked = connection.execute(
             select(e.pk, e.received_at_ms, e.purged_at_ms.is_(None).label("full"),
                    _has_unfinished(e.pk).label("open"))
@@ -1323,7 +1327,8 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
                 received_at_ms=walked[-1].received_at_ms, event_pk=walked[-1].pk))
         if kept := [{"event_pk": row.pk} for row in walked if row.full and row.open]:
             connection.execute(insert(_retention_kept), kept)
-        pks = ready + [row.pk for row in walked if row.full and not row.open]
+        pks = ([row.event_pk for row in ready if row.full]
+               + [row.pk for row in walked if row.full and not row.open])
         more = batch in (len(walked), len(ready), held_ended)
         if not pks:
             return Purged(0, 0, 0, more=more, held_ended=held_ended)
