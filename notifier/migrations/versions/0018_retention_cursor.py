@@ -45,7 +45,11 @@ def upgrade() -> None:
         op.create_index("ix_events_received", "events", ["received_at_ms", "pk"],
                         postgresql_concurrently=True)
     _seed()
-    op.drop_index("ix_events_unpurged_received", table_name="events")
+    with op.get_context().autocommit_block():
+        # Concurrently too: a plain DROP INDEX waits for every reader of events, and each
+        # ingest waits behind it meanwhile.
+        op.drop_index("ix_events_unpurged_received", table_name="events",
+                      postgresql_concurrently=True)
     if op.get_bind().dialect.name == "postgresql":
         # For the pages written from now on (a rewrite of the table would lock it).
         op.execute("ALTER TABLE events SET (fillfactor = 80)")
