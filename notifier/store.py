@@ -1228,7 +1228,8 @@ HELD_TOO_LONG = ("held past the retention period (NOTIFIER_RETENTION_DAYS) while
 @dataclass(frozen=True)
 class Purged:
     """What one retention run emptied: events' payloads, deliveries' enrichment, attempts'
-    responses and error messages. ``more``: the run was full, older events may be left."""
+    responses and error messages. ``more``: the run was full, or found another under way:
+    older events may be left."""
 
     events: int
     deliveries: int
@@ -1250,7 +1251,8 @@ def _has_unfinished(event_pk: ColumnElement[int]) -> Exists:
 def _retention_cursor(connection: Connection) -> tuple[int, int] | None:
     """Where the last run's walk stopped, ``(received_at_ms, event pk)``, locked for this run;
     None while another run holds it (a second beat, ``notifier retention run``): that run goes
-    on, and this one leaves the events to it rather than waiting."""
+    on, and this one leaves the events to it rather than waiting (saying that more may be due:
+    it cannot know)."""
     c = _retention_cursor_table.c
     first = {"id": 1, "received_at_ms": -1, "event_pk": 0}
     if connection.dialect.name == "postgresql":
@@ -1283,8 +1285,8 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
     e, d, a, k = _events.c, _deliveries.c, _attempts.c, _retention_kept.c
     with db.transaction() as connection:
         cursor = _retention_cursor(connection)
-        if cursor is None:
-            return Purged(0, 0, 0, more=False)
+        if cursor is None:  # another run is under way: more may be due, for the next
+            return Purged(0, 0, 0, more=True)
         held = (select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
                 .where(d.status == DeliveryStatus.HELD, e.received_at_ms < older_than_ms)
                 .limit(batch))
@@ -1292,11 +1294,18 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             update(_deliveries).where(d.id.in_(held.scalar_subquery()))
             .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
         ).rowcount
-        # Kept aside by earlier runs, and finished since.
-        ready = list(connection.scalars(select(k.event_pk).where(~_has_unfinished(k.event_pk))
-                                        .order_by(k.event_pk).limit(batch)))
+        # Kept aside by earlier runs, finished since, and past the retention still: raised
+        # since they were passed (NOTIFIER_RETENTION_DAYS), it keeps them whole until then.
+        # One emptied already (by the retention of before migration 0018, still running while
+        # it was deployed) only leaves the set.
+        ready = connection.execute(
+            select(k.event_pk, e.purged_at_ms.is_(None).label("full"))
+            .join_from(_retention_kept, _events, e.pk == k.event_pk)
+            .where(e.received_at_ms < older_than_ms, ~_has_unfinished(k.event_pk))
+            .order_by(k.event_pk).limit(batch)).all()
         if ready:
-            connection.execute(delete(_retention_kept).where(k.event_pk.in_(ready)))
+            connection.execute(delete(_retention_kept)
+                               .where(k.event_pk.in_([row.event_pk for row in ready])))
         walked = connection.execute(
             select(e.pk, e.received_at_ms, e.purged_at_ms.is_(None).label("full"),
                    _has_unfinished(e.pk).label("open"))
@@ -1308,7 +1317,8 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
                 received_at_ms=walked[-1].received_at_ms, event_pk=walked[-1].pk))
         if kept := [{"event_pk": row.pk} for row in walked if row.full and row.open]:
             connection.execute(insert(_retention_kept), kept)
-        pks = ready + [row.pk for row in walked if row.full and not row.open]
+        pks = ([row.event_pk for row in ready if row.full]
+               + [row.pk for row in walked if row.full and not row.open])
         more = batch in (len(walked), len(ready), held_ended)
         if not pks:
             return Purged(0, 0, 0, more=more, held_ended=held_ended)

@@ -133,6 +133,40 @@ def test_an_event_with_an_unfinished_delivery_is_kept_whole(org: Database,
     assert purge(org) == store.Purged(0, 0, 0, more=False)
 
 
+def test_an_event_kept_aside_is_emptied_only_past_the_retention_of_the_run(
+        org: Database) -> None:
+    ingest(org, "open", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.RETRYING)
+    assert purge(org) == store.Purged(0, 0, 0, more=False)  # passed, kept aside
+    with org.session() as session:
+        session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.RETRYING)
+                        .values(status=DeliveryStatus.DELIVERED))
+
+    # NOTIFIER_RETENTION_DAYS raised meanwhile: the event is within the retention again, and
+    # stays whole as one the walk has not reached yet would.
+    raised = store.purge(org, older_than_ms=OLD - DAY, batch=100, now_ms=NOW)
+
+    assert raised == store.Purged(0, 0, 0, more=False)
+    assert emptied(org) == {"open": False}
+    # Past it again: emptied, once.
+    assert purge(org) == store.Purged(events=1, deliveries=2, attempts=2, more=False)
+    assert purge(org) == store.Purged(0, 0, 0, more=False)
+
+
+def test_a_run_that_finds_another_under_way_says_more_may_be_due(org: Database) -> None:
+    if not org.is_postgresql:
+        pytest.skip("SQLite has one writer: a second run waits for the first, then goes on")
+    ingest(org, "old", OLD, DeliveryStatus.DELIVERED)
+    assert store.purge(org, older_than_ms=OLD, batch=1, now_ms=NOW).events == 0  # a first run
+
+    with org.transaction() as other:  # a run under way (beat's) holds the cursor
+        other.execute(select(RetentionCursor).with_for_update())
+        skipped = purge(org, batch=1)
+
+    # It emptied nothing, and does not say that nothing is due: `notifier retention run`
+    # would print so, and a caller looping while `more` would stop with events left.
+    assert (skipped.events, skipped.more) == (0, True)
+
+
 def test_a_delivery_held_past_the_retention_ends_failed_and_its_event_is_emptied(
         org: Database) -> None:
     ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.HELD)
@@ -247,39 +281,119 @@ def test_the_walk_goes_by_age_through_its_index(org: Database) -> None:
     assert "Sort" not in "\n".join(plan) and "TEMP B-TREE" not in "\n".join(plan), plan
 
 
-def test_migration_0018_starts_the_walk_at_the_oldest_event_not_emptied(
-        database_url: str) -> None:
+def migrated_again(database_url: str) -> Database:
+    """The database brought back before migration 0018 and through it again (its data as the
+    retention of before left it), opened."""
     from alembic import command
     from alembic.config import Config
 
     from notifier.db import MIGRATIONS, upgrade
 
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.downgrade(config, "0015")
+    upgrade(database_url)
+    return Database(database_url)
+
+
+def emptied_before(db: Database, *event_ids: str) -> None:
+    with db.session() as session:  # by the purge of before
+        session.execute(update(Event).where(Event.event_id.in_(event_ids))
+                        .values(payload=store.PURGED_PAYLOAD, purged_at_ms=1))
+    db.dispose()
+
+
+def test_migration_0018_starts_the_walk_at_the_oldest_event_not_emptied(
+        database_url: str) -> None:
     db = Database(database_url)
     store.create_org(db, ORG, "org", now_ms=0)
     webhook(db, "a")
     for n, at in enumerate((OLD - 3 * DAY, OLD - 2 * DAY, OLD - DAY, OLD)):
         ingest(db, f"e{n}", at, DeliveryStatus.DELIVERED)
-    with db.session() as session:  # emptied by the purge of before: the two oldest
-        session.execute(update(Event).where(Event.received_at_ms < OLD - DAY)
-                        .values(payload=store.PURGED_PAYLOAD, purged_at_ms=1))
-    db.dispose()
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.downgrade(config, "-1")
+    emptied_before(db, "e0", "e1")
 
-    upgrade(database_url)
-
-    db = Database(database_url)
+    db = migrated_again(database_url)
     try:
         with db.transaction() as connection:
             cursor = connection.execute(select(RetentionCursor.received_at_ms,
                                                RetentionCursor.event_pk)).one()
-        assert tuple(cursor) == (OLD - DAY - 1, 0)
+        assert tuple(cursor) == (OLD - DAY, 2)  # just before e2 (pk 3)
         # The first run walks the two not emptied, and none of those emptied before.
         assert purge(db, batch=2) == store.Purged(events=2, deliveries=2, attempts=2, more=True)
         assert all(emptied(db).values())
         assert purge(db, batch=2) == store.Purged(0, 0, 0, more=False)
+    finally:
+        db.dispose()
+
+
+def test_migration_0018_keeps_aside_the_events_left_whole_for_an_unfinished_delivery(
+        database_url: str) -> None:
+    db = Database(database_url)
+    store.create_org(db, ORG, "org", now_ms=0)
+    webhook(db, "a")
+    ingest(db, "open", OLD - 3 * DAY, DeliveryStatus.RETRYING)
+    for n, at in enumerate((OLD - 2 * DAY, OLD - DAY)):
+        ingest(db, f"gone{n}", at, DeliveryStatus.DELIVERED)
+    ingest(db, "due", OLD, DeliveryStatus.DELIVERED)
+    emptied_before(db, "gone0", "gone1")
+
+    db = migrated_again(database_url)
+    try:
+        # The first run empties the event due, without walking again every event emptied since
+        # the one left whole (in production: a day or more of history, at a batch a run).
+        assert purge(db, batch=1) == store.Purged(events=1, deliveries=1, attempts=1, more=True)
+        assert emptied(db) == {"open": False, "gone0": True, "gone1": True, "due": True}
+        with db.session() as session:
+            session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.RETRYING)
+                            .values(status=DeliveryStatus.FAILED))
+        assert purge(db, batch=1) == store.Purged(events=1, deliveries=1, attempts=1, more=True)
+        assert all(emptied(db).values())
+        assert purge(db, batch=1) == store.Purged(0, 0, 0, more=False)
+    finally:
+        db.dispose()
+
+
+def test_migration_0018_with_every_event_emptied_or_unfinished(database_url: str) -> None:
+    db = Database(database_url)
+    store.create_org(db, ORG, "org", now_ms=0)
+    webhook(db, "a")
+    ingest(db, "gone", OLD, DeliveryStatus.DELIVERED)
+    ingest(db, "open", OLD, DeliveryStatus.PENDING)  # the newest, received in the same ms
+    emptied_before(db, "gone")
+
+    db = migrated_again(database_url)
+    try:
+        assert purge(db) == store.Purged(0, 0, 0, more=False)  # passed nor taken twice
+        with db.session() as session:
+            session.execute(update(Delivery).values(status=DeliveryStatus.DELIVERED))
+        assert purge(db) == store.Purged(events=1, deliveries=1, attempts=1, more=False)
+        assert purge(db) == store.Purged(0, 0, 0, more=False)
+        ingest(db, "next", OLD + 1, DeliveryStatus.DELIVERED)  # the walk goes on past them
+        assert purge(db) == store.Purged(events=1, deliveries=1, attempts=1, more=False)
+        assert all(emptied(db).values())
+    finally:
+        db.dispose()
+
+
+def test_an_event_kept_aside_and_emptied_by_the_retention_of_before_is_not_emptied_again(
+        database_url: str) -> None:
+    db = Database(database_url)
+    store.create_org(db, ORG, "org", now_ms=0)
+    webhook(db, "a")
+    ingest(db, "open", OLD, DeliveryStatus.PENDING)
+    db.dispose()
+    db = migrated_again(database_url)
+    try:
+        # While it is deployed, the retention of before (a beat not restarted yet) empties the
+        # event, its delivery ended.
+        with db.session() as session:
+            session.execute(update(Delivery).values(status=DeliveryStatus.DELIVERED))
+        emptied_before(db, "open")
+
+        assert purge(db) == store.Purged(0, 0, 0, more=False)
+        with db.session() as session:
+            assert session.scalar(select(Event.purged_at_ms)) == 1
     finally:
         db.dispose()
 
