@@ -326,12 +326,13 @@ class Settings:
         "keeping every row with its ids, statuses and timestamps. An event with a delivery "
         "not finished yet is kept whole. 0: keep everything for ever.")
     retention_batch_size: int = _setting(
-        _positive_int, "1000",
+        _positive_int, "200",
         "Most events one retention run empties (with their deliveries and attempts), in one "
         "short transaction; the rest go in the next runs, so a backlog never makes a long "
-        "one beside live traffic.")
+        "one beside live traffic (small and often: 200 every 2 s moved live p99 by half as "
+        "much as 1 000 every 10 s, python -m bench --retention).")
     retention_interval: float = _setting(
-        _positive_float, "10",
+        _positive_float, "2",
         "Seconds between beat's retention runs.")
     visibility_timeout: float = _setting(
         _positive_float, "900",

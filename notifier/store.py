@@ -20,7 +20,6 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Connection,
-    Exists,
     Integer,
     Select,
     String,
@@ -1240,12 +1239,18 @@ class Purged:
     held_ended: int = 0
 
 
-def _has_unfinished(event_pk: ColumnElement[int]) -> Exists:
+def _has_unfinished(event_pk: ColumnElement[int]) -> ColumnElement[bool]:
     """Whether the event ``event_pk`` has a delivery not finished yet (any status but delivered,
-    failed and dead, a new one included)."""
+    failed and dead, a new one included).
+
+    A scalar subquery, looked up for each row through the deliveries' event_pk index: written
+    as EXISTS, PostgreSQL planned the walk's thousand rows as one hash of every unfinished
+    delivery, a sequential scan of the whole table in each run (30 ms at 300 000 deliveries, on
+    two parallel workers, growing with the table), which alone moved live p99 by a fifth."""
     d = _deliveries.c
     return (select(literal(1)).select_from(_deliveries)
-            .where(d.event_pk == event_pk, d.status.not_in(FINAL_STATUSES)).exists())
+            .where(d.event_pk == event_pk, d.status.not_in(FINAL_STATUSES))
+            .limit(1).scalar_subquery().is_not(None))
 
 
 def _retention_cursor(connection: Connection) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, insert, inspect, select, text, tuple_, update
 
 from notifier import store
@@ -261,6 +262,50 @@ def test_emptied_events_are_rewritten_in_their_pages(org: Database) -> None:
     emptied_rows, in_place = after[0] - before[0], after[1] - before[1]
     assert emptied_rows == 200
     assert in_place >= 0.9 * emptied_rows, (emptied_rows, in_place)
+
+
+def test_a_run_reads_the_deliveries_of_the_events_it_walks_not_the_whole_table(
+        org: Database) -> None:
+    """Whether a walked event has a delivery not finished is asked of that event's deliveries
+    (their event_pk index), not of the whole table: written as a subquery per walked row,
+    PostgreSQL hashed every unfinished delivery instead, a sequential scan of deliveries in
+    each run (30 ms at 300 000 rows, on two parallel workers, growing with the table; beside
+    live traffic it moved p99 by 21% at beat's pace)."""
+    if not org.is_postgresql:
+        pytest.skip("the plans are PostgreSQL's")
+    with org.transaction() as connection:
+        hook = connection.scalar(select(Delivery.webhook_id).limit(1)) or connection.scalar(
+            text("SELECT id FROM webhooks ORDER BY id LIMIT 1"))
+        connection.execute(text(
+            "INSERT INTO events (event_id, event_name, org_id, created_at_ms, received_at_ms, "
+            "payload, status) SELECT 'old-' || g, 'pointsIssued', :org, :old, :old + g, "
+            "'{}'::jsonb, 'dispatched' FROM generate_series(1, 50000) AS g"),
+            {"org": ORG, "old": OLD - DAY})
+        connection.execute(text(
+            "INSERT INTO deliveries (id, event_pk, webhook_id, status, attempt_count, "
+            "ingested_at_ms, ended_at_ms) SELECT 'msg_old_' || pk, pk, :hook, 'delivered', 1, "
+            "received_at_ms, received_at_ms + 5 FROM events"), {"hook": hook})
+    with org.autocommit() as connection:
+        connection.execute(text("ANALYZE events, deliveries"))
+
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    sa_event.listen(org.engine, "before_cursor_execute", seen)
+    try:
+        assert purge(org, batch=100).events == 100
+    finally:
+        sa_event.remove(org.engine, "before_cursor_execute", seen)
+    with org.transaction() as connection:
+        plans = {statement: "\n".join(connection.exec_driver_sql(
+            f"EXPLAIN {statement}", parameters).scalars())
+            for statement, parameters in statements
+            if statement.lstrip().startswith(("SELECT", "UPDATE", "DELETE"))}
+    assert plans
+    for statement, plan in plans.items():
+        assert "Seq Scan on deliveries" not in plan, (statement, plan)
 
 
 def test_the_walk_goes_by_age_through_its_index(org: Database) -> None:
