@@ -837,6 +837,13 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed,
                               error_class="WebhookInactive",
                               error_message="the webhook is inactive: held until it is "
                                             "activated with deliverHeld, or replayed"), False
+    if claimed.event == store.PURGED_PAYLOAD:
+        # A replay can cross retention: the replay found the event whole and queued it again,
+        # retention had seen its deliveries all finished and emptied it. Nothing is left to send.
+        return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
+                              error_class="EventEmptied",
+                              error_message="the event was emptied by retention "
+                                            "(NOTIFIER_RETENTION_DAYS): nothing left to send"), False
     try:
         enriched = enrich(claimed.event, target.options, services.lookups)
         body = render(enriched.payload)

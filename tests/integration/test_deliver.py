@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 
 from config import load_settings
 from notifier import pipeline, store
 from notifier.errors import StoreUnavailable
-from notifier.models import Delivery, DeliveryStatus
+from notifier.models import Attempt, Delivery, DeliveryStatus, Event
 from notifier.pipeline import DeliveryInterrupted, Services, build_services
 from notifier.queues import Lease, Report
 from tests.conftest import Receiver, Reply, create_webhook, slots_held, wait_until
@@ -257,3 +257,24 @@ def test_two_tasks_claiming_in_one_millisecond_keep_a_slot_each_through_a_flush(
         now_ms=pipeline.now_ms(), claim=claims[0].token)
     assert [lease.delivery_ids for lease in released.leases] == [(third,)]
     assert slots_held(services.queues, webhook_id, now_ms=pipeline.now_ms()) == 2
+
+
+def test_a_delivery_whose_event_retention_emptied_is_not_sent(
+    services: Services, receiver: Receiver
+) -> None:
+    # The race a replay can run with retention: the replay found the event whole and queued
+    # its delivery again; retention, which had seen every delivery of it finished, emptied it
+    # meanwhile. What is left of the event ({"purged": true}) must not reach the receiver.
+    leases = leases_of(services, receiver, 9, webhooks=1)
+    with services.db.transaction() as connection:
+        connection.execute(update(Event).values(payload=store.PURGED_PAYLOAD, purged_at_ms=1))
+
+    pipeline.deliver(services, leases, no_send, hand_on=no_hand_on)
+
+    with services.db.session() as session:
+        delivery = session.scalars(select(Delivery)).one()
+        attempt = session.scalars(select(Attempt)).one()
+    assert delivery.status == DeliveryStatus.FAILED
+    assert attempt.error_class == "EventEmptied" and "retention" in (attempt.error_message or "")
+    assert attempt.status_code is None
+    assert receiver.requests == [] and sum(receiver.in_flight.values()) == 0
