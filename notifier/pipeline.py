@@ -1005,11 +1005,13 @@ class Replayed:
 def replay_selection(services: Services, selection: Selection, send: SendLease, *,
                      requested_by: str, org_id: int | None = None,
                      progress: Callable[[int], None] = lambda looked_at: None,
-                     batch: int = REPLAY_BATCH, batches: int | None = None) -> Replayed:
+                     batch: int = REPLAY_BATCH, batches: int | None = None,
+                     all_found: bool = False) -> Replayed:
     """Send a selection's deliveries again, keeping their ids (``webhook-id``), recorded as one
     replay ``requested_by`` someone (the OS user, an API key); each batch reports how many
     deliveries it looked at to ``progress``. At most ``batches`` batches (None: all of them);
-    what is left, ``carry_on_replay`` queues.
+    what is left, ``carry_on_replay`` queues. ``all_found``: ``NotFound`` names the delivery ids
+    selected that are no delivery, and nothing is queued nor recorded.
 
     Those pending or in flight are skipped (queued already): the same replay run twice queues
     nothing twice. The rest go to their webhooks' replay queues, which the slots draw from only
@@ -1017,6 +1019,8 @@ def replay_selection(services: Services, selection: Selection, send: SendLease, 
     traffic up.
     """
     counted = store.count_selection(services.db, selection)
+    if all_found and counted.not_found:
+        raise NotFound(f"no such delivery: {', '.join(counted.not_found)}")
     replay_id = store.start_replay(services.db, selection, requested_by=requested_by,
                                    org_id=org_id, now_ms=now_ms())
     queued, finished = _carry_on(services, replay_id, send, progress, batch, batches)
@@ -1072,11 +1076,8 @@ def replay(services: Services, delivery_ids: Sequence[str], send: SendLease, *,
            requested_by: str, org_id: int | None = None) -> int:
     """``replay_selection`` of these deliveries (of ``org_id``'s webhooks, if given); returns
     how many were queued. ``NotFound`` names the ids that are no delivery, and queues none."""
-    selection = Selection(delivery_ids=tuple(delivery_ids), org_id=org_id)
-    if missing := store.count_selection(services.db, selection).not_found:
-        raise NotFound(f"no such delivery: {', '.join(missing)}")
-    return replay_selection(services, selection, send, requested_by=requested_by,
-                            org_id=org_id).queued
+    return replay_selection(services, Selection(delivery_ids=tuple(delivery_ids), org_id=org_id),
+                            send, requested_by=requested_by, org_id=org_id, all_found=True).queued
 
 
 def purge(services: Services) -> store.Purged | None:
