@@ -227,6 +227,7 @@ class Receiver:
         self.gates: dict[str, threading.Event] = {}
         self.in_flight: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
+        self.last_began = 0.0  # time.monotonic() when the latest request's handling started
         self.lock = threading.Condition()
         receiver = self
 
@@ -281,6 +282,7 @@ class Receiver:
         with self.lock:
             self.in_flight[path] += 1
             self.peak[path] = max(self.peak[path], self.in_flight[path])
+            self.last_began = time.monotonic()
             script = self.scripts[path]
             reply = script.popleft() if script else Reply()
             if path in self.holds:

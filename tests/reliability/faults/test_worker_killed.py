@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -43,9 +43,12 @@ class Kill:
     requests_open: int  # at the receiver, when the kill was sent
     leases: dict[str, list[str]]  # live in Redis then: lease -> the deliveries it carried
     orphaned: set[str]  # of those, still live after the kill: nobody gave them back
-    cut: set[str]  # webhook-ids of requests open across the kill (begun before, ended after)
+    looked: float  # time.monotonic() when the leases were looked at
     at: float  # time.monotonic() of the kill, as the receiver's records are
     at_ms: int  # and as the database's
+    # webhook-ids of requests open across the kill (begun before, ended after): read from the
+    # receiver's record once the run has settled (a request cut is recorded when it ends)
+    cut: set[str] = field(default_factory=set)
 
     def sent_again(self, receiver: Receiver) -> float:
         """Seconds from the kill until every request it cut had begun again."""
@@ -87,11 +90,15 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_hold_the_cap(
     kills: list[Kill] = []
     answered = 0
     for n in range(KILLS):
-        # The moment: after a random number of answers more, with a request open.
+        # The moment: after a random number of answers more, with a request open that began
+        # less than half its hold ago, so that it is still open when the kill lands (one open
+        # for longer may end before it, and the kill then cuts nothing).
         answered += moments.randint(40, 110)
 
         def busy(after: int = answered) -> int:
-            return len(receiver.requests) >= after and sum(receiver.in_flight.values())
+            return (len(receiver.requests) >= after
+                    and time.monotonic() - receiver.last_began < HELD / 2
+                    and sum(receiver.in_flight.values()))
 
         requests_open = wait_until(busy, 60, f"{answered} answers and a request open")
         looked = time.monotonic()
@@ -100,16 +107,16 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_hold_the_cap(
         stack.kill(f"w{n}")
         orphaned = set(leases) & set(_live_leases(client, prefix))
         stack.worker(f"w{n + 1}", concurrency=PROCESSES)
-        # Begun before the leases were looked at (so a lease seen carried it), and answered
-        # only after the kill was sent (no earlier than its hold after it began; its end as
-        # recorded is no proof: the receiver's thread may have written the answer before).
-        cut = {r.headers["webhook-id"] for r in receiver.requests
-               if r.began < looked and r.began + HELD > killed}
-        kills.append(Kill(requests_open, leases, orphaned, cut, killed, killed_ms))
+        kills.append(Kill(requests_open, leases, orphaned, looked, killed, killed_ms))
 
     line, duplicates = settle(receiver, database, CAPS, due, timeout=90)
     took = time.monotonic() - started
     for kill in kills:
+        # Begun before the leases were looked at (so a lease seen carried it), and answered
+        # only after the kill was sent (no earlier than its hold after it began; its end as
+        # recorded is no proof: the receiver's thread may have written the answer before).
+        kill.cut = {r.headers["webhook-id"] for r in receiver.requests
+                    if r.began < kill.looked and r.began + HELD > kill.at}
         # The kill landed on work in flight: a request open across it, of a delivery that a
         # lease held at the kill carried, and that lease was never given back.
         assert kill.cut, kill
