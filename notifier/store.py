@@ -1292,11 +1292,19 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
         cursor = _retention_cursor(connection)
         if cursor is None:  # another run is under way: more may be due, for the next
             return Purged(0, 0, 0, more=True)
+        # Found by age through the index of the held ones alone (ingested when their event was
+        # received), not among all the held: a webhook inactive for weeks holds many. The
+        # status is written out, not a parameter, so that the partial index is used whichever
+        # plan PostgreSQL keeps for the statement.
+        is_held = d.status == literal(DeliveryStatus.HELD.value, literal_execute=True)
         held = (select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
-                .where(d.status == DeliveryStatus.HELD, e.received_at_ms < older_than_ms)
+                .where(is_held, d.ingested_at_ms < older_than_ms,
+                       e.received_at_ms < older_than_ms)
                 .limit(batch))
         held_ended = connection.execute(
-            update(_deliveries).where(d.id.in_(held.scalar_subquery()))
+            # Held still as it is changed: one activated (deliverHeld) and sent since the
+            # subquery read it keeps what its attempt made of it.
+            update(_deliveries).where(d.id.in_(held.scalar_subquery()), is_held)
             .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
         ).rowcount
         # Kept aside by earlier runs, finished since, and past the retention still: raised
