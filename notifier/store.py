@@ -1047,6 +1047,8 @@ class SelectionCount:
     matched: int
     skipped: int
     not_found: tuple[str, ...] = ()
+    # Of those skipped, the ones whose event retention emptied (the rest are queued already).
+    emptied: int = 0
 
     @property
     def replayable(self) -> int:
@@ -1055,18 +1057,20 @@ class SelectionCount:
 
 def count_selection(db: Database, selection: Selection) -> SelectionCount:
     d, e = _deliveries.c, _events.c
-    skipped = or_(d.status.in_(_QUEUED_ALREADY), e.purged_at_ms.is_not(None))
+    emptied = e.purged_at_ms.is_not(None)
+    skipped = or_(d.status.in_(_QUEUED_ALREADY), emptied)
     counted = _selected(selection).with_only_columns(
-        func.count(), func.coalesce(func.sum(case((skipped, 1), else_=0)), 0))
+        func.count(), *(func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+                        for condition in (skipped, emptied)))
     with db.autocommit() as connection:
-        matched, skipped = connection.execute(counted).one()
+        matched, skipped, emptied = connection.execute(counted).one()
         missing: tuple[str, ...] = ()
         if selection.delivery_ids:
             scope = Selection(delivery_ids=selection.delivery_ids, webhook=selection.webhook,
                               org_id=selection.org_id)
             known = set(connection.scalars(_selected(scope)))
             missing = tuple(i for i in dict.fromkeys(selection.delivery_ids) if i not in known)
-    return SelectionCount(int(matched), int(skipped), missing)
+    return SelectionCount(int(matched), int(skipped), missing, int(emptied))
 
 
 def sample_selection(db: Database, selection: Selection, *, most: int) -> list[Selected]:
