@@ -276,6 +276,11 @@ class Delivery(Base):
               postgresql_where=text("sla_due_at_ms IS NOT NULL"),
               sqlite_where=text("sla_due_at_ms IS NOT NULL")),
         Index("ix_deliveries_replay", "replay_id"),
+        # Retention's held deliveries past the retention (store.purge ends them): only the held
+        # are in it, by age, so a run reads those it ends, not every delivery a webhook
+        # inactive for weeks holds. (Ingested when their event was received.)
+        Index("ix_deliveries_held_ingested", "ingested_at_ms",
+              postgresql_where=text("status = 'held'"), sqlite_where=text("status = 'held'")),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -1000,6 +1000,8 @@ class Replayed:
     skipped: int
     not_found: tuple[str, ...] = ()
     finished: bool = True
+    # Of those skipped, the ones whose event retention emptied: nothing is left to send.
+    emptied: int = 0
 
 
 def replay_selection(services: Services, selection: Selection, send: SendLease, *,
@@ -1026,7 +1028,7 @@ def replay_selection(services: Services, selection: Selection, send: SendLease, 
     queued, finished = _carry_on(services, replay_id, send, progress, batch, batches)
     # Until it is finished, only those queued already when it began are known to be skipped.
     skipped = counted.matched - queued if finished else counted.skipped
-    return Replayed(replay_id, queued, skipped, counted.not_found, finished)
+    return Replayed(replay_id, queued, skipped, counted.not_found, finished, counted.emptied)
 
 
 # Batches that a request (the API, the admin pages) queues itself before it hands the rest of a
@@ -1073,11 +1075,11 @@ def _carry_on(services: Services, replay_id: int, send: SendLease,
 
 
 def replay(services: Services, delivery_ids: Sequence[str], send: SendLease, *,
-           requested_by: str, org_id: int | None = None) -> int:
-    """``replay_selection`` of these deliveries (of ``org_id``'s webhooks, if given); returns
-    how many were queued. ``NotFound`` names the ids that are no delivery, and queues none."""
+           requested_by: str, org_id: int | None = None) -> Replayed:
+    """``replay_selection`` of these deliveries (of ``org_id``'s webhooks, if given).
+    ``NotFound`` names the ids that are no delivery, and queues none."""
     return replay_selection(services, Selection(delivery_ids=tuple(delivery_ids), org_id=org_id),
-                            send, requested_by=requested_by, org_id=org_id, all_found=True).queued
+                            send, requested_by=requested_by, org_id=org_id, all_found=True)
 
 
 def purge(services: Services) -> store.Purged | None:

@@ -1047,6 +1047,8 @@ class SelectionCount:
     matched: int
     skipped: int
     not_found: tuple[str, ...] = ()
+    # Of those skipped, the ones whose event retention emptied (the rest are queued already).
+    emptied: int = 0
 
     @property
     def replayable(self) -> int:
@@ -1055,18 +1057,20 @@ class SelectionCount:
 
 def count_selection(db: Database, selection: Selection) -> SelectionCount:
     d, e = _deliveries.c, _events.c
-    skipped = or_(d.status.in_(_QUEUED_ALREADY), e.purged_at_ms.is_not(None))
+    emptied = e.purged_at_ms.is_not(None)
+    skipped = or_(d.status.in_(_QUEUED_ALREADY), emptied)
     counted = _selected(selection).with_only_columns(
-        func.count(), func.coalesce(func.sum(case((skipped, 1), else_=0)), 0))
+        func.count(), *(func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+                        for condition in (skipped, emptied)))
     with db.autocommit() as connection:
-        matched, skipped = connection.execute(counted).one()
+        matched, skipped, emptied = connection.execute(counted).one()
         missing: tuple[str, ...] = ()
         if selection.delivery_ids:
             scope = Selection(delivery_ids=selection.delivery_ids, webhook=selection.webhook,
                               org_id=selection.org_id)
             known = set(connection.scalars(_selected(scope)))
             missing = tuple(i for i in dict.fromkeys(selection.delivery_ids) if i not in known)
-    return SelectionCount(int(matched), int(skipped), missing)
+    return SelectionCount(int(matched), int(skipped), missing, int(emptied))
 
 
 def sample_selection(db: Database, selection: Selection, *, most: int) -> list[Selected]:
@@ -1292,11 +1296,19 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
         cursor = _retention_cursor(connection)
         if cursor is None:  # another run is under way: more may be due, for the next
             return Purged(0, 0, 0, more=True)
+        # Found by age through the index of the held ones alone (ingested when their event was
+        # received), not among all the held: a webhook inactive for weeks holds many. The
+        # status is written out, not a parameter, so that the partial index is used whichever
+        # plan PostgreSQL keeps for the statement.
+        is_held = d.status == literal(DeliveryStatus.HELD.value, literal_execute=True)
         held = (select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
-                .where(d.status == DeliveryStatus.HELD, e.received_at_ms < older_than_ms)
+                .where(is_held, d.ingested_at_ms < older_than_ms,
+                       e.received_at_ms < older_than_ms)
                 .limit(batch))
         held_ended = connection.execute(
-            update(_deliveries).where(d.id.in_(held.scalar_subquery()))
+            # Held still as it is changed: one activated (deliverHeld) and sent since the
+            # subquery read it keeps what its attempt made of it.
+            update(_deliveries).where(d.id.in_(held.scalar_subquery()), is_held)
             .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
         ).rowcount
         # Kept aside by earlier runs, finished since, and past the retention still: raised

@@ -93,8 +93,9 @@ def replay(ctx: click.Context, delivery_ids: tuple[str, ...], event_id: str | No
         ctx.exit(SERVICE)
     except NotifierError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"replay {done.replay_id}: queued {done.queued}, skipped {done.skipped} "
-               "(pending or in flight already)")
+    why = ("pending or in flight already, or emptied by retention" if done.emptied
+           else "pending or in flight already")
+    click.echo(f"replay {done.replay_id}: queued {done.queued}, skipped {done.skipped} ({why})")
 
 
 def _show(counted: store.SelectionCount, sample: list[store.Selected]) -> None:
@@ -103,8 +104,10 @@ def _show(counted: store.SelectionCount, sample: list[store.Selected]) -> None:
     if not counted.matched:
         click.echo("nothing matched", err=True)
         return
+    emptied = f", {counted.emptied} emptied by retention" if counted.emptied else ""
     click.echo(f"{counted.matched} deliveries match: {counted.replayable} to replay, "
-               f"{counted.skipped} pending or in flight already (skipped)")
+               f"{counted.skipped - counted.emptied} pending or in flight already{emptied} "
+               "(skipped)")
     for row in sample:
         click.echo(f"  {row.id}  {row.webhook_id}  {row.event_name:<24} {row.status:<10} "
                    f"{row.last_status_code or '-':<4} {iso_ms(row.ingested_at_ms)}")

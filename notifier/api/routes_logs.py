@@ -195,10 +195,14 @@ def replay_delivery(deliveryId: str, org: Org, request: Request) -> JSONResponse
     (``queued: 0``)."""
     services = request.app.state.services
     logs.require_delivery(services.db, org, deliveryId)
-    queued = pipeline.replay(services, [deliveryId], request.app.state.send_lease,
-                             requested_by=caller_key(request), org_id=org)
-    warnings = [] if queued else ["the delivery is being sent right now; not replayed"]
-    return envelope({"deliveryId": deliveryId, "queued": queued}, status=202, warnings=warnings)
+    done = pipeline.replay(services, [deliveryId], request.app.state.send_lease,
+                           requested_by=caller_key(request), org_id=org)
+    warnings = [] if done.queued else [
+        "its event was emptied by retention (NOTIFIER_RETENTION_DAYS): nothing is left to "
+        "send; not replayed" if done.emptied else
+        "the delivery is being sent right now; not replayed"]
+    return envelope({"deliveryId": deliveryId, "queued": done.queued}, status=202,
+                    warnings=warnings)
 
 
 @router.post("/v3/webHooks/{webHookId}/test", status_code=202, responses=answers(202, TestSent))

@@ -359,9 +359,14 @@ def replay(request: Request, org: OrgId, webhook_id: str, delivery_id: str) -> R
         logs.require_delivery(services.db, org, delivery_id)
     except NotFound as exc:
         return _not_found(request, str(exc))
-    if pipeline.replay(services, [delivery_id], request.app.state.send_lease,
-                       requested_by=f"admin pages (org {org})", org_id=org):
+    done = pipeline.replay(services, [delivery_id], request.app.state.send_lease,
+                           requested_by=f"admin pages (org {org})", org_id=org)
+    if done.queued:
         _flash(request, f"Delivery {delivery_id} queued again, with the same webhook-id.")
+    elif done.emptied:
+        _flash(request, "That delivery's event was emptied by retention "
+                        "(NOTIFIER_RETENTION_DAYS): nothing is left to send; not replayed.",
+               "warn")
     else:
         _flash(request, "That delivery is being sent right now; not replayed.", "warn")
     return _redirect(f"/ui/notifications/{webhook_id}")

@@ -318,6 +318,25 @@ def test_replay_queues_a_lease_with_the_same_delivery_id(api: Api) -> None:
     assert status == "pending"
 
 
+def test_a_replay_of_a_delivery_whose_event_retention_emptied_says_so(api: Api) -> None:
+    hook = api.webhook()
+    _publish(api, "e-1")
+    delivery = _deliveries(api, "e-1")[hook["webHookId"]]
+    _set(api, delivery, status=DeliveryStatus.FAILED, ended_at_ms=5)
+    with api.services.db.session() as session:
+        session.execute(update(Event).values(payload=store.PURGED_PAYLOAD, purged_at_ms=6))
+    api.settle()
+
+    response = api.call("POST", f"/v3/deliveries/{delivery}/replay")
+
+    # Not "being sent right now": a delivery past NOTIFIER_RETENTION_DAYS is the usual case.
+    assert response.status_code == 202, response.text
+    assert response.json()["data"] == {"deliveryId": delivery, "queued": 0}
+    (warning,) = response.json()["warnings"]
+    assert "emptied by retention" in warning and "being sent" not in warning
+    assert api.leases == []
+
+
 def test_a_test_send_reaches_only_the_tested_webhook(api: Api) -> None:
     tested = api.webhook(name="tested", eventNames=["pointsIssued", "tierUpgraded"])
     other = api.webhook(name="other", eventNames=["pointsIssued", "tierUpgraded"])

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from notifier import store
 from notifier.db import Database
-from notifier.models import Delivery, DeliveryStatus
+from notifier.models import Delivery, DeliveryStatus, Event
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
 from tests.conftest import Stack, create_webhook
@@ -69,6 +69,25 @@ def test_a_dry_run_shows_the_count_and_a_sample_and_sends_nothing(
     assert ids[0] in done.stdout and ids[1] in done.stdout and "and 1 more" in done.stdout
     assert set(statuses(database).values()) == {(DeliveryStatus.DEAD, None)}
     assert store.replays(database) == []
+
+
+def test_it_tells_the_deliveries_whose_event_retention_emptied_from_those_queued_already(
+        stack: Stack, dead: tuple[Database, str, list[str]]) -> None:
+    database, webhook_id, ids = dead
+    with database.session() as session:
+        session.execute(update(Event).where(Event.event_id == "e0")
+                        .values(payload=store.PURGED_PAYLOAD, purged_at_ms=1))
+        session.execute(update(Delivery).where(Delivery.id == ids[1])
+                        .values(status=DeliveryStatus.PENDING))
+
+    done = replay(stack, "--webhook", webhook_id, "--yes")
+
+    assert done.returncode == 0, done.stderr
+    assert ("3 deliveries match: 1 to replay, 1 pending or in flight already, 1 emptied by "
+            "retention (skipped)") in done.stdout
+    assert "queued 1, skipped 2 (pending or in flight already, or emptied by retention)" in \
+        done.stdout
+    assert statuses(database)[ids[0]] == (DeliveryStatus.DEAD, None)
 
 
 def test_it_asks_first_and_the_same_replay_twice_queues_nothing_twice(
