@@ -969,10 +969,17 @@ def flag_sla_breaches(db: Database, *, now_ms: int, batch: int) -> list[Breach]:
         # Rows that an attempt's finish holds are left to it (or to the next check): two
         # beats, or a beat and a busy worker, never wait on each other.
         due = due.with_for_update(skip_locked=True)
+    # Chosen once, before the update (a materialized CTE), not in a subquery that PostgreSQL
+    # may run again for each row it updates: each run then skipped the rows this statement had
+    # locked and stamped already, and read the next ones, so one check stamped the whole
+    # backlog instead of a batch (seen with a plan that statistics of a larger table chose).
+    chosen = due.cte("due")
+    if db.is_postgresql:
+        chosen = chosen.prefix_with("MATERIALIZED")
     with db.transaction() as connection:
         rows = connection.execute(
             update(_deliveries)
-            .where(d.id.in_(due.scalar_subquery()), d.sla_due_at_ms.is_not(None))
+            .where(d.id.in_(select(chosen.c.id)), d.sla_due_at_ms.is_not(None))
             .values(_stamp()).returning(*_stamped())).all()
     return [_breach(row) for row in rows]
 
