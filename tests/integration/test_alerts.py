@@ -488,7 +488,7 @@ def test_an_alert_that_cannot_be_sent_for_good_is_given_up_with_the_reason(
     assert pipeline.sweep(services, no_send).alerts_sent == 0
 
 
-def test_migration_0019_takes_the_alerts_kept_before_as_sent(database_url: str) -> None:
+def test_migration_0020_takes_the_alerts_kept_before_as_sent(database_url: str) -> None:
     """Sent then or lost for good, nothing says which: none is sent again, hours late."""
     from alembic import command
     from alembic.config import Config
@@ -503,7 +503,7 @@ def test_migration_0019_takes_the_alerts_kept_before_as_sent(database_url: str) 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.downgrade(config, "0018")
+    command.downgrade(config, "0019")
 
     upgrade(database_url)
 

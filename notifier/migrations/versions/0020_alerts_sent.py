@@ -2,15 +2,15 @@
 it was given up), so that beat's sweep sends again those kept but not sent (the process that
 kept one failing, or killed, before its events were stored)
 
-Revision ID: 0019
-Revises: 0018
+Revision ID: 0020
+Revises: 0019
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0019"
-down_revision = "0018"
+revision = "0020"
+down_revision = "0019"
 branch_labels = None
 depends_on = None
 
