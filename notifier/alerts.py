@@ -10,6 +10,11 @@ each operations webhook that should hear it (the org's own, named on the org, an
 operator's, ``NOTIFIER_OPERATOR_ALERTS_WEBHOOK``), narrowed to that webhook, so that the same
 pipeline delivers, signs and records it; a webhook hears the kinds it is subscribed to.
 
+An alert kept is sent at least once. It is marked ``sent`` once its events are stored, each with
+its deliveries; one that the process keeping it failed to send (the database or Redis away, the
+process killed) is found by beat's sweep (``unsent``) and sent then. Its events' ids are its key
+and the webhook's, so an alert sent twice stores nothing twice.
+
 An alert never raises an alert about itself: deliveries of alert events never raise one
 (``is_alert_event``), and a webhook deactivated is not sent its own ``webhookDisabled``.
 Nothing here knows the pipeline; ``notifier.pipeline.raise_alerts`` publishes what this builds.
@@ -42,12 +47,15 @@ __all__ = [
     "Alert",
     "delivery_exhausted",
     "envelopes",
+    "given_up",
     "is_alert_event",
     "operations_webhook",
     "recent",
     "record",
+    "sent",
     "set_operations_webhook",
     "sla_breached",
+    "unsent",
     "webhook_disabled",
     "webhook_recovered",
 ]
@@ -164,10 +172,11 @@ def record(db: Database, alert: Alert, *, now_ms: int) -> bool:
 
 
 def envelopes(db: Database, alert: Alert, *, operator_webhook: str | None,
-              now_ms: int) -> list[tuple[dict[str, Any], str]]:
+              raised_at_ms: int) -> list[tuple[dict[str, Any], str]]:
     """The events that send ``alert`` on, each with the one webhook it is for: the org's
     operations webhook and the operator's, as an event of that webhook's org (each its own
-    eventId). A webhook deactivated is not sent its own ``webhookDisabled``."""
+    eventId, the same each time it is built). A webhook deactivated is not sent its own
+    ``webhookDisabled``."""
     with db.autocommit() as connection:
         named = connection.scalar(select(Org.operations_webhook_id)
                                   .where(Org.id == alert.org_id))
@@ -177,8 +186,40 @@ def envelopes(db: Database, alert: Alert, *, operator_webhook: str | None,
         owners = dict(connection.execute(select(Webhook.id, Webhook.org_id)
                                          .where(Webhook.id.in_(wanted))).all()) if wanted else {}
     return [({"eventName": alert.kind, "eventId": f"{alert.key}>{hook}",
-              "orgId": int(owners[hook]), "createdAt": now_ms, "data": alert.event_data()}, hook)
+              "orgId": int(owners[hook]), "createdAt": raised_at_ms, "data": alert.event_data()},
+             hook)
             for hook in wanted if hook in owners]
+
+
+def sent(db: Database, key: str, *, now_ms: int) -> None:
+    """The alert's events are stored: nothing more to send of it."""
+    with db.autocommit() as connection:
+        connection.execute(update(_alerts).where(_alerts.c.key == key,
+                                                 _alerts.c.sent_at_ms.is_(None))
+                           .values(sent_at_ms=now_ms))
+
+
+def given_up(db: Database, key: str, reason: str) -> None:
+    """Sending the alert failed in a way that trying again would only repeat: ``reason``."""
+    with db.autocommit() as connection:
+        connection.execute(update(_alerts).where(_alerts.c.key == key)
+                           .values(send_error=reason))
+
+
+def unsent(db: Database, *, kept_before_ms: int, most: int) -> list[tuple[Alert, int]]:
+    """The alerts kept before ``kept_before_ms`` and neither sent nor given up, oldest first, at
+    most ``most``; each with when it was kept."""
+    a = _alerts.c
+    with db.autocommit() as connection:
+        found = connection.execute(
+            select(a.key, a.kind, a.org_id, a.webhook_id, a.count.label("times"), a.data,
+                   a.created_at_ms)
+            .where(a.sent_at_ms.is_(None), a.send_error.is_(None),
+                   a.created_at_ms < kept_before_ms)
+            .order_by(a.id).limit(most)).all()
+    # ``data`` is the event's data as kept, its webhook and org with it.
+    return [(Alert(row.kind, int(row.org_id), row.webhook_id, row.key, row.data, int(row.times)),
+             int(row.created_at_ms)) for row in found]
 
 
 def recent(db: Database, org_id: int, *, most: int = 20) -> list[dict[str, Any]]:

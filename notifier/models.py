@@ -341,10 +341,17 @@ class Alert(Base):
     after it was sent."""
 
     __tablename__ = "alerts"
-    __table_args__ = (Index("ix_alerts_org", "org_id", "id"),)
+    __table_args__ = (
+        Index("ix_alerts_org", "org_id", "id"),
+        # The alerts still to send, oldest first, for beat's sweep: as small as what is unsent.
+        Index("ix_alerts_unsent", "id",
+              postgresql_where=text("sent_at_ms IS NULL AND send_error IS NULL"),
+              sqlite_where=text("sent_at_ms IS NULL AND send_error IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    # Also the eventId of the alert events sent for it.
+    # With the webhook each goes to, the eventId of the alert events sent for it (key>webhook):
+    # an alert sent again stores none twice.
     key: Mapped[str] = mapped_column(String(100), unique=True)
     kind: Mapped[str] = mapped_column(String(32))
     # The org that owns the webhook it is about.
@@ -354,6 +361,11 @@ class Alert(Base):
     # The alert event's data as sent (the first delivery ids of a slaBreached, a reason).
     data: Mapped[dict[str, Any]] = mapped_column(JsonType)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # When its events were stored, each with its deliveries (None: still to send, by the
+    # process that kept it or else by beat's sweep).
+    sent_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # Why sending it was given up: a failure that trying again would only repeat.
+    send_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Attempt(Base):

@@ -903,6 +903,7 @@ class SweepReport:
     promoted: int = 0
     expired: int = 0
     leases_sent: int = 0
+    alerts_sent: int = 0
 
 
 def rebuild(services: Services) -> int:
@@ -974,13 +975,14 @@ def recover(services: Services, send: SendLease) -> int:
 
 def sweep(services: Services, send: SendLease) -> SweepReport:
     """Beat's frequent pass: rebuild a flushed Redis, bring back due retries and lost leases,
-    and pump every queue with work waiting."""
+    pump every queue with work waiting, and send the alerts kept but not sent."""
     rebuilt = _rebuild_if_lost(services) or 0
     now = now_ms()
     promoted = services.queues.promote_due(now)
     expired = services.queues.expire_leases(now)
     sent = pump(services, services.queues.queued_webhooks(), send)
-    return SweepReport(rebuilt, len(promoted), len(expired), sent)
+    return SweepReport(rebuilt, len(promoted), len(expired), sent,
+                       send_kept_alerts(services, send))
 
 
 # Deliveries made pending again and queued per transaction (and per Redis call of a webhook):
@@ -1125,29 +1127,91 @@ def check_sla(services: Services, send: SendLease) -> int:
 # ---------------------------------------------------------------- operational alerts
 
 
+# Alerts kept but not sent that one sweep sends, oldest first; the rest wait for the next.
+ALERT_SEND_BATCH = 100
+# An alert kept this recently may still be on its way from the process that kept it, which the
+# sweep leaves to it. One still at it later stores nothing twice with the sweep (the same ids).
+_ALERT_SEND_GRACE_MS = 5_000
+
+
 def raise_alerts(services: Services, raised: Iterable[alerts.Alert], send: SendLease) -> int:
     """Keep each alert (``alerts.record``: once per key, whichever process raises it first) and
-    send the new ones as events to the operations webhooks that should hear them, by the same
-    pipeline as any event (``accept``: stored, fanned out to that webhook if it is subscribed,
-    signed, recorded). Returns how many were new.
+    send the new ones on (``_send_alert``). Returns how many were new.
 
-    An alert that cannot be kept or sent is logged and given up: it never fails the delivery,
-    disable or SLA check that raised it."""
+    An alert that cannot be kept is logged and given up, one kept but not sent is left to beat's
+    sweep (``send_kept_alerts``): it never fails the delivery, disable or SLA check that raised
+    it."""
     tally, new = Tally(), 0
     for alert in raised:
+        kept_at = now_ms()
         try:
-            if not alerts.record(services.db, alert, now_ms=now_ms()):
+            if not alerts.record(services.db, alert, now_ms=kept_at):
                 continue
-            new += 1
-            tally.alert(alert.kind)
-            for envelope, webhook_id in alerts.envelopes(
-                    services.db, alert, operator_webhook=services.settings.operator_alerts_webhook,
-                    now_ms=now_ms()):
-                accept(services, envelope, send, only_webhook=webhook_id, own=True)
         except Exception as exc:
             log.error("alert %s not raised: %s", alert.key, faults.summary(exc))
+            continue
+        new += 1
+        tally.alert(alert.kind)
+        _send_alert(services, alert, kept_at, send)
     _count(services, tally)
     return new
+
+
+def send_kept_alerts(services: Services, send: SendLease) -> int:
+    """Send the alerts kept but not sent (the process that kept one failed to store its events,
+    or died first), oldest first, ``ALERT_SEND_BATCH`` at most; returns how many were sent or
+    given up. A failure worth trying again ends the run: the next sweep tries again."""
+    done = 0
+    for alert, kept_at in alerts.unsent(services.db, most=ALERT_SEND_BATCH,
+                                        kept_before_ms=now_ms() - _ALERT_SEND_GRACE_MS):
+        if not _send_alert(services, alert, kept_at, send):
+            break
+        done += 1
+    return done
+
+
+def _send_alert(services: Services, alert: alerts.Alert, kept_at_ms: int,
+                send: SendLease) -> bool:
+    """Send a kept alert as events to the operations webhooks that should hear it, by the same
+    pipeline as any event (``accept``: stored, fanned out to that webhook if it is subscribed,
+    signed, recorded), and mark it sent. True when it is done with: sent, or given up for a
+    failure that trying again would only repeat; False when it is left to send again.
+
+    Its leases go once it is marked: one whose message is lost (the broker away) expires, and
+    the sweep sends its deliveries again, as it does any lease's."""
+    leases: list[Lease] = []
+    try:
+        for envelope, webhook_id in alerts.envelopes(
+                services.db, alert, operator_webhook=services.settings.operator_alerts_webhook,
+                raised_at_ms=kept_at_ms):
+            accept(services, envelope, leases.append, only_webhook=webhook_id, own=True)
+        alerts.sent(services.db, alert.key, now_ms=now_ms())
+        done = True
+    except Exception as exc:
+        done = _alert_not_sent(services, alert, exc)
+    try:
+        for lease in leases:
+            send(lease)
+    except Exception as exc:
+        log.warning("leases of alert %s not sent, they expire and go again: %s", alert.key,
+                    faults.summary(exc))
+    return done
+
+
+def _alert_not_sent(services: Services, alert: alerts.Alert, exc: Exception) -> bool:
+    """Sending ``alert`` failed with ``exc``: left to send again if that may pass, else given up
+    with the reason. Whether it is done with (``_send_alert``)."""
+    if faults.is_transient(exc):
+        log.warning("alert %s not sent yet, beat's sweep sends it: %s", alert.key,
+                    faults.summary(exc))
+        return False
+    log.error("alert %s given up, it cannot be sent: %s", alert.key, faults.summary(exc))
+    try:
+        alerts.given_up(services.db, alert.key, faults.reason(exc))
+    except Exception as failed:  # still unsent: the sweep tries it again
+        log.warning("alert %s not marked given up: %s", alert.key, faults.summary(failed))
+        return False
+    return True
 
 
 def alert_webhook_disabled(services: Services, org_id: int, webhook_id: str, reason: str,

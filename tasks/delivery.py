@@ -261,14 +261,15 @@ def replay(self: Task, replay_id: int) -> None:
 
 @app.task(name="notifier.sweep", bind=True)
 def sweep(self: Task) -> None:
-    """Rebuild a flushed Redis, bring back due retries and expired leases, pump every queue."""
+    """Rebuild a flushed Redis, bring back due retries and expired leases, pump every queue,
+    send the alerts kept but not sent."""
     try:
         with _sent_together() as send:
             report = pipeline.sweep(services(), send)
     except TransientError as exc:
         log.warning("sweep skipped: %s", exc)  # the next beat tick tries again
         return
-    if report.rebuilt or report.expired:
+    if report.rebuilt or report.expired or report.alerts_sent:
         log.info("sweep: %s", report)
 
 

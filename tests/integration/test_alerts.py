@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
+from config import load_settings
 from notifier import alerts, pipeline, publish, store
 from notifier.client import lease_sender
 from notifier.db import Database
+from notifier.errors import StoreRefused, StoreUnavailable
 from notifier.models import Alert, Delivery, DeliveryStatus, Event
-from notifier.pipeline import build_services
+from notifier.pipeline import Services, build_services
+from notifier.queues import Lease
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
 from tests.conftest import Receiver, Stack, create_webhook, wait_until
@@ -36,6 +42,21 @@ def database(database: Database) -> Database:
     store.create_org(database, ORG, "test org", now_ms=0)
     store.create_org(database, OPERATOR_ORG, "the operator", now_ms=0)
     return database
+
+
+@pytest.fixture
+def services(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Services]:
+    """notifier's services in this process, on either database and a Redis of its own."""
+    made = build_services(load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": redis_url}))
+    yield made
+    made.db.dispose()
+    made.queues.client.close()
+
+
+def no_send(lease: Lease) -> None:
+    pytest.fail(f"nothing should be sent here: {lease}")
 
 
 def hook(stack: Stack, database: Database, receiver: Receiver, path: str, *,
@@ -314,3 +335,182 @@ def test_a_breach_stamped_by_a_late_answer_raises_its_alert_once(
             body["data"]["firstDeliveryIds"]) == (late, 1, [delivery.id])
     (kept,) = rows(database, Alert)
     assert (kept.kind, kept.count) == ("slaBreached", 1)
+
+
+def test_an_alert_kept_whose_event_could_not_be_stored_is_sent_by_beat(
+        stack: Stack, receiver: Receiver, database: Database,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database away between keeping the alert and storing its event: the alert is kept, so
+    no later raise sends it; beat's sweep does, once."""
+    mended, _ = hook(stack, database, receiver, "/mended")
+    ops, ops_secret = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    stack.worker()
+    stack.beat()
+    ingest_many = store.ingest_many
+    failures: list[int] = []
+
+    def unavailable_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise StoreUnavailable("the database did not answer")
+        return ingest_many(*args, **kwargs)
+
+    monkeypatch.setattr(store, "ingest_many", unavailable_once)
+    services = build_services(stack.settings)
+    try:
+        pipeline.alert_webhook_recovered(services, ORG, mended,
+                                         lease_sender(stack.settings.broker_url),
+                                         reason="its circuit closed")
+    finally:
+        services.db.dispose()
+        services.queues.client.close()
+    assert failures and rows(database, Event, event_name="webhookRecovered") == []
+
+    (got,) = receiver.wait_for(1, "/ops", timeout=30)
+    body = verified(got, ops_secret)
+    assert body["eventName"] == "webhookRecovered"
+    assert body["data"] == {"webHookId": mended, "orgId": ORG, "reason": "its circuit closed"}
+    wait_until(lambda: rows(database, Alert)[0].sent_at_ms is not None, 30, "the alert sent")
+    (event,) = rows(database, Event, event_name="webhookRecovered")
+    assert (event.event_id, body["eventId"]) == (f"{rows(database, Alert)[0].key}>{ops}",) * 2
+    assert len(rows(database, Delivery, webhook_id=ops)) == 1
+
+
+def test_an_alert_half_sent_is_sent_again_and_stored_once(services: Services) -> None:
+    """Killed once the alert's first event was stored, before the second and before the alert was
+    marked sent: the sweep sends it again, which stores nothing twice, queues the first event's
+    delivery (lost from Redis with the process) and stores the second."""
+    db = services.db
+    pipeline.sweep(services, no_send)  # Redis whole: nothing to rebuild
+    store.create_org(db, ORG, "test org", now_ms=0)
+    store.create_org(db, OPERATOR_ORG, "the operator", now_ms=0)
+    ops, operator = (create_webhook(db, services.catalog, services.vault, org_id=org, name=name,
+                                    url=f"https://{name}.example.com/",
+                                    event_names=list(ALERT_NAMES), now_ms=0)[0]
+                     for org, name in ((ORG, "ops"), (OPERATOR_ORG, "operator")))
+    alerts.set_operations_webhook(db, ORG, ops)
+    services.settings = replace(services.settings, operator_alerts_webhook=operator)
+    kept_at = int(time.time() * 1000) - 60_000
+    raised = alerts.webhook_recovered(ORG, "wh_mended", now_ms=kept_at)
+    assert alerts.record(db, raised, now_ms=kept_at)
+    (first, to_ops), _ = alerts.envelopes(db, raised, operator_webhook=operator,
+                                          raised_at_ms=kept_at)
+    assert to_ops == ops
+    (stored,) = store.ingest_many(db, services.catalog, [first], now_ms=kept_at,
+                                  only_webhook=ops)
+    leases: list[Lease] = []
+
+    assert pipeline.sweep(services, leases.append).alerts_sent == 1
+
+    assert sorted((e.org_id, e.event_id) for e in rows(db, Event)) == [
+        (OPERATOR_ORG, f"{raised.key}>{operator}"), (ORG, f"{raised.key}>{ops}")]
+    deliveries = {d.webhook_id: d.id for d in rows(db, Delivery)}
+    assert deliveries[ops] == stored.queued[0].delivery_id and len(deliveries) == 2
+    assert sorted((lease.webhook_id, lease.delivery_ids) for lease in leases) == sorted(
+        (hook, (delivery_id,)) for hook, delivery_id in deliveries.items())
+    (kept,) = rows(db, Alert)
+    assert kept.sent_at_ms is not None
+    assert pipeline.sweep(services, no_send).alerts_sent == 0
+
+
+def test_an_alert_lease_lost_after_its_event_was_stored_is_sent_by_beat(
+        stack: Stack, receiver: Receiver, database: Database) -> None:
+    """The alert's event stored and its lease taken, then the broker message lost (the task that
+    raised it failing to publish its leases at its end): the lease expires and beat's sweep
+    sends the delivery again, as it does any lease lost."""
+    mended, _ = hook(stack, database, receiver, "/mended")
+    ops, _ = hook(stack, database, receiver, "/ops", events=ALERT_NAMES)
+    alerts.set_operations_webhook(database, ORG, ops)
+    stack.worker()
+    stack.beat()
+    lost: list[Lease] = []
+    services = build_services(stack.settings)
+    try:
+        pipeline.alert_webhook_recovered(services, ORG, mended, lost.append)
+    finally:
+        services.db.dispose()
+        services.queues.client.close()
+    assert [lease.webhook_id for lease in lost] == [ops]
+
+    (got,) = receiver.wait_for(1, "/ops", timeout=30)
+    assert got.headers["webhook-id"] == lost[0].delivery_ids[0]
+    # Sent, as far as the alert goes: its event was stored.
+    (kept,) = rows(database, Alert)
+    assert kept.sent_at_ms is not None
+
+
+def test_the_sweep_sends_the_alerts_kept_but_not_sent_oldest_first_a_batch_a_run(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Those kept just now are left to the process that kept them."""
+    db = services.db
+    pipeline.sweep(services, no_send)
+    store.create_org(db, ORG, "test org", now_ms=0)
+    monkeypatch.setattr(pipeline, "ALERT_SEND_BATCH", 2)
+    now = int(time.time() * 1000)
+    for kept_at in (now - 30_000, now - 20_000, now - 10_000, now):
+        assert alerts.record(db, alerts.webhook_recovered(ORG, "wh_mended", now_ms=kept_at),
+                             now_ms=kept_at)
+
+    def sent() -> list[bool]:
+        return [a.sent_at_ms is not None for a in sorted(rows(db, Alert), key=lambda a: a.id)]
+
+    assert pipeline.sweep(services, no_send).alerts_sent == 2
+    assert sent() == [True, True, False, False]
+    assert pipeline.sweep(services, no_send).alerts_sent == 1
+    assert pipeline.sweep(services, no_send).alerts_sent == 0
+    assert sent() == [True, True, True, False]
+
+
+def test_an_alert_that_cannot_be_sent_for_good_is_given_up_with_the_reason(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that trying again would only repeat (the database refusing the event) ends the
+    alert with its reason, instead of the sweep trying it for ever."""
+    db = services.db
+    store.create_org(db, ORG, "test org", now_ms=0)
+    ops, _ = create_webhook(db, services.catalog, services.vault, org_id=ORG, name="ops",
+                            url="https://ops.example.com/", event_names=list(ALERT_NAMES),
+                            now_ms=0)
+    alerts.set_operations_webhook(db, ORG, ops)
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise StoreRefused("the database refused the statement")
+
+    monkeypatch.setattr(store, "ingest_many", refused)
+    kept_at = int(time.time() * 1000) - 60_000
+
+    raised = alerts.webhook_recovered(ORG, "wh_mended", now_ms=kept_at)
+    pipeline.raise_alerts(services, [raised], no_send)
+
+    (kept,) = rows(db, Alert)
+    assert (kept.sent_at_ms, kept.send_error) == (
+        None, "StoreRefused: the database refused the statement")
+    assert pipeline.sweep(services, no_send).alerts_sent == 0
+
+
+def test_migration_0020_takes_the_alerts_kept_before_as_sent(database_url: str) -> None:
+    """Sent then or lost for good, nothing says which: none is sent again, hours late."""
+    from alembic import command
+    from alembic.config import Config
+
+    from notifier.db import MIGRATIONS, upgrade
+
+    db = Database(database_url)
+    store.create_org(db, ORG, "test org", now_ms=0)
+    assert alerts.record(db, alerts.webhook_recovered(ORG, "wh_mended", now_ms=1000),
+                         now_ms=1000)
+    db.dispose()
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.downgrade(config, "0019")
+
+    upgrade(database_url)
+
+    db = Database(database_url)
+    try:
+        (kept,) = rows(db, Alert)
+        assert (kept.sent_at_ms, kept.send_error) == (1000, None)
+        assert alerts.unsent(db, kept_before_ms=2**62, most=10) == []
+    finally:
+        db.dispose()
