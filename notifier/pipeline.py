@@ -1117,8 +1117,10 @@ def check_sla(services: Services, send: SendLease) -> int:
                                            batch=settings.sla_check_batch_size)
         tally = Tally()
         _breached(tally, breaches)
-        _count(services, tally)
         alert_sla_breached(services, breaches, send)
+        # Counted once their alerts are raised, as a delivery task counts the breaches its
+        # late finishes stamped: a breach counted is one whose alerts are decided.
+        _count(services, tally)
         flagged += len(breaches)
         if len(breaches) < settings.sla_check_batch_size or time.monotonic() > ends:
             return flagged
