@@ -141,7 +141,8 @@ _SAMPLE = 5
 @router.post("/{webHookId}/replay", status_code=202, responses=answers(202, ReplayOut))
 def replay(webHookId: str, body: ReplayBody, org: Org, request: Request) -> JSONResponse:
     """Send the webhook's deliveries that match again, with their ``webhook-id``, behind its
-    live traffic. Those pending or in flight are skipped (queued already). Answers the count and
+    live traffic. Those pending or in flight are skipped (queued already), and so are those
+    whose event retention emptied (``emptied``: nothing is left to send). Answers the count and
     the replay's id (``GET .../replays/{replayId}`` for its progress); with ``dryRun``, the
     count and a sample, and no replay. A large replay answers once its first few thousand
     deliveries are queued (``queuing``: a worker queues the rest; ``queued`` grows in its
@@ -154,7 +155,8 @@ def replay(webHookId: str, body: ReplayBody, org: Org, request: Request) -> JSON
         until=body.until, response_status=body.responseStatus), webhook=webHookId, org_id=org)
     counted = store.count_selection(services.db, selection)
     answer = {"replayId": None, "matched": counted.matched, "queued": 0,
-              "skipped": counted.skipped, "notFound": list(counted.not_found)}
+              "skipped": counted.skipped, "emptied": counted.emptied,
+              "notFound": list(counted.not_found)}
     if counted.not_found and not body.dryRun:
         first = counted.not_found[0]
         raise InvalidInput(("deliveryIds", selection.delivery_ids.index(first)),
@@ -166,7 +168,8 @@ def replay(webHookId: str, body: ReplayBody, org: Org, request: Request) -> JSON
                                       request.app.state.hand_on_replay,
                                       requested_by=caller_key(request), org_id=org)
     return envelope({**answer, "replayId": done.replay_id, "queued": done.queued,
-                     "skipped": done.skipped, "queuing": not done.finished}, status=202)
+                     "skipped": done.skipped, "emptied": done.emptied,
+                     "queuing": not done.finished}, status=202)
 
 
 @router.get("/{webHookId}/replays/{replayId}", responses=answers(200, ReplayProgressOut))

@@ -95,7 +95,10 @@ class ReplayOut(BaseModel):
     replayId: int | None = Field(description="null for a dry run")
     matched: int
     queued: int
-    skipped: int = Field(description="Pending or in flight already: left as they are")
+    skipped: int = Field(description="Pending or in flight already, or emptied: left as they "
+                               "are")
+    emptied: int = Field(description="Of those skipped, those whose event retention emptied "
+                                     "(NOTIFIER_RETENTION_DAYS): nothing is left to send")
     queuing: bool = Field(False, description="A large replay: a worker queues the rest of it "
                           "(its progress tells when it is done)")
     notFound: list[str] = Field(description="deliveryIds that are no delivery of the webhook")

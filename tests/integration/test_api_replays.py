@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from notifier.models import Delivery, DeliveryStatus
+from notifier import store
+from notifier.models import Delivery, DeliveryStatus, Event
 from notifier.pipeline import now_ms
+from tests.conftest import sign_in_form
 from tests.integration import test_api
 from tests.integration.test_api import Api
 from tests.integration.test_api_logs import _deliveries, _publish, _set
@@ -116,3 +118,31 @@ def test_bad_criteria_name_their_field(api: Api, body: dict[str, Any], field: st
     assert response.status_code == 400, response.text
     assert [error["field"] for error in response.json()["errors"]] == [field]
     assert set(_statuses(api).values()) == {"dead", "delivered"}
+
+
+def test_a_replay_tells_the_deliveries_whose_event_retention_emptied_from_those_queued_already(
+        api: Api) -> None:
+    """Past NOTIFIER_RETENTION_DAYS, the usual case for a replay of old failures: those are
+    counted apart, not as pending or being sent already (in the API's answer and on the admin
+    pages' count)."""
+    hook, dead, _ = _outage(api)
+    emptied, pending, replayable = dead
+    with api.services.db.session() as session:
+        session.execute(update(Event).where(Event.event_id == "e-0")
+                        .values(payload=store.PURGED_PAYLOAD, purged_at_ms=6))
+    _set(api, pending, status=DeliveryStatus.PENDING)
+    criteria = {"deliveryIds": dead}
+
+    form = api.client.get("/ui/login")
+    api.client.post("/ui/login", data=sign_in_form(form.text, 1, api.keys[1]))
+    page = api.client.post(f"/ui/notifications/{hook}/replay",
+                           data={"deliveryIds": " ".join(dead), "step": "count"}).text
+    dry = api.call("POST", f"/v3/webHooks/{hook}/replay", json={**criteria, "dryRun": True})
+    made = api.call("POST", f"/v3/webHooks/{hook}/replay", json=criteria)
+
+    assert "1 pending or being sent already" in page and "1 emptied by retention" in page
+    assert made.status_code == 202, made.text
+    assert [(answer["matched"], answer["queued"], answer["skipped"], answer["emptied"])
+            for answer in (dry.json()["data"], made.json()["data"])] == [(3, 0, 2, 1),
+                                                                        (3, 1, 2, 1)]
+    assert _statuses(api)[replayable] == "pending" and _statuses(api)[emptied] == "dead"
