@@ -509,7 +509,8 @@ def dead_letters() -> None:
 
 @dead_letters.command("list")
 def dead_letters_list() -> None:
-    """One JSON line for each dead letter not replayed yet: id, eventId, reason, receivedAt."""
+    """One JSON line for each dead letter waiting to be replayed (not replayed yet, nor emptied
+    by retention): id, eventId, reason, receivedAt."""
     from notifier import store
     from notifier.db import Database
 
@@ -584,7 +585,7 @@ def retention_run(as_json: bool) -> None:
     """Run one retention batch now, as beat does every NOTIFIER_RETENTION_INTERVAL: empty the
     payloads of at most NOTIFIER_RETENTION_BATCH_SIZE events older than NOTIFIER_RETENTION_DAYS
     whose deliveries are all finished, their deliveries' enrichment and their attempts'
-    responses and error messages. Prints what it emptied."""
+    responses and error messages, and the dead letters as old. Prints what it emptied."""
     from notifier import pipeline
 
     settings = _settings()
@@ -604,6 +605,7 @@ def retention_run(as_json: bool) -> None:
                f"{purged.deliveries} deliveries and {purged.attempts} attempts"
                + (f"; {purged.held_ended} held deliveries ended (held past the retention)"
                   if purged.held_ended else "")
+               + (f"; {purged.dead_letters} dead letters emptied" if purged.dead_letters else "")
                + ("; more are due: they go in the next runs" if purged.more else ""))
 
 

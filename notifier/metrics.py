@@ -31,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from notifier import store
 from notifier.clock import now_ms
 from notifier.db import Database
 from notifier.models import DeadLetter, Delivery, DeliveryStatus
@@ -224,7 +225,7 @@ class ServiceCollector(Collector):
     def _dead_letters(self) -> int:
         with self.db.autocommit() as connection:
             return int(connection.scalar(select(func.count()).select_from(DeadLetter)
-                                         .where(DeadLetter.replayed_at_ms.is_(None))) or 0)
+                                         .where(store.waiting_dead_letter())) or 0)
 
     def _open_deliveries(self) -> list[tuple[str, int]]:
         with self.db.autocommit() as connection:

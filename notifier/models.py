@@ -249,6 +249,13 @@ class DeadLetter(Base):
     (``notifier dead-letters replay``) once the cause is fixed."""
 
     __tablename__ = "dead_letters"
+    __table_args__ = (
+        # Retention's dead letters past NOTIFIER_RETENTION_DAYS (store.purge empties them): only
+        # those not emptied yet are in it, by age.
+        Index("ix_dead_letters_unpurged", "received_at_ms",
+              postgresql_where=text("purged_at_ms IS NULL"),
+              sqlite_where=text("purged_at_ms IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     # The envelope as ASCII JSON text, not JSON: what the database refused to hold as JSON
@@ -259,6 +266,8 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(Text)
     received_at_ms: Mapped[int] = mapped_column(BigInteger)
     replayed_at_ms: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    # Set when retention emptied the envelope (``store.PURGED_PAYLOAD``): nothing left to replay.
+    purged_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Delivery(Base):

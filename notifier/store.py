@@ -120,6 +120,7 @@ __all__ = [
     "still_claimed",
     "target",
     "targets",
+    "waiting_dead_letter",
 ]
 
 
@@ -1248,6 +1249,8 @@ class Purged:
     # Held deliveries (their webhook inactive) whose event outlived the retention: ended failed,
     # with the reason, so that their events can be emptied (they could never be sent after).
     held_ended: int = 0
+    # Dead letters past the retention whose envelope (a whole event) was emptied.
+    dead_letters: int = 0
 
 
 def _has_unfinished(event_pk: ColumnElement[int]) -> ColumnElement[bool]:
@@ -1295,8 +1298,9 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
     (``RetentionKept``), and looked at again by each run (at most ``batch``) until its
     deliveries end. Held deliveries of events past the retention (their webhook stayed
     inactive) are ended first, failed with the reason (``HELD_TOO_LONG``, kept), at most
-    ``batch`` a run: held for ever, their events could never be emptied. One transaction of a
-    few bounded statements; emptying changes no indexed column of events (see
+    ``batch`` a run: held for ever, their events could never be emptied. Dead letters past the
+    retention are emptied too, at most ``batch`` a run: each holds a whole event, replayed or
+    not. One transaction of a few bounded statements; emptying changes no indexed column of events (see
     ``models.Event``)."""
     e, d, a, k = _events.c, _deliveries.c, _attempts.c, _retention_kept.c
     with db.transaction() as connection:
@@ -1318,6 +1322,7 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             update(_deliveries).where(d.id.in_(held.scalar_subquery()), is_held)
             .values(status=DeliveryStatus.FAILED, ended_at_ms=now_ms, last_error=HELD_TOO_LONG)
         ).rowcount
+        dead_letters = _empty_dead_letters(connection, older_than_ms, batch, now_ms)
         # Kept aside by earlier runs, finished since, and past the retention still: raised
         # since they were passed (NOTIFIER_RETENTION_DAYS), it keeps them whole until then.
         # One emptied already (by the retention of before migration 0018, still running while
@@ -1343,9 +1348,9 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             connection.execute(insert(_retention_kept), kept)
         pks = ([row.event_pk for row in ready if row.full]
                + [row.pk for row in walked if row.full and not row.open])
-        more = batch in (len(walked), len(ready), held_ended)
+        more = batch in (len(walked), len(ready), held_ended, dead_letters)
         if not pks:
-            return Purged(0, 0, 0, more=more, held_ended=held_ended)
+            return Purged(0, 0, 0, more=more, held_ended=held_ended, dead_letters=dead_letters)
         connection.execute(update(_events).where(e.pk.in_(pks))
                            .values(payload=PURGED_PAYLOAD, purged_at_ms=now_ms))
         # Only rows that hold something to empty are written: most deliveries carry no
@@ -1363,7 +1368,20 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
             .where(a.delivery_id.in_(select(d.id).where(d.event_pk.in_(pks))),
                    or_(a.response_excerpt.is_not(None), a.error_message.is_not(None)))
             .values(response_excerpt=None, error_message=None)).rowcount
-    return Purged(len(pks), deliveries, attempts, more=more, held_ended=held_ended)
+    return Purged(len(pks), deliveries, attempts, more=more, held_ended=held_ended,
+                  dead_letters=dead_letters)
+
+
+def _empty_dead_letters(connection: Connection, older_than_ms: int, batch: int,
+                        now_ms: int) -> int:
+    """Empty at most ``batch`` dead letters received before ``older_than_ms``, oldest first
+    (through the partial index of those not emptied yet); returns how many."""
+    dl = _dead_letters.c
+    due = (select(dl.id).where(dl.purged_at_ms.is_(None), dl.received_at_ms < older_than_ms)
+           .order_by(dl.received_at_ms).limit(batch))
+    return connection.execute(
+        update(_dead_letters).where(dl.id.in_(due.scalar_subquery()), dl.purged_at_ms.is_(None))
+        .values(envelope=json.dumps(PURGED_PAYLOAD), purged_at_ms=now_ms)).rowcount
 
 
 @dataclass(frozen=True)
@@ -1402,23 +1420,36 @@ def event_id_of(envelope: Any) -> str | None:
 
 
 def dead_letters(db: Database) -> list[DeadLetterView]:
-    """The dead letters not replayed yet, oldest first."""
+    """The dead letters waiting to be replayed (not replayed, nor emptied by retention), oldest
+    first."""
     d = _dead_letters.c
     with db.autocommit() as connection:
         rows = connection.execute(select(d.id, d.event_id, d.reason, d.received_at_ms)
-                                  .where(d.replayed_at_ms.is_(None)).order_by(d.id)).all()
+                                  .where(waiting_dead_letter()).order_by(d.id)).all()
     return [DeadLetterView(*row) for row in rows]
 
 
 def replayable_dead_letters(db: Database, ids: Sequence[int]) -> list[tuple[int, Any]]:
-    """``(id, envelope)`` of the dead letters ``ids`` not replayed yet; NotFound names the rest."""
+    """``(id, envelope)`` of the dead letters ``ids`` waiting to be replayed; NotFound names the
+    rest, and those retention emptied apart."""
     d = _dead_letters.c
     with db.autocommit() as connection:
-        rows = dict(connection.execute(select(d.id, d.envelope).where(
-            d.id.in_(list(ids)), d.replayed_at_ms.is_(None))).all())
+        found = connection.execute(select(d.id, d.envelope, d.purged_at_ms).where(
+            d.id.in_(list(ids)), d.replayed_at_ms.is_(None))).all()
+    rows = {row.id: row.envelope for row in found if row.purged_at_ms is None}
+    emptied = {row.id for row in found if row.purged_at_ms is not None}
     if missing := [str(i) for i in ids if i not in rows]:
-        raise NotFound(f"no dead letter waiting to be replayed: {', '.join(missing)}")
+        why = [f"no dead letter waiting to be replayed: {', '.join(missing)}"]
+        if emptied:
+            why.append(f"{', '.join(str(i) for i in ids if i in emptied)} emptied by retention "
+                       "(NOTIFIER_RETENTION_DAYS): nothing left to replay")
+        raise NotFound("; ".join(why))
     return [(i, json.loads(rows[i])) for i in ids]
+
+
+def waiting_dead_letter() -> ColumnElement[bool]:
+    """A dead letter still to replay: not replayed, nor emptied by retention."""
+    return and_(_dead_letters.c.replayed_at_ms.is_(None), _dead_letters.c.purged_at_ms.is_(None))
 
 
 def mark_replayed(db: Database, ids: Sequence[int], *, now_ms: int) -> None:

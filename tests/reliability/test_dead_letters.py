@@ -11,7 +11,7 @@ from sqlalchemy import select
 from notifier import store
 from notifier.db import Database
 from notifier.errors import NotFound
-from notifier.models import Event, EventStatus
+from notifier.models import DeadLetter, Event, EventStatus
 
 ORG = 71014
 
@@ -49,3 +49,36 @@ def test_a_dead_letter_keeps_the_envelope_exactly_and_is_replayed_once(db: Datab
     assert store.dead_letters(db) == []
     with pytest.raises(NotFound, match=str(letter)):
         store.replayable_dead_letters(db, [letter])
+
+
+DAY = 24 * 3600 * 1000
+CUTOFF = 100 * DAY  # NOTIFIER_RETENTION_DAYS ago
+
+
+def test_retention_empties_the_dead_letters_past_it_as_it_empties_events(db: Database) -> None:
+    """A dead letter holds a whole event (customer data): kept past NOTIFIER_RETENTION_DAYS, it
+    would outlive every copy retention empties. Emptied, it leaves the list (nothing is left to
+    replay), and a replay of it says why."""
+    def letter(event_id: str, at_ms: int) -> int:
+        envelope = {"eventName": "pointsIssued", "eventId": event_id, "orgId": ORG,
+                    "data": {"customer": "jane@example.com"}}
+        (made,) = store.dead_letter(db, [envelope], "refused twice", now_ms=at_ms)
+        return made
+
+    old, older, recent = letter("old", CUTOFF - 1), letter("older", CUTOFF - DAY), letter(
+        "recent", CUTOFF + 1)
+    store.mark_replayed(db, [older], now_ms=CUTOFF - 1)  # replayed or not, it held the event
+
+    first = store.purge(db, older_than_ms=CUTOFF, batch=1, now_ms=CUTOFF + DAY)
+    second = store.purge(db, older_than_ms=CUTOFF, batch=1, now_ms=CUTOFF + DAY)
+    third = store.purge(db, older_than_ms=CUTOFF, batch=1, now_ms=CUTOFF + DAY)
+
+    assert (first.dead_letters, first.more) == (1, True)  # at most a batch a run
+    assert (second.dead_letters, third.dead_letters, third.more) == (1, 0, False)
+    with db.session() as session:
+        kept = dict(session.execute(select(DeadLetter.event_id, DeadLetter.envelope)).all())
+    assert "jane" not in kept["old"] and "jane" not in kept["older"]
+    assert "jane" in kept["recent"]
+    assert [listed.id for listed in store.dead_letters(db)] == [recent]
+    with pytest.raises(NotFound, match=rf"{old}.*emptied by retention"):
+        store.replayable_dead_letters(db, [old])
