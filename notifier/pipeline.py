@@ -838,8 +838,9 @@ def _attempt(services: Services, target: store.Target, claimed: store.Claimed,
                               error_message="the webhook is inactive: held until it is "
                                             "activated with deliverHeld, or replayed"), False
     if claimed.event == store.PURGED_PAYLOAD:
-        # A replay can cross retention: the replay found the event whole and queued it again,
-        # retention had seen its deliveries all finished and emptied it. Nothing is left to send.
+        # A replay and retention never cross on an event (store._hold_whole), so a replay
+        # re-opens no delivery of an emptied event; one queued all the same (beside the
+        # retention of an earlier release, during a deploy) has nothing left to send.
         return store.Finished(claimed, started, 0, DeliveryStatus.FAILED,
                               error_class="EventEmptied",
                               error_message="the event was emptied by retention "

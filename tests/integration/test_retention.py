@@ -4,7 +4,8 @@ the bound of one run, the index it walks, and the beat task through a real worke
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,7 +14,14 @@ from sqlalchemy import func, insert, inspect, select, text, tuple_, update
 
 from notifier import store
 from notifier.db import Database
-from notifier.models import Attempt, Delivery, DeliveryStatus, Event, RetentionCursor
+from notifier.models import (
+    FINAL_STATUSES,
+    Attempt,
+    Delivery,
+    DeliveryStatus,
+    Event,
+    RetentionCursor,
+)
 from notifier.pipeline import now_ms
 from notifier.replays import Selection
 from notifier.schemas import load_catalog
@@ -251,6 +259,113 @@ def test_a_replay_leaves_an_emptied_delivery_alone(org: Database) -> None:
 
     assert (counted.matched, counted.skipped, counted.replayable) == (2, 1, 1)
     assert [q.delivery_id for q in queued] == [ids["recent"]]  # nothing left to send of old
+
+
+def _a_replay_of(db: Database, event_id: str) -> tuple[str, int]:
+    """The first delivery of an event (by id) and a replay of it, made but not run yet."""
+    with db.session() as session:
+        delivery_id = session.scalars(
+            select(Delivery.id).join(Event, Event.pk == Delivery.event_pk)
+            .where(Event.event_id == event_id).order_by(Delivery.id)).first()
+    assert delivery_id is not None
+    replay_id = store.start_replay(db, Selection(delivery_ids=(delivery_id,)),
+                                   requested_by="test", org_id=None, now_ms=NOW)
+    return delivery_id, replay_id
+
+
+def _held(gate: threading.Event, what: str) -> None:
+    assert gate.wait(30), f"timed out waiting for {what}"
+
+
+def _done_or_waiting_for_a_lock(db: Database, run: Future[Any], what: str) -> None:
+    """Wait until ``run`` ends or a statement of this database waits for a row's lock (the
+    other transaction's): then it has gone as far as it can while that one is open."""
+    with db.autocommit() as connection:
+        wait_until(lambda: run.done() or connection.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()")), 30, what)
+
+
+def _emptied_with_a_delivery_to_send(db: Database) -> list[tuple[str, str]]:
+    """(eventId, delivery status) of each emptied event's delivery that is not finished: a
+    worker would send it (the whole payload, if it claimed it before) or end it EventEmptied."""
+    with db.session() as session:
+        return [tuple(row) for row in session.execute(
+            select(Event.event_id, Delivery.status).join(Delivery, Delivery.event_pk == Event.pk)
+            .where(Event.purged_at_ms.is_not(None),
+                   Delivery.status.not_in(FINAL_STATUSES)))]
+
+
+def test_a_run_beside_a_replay_reopening_a_delivery_keeps_its_event_whole(
+        org: Database) -> None:
+    """The replay has made a delivered delivery of an old event pending again, and not
+    committed yet (it queues it in Redis first): a run must not empty the event, whose
+    delivery a worker will send once the replay commits (its attempt's response and
+    enrichment would then outlive the retention, the walk being past the event)."""
+    if not org.is_postgresql:
+        pytest.skip("SQLite has one writer: the run waits for the replay's commit, then reads")
+    ingest(org, "old", OLD, DeliveryStatus.DELIVERED)
+    delivery_id, replay_id = _a_replay_of(org, "old")
+    reopened, go = threading.Event(), threading.Event()
+
+    def queue(_items: list[store.Queued]) -> None:  # before the replay commits
+        reopened.set()
+        _held(go, "the test to let the replay commit")
+
+    with ThreadPoolExecutor(2) as pool:
+        replay = pool.submit(store.replay_batch, org, replay_id, most=10, now_ms=NOW,
+                             queue=queue)
+        _held(reopened, "the replay to re-open the delivery")
+        run = pool.submit(purge, org)
+        _done_or_waiting_for_a_lock(org, run, "the run to end or wait for the replay")
+        go.set()
+        queued, purged = replay.result(timeout=30).queued, run.result(timeout=30)
+
+    assert _emptied_with_a_delivery_to_send(org) == []
+    assert [q.delivery_id for q in queued] == [delivery_id]
+    assert purged == store.Purged(0, 0, 0, more=False)
+    assert emptied(org) == {"old": False}
+    # Kept aside, not passed for good: emptied once its deliveries have ended again.
+    assert purge(org) == store.Purged(0, 0, 0, more=False)
+    with org.session() as session:
+        session.execute(update(Delivery).where(Delivery.id == delivery_id)
+                        .values(status=DeliveryStatus.DELIVERED))
+    assert purge(org) == store.Purged(events=1, deliveries=2, attempts=2, more=False)
+
+
+def test_a_replay_beside_a_run_emptying_the_event_leaves_its_delivery_alone(
+        org: Database) -> None:
+    """The run has emptied the event and not committed yet: a replay of its delivery must not
+    make it pending (it would end failed, EventEmptied, though the replay queued it)."""
+    if not org.is_postgresql:
+        pytest.skip("SQLite has one writer: the replay waits for the run's commit, then reads")
+    ingest(org, "old", OLD, DeliveryStatus.DELIVERED)
+    delivery_id, replay_id = _a_replay_of(org, "old")
+    emptying, go = threading.Event(), threading.Event()
+
+    def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE events SET payload"):
+            emptying.set()
+            _held(go, "the test to let the run commit")
+
+    sa_event.listen(org.engine, "after_cursor_execute", hold)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            run = pool.submit(purge, org)
+            _held(emptying, "the run to empty the event")
+            replay = pool.submit(store.replay_batch, org, replay_id, most=10, now_ms=NOW,
+                                 queue=lambda items: None)
+            _done_or_waiting_for_a_lock(org, replay, "the replay to end or wait for the run")
+            go.set()
+            purged, queued = run.result(timeout=30), replay.result(timeout=30).queued
+    finally:
+        sa_event.remove(org.engine, "after_cursor_execute", hold)
+
+    assert _emptied_with_a_delivery_to_send(org) == []
+    assert (purged.events, queued) == (1, [])
+    with org.session() as session:
+        assert session.scalar(select(Delivery.status).where(Delivery.id == delivery_id)) == \
+            DeliveryStatus.DELIVERED
 
 
 def test_emptying_an_event_changes_no_column_an_index_of_events_holds(org: Database) -> None:
