@@ -678,7 +678,7 @@ def test_retention_run_prints_what_it_emptied(stack: Stack, stack_env: dict[str,
         database.dispose()
     assert ran.exit_code == 0, ran.output
     assert json.loads(ran.stdout) == {"events": 1, "deliveries": 1, "attempts": 1,
-                                      "more": False, "held_ended": 0}
+                                      "more": False, "held_ended": 0, "dead_letters": 0}
     assert cli("retention", "run").stdout == \
         "emptied 0 events older than 30 days, 0 deliveries and 0 attempts\n"
 
