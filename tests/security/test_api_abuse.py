@@ -231,12 +231,13 @@ def test_a_large_reference_upload_does_not_block_a_concurrent_health(
 
     thread = threading.Thread(target=upload)
     thread.start()
+    # Every call made while the upload runs counts, the one still open as it ends too: a
+    # handler on the event loop holds that one until the upload is answered.
     slowest, calls = 0.0, 0
     while not done.is_set():
         started = time.monotonic()
         requests.get(f"{live_api.base}/health", timeout=120)
-        if not done.is_set():
-            slowest, calls = max(slowest, time.monotonic() - started), calls + 1
+        slowest, calls = max(slowest, time.monotonic() - started), calls + 1
     thread.join()
     assert answer["upload"].status_code == 200, answer["upload"].text[:300]
     assert answer["upload"].json()["data"] == {"tills": 55_000}
