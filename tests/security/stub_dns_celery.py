@@ -5,6 +5,7 @@ addresses only.
 ``NOTIFIER_TEST_HOSTS`` names a JSON file ``{"name.test": ["addr", ...], "asked": []}``: each
 lookup of a name takes its next answer (the last one repeats) and appends ``[name, answer]``
 to ``asked``, under a file lock, so every process of a prefork worker shares one sequence.
+An answer ``slow:SECONDS:ADDRESS`` is ADDRESS given after SECONDS (a resolver that hangs).
 Other names resolve as usual. A test seam only: production never imports this module.
 """
 
@@ -15,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 _real_getaddrinfo = socket.getaddrinfo
@@ -36,6 +38,9 @@ def _stub_getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0,
         file.seek(0)
         file.truncate()
         json.dump(table, file)
+    if address.startswith("slow:"):
+        _, seconds, address = address.split(":", 2)
+        time.sleep(float(seconds))
     return _real_getaddrinfo(address, port, family, type, proto, flags | socket.AI_NUMERICHOST)
 
 
