@@ -29,7 +29,7 @@ from notifier import alerts, faults, store, webhooks
 from notifier.clock import iso_ms, now_ms
 from notifier.db import Database
 from notifier.enrich import additions, enrich, prefetch
-from notifier.errors import NotFound, StateLost, TooManyEvents, TransientError
+from notifier.errors import NotFound, StateLost, StoreRefused, TooManyEvents, TransientError
 from notifier.metrics import Tally
 from notifier.models import DeliveryStatus, EventStatus
 from notifier.queues import Lease, Queues, Report
@@ -438,8 +438,8 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
 
     The round trips are the task's, not each lease's: one Redis call takes every lease (topped
     up with what queued since it was dispatched), one statement claims all their deliveries, one
-    reads their webhooks, one Redis call gives every slot back and dispatches what waits. Only
-    the POST and the record of its attempt are one per delivery.
+    reads their webhooks, one transaction records every attempt (``_Ledger``), one Redis call
+    gives every slot back and dispatches what waits. Only the POST is one per delivery.
 
     The leases after the first wait at most ``NOTIFIER_SLOW_WEBHOOK_MS`` from the start (nor
     past ``NOTIFIER_BATCH_TIME_BUDGET``): then those not started are handed on with
@@ -459,6 +459,7 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
     try:
         task.run(send, hand_on)
     except task.interruptions as exc:
+        task.record_what_was_sent()
         raise DeliveryInterrupted(exc, task.unreleased(), task.claimed_until) from exc
     finally:
         _count(services, task.tally)
@@ -483,6 +484,116 @@ class _Aftermath:
     exhausted: list[tuple[store.Target, store.Finished]] = field(default_factory=list)
     disabled: list[tuple[store.Target, str]] = field(default_factory=list)
     breaches: list[store.Breach] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """An attempt a task made and has not recorded yet."""
+
+    webhook_id: str
+    # None for a lease whose webhook could not be read (``_fail_lot``).
+    target: store.Target | None
+    finished: store.Finished
+
+
+class _Ledger:
+    """The attempts of one delivery task, recorded together (``record``): one ``store.finish``,
+    one transaction of a few statements for the whole batch, instead of one per attempt.
+
+    What it costs: a task killed between a send and the record loses the records of the sends
+    since its last record, never a delivery. Their claims expire and they go again with the
+    same ``webhook-id`` (at-least-once), and the re-send is recorded. For that, a task records
+    before it gives any slot back: a slot given back takes its lease out of Redis, and with it
+    what brings back (a retry of the task, or the sweeper once the lease expires) a delivery
+    whose record then failed. And it parks a retry only once it is recorded: Redis follows the
+    database, never ahead of it.
+
+    The count, the log line and the alerts stay per attempt, once it is recorded.
+    """
+
+    def __init__(self, services: Services, tally: Tally, aftermath: _Aftermath) -> None:
+        self._services = services
+        self._tally = tally
+        self._aftermath = aftermath
+        self._unrecorded: list[_Sent] = []
+
+    def __len__(self) -> int:
+        return len(self._unrecorded)
+
+    def add(self, webhook_id: str, target: store.Target | None,
+            finished: store.Finished) -> None:
+        self._unrecorded.append(_Sent(webhook_id, target, finished))
+
+    def met_sla_due_within(self, ms: float) -> bool:
+        """Whether a delivery sent in time and not recorded yet reaches its SLA's due time
+        within ``ms``: past it, beat's check would stamp as breached a delivery whose record
+        (not written yet) says it met its SLA."""
+        soon = now_ms() + ms
+        return any(sent.finished.outcome == DeliveryStatus.DELIVERED and not sent.finished.late
+                   and sent.finished.claimed.sla_due_at_ms is not None
+                   and sent.finished.claimed.sla_due_at_ms <= soon
+                   for sent in self._unrecorded)
+
+    def record(self) -> None:
+        """Record the attempts made since the last record, then count, log and park them.
+        A transient failure raises and keeps them, for the task to record on its way out or
+        for its retry to send again."""
+        if not self._unrecorded:
+            return
+        try:
+            breaches = store.finish(self._services.db,
+                                    [sent.finished for sent in self._unrecorded])
+        except StoreRefused:
+            self._record_one_by_one()
+            return
+        recorded, self._unrecorded = self._unrecorded, []
+        self._recorded(recorded, breaches)
+
+    def _record_one_by_one(self) -> None:
+        """The database refused the batch for good (one row it cannot take: not a fault that
+        passes): record each attempt on its own, so that one bad row costs the others nothing.
+        One refused again is recorded failed, saying why (replayable once the cause is fixed)."""
+        recorded: list[_Sent] = []
+        breaches: list[store.Breach] = []
+        try:
+            while self._unrecorded:
+                sent = self._unrecorded[0]
+                try:
+                    breaches += store.finish(self._services.db, [sent.finished])
+                except StoreRefused as exc:
+                    # Its kind, not its message: the refused row is quoted whole in it.
+                    log.error("delivery %s: its attempt could not be recorded: %s",
+                              sent.finished.claimed.id, faults.summary(exc))
+                    sent = replace(sent, finished=_refused(sent.finished, exc))
+                    breaches += store.finish(self._services.db, [sent.finished])
+                recorded.append(self._unrecorded.pop(0))
+        finally:
+            self._recorded(recorded, breaches)
+
+    def _recorded(self, recorded: Sequence[_Sent], breaches: Sequence[store.Breach]) -> None:
+        _breached(self._tally, breaches)
+        self._aftermath.breaches.extend(breaches)
+        retries = []
+        for sent in recorded:
+            finished = sent.finished
+            _log_attempt(sent.webhook_id, finished)
+            if finished.outcome == DeliveryStatus.DEAD and sent.target is not None:
+                self._aftermath.exhausted.append((sent.target, finished))
+            self._tally.attempt(sent.webhook_id, finished.outcome, finished.latency_ms,
+                                finished.taken_ms
+                                if finished.outcome == DeliveryStatus.DELIVERED else None)
+            if finished.next_attempt_at_ms is not None:
+                retries.append((sent.webhook_id, finished.claimed.id, finished.next_attempt_at_ms))
+        if retries:
+            self._services.queues.park(retries)
+
+
+def _refused(finished: store.Finished, exc: StoreRefused) -> store.Finished:
+    """The attempt ``finished`` as it is recorded when the database refused its record: failed,
+    with the refusal as its error."""
+    return store.Finished(finished.claimed, finished.started_at_ms, finished.latency_ms,
+                          DeliveryStatus.FAILED, error_class=type(exc).__name__,
+                          error_message=str(exc)[:2000])
 
 
 @dataclass(frozen=True)
@@ -521,10 +632,22 @@ class _Task:
         self.tally.delivery_task(len(leases))
         # What its sends left to alert about, raised once it gave its slots back.
         self.aftermath = _Aftermath()
+        # Its attempts, recorded together before it gives its slots back.
+        self.ledger = _Ledger(services, self.tally, self.aftermath)
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
             return list(self._held)
+
+    def record_what_was_sent(self) -> None:
+        """The task stops midway (``interruptions``): record what it sent before it stops. Failing
+        that (the database away), the retry sends those deliveries again, with the same
+        ``webhook-id``, and records that."""
+        try:
+            self.ledger.record()
+        except self.interruptions as exc:
+            log.warning("delivery task stopped: the attempts of %d send(s) not recorded, they "
+                        "go again: %s", len(self.ledger), faults.summary(exc))
 
     def run(self, send: SendLease, hand_on: HandOn) -> None:
         services = self.services
@@ -536,7 +659,7 @@ class _Task:
         self._held = [lease for lease in taken if lease is not None]
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
-        done += [(lot, _fail_lot(services, lot, self.tally)) for lot in lots
+        done += [(lot, _fail_lot(lot, self.ledger)) for lot in lots
                  if lot.claimed and lot.fault is not None]
         sending = [lot for lot in lots if lot.claimed and lot.fault is None]
         if sending:
@@ -546,6 +669,7 @@ class _Task:
                 while lot is not None:
                     done.append((lot, self._send(lot)))
                     lot = self._next(hand_on)
+        self.ledger.record()
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
                                                 batch=batch, lease_ms=lease_ms, now_ms=now_ms(),
                                                 claim=self.claim_token)
@@ -575,18 +699,18 @@ class _Task:
         the task carries on with its other leases."""
         try:
             return _deliver_lot(self.services, lot, self._budget_ends, self.tally,
-                                self.interruptions, self.aftermath)
+                                self.interruptions, self.ledger, self.aftermath)
         except self.interruptions:
             raise
         except Exception as exc:
             if faults.is_transient(exc):
                 raise
-            # Its kind, not its message: a refused attempt row is quoted whole in it.
+            # Its kind, not its message: a refused row is quoted whole in it.
             log.error("webhook %s: its batch stopped: %s", lot.lease.webhook_id,
                       faults.summary(exc))
+            self.ledger.record()  # what it sent is no longer the lot's to fail
             held = store.still_claimed(self.services.db, lot.claimed)
-            return _fail_lot(self.services, replace(lot, claimed=tuple(held), fault=exc),
-                             self.tally)
+            return _fail_lot(replace(lot, claimed=tuple(held), fault=exc), self.ledger)
 
     def _disable_if_failing_too_long(self, lot: _Lot, target: store.Target,
                                      failing_since_ms: int, send: SendLease) -> None:
@@ -706,10 +830,11 @@ class _Task:
 
 
 def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally,
-                 interruptions: tuple[type[BaseException], ...],
+                 interruptions: tuple[type[BaseException], ...], ledger: _Ledger,
                  aftermath: _Aftermath) -> Report:
-    """POST what a lot claimed; returns what its slot's release reports: the slowest response,
-    and the webhook's successes and failures (its answers only, not notifier's own faults).
+    """POST what a lot claimed, its attempts to the task's ``ledger``; returns what its slot's
+    release reports: the slowest response, and the webhook's successes and failures (its
+    answers only, not notifier's own faults).
 
     A batch ends early when the task's time budget is spent, or, in the fast lane, as soon as
     the webhook answers slowly: the rest goes back to the queue and on by the slow lane.
@@ -727,6 +852,10 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
                                             or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
+        # A send takes up to the whole-request deadline: a delivery met in time whose SLA
+        # falls due meanwhile is recorded first, as beat would stamp it breached.
+        if ledger.met_sla_due_within(services.settings.http_deadline * 1000):
+            ledger.record()
         started = now_ms()
         try:
             finished, posted = _attempt(services, target, claimed, interruptions)
@@ -734,10 +863,10 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
             raise
         except interruptions:
             # Stopped from outside (the task's time limit) mid-attempt: the attempt is recorded
-            # as a timeout and retried on the schedule, then the task stops.
-            _record(services, lease.webhook_id, target, judge(services, claimed, Result(
+            # (with the others, as the task stops) as a timeout, retried on the schedule.
+            ledger.add(lease.webhook_id, target, judge(services, claimed, Result(
                 now_ms() - started, error=requests.Timeout(
-                    "cut by the delivery task's time limit")), started), tally, aftermath)
+                    "cut by the delivery task's time limit")), started))
             raise
         slowest = max(slowest, finished.latency_ms)
         if posted and finished.outcome == DeliveryStatus.DELIVERED:
@@ -745,8 +874,11 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
         elif posted:
             failures += 1
             failing_since = failing_since or finished.started_at_ms
-        _record(services, lease.webhook_id, target, finished, tally, aftermath)
+        ledger.add(lease.webhook_id, target, finished)
         if posted and finished.status_code == GONE_STATUS:
+            # Recorded first: deactivating holds what the webhook has waiting, and what this
+            # task sent it before (a retry to park, this delivery) must be recorded by then.
+            ledger.record()
             reason = (f"deactivated by notifier: its endpoint answered 410 Gone at "
                       f"{iso_ms(finished.started_at_ms)} (delivery {claimed.id})")
             if _deactivate(services, target, reason, tally) and not alerts.is_alert_event(
@@ -788,23 +920,6 @@ def _webhook_recovered(services: Services, lot: _Lot, tally: Tally, send: SendLe
     if lot.target is not None and not all(alerts.is_alert_event(c.event) for c in lot.claimed):
         alert_webhook_recovered(services, lot.target.org_id, webhook_id, send,
                                 reason="its circuit breaker closed: a probe delivery succeeded")
-
-
-def _record(services: Services, webhook_id: str, target: store.Target, finished: store.Finished,
-            tally: Tally, aftermath: _Aftermath) -> None:
-    """Record an attempt, count it, log it, and park its delivery if it is to be retried; what
-    it leaves to alert about (a delivery that died, the SLA breach its finish stamped) goes to
-    ``aftermath``."""
-    breaches = store.finish(services.db, [finished])
-    _breached(tally, breaches)
-    aftermath.breaches.extend(breaches)
-    _log_attempt(webhook_id, finished)
-    if finished.outcome == DeliveryStatus.DEAD:
-        aftermath.exhausted.append((target, finished))
-    tally.attempt(webhook_id, finished.outcome, finished.latency_ms,
-                  finished.taken_ms if finished.outcome == DeliveryStatus.DELIVERED else None)
-    if finished.next_attempt_at_ms is not None:
-        services.queues.park([(webhook_id, finished.claimed.id, finished.next_attempt_at_ms)])
 
 
 def _log_attempt(webhook_id: str, finished: store.Finished) -> None:
@@ -871,18 +986,18 @@ def _failed_in_notifier(claimed: store.Claimed, started: int, exc: Exception) ->
                           error_class=type(exc).__name__, error_message=str(exc)[:2000])
 
 
-def _fail_lot(services: Services, lot: _Lot, tally: Tally) -> Report:
+def _fail_lot(lot: _Lot, ledger: _Ledger) -> Report:
     """A lease that could not be made ready (``lot.fault``: its webhook gone, a secret no key
-    opens) fails each of its deliveries for good with the reason, replayable once the cause is
-    fixed; its slot goes back with the others', and the task carries on with them."""
+    opens) fails each of its deliveries for good with the reason (recorded with the task's
+    other attempts), replayable once the cause is fixed; its slot goes back with the others',
+    and the task carries on with them."""
     assert lot.fault is not None
     log.error("webhook %s: %d deliveries failed: %s", lot.lease.webhook_id, len(lot.claimed),
               faults.reason(lot.fault))
     started = now_ms()
-    failed = [_failed_in_notifier(claimed, started, lot.fault) for claimed in lot.claimed]
-    _breached(tally, store.finish(services.db, failed))
-    for finished in failed:
-        tally.attempt(lot.lease.webhook_id, finished.outcome, finished.latency_ms, None)
+    for claimed in lot.claimed:
+        ledger.add(lot.lease.webhook_id, lot.target, _failed_in_notifier(claimed, started,
+                                                                         lot.fault))
     return Report()
 
 

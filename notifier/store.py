@@ -819,22 +819,27 @@ def finish(db: Database, done: Sequence[Finished]) -> list[Breach]:
     """Record attempts and move their deliveries on, atomically; returns the SLA breaches this
     stamped (attempts that ended past an SLA that beat had not stamped yet).
 
+    One transaction of a few statements whatever the number of attempts (a delivery task
+    records its batch at once): the late ones' stamps, the attempts' inserts and the
+    deliveries' moves, each one statement for all rows.
+
     A delivery whose lease was taken over meanwhile keeps its new holder's state; its attempt
     is still recorded, because it happened.
     """
+    if not done:
+        return []
     rows = [_finish_row(f) for f in done]
     late = [f for f in done if f.late]
-    if db.is_postgresql and not late:
-        # Each attempt and its delivery's move in one statement: one round trip each.
+    if db.is_postgresql and not late and len(rows) == 1:
+        # The attempt and its delivery's move in one statement: one round trip.
         with db.autocommit() as connection:
             connection.execute(_record_and_move_statement(), rows)
         return []
     with db.transaction() as connection:
         # Stamped before the move, while the claim still names its holder: a stale holder's
         # late attempt stamps nothing.
-        breaches = [_breach(row) for f in late for row in connection.execute(
-            _stamp_late_statement(), {"delivery_id": f.claimed.id,
-                                      "claimed_until_ms": f.claimed.lease_until_ms})]
+        breaches = ([_breach(row) for row in connection.execute(_stamp_late_statement(late))]
+                    if late else [])
         if db.is_postgresql:
             connection.execute(_record_and_move_statement(), rows)
         else:
@@ -916,13 +921,13 @@ def _breach(row: Any) -> Breach:
     return Breach(row.id, row.webhook_id, row.sla_breach_at_ms)
 
 
-@functools.cache
-def _stamp_late_statement() -> Any:
+def _stamp_late_statement(late: Sequence[Finished]) -> Any:
+    """Stamp the breaches of attempts that ended past their SLA, those whose claim still holds
+    their delivery, in one statement."""
     d = _deliveries.c
+    claims = [(f.claimed.id, f.claimed.lease_until_ms) for f in late]
     return (update(_deliveries)
-            .where(d.id == bindparam("delivery_id", type_=String),
-                   d.lease_until_ms == bindparam("claimed_until_ms", type_=BigInteger),
-                   d.sla_due_at_ms.is_not(None))
+            .where(tuple_(d.id, d.lease_until_ms).in_(claims), d.sla_due_at_ms.is_not(None))
             .values(_stamp()).returning(*_stamped()))
 
 

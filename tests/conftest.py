@@ -206,7 +206,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
-    status: int = 200  # what the receiver answered
+    status: int = 200  # what the receiver answered (0: nothing, the sender went away mid-request)
     began: float = 0.0  # when its handling started (``at`` is when it ended)
 
 
@@ -235,13 +235,20 @@ class Receiver:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
                 began = time.monotonic()
                 reply = receiver._begin(self.path)
+                if len(body) < length:
+                    # Its sender went away before the whole body came (a worker killed
+                    # mid-request): no answer reaches it, and none is recorded (status 0).
+                    reply = Reply(0)
                 try:
                     time.sleep(reply.delay)
                     if gate := receiver.gates.get(self.path):
                         gate.wait(60)
+                    if not reply.status:
+                        return
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():
                         self.send_header(name, value)

@@ -228,6 +228,30 @@ def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -
         assert statuses == [400, 200]
 
 
+def test_finish_of_a_batch_stamps_the_late_attempts_of_live_claims_only(org: Database) -> None:
+    hook = webhook(org, "a", sla_in_seconds=1)
+    (beaten,) = store.ingest_many(org, load_catalog(), [event("e-0")], now_ms=500)[0].queued
+    ids = [beaten.delivery_id] + [outcome.queued[0].delivery_id for outcome in store.ingest_many(
+        org, load_catalog(), [event(f"e-{n}") for n in range(1, 4)], now_ms=1000)]
+    claimed = store.claim(org, ids, now_ms=1100, lease_ms=60_000).claimed
+    stamped_by_beat, late, in_time, taken_over = claimed
+    # Beat stamps the first while in flight (due at 1500; the others at 2000), and the last's
+    # claim runs out and is taken over: their late attempts stamp nothing.
+    assert store.flag_sla_breaches(org, now_ms=1800, batch=10) == [
+        store.Breach(beaten.delivery_id, hook, 1500)]
+    store.claim(org, [taken_over.id], now_ms=70_000, lease_ms=60_000)
+
+    breaches = store.finish(org, [
+        store.Finished(stamped_by_beat, 1100, 3000, DeliveryStatus.DELIVERED, 200),
+        store.Finished(late, 1100, 3000, DeliveryStatus.DELIVERED, 200),
+        store.Finished(in_time, 1100, 500, DeliveryStatus.DELIVERED, 200),
+        store.Finished(taken_over, 1100, 3000, DeliveryStatus.FAILED, 400)])
+
+    assert breaches == [store.Breach(late.id, hook, 2000)]
+    assert [_sla_of(org, item.id) for item in claimed] == [
+        (None, 1500), (None, 2000), (None, None), (2000, None)]
+
+
 def test_sla_breaches_are_flagged_once_with_the_breach_time(org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=10)
     (first,) = store.ingest_many(org, load_catalog(), [event("e-1")], now_ms=1000)[0].queued
