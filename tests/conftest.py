@@ -243,10 +243,16 @@ class Receiver:
                     # Its sender went away before the whole body came (a worker killed
                     # mid-request): no answer reaches it, and none is recorded (status 0).
                     reply = Reply(0)
+                answering = False
                 try:
                     time.sleep(reply.delay)
                     if gate := receiver.gates.get(self.path):
                         gate.wait(60)
+                    # No longer open once its answer is on the way: its sender may then take
+                    # the next request of the slot (a new task's) before this thread, behind
+                    # the others for the GIL, has recorded its end, and a peak counted from
+                    # that end would be this answer's tail, not two requests held at once.
+                    answering = receiver._answering(self.path)
                     if not reply.status:
                         return
                     self.send_response(reply.status)
@@ -258,7 +264,7 @@ class Receiver:
                 finally:
                     receiver._end(self.path, Received(
                         self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                        time.monotonic(), reply.status, began))
+                        time.monotonic(), reply.status, began), answering)
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -297,9 +303,15 @@ class Receiver:
             # The request is counted when its handling starts: arrival is what tests observe.
             return reply
 
-    def _end(self, path: str, received: Received) -> None:
+    def _answering(self, path: str) -> bool:
         with self.lock:
             self.in_flight[path] -= 1
+            return True
+
+    def _end(self, path: str, received: Received, answered: bool) -> None:
+        with self.lock:
+            if not answered:
+                self.in_flight[path] -= 1
             self.requests.append(received)
             self.lock.notify_all()
 
