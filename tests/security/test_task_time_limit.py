@@ -1,13 +1,16 @@
 """A delivery task that outlives its request's deadline is stopped by its Celery soft time
-limit, through the real path: a prefork worker whose DNS answers a ``.test`` name only after
-a long wait (``stub_dns_celery``), a receiver on 127.0.0.1.
+limit, through the real path: a prefork worker whose DNS answers ``.test`` names from a file
+(``stub_dns_celery``), receivers on 127.0.0.1.
 
-The whole-request deadline cuts sockets; a name that takes long to resolve holds no socket yet,
+The whole-request deadline cuts sockets once connected; a connect waits up to its own timeout,
 so only the task's time limits (``tasks.celeryconfig``) bound it. The task records the attempt
 it cut as a timeout, carries its lease on, and the delivery is sent once when it is due again.
 """
 
 from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,11 +23,33 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 STUB_DNS_WORKER = ("tests.security.stub_dns_celery",)
 
 
+def _two_attempts(database: Database, hook: str) -> list[object] | None:
+    attempts = attempts_of_hook(database, hook)
+    return attempts if len(attempts) >= 2 else None
+
+
+@pytest.fixture
+def unanswered(receiver: Receiver) -> Iterator[str]:
+    """127.0.0.2 on the receiver's port, a listener whose backlog is full: the kernel drops
+    each new connection's SYN, so a connect there waits for its timeout."""
+    listener = socket.create_server(("127.0.0.2", receiver.server.server_port), backlog=0)
+    queued = socket.create_connection(listener.getsockname(), timeout=5)  # fills the backlog
+    try:
+        yield "127.0.0.2"
+    finally:
+        queued.close()
+        listener.close()
+
+
 def test_a_task_held_past_its_deadline_is_stopped_by_its_time_limit(
-        stack: Stack, receiver: Receiver, database: Database, hosts_file: object) -> None:
+        stack: Stack, receiver: Receiver, database: Database, hosts_file: object,
+        unanswered: str) -> None:
     # The stack's limits: deadline 2 s, soft time limit 3.5 s, hard 4 s, slot lease 5 s. The
-    # first lookup answers after 30 s (a resolver that hangs); the next ones at once.
-    hosts_file({"hangs.test": ["slow:30:127.0.0.1", "127.0.0.1"]})  # type: ignore[operator]
+    # deadline cuts a socket once it is connected; a connect waits for its own timeout, here
+    # 30 s. The first lookup leads to an address that never accepts; the next ones to the
+    # receiver.
+    hosts_file({"hangs.test": [unanswered, "127.0.0.1"]})  # type: ignore[operator]
+    stack.env["NOTIFIER_HTTP_CONNECT_TIMEOUT"] = "30"
     port = receiver.server.server_port
     hook = make_hook(stack, database, f"http://hangs.test:{port}/hangs",
                      max_allowed_connections=1)
@@ -33,10 +58,9 @@ def test_a_task_held_past_its_deadline_is_stopped_by_its_time_limit(
 
     send(stack)
     (arrived,) = receiver.wait_for(1, "/hangs", timeout=60)
-    attempts = wait_until(lambda: (lambda a: a if len(a) >= 2 else None)(
-        attempts_of_hook(database, hook)), 30, "the cut attempt and the delivered one")
+    cut, delivered = wait_until(lambda: _two_attempts(database, hook), 30,  # type: ignore[misc]
+                                "the cut attempt and the delivered one")
 
-    cut, delivered = attempts
     assert (cut.outcome, cut.error_class) == ("retrying", "Timeout"), cut.error_message
     assert cut.error_message == "cut by the delivery task's time limit"
     # The same delivery, sent again only once the cut send had ended (with no time limit, its
