@@ -210,8 +210,9 @@ class Settings:
         "Seconds to wait for each read of a webhook's response.")
     http_deadline: float = _setting(
         _positive_float, "30",
-        "Seconds a whole request to a webhook may take, connect, headers and body together, "
-        "however slowly the receiver trickles them; then it is cut and retried.")
+        "Seconds a whole request to a webhook may take, DNS lookup, headers and body "
+        "together, however slowly the receiver trickles them or its name's DNS server "
+        "answers; then it is cut and retried.")
     max_response_bytes: int = _setting(
         _positive_int, "65536",
         "Most bytes of a webhook's response that are read; the rest is dropped.")

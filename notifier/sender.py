@@ -8,6 +8,10 @@ Where it may send is decided at the socket, not beside it: a URL is read once, w
 client's own parser (``read_url``), and every new connection resolves its host once, checks
 every address (``check_address``) and connects to the address it checked (``_GuardedConnection``),
 so neither a second parser nor a second DNS answer can take a request elsewhere.
+
+The whole-request deadline bounds a request from its DNS lookup to the last byte read: a
+watchdog thread cuts the socket (``_Watchdog``), and a lookup, which has no socket to cut, is
+waited for in a thread of a small pool only until the deadline (``_Lookups``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 import heapq
 import ipaddress
 import os
+import queue
 import re
 import socket
 import threading
@@ -277,15 +282,28 @@ def _getaddrinfo(host: str, port: int, family: int = 0,
     return socket.getaddrinfo(host, port, family, type)
 
 
-def _resolve(resolver: Resolver, host: str, port: int) -> list[Address]:
+def _resolve(resolver: Resolver, host: str, port: int,
+             timer: _Timer | None = None) -> list[Address]:
+    """The addresses ``host`` resolves to, looked up (if ``timer``) only until its deadline."""
     try:
-        infos = resolver(host, port, 0, socket.SOCK_STREAM)
+        if timer is None:
+            infos = resolver(host, port, 0, socket.SOCK_STREAM)
+        else:
+            infos = _LOOKUPS.resolve(resolver, host, port, timer)
     except (OSError, UnicodeError) as exc:
         raise DestinationNotAllowed(f"{host!r} does not resolve: {exc}") from exc
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     if not addresses:
         raise DestinationNotAllowed(f"{host!r} does not resolve to any address")
     return addresses
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- the connection is the check
@@ -301,7 +319,14 @@ class _Guard:
     def connect(self, conn: HTTPConnection) -> socket.socket:
         """Resolve the connection's host once, check every address, connect to a checked one."""
         host, port = conn._dns_host.rstrip("."), conn.port or 80
-        addresses = _resolve(self.resolver, host, port)
+        # An address written in the URL asks no DNS server (getaddrinfo reads it at once): it
+        # is resolved in this thread, sparing it the lookup threads' hand-off (~0.1 ms).
+        timer = None if _is_address(host) else _WATCHDOG.timer()
+        try:
+            addresses = _resolve(self.resolver, host, port, timer)
+        except _LookupsBusy as exc:
+            raise urllib3.exceptions.NewConnectionError(
+                conn, f"{host!r} was not looked up: {exc}") from None
         for address in addresses:
             try:
                 check_address(address, self.allowed)
@@ -410,10 +435,11 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
 
 
 class _Timer:
-    __slots__ = ("done", "fired", "owned", "sock", "when")
+    __slots__ = ("done", "fired", "owned", "seconds", "sock", "when")
 
-    def __init__(self, when: float) -> None:
-        self.when = when
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.when = time.monotonic() + seconds
         self.sock: socket.socket | None = None
         self.owned = False  # whether ``sock`` is the timer's own duplicate, to close
         self.done = False
@@ -448,7 +474,7 @@ class _Watchdog:
         self._local = threading.local()
 
     def arm(self, seconds: float) -> _Timer:
-        timer = _Timer(time.monotonic() + seconds)
+        timer = _Timer(seconds)
         with self._wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="notifier-deadlines",
@@ -459,6 +485,11 @@ class _Watchdog:
             if self._heap[0][2] is timer:
                 self._wake.notify()
         self._local.timer = timer
+        return timer
+
+    def timer(self) -> _Timer | None:
+        """The armed timer of the calling thread's request, if it has one."""
+        timer: _Timer | None = getattr(self._local, "timer", None)
         return timer
 
     def watch(self, sock: socket.socket | None, *, owned: bool = False) -> None:
@@ -505,6 +536,97 @@ def _cut(sock: socket.socket) -> None:
 
 
 _WATCHDOG = _Watchdog()
+
+
+class _LookupsBusy(Exception):
+    """Every lookup thread of the process is taken: a new lookup is refused, not queued."""
+
+
+class _Lookup:
+    __slots__ = ("answer", "done", "error", "host", "port", "resolver")
+
+    def __init__(self, resolver: Resolver, host: str, port: int) -> None:
+        self.resolver, self.host, self.port = resolver, host, port
+        self.done = threading.Event()
+        self.answer: Sequence[tuple[Any, ...]] = ()
+        self.error: BaseException | None = None
+
+
+class _Lookups:
+    """A few daemon threads a process that run DNS lookups, so that a request waits for one only
+    until its deadline.
+
+    ``getaddrinfo`` cannot be interrupted, and a name's own DNS server (a tenant's) may hold it
+    for the system resolver's whole timeout (glibc: 5 s a try, per attempt and name server),
+    whatever the request's deadline. A lookup given up on finishes in its thread and its answer
+    is dropped. At most ``limit`` lookups run at once, each in a thread of its own (started
+    when first needed, then kept): past that a lookup fails at once, never queued behind
+    lookups that hang, and abandoned lookups never pile up.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._reset()
+        # A forked child has the counts but not the threads: it starts its own.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Lookup] = queue.SimpleQueue()
+        self._running = 0  # lookups handed to a thread and not finished, abandoned or not
+        self._threads = 0
+
+    def resolve(self, resolver: Resolver, host: str, port: int,
+                timer: _Timer) -> Sequence[tuple[Any, ...]]:
+        """``resolver``'s answer for ``host``, waited for until ``timer``'s deadline."""
+        # A lookup that outlasts the deadline leaves its answer unknown, so there is nothing to
+        # refuse: a timeout, retried like any other, with nothing sent; the next attempt's
+        # lookup decides (a refused answer then fails the delivery for good). Waiting on for an
+        # answer to refuse would give a tenant's DNS server back the hold on the worker that
+        # this bound takes away.
+        left = timer.when - time.monotonic()
+        if left <= 0:
+            raise _late_lookup(host, timer)
+        lookup = _Lookup(resolver, host, port)
+        with self._lock:
+            if self._running >= self.limit:
+                raise _LookupsBusy(
+                    f"all {self.limit} DNS lookups this process may run at once are under way "
+                    "(names whose DNS server is slow to answer, left behind by their requests' "
+                    "deadlines)")
+            self._running += 1
+            if self._threads < self._running:  # so that every lookup finds a thread at once
+                self._threads += 1
+                threading.Thread(target=self._serve, name="notifier-dns", daemon=True).start()
+        self._jobs.put(lookup)
+        if not lookup.done.wait(left):
+            raise _late_lookup(host, timer)
+        if lookup.error is not None:
+            raise lookup.error
+        return lookup.answer
+
+    def _serve(self) -> None:
+        while True:
+            lookup = self._jobs.get()
+            try:
+                lookup.answer = lookup.resolver(lookup.host, lookup.port, 0, socket.SOCK_STREAM)
+            except BaseException as exc:  # handed to the waiter, if one is left
+                lookup.error = exc
+            finally:
+                with self._lock:
+                    self._running -= 1
+                lookup.done.set()
+
+
+def _late_lookup(host: str, timer: _Timer) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the DNS lookup of {host!r} took longer than the request's whole-request deadline "
+        f"({timer.seconds:g}s, NOTIFIER_HTTP_DEADLINE)")
+
+
+# A slow lane's threads (16 in the Procfile) each abandon at most one lookup a deadline, and a
+# hung lookup ends after the resolver's timeout (~30 s with glibc's defaults): 64 leaves room.
+_LOOKUPS = _Lookups(limit=64)
 
 
 # ---------------------------------------------------------------- the sender
@@ -558,9 +680,12 @@ class HttpSender:
             finally:
                 response.close()
         except (requests.RequestException, urllib3.exceptions.HTTPError, DestinationNotAllowed,
-                OSError) as exc:
-            # A refusal stays a refusal (never retried), even one that came late (slow DNS).
-            late = None if isinstance(exc, DestinationNotAllowed) else self._late(timer)
+                DeadlineExceeded, OSError) as exc:
+            # A refusal stays a refusal (never retried), even one found after the deadline
+            # fired (the peer of a connect that outlasted it); a lookup that outlasted the
+            # deadline is a DeadlineExceeded of its own, which names the lookup.
+            late = (None if isinstance(exc, DestinationNotAllowed | DeadlineExceeded)
+                    else self._late(timer))
             if late is not None:
                 late.__cause__ = exc
             return Result(latency_ms=_elapsed_ms(started), error=late or exc)

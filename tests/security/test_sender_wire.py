@@ -1,6 +1,7 @@
 """``HttpSender`` on the wire, in this process, against raw servers on 127.0.0.1: the
-whole-request deadline on new and pooled connections, one DNS answer a connection through the
-resolver seam, and TLS verified against the host name while the checked address is reached."""
+whole-request deadline on new and pooled connections and on a lookup that hangs, one DNS answer
+a connection through the resolver seam, and TLS verified against the host name while the
+checked address is reached."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from notifier.errors import DeadlineExceeded, DestinationNotAllowed
-from notifier.sender import _WATCHDOG, HttpSender, OutboundRequest, Verdict, classify
+from notifier.sender import _LOOKUPS, HttpSender, OutboundRequest, Verdict, classify
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -342,24 +343,98 @@ def test_a_trickled_tls_handshake_is_cut_at_the_deadline() -> None:
     assert 0.5 <= took < 1.0
 
 
-def _until_this_requests_deadline_fired() -> None:
-    """Block the calling thread, inside a send, until the watchdog has fired its deadline."""
-    timer = _WATCHDOG._local.timer
-    wait_until(lambda: timer.fired, 5, "the request's deadline to fire", interval=0.01)
+class HangingResolver(Resolver):
+    """A stub DNS whose lookups hang until the test lets them answer (or 30 s pass)."""
+
+    def __init__(self, *answers: str) -> None:
+        super().__init__(*answers)
+        self.release = threading.Event()
+        self.answered = 0
+
+    def __call__(self, host: str, port: int, family: int = 0, type: int = 0) -> Any:
+        self.asked += 1
+        self.release.wait(30)
+        self.answered += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.answers]
 
 
-def test_a_refusal_after_the_deadline_stays_a_refusal(serve: Callable[..., RawServer]) -> None:
+@pytest.fixture
+def hanging() -> Iterator[Callable[..., HangingResolver]]:
+    """Hanging resolvers, all let go at the end, once their lookups have answered."""
+    made: list[HangingResolver] = []
+
+    def make(*answers: str) -> HangingResolver:
+        made.append(HangingResolver(*answers))
+        return made[-1]
+
+    yield make
+    for resolver in made:
+        resolver.release.set()
+    for resolver in made:
+        wait_until(lambda r=resolver: r.answered == r.asked, 10,  # type: ignore[misc]
+                   "the abandoned lookups to end")
+
+
+def test_a_lookup_that_hangs_ends_at_the_deadline(
+        serve: Callable[..., RawServer], hanging: Callable[..., HangingResolver]) -> None:
     server = serve(lambda conn, index: conn.sendall(OK) is None)
-    resolver = Resolver("10.0.0.1")
+    resolver = hanging("127.0.0.1")
 
-    def slow_dns(*args: Any) -> Any:  # answers only once the deadline has passed
-        _until_this_requests_deadline_fired()
-        return resolver(*args)
+    result, took = post(sender(resolver=resolver, deadline=0.5),
+                        f"http://hook.test:{server.port}/hook")
 
-    result, _ = post(sender(resolver=slow_dns, deadline=0.2),
+    assert (resolver.asked, resolver.answered) == (1, 0)  # given up on, still hanging
+    assert isinstance(result.error, DeadlineExceeded), result
+    assert "lookup of 'hook.test'" in str(result.error)
+    assert "NOTIFIER_HTTP_DEADLINE" in str(result.error)
+    assert classify(result) is Verdict.RETRY
+    assert 0.5 <= took < 1.5
+    resolver.release.set()
+    wait_until(lambda: resolver.answered == 1, 10, "the abandoned lookup to answer")
+    assert server.connections == 0  # its late answer is dropped
+
+
+def test_a_lookup_that_outlasts_the_deadline_is_a_timeout_not_a_refusal(
+        serve: Callable[..., RawServer], hanging: Callable[..., HangingResolver]) -> None:
+    # The answer would be refused, but it comes after the deadline: nothing is known of the
+    # name then, so the attempt is a timeout, retried; the next lookup's answer decides.
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    resolver = hanging("10.0.0.1")
+
+    result, _ = post(sender(resolver=resolver, deadline=0.2),
                      f"http://hook.test:{server.port}/hook")
 
-    assert resolver.asked == 1
-    assert isinstance(result.error, DestinationNotAllowed), result
-    assert classify(result) is Verdict.FAILED
-    assert server.requests == 0
+    assert (resolver.asked, resolver.answered) == (1, 0)
+    assert isinstance(result.error, DeadlineExceeded), result
+    assert classify(result) is Verdict.RETRY
+    assert server.connections == 0
+
+
+def test_lookups_left_hanging_are_bounded_and_the_next_fails_at_once(
+        serve: Callable[..., RawServer], hanging: Callable[..., HangingResolver]) -> None:
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    url = f"http://hook.test:{server.port}/hook"
+    stuck = hanging("127.0.0.1")
+    senders = [threading.Thread(target=post, args=(sender(resolver=stuck, deadline=0.3), url))
+               for _ in range(_LOOKUPS.limit)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(10)
+    assert stuck.asked == _LOOKUPS.limit  # every one left hanging past its request's deadline
+    fresh = Resolver("127.0.0.1")
+
+    result, took = post(sender(resolver=fresh, deadline=5.0), url)
+
+    assert fresh.asked == 0  # not queued behind the hanging ones: refused at once
+    assert isinstance(result.error, requests.ConnectionError), result
+    assert "DNS lookups" in str(result.error)
+    assert classify(result) is Verdict.RETRY
+    assert took < 5.0
+    stuck.release.set()
+    wait_until(lambda: stuck.answered == stuck.asked, 10, "the hanging lookups to end")
+
+    result, _ = post(sender(resolver=fresh, deadline=5.0), url)
+
+    assert result.status_code == 200, result  # their threads serve again
+    assert fresh.asked == 1 and server.connections == 1
