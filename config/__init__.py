@@ -204,15 +204,16 @@ class Settings:
         "Prefix of every Redis key notifier writes, so one Redis can serve several installs.")
     http_connect_timeout: float = _setting(
         _positive_float, "5",
-        "Seconds to wait for a webhook's TCP/TLS connection.")
+        "Seconds to wait for a webhook's TCP/TLS connection, to each of its addresses in turn, "
+        "never past NOTIFIER_HTTP_DEADLINE.")
     http_read_timeout: float = _setting(
         _positive_float, "30",
         "Seconds to wait for each read of a webhook's response.")
     http_deadline: float = _setting(
         _positive_float, "30",
-        "Seconds a whole request to a webhook may take, DNS lookup, headers and body "
-        "together, however slowly the receiver trickles them or its name's DNS server "
-        "answers; then it is cut and retried.")
+        "Seconds a whole request to a webhook may take, DNS lookup, connects, TLS handshake, "
+        "headers and body together, however slowly the receiver trickles them or its name's "
+        "DNS server answers; then it is cut and retried.")
     max_response_bytes: int = _setting(
         _positive_int, "65536",
         "Most bytes of a webhook's response that are read; the rest is dropped.")

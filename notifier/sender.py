@@ -10,8 +10,9 @@ every address (``check_address``) and connects to the address it checked (``_Gua
 so neither a second parser nor a second DNS answer can take a request elsewhere.
 
 The whole-request deadline bounds a request from its DNS lookup to the last byte read: a
-watchdog thread cuts the socket (``_Watchdog``), and a lookup, which has no socket to cut, is
-waited for in a thread of a small pool only until the deadline (``_Lookups``).
+watchdog thread cuts the socket (``_Watchdog``), a lookup, which has no socket to cut, is
+waited for in a thread of a small pool only until the deadline (``_Lookups``), and each connect
+waits no longer than the deadline leaves (``_Guard.connect``).
 """
 
 from __future__ import annotations
@@ -319,11 +320,11 @@ class _Guard:
     def connect(self, conn: HTTPConnection) -> socket.socket:
         """Resolve the connection's host once, check every address, connect to a checked one."""
         host, port = conn._dns_host.rstrip("."), conn.port or 80
+        timer = _WATCHDOG.timer()
         # An address written in the URL asks no DNS server (getaddrinfo reads it at once): it
         # is resolved in this thread, sparing it the lookup threads' hand-off (~0.1 ms).
-        timer = None if _is_address(host) else _WATCHDOG.timer()
         try:
-            addresses = _resolve(self.resolver, host, port, timer)
+            addresses = _resolve(self.resolver, host, port, None if _is_address(host) else timer)
         except _LookupsBusy as exc:
             raise urllib3.exceptions.NewConnectionError(
                 conn, f"{host!r} was not looked up: {exc}") from None
@@ -332,9 +333,19 @@ class _Guard:
                 check_address(address, self.allowed)
             except DestinationNotAllowed as exc:
                 raise DestinationNotAllowed(f"{host!r} resolves to {exc}") from None
-        timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
-        failure: Exception = OSError(f"no address of {host!r} to connect to")
+        connect_timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+        failure: Exception | None = None
         for address in addresses:
+            # A connect has no socket the watchdog cuts yet: each waits no longer than the
+            # deadline leaves, so that a name with many addresses that never accept holds the
+            # request until its deadline, not for each address's connect timeout in turn.
+            timeout, bounded_by = connect_timeout, None
+            if timer is not None:
+                left = timer.when - time.monotonic()
+                if left <= 0:
+                    raise _late_connect(host, timer) from failure
+                if timeout is None or left < timeout:
+                    timeout, bounded_by = left, timer
             family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -354,6 +365,8 @@ class _Guard:
                 raise
             except TimeoutError as exc:
                 sock.close()
+                if bounded_by is not None:
+                    raise _late_connect(host, bounded_by) from exc
                 failure = urllib3.exceptions.ConnectTimeoutError(
                     conn, f"Connection to {host} ({address}) timed out (connect timeout="
                     f"{timeout})")
@@ -365,7 +378,13 @@ class _Guard:
                 failure.__cause__ = exc
             else:
                 return sock
-        raise failure
+        raise failure or OSError(f"no address of {host!r} to connect to")
+
+
+def _late_connect(host: str, timer: _Timer) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the connect to {host!r} took longer than the request's whole-request deadline "
+        f"({timer.seconds:g}s, NOTIFIER_HTTP_DEADLINE)")
 
 
 class _GuardedMixin:

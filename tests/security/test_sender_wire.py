@@ -438,3 +438,53 @@ def test_lookups_left_hanging_are_bounded_and_the_next_fails_at_once(
 
     assert result.status_code == 200, result  # their threads serve again
     assert fresh.asked == 1 and server.connections == 1
+
+
+@pytest.fixture
+def unanswered() -> Iterator[Callable[..., list[str]]]:
+    """Listeners on ``port`` of 127.0.0.2 and up, each with its backlog full: the kernel drops
+    every new connection's SYN, so a connect to any of them waits for its timeout."""
+    held: list[socket.socket] = []
+
+    def make(count: int, port: int) -> list[str]:
+        addresses = [f"127.0.0.{2 + n}" for n in range(count)]
+        for address in addresses:
+            listener = socket.create_server((address, port), backlog=0)
+            held.append(listener)
+            held.append(socket.create_connection((address, port), timeout=5))  # fills it
+        return addresses
+
+    yield make
+    for sock in held:
+        sock.close()
+
+
+def test_connects_that_hang_end_at_the_deadline_not_after_every_address(
+        serve: Callable[..., RawServer], unanswered: Callable[..., list[str]]) -> None:
+    # Four addresses that never accept, each connect bounded by a 1 s connect timeout: tried
+    # in turn, they held the request 4 s past its 1 s deadline (a tenant's DNS with 20 such
+    # addresses, at 5 s each, held a slow-lane thread 100 s, past its slot's lease).
+    server = serve(lambda conn, index: conn.sendall(OK) is None)  # its port, free on 127.0.0.1
+    resolver = Resolver(*unanswered(4, server.port))
+
+    result, took = post(sender(resolver=resolver, timeout=(1.0, 1.0), deadline=1.0),
+                        f"http://hook.test:{server.port}/hook")
+
+    assert took < 2.5  # tried in turn to the end, the four connect timeouts took 4 s
+    assert isinstance(result.error, DeadlineExceeded), result
+    assert "connect to 'hook.test'" in str(result.error)
+    assert "NOTIFIER_HTTP_DEADLINE" in str(result.error)
+    assert classify(result) is Verdict.RETRY
+    assert server.connections == 0
+
+
+def test_a_connect_that_hangs_gives_way_to_the_next_address_within_the_deadline(
+        serve: Callable[..., RawServer], unanswered: Callable[..., list[str]]) -> None:
+    server = serve(lambda conn, index: conn.sendall(OK) is None)
+    resolver = Resolver(*unanswered(1, server.port), "127.0.0.1")
+
+    result, _ = post(sender(resolver=resolver, timeout=(0.3, 1.0), deadline=5.0),
+                     f"http://hook.test:{server.port}/hook")
+
+    assert result.status_code == 200, result  # after the first address's own connect timeout
+    assert (server.connections, server.requests) == (1, 1)
