@@ -771,6 +771,8 @@ class _Task:
             # The reference data every enrichment of the task needs, one query per kind.
             prefetch(((item.event, target.options) for target, mine in ready if target.active
                       for item in mine), services.lookups)
+        except self.interruptions:
+            raise  # the time limit (an Exception too) stops the task wherever it lands
         except Exception as exc:
             if faults.is_transient(exc):
                 raise

@@ -230,6 +230,38 @@ def test_a_task_stopped_midway_records_what_it_sent_and_carries_on_with_the_clai
     assert [slots_held(services.queues, lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
 
 
+class TimeLimit(Exception):  # as Celery's SoftTimeLimitExceeded: an Exception
+    """The task's runner stopping it from outside."""
+
+
+def test_a_time_limit_landing_while_reference_data_is_read_ahead_stops_the_task(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading ahead is only a head start, so its failures are logged and the task goes on;
+    but a time limit that lands there stops the task like one landing anywhere else: taken as
+    a failed read-ahead, the task sent on until the hard limit killed it mid-request, and
+    nothing it sent was recorded."""
+    leases = leases_of(services, receiver, 1, webhooks=3)
+
+    def limit_reached(*_: Any) -> None:
+        raise TimeLimit("soft time limit exceeded")
+
+    monkeypatch.setattr(pipeline, "prefetch", limit_reached)
+    with pytest.raises(DeliveryInterrupted) as stopped:
+        pipeline.deliver(services, leases, lambda lease: None, hand_on=no_hand_on,
+                         interruptions=(TimeLimit,))
+    monkeypatch.undo()
+
+    assert isinstance(stopped.value.__cause__, TimeLimit)
+    assert statuses(services) == [DeliveryStatus.IN_FLIGHT] * 3  # claimed, nothing sent
+    assert len(stopped.value.leases) == 3
+    pipeline.deliver(services, stopped.value.leases, lambda lease: None, hand_on=no_hand_on,
+                     claimed_until=stopped.value.claimed_until)
+    assert statuses(services) == [DeliveryStatus.DELIVERED] * 3
+    ids = [request.headers["webhook-id"] for request in receiver.wait_for(3)]
+    assert len(ids) == len(set(ids)) == 3  # each sent once: none before the stop
+
+
 def test_a_task_whose_record_finds_the_database_away_sends_again_and_loses_no_delivery(
     services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
