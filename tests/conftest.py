@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,13 +111,22 @@ def _truncate(url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file the migrations brought to head, once a session: each test's file is a copy
+    of it (what the migrations make, without a second of alembic a test)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "notifier.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database: a fresh SQLite file, or the PostgreSQL test database."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'notifier.db'}"
-        upgrade(url)
-        return url
+        path = tmp_path / "notifier.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)  # its mode (0600) too
+        return f"sqlite:///{path}"
     url = request.getfixturevalue("pg_url")
     _truncate(url)
     return url
