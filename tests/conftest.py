@@ -375,8 +375,12 @@ class Stack:
                program: tuple[str, ...] = ("celery", "-A", "tasks")) -> str:
         """A worker of the queues named (comma separated), by default of all of them;
         ``program`` is what ``python -m`` runs (a test's wrapper of celery's command)."""
+        # Without mingle: at start a worker asks the others for their revoked task ids and
+        # waits a second for answers, and notifier revokes none (its state is in the database).
+        # The Procfile's and ``notifier up``'s workers still mingle (tests/e2e).
         self._spawn(name, ["worker", "--hostname", f"{name}@%h", "--pool", pool,
                            "--concurrency", str(concurrency), "--loglevel", "INFO",
+                           "--without-mingle",
                            *(["--queues", queues] if queues else [])], program=program)
         wait_until(lambda: "ready." in self.log(name) or self.processes[name].poll() is not None,
                    60, f"worker {name} to be ready")
