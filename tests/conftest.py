@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,13 +111,22 @@ def _truncate(url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file the migrations brought to head, once a session: each test's file is a copy
+    of it (what the migrations make, without a second of alembic a test)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "notifier.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database: a fresh SQLite file, or the PostgreSQL test database."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'notifier.db'}"
-        upgrade(url)
-        return url
+        path = tmp_path / "notifier.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)  # its mode (0600) too
+        return f"sqlite:///{path}"
     url = request.getfixturevalue("pg_url")
     _truncate(url)
     return url
@@ -384,8 +394,12 @@ class Stack:
                program: tuple[str, ...] = ("celery", "-A", "tasks")) -> str:
         """A worker of the queues named (comma separated), by default of all of them;
         ``program`` is what ``python -m`` runs (a test's wrapper of celery's command)."""
+        # Without mingle: at start a worker asks the others for their revoked task ids and
+        # waits a second for answers, and notifier revokes none (its state is in the database).
+        # The Procfile's and ``notifier up``'s workers still mingle (tests/e2e).
         self._spawn(name, ["worker", "--hostname", f"{name}@%h", "--pool", pool,
                            "--concurrency", str(concurrency), "--loglevel", "INFO",
+                           "--without-mingle",
                            *(["--queues", queues] if queues else [])], program=program)
         wait_until(lambda: "ready." in self.log(name) or self.processes[name].poll() is not None,
                    60, f"worker {name} to be ready")
@@ -426,10 +440,12 @@ class Stack:
         os.killpg(self.processes[name].pid, sig)
         self.processes[name].wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop every process (and its children): by default as an operator would (a warm
+        shutdown, which finishes what is under way and flushes the logs)."""
         for process in self.processes.values():
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, sig)
         for process in self.processes.values():
             try:
                 process.wait(timeout=20)
@@ -487,7 +503,9 @@ def cli(stack_env: dict[str, str]) -> Cli:
 def stack(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     running = Stack(stack_env, tmp_path)
     yield running
-    running.stop()
+    # The test is over: what a warm shutdown would finish (two seconds a worker) is looked at
+    # by no one, and the next test starts on an emptied broker, Redis and database.
+    running.stop(signal.SIGKILL)
 
 
 @pytest.fixture
