@@ -588,6 +588,11 @@ class _Ledger:
             self._services.queues.park(retries)
 
 
+# What a send's due-time check allows beyond the request's deadline: the enrichment before it
+# (reference data not read ahead), the record after it, and beat's clock ahead of the worker's.
+_SLA_SLACK_MS = 5000
+
+
 def _refused(finished: store.Finished, exc: StoreRefused) -> store.Finished:
     """The attempt ``finished`` as it is recorded when the database refused its record: failed,
     with the refusal as its error."""
@@ -854,9 +859,10 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
                                             or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
-        # A send takes up to the whole-request deadline: a delivery met in time whose SLA
-        # falls due meanwhile is recorded first, as beat would stamp it breached.
-        if ledger.met_sla_due_within(services.settings.http_deadline * 1000):
+        # A send takes up to the whole-request deadline, with its enrichment before and the
+        # record after: a delivery met in time whose SLA falls due meanwhile is recorded
+        # first, as beat would stamp it breached.
+        if ledger.met_sla_due_within(services.settings.http_deadline * 1000 + _SLA_SLACK_MS):
             ledger.record()
         started = now_ms()
         try:
