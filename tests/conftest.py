@@ -227,6 +227,22 @@ class Reply:
     delay: float = 0.0
 
 
+class _Gate:
+    """What holds a path's requests past the first ``after`` (``Receiver.gate``)."""
+
+    def __init__(self, after: int) -> None:
+        self.opened = threading.Event()
+        self._free = after
+        self._lock = threading.Lock()
+
+    def pass_through(self) -> None:
+        with self._lock:
+            self._free -= 1
+            held = self._free < 0
+        if held:
+            self.opened.wait(60)
+
+
 class Receiver:
     """A real HTTP server on 127.0.0.1 that records every request and answers as scripted."""
 
@@ -234,7 +250,7 @@ class Receiver:
         self.requests: list[Received] = []
         self.scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self.holds: dict[str, float] = {}
-        self.gates: dict[str, threading.Event] = {}
+        self.gates: dict[str, _Gate] = {}
         self.in_flight: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self.last_began = 0.0  # time.monotonic() when the latest request's handling started
@@ -257,12 +273,13 @@ class Receiver:
                 try:
                     time.sleep(reply.delay)
                     if gate := receiver.gates.get(self.path):
-                        gate.wait(60)
+                        gate.pass_through()
                     # No longer open once its answer is on the way: its sender may then take
                     # the next request of the slot (a new task's) before this thread, behind
                     # the others for the GIL, has recorded its end, and a peak counted from
                     # that end would be this answer's tail, not two requests held at once.
-                    answering = receiver._answering(self.path)
+                    receiver._answering(self.path)
+                    answering = True
                     if not reply.status:
                         return
                     self.send_response(reply.status)
@@ -295,11 +312,12 @@ class Receiver:
     def hold(self, path: str, seconds: float) -> None:
         self.holds[path] = seconds
 
-    def gate(self, path: str) -> threading.Event:
-        """Requests to ``path`` wait for the returned event to be set (at most 60 s) before
-        they are answered: a test looks at what notifier does while a request is open."""
-        self.gates[path] = threading.Event()
-        return self.gates[path]
+    def gate(self, path: str, after: int = 0) -> threading.Event:
+        """Requests to ``path`` past the first ``after`` wait for the returned event to be set
+        (at most 60 s) before they are answered: a test looks at what notifier does while a
+        request is open."""
+        self.gates[path] = _Gate(after)
+        return self.gates[path].opened
 
     def _begin(self, path: str) -> Reply:
         with self.lock:
@@ -313,10 +331,9 @@ class Receiver:
             # The request is counted when its handling starts: arrival is what tests observe.
             return reply
 
-    def _answering(self, path: str) -> bool:
+    def _answering(self, path: str) -> None:
         with self.lock:
             self.in_flight[path] -= 1
-            return True
 
     def _end(self, path: str, received: Received, answered: bool) -> None:
         with self.lock:

@@ -20,7 +20,7 @@ from notifier.errors import StoreUnavailable
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event
 from notifier.pipeline import DeliveryInterrupted, Services, build_services
 from notifier.queues import Lease, Report
-from tests.conftest import Receiver, Reply, create_webhook, slots_held, wait_until
+from tests.conftest import Receiver, create_webhook, slots_held, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -295,7 +295,7 @@ def test_a_task_whose_record_finds_the_database_away_sends_again_and_loses_no_de
 
 
 def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
-    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    services: Services, receiver: Receiver
 ) -> None:
     store.create_org(services.db, 1, "org 1", now_ms=0)
     create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
@@ -305,14 +305,7 @@ def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
     first: list[Lease] = []
     pipeline.accept(services, envelope, first.append)
     # The receiver answers the first task's request only once the second task is done.
-    answer = threading.Event()
-    begin = receiver._begin
-
-    def answered_later(path: str) -> Reply:
-        answer.wait(30)
-        return begin(path)
-
-    monkeypatch.setattr(receiver, "_begin", answered_later)
+    answer = receiver.gate("/h")
     sending = threading.Thread(target=pipeline.deliver, args=(services, first, no_send),
                                kwargs={"hand_on": no_hand_on})
     sending.start()
@@ -421,7 +414,7 @@ def test_a_delivery_whose_event_retention_emptied_is_not_sent(
 
 
 def test_a_delivery_met_in_time_is_recorded_before_its_sla_falls_due_while_its_task_goes_on(
-    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    services: Services, receiver: Receiver
 ) -> None:
     store.create_org(services.db, 1, "org 1", now_ms=0)
     create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
@@ -437,16 +430,7 @@ def test_a_delivery_met_in_time_is_recorded_before_its_sla_falls_due_while_its_t
                                                                   Delivery.id))
     # The first is answered at once; the second is held open past the first's SLA, while
     # beat's check runs.
-    answer, began = threading.Event(), threading.Event()
-    begin = receiver._begin
-
-    def second_held(path: str) -> Reply:
-        if began.is_set():
-            answer.wait(30)
-        began.set()
-        return begin(path)
-
-    monkeypatch.setattr(receiver, "_begin", second_held)
+    answer = receiver.gate("/h", after=1)
     sending = threading.Thread(target=pipeline.deliver, args=(services, leases, no_send),
                                kwargs={"hand_on": no_hand_on})
     sending.start()
