@@ -273,6 +273,12 @@ class Settings:
         _positive_int, "20",
         "Most deliveries of one webhook that one lease carries over one connection slot; "
         "the leases of several webhooks that share a task start with at most this many.")
+    send_concurrency: int = _setting(
+        _positive_int, "4",
+        "Most requests one delivery task has open at once: the leases it carries, one webhook's "
+        "connection slot each, are sent side by side, each lease's deliveries one after "
+        "another over its own connection, so no webhook gets more than its "
+        "maxAllowedConnections; 1: one lease after another.")
     batch_time_budget: float = _setting(
         _positive_float, "5",
         "Seconds after which a task takes no further delivery of its batch.")

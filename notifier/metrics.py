@@ -19,6 +19,7 @@ the messages waiting in each broker queue that no worker consumes.
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -48,7 +49,8 @@ _OPEN = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT, DeliveryStatus.RETRYI
 
 
 class Tally:
-    """What one task counts, for one ``Queues.add_counts`` call at its end.
+    """What one task counts, for one ``Queues.add_counts`` call at its end; the threads a
+    delivery task sends from count into one.
 
     The fields of the Redis hash: ``events|<outcome>``, ``fanned_out``, ``attempts|<webhook>|
     <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``,
@@ -58,48 +60,52 @@ class Tally:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
     def event(self, outcome: str, deliveries: int = 0) -> None:
-        self.counts[f"events|{outcome}"] += 1
-        if deliveries:
-            self.counts["fanned_out"] += deliveries
+        self._add((f"events|{outcome}", 1), ("fanned_out", deliveries))
 
     def attempt(self, webhook_id: str, outcome: str, response_ms: int,
                 delivered_after_ms: int | None) -> None:
         """An attempt's outcome and response time; ``delivered_after_ms`` when it delivered."""
-        self.counts[f"attempts|{webhook_id}|{outcome}"] += 1
-        self._observe("response", RESPONSE_BUCKETS_MS, response_ms)
-        if delivered_after_ms is not None:
-            self._observe("delivered", DELIVERED_BUCKETS_MS, delivered_after_ms)
+        self._add((f"attempts|{webhook_id}|{outcome}", 1),
+                  *_observed("response", RESPONSE_BUCKETS_MS, response_ms),
+                  *(() if delivered_after_ms is None else
+                    _observed("delivered", DELIVERED_BUCKETS_MS, delivered_after_ms)))
 
     def ingest_batch(self) -> None:
         """Events were stored together, in one transaction (``pipeline.accept_many``)."""
-        self.counts["ingest_batches"] += 1
+        self._add(("ingest_batches", 1))
 
     def delivery_task(self, leases: int) -> None:
         """A delivery task ran, sent with ``leases`` leases (a webhook's slot each)."""
-        self.counts["delivery_tasks"] += 1
-        self.counts["delivery_task_leases"] += leases
+        self._add(("delivery_tasks", 1), ("delivery_task_leases", leases))
 
     def webhook_disabled(self) -> None:
-        self.counts["webhooks_disabled"] += 1
+        self._add(("webhooks_disabled", 1))
 
     def alert(self, kind: str) -> None:
         """An operational alert was raised (``notifier.alerts``; once each)."""
-        self.counts[f"alerts|{kind}"] += 1
+        self._add((f"alerts|{kind}", 1))
 
     def breaker(self, state: str) -> None:
         """A webhook's circuit breaker opened, or closed after being open."""
-        self.counts[f"breakers|{state}"] += 1
+        self._add((f"breakers|{state}", 1))
 
     def sla_breaches(self, count: int) -> None:
-        if count:
-            self.counts["sla_breaches"] += count
+        self._add(("sla_breaches", count))
 
-    def _observe(self, name: str, bounds: Sequence[int], ms: int) -> None:
-        ms = max(0, ms)
-        self.counts[f"{name}|{bisect.bisect_left(bounds, ms)}"] += 1
-        self.counts[f"{name}|sum_ms"] += ms
+    def _add(self, *counts: tuple[str, int]) -> None:
+        with self._lock:
+            for name, count in counts:
+                if count:
+                    self.counts[name] += count
+
+
+def _observed(name: str, bounds: Sequence[int], ms: int) -> tuple[tuple[str, int], ...]:
+    """A histogram's fields for one observation of ``ms``: its bucket's count and the sum."""
+    ms = max(0, ms)
+    return (f"{name}|{bisect.bisect_left(bounds, ms)}", 1), (f"{name}|sum_ms", ms)
 
 
 class ServiceCollector(Collector):

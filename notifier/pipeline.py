@@ -39,6 +39,7 @@ from notifier.retry import next_attempt_at_ms
 from notifier.schemas import EventCatalog, load_catalog
 from notifier.sender import (
     GONE_STATUS,
+    Cutter,
     HttpSender,
     OutboundRequest,
     Result,
@@ -516,38 +517,46 @@ class _Ledger:
         self._tally = tally
         self._aftermath = aftermath
         self._unrecorded: list[_Sent] = []
+        # The task's sending threads share it: one records at a time, the others' attempts
+        # wait for the next record.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
-        return len(self._unrecorded)
+        with self._lock:
+            return len(self._unrecorded)
 
     def add(self, webhook_id: str, target: store.Target | None,
             finished: store.Finished) -> None:
-        self._unrecorded.append(_Sent(webhook_id, target, finished))
+        with self._lock:
+            self._unrecorded.append(_Sent(webhook_id, target, finished))
 
     def met_sla_due_within(self, ms: float) -> bool:
         """Whether a delivery sent in time and not recorded yet reaches its SLA's due time
         within ``ms``: past it, beat's check would stamp as breached a delivery whose record
         (not written yet) says it met its SLA."""
         soon = now_ms() + ms
-        return any(sent.finished.outcome == DeliveryStatus.DELIVERED and not sent.finished.late
-                   and sent.finished.claimed.sla_due_at_ms is not None
-                   and sent.finished.claimed.sla_due_at_ms <= soon
-                   for sent in self._unrecorded)
+        with self._lock:
+            return any(sent.finished.outcome == DeliveryStatus.DELIVERED
+                       and not sent.finished.late
+                       and sent.finished.claimed.sla_due_at_ms is not None
+                       and sent.finished.claimed.sla_due_at_ms <= soon
+                       for sent in self._unrecorded)
 
     def record(self) -> None:
         """Record the attempts made since the last record, then count, log and park them.
         A transient failure raises and keeps them, for the task to record on its way out or
         for its retry to send again."""
-        if not self._unrecorded:
-            return
-        try:
-            breaches = store.finish(self._services.db,
-                                    [sent.finished for sent in self._unrecorded])
-        except StoreRefused:
-            self._record_one_by_one()
-            return
-        recorded, self._unrecorded = self._unrecorded, []
-        self._recorded(recorded, breaches)
+        with self._lock:
+            if not self._unrecorded:
+                return
+            try:
+                breaches = store.finish(self._services.db,
+                                        [sent.finished for sent in self._unrecorded])
+            except StoreRefused:
+                self._record_one_by_one()
+                return
+            recorded, self._unrecorded = self._unrecorded, []
+            self._recorded(recorded, breaches)
 
     def _record_one_by_one(self) -> None:
         """The database refused the batch for good (one row it cannot take: not a fault that
@@ -601,6 +610,17 @@ def _refused(finished: store.Finished, exc: StoreRefused) -> store.Finished:
                           error_message=str(exc)[:2000])
 
 
+class _Stopped(TransientError):
+    """A delivery task's thread stops: another of its threads failed, or the task was stopped
+    (``_Task._send_side_by_side``). What it holds carries on with the task's other leases."""
+
+
+# How long a delivery task stopped by its time limit waits for its helper threads to hand in
+# what they sent (their requests cut): within the time between the soft and the hard limit
+# (config.TASK_TIME_MARGIN), which must also hold the record and the retry's message.
+_HAND_IN_SECONDS = 0.2
+
+
 @dataclass(frozen=True)
 class _Lot:
     """A lease of a task, taken: the deliveries it claimed, and their webhook."""
@@ -639,6 +659,12 @@ class _Task:
         self.aftermath = _Aftermath()
         # Its attempts, recorded together before it gives its slots back.
         self.ledger = _Ledger(services, self.tally, self.aftermath)
+        # Set once a sending thread fails (``_failure``) or the task is stopped from outside:
+        # no thread takes another delivery. The cutter cuts the helper threads' requests when
+        # the task is stopped from outside.
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._cutter = Cutter("cut by the delivery task's time limit")
 
     def unreleased(self) -> list[Lease]:
         with self._lock:
@@ -670,10 +696,7 @@ class _Task:
         if sending:
             self._waiting.extend(sending[1:])
             with self._handed_on_at_deadline(hand_on):
-                lot: _Lot | None = sending[0]
-                while lot is not None:
-                    done.append((lot, self._send(lot)))
-                    lot = self._next(hand_on)
+                done += self._send_side_by_side(sending[0], hand_on)
         self.ledger.record()
         released = services.queues.release_many([(lot.lease, report) for lot, report in done],
                                                 batch=batch, lease_ms=lease_ms, now_ms=now_ms(),
@@ -698,13 +721,76 @@ class _Task:
             alert_webhook_disabled(services, target.org_id, target.id, reason, send)
         alert_sla_breached(services, self.aftermath.breaches, send)
 
+    def _send_side_by_side(self, first: _Lot, hand_on: HandOn) -> list[tuple[_Lot, Report]]:
+        """Send ``first`` and the waiting lots, up to ``NOTIFIER_SEND_CONCURRENCY`` at once:
+        this thread and helper threads, each taking the next lot when done with one (``_next``,
+        which hands on those not started by the deadline). A lot is one webhook's slot, its
+        deliveries sent one after another, so no webhook gets more requests at once than the
+        slots it granted, however many lots go side by side.
+
+        The first failure stops them all (``DeliveryInterrupted`` carries their leases on): a
+        transient one lets the others end the request they have open, and take no other. Stopped
+        from outside (the time limit, which lands in this thread), the task cuts the helpers'
+        open requests too (``Cutter``: none outlives the task, so none overlaps its retry's on
+        the same slot), and waits a moment for what they sent, to record it with its own."""
+        done: list[tuple[_Lot, Report]] = []
+        helpers = [threading.Thread(target=self._help, args=(hand_on, done), daemon=True,
+                                    name=f"notifier-send-{n}")
+                   for n in range(min(self.services.settings.send_concurrency - 1,
+                                      len(self._waiting)))]
+        for helper in helpers:
+            helper.start()
+        try:
+            try:
+                self._send_lots(first, hand_on, done)
+            except _Stopped:
+                pass  # a helper failed: its failure is raised below
+            except TransientError as exc:
+                self._fail(exc)
+            for helper in helpers:  # (the time limit may land while this waits)
+                helper.join()
+        except BaseException:
+            self._stop.set()
+            self._cutter.cut_all()
+            ends = time.monotonic() + _HAND_IN_SECONDS
+            for helper in helpers:
+                helper.join(max(0.0, ends - time.monotonic()))
+            raise
+        if self._failure is not None:
+            raise self._failure
+        return done
+
+    def _help(self, hand_on: HandOn, done: list[tuple[_Lot, Report]]) -> None:
+        """A helper thread of ``_send_side_by_side``."""
+        with self._cutter.joined():
+            try:
+                self._send_lots(self._next(hand_on), hand_on, done)
+            except _Stopped:
+                pass
+            except BaseException as exc:
+                self._fail(exc)
+
+    def _send_lots(self, lot: _Lot | None, hand_on: HandOn,
+                   done: list[tuple[_Lot, Report]]) -> None:
+        while lot is not None:
+            done.append((lot, self._send(lot)))
+            lot = self._next(hand_on)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A sending thread failed: the first failure is the task's, and stops the others."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+        self._stop.set()
+
     def _send(self, lot: _Lot) -> Report:
         """``_deliver_lot``; a permanent failure midway (an outcome the database refuses, a bug
         outside the per-delivery guard) fails what the lot still holds, with the reason, and
         the task carries on with its other leases."""
         try:
             return _deliver_lot(self.services, lot, self._budget_ends, self.tally,
-                                self.interruptions, self.ledger, self.aftermath)
+                                self.interruptions, self.ledger, self.aftermath,
+                                self._stop.is_set)
         except self.interruptions:
             raise
         except Exception as exc:
@@ -804,10 +890,13 @@ class _Task:
                 claimed[index] = []
 
     def _next(self, hand_on: HandOn) -> _Lot | None:
-        """The next lot to send; None when none is left (or the rest were handed on)."""
+        """The next lot to send; None when none is left (or the rest were handed on, or the
+        task is stopping)."""
         if time.monotonic() >= self._deadline:
             self._hand_on(hand_on)
         with self._lock:
+            if self._stop.is_set():
+                return None
             return self._waiting.popleft() if self._waiting else None
 
     def _hand_on(self, hand_on: HandOn) -> None:
@@ -838,18 +927,21 @@ class _Task:
 
 def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally,
                  interruptions: tuple[type[BaseException], ...], ledger: _Ledger,
-                 aftermath: _Aftermath) -> Report:
+                 aftermath: _Aftermath, stopping: Callable[[], bool]) -> Report:
     """POST what a lot claimed, its attempts to the task's ``ledger``; returns what its slot's
     release reports: the slowest response, and the webhook's successes and failures (its
     answers only, not notifier's own faults).
 
     A batch ends early when the task's time budget is spent, or, in the fast lane, as soon as
-    the webhook answers slowly: the rest goes back to the queue and on by the slow lane.
+    the webhook answers slowly: the rest goes back to the queue and on by the slow lane. It
+    stops (``_Stopped``) as soon as ``stopping()``: another of the task's threads failed.
     """
     lease, target = lot.lease, lot.target
     assert target is not None  # read for every lot that claimed something
     slowest, delivered, failing_since, failures = -1, False, 0, 0
     for index, claimed in enumerate(lot.claimed):
+        if stopping():
+            raise _Stopped(f"webhook {lease.webhook_id}: its batch stopped with its task")
         too_slow = not lease.slow and slowest >= services.settings.slow_webhook_ms
         # Its webhook's circuit breaker opens with this run of failures: the rest wait in the
         # queue, which the breaker pauses.

@@ -22,13 +22,14 @@ import enum
 import functools
 import heapq
 import ipaddress
+import math
 import os
 import queue
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -48,6 +49,7 @@ __all__ = [
     "GONE_STATUS",
     "RETRYABLE",
     "RETRYABLE_STATUSES",
+    "Cutter",
     "Destination",
     "HttpSender",
     "OutboundRequest",
@@ -321,6 +323,8 @@ class _Guard:
         """Resolve the connection's host once, check every address, connect to a checked one."""
         host, port = conn._dns_host.rstrip("."), conn.port or 80
         timer = _WATCHDOG.timer()
+        if timer is not None and timer.seconds is None:
+            timer = None  # armed for its cutter alone: no deadline to bound the waits by
         # An address written in the URL asks no DNS server (getaddrinfo reads it at once): it
         # is resolved in this thread, sparing it the lookup threads' hand-off (~0.1 ms).
         try:
@@ -454,15 +458,17 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
 
 
 class _Timer:
-    __slots__ = ("done", "fired", "owned", "seconds", "sock", "when")
+    __slots__ = ("cut", "cutter", "done", "fired", "owned", "seconds", "sock", "when")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float | None, cutter: Cutter | None) -> None:
         self.seconds = seconds
-        self.when = time.monotonic() + seconds
+        self.when = math.inf if seconds is None else time.monotonic() + seconds
         self.sock: socket.socket | None = None
         self.owned = False  # whether ``sock`` is the timer's own duplicate, to close
         self.done = False
-        self.fired = False
+        self.fired = False  # its deadline passed
+        self.cutter = cutter
+        self.cut = False  # its cutter cut it
 
     def forget_sock(self) -> None:
         if self.owned and self.sock is not None:
@@ -492,17 +498,22 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self._local = threading.local()
 
-    def arm(self, seconds: float) -> _Timer:
-        timer = _Timer(seconds)
+    def arm(self, seconds: float | None) -> _Timer:
+        """A timer for the calling thread's request: it cuts the request ``seconds`` from now
+        (never, with None), or when the thread's cutter cuts (``Cutter``)."""
+        timer = _Timer(seconds, self.cutter())
         with self._wake:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="notifier-deadlines",
-                                                daemon=True)
-                self._thread.start()
-            self._count += 1
-            heapq.heappush(self._heap, (timer.when, self._count, timer))
-            if self._heap[0][2] is timer:
-                self._wake.notify()
+            if timer.cutter is not None:
+                timer.cutter.timers.add(timer)
+            if seconds is not None:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="notifier-deadlines",
+                                                    daemon=True)
+                    self._thread.start()
+                self._count += 1
+                heapq.heappush(self._heap, (timer.when, self._count, timer))
+                if self._heap[0][2] is timer:
+                    self._wake.notify()
         self._local.timer = timer
         return timer
 
@@ -510,6 +521,24 @@ class _Watchdog:
         """The armed timer of the calling thread's request, if it has one."""
         timer: _Timer | None = getattr(self._local, "timer", None)
         return timer
+
+    def cutter(self) -> Cutter | None:
+        """The cutter the calling thread joined, if it joined one."""
+        cutter: Cutter | None = getattr(self._local, "cutter", None)
+        return cutter
+
+    def join(self, cutter: Cutter | None) -> None:
+        self._local.cutter = cutter
+
+    def cut(self, cutter: Cutter) -> None:
+        """Cut the open requests of ``cutter``'s threads (their sockets shut down) and, from
+        now on, any they start."""
+        with self._wake:
+            cutter.cut = True
+            for timer in cutter.timers:
+                timer.cut = True
+                if timer.sock is not None:
+                    _cut(timer.sock)
 
     def watch(self, sock: socket.socket | None, *, owned: bool = False) -> None:
         """The socket the calling thread's armed request uses now (cut at once if late);
@@ -522,7 +551,7 @@ class _Watchdog:
         with self._wake:
             timer.forget_sock()
             timer.sock, timer.owned = sock, owned
-            if timer.fired:
+            if timer.fired or timer.cut:
                 _cut(sock)
 
     def disarm(self, timer: _Timer) -> None:
@@ -530,6 +559,8 @@ class _Watchdog:
         with self._wake:
             timer.done = True
             timer.forget_sock()
+            if timer.cutter is not None:
+                timer.cutter.timers.discard(timer)
 
     def _run(self) -> None:
         with self._wake:
@@ -555,6 +586,39 @@ def _cut(sock: socket.socket) -> None:
 
 
 _WATCHDOG = _Watchdog()
+
+
+class Cutter:
+    """Cuts the requests of the threads that joined it (``joined``), as a passed deadline cuts
+    one: those open at once (their sockets shut down), and any they start later before it is
+    sent. For a task that sends from several threads and, stopped from outside (its time
+    limit), must leave no request of its own open behind it.
+
+    A request that a cut ends gives ``requests.Timeout(reason)``. What no socket holds (a DNS
+    lookup, a connect) goes on until the request's deadline, and is cut as soon as it has a
+    socket.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.cut = False
+        self.timers: set[_Timer] = set()  # those armed, of the threads that joined it
+
+    @contextlib.contextmanager
+    def joined(self) -> Iterator[None]:
+        """While the block runs, the calling thread's requests are the cutter's to cut."""
+        _WATCHDOG.join(self)
+        try:
+            yield
+        finally:
+            _WATCHDOG.join(None)
+
+    def cut_all(self) -> None:
+        """Cut the requests of the threads that joined, now and from now on."""
+        _WATCHDOG.cut(self)
+
+    def error(self) -> requests.Timeout:
+        return requests.Timeout(self.reason)
 
 
 class _LookupsBusy(Exception):
@@ -682,7 +746,11 @@ class HttpSender:
 
     def send(self, request: OutboundRequest) -> Result:
         started = time.perf_counter()
-        timer = _WATCHDOG.arm(self.deadline) if self.deadline is not None else None
+        cutter = _WATCHDOG.cutter()
+        if cutter is not None and cutter.cut:  # its task stopped: nothing more goes out
+            return Result(latency_ms=0, error=cutter.error())
+        timer = (_WATCHDOG.arm(self.deadline)
+                 if self.deadline is not None or cutter is not None else None)
         try:
             # A stored URL is read again: it may predate today's rules. A literal address is
             # refused before anything else; a name's addresses are checked by the connection
@@ -717,9 +785,13 @@ class HttpSender:
         return Result(latency_ms=_elapsed_ms(started), status_code=response.status_code,
                       body_excerpt=excerpt or b"", headers=dict(response.headers))
 
-    def _late(self, timer: _Timer | None) -> DeadlineExceeded | None:
-        if timer is None or not timer.fired:
+    def _late(self, timer: _Timer | None) -> Exception | None:
+        """Why the request was cut, if it was: its deadline passed, or its cutter cut it."""
+        if timer is None or not (timer.fired or timer.cut):
             return None
+        if not timer.fired:
+            assert timer.cutter is not None
+            return timer.cutter.error()
         return DeadlineExceeded(
             f"the request took longer than its whole-request deadline ({self.deadline:g}s, "
             "NOTIFIER_HTTP_DEADLINE)")

@@ -747,6 +747,8 @@ def test_a_webhook_that_turns_slow_in_a_shared_task_hands_the_others_on(
     # The task's own lease is the lower webhook id's (store.ingest_many orders the fan-out by id).
     lagging, other = ("/one", "/two") if first < second else ("/two", "/one")
     stack.env["NOTIFIER_SLOW_WEBHOOK_MS"] = "300"
+    # One lease after another: side by side (the default), the second would not wait.
+    stack.env["NOTIFIER_SEND_CONCURRENCY"] = "1"
     stack.worker("w1", concurrency=2, queues="notifier,notifier.deliver")
     stack.worker("slow", pool="threads", concurrency=4, queues="notifier.slow")
     for n in range(3):  # both measured fast
@@ -764,6 +766,40 @@ def test_a_webhook_that_turns_slow_in_a_shared_task_hands_the_others_on(
     # of its own, and its answer came before the lagging webhook's.
     assert "1 lease(s) handed on" in stack.log("w1")
     assert on_time.at < late.at
+
+
+def test_a_tasks_leases_are_sent_side_by_side_each_within_its_webhooks_cap(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    paths = ("/p1", "/p2", "/p3")
+    for path in paths:
+        hook(stack, database, receiver, path, max_allowed_connections=1)
+    # A held request stays open (the stack's 1 s read timeout and 2 s deadline would end it,
+    # and the receiver would still count it open): only a task sending side by side has
+    # requests open to the three webhooks at once.
+    stack.env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "40", "NOTIFIER_HTTP_DEADLINE": "40",
+                      "NOTIFIER_SLOT_LEASE_SECONDS": "90", "NOTIFIER_VISIBILITY_TIMEOUT": "120"})
+    stack.worker("w1", concurrency=1, queues="notifier,notifier.deliver")
+    stack.worker("slow", pool="threads", concurrency=4, queues="notifier.slow")
+    for n in range(3):  # each measured fast
+        send(stack, data=customer(n))
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 9), 60, "9 delivered rows")
+    # From here one prefork process does all (it takes the slow lane too once no other worker
+    # does).
+    stack.kill("slow", signal.SIGTERM)
+
+    opened = [receiver.gate(path) for path in paths]
+    for n in range(2):  # two deliveries a webhook, over one slot each
+        send(stack, data=customer(10 + n))
+    wait_until(lambda: all(receiver.in_flight[path] == 1 for path in paths), 30,
+               "a request open to each of the three webhooks at once")
+    for gate in opened:
+        gate.set()
+
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 15), 60, "15 delivered rows")
+    # Never two requests at once to one webhook: each lease's deliveries go one after another.
+    assert [receiver.peak[path] for path in paths] == [1, 1, 1]
+    assert all(len(receiver.at(path)) == 5 for path in paths)
 
 
 def test_rabbitmq_as_the_broker_carries_all_three_queues(

@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from notifier.errors import DeadlineExceeded, DestinationNotAllowed
-from notifier.sender import _LOOKUPS, HttpSender, OutboundRequest, Verdict, classify
+from notifier.sender import (
+    _LOOKUPS,
+    Cutter,
+    HttpSender,
+    OutboundRequest,
+    Verdict,
+    classify,
+)
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -174,6 +181,57 @@ def test_a_finished_request_leaves_no_deadline_on_its_connection(
     assert result.status_code == 200, result
     assert server.connections == 1
     assert took >= 0.8
+
+
+def test_a_cutter_cuts_the_requests_of_the_threads_that_joined_it_and_no_other(
+        serve: Callable[..., RawServer]) -> None:
+    # Every request is held until the test ends: only a cut ends one sooner (the deadline is
+    # far off, or none at all).
+    release = threading.Event()
+
+    def hold(conn: socket.socket, index: int) -> bool:
+        release.wait(30)
+        conn.sendall(OK)
+        return True
+
+    server = serve(hold)
+    url = f"http://127.0.0.1:{server.port}/hook"
+    cutter = Cutter("cut by the test")
+    results: dict[str, list[Any]] = {"joined": [], "other": []}
+
+    def joined(to: HttpSender) -> None:
+        with cutter.joined():
+            results["joined"].append(post(to, url))  # open when the cut comes
+            results["joined"].append(post(to, url))  # after it: never sent
+
+    def other() -> None:
+        results["other"].append(post(sender(deadline=30.0, timeout=(1.0, 30.0)), url))
+
+    threads = [threading.Thread(target=joined, args=(sender(deadline=None, timeout=(1.0, 30.0)),)),
+               threading.Thread(target=joined, args=(sender(deadline=30.0, timeout=(1.0, 30.0)),)),
+               threading.Thread(target=other)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: server.requests == 3, 10, "the three requests open")
+        cutter.cut_all()
+        for thread in threads[:2]:
+            thread.join(5)
+        assert not any(thread.is_alive() for thread in threads[:2])
+        # The thread that did not join is not cut: its request is still open.
+        assert threads[2].is_alive() and server.requests == 3
+    finally:
+        release.set()
+        threads[2].join(10)
+
+    for (result, took) in results["joined"]:
+        assert isinstance(result.error, requests.Timeout), result
+        assert str(result.error) == "cut by the test"
+        assert classify(result) is Verdict.RETRY
+        assert took < 5
+    (result, _), = results["other"]
+    assert result.status_code == 200, result
+    assert server.connections == 3  # the second request of each joined thread never went
 
 
 def _send_in_child(url: str, results: Any) -> None:
