@@ -451,3 +451,89 @@ def test_a_delivery_met_in_time_is_recorded_before_its_sla_falls_due_while_its_t
         assert first is not None
         assert (first.status, first.sla_breach_at_ms, first.sla_due_at_ms) == (
             DeliveryStatus.DELIVERED, None, None)
+
+
+def test_a_delivery_met_in_time_is_recorded_in_time_while_another_lease_of_its_task_is_open(
+    services: Services, receiver: Receiver
+) -> None:
+    # Review of c54432c (leases sent side by side): failed before its fix.
+    store.create_org(services.db, 1, "org 1", now_ms=0)
+    for path, sla in (("/fast", 1), ("/held", 3600)):
+        create_webhook(services.db, services.catalog, services.vault, org_id=1, name=path[1:],
+                       url=receiver.url(path), event_names=["pointsIssued"], now_ms=0,
+                       sla_in_seconds=sla)
+    leases: list[Lease] = []
+    pipeline.accept(services, {"eventName": "pointsIssued", "orgId": 1,
+                               "data": {"customerIdentifiers": {"customerId": 1}}},
+                    leases.append)
+    assert len(leases) == 2
+    with services.db.session() as session:
+        in_time = session.scalars(select(Delivery).where(Delivery.sla_due_at_ms.is_not(None))
+                                  .order_by(Delivery.sla_due_at_ms)).first()
+    assert in_time is not None and in_time.sla_due_at_ms is not None
+    # Both requests open at once, each past its own SLA check; then the one to the webhook
+    # with the short SLA is answered, while the other is held open past that SLA's due time.
+    answer_fast, answer_held = receiver.gate("/fast"), receiver.gate("/held")
+    sending = threading.Thread(target=pipeline.deliver, args=(services, leases, no_send),
+                               kwargs={"hand_on": no_hand_on})
+    sending.start()
+    try:
+        wait_until(lambda: receiver.in_flight["/fast"] == receiver.in_flight["/held"] == 1, 30,
+                   "a request open to each webhook")
+        answer_fast.set()
+        wait_until(lambda: len(receiver.at("/fast")) == 1, 30, "the fast one answered")
+        due = in_time.sla_due_at_ms
+        wait_until(lambda: pipeline.now_ms() > due, 5, "its SLA due")
+        breaches = store.flag_sla_breaches(services.db, now_ms=pipeline.now_ms(), batch=10)
+    finally:
+        answer_fast.set()
+        answer_held.set()
+        sending.join(30)
+
+    # Delivered in time: its record was written before its due time came, though its task
+    # still had a request open to the other webhook.
+    assert breaches == []
+    with services.db.session() as session:
+        first = session.get(Delivery, in_time.id)
+        assert first is not None
+        assert (first.status, first.sla_breach_at_ms) == (DeliveryStatus.DELIVERED, None)
+
+
+def test_a_time_limit_landing_as_the_helper_threads_start_stops_those_started(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review of c54432c (leases sent side by side): failed before its fix. The limit lands
+    # after the first helper thread started, before the task's threads were under the watch
+    # that stops and cuts them: the started helper sent on after its task had stopped, and
+    # what it sent rode the leases the task carried on to its retry.
+    leases = leases_of(services, receiver, 1, webhooks=3)
+    gates = [receiver.gate(f"/1/{n}") for n in range(3)]
+    started: list[threading.Thread] = []
+    handed: list[Lease] = []
+    class LimitAtTheSecondHelper(threading.Thread):
+        def start(self) -> None:
+            if self.name == "notifier-send-1":
+                raise TimeLimit("soft time limit exceeded")
+            if self.name.startswith("notifier-send-"):
+                started.append(self)
+            super().start()
+
+    monkeypatch.setattr(threading, "Thread", LimitAtTheSecondHelper)
+    try:
+        with pytest.raises(DeliveryInterrupted) as stopped:
+            pipeline.deliver(services, leases, lambda lease: None,
+                             hand_on=lambda leases, _: handed.extend(leases),
+                             interruptions=(TimeLimit,))
+    finally:
+        monkeypatch.undo()
+        for gate in gates:
+            gate.set()
+        for helper in started:
+            helper.join(60)
+
+    assert isinstance(stopped.value.__cause__, TimeLimit)
+    assert len(started) == 1 and len(stopped.value.leases) == 3
+    # After its task stopped, the helper took no other lease, nor handed one on: at most the
+    # request it had open when the limit landed reached the receiver (cut).
+    assert handed == []
+    assert len(receiver.requests) <= 1

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from notifier import sender as sender_module
 from notifier.errors import DeadlineExceeded, DestinationNotAllowed
 from notifier.sender import (
     _LOOKUPS,
@@ -232,6 +233,35 @@ def test_a_cutter_cuts_the_requests_of_the_threads_that_joined_it_and_no_other(
     (result, _), = results["other"]
     assert result.status_code == 200, result
     assert server.connections == 3  # the second request of each joined thread never went
+
+
+@pytest.mark.parametrize("deadline", [None, 30.0])
+def test_a_cut_that_lands_as_a_joined_thread_starts_a_request_cuts_it(
+        serve: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch,
+        deadline: float | None) -> None:
+    # Review of c54432c: failed before its fix. The task's cut lands between the sender's look
+    # at its thread's cutter and the arming of the request's timer (another thread's cut_all,
+    # made here in this thread at that very point): the request went out whole, uncut.
+    def answer(conn: socket.socket, index: int) -> bool:
+        conn.sendall(OK)
+        return True
+
+    server = serve(answer)
+    cutter = Cutter("cut by the test")
+    arm = sender_module._WATCHDOG.arm
+
+    def cut_then_arm(seconds: float | None) -> Any:
+        cutter.cut_all()
+        return arm(seconds)
+
+    monkeypatch.setattr(sender_module._WATCHDOG, "arm", cut_then_arm)
+    with cutter.joined():
+        result, _ = post(sender(deadline=deadline, timeout=(1.0, 30.0)),
+                         f"http://127.0.0.1:{server.port}/hook")
+
+    assert isinstance(result.error, requests.Timeout), result
+    assert str(result.error) == "cut by the test"
+    assert server.requests == 0  # nothing of it reached the receiver
 
 
 def _send_in_child(url: str, results: Any) -> None:
