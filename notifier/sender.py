@@ -505,6 +505,9 @@ class _Watchdog:
         with self._wake:
             if timer.cutter is not None:
                 timer.cutter.timers.add(timer)
+                # Cut already (between the sender's look at its cutter and here): its socket
+                # is cut as soon as it has one, before anything is sent on it.
+                timer.cut = timer.cutter.cut
             if seconds is not None:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="notifier-deadlines",
