@@ -734,13 +734,15 @@ class _Task:
         open requests too (``Cutter``: none outlives the task, so none overlaps its retry's on
         the same slot), and waits a moment for what they sent, to record it with its own."""
         done: list[tuple[_Lot, Report]] = []
-        helpers = [threading.Thread(target=self._help, args=(hand_on, done), daemon=True,
-                                    name=f"notifier-send-{n}")
-                   for n in range(min(self.services.settings.send_concurrency - 1,
-                                      len(self._waiting)))]
-        for helper in helpers:
-            helper.start()
+        helpers: list[threading.Thread] = []  # those started
         try:
+            # Started within the watch: a time limit that lands between two starts stops and
+            # cuts those started, as it does anywhere else.
+            for n in range(min(self.services.settings.send_concurrency - 1, len(self._waiting))):
+                helper = threading.Thread(target=self._help, args=(hand_on, done), daemon=True,
+                                          name=f"notifier-send-{n}")
+                helper.start()
+                helpers.append(helper)
             try:
                 self._send_lots(first, hand_on, done)
             except _Stopped:
