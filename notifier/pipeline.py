@@ -602,6 +602,15 @@ class _Ledger:
 _SLA_SLACK_MS = 5000
 
 
+def _record_if_sla_falls_due(services: Services, ledger: _Ledger) -> None:
+    """Record the task's attempts if one met in time falls due within a send: a send takes up to
+    the whole-request deadline, with its enrichment before and the record after, and beat would
+    stamp such a delivery breached meanwhile. Before each send, and as a sending thread ends
+    while the task's others may still hold it up."""
+    if ledger.met_sla_due_within(services.settings.http_deadline * 1000 + _SLA_SLACK_MS):
+        ledger.record()
+
+
 def _refused(finished: store.Finished, exc: StoreRefused) -> store.Finished:
     """The attempt ``finished`` as it is recorded when the database refused its record: failed,
     with the refusal as its error."""
@@ -777,6 +786,10 @@ class _Task:
         while lot is not None:
             done.append((lot, self._send(lot)))
             lot = self._next(hand_on)
+        # This thread checks no more before a send, and the others' open requests (each
+        # checked before it began) may hold the task up to their deadline: what it delivered in
+        # time is recorded now if its SLA falls due meanwhile.
+        _record_if_sla_falls_due(self.services, self.ledger)
 
     def _fail(self, exc: BaseException) -> None:
         """A sending thread failed: the first failure is the task's, and stops the others."""
@@ -953,11 +966,7 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
                                             or time.monotonic() > budget_ends):
             _give_back(services, lease.webhook_id, target, lot.claimed[index:])
             break
-        # A send takes up to the whole-request deadline, with its enrichment before and the
-        # record after: a delivery met in time whose SLA falls due meanwhile is recorded
-        # first, as beat would stamp it breached.
-        if ledger.met_sla_due_within(services.settings.http_deadline * 1000 + _SLA_SLACK_MS):
-            ledger.record()
+        _record_if_sla_falls_due(services, ledger)
         started = now_ms()
         try:
             finished, posted = _attempt(services, target, claimed, interruptions)
