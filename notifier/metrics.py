@@ -95,6 +95,11 @@ class Tally:
     def sla_breaches(self, count: int) -> None:
         self._add(("sla_breaches", count))
 
+    def snapshot(self) -> Counter[str]:
+        """What was counted so far (a thread of the task may still count meanwhile)."""
+        with self._lock:
+            return Counter(self.counts)
+
     def _add(self, *counts: tuple[str, int]) -> None:
         with self._lock:
             for name, count in counts:

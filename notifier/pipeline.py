@@ -306,7 +306,7 @@ def _count(services: Services, tally: Tally) -> None:
     """Add what a step counted to the metrics. Redis failing here loses the counts, never the
     work they count."""
     try:
-        services.queues.add_counts(tally.counts)
+        services.queues.add_counts(tally.snapshot())
     except TransientError as exc:
         log.warning("metrics not counted: %s", exc)
 
@@ -916,6 +916,8 @@ class _Task:
 
     def _hand_on(self, hand_on: HandOn) -> None:
         with self._lock:
+            if self._stop.is_set():
+                return  # the task carries its leases on (DeliveryInterrupted), those waiting too
             lots = list(self._waiting)
             self._waiting.clear()
             handed = {lot.lease for lot in lots}

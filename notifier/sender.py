@@ -21,6 +21,7 @@ import contextlib
 import enum
 import functools
 import heapq
+import http.cookiejar
 import ipaddress
 import math
 import os
@@ -718,6 +719,14 @@ _LOOKUPS = _Lookups(limit=64)
 # ---------------------------------------------------------------- the sender
 
 
+class _KeepNoCookie(http.cookiejar.DefaultCookiePolicy):
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
+_KEEP_NO_COOKIE = _KeepNoCookie()
+
+
 class HttpSender:
     """POSTs with one pooled session; every request bounded in time and in what it reads."""
 
@@ -738,6 +747,9 @@ class HttpSender:
         self.session = requests.Session()
         # Reading proxy settings from the environment on every call is 18% of a POST's CPU here.
         self.session.trust_env = False
+        # One session for every webhook: a cookie one answered with would go to the next
+        # request to its host, another webhook's, another tenant's maybe.
+        self.session.cookies.set_policy(_KEEP_NO_COOKIE)
         # Certificates are verified, against the host name (SNI too), never the address the
         # connection checked and reached. A test may point this at its own CA bundle.
         self.session.verify = True

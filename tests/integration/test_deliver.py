@@ -213,12 +213,15 @@ def test_a_task_stopped_midway_records_what_it_sent_and_carries_on_with_the_clai
         pipeline.deliver(services, leases, lambda lease: None, hand_on=no_hand_on)
     monkeypatch.undo()
 
-    # What was sent before the task stopped is recorded. No slot was given back, and the other
-    # claims are still held: their deliveries were never sent.
+    # What was sent before the task stopped is recorded: the first, and the third if its
+    # thread (side by side with the second's) had begun it before the second failed. No slot
+    # was given back, and the other claims are still held: their deliveries were never sent.
     assert sorted(lease.webhook_id for lease in stopped.value.leases) == sorted(
         lease.webhook_id for lease in leases)
-    assert len(receiver.wait_for(1)) == 1
-    assert statuses(services) == [DeliveryStatus.DELIVERED] + [DeliveryStatus.IN_FLIGHT] * 2
+    sent = len(receiver.requests)
+    assert sent in (1, 2)
+    assert sorted(statuses(services)) == sorted(
+        [DeliveryStatus.DELIVERED] * sent + [DeliveryStatus.IN_FLIGHT] * (3 - sent))
     # The retry, with the claims' mark, takes them again at once rather than parking them until
     # they run out (NOTIFIER_SLOT_LEASE_SECONDS).
     pipeline.deliver(services, stopped.value.leases, lambda lease: None, hand_on=no_hand_on,

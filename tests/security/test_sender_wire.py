@@ -36,7 +36,7 @@ from notifier.sender import (
     Verdict,
     classify,
 )
-from tests.conftest import wait_until
+from tests.conftest import Receiver, Reply, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -576,3 +576,23 @@ def test_a_connect_that_hangs_gives_way_to_the_next_address_within_the_deadline(
 
     assert result.status_code == 200, result  # after the first address's own connect timeout
     assert (server.connections, server.requests) == (1, 1)
+
+
+def test_a_cookie_one_webhook_sets_is_never_sent_to_another() -> None:
+    # Two webhooks on one host (cookies know no ports), of two tenants maybe: the first answers
+    # with a cookie, which the process's one pooled session kept and sent to the second.
+    first, second = Receiver(), Receiver()
+    try:
+        first.script("/a", Reply(200, headers={"Set-Cookie": "sid=tenant-a-secret; Path=/"}))
+        to = sender()
+
+        answered, _ = post(to, first.url("/a"))
+        again, _ = post(to, second.url("/b"))
+        post(to, first.url("/a"))
+
+        assert answered.headers.get("Set-Cookie"), answered  # (the cookie did come)
+        assert again.status_code == 200, again
+        assert [r.headers.get("cookie") for r in first.requests + second.requests] == [None] * 3
+    finally:
+        first.close()
+        second.close()
