@@ -17,7 +17,7 @@ from sqlalchemy import event, select, update
 from config import load_settings
 from notifier import pipeline, store
 from notifier.errors import StoreUnavailable
-from notifier.models import Attempt, Delivery, DeliveryStatus, Event
+from notifier.models import Attempt, Delivery, DeliveryStatus, Event, Webhook
 from notifier.pipeline import DeliveryInterrupted, Services, build_services
 from notifier.queues import Lease, Report
 from tests.conftest import Receiver, create_webhook, slots_held, wait_until
@@ -540,3 +540,42 @@ def test_a_time_limit_landing_as_the_helper_threads_start_stops_those_started(
     # request it had open when the limit landed reached the receiver (cut).
     assert handed == []
     assert len(receiver.requests) <= 1
+
+
+def test_leases_past_the_concurrency_not_started_by_the_deadline_are_handed_on(
+    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    services = build_services(load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        "NOTIFIER_SEND_CONCURRENCY": "2", "NOTIFIER_SLOW_WEBHOOK_MS": "300"}))
+    try:
+        leases = leases_of(services, receiver, 1, webhooks=4)
+        paths = [f"/1/{n}" for n in range(4)]
+        gates = [receiver.gate(path) for path in paths]  # every request held open
+        handed: list[Lease] = []
+        sending = threading.Thread(target=pipeline.deliver, args=(services, leases, no_send),
+                                   kwargs={"hand_on": lambda held, _: handed.extend(held)})
+        sending.start()
+        try:
+            # Two leases side by side, their requests held; the two waiting for a thread are
+            # handed on at the deadline, to tasks of their own.
+            wait_until(lambda: len(handed) == 2, 30, "two leases handed on")
+            open_paths = [path for path in paths if receiver.in_flight[path]]
+            assert len(open_paths) == 2
+        finally:
+            for gate in gates:
+                gate.set()
+            sending.join(30)
+
+        with services.db.session() as session:
+            path_of = {hook.id: "/" + hook.url.split("/", 3)[3]
+                       for hook in session.scalars(select(Webhook))}
+        handed_on = {lease.webhook_id for lease in handed}
+        sent = {path_of[lease.webhook_id] for lease in leases} - {path_of[h] for h in handed_on}
+        assert set(open_paths) == sent
+        assert {r.path for r in receiver.requests} == sent
+        assert statuses(services) == sorted([DeliveryStatus.DELIVERED] * 2
+                                            + [DeliveryStatus.IN_FLIGHT] * 2)
+    finally:
+        services.db.dispose()
