@@ -64,9 +64,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--webhooks", default="",
                         help="many webhooks, traffic spread across them, e.g. 10,1000")
     parser.add_argument("--backlog", type=int, default=0,
-                        help="N deliveries (fan-out 1) queued while delivery is stopped, then "
-                             "drained: drain rate against fan-out 1's, and the memory of Redis, "
-                             "workers and the database per delivery (e.g. 100000; default off)")
+                        help="N deliveries (fan-out 1) queued while delivery is paused, then "
+                             "drained, in --repeat rounds, each drain right after a round of "
+                             "Floor B: drain rate against Floor B's (pairwise) and fan-out 1's, "
+                             "and the memory of Redis, workers and the database per delivery "
+                             "(e.g. 4000; default off)")
     parser.add_argument("--retention", type=int, metavar="N",
                         help="live p99 with and without a purge of N old events (with their "
                              "deliveries and attempts) running, as a same-run ratio (default "
@@ -223,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                    once: Callable[[], run.Sample]) -> None:
             """One round of ``row`` right after one of Floor B, both kept."""
             base = run.floor_b(receiver, floor_b_procs, n)
+            record(row, i, base, once())
+
+        def record(row: Row, i: int, base: run.Sample, sample: run.Sample) -> None:
             base_row.samples.append(base)
-            sample = once()
             row.samples.append(sample)
             row.paired.append(sample.rate / base.rate)
             print(f"  round {i + 1}/{args.repeat}: Floor B {base.rate:.0f}/s, {row.name} "
@@ -285,9 +289,42 @@ def main(argv: list[str] | None = None) -> int:
                     row.error = str(exc).splitlines()[0]
                     print(f"  {row.name}: {exc}", file=sys.stderr, flush=True)
 
+        def backlog(floor_b_procs: run.Processes) -> None:
+            """Backlogs built and drained, each drain right after a round of Floor B (run while
+            notifier's stack waits, its backlog built), in a stack of its own each."""
+            row = Row(f"notifier backlog {args.backlog} drain")
+            rows.append(row)
+            (folder / "backlog").mkdir()
+            try:
+                for i in range(args.repeat):
+                    print(f"  backlog of {args.backlog}, round {i + 1}/{args.repeat} ...",
+                          flush=True)
+                    (folder / "backlog" / str(i)).mkdir()
+                    bases: list[run.Sample] = []
+
+                    def floor_b_round(bases: list[run.Sample] = bases) -> None:
+                        bases.append(run.floor_b(receiver, floor_b_procs, n))
+
+                    sample = extra.backlog(receiver, folder / "backlog" / str(i), c, args.backlog,
+                                           args.max_connections, before_drain=floor_b_round)
+                    record(row, i, bases[0], sample)
+            except run.BenchError as exc:
+                row.error = str(exc).splitlines()[0]
+                print(f"  {row.name}: {exc}", file=sys.stderr, flush=True)
+            if row.paired:
+                notes.append(row.samples[-1].notes[0])
+                notes.append(row.pairing())
+                fanout_1 = next((r for r in rows if r.name == "notifier fan-out 1" and r.samples),
+                                None)
+                if fanout_1 is not None:
+                    notes.append(f"backlog drain / live fan-out 1 = "
+                                 f"{row.median / fanout_1.median:.2f} (medians; target >= 1)")
+
         def do_headline() -> None:
             with run.floor_b_worker(receiver, folder / "floor-b", c) as floor_b_procs:
                 headline(floor_b_procs)
+                if args.backlog:
+                    backlog(floor_b_procs)
 
         try:
             do_headline()
@@ -388,23 +425,6 @@ def main(argv: list[str] | None = None) -> int:
                              f"{last.median / first.median:.2f} per-delivery rate (medians of "
                              f"{args.repeat}, runs alternating in one stack; pairwise "
                              f"{', '.join(f'{p:.2f}' for p in pairs)}; target >= 0.90)")
-
-        if args.backlog:
-            row = Row(f"notifier backlog {args.backlog} drain")
-            (folder / "backlog").mkdir()
-            print(f"  backlog of {args.backlog} ...", flush=True)
-
-            def do_backlog() -> None:
-                sample, text = extra.backlog(receiver, folder / "backlog", c, args.backlog,
-                                             args.max_connections)
-                row.samples.append(sample)
-                print(f"  {text}", flush=True)
-                notes.append(text)
-                if fanout_1 is not None:
-                    notes.append(f"backlog drain / live fan-out 1 = "
-                                 f"{sample.rate / fanout_1.median:.2f} (target >= 1)")
-
-            attempt(row, do_backlog)
 
         if args.retention:
             rate = fanout_1.median / 2 if fanout_1 is not None else RETENTION_RATE

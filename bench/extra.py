@@ -342,13 +342,17 @@ def _wait_until(condition: Callable[[], bool], seconds: float, what: str) -> Non
 
 
 def backlog(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
-            connections: int) -> tuple[run.Sample, str]:
+            connections: int, before_drain: Callable[[], None] = lambda: None) -> run.Sample:
     """A backlog of ``deliveries`` (fan-out 1), built with delivery stopped, then drained.
 
     1. Every consumer paused, the events are published: the broker holds them.
     2. Ingestion resumed, delivery still paused: the deliveries wait in notifier's Redis queue
-       and the database.
-    3. Delivery resumed: the drain is timed. Returns it, and a note of the memory each phase took.
+       and the database (and ``before_drain()`` runs: a round of Floor B, to pair with).
+    3. Delivery resumed: the drain is timed. Returns it, with a note of the memory each phase
+       took.
+
+    Delivery is paused as an operator pauses it: the fast lane's consumer and the slow worker's
+    cancelled (``cancel_consumer``), which the fast worker's slow lane cover leaves alone.
     """
     from notifier import publish
     from notifier.client import DELIVER_QUEUE, QUEUE, SLOW_QUEUE
@@ -385,6 +389,11 @@ def backlog(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
         if receiver.count != start_count + 100:
             raise run.BenchError("backlog: a delivery went out while delivery was paused")
 
+        before_drain()
+        # (The receiver counted Floor B's requests meanwhile: the database says what notifier
+        # attempted.)
+        if run._db_counts()[2]:
+            raise run.BenchError("backlog: a delivery went out while delivery was paused")
         start_count = receiver.count
         tasks_before = run.delivery_tasks(procs)
         with run.RssSampler(run.worker_pids(procs)) as rss:
@@ -404,4 +413,4 @@ def backlog(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
             f"({deliveries / tasks:.1f} each); the database grew "
             f"{(database_full - database_empty) / deliveries:.0f} B per delivery; workers' peak "
             f"RSS {rss.peak / 2**20:.0f} MiB")
-    return run.Sample(seconds, deliveries, rss.peak, [note]), note
+    return run.Sample(seconds, deliveries, rss.peak, [note])

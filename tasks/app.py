@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 from celery.concurrency.base import BasePool
+from celery.worker.control import inspect_command
 
 from config import load_settings
 from notifier import consumers
@@ -49,7 +50,8 @@ LANE_SURVEY_TIMEOUT = 1.0
 
 
 class SlowLaneCover(bootsteps.StartStopStep):
-    """A worker of the fast lane also takes the slow lane while no other worker consumes it.
+    """A worker of the fast lane also takes the slow lane while no other worker consumes it, nor
+    was told to.
 
     A webhook never measured is presumed slow, and a webhook past its first
     NOTIFIER_FAST_LANE_LEASES leases goes by the slow lane however fast it is: a deployment
@@ -59,26 +61,33 @@ class SlowLaneCover(bootsteps.StartStopStep):
     every prefork process, and the leases past the first would still go by the slow lane.
 
     So, every LANE_CHECK_SECONDS, a worker that consumes ``notifier.deliver`` but was not told
-    to consume ``notifier.slow`` asks the workers which queues they consume; while none other
-    consumes the slow lane it consumes it too (with a warning saying why), and once a slow lane's
-    own worker answers (one of ``notifier.slow`` and not ``notifier.deliver``) it leaves the
-    lane to it, so that its prefork processes are kept from slow receivers again. The queue is
-    added the way Celery's ``add_consumer`` remote-control command adds one (on the consumer's
-    own loop), without the round trip through the broker. A look that fails (broker away)
-    changes nothing.
+    to consume ``notifier.slow`` asks the workers which queues they consume and which they were
+    told to (``consumers.lanes``); while none other does either for the slow lane it consumes it
+    too (with a warning saying why), and once a slow lane's own worker answers (one told to
+    consume ``notifier.slow`` and not ``notifier.deliver``) it leaves the lane to it, so that its
+    prefork processes are kept from slow receivers again. A slow worker whose consumer an
+    operator cancelled (Celery's ``cancel_consumer``: the lane paused, e.g. for maintenance of
+    what its receivers reach) still answers as told to: the pause stands, and is not undone by
+    the fast workers taking the lane behind the operator's back; once that worker is gone, the
+    lane is covered again. The queue is added the way Celery's ``add_consumer`` remote-control
+    command adds one (on the consumer's own loop), without the round trip through the broker. A
+    look that fails (broker away) changes nothing.
     """
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
+        # The queues the worker was started with (--queues), before any remote control (an
+        # operator's cancel_consumer deselects a queue; the cover's own adds do not select).
+        self.told = frozenset(parent.app.amqp.queues.consume_from)
+        self.looks = 0  # looks done at who takes the slow lane: the watcher is alive
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
     def start(self, parent: Any) -> None:
         # (Started again after each lost broker connection: one watcher is enough.)
-        told = set(parent.app.amqp.queues.consume_from)
-        if self._thread is not None or DELIVER_QUEUE not in told or SLOW_QUEUE in told:
+        if self._thread is not None or DELIVER_QUEUE not in self.told or SLOW_QUEUE in self.told:
             return
         self._thread = threading.Thread(target=self._watch, args=(parent,), daemon=True,
                                         name="slow-lane-cover")
@@ -92,7 +101,7 @@ class SlowLaneCover(bootsteps.StartStopStep):
         while not self._stopped.wait(LANE_CHECK_SECONDS):
             try:
                 with consumers.connect(broker_url, LANE_SURVEY_TIMEOUT) as connection:
-                    found = consumers.survey(connection, LANE_SURVEY_TIMEOUT, lengths=False)
+                    found = consumers.lanes(connection, LANE_SURVEY_TIMEOUT)
             except Exception as exc:  # the broker away: look again later, change nothing
                 log.warning("could not ask which workers consume %s: %s", SLOW_QUEUE,
                             type(exc).__name__)
@@ -106,11 +115,24 @@ class SlowLaneCover(bootsteps.StartStopStep):
             if taking and found.slow_lane_worker(other_than=consumer.hostname):
                 log.info("a worker of %s answers: leaving the slow lane to it", SLOW_QUEUE)
                 consumer.call_soon(consumer.cancel_task_queue, SLOW_QUEUE)
-            elif not taking and not found.slow_lane_consumed(other_than=consumer.hostname):
+            elif not taking and not found.slow_lane_kept(other_than=consumer.hostname):
                 log.warning("no worker consumes %s (the slow lane: webhooks not measured yet, or "
                             "slow): this worker takes it too, and slow receivers may hold its "
                             "processes; start the Procfile's slow worker", SLOW_QUEUE)
                 consumer.call_soon(consumer.add_task_queue, SLOW_QUEUE)
+            self.looks += 1
 
 
 app.steps["consumer"].add(SlowLaneCover)
+
+
+@inspect_command(name=consumers.LANES_COMMAND)
+def _lanes(state: Any) -> dict[str, Any]:
+    """The queues this worker consumes, those it was started to consume, and the slow lane
+    cover's looks so far (``consumers.lanes``)."""
+    consumer = state.consumer
+    cover = next(step for step in consumer.steps if isinstance(step, SlowLaneCover))
+    task_consumer = consumer.task_consumer
+    consuming = [queue.name for queue in task_consumer.queues] if task_consumer else []
+    return {"consuming": sorted(consuming), "told": sorted(cover.told),
+            "slow_lane_looks": cover.looks}

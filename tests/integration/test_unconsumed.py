@@ -8,10 +8,13 @@ once delivered nothing to it, and said nothing."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from celery import Celery
 from sqlalchemy import select
 
 from notifier import consumers, publish, store
@@ -92,6 +95,73 @@ def test_the_fast_worker_leaves_the_slow_lane_once_a_slow_worker_answers(stack: 
     # Its prefork processes are kept from slow receivers again.
     wait_until(lambda: _consumed(stack).get(f"worker@{socket.gethostname()}")
                == {QUEUE, DELIVER_QUEUE}, 30, "the fast worker to leave the slow lane")
+
+
+@pytest.fixture
+def control(stack: Stack) -> Iterator[Any]:
+    """Celery's remote control, as an operator's ``celery control`` uses it, on the stack's
+    broker."""
+    app = Celery("operator", broker=stack.settings.broker_url, set_as_current=False)
+    yield app.control
+    app.close()
+
+
+def _lanes(control: Any, name: str) -> dict[str, Any]:
+    """What worker ``name`` says of its queues and of its slow lane cover's looks."""
+    hostname = f"{name}@{socket.gethostname()}"
+    for reply in control.broadcast(consumers.LANES_COMMAND, destination=[hostname], reply=True,
+                                   timeout=2.0):
+        if hostname in reply:
+            answer: dict[str, Any] = reply[hostname]
+            return answer
+    pytest.fail(f"{hostname} did not answer {consumers.LANES_COMMAND}")
+
+
+def _two_looks(control: Any, name: str, what: str) -> None:
+    """Wait for two whole looks of worker ``name``'s slow lane cover from now: the second began
+    after this call, and saw what the workers answered then."""
+    looks = _lanes(control, name)["slow_lane_looks"]
+    wait_until(lambda: _lanes(control, name)["slow_lane_looks"] >= looks + 2, 60, what)
+
+
+def test_a_slow_lane_paused_by_an_operator_stays_paused_while_its_worker_lives(
+        stack: Stack, receiver: Receiver, control: Any) -> None:
+    _hook(stack, receiver, "/paused")  # never measured: by the slow lane
+    stack.worker("worker", queues=f"{QUEUE},{DELIVER_QUEUE}")
+    stack.worker("slow", pool="threads", concurrency=4, queues=SLOW_QUEUE)
+    stack.beat()
+
+    # The operator pauses the slow lane: ``celery control cancel_consumer notifier.slow``.
+    slow = f"slow@{socket.gethostname()}"
+    assert control.cancel_consumer(SLOW_QUEUE, destination=[slow], reply=True, timeout=10)
+    # (The worker answers before it cancels, on its next turn of its loop.)
+    wait_until(lambda: _lanes(control, "slow")["consuming"] == [], 30,
+               "the slow worker to stop consuming its lane")
+    assert _lanes(control, "slow")["told"] == [SLOW_QUEUE]
+    # (A poll of the queue that the slow worker began before the cancel ends within 1 s.)
+    _two_looks(control, "worker", "the fast worker's cover to look at the paused lane")
+    event_id = _publish(stack, 1)
+
+    def waiting_in_the_slow_lane() -> bool:
+        with consumers.connect(stack.settings.broker_url, 2.0) as connection:
+            return consumers.survey(connection, 1.0).lengths[SLOW_QUEUE] > 0
+
+    wait_until(waiting_in_the_slow_lane, 30, "the delivery to wait in the paused slow lane")
+    _two_looks(control, "worker", "the fast worker's cover to look again")
+
+    # The fast worker has not taken the paused lane over: nothing was sent.
+    assert SLOW_QUEUE not in _lanes(control, "worker")["consuming"]
+    assert receiver.at("/paused") == []
+    assert waiting_in_the_slow_lane()
+    assert f"no worker consumes {SLOW_QUEUE}" not in stack.log("worker")
+
+    # Its worker gone, the lane is no one's: the fast worker covers it, and delivers.
+    stack.kill("slow")
+    got = receiver.wait_for(1, "/paused", timeout=60)
+    assert event_id.encode() in got[0].body
+    wait_until(lambda: _statuses(stack) == [DeliveryStatus.DELIVERED], 30,
+               "the delivery recorded as delivered")
+    assert f"no worker consumes {SLOW_QUEUE}" in stack.log("worker")
 
 
 def test_health_and_metrics_name_the_queue_that_no_worker_consumes(
