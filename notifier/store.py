@@ -1331,10 +1331,20 @@ def _retention_cursor(connection: Connection) -> tuple[int, int] | None:
     c = _retention_cursor_table.c
     first = {"id": 1, "received_at_ms": -1, "event_pk": 0}
     if connection.dialect.name == "postgresql":
+        locked = select(c.received_at_ms, c.event_pk).where(c.id == 1).with_for_update(
+            skip_locked=True)
+        if (row := connection.execute(locked).first()) is not None:
+            return row.received_at_ms, row.event_pk
+        # Locked by another run, or not there yet (migration 0018 writes it; the first run
+        # after the tables were emptied). Inserted only then: an INSERT ... ON CONFLICT in
+        # every run waited, once the run under way had moved the cursor, for that run to
+        # commit, holding a prefork process beside live events for as long as its batch took.
+        # (Two first runs at once still wait for each other, once.)
+        if connection.execute(select(c.id).where(c.id == 1)).first() is not None:
+            return None
         connection.execute(pg_insert(_retention_cursor_table).values(first)
                            .on_conflict_do_nothing(index_elements=["id"]))
-        query = select(c.received_at_ms, c.event_pk).where(c.id == 1).with_for_update(
-            skip_locked=True)
+        query = locked
     else:  # SQLite: one writer at a time already
         connection.execute(sqlite_insert(_retention_cursor_table).values(first)
                            .on_conflict_do_nothing(index_elements=["id"]))
