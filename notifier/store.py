@@ -1295,6 +1295,17 @@ def _has_unfinished(event_pk: ColumnElement[int]) -> ColumnElement[bool]:
             .limit(1).scalar_subquery().is_not(None))
 
 
+def _among(connection: Connection, column: ColumnElement[Any],
+           values: Collection[Any]) -> ColumnElement[bool]:
+    """``column`` is one of ``values``: on PostgreSQL ``= ANY(array)``, one parameter whatever
+    their number, so the statement's text is the same in every run (psycopg prepares it) instead
+    of rendered, converted and parsed anew with a parameter per value: a retention run of 200
+    took 10.3 ms of its process's CPU with three such lists, 7.7 ms with arrays."""
+    if connection.dialect.name == "postgresql":
+        return column == any_(bindparam(None, sorted(values)))
+    return column.in_(sorted(values))
+
+
 def _empty_finished(connection: Connection, event_pks: Collection[int], *,
                     now_ms: int) -> set[int]:
     """Empty the payload of those of these events whose deliveries are all finished; returns
@@ -1312,14 +1323,13 @@ def _empty_finished(connection: Connection, event_pks: Collection[int], *,
         return set()
     e = _events.c
     if connection.dialect.name == "postgresql":
-        # = ANY(array): half the cost of IN with 200 values (parameters rendered and parsed).
         event_pks = list(connection.scalars(
-            select(e.pk).where(e.pk == any_(bindparam("pks", sorted(event_pks)))).order_by(e.pk)
+            select(e.pk).where(_among(connection, e.pk, event_pks)).order_by(e.pk)
             .with_for_update(key_share=True, skip_locked=True)))
         if not event_pks:
             return set()
     return set(connection.scalars(
-        update(_events).where(e.pk.in_(event_pks), ~_has_unfinished(e.pk))
+        update(_events).where(_among(connection, e.pk, event_pks), ~_has_unfinished(e.pk))
         .values(payload=PURGED_PAYLOAD, purged_at_ms=now_ms).returning(e.pk)))
 
 
@@ -1331,10 +1341,20 @@ def _retention_cursor(connection: Connection) -> tuple[int, int] | None:
     c = _retention_cursor_table.c
     first = {"id": 1, "received_at_ms": -1, "event_pk": 0}
     if connection.dialect.name == "postgresql":
+        locked = select(c.received_at_ms, c.event_pk).where(c.id == 1).with_for_update(
+            skip_locked=True)
+        if (row := connection.execute(locked).first()) is not None:
+            return row.received_at_ms, row.event_pk
+        # Locked by another run, or not there yet (migration 0018 writes it; the first run
+        # after the tables were emptied). Inserted only then: an INSERT ... ON CONFLICT in
+        # every run waited, once the run under way had moved the cursor, for that run to
+        # commit, holding a prefork process beside live events for as long as its batch took.
+        # (Two first runs at once still wait for each other, once.)
+        if connection.execute(select(c.id).where(c.id == 1)).first() is not None:
+            return None
         connection.execute(pg_insert(_retention_cursor_table).values(first)
                            .on_conflict_do_nothing(index_elements=["id"]))
-        query = select(c.received_at_ms, c.event_pk).where(c.id == 1).with_for_update(
-            skip_locked=True)
+        query = locked
     else:  # SQLite: one writer at a time already
         connection.execute(sqlite_insert(_retention_cursor_table).values(first)
                            .on_conflict_do_nothing(index_elements=["id"]))
@@ -1414,7 +1434,7 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
         # enrichment nor error, and a row rewritten to what it was costs the same as any.
         deliveries = connection.execute(
             update(_deliveries)
-            .where(d.event_pk.in_(sorted(pks)),
+            .where(_among(connection, d.event_pk, pks),
                    or_(d.enrichment.is_not(None), d.enrichment_notes.is_not(None),
                        and_(d.last_error.is_not(None), d.last_error != HELD_TOO_LONG)))
             .values(enrichment=null(), enrichment_notes=None,  # null(): SQL's, not JSON's
@@ -1422,7 +1442,7 @@ def purge(db: Database, *, older_than_ms: int, batch: int, now_ms: int) -> Purge
         ).rowcount
         attempts = connection.execute(
             update(_attempts)
-            .where(a.delivery_id.in_(select(d.id).where(d.event_pk.in_(sorted(pks)))),
+            .where(a.delivery_id.in_(select(d.id).where(_among(connection, d.event_pk, pks))),
                    or_(a.response_excerpt.is_not(None), a.error_message.is_not(None)))
             .values(response_excerpt=None, error_message=None)).rowcount
     return Purged(len(pks), deliveries, attempts, more=more, held_ended=held_ended,

@@ -177,6 +177,40 @@ def test_a_run_that_finds_another_under_way_says_more_may_be_due(org: Database) 
     assert (skipped.events, skipped.more) == (0, True)
 
 
+def test_a_run_beside_one_that_moved_the_cursor_leaves_at_once(org: Database) -> None:
+    """A run under way that has moved the cursor past its walk and not committed: a second run
+    (beat's next tick, ``notifier retention run``) leaves the events to it at once. It must
+    not wait for it: beat's runs go by the ingest queue, and one waiting holds a prefork
+    process that live events need, for as long as the other run's batch lasts."""
+    if not org.is_postgresql:
+        pytest.skip("SQLite has one writer: a second run waits for the first, then goes on")
+    for day in range(3):
+        ingest(org, f"e{day}", OLD - day * DAY, DeliveryStatus.DELIVERED)
+    assert store.purge(org, older_than_ms=0, batch=1, now_ms=NOW).events == 0  # a first run
+    moved, go = threading.Event(), threading.Event()
+
+    def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE retention_cursor") and not moved.is_set():
+            moved.set()
+            _held(go, "the test to let the first run commit")
+
+    sa_event.listen(org.engine, "after_cursor_execute", hold)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(purge, org, 1)
+            _held(moved, "the first run to move the cursor")
+            second = pool.submit(purge, org, 1)
+            _done_or_waiting_for_a_lock(org, second, "the second run to end or wait")
+            left_at_once = second.done()
+            go.set()
+            assert left_at_once, "the second run waited for the first"
+            assert (second.result(timeout=30).events, second.result().more) == (0, True)
+            assert first.result(timeout=30).events == 1
+    finally:
+        go.set()
+        sa_event.remove(org.engine, "after_cursor_execute", hold)
+
+
 def test_a_delivery_held_past_the_retention_ends_failed_and_its_event_is_emptied(
         org: Database) -> None:
     ingest(org, "old", OLD, DeliveryStatus.DELIVERED, DeliveryStatus.HELD)
