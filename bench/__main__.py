@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--lists 20]
 [--concurrency C] [--latency] [--http] [--isolation [--isolation-dead STATUS]] [--enrichment]
 [--webhooks 10,1000] [--backlog N]
-[--retention N] [--soak SECONDS [--soak-rate R]]``."""
+[--retention N] [--soak SECONDS [--soak-rate R]] [--redis URL] [--database NAME]``."""
 
 from __future__ import annotations
 
@@ -82,7 +82,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak-rate", type=float, default=10.0,
                         help="events/s published during the soak, each to all 10 webhooks "
                              "(default 10: 70 healthy deliveries/s, a fraction of fan-out 1's rate)")
+    parser.add_argument("--redis", default=run.REDIS, metavar="URL",
+                        help=f"the Redis server to use, its databases 11 to 13 flushed "
+                             f"(default {run.REDIS})")
+    parser.add_argument("--database", default=run.DATABASE, metavar="NAME",
+                        help=f"the PostgreSQL database on 127.0.0.1 to use, created if missing, "
+                             f"its tables emptied (default {run.DATABASE})")
     args = parser.parse_args(argv)
+    run.use(args.redis, args.database)
     args.soak_only = args.soak is not None and not args.quick
     if args.quick and args.soak is None:
         args.soak = QUICK_SOAK
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(base_row)
         run.ensure_database()
         run.vacuum_analyze()
-        print(f"  PostgreSQL: {run.pg_settings()} (notifier_bench vacuumed and analyzed)",
+        print(f"  PostgreSQL: {run.pg_settings()} ({run.DATABASE} vacuumed and analyzed)",
               flush=True)
         notes.append(f"PostgreSQL: {run.pg_settings()}")
         (folder / "floor-b").mkdir()

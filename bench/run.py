@@ -30,11 +30,24 @@ from bench.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier_bench"
+DATABASE = "notifier_bench"
+PG_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DATABASE}"
 REDIS = "redis://127.0.0.1:6379"
 FLOOR_B_BROKER = f"{REDIS}/12"
 NOTIFIER_BROKER = f"{REDIS}/13"
 NOTIFIER_REDIS = f"{REDIS}/11"
+
+
+def use(redis_url: str, database: str) -> None:
+    """Run against this Redis server (its databases 11 to 13, flushed) and this PostgreSQL
+    database (created if missing, its tables emptied): two benchmarks on one machine then keep
+    out of each other's way."""
+    global DATABASE, PG_URL, REDIS, FLOOR_B_BROKER, NOTIFIER_BROKER, NOTIFIER_REDIS
+    if not database.replace("_", "").isalnum():
+        raise BenchError(f"--database: {database!r} is not a plain name (letters, digits, _)")
+    DATABASE, REDIS = database, redis_url.rstrip("/")
+    PG_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DATABASE}"
+    FLOOR_B_BROKER, NOTIFIER_BROKER, NOTIFIER_REDIS = (f"{REDIS}/{n}" for n in (12, 13, 11))
 FLOOR_B_QUEUE = "bench-floor-b"
 ORG = 4242
 EVENT = "pointsIssued"
@@ -373,9 +386,9 @@ def autovacuum_on() -> bool:
 def ensure_database() -> None:
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        exists = "SELECT 1 FROM pg_database WHERE datname = 'notifier_bench'"
-        if conn.exec_driver_sql(exists).scalar() is None:
-            conn.exec_driver_sql("CREATE DATABASE notifier_bench")
+        exists = "SELECT 1 FROM pg_database WHERE datname = %s"
+        if conn.exec_driver_sql(exists, (DATABASE,)).scalar() is None:
+            conn.exec_driver_sql(f'CREATE DATABASE "{DATABASE}"')
     admin.dispose()
     from notifier.db import upgrade
 
