@@ -871,9 +871,20 @@ _ATTEMPT_COLUMNS = ("delivery_id", "number", "started_at_ms", "latency_ms", "sta
 
 @functools.cache
 def _record_statement() -> Any:
-    # Statements built once with named parameters (the keys of _finish_row()).
-    return insert(_attempts).values(
-        {name: bindparam(name, type_=_attempts.c[name].type) for name in _ATTEMPT_COLUMNS})
+    """The attempt's insert, unless it is recorded already. Statements are built once, with
+    named parameters (the keys of _finish_row()).
+
+    An attempt is its delivery, its number and its start: a task stopped right after its
+    record committed, before it could mark its attempts recorded, records them again on its way
+    out (pipeline._Ledger), and that must not write them twice. Two holders' attempts of one
+    delivery (a stale claim's and its successor's) share a number, never a start."""
+    given = {name: bindparam(name, type_=_attempts.c[name].type) for name in _ATTEMPT_COLUMNS}
+    a = _attempts.c
+    recorded = select(a.id).where(a.delivery_id == given["delivery_id"],
+                                  a.number == given["number"],
+                                  a.started_at_ms == given["started_at_ms"])
+    return insert(_attempts).from_select(
+        list(_ATTEMPT_COLUMNS), select(*given.values()).where(~recorded.exists()))
 
 
 @functools.cache

@@ -265,6 +265,42 @@ def test_a_time_limit_landing_while_reference_data_is_read_ahead_stops_the_task(
     assert len(ids) == len(set(ids)) == 3  # each sent once: none before the stop
 
 
+def test_a_time_limit_landing_right_after_the_record_commits_records_each_attempt_once(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is one transaction; a time limit can land after its commit and before the
+    task has marked its attempts recorded. The task then records them again on its way out:
+    the attempt log held every attempt of the batch twice."""
+    leases = leases_of(services, receiver, 1, webhooks=3)
+    finish = store.finish
+    calls: list[int] = []
+
+    def limit_reached_once_committed(db: Any, done: Any) -> list[store.Breach]:
+        breaches = finish(db, done)
+        calls.append(len(done))
+        if len(calls) == 1:
+            raise TimeLimit("soft time limit exceeded")
+        return breaches
+
+    monkeypatch.setattr(store, "finish", limit_reached_once_committed)
+    with pytest.raises(DeliveryInterrupted) as stopped:
+        pipeline.deliver(services, leases, lambda lease: None, hand_on=no_hand_on,
+                         interruptions=(TimeLimit,))
+    monkeypatch.undo()
+
+    assert calls == [3, 3]  # recorded, then recorded again on the way out
+    assert statuses(services) == [DeliveryStatus.DELIVERED] * 3
+    # The retry finds them delivered: nothing goes again.
+    pipeline.deliver(services, stopped.value.leases, lambda lease: None, hand_on=no_hand_on,
+                     claimed_until=stopped.value.claimed_until)
+    ids = [request.headers["webhook-id"] for request in receiver.wait_for(3)]
+    with services.db.session() as session:
+        recorded = sorted((a.delivery_id, a.number, a.status_code)
+                          for a in session.scalars(select(Attempt)))
+    assert recorded == sorted((delivery_id, 1, 200) for delivery_id in ids)
+    assert [slots_held(services.queues, lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
+
+
 def test_a_task_whose_record_finds_the_database_away_sends_again_and_loses_no_delivery(
     services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -228,6 +228,31 @@ def test_finish_records_the_attempt_and_respects_a_newer_holder(org: Database) -
         assert statuses == [400, 200]
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["one in time", "late, in a batch"])
+def test_finish_given_the_same_attempt_again_records_it_once(org: Database, late: bool) -> None:
+    """A task stopped right after its record committed records the same attempts again on its
+    way out (pipeline._Ledger): an attempt is the delivery, its number and its start."""
+    webhook(org, "a", sla_in_seconds=1)
+    ids = [outcome.queued[0].delivery_id for outcome in store.ingest_many(
+        org, load_catalog(), [event(f"e-{n}") for n in range(2)], now_ms=1000)]
+    claimed = store.claim(org, ids, now_ms=1100, lease_ms=60_000).claimed
+    took = 3000 if late else 100
+    done = [store.Finished(claimed[0], 1100, took, DeliveryStatus.DELIVERED, 200)]
+    if late:
+        done.append(store.Finished(claimed[1], 1100, took, DeliveryStatus.FAILED, 400))
+
+    first = store.finish(org, done)
+    assert store.finish(org, done) == []  # the breach was stamped by the first
+    assert len(first) == (2 if late else 0)
+
+    with org.session() as session:
+        recorded = session.execute(select(Attempt.delivery_id, Attempt.number)
+                                   .order_by(Attempt.id)).all()
+    assert [tuple(row) for row in recorded] == [(f.claimed.id, 1) for f in done]
+    # Two holders' attempts of one delivery, each its first, are both recorded: see
+    # test_finish_records_the_attempt_and_respects_a_newer_holder.
+
+
 def test_finish_of_a_batch_stamps_the_late_attempts_of_live_claims_only(org: Database) -> None:
     hook = webhook(org, "a", sla_in_seconds=1)
     (beaten,) = store.ingest_many(org, load_catalog(), [event("e-0")], now_ms=500)[0].queued
