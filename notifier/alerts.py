@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -49,6 +49,7 @@ __all__ = [
     "envelopes",
     "given_up",
     "is_alert_event",
+    "keep",
     "operations_webhook",
     "recent",
     "record",
@@ -154,20 +155,27 @@ def sla_breached(db: Database, breaches: Iterable[tuple[str, str]], *,
 
 
 def record(db: Database, alert: Alert, *, now_ms: int) -> bool:
-    """Keep an alert; True when it is new (to be sent). One raised again under the same key (the
-    same webhook's breaches later in the same minute, found by this or another process) adds
-    its count to the one kept and is not sent again: the insert that wins the key is the only
-    one that returns True, however many race for it."""
-    dialect_insert = pg_insert if db.is_postgresql else sqlite_insert
+    """Keep an alert; True when it is new (to be sent). See ``keep``."""
     with db.transaction() as connection:
-        inserted = connection.scalar(
-            dialect_insert(_alerts).values(
-                key=alert.key, kind=alert.kind, org_id=alert.org_id, webhook_id=alert.webhook_id,
-                count=alert.count, data=alert.event_data(), created_at_ms=now_ms)
-            .on_conflict_do_nothing(index_elements=["key"]).returning(_alerts.c.id))
-        if inserted is None:
-            connection.execute(update(_alerts).where(_alerts.c.key == alert.key)
-                               .values(count=_alerts.c.count + alert.count))
+        return keep(connection, alert, now_ms=now_ms)
+
+
+def keep(connection: Connection, alert: Alert, *, now_ms: int) -> bool:
+    """Keep an alert within the caller's transaction (so that it is kept if and only if what
+    raised it is, e.g. a dead attempt's record); True when it is new (to be sent). The insert
+    that wins the key is the only one that returns True, however many race for it. A
+    ``slaBreached`` raised again under its key (the same webhook's breaches later in the same
+    minute, found by this or another process) adds its count to the one kept; any other alert
+    raised again (a record written again, see ``store.finish``) changes nothing."""
+    dialect_insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    inserted = connection.scalar(
+        dialect_insert(_alerts).values(
+            key=alert.key, kind=alert.kind, org_id=alert.org_id, webhook_id=alert.webhook_id,
+            count=alert.count, data=alert.event_data(), created_at_ms=now_ms)
+        .on_conflict_do_nothing(index_elements=["key"]).returning(_alerts.c.id))
+    if inserted is None and alert.kind == SLA_BREACHED:
+        connection.execute(update(_alerts).where(_alerts.c.key == alert.key)
+                           .values(count=_alerts.c.count + alert.count))
     return inserted is not None
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import requests
+from sqlalchemy import Connection
 
 from config import Settings
 from notifier import alerts, faults, store, webhooks
@@ -62,7 +63,6 @@ __all__ = [
     "accept",
     "accept_many",
     "accept_or_end",
-    "alert_delivery_exhausted",
     "alert_sla_breached",
     "alert_webhook_disabled",
     "alert_webhook_recovered",
@@ -477,12 +477,12 @@ def _duration(ms: float) -> str:
 
 @dataclass
 class _Aftermath:
-    """What a delivery task's sends leave to alert about once it has given its slots back:
-    deliveries that died (retries exhausted), webhooks deactivated (410 Gone) with why, and the
-    SLA breaches their finishes stamped.
+    """What a delivery task's sends leave to alert about once it has given its slots back: the
+    ``deliveryExhausted`` alerts its records kept (each with when), to send; webhooks deactivated
+    (410 Gone) with why; and the SLA breaches their finishes stamped.
     Never about alert events (an alert never raises one about itself)."""
 
-    exhausted: list[tuple[store.Target, store.Finished]] = field(default_factory=list)
+    exhausted: list[tuple[alerts.Alert, int]] = field(default_factory=list)
     disabled: list[tuple[store.Target, str]] = field(default_factory=list)
     breaches: list[store.Breach] = field(default_factory=list)
 
@@ -545,18 +545,24 @@ class _Ledger:
     def record(self) -> None:
         """Record the attempts made since the last record, then count, log and park them.
         A transient failure raises and keeps them, for the task to record on its way out or
-        for its retry to send again."""
+        for its retry to send again.
+
+        The ``deliveryExhausted`` alert of a delivery that died is kept in the same transaction
+        as its attempt: a task stopped after its record (its time limit, a kill) leaves it kept
+        and unsent, which beat's sweep sends, never a dead delivery that raised no alert."""
         with self._lock:
             if not self._unrecorded:
                 return
+            keeping = _KeepAlerts(self._unrecorded)
             try:
                 breaches = store.finish(self._services.db,
-                                        [sent.finished for sent in self._unrecorded])
+                                        [sent.finished for sent in self._unrecorded],
+                                        keeping.within)
             except StoreRefused:
                 self._record_one_by_one()
                 return
             recorded, self._unrecorded = self._unrecorded, []
-            self._recorded(recorded, breaches)
+            self._recorded(recorded, breaches, keeping.kept)
 
     def _record_one_by_one(self) -> None:
         """The database refused the batch for good (one row it cannot take: not a fault that
@@ -564,11 +570,14 @@ class _Ledger:
         One refused again is recorded failed, saying why (replayable once the cause is fixed)."""
         recorded: list[_Sent] = []
         breaches: list[store.Breach] = []
+        kept: list[tuple[alerts.Alert, int]] = []
         try:
             while self._unrecorded:
                 sent = self._unrecorded[0]
+                keeping = _KeepAlerts([sent])
                 try:
-                    breaches += store.finish(self._services.db, [sent.finished])
+                    breaches += store.finish(self._services.db, [sent.finished], keeping.within)
+                    kept += keeping.kept
                 except StoreRefused as exc:
                     # Its kind, not its message: the refused row is quoted whole in it.
                     log.error("delivery %s: its attempt could not be recorded: %s",
@@ -577,17 +586,17 @@ class _Ledger:
                     breaches += store.finish(self._services.db, [sent.finished])
                 recorded.append(self._unrecorded.pop(0))
         finally:
-            self._recorded(recorded, breaches)
+            self._recorded(recorded, breaches, kept)
 
-    def _recorded(self, recorded: Sequence[_Sent], breaches: Sequence[store.Breach]) -> None:
+    def _recorded(self, recorded: Sequence[_Sent], breaches: Sequence[store.Breach],
+                  kept: Sequence[tuple[alerts.Alert, int]]) -> None:
         _breached(self._tally, breaches)
         self._aftermath.breaches.extend(breaches)
+        self._aftermath.exhausted.extend(kept)
         retries = []
         for sent in recorded:
             finished = sent.finished
             _log_attempt(sent.webhook_id, finished)
-            if finished.outcome == DeliveryStatus.DEAD and sent.target is not None:
-                self._aftermath.exhausted.append((sent.target, finished))
             self._tally.attempt(sent.webhook_id, finished.outcome, finished.latency_ms,
                                 finished.taken_ms
                                 if finished.outcome == DeliveryStatus.DELIVERED else None)
@@ -595,6 +604,23 @@ class _Ledger:
                 retries.append((sent.webhook_id, finished.claimed.id, finished.next_attempt_at_ms))
         if retries:
             self._services.queues.park(retries)
+
+
+class _KeepAlerts:
+    """Keeps the ``deliveryExhausted`` alerts of the dead among ``sent`` within the transaction
+    that records them (``within``, for ``store.finish``; None when there are none); ``kept``:
+    those new, each with when."""
+
+    def __init__(self, sent: Sequence[_Sent]) -> None:
+        self._alerts = [alert for alert in (_exhausted(s.target, s.finished) for s in sent
+                                            if s.target is not None) if alert is not None]
+        self.within = self._keep if self._alerts else None
+        self.kept: list[tuple[alerts.Alert, int]] = []
+
+    def _keep(self, connection: Connection) -> None:
+        kept_at = now_ms()
+        self.kept = [(alert, kept_at) for alert in self._alerts
+                     if alerts.keep(connection, alert, now_ms=kept_at)]
 
 
 # What a send's due-time check allows beyond the request's deadline: the enrichment before it
@@ -724,8 +750,7 @@ class _Task:
                                                   send)
         if any(given_back.state_lost for given_back in released):
             recover(services, send)
-        for target, finished in self.aftermath.exhausted:
-            alert_delivery_exhausted(services, target, finished, send)
+        _send_new_alerts(services, self.aftermath.exhausted, send)
         for target, reason in self.aftermath.disabled:
             alert_webhook_disabled(services, target.org_id, target.id, reason, send)
         alert_sla_breached(services, self.aftermath.breaches, send)
@@ -1372,20 +1397,27 @@ def raise_alerts(services: Services, raised: Iterable[alerts.Alert], send: SendL
     An alert that cannot be kept is logged and given up, one kept but not sent is left to beat's
     sweep (``send_kept_alerts``): it never fails the delivery, disable or SLA check that raised
     it."""
-    tally, new = Tally(), 0
+    new = []
     for alert in raised:
         kept_at = now_ms()
         try:
-            if not alerts.record(services.db, alert, now_ms=kept_at):
-                continue
+            if alerts.record(services.db, alert, now_ms=kept_at):
+                new.append((alert, kept_at))
         except Exception as exc:
             log.error("alert %s not raised: %s", alert.key, faults.summary(exc))
-            continue
-        new += 1
+    _send_new_alerts(services, new, send)
+    return len(new)
+
+
+def _send_new_alerts(services: Services, kept: Sequence[tuple[alerts.Alert, int]],
+                    send: SendLease) -> None:
+    """Count and send on alerts just kept (each with when); one not sent is left to beat's
+    sweep (``send_kept_alerts``)."""
+    tally = Tally()
+    for alert, kept_at in kept:
         tally.alert(alert.kind)
         _send_alert(services, alert, kept_at, send)
     _count(services, tally)
-    return new
 
 
 def send_kept_alerts(services: Services, send: SendLease) -> int:
@@ -1460,16 +1492,15 @@ def alert_webhook_recovered(services: Services, org_id: int, webhook_id: str, se
                                                      reason=reason)], send)
 
 
-def alert_delivery_exhausted(services: Services, target: store.Target, finished: store.Finished,
-                             send: SendLease) -> None:
-    """A delivery died, its retries exhausted: ``deliveryExhausted``; not for a delivery of an
-    alert event (an alert never raises one about itself)."""
+def _exhausted(target: store.Target, finished: store.Finished) -> alerts.Alert | None:
+    """The alert of an attempt whose delivery died, its retries exhausted: ``deliveryExhausted``;
+    none for a delivery of an alert event (an alert never raises one about itself)."""
     claimed = finished.claimed
-    if alerts.is_alert_event(claimed.event):
-        return
-    raise_alerts(services, [alerts.delivery_exhausted(
+    if finished.outcome != DeliveryStatus.DEAD or alerts.is_alert_event(claimed.event):
+        return None
+    return alerts.delivery_exhausted(
         target.org_id, target.id, claimed.id, claimed.event,
-        attempts=claimed.attempt_count + 1, last_status_code=finished.status_code)], send)
+        attempts=claimed.attempt_count + 1, last_status_code=finished.status_code)
 
 
 def alert_sla_breached(services: Services, breaches: Sequence[store.Breach],

@@ -815,9 +815,12 @@ class Breach:
     breached_at_ms: int
 
 
-def finish(db: Database, done: Sequence[Finished]) -> list[Breach]:
+def finish(db: Database, done: Sequence[Finished],
+           within: Callable[[Connection], None] | None = None) -> list[Breach]:
     """Record attempts and move their deliveries on, atomically; returns the SLA breaches this
-    stamped (attempts that ended past an SLA that beat had not stamped yet).
+    stamped (attempts that ended past an SLA that beat had not stamped yet). ``within``, if
+    given, runs last in the same transaction (the alerts the attempts raise are kept with them:
+    ``pipeline._Ledger``).
 
     One transaction of a few statements whatever the number of attempts (a delivery task
     records its batch at once): the late ones' stamps, the attempts' inserts and the
@@ -830,7 +833,7 @@ def finish(db: Database, done: Sequence[Finished]) -> list[Breach]:
         return []
     rows = [_finish_row(f) for f in done]
     late = [f for f in done if f.late]
-    if db.is_postgresql and not late and len(rows) == 1:
+    if db.is_postgresql and not late and len(rows) == 1 and within is None:
         # The attempt and its delivery's move in one statement: one round trip.
         with db.autocommit() as connection:
             connection.execute(_record_and_move_statement(), rows)
@@ -845,6 +848,8 @@ def finish(db: Database, done: Sequence[Finished]) -> list[Breach]:
         else:
             connection.execute(_record_statement(), rows)
             connection.execute(_move_statement(), rows)
+        if within is not None:
+            within(connection)
     return breaches
 
 

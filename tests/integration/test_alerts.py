@@ -423,6 +423,72 @@ def test_an_alert_half_sent_is_sent_again_and_stored_once(services: Services) ->
     assert pipeline.sweep(services, no_send).alerts_sent == 0
 
 
+class TimeLimit(Exception):  # as Celery's SoftTimeLimitExceeded: an Exception
+    """The task's runner stopping it from outside."""
+
+
+def test_a_delivery_dead_in_a_task_stopped_right_after_its_record_still_raises_its_alert(
+        database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task records the dead attempt, then its time limit lands before it could raise the
+    alert (it raises them once it has given its slots back): the delivery was dead and no
+    deliveryExhausted was ever raised. The alert is kept by the record's own transaction, and
+    beat's sweep sends what the task could not."""
+    services = build_services(load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        "NOTIFIER_RETRY_HORIZON": "1"}))
+    try:
+        db = services.db
+        store.create_org(db, ORG, "test org", now_ms=0)
+        dying, _ = create_webhook(db, services.catalog, services.vault, org_id=ORG, name="dying",
+                                  url=receiver.url("/dying"), event_names=["pointsIssued"],
+                                  now_ms=0)
+        ops, _ = create_webhook(db, services.catalog, services.vault, org_id=ORG, name="ops",
+                                url="https://ops.example.com/", event_names=list(ALERT_NAMES),
+                                now_ms=0)
+        alerts.set_operations_webhook(db, ORG, ops)
+        receiver.script("/dying", 500)
+        leases: list[Lease] = []
+        event_id = pipeline.accept(services, {"eventName": "pointsIssued", "orgId": ORG, "data": {
+            "customerIdentifiers": {"customerId": 1}}}, leases.append).event_id
+        finish = store.finish
+        calls: list[int] = []
+
+        def limit_reached_once_committed(*args: Any, **kwargs: Any) -> list[store.Breach]:
+            breaches = finish(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                raise TimeLimit("soft time limit exceeded")
+            return breaches
+
+        monkeypatch.setattr(store, "finish", limit_reached_once_committed)
+        with pytest.raises(pipeline.DeliveryInterrupted):
+            pipeline.deliver(services, leases, no_send, hand_on=lambda *_: None,
+                             interruptions=(TimeLimit,))
+        monkeypatch.undo()
+
+        (dead,) = rows(db, Delivery, webhook_id=dying)
+        assert dead.status == DeliveryStatus.DEAD
+        (kept,) = rows(db, Alert)
+        assert (kept.kind, kept.webhook_id, kept.count, kept.sent_at_ms) == (
+            "deliveryExhausted", dying, 1, None)
+        assert kept.data == {"webHookId": dying, "orgId": ORG, "deliveryId": dead.id,
+                             "eventId": event_id, "eventName": "pointsIssued", "attempts": 1,
+                             "lastStatusCode": 500}
+
+        monkeypatch.setattr(pipeline, "_ALERT_SEND_GRACE_MS", 0)
+        sent: list[Lease] = []
+        assert pipeline.sweep(services, sent.append).alerts_sent == 1
+        assert [lease.webhook_id for lease in sent] == [ops]
+        (event,) = rows(db, Event, event_name="deliveryExhausted")
+        assert event.payload["data"] == kept.data
+        assert pipeline.sweep(services, no_send).alerts_sent == 0
+    finally:
+        services.db.dispose()
+        services.queues.client.close()
+
+
 def test_an_alert_lease_lost_after_its_event_was_stored_is_sent_by_beat(
         stack: Stack, receiver: Receiver, database: Database) -> None:
     """The alert's event stored and its lease taken, then the broker message lost (the task that

@@ -125,9 +125,9 @@ def test_a_task_records_the_attempts_of_its_20_deliveries_in_one_transaction(
     statements = Cost()
     finish = store.finish
 
-    def measured(db: Any, done: Sequence[store.Finished]) -> list[store.Breach]:
+    def measured(db: Any, done: Sequence[store.Finished], *within: Any) -> list[store.Breach]:
         before = statements.statements
-        breaches = finish(db, done)
+        breaches = finish(db, done, *within)
         records.append((len(done), statements.statements - before))
         return breaches
 
@@ -275,8 +275,8 @@ def test_a_time_limit_landing_right_after_the_record_commits_records_each_attemp
     finish = store.finish
     calls: list[int] = []
 
-    def limit_reached_once_committed(db: Any, done: Any) -> list[store.Breach]:
-        breaches = finish(db, done)
+    def limit_reached_once_committed(db: Any, done: Any, *within: Any) -> list[store.Breach]:
+        breaches = finish(db, done, *within)
         calls.append(len(done))
         if len(calls) == 1:
             raise TimeLimit("soft time limit exceeded")
