@@ -517,6 +517,9 @@ class _Ledger:
         self._tally = tally
         self._aftermath = aftermath
         self._unrecorded: list[_Sent] = []
+        # The alerts its records kept (key -> when): one written again after its commit (the
+        # task stopped right then) finds them kept by itself (``_KeepAlerts``).
+        self._kept: dict[str, int] = {}
         # The task's sending threads share it: one records at a time, the others' attempts
         # wait for the next record.
         self._lock = threading.RLock()
@@ -553,7 +556,7 @@ class _Ledger:
         with self._lock:
             if not self._unrecorded:
                 return
-            keeping = _KeepAlerts(self._unrecorded)
+            keeping = _KeepAlerts(self._unrecorded, self._kept)
             try:
                 breaches = store.finish(self._services.db,
                                         [sent.finished for sent in self._unrecorded],
@@ -574,7 +577,7 @@ class _Ledger:
         try:
             while self._unrecorded:
                 sent = self._unrecorded[0]
-                keeping = _KeepAlerts([sent])
+                keeping = _KeepAlerts([sent], self._kept)
                 try:
                     breaches += store.finish(self._services.db, [sent.finished], keeping.within)
                     kept += keeping.kept
@@ -593,6 +596,8 @@ class _Ledger:
         _breached(self._tally, breaches)
         self._aftermath.breaches.extend(breaches)
         self._aftermath.exhausted.extend(kept)
+        for alert, _ in kept:  # counted as raised: a task stopped before it sends them counts them
+            self._tally.alert(alert.kind)
         retries = []
         for sent in recorded:
             finished = sent.finished
@@ -609,18 +614,27 @@ class _Ledger:
 class _KeepAlerts:
     """Keeps the ``deliveryExhausted`` alerts of the dead among ``sent`` within the transaction
     that records them (``within``, for ``store.finish``; None when there are none); ``kept``:
-    those new, each with when."""
+    those new, each with when.
 
-    def __init__(self, sent: Sequence[_Sent]) -> None:
+    ``ours`` (the ledger's: key -> when) are those its earlier records kept. A record that
+    raised after its commit (the task stopped right then) is written again, and finds its
+    alerts kept already: by itself, so they are still new to it (to count, and to send), and
+    no other's."""
+
+    def __init__(self, sent: Sequence[_Sent], ours: dict[str, int]) -> None:
         self._alerts = [alert for alert in (_exhausted(s.target, s.finished) for s in sent
                                             if s.target is not None) if alert is not None]
+        self._ours = ours
         self.within = self._keep if self._alerts else None
         self.kept: list[tuple[alerts.Alert, int]] = []
 
     def _keep(self, connection: Connection) -> None:
-        kept_at = now_ms()
-        self.kept = [(alert, kept_at) for alert in self._alerts
-                     if alerts.keep(connection, alert, now_ms=kept_at)]
+        self.kept = []
+        for alert in self._alerts:
+            kept_at = self._ours.get(alert.key, now_ms())
+            if alerts.keep(connection, alert, now_ms=kept_at) or alert.key in self._ours:
+                self._ours[alert.key] = kept_at
+                self.kept.append((alert, kept_at))
 
 
 # What a send's due-time check allows beyond the request's deadline: the enrichment before it
@@ -1397,27 +1411,26 @@ def raise_alerts(services: Services, raised: Iterable[alerts.Alert], send: SendL
     An alert that cannot be kept is logged and given up, one kept but not sent is left to beat's
     sweep (``send_kept_alerts``): it never fails the delivery, disable or SLA check that raised
     it."""
-    new = []
+    new, tally = [], Tally()
     for alert in raised:
         kept_at = now_ms()
         try:
             if alerts.record(services.db, alert, now_ms=kept_at):
                 new.append((alert, kept_at))
+                tally.alert(alert.kind)
         except Exception as exc:
             log.error("alert %s not raised: %s", alert.key, faults.summary(exc))
+    _count(services, tally)
     _send_new_alerts(services, new, send)
     return len(new)
 
 
 def _send_new_alerts(services: Services, kept: Sequence[tuple[alerts.Alert, int]],
                     send: SendLease) -> None:
-    """Count and send on alerts just kept (each with when); one not sent is left to beat's
+    """Send on alerts just kept, and counted (each with when); one not sent is left to beat's
     sweep (``send_kept_alerts``)."""
-    tally = Tally()
     for alert, kept_at in kept:
-        tally.alert(alert.kind)
         _send_alert(services, alert, kept_at, send)
-    _count(services, tally)
 
 
 def send_kept_alerts(services: Services, send: SendLease) -> int:

@@ -24,7 +24,7 @@ from notifier.db import Database
 from notifier.errors import StoreRefused, StoreUnavailable
 from notifier.models import Alert, Delivery, DeliveryStatus, Event
 from notifier.pipeline import Services, build_services
-from notifier.queues import Lease
+from notifier.queues import Lease, Queues
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
 from tests.conftest import Receiver, Stack, create_webhook, wait_until
@@ -146,6 +146,12 @@ def test_a_dead_delivery_sends_delivery_exhausted(
     assert body["data"] == {"webHookId": dying, "orgId": ORG, "deliveryId": dead.id,
                             "eventId": event_id, "eventName": "pointsIssued",
                             "attempts": dead.attempt_count, "lastStatusCode": 500}
+    # Counted once, as it was raised (notifier_alerts): not again as it was sent.
+    queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
+    wait_until(lambda: queues.counts().get("alerts|deliveryExhausted"), 30, "the alert counted")
+    wait_until(lambda: [d for d in rows(database, Delivery, webhook_id=ops)
+                        if d.status == DeliveryStatus.DELIVERED], 30, "the alert delivered")
+    assert queues.counts().get("alerts|deliveryExhausted") == 1
 
 
 def test_a_flood_of_late_deliveries_sends_one_sla_breached_per_webhook_per_minute(
@@ -427,13 +433,16 @@ class TimeLimit(Exception):  # as Celery's SoftTimeLimitExceeded: an Exception
     """The task's runner stopping it from outside."""
 
 
-def test_a_delivery_dead_in_a_task_stopped_right_after_its_record_still_raises_its_alert(
+@pytest.mark.parametrize("stopped", ["right after its record commits",
+                                     "as it gives its slots back"])
+def test_a_delivery_dead_in_a_task_stopped_after_its_record_still_raises_its_alert(
         database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, stopped: str) -> None:
     """The task records the dead attempt, then its time limit lands before it could raise the
     alert (it raises them once it has given its slots back): the delivery was dead and no
     deliveryExhausted was ever raised. The alert is kept by the record's own transaction, and
-    beat's sweep sends what the task could not."""
+    beat's sweep sends what the task could not. It is counted once (notifier_alerts), as it is
+    raised: the sweep that sends it counts nothing, and a task stopped this way counted none."""
     services = build_services(load_settings({
         "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
         "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
@@ -462,11 +471,18 @@ def test_a_delivery_dead_in_a_task_stopped_right_after_its_record_still_raises_i
                 raise TimeLimit("soft time limit exceeded")
             return breaches
 
-        monkeypatch.setattr(store, "finish", limit_reached_once_committed)
+        def limit_reached(*args: Any, **kwargs: Any) -> Any:
+            raise TimeLimit("soft time limit exceeded")
+
+        if stopped == "right after its record commits":
+            monkeypatch.setattr(store, "finish", limit_reached_once_committed)
+        else:
+            monkeypatch.setattr(services.queues, "release_many", limit_reached)
         with pytest.raises(pipeline.DeliveryInterrupted):
             pipeline.deliver(services, leases, no_send, hand_on=lambda *_: None,
                              interruptions=(TimeLimit,))
         monkeypatch.undo()
+        assert services.queues.counts().get("alerts|deliveryExhausted") == 1
 
         (dead,) = rows(db, Delivery, webhook_id=dying)
         assert dead.status == DeliveryStatus.DEAD
@@ -484,6 +500,7 @@ def test_a_delivery_dead_in_a_task_stopped_right_after_its_record_still_raises_i
         (event,) = rows(db, Event, event_name="deliveryExhausted")
         assert event.payload["data"] == kept.data
         assert pipeline.sweep(services, no_send).alerts_sent == 0
+        assert services.queues.counts().get("alerts|deliveryExhausted") == 1
     finally:
         services.db.dispose()
         services.queues.client.close()
