@@ -371,6 +371,11 @@ _json = click.option("--json", "as_json", is_flag=True,
                      help="One line of JSON, with the v3 API's field names, for scripts.")
 
 
+def _webhook_line(org_id: int, view: dict[str, Any]) -> str:
+    return (f"{view['webHookId']}  org {org_id}  {'active' if view['active'] else 'inactive'}  "
+            f"{view['name']}  {view['webHookUrl']}  {','.join(view['eventNames'])}")
+
+
 @webhooks.command("list")
 @click.option("--org", "org_id", type=int, default=None, help="Only this org's webhooks.")
 @click.option("--active/--inactive", default=None, help="Only the active (or inactive) ones.")
@@ -386,9 +391,7 @@ def webhooks_list(org_id: int | None, active: bool | None, as_json: bool) -> Non
         click.echo(json.dumps([{"orgId": org, **view} for org, view in listed]))
         return
     for org, view in listed:
-        click.echo(f"{view['webHookId']}  org {org}  "
-                   f"{'active' if view['active'] else 'inactive'}  {view['name']}  "
-                   f"{view['webHookUrl']}  {','.join(view['eventNames'])}")
+        click.echo(_webhook_line(org, view))
 
 
 @webhooks.command("show")
@@ -451,30 +454,36 @@ def webhooks_update(webhook_id: str, org_id: int | None, body_file: Any, name: s
 @click.option("--deliver-held", is_flag=True,
               help="Also send the events it held while inactive, in the order they came "
                    "(deliverHeld). Without it they stay held, replayable.")
-def webhooks_activate(webhook_id: str, org_id: int | None, deliver_held: bool) -> None:
-    """Make a webhook active again; prints it as saved."""
+@_json
+def webhooks_activate(webhook_id: str, org_id: int | None, deliver_held: bool,
+                      as_json: bool) -> None:
+    """Make a webhook active again; prints it as saved, as `list` does (--json: as
+    `show --json` does). Exit 1 if there is none."""
     from notifier import webhooks
 
     with _webhook_context() as context:
-        saved = webhooks.activate(context, _owner(context, webhook_id, org_id), webhook_id,
-                                  now_ms=now_ms(), deliver_held=deliver_held)
+        owner = _owner(context, webhook_id, org_id)
+        saved = webhooks.activate(context, owner, webhook_id, now_ms=now_ms(),
+                                  deliver_held=deliver_held)
     if deliver_held:
         click.echo(f"{saved.delivered_held} held deliveries queued", err=True)
-    click.echo(json.dumps(saved.view, indent=2))
+    click.echo(json.dumps(saved.view) if as_json else _webhook_line(owner, saved.view))
 
 
 @webhooks.command("deactivate")
 @click.argument("webhook_id")
 @_its_org
-def webhooks_deactivate(webhook_id: str, org_id: int | None) -> None:
+@_json
+def webhooks_deactivate(webhook_id: str, org_id: int | None, as_json: bool) -> None:
     """Stop sending to a webhook; it keeps its history, and holds its events (and what it had
-    waiting) until it is activated."""
+    waiting) until it is activated. Prints it as saved, as `list` does (--json: as
+    `show --json` does). Exit 1 if there is none."""
     from notifier import webhooks
 
     with _webhook_context() as context:
-        view = webhooks.deactivate(context, _owner(context, webhook_id, org_id), webhook_id,
-                                   now_ms=now_ms())
-    click.echo(json.dumps(view, indent=2))
+        owner = _owner(context, webhook_id, org_id)
+        view = webhooks.deactivate(context, owner, webhook_id, now_ms=now_ms())
+    click.echo(json.dumps(view) if as_json else _webhook_line(owner, view))
 
 
 @webhooks.command("delete")

@@ -1,8 +1,9 @@
 """``celery -A tasks replay``: send deliveries again by id or by selection, same ``webhook-id``.
 
-Exit codes, for scripts: 0 done (or nothing left to queue), 1 nothing matched or an id named
-is no delivery (nothing queued), or the prompt declined; 2 a bad option (named); 3 the
-database or Redis did not answer (run it again: a replay skips what it queued already).
+Exit codes, for scripts, as ``--help`` states them (``_EXIT_CODES``): 0 done; 1 nothing
+matched, or a delivery id named is no delivery (the ids found are queued all the same), or the
+prompt declined; 2 bad usage (named); 3 the database or Redis did not answer (run it again: a
+replay skips what it queued already).
 """
 
 from __future__ import annotations
@@ -21,16 +22,31 @@ from notifier.models import DeliveryStatus
 __all__ = ["replay"]
 
 NOTHING, USAGE, SERVICE = 1, 2, 3
+# How many of the delivery ids not found are named; the count says how many there are.
+_NAMED = 5
+
+_EXIT_CODES = f"""\b
+Exit codes:
+  0  done: every delivery named found, the matching ones queued (those queued
+     already skipped); with --dry-run, shown
+  {NOTHING}  nothing matched, or a delivery id named is no delivery (those found are
+     queued all the same), or the question was answered no
+  {USAGE}  bad usage: a missing criterion or a bad option, named
+  {SERVICE}  the database or Redis did not answer: run it again (a replay skips what
+     it queued already)
+"""
 
 
 @click.command(cls=CeleryCommand, epilog="""\b
 Examples:
   # the receiver was down since 02:00: send again everything that failed
-  celery -A tasks replay --webhook WEBHOOK --status failed --status dead --since 2026-03-05T02:00Z
+  celery -A tasks replay --webhook WEBHOOK --status failed --status dead \\
+      --since 2026-03-05T02:00Z
   # what got a 5xx in the last 2 hours, to see first
   celery -A tasks replay --org 100 --response-status 5xx --since 2h --dry-run
   celery -A tasks replay msg_0123 msg_4567 --yes
-""")
+
+""" + _EXIT_CODES)
 @click.argument("delivery_ids", nargs=-1, metavar="[DELIVERY_ID]...")
 @click.option("--event-id", help="Deliveries of this event (its eventId).")
 @click.option("--webhook", metavar="ID", help="Deliveries to this webhook (its webHookId or "
@@ -38,7 +54,8 @@ Examples:
 @click.option("--org", metavar="ORG_ID", help="Deliveries to this org's webhooks.")
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
               type=click.Choice([status.value for status in DeliveryStatus]),
-              help="Deliveries in this status; repeat for several.")
+              help="Deliveries in this status ("
+                   f"{', '.join(status.value for status in DeliveryStatus)}); repeat for several.")
 @click.option("--event-name", "event_names", multiple=True, metavar="NAME",
               help="Deliveries of events of this name (pointsIssued); repeat for several.")
 @click.option("--since", metavar="WHEN", help="Ingested at or after WHEN: ISO 8601 (UTC unless "
@@ -48,7 +65,7 @@ Examples:
               "of its class (5xx, 4xx).")
 @click.option("--dry-run", is_flag=True, help="Show what matches; send nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before sending.")
-@click.option("--sample", default=5, show_default=True, type=click.IntRange(0, 100),
+@click.option("--sample", default=5, show_default=True, type=click.IntRange(0, 100), metavar="N",
               help="How many matching deliveries to show first.")
 @click.pass_context
 @handle_preload_options
@@ -78,10 +95,10 @@ def replay(ctx: click.Context, delivery_ids: tuple[str, ...], event_id: str | No
         running = services()
         counted = store.count_selection(running.db, selection)
         _show(counted, store.sample_selection(running.db, selection, most=sample))
-        if counted.not_found or not counted.matched:
-            ctx.exit(NOTHING)
+        # Ids not found do not hold the others back; the exit code tells a script of them.
+        incomplete = NOTHING if counted.not_found or not counted.matched else 0
         if dry_run or not counted.replayable:
-            return
+            ctx.exit(incomplete)
         if not yes:
             click.confirm(f"Replay {counted.replayable} deliveries?", abort=True)
         with click.progressbar(length=counted.replayable, label="replaying",
@@ -95,12 +112,14 @@ def replay(ctx: click.Context, delivery_ids: tuple[str, ...], event_id: str | No
         raise click.ClickException(str(exc)) from exc
     why = ("pending or in flight already, or emptied by retention" if done.emptied
            else "pending or in flight already")
-    click.echo(f"replay {done.replay_id}: queued {done.queued}, skipped {done.skipped} ({why})")
+    click.echo(f"replay {done.replay_id}: queued {done.queued}, skipped {done.skipped} ({why}), "
+               f"{_not_found(done.not_found)}")
+    ctx.exit(NOTHING if done.not_found else 0)
 
 
 def _show(counted: store.SelectionCount, sample: list[store.Selected]) -> None:
     if counted.not_found:
-        click.echo(f"not found (nothing queued): {', '.join(counted.not_found)}", err=True)
+        click.echo(_not_found(counted.not_found), err=True)
     if not counted.matched:
         click.echo("nothing matched", err=True)
         return
@@ -113,6 +132,12 @@ def _show(counted: store.SelectionCount, sample: list[store.Selected]) -> None:
                    f"{row.last_status_code or '-':<4} {iso_ms(row.ingested_at_ms)}")
     if len(sample) < counted.matched:
         click.echo(f"  ... and {counted.matched - len(sample)} more")
+
+
+def _not_found(ids: tuple[str, ...]) -> str:
+    named = ", ".join(ids[:_NAMED])
+    more = f" and {len(ids) - _NAMED} more" if len(ids) > _NAMED else ""
+    return f"not found {len(ids)}: {named}{more}" if ids else "not found 0"
 
 
 def _who() -> str:

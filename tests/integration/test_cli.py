@@ -144,7 +144,9 @@ def test_webhooks_list_filters_and_enable_disable_are_activate_deactivate(
     other = _hook(cli, 2, "other", "http://127.0.0.1:9/c")
 
     disabled = cli("webhooks", "disable", second, "--org", 1)
-    assert disabled.exit_code == 0 and json.loads(disabled.stdout)["active"] is False
+    assert disabled.exit_code == 0, disabled.output
+    assert disabled.stdout == (f"{second}  org 1  inactive  second  http://127.0.0.1:9/b  "
+                               "pointsIssued,tierUpgraded\n")  # as `list` shows it
 
     def listed(*options: object) -> list[tuple[int, str, bool]]:
         result = cli("webhooks", "list", "--json", *options)
@@ -159,13 +161,15 @@ def test_webhooks_list_filters_and_enable_disable_are_activate_deactivate(
     assert text.stdout.splitlines()[1] == (f"{second}  org 1  inactive  second  "
                                            "http://127.0.0.1:9/b  pointsIssued,tierUpgraded")
 
-    enabled = cli("webhooks", "enable", second, "--org", 1)
-    assert enabled.exit_code == 0 and json.loads(enabled.stdout)["active"] is True
+    enabled = cli("webhooks", "enable", second, "--org", 1, "--json")
+    assert enabled.exit_code == 0 and len(enabled.stdout.splitlines()) == 1, enabled.output
+    assert json.loads(enabled.stdout)["active"] is True
     shown = cli("webhooks", "show", second, "--org", 1, "--json")
     assert shown.exit_code == 0 and len(shown.stdout.splitlines()) == 1
     assert json.loads(shown.stdout)["active"] is True
     assert cli("webhooks", "enable", second, "--org", 2).exit_code == 1  # another org's
-    assert cli("webhooks", "disable", "nosuch", "--org", 1).exit_code == 1
+    assert cli("webhooks", "disable", "nosuch", "--org", 1, "--json").exit_code == 1
+    assert cli("webhooks", "enable", "--json").exit_code == 2  # no webhook named
     assert cli("webhooks", "list", "--org", "x").exit_code == 2
 
 
@@ -176,8 +180,8 @@ def test_a_webhook_named_by_its_id_alone_and_deleted(stack: Stack, cli: Cli) -> 
 
     # The operator names the webhook; its org is found from it.
     assert json.loads(cli("webhooks", "show", hook, "--json").stdout)["name"] == "crm"
-    assert json.loads(cli("webhooks", "disable", hook).stdout)["active"] is False
-    assert json.loads(cli("webhooks", "enable", hook).stdout)["active"] is True
+    assert json.loads(cli("webhooks", "disable", hook, "--json").stdout)["active"] is False
+    assert json.loads(cli("webhooks", "enable", hook, "--json").stdout)["active"] is True
     assert json.loads(cli("webhooks", "update", hook, "--sla", "60").stdout)["slaInSeconds"] == 60
     assert cli("webhooks", "show", "nosuch").exit_code == 1
 

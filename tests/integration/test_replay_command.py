@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 from sqlalchemy import select, update
@@ -33,16 +35,22 @@ def dead(stack: Stack) -> Iterator[tuple[Database, str, list[str]]]:
         database, load_catalog(), vault_for(stack.settings.secret_keys, stack.settings.data_dir),
         org_id=ORG, name="down", url="http://127.0.0.1:9/down", event_names=["pointsIssued"],
         now_ms=0)
+    yield database, webhook_id, dead_deliveries(database, range(3))
+    database.dispose()
+
+
+def dead_deliveries(database: Database, numbers: Iterable[int]) -> list[str]:
+    """The ids of a delivery each of events ``e{number}``, made dead (answered 500)."""
     ids = []
-    for n in range(3):
+    for n in numbers:
         (queued,) = store.ingest_many(database, load_catalog(), [{
             "eventName": "pointsIssued", "eventId": f"e{n}", "orgId": ORG, "createdAt": 1,
             "data": {"customerIdentifiers": {"customerId": n}}}], now_ms=NOW + n)[0].queued
         ids.append(queued.delivery_id)
     with database.session() as session:
-        session.execute(update(Delivery).values(status=DeliveryStatus.DEAD, last_status_code=500))
-    yield database, webhook_id, ids
-    database.dispose()
+        session.execute(update(Delivery).where(Delivery.id.in_(ids))
+                        .values(status=DeliveryStatus.DEAD, last_status_code=500))
+    return ids
 
 
 def replay(stack: Stack, *args: str, answer: str = "") -> subprocess.CompletedProcess[str]:
@@ -121,9 +129,87 @@ def test_it_asks_first_and_the_same_replay_twice_queues_nothing_twice(
     assert first.requested_by.endswith("(command line)")
 
 
+def test_the_ids_found_are_queued_and_those_not_found_named_with_exit_1(
+        stack: Stack, dead: tuple[Database, str, list[str]]) -> None:
+    database, _, ids = dead
+    missing = [f"msg_nope{n}" for n in range(7)]
+    named = "not found 7: msg_nope0, msg_nope1, msg_nope2, msg_nope3, msg_nope4 and 2 more"
+
+    looked = replay(stack, ids[0], ids[1], *missing, "--dry-run")
+
+    assert looked.returncode == 1, (looked.stdout, looked.stderr)
+    assert "2 deliveries match: 2 to replay" in looked.stdout and named in looked.stderr
+    assert set(statuses(database).values()) == {(DeliveryStatus.DEAD, None)}
+
+    done = replay(stack, ids[0], ids[1], *missing, answer="y\n")
+
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Replay 2 deliveries? [y/N]" in done.stdout
+    (made,) = store.replays(database)
+    assert f"replay {made.id}: queued 2, skipped 0 (pending or in flight already), {named}" \
+        in done.stdout
+    assert statuses(database) == {ids[0]: (DeliveryStatus.PENDING, made.id),
+                                  ids[1]: (DeliveryStatus.PENDING, made.id),
+                                  ids[2]: (DeliveryStatus.DEAD, None)}
+
+
+def test_a_real_run_shows_its_progress_on_stderr_and_its_summary_on_stdout(
+        stack: Stack, dead: tuple[Database, str, list[str]]) -> None:
+    database, webhook_id, ids = dead
+    ids += dead_deliveries(database, range(3, 25))
+    # stderr on a terminal, as the operator's: click draws no bar into a pipe.
+    screen, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks", "replay", "--webhook", webhook_id,
+             "--yes"], env=stack.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=terminal, text=True, timeout=60, check=False)
+    finally:
+        os.close(terminal)
+    shown = read_all(screen)
+
+    assert done.returncode == 0, (done.stdout, shown)
+    assert "replaying" in shown and "100%" in shown
+    (made,) = store.replays(database)
+    assert done.stdout.splitlines()[-1] == (
+        f"replay {made.id}: queued 25, skipped 0 (pending or in flight already), not found 0")
+    assert "replaying" not in done.stdout
+    assert set(statuses(database).values()) == {(DeliveryStatus.PENDING, made.id)}
+    assert set(statuses(database)) == set(ids)
+
+
+def read_all(screen: int) -> str:
+    """What was written to a terminal whose other end is closed."""
+    chunks = []
+    with os.fdopen(screen, "rb", buffering=0) as reading:
+        while True:
+            try:
+                chunk = reading.read(4096)
+            except OSError:  # EIO: the other end is closed and everything read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_help_states_the_exit_codes(stack: Stack) -> None:
+    shown = replay(stack, "--help")
+
+    assert shown.returncode == 0, shown.stderr
+    assert """Exit codes:
+    0  done: every delivery named found, the matching ones queued (those queued
+       already skipped); with --dry-run, shown
+    1  nothing matched, or a delivery id named is no delivery (those found are
+       queued all the same), or the question was answered no
+    2  bad usage: a missing criterion or a bad option, named
+    3  the database or Redis did not answer: run it again (a replay skips what
+       it queued already)""" in shown.stdout
+
+
 @pytest.mark.parametrize(("args", "code", "said"), [
     (["--status", "dead", "--event-name", "tierUpgraded"], 1, "nothing matched"),
-    (["msg_nope", "--yes"], 1, "not found (nothing queued): msg_nope"),
+    (["msg_nope", "--yes"], 1, "not found 1: msg_nope"),
     ([], 2, "give at least one criterion"),
     (["--since", "yesterday"], 2, "--since: 'yesterday' is neither ISO 8601"),
     (["--response-status", "6xx"], 2, "--response-status: '6xx' is neither a status class"),

@@ -203,7 +203,7 @@ def test_the_cli_deactivates_and_activates_through_the_same_service(
         session.execute(update(Webhook).where(Webhook.id == hook_id).values(
             disabled_reason="every attempt failed"))
 
-    off = cli("webhooks", "deactivate", hook_id, "--org", 1)
+    off = cli("webhooks", "deactivate", hook_id, "--org", 1, "--json")
     assert off.exit_code == 0 and json.loads(off.stdout)["active"] is False, off.output
     on = cli("webhooks", "activate", hook_id, "--org", 1)
     assert on.exit_code == 0, on.output
