@@ -4,8 +4,9 @@ Keys, under the configured prefix ``P``:
 
 - ``P:q:<webhook>``   sorted set of waiting delivery ids, scored by time (FIFO-ish)
 - ``P:r:<webhook>``   the same for its replayed deliveries, scored by ingestion: drawn from only
-                      while ``P:q`` is empty, so that a replay (100 000 old deliveries) rides the
-                      webhook's slots behind its live traffic instead of ahead of it
+                      while ``P:q`` is empty, and never into the last free slot of a webhook of
+                      several, so that a replay (100 000 old deliveries) rides the webhook's
+                      slots behind its live traffic instead of ahead of it
 - ``P:queued``        set of webhooks whose queue is not empty (the sweeper pumps them)
 - ``P:limit``         hash webhook -> maxAllowedConnections
 - ``P:slots:<webhook>`` sorted set of lease tokens held, scored by expiry; after Redis lost its
@@ -116,15 +117,22 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
       if string.sub(held, -1) == 'f' then fast_live = fast_live + 1 end
     end
   end
+  -- Replays leave a webhook of several slots one for live deliveries, which would otherwise
+  -- wait behind a replay's full batches (a probe is one slot in all: it may be a replay).
+  local reserve = (limit > 1 and not probe_at) and 1 or 0
   local out = {}
   while free > 0 do
     -- Live deliveries first; replays only while none waits (one more ZCARD, then only).
     local from, waiting = q, redis.call('ZCARD', q)
-    if waiting == 0 then from, waiting = r, redis.call('ZCARD', r) end
+    if waiting == 0 then
+      if free <= reserve then break end
+      from, waiting = r, redis.call('ZCARD', r)
+    end
     if waiting == 0 then break end
     local size = math.min(batch, waiting)
     local wait = 0
-    if size < batch then
+    -- (A short replay lease is the tail of its replay: nothing gathers into it, see take.)
+    if size < batch and from == q then
       -- A short batch: one at a time per webhook waits to start, and its task gathers what
       -- queues meanwhile (see take). Beside a live slot it waits a moment first to gather more.
       -- One whose task has not started 10 s after it was dispatched (the token begins with that
@@ -140,13 +148,15 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
     -- task still out with a lease from before must never give back a newer lease's slot.
     local lane = (slow == 0 and fast_live < fast) and 0 or 1
     if lane == 0 then fast_live = fast_live + 1 end
-    local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (lane == 0 and 'f' or '')
+    -- A replay lease's token holds an 'R' (see take); a fast-lane lease's ends in 'f'.
+    local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (from == r and 'R' or '')
+                  .. (lane == 0 and 'f' or '')
     local expiry = now + lease
     local joined = table.concat(ids, ',')
     redis.call('ZADD', slots, expiry, token)
     redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
     redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
-    if size < batch then redis.call('HSET', p .. ':unstarted', wh, token) end
+    if size < batch and from == q then redis.call('HSET', p .. ':unstarted', wh, token) end
     if probe_at then set_open(p, wh, probe_at, cooldown, token) end
     out[#out + 1] = token
     out[#out + 1] = joined
@@ -231,16 +241,16 @@ local function take(p, wh, token, batch, now, trip)
   local count = 0
   for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
   local topped = false
-  -- Live deliveries first, then replays (see dispatch).
-  for _, from in ipairs({q, r}) do
-    if count < batch and redis.call('ZCARD', from) > 0 then
-      local popped = redis.call('ZPOPMIN', from, batch - count)
-      for i = 1, #popped, 2 do
-        items = (items == '') and popped[i] or (items .. ',' .. popped[i])
-        count = count + 1
-      end
-      topped = true
+  -- Topped up from its own queue only: a live lease takes no replays (they would hold up the
+  -- live deliveries after it), a replay lease no live delivery (it would wait behind replays).
+  local from = string.find(token, 'R', 1, true) and r or q
+  if count < batch and redis.call('ZCARD', from) > 0 then
+    local popped = redis.call('ZPOPMIN', from, batch - count)
+    for i = 1, #popped, 2 do
+      items = (items == '') and popped[i] or (items .. ',' .. popped[i])
+      count = count + 1
     end
+    topped = true
   end
   if topped then
     redis.call('HSET', p .. ':lease:items', member, items)

@@ -188,3 +188,23 @@ def test_resetting_closes_an_open_breaker_and_forgets_its_failures(queues: Queue
 def test_breakers_of_no_webhook_and_of_one_unknown(queues: Queues) -> None:
     assert queues.breakers([], now_ms=0) == {}
     assert queues.breakers(["nobody"], now_ms=0) == {"nobody": Breaker("closed", 0)}
+
+
+def test_a_webhook_with_only_replays_waiting_is_still_probed(queues: Queues) -> None:
+    """Replays leave a webhook of several slots one for live deliveries; but a probe is one
+    slot in all: with only replays waiting, one of them is the probe, or the breaker would
+    never close."""
+    fill(queues, 3, limit=2)
+    (first, second) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=0)
+    fail(queues, taken(queues, first, 0), 3, 0)
+    queues.release_many([(taken(queues, second, 0), Report())], batch=2, lease_ms=LEASE, now_ms=0)
+    queues.client.delete("t:q:w")  # what waited live was sent elsewhere: only replays wait
+    queues.enqueue("w", 2, [("old0", 0), ("old1", 1)], replay=True)
+
+    (probe,) = queues.dispatch("w", batch=2, lease_ms=LEASE, now_ms=COOL)
+    assert probe.delivery_ids == ("old0",)
+    report = Report(took_ms=5, delivered=True)
+    (released,) = queues.release_many([(taken(queues, probe, COOL), report)], batch=2,
+                                      lease_ms=LEASE, now_ms=COOL)
+    assert released.breaker_closed
+    assert [lease.delivery_ids for lease in released.leases] == [("old1",)]
