@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--deliveries N] [--repeat R] [--fanout 1,10] [--lists 20]
 [--concurrency C] [--latency] [--http] [--isolation [--isolation-dead STATUS]] [--enrichment]
 [--webhooks 10,1000] [--backlog N]
-[--retention N] [--soak SECONDS [--soak-rate R]] [--redis URL] [--database NAME]``."""
+[--retention N] [--soak SECONDS [--soak-rate R]] [--replay N] [--redis URL] [--database NAME]``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import celery
 import psutil
 
-from bench import enrichment, extra, retention, run, soak
+from bench import enrichment, extra, replay, retention, run, soak
 from bench.receiver import Receiver
 
 WARMUP = 100  # deliveries sent before each worker scenario's timed runs, not counted
@@ -26,13 +26,15 @@ QUICK_SOAK = 6.0  # seconds of --quick's soak (after a warm-up of QUICK_SOAK_WAR
 QUICK_SOAK_WARM_UP = 2.0
 RETENTION_ROWS, QUICK_RETENTION_ROWS = 1_000_000, 20_000
 RETENTION_RATE = 100.0  # live deliveries/s of the retention scenario without fan-out 1's rate
+QUICK_REPLAY = 2000  # dead deliveries replayed by --quick
+QUICK_REPLAY_WARM_UP = 2.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="CI-sized: 2000 deliveries, 1 repetition, fan-out 1, a 6 s soak "
-                             "(under 2 minutes; 58 s here)")
+                        help="CI-sized: 2000 deliveries, 1 repetition, fan-out 1, a 6 s soak, "
+                             f"a replay of {QUICK_REPLAY} (140 s here, the replay 27 s of it)")
     parser.add_argument("--deliveries", type=int, help="deliveries per run (default 5000; quick 2000)")
     parser.add_argument("--repeat", type=int, help="repetitions, median reported (default 3; quick 1)")
     parser.add_argument("--fanout", default="1", help="webhooks per event, comma separated (e.g. 1,10)")
@@ -82,6 +84,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak-rate", type=float, default=10.0,
                         help="events/s published during the soak, each to all 10 webhooks "
                              "(default 10: 70 healthy deliveries/s, a fraction of fan-out 1's rate)")
+    parser.add_argument("--replay", type=int, metavar="N",
+                        help="N dead deliveries of one webhook replayed by selection (celery -A "
+                             "tasks replay --webhook ID --status dead --yes) beside a live stream "
+                             f"of {replay.LIVE_RATE:g} events/s to the same webhook: drain rate, "
+                             "peak requests in flight against maxAllowedConnections, live "
+                             "p50/p99 without and during the replay; exits 1 on a delivery lost "
+                             "or duplicated or the cap exceeded. Alone (with --soak, if given) "
+                             f"unless --quick, which includes {QUICK_REPLAY} (0: off)")
     parser.add_argument("--redis", default=run.REDIS, metavar="URL",
                         help=f"the Redis server to use, its databases 11 to 13 flushed "
                              f"(default {run.REDIS})")
@@ -90,7 +100,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                              f"its tables emptied (default {run.DATABASE})")
     args = parser.parse_args(argv)
     run.use(args.redis, args.database)
-    args.soak_only = args.soak is not None and not args.quick
+    # --soak and --replay without --quick: those scenarios alone.
+    args.alone = not args.quick and (args.soak is not None or bool(args.replay))
+    if args.quick and args.replay is None:
+        args.replay = QUICK_REPLAY
     if args.quick and args.soak is None:
         args.soak = QUICK_SOAK
     args.latency_seconds = args.latency_seconds or (5.0 if args.quick else 20.0)
@@ -174,22 +187,56 @@ def run_soak(args: argparse.Namespace, folder: Path) -> tuple[int, str]:
     return result.lost, result.note
 
 
+def run_replay(args: argparse.Namespace, folder: Path) -> replay.Result:
+    """The replay scenario: its result; prints its details."""
+    warm_up = QUICK_REPLAY_WARM_UP if args.quick else extra.WARM_UP_SECONDS
+    run.ensure_database()
+    result = replay.replay(folder, args.concurrency, args.replay, args.max_connections, warm_up,
+                           args.latency_seconds, args.receiver_processes)
+    print(result.text, flush=True)
+    return result
+
+
+def scenarios_alone(args: argparse.Namespace) -> int:
+    """--soak and/or --replay without --quick: those scenarios alone; 1 when one failed."""
+    what = [f"soak {args.soak:.0f} s" if args.soak is not None else "",
+            f"replay of {args.replay}" if args.replay else ""]
+    print(f"notifier {', '.join(w for w in what if w)}: concurrency {args.concurrency} "
+          f"(prefork); {psutil.cpu_count()} CPUs, Python {platform.python_version()}, Celery "
+          f"{celery.__version__}", flush=True)
+    started = time.monotonic()
+    notes: list[str] = []
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
+        if args.soak is not None:
+            (Path(tmp) / "soak").mkdir()
+            try:
+                lost, note = run_soak(args, Path(tmp) / "soak")
+                notes.append(note)
+                failed |= bool(lost)
+            except run.BenchError as exc:
+                print(f"soak: FAILED {exc}", file=sys.stderr, flush=True)
+                notes.append(f"soak: FAILED {str(exc).splitlines()[0]}")
+                failed = True
+        if args.replay:
+            (Path(tmp) / "replay").mkdir()
+            try:
+                result = run_replay(args, Path(tmp) / "replay")
+                notes.append(result.line)
+                failed |= bool(result.problems)
+            except run.BenchError as exc:
+                print(f"replay: FAILED {exc}", file=sys.stderr, flush=True)
+                notes.append(f"replay: FAILED {str(exc).splitlines()[0]}")
+                failed = True
+    print("\n" + "\n".join(notes) + f"\n{time.monotonic() - started:.0f}s in all")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every finally runs
-    if args.soak_only:
-        print(f"notifier soak: {args.soak:.0f} s, concurrency {args.concurrency} (prefork); "
-              f"{psutil.cpu_count()} CPUs, Python {platform.python_version()}, Celery "
-              f"{celery.__version__}", flush=True)
-        started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="notifier-soak-") as tmp:
-            try:
-                lost, note = run_soak(args, Path(tmp))
-            except run.BenchError as exc:
-                print(f"soak: FAILED {exc}", file=sys.stderr, flush=True)
-                return 1
-        print(f"\n{note}\n{time.monotonic() - started:.0f}s in all")
-        return 1 if lost else 0
+    if args.alone:
+        return scenarios_alone(args)
     c, n = args.concurrency, args.deliveries
     print(f"notifier benchmark: {n} deliveries x {args.repeat}, concurrency {c} (prefork), "
           f"fan-out {args.fanout}, receiver {args.receiver_processes} processes; "
@@ -462,6 +509,18 @@ def main(argv: list[str] | None = None) -> int:
             except run.BenchError as exc:
                 failed.append("soak")
                 notes.append(f"soak: FAILED {str(exc).splitlines()[0]}")
+
+        if args.replay:
+            print(f"  replay of {args.replay} dead deliveries beside live traffic ...", flush=True)
+            (folder / "replay").mkdir()
+            try:
+                result = run_replay(args, folder / "replay")
+                notes.append(result.line)
+                if result.problems:
+                    failed.append("replay")
+            except run.BenchError as exc:
+                failed.append("replay")
+                notes.append(f"replay: FAILED {str(exc).splitlines()[0]}")
 
     print()
     print(table(rows, floor_b))

@@ -9,7 +9,9 @@ parse) has its latency (arrival - sent, in ms) stored in a shared array, one reg
 ``status`` is the status every answer carries; ``trickle`` (seconds) answers one byte at a time,
 that far apart, for as long as the client listens (a body that never ends), each request counted
 when it arrives. ``record`` (a folder) keeps one line per request (arrival and sent-at in epoch
-microseconds, path, ``webhook-id``) in a file per process: see ``Receiver.records``.
+microseconds, path, ``webhook-id``) in a file per process: see ``Receiver.records``; and, unless
+trickling, one line per answer (when it went, how many requests it answered), from which
+``Receiver.in_flight_peak`` counts the most requests open at once across the processes.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
     buffers: dict[int, bytes] = {}
     log = (os.open(Path(answers.record) / f"requests-{slot}.log",
                    os.O_WRONLY | os.O_CREAT | os.O_APPEND) if answers.record else -1)
+    ended = (os.open(Path(answers.record) / f"answers-{slot}.log",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+             if answers.record and not answers.trickle else -1)
     response = answers.response()
     with ready.get_lock():
         ready.value += 1
@@ -110,10 +115,17 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
     due: list[tuple[float, int, socket.socket, int]] = []
     ties = itertools.count()
 
+    def over(replies: int) -> None:
+        # Stamped before the answer goes: its sender may send its next request, to another
+        # process, as soon as the answer reaches it, and that one must not seem to overlap it.
+        if ended >= 0 and replies:
+            os.write(ended, b"%d %d\n" % (time.time_ns() // 1000, replies))
+
     def answer(conn: socket.socket, replies: int) -> None:
         nonlocal served
         if conns.get(conn.fileno()) is not conn:
-            return
+            return  # over when its connection closed
+        over(replies)
         conn.setblocking(True)
         try:
             conn.sendall(response * replies)
@@ -162,6 +174,9 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
                 data = b""
             if not data:
                 poll.unregister(fd)
+                # Its requests still waiting for their answers are over: no one waits for them.
+                over(sum(n for _, _, waiting, n in due if waiting is conn)
+                     if ended >= 0 and answers.delay > 0 else 0)
                 conn.close()
                 del conns[fd], buffers[fd]
                 continue
@@ -268,6 +283,24 @@ class Receiver:
                 arrived, sent, path, webhook_id = line.split(" ")
                 out.append(Request(int(arrived), int(sent), path, webhook_id))
         return out
+
+    def in_flight_peak(self) -> int:
+        """The most requests open at once so far (``record`` given, not trickling): each from
+        its arrival until its answer went, or its connection closed, across the processes."""
+        changes: list[tuple[int, int]] = [(r.arrived_us, 1) for r in self.records()]
+        for file in sorted(self.record.glob("answers-*.log")) if self.record else []:
+            text = file.read_text()
+            for line in text[:text.rfind("\n") + 1].splitlines():
+                at, replies = line.split(" ")
+                changes.append((int(at), -int(replies)))
+        # At the same microsecond an answer goes first: what it ended could not overlap what
+        # its sender sent next.
+        changes.sort()
+        peak = open_now = 0
+        for _, change in changes:
+            open_now += change
+            peak = max(peak, open_now)
+        return peak
 
     def wait_for(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

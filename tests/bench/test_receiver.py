@@ -83,3 +83,31 @@ def test_a_delayed_answer_goes_to_no_later_connection_on_the_same_descriptor() -
         later.close()
         last.close()
     assert stray == b""
+
+
+def test_counts_the_most_requests_in_flight_at_once_from_their_arrivals_and_answers(
+        tmp_path: Path) -> None:
+    with Receiver(2, delay=0.2, record=tmp_path / "requests") as receiver:
+        socks = [socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
+                 for _ in range(3)]
+        for sock in socks:  # three at once, over both processes
+            _post(sock)
+        for sock in socks:
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        for _ in range(3):  # one after the other: one at a time
+            _post(socks[0])
+            assert socks[0].recv(100).startswith(b"HTTP/1.1 200")
+        gone = socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
+        _post(gone, webhook_id="msg_gone")
+        wait_until(lambda: any(r.webhook_id == "msg_gone" for r in receiver.records()), 5,
+                   "the receiver to record it")
+        gone.close()  # before its answer: it is over, however long its answer was due
+        time.sleep(0.3)
+        for sock in socks:
+            _post(sock)
+        for sock in socks:
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        peak = receiver.in_flight_peak()
+        for sock in socks:
+            sock.close()
+    assert peak == 3
