@@ -50,6 +50,7 @@ __all__ = [
     "given_up",
     "is_alert_event",
     "keep",
+    "kept",
     "operations_webhook",
     "recent",
     "record",
@@ -120,11 +121,12 @@ def delivery_exhausted(org_id: int, webhook_id: str, delivery_id: str, event: Ma
                  f"{DELIVERY_EXHAUSTED}:{delivery_id}:{attempts}", data)
 
 
-def sla_breached(db: Database, breaches: Iterable[tuple[str, str]], *,
+def sla_breached(connection: Connection, breaches: Iterable[tuple[str, str]], *,
                  now_ms: int) -> list[Alert]:
     """One ``slaBreached`` per webhook of ``breaches`` (``(webhook id, delivery id)``, as they
     were stamped), for the minute of ``now_ms``: its count and first delivery ids. Deliveries of
-    alert events are left out (an alert never raises one about itself)."""
+    alert events are left out (an alert never raises one about itself). Read on the caller's
+    ``connection``: within the transaction that stamped them, to ``keep`` them with it."""
     by_hook: dict[str, list[str]] = defaultdict(list)
     for webhook_id, delivery_id in breaches:
         by_hook[webhook_id].append(delivery_id)
@@ -132,13 +134,12 @@ def sla_breached(db: Database, breaches: Iterable[tuple[str, str]], *,
         return []
     ids = [delivery_id for found in by_hook.values() for delivery_id in found]
     d, e = _deliveries.c, _events.c
-    with db.autocommit() as connection:
-        of_alerts = set(connection.scalars(
-            select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
-            .where(d.id.in_(ids), e.event_name.in_(sorted(KINDS)))))
-        hooks = {row.id: row for row in connection.execute(
-            select(Webhook.id, Webhook.org_id, Webhook.sla_in_seconds)
-            .where(Webhook.id.in_(list(by_hook))))}
+    of_alerts = set(connection.scalars(
+        select(d.id).join_from(_deliveries, _events, e.pk == d.event_pk)
+        .where(d.id.in_(ids), e.event_name.in_(sorted(KINDS)))))
+    hooks = {row.id: row for row in connection.execute(
+        select(Webhook.id, Webhook.org_id, Webhook.sla_in_seconds)
+        .where(Webhook.id.in_(list(by_hook))))}
     minute = now_ms - now_ms % MINUTE_MS
     made = []
     for webhook_id, found in sorted(by_hook.items()):
@@ -177,6 +178,15 @@ def keep(connection: Connection, alert: Alert, *, now_ms: int) -> bool:
         connection.execute(update(_alerts).where(_alerts.c.key == alert.key)
                            .values(count=_alerts.c.count + alert.count))
     return inserted is not None
+
+
+def kept(db: Database, keys: Iterable[str]) -> set[str]:
+    """Those of ``keys`` under which an alert is kept."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return set()
+    with db.autocommit() as connection:
+        return set(connection.scalars(select(_alerts.c.key).where(_alerts.c.key.in_(wanted))))
 
 
 def envelopes(db: Database, alert: Alert, *, operator_webhook: str | None,

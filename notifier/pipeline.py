@@ -63,8 +63,6 @@ __all__ = [
     "accept",
     "accept_many",
     "accept_or_end",
-    "alert_sla_breached",
-    "alert_webhook_disabled",
     "alert_webhook_recovered",
     "breaker_views",
     "build_services",
@@ -461,6 +459,7 @@ def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, han
         task.run(send, hand_on)
     except task.interruptions as exc:
         task.record_what_was_sent()
+        task.count_what_was_kept()
         raise DeliveryInterrupted(exc, task.unreleased(), task.claimed_until) from exc
     finally:
         _count(services, task.tally)
@@ -477,14 +476,15 @@ def _duration(ms: float) -> str:
 
 @dataclass
 class _Aftermath:
-    """What a delivery task's sends leave to alert about once it has given its slots back: the
-    ``deliveryExhausted`` alerts its records kept (each with when), to send; webhooks deactivated
-    (410 Gone) with why; and the SLA breaches their finishes stamped.
+    """The alerts a delivery task kept, each in the transaction of what raised it (a dead
+    delivery's record, a late attempt's, a webhook's deactivation), to send once it has given its
+    slots back: ``kept``, each with when, counted as they were kept; and ``unsure``, those kept
+    by a deactivation stopped before it returned (committed or not), which the task counts on
+    its way out if they were (``_Task.count_what_was_kept``).
     Never about alert events (an alert never raises one about itself)."""
 
-    exhausted: list[tuple[alerts.Alert, int]] = field(default_factory=list)
-    disabled: list[tuple[store.Target, str]] = field(default_factory=list)
-    breaches: list[store.Breach] = field(default_factory=list)
+    kept: list[tuple[alerts.Alert, int]] = field(default_factory=list)
+    unsure: list[alerts.Alert] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -520,6 +520,8 @@ class _Ledger:
         # The alerts its records kept (key -> when): one written again after its commit (the
         # task stopped right then) finds them kept by itself (``_KeepAlerts``).
         self._kept: dict[str, int] = {}
+        # Records that stamped SLA breaches and raised, maybe after their commit (``_settle``).
+        self._unsure: list[_KeepAlerts] = []
         # The task's sending threads share it: one records at a time, the others' attempts
         # wait for the next record.
         self._lock = threading.RLock()
@@ -550,17 +552,16 @@ class _Ledger:
         A transient failure raises and keeps them, for the task to record on its way out or
         for its retry to send again.
 
-        The ``deliveryExhausted`` alert of a delivery that died is kept in the same transaction
-        as its attempt: a task stopped after its record (its time limit, a kill) leaves it kept
-        and unsent, which beat's sweep sends, never a dead delivery that raised no alert."""
+        The alerts the attempts raise are kept in the same transaction as their record
+        (``_KeepAlerts``): ``deliveryExhausted`` for a delivery that died, ``slaBreached`` for
+        the breaches that late ones stamp. A task stopped after its record (its time limit, a
+        kill) leaves them kept and unsent, which beat's sweep sends, never a dead delivery nor
+        a breach that raised no alert."""
         with self._lock:
             if not self._unrecorded:
                 return
-            keeping = _KeepAlerts(self._unrecorded, self._kept)
             try:
-                breaches = store.finish(self._services.db,
-                                        [sent.finished for sent in self._unrecorded],
-                                        keeping.within)
+                breaches, keeping = self._finish(self._unrecorded)
             except StoreRefused:
                 self._record_one_by_one()
                 return
@@ -577,27 +578,65 @@ class _Ledger:
         try:
             while self._unrecorded:
                 sent = self._unrecorded[0]
-                keeping = _KeepAlerts([sent], self._kept)
                 try:
-                    breaches += store.finish(self._services.db, [sent.finished], keeping.within)
-                    kept += keeping.kept
+                    found, keeping = self._finish([sent])
                 except StoreRefused as exc:
                     # Its kind, not its message: the refused row is quoted whole in it.
                     log.error("delivery %s: its attempt could not be recorded: %s",
                               sent.finished.claimed.id, faults.summary(exc))
-                    sent = replace(sent, finished=_refused(sent.finished, exc))
-                    breaches += store.finish(self._services.db, [sent.finished])
+                    found, keeping = self._finish(
+                        [replace(sent, finished=_refused(sent.finished, exc))])
+                breaches += found
+                kept += keeping.kept
                 recorded.append(self._unrecorded.pop(0))
         finally:
             self._recorded(recorded, breaches, kept)
 
+    def _finish(self, sent: Sequence[_Sent]) -> tuple[list[store.Breach], _KeepAlerts]:
+        """``store.finish`` of ``sent``, the alerts they raise kept with them; the breaches it
+        stamped, and what kept the alerts."""
+        keeping = _KeepAlerts(sent, self._kept)
+        try:
+            breaches = store.finish(self._services.db, [s.finished for s in sent],
+                                    keeping.within)
+        except BaseException:
+            self._settle(keeping, raised=True)
+            raise
+        self._settle(keeping)
+        return breaches, keeping
+
+    def _settle(self, keeping: _KeepAlerts, *, raised: bool = False) -> None:
+        """Count what an earlier record that raised once it had stamped breaches (``_unsure``)
+        stamped and kept, if it committed (the task stopped right after: what it stamped is
+        stamped once, and the record written again stamps nothing of it). ``keeping``, of a
+        later record of the same late attempts, tells: a record stamps those of its late
+        attempts whose stamps have not committed yet, so it stamps again the earlier one's if
+        that one did not commit, and none of them if it did."""
+        if not keeping.ran:
+            return
+        for earlier in list(self._unsure):
+            tried = {breach.delivery_id for breach in earlier.breaches} & keeping.late
+            if not tried:
+                continue  # a record of other attempts: it tells nothing of this one
+            self._unsure.remove(earlier)
+            if not tried & {breach.delivery_id for breach in keeping.breaches}:
+                self._counted(earlier.breaches, [(alert, at) for alert, at in earlier.kept
+                                                 if alert.kind == alerts.SLA_BREACHED])
+        if raised and keeping.breaches:
+            # Its deliveryExhausted, the record written again finds as its own (``_kept``).
+            self._unsure.append(keeping)
+
+    def _counted(self, breaches: Sequence[store.Breach],
+                 kept: Sequence[tuple[alerts.Alert, int]]) -> None:
+        """Count the breaches a record stamped and the alerts it kept, and leave those to send
+        when the task has given its slots back."""
+        _breached(self._tally, breaches)
+        _count_kept(self._tally, kept)
+        self._aftermath.kept.extend(kept)
+
     def _recorded(self, recorded: Sequence[_Sent], breaches: Sequence[store.Breach],
                   kept: Sequence[tuple[alerts.Alert, int]]) -> None:
-        _breached(self._tally, breaches)
-        self._aftermath.breaches.extend(breaches)
-        self._aftermath.exhausted.extend(kept)
-        for alert, _ in kept:  # counted as raised: a task stopped before it sends them counts them
-            self._tally.alert(alert.kind)
+        self._counted(breaches, kept)
         retries = []
         for sent in recorded:
             finished = sent.finished
@@ -612,29 +651,39 @@ class _Ledger:
 
 
 class _KeepAlerts:
-    """Keeps the ``deliveryExhausted`` alerts of the dead among ``sent`` within the transaction
-    that records them (``within``, for ``store.finish``; None when there are none); ``kept``:
-    those new, each with when.
+    """Keeps the alerts that a record of ``sent`` raises within the transaction that records
+    them (``within``, for ``store.finish``; None when they can raise none): the
+    ``deliveryExhausted`` of the dead, and the ``slaBreached`` of the breaches that the late
+    ones stamp. Once it ran (``ran``): ``kept``, those new, each with when; ``breaches``, those
+    its transaction stamped.
 
-    ``ours`` (the ledger's: key -> when) are those its earlier records kept. A record that
-    raised after its commit (the task stopped right then) is written again, and finds its
-    alerts kept already: by itself, so they are still new to it (to count, and to send), and
-    no other's."""
+    ``ours`` (the ledger's: key -> when) are the ``deliveryExhausted`` its earlier records kept.
+    A record that raised after its commit (the task stopped right then) is written again, and
+    finds its alerts kept already: by itself, so they are still new to it (to count, and to
+    send), and no other's. A ``slaBreached`` may be another's too (a webhook's minute); the
+    record written again stamps nothing that the earlier one stamped, and so keeps nothing
+    twice nor adds a count twice (``_Ledger._settle`` counts the earlier one's)."""
 
     def __init__(self, sent: Sequence[_Sent], ours: dict[str, int]) -> None:
         self._alerts = [alert for alert in (_exhausted(s.target, s.finished) for s in sent
                                             if s.target is not None) if alert is not None]
         self._ours = ours
-        self.within = self._keep if self._alerts else None
+        # The deliveries whose attempts ended late, which this record stamps as breaches unless
+        # stamped already.
+        self.late = {s.finished.claimed.id for s in sent if s.finished.late}
+        self.within = self._keep if self._alerts or self.late else None
+        self.ran = False
         self.kept: list[tuple[alerts.Alert, int]] = []
+        self.breaches: list[store.Breach] = []
 
-    def _keep(self, connection: Connection) -> None:
-        self.kept = []
+    def _keep(self, connection: Connection, breaches: Sequence[store.Breach]) -> None:
+        self.ran, self.breaches, self.kept = True, list(breaches), []
         for alert in self._alerts:
             kept_at = self._ours.get(alert.key, now_ms())
             if alerts.keep(connection, alert, now_ms=kept_at) or alert.key in self._ours:
                 self._ours[alert.key] = kept_at
                 self.kept.append((alert, kept_at))
+        self.kept += _keep_sla_alerts(connection, breaches)
 
 
 # What a send's due-time check allows beyond the request's deadline: the enrichment before it
@@ -719,6 +768,25 @@ class _Task:
         with self._lock:
             return list(self._held)
 
+    def count_what_was_kept(self) -> None:
+        """The task stops midway (``interruptions``): count the alerts kept by a deactivation
+        that was stopped before it returned, if it committed (only that deactivation keeps its
+        alert's key), and the deactivation with them. Beat's sweep sends them. Failing that
+        (the database away), they are not counted."""
+        unsure, self.aftermath.unsure = self.aftermath.unsure, []
+        if not unsure:
+            return
+        try:
+            found = alerts.kept(self.services.db, [alert.key for alert in unsure])
+        except self.interruptions as exc:
+            log.warning("delivery task stopped: %d alert(s) not counted: %s", len(unsure),
+                        faults.summary(exc))
+            return
+        for alert in unsure:
+            if alert.key in found:
+                self.tally.webhook_disabled()
+                self.tally.alert(alert.kind)
+
     def record_what_was_sent(self) -> None:
         """The task stops midway (``interruptions``): record what it sent before it stops. Failing
         that (the database away), the retry sends those deliveries again, with the same
@@ -760,14 +828,10 @@ class _Task:
             if given_back.breaker_closed:
                 _webhook_recovered(services, lot, self.tally, send)
             if report.failing_since_ms and lot.target is not None:
-                self._disable_if_failing_too_long(lot, lot.target, given_back.failing_since_ms,
-                                                  send)
+                self._disable_if_failing_too_long(lot, lot.target, given_back.failing_since_ms)
         if any(given_back.state_lost for given_back in released):
             recover(services, send)
-        _send_new_alerts(services, self.aftermath.exhausted, send)
-        for target, reason in self.aftermath.disabled:
-            alert_webhook_disabled(services, target.org_id, target.id, reason, send)
-        alert_sla_breached(services, self.aftermath.breaches, send)
+        _send_new_alerts(services, self.aftermath.kept, send)
 
     def _send_side_by_side(self, first: _Lot, hand_on: HandOn) -> list[tuple[_Lot, Report]]:
         """Send ``first`` and the waiting lots, up to ``NOTIFIER_SEND_CONCURRENCY`` at once:
@@ -858,7 +922,7 @@ class _Task:
             return _fail_lot(replace(lot, claimed=tuple(held), fault=exc), self.ledger)
 
     def _disable_if_failing_too_long(self, lot: _Lot, target: store.Target,
-                                     failing_since_ms: int, send: SendLease) -> None:
+                                     failing_since_ms: int) -> None:
         """Deactivate a webhook every attempt to which has failed for
         ``NOTIFIER_DISABLE_FAILING_AFTER``, counted from its first failure since its last
         success, and never from before it was last saved (an org that edits, deactivates or
@@ -872,9 +936,8 @@ class _Task:
         reason = (f"deactivated by notifier: every attempt has failed since {iso_ms(since)} "
                   f"({_duration(now - since)}; NOTIFIER_DISABLE_FAILING_AFTER is "
                   f"{_duration(after_ms)})")
-        if _deactivate(self.services, target, reason, self.tally) and not all(
-                alerts.is_alert_event(claimed.event) for claimed in lot.claimed):
-            alert_webhook_disabled(self.services, target.org_id, target.id, reason, send)
+        _deactivate(self.services, target, reason, self.tally, self.aftermath, alert=not all(
+            alerts.is_alert_event(claimed.event) for claimed in lot.claimed))
 
     def _claim(self) -> list[_Lot]:
         """Claim every held lease's deliveries, read their webhooks and the reference data
@@ -1033,22 +1096,42 @@ def _deliver_lot(services: Services, lot: _Lot, budget_ends: float, tally: Tally
             ledger.record()
             reason = (f"deactivated by notifier: its endpoint answered 410 Gone at "
                       f"{iso_ms(finished.started_at_ms)} (delivery {claimed.id})")
-            if _deactivate(services, target, reason, tally) and not alerts.is_alert_event(
-                    claimed.event):
-                aftermath.disabled.append((target, reason))
+            _deactivate(services, target, reason, tally, aftermath,
+                        alert=not alerts.is_alert_event(claimed.event))
             target = replace(target, active=False)
     return Report(slowest, delivered, failing_since, failures)
 
 
-def _deactivate(services: Services, target: store.Target, reason: str, tally: Tally) -> bool:
+def _deactivate(services: Services, target: store.Target, reason: str, tally: Tally,
+                aftermath: _Aftermath, *, alert: bool) -> None:
     """Deactivate a webhook for notifier's ``reason`` (shown as its ``disabledReason``): what
     it would send next is held (``store.disable_failing``). The one way notifier deactivates a
-    webhook (failing too long, or gone); False if it was inactive already."""
-    if not store.disable_failing(services.db, target.id, reason=reason, now_ms=now_ms()):
-        return False
+    webhook (failing too long, or gone); nothing if it was inactive already.
+
+    Its ``webhookDisabled`` (unless not ``alert``: what failed were alert events, and an alert
+    never raises one about itself) is kept in the deactivation's own transaction, and sent
+    once the task has given its slots back (``aftermath``): a task stopped in between leaves it
+    to beat's sweep, never a webhook deactivated that raised no alert."""
+    now = now_ms()
+    raised = ([alerts.webhook_disabled(target.org_id, target.id, reason, now_ms=now)]
+              if alert else [])
+    kept: list[tuple[alerts.Alert, int]] = []
+
+    def keep(connection: Connection) -> None:
+        kept[:] = _keep_within(connection, raised, now)
+
+    try:
+        disabled = store.disable_failing(services.db, target.id, reason=reason, now_ms=now,
+                                         within=keep if raised else None)
+    except BaseException:
+        aftermath.unsure.extend(alert for alert, _ in kept)
+        raise
+    if not disabled:
+        return
     log.warning("webhook %s %s", target.id, reason)
     tally.webhook_disabled()
-    return True
+    _count_kept(tally, kept)
+    aftermath.kept.extend(kept)
 
 
 def _breaker_opened(services: Services, webhook_id: str, tally: Tally) -> None:
@@ -1371,8 +1454,8 @@ def _breached(tally: Tally, breaches: Sequence[store.Breach]) -> None:
 
 
 def check_sla(services: Services, send: SendLease) -> int:
-    """Beat's SLA pass: stamp deliveries not delivered within their SLA, count them and raise
-    their ``slaBreached`` alerts; returns how many.
+    """Beat's SLA pass: stamp deliveries not delivered within their SLA, raise their
+    ``slaBreached`` alerts and count them; returns how many.
 
     Batches of ``NOTIFIER_SLA_CHECK_BATCH_SIZE``, each its own short transaction, until one
     comes back short or half of ``NOTIFIER_SLA_CHECK_INTERVAL`` is spent (the rest goes in the
@@ -1381,17 +1464,30 @@ def check_sla(services: Services, send: SendLease) -> int:
     ends = time.monotonic() + settings.sla_check_interval / 2
     flagged = 0
     while True:
-        breaches = store.flag_sla_breaches(services.db, now_ms=now_ms(),
-                                           batch=settings.sla_check_batch_size)
-        tally = Tally()
-        _breached(tally, breaches)
-        alert_sla_breached(services, breaches, send)
-        # Counted once their alerts are raised, as a delivery task counts the breaches its
-        # late finishes stamped: a breach counted is one whose alerts are decided.
-        _count(services, tally)
-        flagged += len(breaches)
-        if len(breaches) < settings.sla_check_batch_size or time.monotonic() > ends:
+        stamped = _flag_sla_batch(services, send)
+        flagged += stamped
+        if stamped < settings.sla_check_batch_size or time.monotonic() > ends:
             return flagged
+
+
+def _flag_sla_batch(services: Services, send: SendLease) -> int:
+    """One batch of ``check_sla``; returns how many it stamped. Their ``slaBreached`` alerts
+    are kept in the transaction that stamps them: a check stopped after it (its process
+    killed) leaves them to beat's sweep, never breaches stamped that raised no alert, and a
+    failure to keep them leaves the breaches to the next check."""
+    kept: list[tuple[alerts.Alert, int]] = []
+
+    def keep(connection: Connection, breaches: Sequence[store.Breach]) -> None:
+        kept[:] = _keep_sla_alerts(connection, breaches)
+
+    breaches = store.flag_sla_breaches(services.db, now_ms=now_ms(),
+                                       batch=services.settings.sla_check_batch_size, within=keep)
+    tally = Tally()
+    _breached(tally, breaches)
+    _count_kept(tally, kept)
+    _count(services, tally)
+    _send_new_alerts(services, kept, send)
+    return len(breaches)
 
 
 # ---------------------------------------------------------------- operational alerts
@@ -1406,20 +1502,21 @@ _ALERT_SEND_GRACE_MS = 5_000
 
 def raise_alerts(services: Services, raised: Iterable[alerts.Alert], send: SendLease) -> int:
     """Keep each alert (``alerts.record``: once per key, whichever process raises it first) and
-    send the new ones on (``_send_alert``). Returns how many were new.
+    send the new ones on (``_send_alert``). Returns how many were new. For an alert that no
+    change of state goes with (a webhook that answers again); the others are kept in the
+    transaction of the change that raises them (``_keep_within``).
 
     An alert that cannot be kept is logged and given up, one kept but not sent is left to beat's
-    sweep (``send_kept_alerts``): it never fails the delivery, disable or SLA check that raised
-    it."""
+    sweep (``send_kept_alerts``): it never fails what raised it."""
     new, tally = [], Tally()
     for alert in raised:
         kept_at = now_ms()
         try:
             if alerts.record(services.db, alert, now_ms=kept_at):
                 new.append((alert, kept_at))
-                tally.alert(alert.kind)
         except Exception as exc:
             log.error("alert %s not raised: %s", alert.key, faults.summary(exc))
+    _count_kept(tally, new)
     _count(services, tally)
     _send_new_alerts(services, new, send)
     return len(new)
@@ -1490,14 +1587,6 @@ def _alert_not_sent(services: Services, alert: alerts.Alert, exc: Exception) -> 
     return True
 
 
-def alert_webhook_disabled(services: Services, org_id: int, webhook_id: str, reason: str,
-                           send: SendLease) -> None:
-    """notifier deactivated a webhook (failing too long; any automatic deactivation goes
-    through here): ``webhookDisabled`` with the reason."""
-    raise_alerts(services, [alerts.webhook_disabled(org_id, webhook_id, reason,
-                                                    now_ms=now_ms())], send)
-
-
 def alert_webhook_recovered(services: Services, org_id: int, webhook_id: str, send: SendLease,
                             *, reason: str = "") -> None:
     """A webhook that was failing answers again: ``webhookRecovered``."""
@@ -1516,18 +1605,27 @@ def _exhausted(target: store.Target, finished: store.Finished) -> alerts.Alert |
         attempts=claimed.attempt_count + 1, last_status_code=finished.status_code)
 
 
-def alert_sla_breached(services: Services, breaches: Sequence[store.Breach],
-                       send: SendLease) -> None:
+def _keep_within(connection: Connection, raised: Iterable[alerts.Alert],
+                 kept_at: int) -> list[tuple[alerts.Alert, int]]:
+    """Keep alerts within the transaction of what raised them (``alerts.keep``); those new, each
+    with when."""
+    return [(alert, kept_at) for alert in raised
+            if alerts.keep(connection, alert, now_ms=kept_at)]
+
+
+def _keep_sla_alerts(connection: Connection,
+                     breaches: Sequence[store.Breach]) -> list[tuple[alerts.Alert, int]]:
     """Deliveries were stamped as SLA breaches (each once, by the statement that stamped it):
-    ``slaBreached``, one per webhook per minute with its count and first delivery ids. Those
-    of alert events raise none."""
-    if not breaches:
-        return
-    try:
-        raised = alerts.sla_breached(services.db, [(b.webhook_id, b.delivery_id)
-                                                   for b in breaches], now_ms=now_ms())
-    except Exception as exc:  # as raise_alerts: never fails what stamped them
-        log.error("slaBreached alerts of %d breaches not raised: %s", len(breaches),
-                  faults.summary(exc))
-        return
-    raise_alerts(services, raised, send)
+    keep their ``slaBreached`` within that statement's transaction, one per webhook per minute
+    with its count and first delivery ids; those new, each with when. Those of alert events
+    raise none."""
+    kept_at = now_ms()
+    return _keep_within(connection, alerts.sla_breached(
+        connection, [(b.webhook_id, b.delivery_id) for b in breaches], now_ms=kept_at), kept_at)
+
+
+def _count_kept(tally: Tally, kept: Iterable[tuple[alerts.Alert, int]]) -> None:
+    """Count alerts as they are kept (new), once: a process stopped before it sends them has
+    counted them, and beat's sweep that sends them counts nothing."""
+    for alert, _ in kept:
+        tally.alert(alert.kind)

@@ -93,6 +93,7 @@ __all__ = [
     "Selected",
     "SelectionCount",
     "Target",
+    "WithBreaches",
     "check_event_size",
     "claim",
     "count_selection",
@@ -754,8 +755,11 @@ def hold_statement(webhook_id: str) -> Update:
             .values(status=DeliveryStatus.HELD))
 
 
-def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int) -> bool:
+def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int,
+                    within: Callable[[Connection], None] | None = None) -> bool:
     """Deactivate a webhook that keeps failing, saying why; False if it was inactive already.
+    ``within``, if given, runs last in the same transaction when it deactivates it (the alert
+    it raises is kept with it: ``pipeline._deactivate``).
 
     What it cuts short (deliveries waiting, or waiting to be tried again) is held with it, not
     failed, so that activating it with deliverHeld, or one replay, brings it all back.
@@ -767,6 +771,8 @@ def disable_failing(db: Database, webhook_id: str, *, reason: str, now_ms: int) 
             .values(active=False, disabled_reason=reason, updated_at_ms=now_ms))
         if result.rowcount:
             connection.execute(hold_statement(webhook_id))
+            if within is not None:
+                within(connection)
     return bool(result.rowcount)
 
 
@@ -815,12 +821,17 @@ class Breach:
     breached_at_ms: int
 
 
+# What runs last in the transaction that stamps SLA breaches, given those it stamped (the
+# alerts they raise are kept with them: ``pipeline``).
+WithBreaches = Callable[[Connection, Sequence[Breach]], None]
+
+
 def finish(db: Database, done: Sequence[Finished],
-           within: Callable[[Connection], None] | None = None) -> list[Breach]:
+           within: WithBreaches | None = None) -> list[Breach]:
     """Record attempts and move their deliveries on, atomically; returns the SLA breaches this
     stamped (attempts that ended past an SLA that beat had not stamped yet). ``within``, if
-    given, runs last in the same transaction (the alerts the attempts raise are kept with them:
-    ``pipeline._Ledger``).
+    given, runs last in the same transaction, given those breaches (the alerts the attempts
+    raise are kept with them: ``pipeline._Ledger``).
 
     One transaction of a few statements whatever the number of attempts (a delivery task
     records its batch at once): the late ones' stamps, the attempts' inserts and the
@@ -849,7 +860,7 @@ def finish(db: Database, done: Sequence[Finished],
             connection.execute(_record_statement(), rows)
             connection.execute(_move_statement(), rows)
         if within is not None:
-            within(connection)
+            within(connection, breaches)
     return breaches
 
 
@@ -977,9 +988,11 @@ def open_work(db: Database) -> list[OpenDelivery]:
     return [OpenDelivery(Queued(r[0], r[1], r[2], r[3]), *r[4:]) for r in rows]
 
 
-def flag_sla_breaches(db: Database, *, now_ms: int, batch: int) -> list[Breach]:
+def flag_sla_breaches(db: Database, *, now_ms: int, batch: int,
+                      within: WithBreaches | None = None) -> list[Breach]:
     """Stamp ``slaBreachTimestamp`` on at most ``batch`` deliveries not delivered within their
     SLA (the earliest due first; the rest in the next call); returns those it stamped.
+    ``within``, if given, runs last in the same transaction, given them (``finish``'s).
 
     It reads only deliveries due by ``now_ms`` from the index of undecided SLAs, and stamps
     each one whose SLA is still undecided as the update reaches it: one that its attempt
@@ -990,21 +1003,25 @@ def flag_sla_breaches(db: Database, *, now_ms: int, batch: int) -> list[Breach]:
            .order_by(d.sla_due_at_ms).limit(batch))
     if db.is_postgresql:
         # Rows that an attempt's finish holds are left to it (or to the next check): two
-        # beats, or a beat and a busy worker, never wait on each other.
-        due = due.with_for_update(skip_locked=True)
-    # Chosen once, before the update (a materialized CTE), not in a subquery that PostgreSQL
-    # may run again for each row it updates: each run then skipped the rows this statement had
-    # locked and stamped already, and read the next ones, so one check stamped the whole
-    # backlog instead of a batch (seen with a plan that statistics of a larger table chose).
-    chosen = due.cte("due")
-    if db.is_postgresql:
-        chosen = chosen.prefix_with("MATERIALIZED")
+        # beats, or a beat and a busy worker, never wait on each other. Chosen once, before the
+        # update (a materialized CTE), not in a subquery that PostgreSQL may run again for each
+        # row it updates: each run then skipped the rows this statement had locked and stamped
+        # already, and read the next ones, so one check stamped the whole backlog instead of a
+        # batch (seen with a plan that statistics of a larger table chose).
+        due = select(due.with_for_update(skip_locked=True).cte("due")
+                     .prefix_with("MATERIALIZED").c.id)
+    # Not a CTE on SQLite: its driver opens the transaction only before a statement that
+    # begins with UPDATE (or INSERT, DELETE); one that began with WITH committed the stamps at
+    # once, whatever failed after them in the transaction (keeping their alerts: ``within``).
     with db.transaction() as connection:
         rows = connection.execute(
             update(_deliveries)
-            .where(d.id.in_(select(chosen.c.id)), d.sla_due_at_ms.is_not(None))
+            .where(d.id.in_(due), d.sla_due_at_ms.is_not(None))
             .values(_stamp()).returning(*_stamped())).all()
-    return [_breach(row) for row in rows]
+        breaches = [_breach(row) for row in rows]
+        if within is not None:
+            within(connection, breaches)
+    return breaches
 
 
 def create_org(db: Database, org_id: int, name: str, *, now_ms: int,

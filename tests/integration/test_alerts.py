@@ -3,6 +3,7 @@ signed, to the operations webhooks that hear it, once; never an alert about an a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -22,7 +23,7 @@ from notifier import alerts, pipeline, publish, store
 from notifier.client import lease_sender
 from notifier.db import Database
 from notifier.errors import StoreRefused, StoreUnavailable
-from notifier.models import Alert, Delivery, DeliveryStatus, Event
+from notifier.models import Alert, Delivery, DeliveryStatus, Event, Webhook
 from notifier.pipeline import Services, build_services
 from notifier.queues import Lease, Queues
 from notifier.schemas import load_catalog
@@ -433,8 +434,121 @@ class TimeLimit(Exception):  # as Celery's SoftTimeLimitExceeded: an Exception
     """The task's runner stopping it from outside."""
 
 
-@pytest.mark.parametrize("stopped", ["right after its record commits",
-                                     "as it gives its slots back"])
+class Killed(BaseException):
+    """The process killed: nothing of it runs after this (a kill, not an exception it handles)."""
+
+
+@contextlib.contextmanager
+def local_services(database_url: str, redis_url: str, tmp_path: Path,
+                   **env: str) -> Iterator[Services]:
+    """notifier's services in this process, whose deliveries may go to the tests' receivers on
+    127.0.0.1, with the test org."""
+    made = build_services(load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        **env}))
+    try:
+        store.create_org(made.db, ORG, "test org", now_ms=0)
+        yield made
+    finally:
+        made.db.dispose()
+        made.queues.client.close()
+
+
+def operations_webhook(services: Services) -> str:
+    """The org's operations webhook, hearing every alert (never sent to: the tests look at the
+    leases its alerts' deliveries go out with)."""
+    ops, _ = create_webhook(services.db, services.catalog, services.vault, org_id=ORG,
+                            name="ops", url="https://ops.example.com/",
+                            event_names=list(ALERT_NAMES), now_ms=0)
+    alerts.set_operations_webhook(services.db, ORG, ops)
+    return ops
+
+
+def local_webhook(services: Services, receiver: Receiver, path: str, **options: Any) -> str:
+    made, _ = create_webhook(services.db, services.catalog, services.vault, org_id=ORG,
+                             name=path.strip("/"), url=receiver.url(path),
+                             event_names=["pointsIssued"], now_ms=0, **options)
+    return made
+
+
+def accepted(services: Services) -> tuple[str, list[Lease]]:
+    """An event accepted: its id, and the leases that send it."""
+    leases: list[Lease] = []
+    event_id = pipeline.accept(services, {"eventName": "pointsIssued", "orgId": ORG, "data": {
+        "customerIdentifiers": {"customerId": 1}}}, leases.append).event_id
+    return event_id, leases
+
+
+def stop_once_committed(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
+                        stop: type[BaseException] = TimeLimit) -> list[int]:
+    """``owner.name`` stopped (``stop``) right after its first call returns (its transaction
+    committed); returns the calls made."""
+    original = getattr(owner, name)
+    calls: list[int] = []
+
+    def stopped_once_committed(*args: Any, **kwargs: Any) -> Any:
+        done = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise stop(f"{name} stopped once committed")
+        return done
+
+    monkeypatch.setattr(owner, name, stopped_once_committed)
+    return calls
+
+
+def deliver_stopped(services: Services, leases: list[Lease], monkeypatch: pytest.MonkeyPatch,
+                    stopped: str) -> None:
+    """A delivery task stopped by its time limit where ``stopped`` says."""
+    if stopped == "right after its record commits":
+        stop_once_committed(monkeypatch, store, "finish")
+    elif stopped == "in its record, once its alerts are kept":
+        finish = store.finish
+        calls: list[int] = []
+
+        def stopped_before_its_commit(db: Database, done: Any,
+                                      within: store.WithBreaches | None = None) -> Any:
+            calls.append(1)
+            if within is None or len(calls) > 1:
+                return finish(db, done, within)
+
+            def then_stopped(connection: Any, breaches: Any) -> None:
+                within(connection, breaches)
+                raise TimeLimit("soft time limit exceeded")  # the record rolls back
+
+            return finish(db, done, then_stopped)
+
+        monkeypatch.setattr(store, "finish", stopped_before_its_commit)
+    elif stopped == "right after its deactivation commits":
+        stop_once_committed(monkeypatch, store, "disable_failing")
+    else:
+        assert stopped == "as it gives its slots back"
+
+        def limit_reached(*args: Any, **kwargs: Any) -> Any:
+            raise TimeLimit("soft time limit exceeded")
+
+        monkeypatch.setattr(services.queues, "release_many", limit_reached)
+    with pytest.raises(pipeline.DeliveryInterrupted):
+        pipeline.deliver(services, leases, no_send, hand_on=lambda *_: None,
+                         interruptions=(TimeLimit,))
+    monkeypatch.undo()
+
+
+def swept(services: Services, monkeypatch: pytest.MonkeyPatch) -> list[Lease]:
+    """Beat's sweep, once the alerts just kept are its to send; the leases it sent."""
+    monkeypatch.setattr(pipeline, "_ALERT_SEND_GRACE_MS", 0)
+    sent: list[Lease] = []
+    assert pipeline.sweep(services, sent.append).alerts_sent == 1
+    assert pipeline.sweep(services, no_send).alerts_sent == 0
+    return sent
+
+
+STOPS = ("in its record, once its alerts are kept", "right after its record commits",
+         "as it gives its slots back")
+
+
+@pytest.mark.parametrize("stopped", STOPS)
 def test_a_delivery_dead_in_a_task_stopped_after_its_record_still_raises_its_alert(
         database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
         monkeypatch: pytest.MonkeyPatch, stopped: str) -> None:
@@ -443,47 +557,17 @@ def test_a_delivery_dead_in_a_task_stopped_after_its_record_still_raises_its_ale
     deliveryExhausted was ever raised. The alert is kept by the record's own transaction, and
     beat's sweep sends what the task could not. It is counted once (notifier_alerts), as it is
     raised: the sweep that sends it counts nothing, and a task stopped this way counted none."""
-    services = build_services(load_settings({
-        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
-        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
-        "NOTIFIER_RETRY_HORIZON": "1"}))
-    try:
+    with local_services(database_url, redis_url, tmp_path,
+                        NOTIFIER_RETRY_HORIZON="1") as services:
         db = services.db
-        store.create_org(db, ORG, "test org", now_ms=0)
-        dying, _ = create_webhook(db, services.catalog, services.vault, org_id=ORG, name="dying",
-                                  url=receiver.url("/dying"), event_names=["pointsIssued"],
-                                  now_ms=0)
-        ops, _ = create_webhook(db, services.catalog, services.vault, org_id=ORG, name="ops",
-                                url="https://ops.example.com/", event_names=list(ALERT_NAMES),
-                                now_ms=0)
-        alerts.set_operations_webhook(db, ORG, ops)
+        dying = local_webhook(services, receiver, "/dying")
+        ops = operations_webhook(services)
         receiver.script("/dying", 500)
-        leases: list[Lease] = []
-        event_id = pipeline.accept(services, {"eventName": "pointsIssued", "orgId": ORG, "data": {
-            "customerIdentifiers": {"customerId": 1}}}, leases.append).event_id
-        finish = store.finish
-        calls: list[int] = []
+        event_id, leases = accepted(services)
 
-        def limit_reached_once_committed(*args: Any, **kwargs: Any) -> list[store.Breach]:
-            breaches = finish(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == 1:
-                raise TimeLimit("soft time limit exceeded")
-            return breaches
+        deliver_stopped(services, leases, monkeypatch, stopped)
 
-        def limit_reached(*args: Any, **kwargs: Any) -> Any:
-            raise TimeLimit("soft time limit exceeded")
-
-        if stopped == "right after its record commits":
-            monkeypatch.setattr(store, "finish", limit_reached_once_committed)
-        else:
-            monkeypatch.setattr(services.queues, "release_many", limit_reached)
-        with pytest.raises(pipeline.DeliveryInterrupted):
-            pipeline.deliver(services, leases, no_send, hand_on=lambda *_: None,
-                             interruptions=(TimeLimit,))
-        monkeypatch.undo()
         assert services.queues.counts().get("alerts|deliveryExhausted") == 1
-
         (dead,) = rows(db, Delivery, webhook_id=dying)
         assert dead.status == DeliveryStatus.DEAD
         (kept,) = rows(db, Alert)
@@ -493,17 +577,151 @@ def test_a_delivery_dead_in_a_task_stopped_after_its_record_still_raises_its_ale
                              "eventId": event_id, "eventName": "pointsIssued", "attempts": 1,
                              "lastStatusCode": 500}
 
-        monkeypatch.setattr(pipeline, "_ALERT_SEND_GRACE_MS", 0)
-        sent: list[Lease] = []
-        assert pipeline.sweep(services, sent.append).alerts_sent == 1
-        assert [lease.webhook_id for lease in sent] == [ops]
+        assert [lease.webhook_id for lease in swept(services, monkeypatch)] == [ops]
         (event,) = rows(db, Event, event_name="deliveryExhausted")
         assert event.payload["data"] == kept.data
-        assert pipeline.sweep(services, no_send).alerts_sent == 0
         assert services.queues.counts().get("alerts|deliveryExhausted") == 1
-    finally:
-        services.db.dispose()
-        services.queues.client.close()
+
+
+@pytest.mark.parametrize("stopped", STOPS)
+def test_an_sla_breach_stamped_by_a_task_stopped_after_its_record_still_raises_its_alert(
+        database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
+        monkeypatch: pytest.MonkeyPatch, stopped: str) -> None:
+    """The attempt ends past its SLA: its record stamps the breach (which beat then never
+    stamps again), and the task raised slaBreached only at its very end, so a task stopped
+    in between left a breach that never raised its alert. The alert is kept by the record's own
+    transaction, counted once (notifier_alerts, and the breach in notifier_sla_breaches), and
+    sent by beat's sweep."""
+    with local_services(database_url, redis_url, tmp_path) as services:
+        db = services.db
+        late = local_webhook(services, receiver, "/late", sla_in_seconds=1)
+        ops = operations_webhook(services)
+        _, leases = accepted(services)
+        time.sleep(1.1)  # past its SLA before it is sent: its attempt ends late
+
+        deliver_stopped(services, leases, monkeypatch, stopped)
+
+        counts = services.queues.counts()
+        assert (counts.get("alerts|slaBreached"), counts.get("sla_breaches")) == (1, 1)
+        (delivery,) = rows(db, Delivery, webhook_id=late)
+        assert delivery.status == DeliveryStatus.DELIVERED
+        assert delivery.sla_breach_at_ms == delivery.ingested_at_ms + 1000
+        (kept,) = rows(db, Alert)
+        assert (kept.kind, kept.webhook_id, kept.count, kept.sent_at_ms) == (
+            "slaBreached", late, 1, None)
+        assert (kept.data["count"], kept.data["firstDeliveryIds"]) == (1, [delivery.id])
+
+        assert [lease.webhook_id for lease in swept(services, monkeypatch)] == [ops]
+        (event,) = rows(db, Event, event_name="slaBreached")
+        assert event.payload["data"] == kept.data
+        (kept,) = rows(db, Alert)
+        assert kept.count == 1
+        counts = services.queues.counts()
+        assert (counts.get("alerts|slaBreached"), counts.get("sla_breaches")) == (1, 1)
+
+
+@pytest.mark.parametrize("stopped", ["the database failing as it keeps the alert",
+                                     "killed right after its stamps commit"])
+def test_an_sla_breach_stamped_by_beat_raises_its_alert_whatever_stops_the_check(
+        database_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        stopped: str) -> None:
+    """Beat's check committed its stamps, then kept their slaBreached alerts in another
+    transaction: the database failing, or the check's process dying, in between left breaches
+    that beat never stamps again, and no alert. The alert is kept by the stamps' transaction:
+    with them, or not at all (and then stamped and raised by the next check)."""
+    with local_services(database_url, redis_url, tmp_path) as services:
+        db = services.db
+        late, _ = create_webhook(db, services.catalog, services.vault, org_id=ORG, name="late",
+                                 url="https://late.example.com/", event_names=["pointsIssued"],
+                                 now_ms=0, sla_in_seconds=1)
+        ops = operations_webhook(services)
+        accepted(services)  # never sent: its SLA runs out waiting
+        time.sleep(1.1)
+        sent: list[Lease] = []
+
+        if stopped == "the database failing as it keeps the alert":
+            keep = alerts.keep
+            failures: list[int] = []
+
+            def unavailable_once(*args: Any, **kwargs: Any) -> bool:
+                if not failures:
+                    failures.append(1)
+                    raise StoreUnavailable("the database did not answer")
+                return keep(*args, **kwargs)
+
+            monkeypatch.setattr(alerts, "keep", unavailable_once)
+            with contextlib.suppress(StoreUnavailable):  # the check is skipped, and logged
+                pipeline.check_sla(services, sent.append)
+            monkeypatch.undo()
+            assert failures
+            pipeline.check_sla(services, sent.append)  # beat's next check
+
+            # Raised by the check that kept it, sent at once and counted once.
+            (kept,) = rows(db, Alert)
+            assert kept.sent_at_ms is not None
+            assert [lease.webhook_id for lease in sent] == [ops]
+            counts = services.queues.counts()
+            assert (counts.get("alerts|slaBreached"), counts.get("sla_breaches")) == (1, 1)
+        else:
+            stop_once_committed(monkeypatch, store, "flag_sla_breaches", Killed)
+            with pytest.raises(Killed):
+                pipeline.check_sla(services, no_send)
+            monkeypatch.undo()
+            assert pipeline.check_sla(services, no_send) == 0  # stamped once, for good
+
+            (kept,) = rows(db, Alert)
+            assert kept.sent_at_ms is None
+            assert [lease.webhook_id for lease in swept(services, monkeypatch)] == [ops]
+            # The sweep that sends it counts nothing: an alert is counted by the process that
+            # keeps it, once (this one died before it counted anything).
+            assert services.queues.counts().get("alerts|slaBreached") is None
+
+        (delivery,) = rows(db, Delivery, webhook_id=late)
+        assert delivery.sla_breach_at_ms == delivery.ingested_at_ms + 1000
+        (kept,) = rows(db, Alert)
+        assert (kept.kind, kept.webhook_id, kept.count) == ("slaBreached", late, 1)
+        assert (kept.data["count"], kept.data["firstDeliveryIds"]) == (1, [delivery.id])
+        (event,) = rows(db, Event, event_name="slaBreached")
+        assert event.payload["data"] == kept.data
+
+
+@pytest.mark.parametrize(("failing", "stopped"), [
+    ("gone", "as it gives its slots back"),
+    ("gone", "right after its deactivation commits"),
+    ("too long", "right after its deactivation commits")])
+def test_a_webhook_deactivated_by_a_task_stopped_after_still_raises_its_alert(
+        database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
+        monkeypatch: pytest.MonkeyPatch, failing: str, stopped: str) -> None:
+    """notifier deactivates a webhook (it answered 410 Gone, or has failed every attempt for
+    NOTIFIER_DISABLE_FAILING_AFTER), and the task raised webhookDisabled later (once it gave its
+    slots back): a task stopped in between left the webhook inactive and no alert ever raised.
+    The alert is kept by the deactivation's own transaction, counted once and sent by beat's
+    sweep."""
+    with local_services(database_url, redis_url, tmp_path,
+                        NOTIFIER_DISABLE_FAILING_AFTER="0.001") as services:
+        db = services.db
+        broken = local_webhook(services, receiver, "/broken")
+        ops = operations_webhook(services)
+        receiver.script("/broken", 410 if failing == "gone" else 503)
+        _, leases = accepted(services)
+
+        deliver_stopped(services, leases, monkeypatch, stopped)
+
+        counts = services.queues.counts()
+        assert (counts.get("alerts|webhookDisabled"), counts.get("webhooks_disabled")) == (1, 1)
+        (webhook,) = rows(db, Webhook, id=broken)
+        assert not webhook.active
+        (kept,) = rows(db, Alert)
+        assert (kept.kind, kept.webhook_id, kept.count, kept.sent_at_ms) == (
+            "webhookDisabled", broken, 1, None)
+        assert kept.data == {"webHookId": broken, "orgId": ORG,
+                             "reason": webhook.disabled_reason}
+
+        assert [lease.webhook_id for lease in swept(services, monkeypatch)] == [ops]
+        (event,) = rows(db, Event, event_name="webhookDisabled")
+        assert event.payload["data"] == kept.data
+        counts = services.queues.counts()
+        assert (counts.get("alerts|webhookDisabled"), counts.get("webhooks_disabled")) == (1, 1)
 
 
 def test_an_alert_lease_lost_after_its_event_was_stored_is_sent_by_beat(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from config import load_settings
-from notifier import pipeline, store
+from notifier import alerts, pipeline, store
 from notifier.pipeline import Services
 
 
@@ -42,19 +42,27 @@ def _store_returning(monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> list[
     asked: list[int] = []
     results = iter(sizes)
 
-    def flag(db: Any, *, now_ms: int, batch: int) -> list[store.Breach]:
+    def flag(db: Any, *, now_ms: int, batch: int,
+             within: store.WithBreaches | None = None) -> list[store.Breach]:
         asked.append(batch)
-        return _breaches(next(results))
+        stamped = _breaches(next(results))
+        if within is not None:  # in the stamps' transaction (no database here)
+            within(None, stamped)  # type: ignore[arg-type]
+        return stamped
 
     monkeypatch.setattr(store, "flag_sla_breaches", flag)
     return asked
 
 
 def _alerted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the breaches of each slaBreached raise (one per batch)."""
+    """Record the breaches of each slaBreached raise (one per batch; none kept here)."""
     raised: list[int] = []
-    monkeypatch.setattr(pipeline, "alert_sla_breached",
-                        lambda services, breaches, send: raised.append(len(breaches)))
+
+    def sla_breached(connection: Any, breaches: Any, *, now_ms: int) -> list[Any]:
+        raised.append(len(list(breaches)))
+        return []
+
+    monkeypatch.setattr(alerts, "sla_breached", sla_breached)
     return raised
 
 
