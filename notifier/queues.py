@@ -84,6 +84,15 @@ end
 """
 
 _DISPATCH_FN = _BREAKER_FN + """
+-- How many of a webhook's live leases carry live deliveries (a replay lease's token holds an 'R').
+local function live_leases(slots, now)
+  local n = 0
+  for _, held in ipairs(redis.call('ZRANGEBYSCORE', slots, now, '+inf')) do
+    if not string.find(held, 'R', 1, true) then n = n + 1 end
+  end
+  return n
+end
+
 local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   -- A Redis that lost its state grants nothing (false) until it is rebuilt: the requests of the
   -- database's live claims may still be open, and only the rebuild counts them.
@@ -139,7 +148,8 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
       -- time) is presumed lost to gathering; it keeps its slot until its lease expires.
       local unstarted = redis.call('HGET', p .. ':unstarted', wh)
       if unstarted and now - tonumber(string.match(unstarted, '^%d+')) < 10000 then break end
-      if live > 0 then wait = linger end
+      -- Beside replays only, nothing is gathered by waiting: it goes at once.
+      if live > 0 and live_leases(slots, now) > 0 then wait = linger end
     end
     local popped = redis.call('ZPOPMIN', from, size)
     local ids = {}

@@ -394,6 +394,19 @@ def test_replays_wait_behind_live_deliveries_however_old_they_are(queues: Queues
     assert queues.queued_webhooks() == [] and queues.state(5).waiting == {}
 
 
+def test_a_short_live_batch_beside_replays_only_goes_at_once(queues: Queues) -> None:
+    """A short batch beside a busy slot lingers to gather more (NOTIFIER_BATCH_LINGER_MS); beside
+    a replay's leases only, there is nothing of its kind to gather: every live delivery during
+    a replay waited the linger."""
+    lingering = Queues(queues.url, queues.prefix, linger_ms=20)
+    lingering.enqueue("w", 3, [(f"old{i}", i) for i in range(50)], replay=True)
+    assert len(lingering.dispatch("w", batch=20, lease_ms=LEASE, now_ms=0)) == 2
+    lingering.enqueue("w", 3, [("live0", 1000)])
+    (live,) = lingering.dispatch("w", batch=20, lease_ms=LEASE, now_ms=1)
+    assert live.delivery_ids == ("live0",) and live.linger_ms == 0
+    lingering.client.close()
+
+
 def test_replays_leave_a_webhook_of_several_slots_one_for_live_deliveries(
         queues: Queues) -> None:
     """A replay of many filled every slot with a full batch, and a live delivery that came
