@@ -166,8 +166,10 @@ def keep(connection: Connection, alert: Alert, *, now_ms: int) -> bool:
     raised it is, e.g. a dead attempt's record); True when it is new (to be sent). The insert
     that wins the key is the only one that returns True, however many race for it. A
     ``slaBreached`` raised again under its key (the same webhook's breaches later in the same
-    minute, found by this or another process) adds its count to the one kept; any other alert
-    raised again (a record written again, see ``store.finish``) changes nothing."""
+    minute, found by this or another process) adds its count to the one kept, and, while it is
+    not sent, its deliveries to the data it is sent with (a task whose records stamp a minute's
+    breaches one by one sends one alert that says them all); any other alert raised again (a
+    record written again, see ``store.finish``) changes nothing."""
     dialect_insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
     inserted = connection.scalar(
         dialect_insert(_alerts).values(
@@ -175,8 +177,16 @@ def keep(connection: Connection, alert: Alert, *, now_ms: int) -> bool:
             count=alert.count, data=alert.event_data(), created_at_ms=now_ms)
         .on_conflict_do_nothing(index_elements=["key"]).returning(_alerts.c.id))
     if inserted is None and alert.kind == SLA_BREACHED:
-        connection.execute(update(_alerts).where(_alerts.c.key == alert.key)
-                           .values(count=_alerts.c.count + alert.count))
+        # The update locks the row: a merge racing for it reads the data this one writes.
+        row = connection.execute(
+            update(_alerts).where(_alerts.c.key == alert.key)
+            .values(count=_alerts.c.count + alert.count)
+            .returning(_alerts.c.count.label("times"), _alerts.c.data, _alerts.c.sent_at_ms)).one()
+        if row.sent_at_ms is None:
+            ids = {*row.data.get("firstDeliveryIds", ()), *alert.data.get("firstDeliveryIds", ())}
+            connection.execute(update(_alerts).where(_alerts.c.key == alert.key).values(
+                data={**row.data, "count": int(row.times),
+                      "firstDeliveryIds": sorted(ids)[:FIRST_IDS]}))
     return inserted is not None
 
 
@@ -194,8 +204,10 @@ def envelopes(db: Database, alert: Alert, *, operator_webhook: str | None,
     """The events that send ``alert`` on, each with the one webhook it is for: the org's
     operations webhook and the operator's, as an event of that webhook's org (each its own
     eventId, the same each time it is built). A webhook deactivated is not sent its own
-    ``webhookDisabled``."""
+    ``webhookDisabled``. Its data is as kept (``keep``: a ``slaBreached`` raised again under
+    its key before it is sent says all its breaches), else as raised."""
     with db.autocommit() as connection:
+        data = connection.scalar(select(_alerts.c.data).where(_alerts.c.key == alert.key))
         named = connection.scalar(select(Org.operations_webhook_id)
                                   .where(Org.id == alert.org_id))
         wanted = [hook for hook in dict.fromkeys((named, operator_webhook)) if hook]
@@ -204,7 +216,8 @@ def envelopes(db: Database, alert: Alert, *, operator_webhook: str | None,
         owners = dict(connection.execute(select(Webhook.id, Webhook.org_id)
                                          .where(Webhook.id.in_(wanted))).all()) if wanted else {}
     return [({"eventName": alert.kind, "eventId": f"{alert.key}>{hook}",
-              "orgId": int(owners[hook]), "createdAt": raised_at_ms, "data": alert.event_data()},
+              "orgId": int(owners[hook]), "createdAt": raised_at_ms,
+              "data": alert.event_data() if data is None else data},
              hook)
             for hook in wanted if hook in owners]
 

@@ -824,3 +824,61 @@ def test_migration_0020_takes_the_alerts_kept_before_as_sent(database_url: str) 
         assert alerts.unsent(db, kept_before_ms=2**62, most=10) == []
     finally:
         db.dispose()
+
+
+_REFUSE = {
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION notifier_test_refuse() RETURNS trigger AS $$
+        BEGIN
+            RAISE EXCEPTION USING ERRCODE = 'check_violation',
+                MESSAGE = 'outcome refused by the test trigger';
+        END $$ LANGUAGE plpgsql""",
+        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
+        WHEN (NEW.status = 'delivered' AND NEW.id = '{id}')
+        EXECUTE FUNCTION notifier_test_refuse()"""],
+    "sqlite": [
+        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
+        WHEN NEW.status = 'delivered' AND NEW.id = '{id}'
+        BEGIN SELECT RAISE(ABORT, 'outcome refused by the test trigger'); END"""],
+}
+
+
+def test_late_attempts_recorded_one_by_one_raise_one_sla_breached_that_counts_them_all(
+        database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver) -> None:
+    """The database refuses one attempt of a task's batch: each is recorded on its own, each
+    record stamping its breach and keeping its slaBreached under the webhook's minute. The one
+    alert sent says the count and ids of all the breaches its key was raised for (as one
+    record of the batch would), not those of the first record only."""
+    with local_services(database_url, redis_url, tmp_path) as services:
+        db = services.db
+        late = local_webhook(services, receiver, "/late", sla_in_seconds=1)
+        ops = operations_webhook(services)
+        leases: list[Lease] = []
+        for n in range(3):
+            pipeline.accept(services, {"eventName": "pointsIssued", "orgId": ORG, "data": {
+                "customerIdentifiers": {"customerId": n}}}, leases.append)
+        ids = sorted(delivery.id for delivery in rows(db, Delivery, webhook_id=late))
+        with db.transaction() as connection:
+            for statement in _REFUSE["postgresql" if db.is_postgresql else "sqlite"]:
+                connection.exec_driver_sql(statement.format(id=ids[1]))
+        time.sleep(1.1)  # past their SLA before they are sent: their attempts end late
+        sent: list[Lease] = []
+
+        try:
+            pipeline.deliver(services, leases, sent.append, hand_on=lambda *_: None)
+        finally:  # the database is the other tests' too
+            with db.transaction() as connection:
+                connection.exec_driver_sql("DROP TRIGGER notifier_test_refuse"
+                                           + (" ON deliveries" if db.is_postgresql else ""))
+
+        assert sorted(d.sla_breach_at_ms is not None for d in rows(db, Delivery,
+                                                                    webhook_id=late)) == [True] * 3
+        counts = services.queues.counts()
+        assert (counts.get("alerts|slaBreached"), counts.get("sla_breaches")) == (1, 3)
+        (kept,) = rows(db, Alert)
+        assert kept.count == 3
+        assert (kept.data["count"], kept.data["firstDeliveryIds"]) == (3, ids)
+        assert [lease.webhook_id for lease in sent] == [ops]
+        (event,) = rows(db, Event, event_name="slaBreached")
+        assert (event.payload["data"]["count"], event.payload["data"]["firstDeliveryIds"]) == (
+            3, ids)
