@@ -8,6 +8,7 @@ PostgreSQL its tests are skipped, except under CI, where a missing service is a 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -77,6 +78,39 @@ def slots_held(queues: Queues, webhook_id: str, now_ms: int) -> int:
     """A webhook's connection slots held in Redis at ``now_ms`` (``P:slots:<webhook>``): its live
     leases, and the slots rebuilt from the database's live claims (``Queues.hold_claims``)."""
     return int(queues.client.zcount(f"{queues.prefix}:slots:{webhook_id}", now_ms, "+inf"))
+
+
+_REFUSE_DELIVERED = {
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION notifier_test_refuse() RETURNS trigger AS $$
+        BEGIN
+            RAISE EXCEPTION USING ERRCODE = 'check_violation',
+                MESSAGE = 'outcome refused by the test trigger';
+        END $$ LANGUAGE plpgsql""",
+        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
+        WHEN (NEW.status = 'delivered' AND NEW.id = '{id}')
+        EXECUTE FUNCTION notifier_test_refuse()"""],
+    "sqlite": [
+        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
+        WHEN NEW.status = 'delivered' AND NEW.id = '{id}'
+        BEGIN SELECT RAISE(ABORT, 'outcome refused by the test trigger'); END"""],
+}
+
+
+@contextlib.contextmanager
+def refusing_delivered(db: Database, delivery_id: str) -> Iterator[None]:
+    """While the block runs, the database refuses to mark one delivery delivered, for good (a
+    ``StoreRefused``: a row it cannot take, not a fault that passes); the trigger is dropped
+    after, as the database is the other tests' too."""
+    with db.transaction() as connection:
+        for statement in _REFUSE_DELIVERED["postgresql" if db.is_postgresql else "sqlite"]:
+            connection.exec_driver_sql(statement.format(id=delivery_id))
+    try:
+        yield
+    finally:
+        with db.transaction() as connection:
+            connection.exec_driver_sql("DROP TRIGGER notifier_test_refuse"
+                                       + (" ON deliveries" if db.is_postgresql else ""))
 
 
 def _unavailable(service: str, exc: Exception) -> None:

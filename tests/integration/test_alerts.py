@@ -28,7 +28,7 @@ from notifier.pipeline import Services, build_services
 from notifier.queues import Lease, Queues
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Stack, create_webhook, wait_until
+from tests.conftest import Receiver, Stack, create_webhook, refusing_delivered, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -826,23 +826,6 @@ def test_migration_0020_takes_the_alerts_kept_before_as_sent(database_url: str) 
         db.dispose()
 
 
-_REFUSE = {
-    "postgresql": [
-        """CREATE OR REPLACE FUNCTION notifier_test_refuse() RETURNS trigger AS $$
-        BEGIN
-            RAISE EXCEPTION USING ERRCODE = 'check_violation',
-                MESSAGE = 'outcome refused by the test trigger';
-        END $$ LANGUAGE plpgsql""",
-        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
-        WHEN (NEW.status = 'delivered' AND NEW.id = '{id}')
-        EXECUTE FUNCTION notifier_test_refuse()"""],
-    "sqlite": [
-        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
-        WHEN NEW.status = 'delivered' AND NEW.id = '{id}'
-        BEGIN SELECT RAISE(ABORT, 'outcome refused by the test trigger'); END"""],
-}
-
-
 def test_late_attempts_recorded_one_by_one_raise_one_sla_breached_that_counts_them_all(
         database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver) -> None:
     """The database refuses one attempt of a task's batch: each is recorded on its own, each
@@ -858,18 +841,10 @@ def test_late_attempts_recorded_one_by_one_raise_one_sla_breached_that_counts_th
             pipeline.accept(services, {"eventName": "pointsIssued", "orgId": ORG, "data": {
                 "customerIdentifiers": {"customerId": n}}}, leases.append)
         ids = sorted(delivery.id for delivery in rows(db, Delivery, webhook_id=late))
-        with db.transaction() as connection:
-            for statement in _REFUSE["postgresql" if db.is_postgresql else "sqlite"]:
-                connection.exec_driver_sql(statement.format(id=ids[1]))
-        time.sleep(1.1)  # past their SLA before they are sent: their attempts end late
         sent: list[Lease] = []
-
-        try:
+        with refusing_delivered(db, ids[1]):
+            time.sleep(1.1)  # past their SLA before they are sent: their attempts end late
             pipeline.deliver(services, leases, sent.append, hand_on=lambda *_: None)
-        finally:  # the database is the other tests' too
-            with db.transaction() as connection:
-                connection.exec_driver_sql("DROP TRIGGER notifier_test_refuse"
-                                           + (" ON deliveries" if db.is_postgresql else ""))
 
         assert sorted(d.sla_breach_at_ms is not None for d in rows(db, Delivery,
                                                                     webhook_id=late)) == [True] * 3

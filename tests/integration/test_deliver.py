@@ -20,7 +20,7 @@ from notifier.errors import StoreUnavailable
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event, Webhook
 from notifier.pipeline import DeliveryInterrupted, Services, build_services
 from notifier.queues import Lease, Report
-from tests.conftest import Receiver, create_webhook, slots_held, wait_until
+from tests.conftest import Receiver, create_webhook, refusing_delivered, slots_held, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -150,23 +150,6 @@ def test_a_task_records_the_attempts_of_its_20_deliveries_in_one_transaction(
     assert attempts == 20 and spent <= 2, records
 
 
-_REFUSE_ONE = {
-    "postgresql": [
-        """CREATE OR REPLACE FUNCTION notifier_test_refuse() RETURNS trigger AS $$
-        BEGIN
-            RAISE EXCEPTION USING ERRCODE = 'check_violation',
-                MESSAGE = 'outcome refused by the test trigger';
-        END $$ LANGUAGE plpgsql""",
-        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
-        WHEN (NEW.status = 'delivered' AND NEW.id = '{id}')
-        EXECUTE FUNCTION notifier_test_refuse()"""],
-    "sqlite": [
-        """CREATE TRIGGER notifier_test_refuse BEFORE UPDATE ON deliveries FOR EACH ROW
-        WHEN NEW.status = 'delivered' AND NEW.id = '{id}'
-        BEGIN SELECT RAISE(ABORT, 'outcome refused by the test trigger'); END"""],
-}
-
-
 def test_an_attempt_the_database_refuses_to_record_costs_the_others_of_its_task_nothing(
     services: Services, receiver: Receiver
 ) -> None:
@@ -174,12 +157,8 @@ def test_an_attempt_the_database_refuses_to_record_costs_the_others_of_its_task_
     with services.db.session() as session:
         first, refused, third = session.scalars(
             select(Delivery.id).order_by(Delivery.ingested_at_ms, Delivery.id))
-    dialect = "postgresql" if services.db.is_postgresql else "sqlite"
-    with services.db.transaction() as connection:
-        for statement in _REFUSE_ONE[dialect]:
-            connection.exec_driver_sql(statement.format(id=refused))
-
-    pipeline.deliver(services, [lease], lambda lease: None, hand_on=no_hand_on)
+    with refusing_delivered(services.db, refused):
+        pipeline.deliver(services, [lease], lambda lease: None, hand_on=no_hand_on)
 
     assert len(receiver.wait_for(3)) == 3
     with services.db.session() as session:
