@@ -51,6 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", action=on,
                         help="end-to-end p50/p95/p99 at half of notifier's fan-out-1 rate (default on)")
     parser.add_argument("--latency-seconds", type=float, help="offered-load duration (default 20; quick 5)")
+    parser.add_argument("--latency-rate", type=float, metavar="R",
+                        help="offer R deliveries/s instead of half of fan-out 1's rate: the same "
+                             "load for runs of two versions to compare")
     parser.add_argument("--http", action=on,
                         help="fan-out 1 fed by POST /v3/events (default on; off with --quick)")
     parser.add_argument("--isolation", action=on, help="9 fast webhooks' p99 alone and beside one "
@@ -318,10 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                             if listed in rows:
                                 paired(listed, i, floor_b_procs, listed_round)
                         if fanout == 1 and args.latency:
-                            rate = row.median / 2
-                            print(f"  latency at half of fan-out 1 ({rate:.0f} deliveries/s) for "
+                            rate = args.latency_rate or row.median / 2
+                            offered = ("as asked" if args.latency_rate else
+                                       "half of fan-out 1")
+                            print(f"  latency at {rate:.0f} deliveries/s ({offered}) for "
                                   f"{args.latency_seconds:.0f}s ...", flush=True)
-                            notes.append(f"latency at {rate:.0f}/s offered (half of fan-out 1): "
+                            notes.append(f"latency at {rate:.0f}/s offered ({offered}): "
                                          + extra.latency(receiver, rate, args.latency_seconds))
                             print(f"  {notes[-1]}", flush=True)
                 except run.BenchError as exc:
