@@ -101,8 +101,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database", default=run.DATABASE, metavar="NAME",
                         help=f"the PostgreSQL database on 127.0.0.1 to use, created if missing, "
                              f"its tables emptied (default {run.DATABASE})")
+    parser.add_argument("--set", action="append", default=[], metavar="NOTIFIER_NAME=VALUE",
+                        help="a notifier setting for its stacks (e.g. "
+                             "NOTIFIER_FAST_LANE_LEASES=2), to measure what it changes; repeatable")
     args = parser.parse_args(argv)
     run.use(args.redis, args.database)
+    for setting in args.set:
+        name, sep, value = setting.partition("=")
+        if not sep or not name.startswith("NOTIFIER_"):
+            parser.error(f"--set {setting!r}: expected NOTIFIER_NAME=VALUE")
+        run.SETTINGS[name] = value
     # --soak and --replay without --quick: those scenarios alone.
     args.alone = not args.quick and (args.soak is not None or bool(args.replay))
     if args.quick and args.replay is None:
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     c, n = args.concurrency, args.deliveries
     print(f"notifier benchmark: {n} deliveries x {args.repeat}, concurrency {c} (prefork), "
           f"fan-out {args.fanout}, receiver {args.receiver_processes} processes; "
-          f"{psutil.cpu_count()} CPUs, Python {platform.python_version()}, Celery {celery.__version__}",
+          f"{psutil.cpu_count()} CPUs, Python {platform.python_version()}, Celery {celery.__version__}"
+          + "".join(f"; {name}={value}" for name, value in run.SETTINGS.items()),
           flush=True)
     if not run.autovacuum_on():
         print("note: PostgreSQL runs with autovacuum off here; notifier's tables bloat over a long "

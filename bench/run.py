@@ -49,6 +49,8 @@ def use(redis_url: str, database: str) -> None:
     PG_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DATABASE}"
     FLOOR_B_BROKER, NOTIFIER_BROKER, NOTIFIER_REDIS = (f"{REDIS}/{n}" for n in (12, 13, 11))
 FLOOR_B_QUEUE = "bench-floor-b"
+# Settings given to every notifier stack (``--set``), to measure what one changes.
+SETTINGS: dict[str, str] = {}
 ORG = 4242
 EVENT = "pointsIssued"
 
@@ -410,6 +412,7 @@ def notifier_env(folder: Path) -> dict[str, str]:
         "NOTIFIER_BROKER_URL": NOTIFIER_BROKER,
         "NOTIFIER_REDIS_URL": NOTIFIER_REDIS,
         "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        **SETTINGS,
     })
     return env
 
