@@ -272,7 +272,8 @@ class Settings:
     batch_size: int = _setting(
         _positive_int, "20",
         "Most deliveries of one webhook that one lease carries over one connection slot; "
-        "the leases of several webhooks that share a task start with at most this many.")
+        "the leases of several webhooks that share a task start with at most this many times "
+        "NOTIFIER_SEND_CONCURRENCY (what the task sends side by side).")
     send_concurrency: int = _setting(
         _positive_int, "4",
         "Most requests one delivery task has open at once: the leases it carries, one webhook's "

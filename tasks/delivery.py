@@ -50,7 +50,9 @@ def _sent_together() -> Iterator[Callable[[Lease], None]]:
         yield held.append
     finally:
         if held:
-            client.send_leases(app, held, most=services().settings.batch_size)
+            # A task's worth: what it sends side by side, each lease a batch.
+            settings = services().settings
+            client.send_leases(app, held, most=settings.batch_size * settings.send_concurrency)
 
 
 class _Ingest(Gathering):

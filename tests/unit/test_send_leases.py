@@ -60,3 +60,21 @@ def test_a_task_handed_on_or_retried_names_the_claims_it_holds() -> None:
     send_leases(app, [lease("a"), lease("b")], most=1, claimed_until=1234)
 
     assert [task["kwargs"] for task in app.sent] == [{"claimed_until": 1234}] * 2
+
+
+def test_a_task_carries_what_it_sends_side_by_side_full_batches_of_several_webhooks(
+        monkeypatch: Any) -> None:
+    from types import SimpleNamespace
+
+    from tasks import delivery
+
+    app = App()
+    monkeypatch.setattr(delivery.app, "send_task", app.send_task)
+    for concurrency, tasks in ((4, [4, 1]), (1, [1] * 5)):
+        settings = SimpleNamespace(batch_size=20, send_concurrency=concurrency)
+        monkeypatch.setattr(delivery, "services", lambda s=settings: SimpleNamespace(settings=s))
+        app.sent.clear()
+        with delivery._sent_together() as send:
+            for webhook in "abcde":  # a full batch each (fan-out over many busy webhooks)
+                send(lease(webhook, 20))
+        assert [1 + len((task["kwargs"] or {}).get("more", [])) for task in app.sent] == tasks
