@@ -293,6 +293,10 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # An answer goes in two writes (head, then body). With Nagle's algorithm on, the body
+            # waits for the sender's delayed acknowledgement of the head: 40 ms per request on a
+            # kept-alive connection, which made a batch of 20 take 0.9 s instead of 0.05 s.
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
