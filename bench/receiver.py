@@ -8,10 +8,12 @@ parse) has its latency (arrival - sent, in ms) stored in a shared array, one reg
 ``delay`` (seconds) answers every request that much later without blocking other connections;
 ``status`` is the status every answer carries; ``trickle`` (seconds) answers one byte at a time,
 that far apart, for as long as the client listens (a body that never ends), each request counted
-when it arrives. ``record`` (a folder) keeps one line per request (arrival and sent-at in epoch
-microseconds, path, ``webhook-id``) in a file per process: see ``Receiver.records``; and, unless
-trickling, one line per answer (when it went, how many requests it answered), from which
-``Receiver.in_flight_peak`` counts the most requests open at once across the processes.
+when it arrives. ``split`` answers in two writes, the head and then the body, with Nagle's
+algorithm left on, as Python's ``http.server`` and the JDK's ``HttpServer`` do. ``record`` (a
+folder) keeps one line per request (arrival and sent-at in epoch microseconds, path,
+``webhook-id``) in a file per process: see ``Receiver.records``; and, unless trickling, one line
+per answer (when it went, how many requests it answered), from which ``Receiver.in_flight_peak``
+counts the most requests open at once across the processes.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class _Answers:
     status: int = 200
     trickle: float = 0.0
     record: str = ""
+    split: bool = False
 
     def response(self) -> bytes:
         line = f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}\r\n".encode()
@@ -128,7 +131,13 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
         over(replies)
         conn.setblocking(True)
         try:
-            conn.sendall(response * replies)
+            if answers.split:
+                head, _, body = response.partition(b"\r\n\r\n")
+                for _ in range(replies):
+                    conn.sendall(head + b"\r\n\r\n")
+                    conn.sendall(body)
+            else:
+                conn.sendall(response * replies)
         except OSError:
             return
         conn.setblocking(False)
@@ -160,7 +169,8 @@ def _serve(port: int, counts: Any, slot: int, ready: Synchronized, latencies: An
                     except BlockingIOError:
                         break
                     conn.setblocking(False)
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if not answers.split:
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     conns[conn.fileno()] = conn
                     buffers[conn.fileno()] = b""
                     poll.register(conn.fileno(), select.EPOLLIN)
@@ -229,12 +239,12 @@ class Receiver:
     """Start with ``with Receiver(processes) as r:``; ``r.count`` is requests answered so far."""
 
     def __init__(self, processes: int = 2, port: int = 0, delay: float = 0.0, status: int = 200,
-                 trickle: float = 0.0, record: Path | None = None) -> None:
+                 trickle: float = 0.0, record: Path | None = None, split: bool = False) -> None:
         self.processes = processes
         self.record = record
         if record is not None:
             record.mkdir(parents=True, exist_ok=True)
-        answers = _Answers(delay, status, trickle, str(record or ""))
+        answers = _Answers(delay, status, trickle, str(record or ""), split)
         if port == 0:
             probe = _listen(0)
             port = probe.getsockname()[1]

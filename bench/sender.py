@@ -5,6 +5,9 @@ One ``HttpSender`` POSTs ``--posts`` times in a loop over one keep-alive connect
 receiver on 127.0.0.1, with its deadline off (``deadline=None``) and on (30 s, the watchdog
 armed and disarmed per request), runs alternating; the median of each is reported, in
 microseconds a POST (wall time and this process's CPU time), beside a loop of arm/disarm alone.
+Then a tenth as many POSTs to a receiver that answers in two writes with Nagle's algorithm on
+(head, then body: Python's ``http.server`` and the JDK's ``HttpServer`` do), where each answer's
+body waits for the head's acknowledgement unless the sender asks for it at once.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def main() -> None:
               f"{statistics.median(r[index] for r in off):.1f}, "
               f"on {statistics.median(r[index] for r in on):.1f}")
     print(f"arm + disarm alone: {_arm_disarm(100_000):.2f} us")
+    posts = max(1, options.posts // 10)
+    with Receiver(processes=1, split=True) as split:
+        walls = [_posts(split.url(), posts, 30.0)[0] for _ in range(options.repeat)]
+    print(f"{posts} POSTs x {options.repeat} to a receiver answering in two writes with Nagle's "
+          f"algorithm on, median wall us/POST: {statistics.median(walls):.1f}")
 
 
 if __name__ == "__main__":

@@ -392,6 +392,9 @@ def _late_connect(host: str, timer: _Timer) -> DeadlineExceeded:
         f"({timer.seconds:g}s, NOTIFIER_HTTP_DEADLINE)")
 
 
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
 class _GuardedMixin:
     """A urllib3 connection whose socket comes from its ``_Guard`` and is watched by the
     deadline of the request it serves, new or pooled."""
@@ -413,6 +416,15 @@ class _GuardedMixin:
             connection.connect()
         _WATCHDOG.watch(connection.sock)
         super().request(*args, **kwargs)  # type: ignore[misc]
+        if _QUICKACK is not None:
+            # A receiver that writes an answer's head and body apart with Nagle's algorithm on
+            # (Python's http.server, the JDK's HttpServer) sends the body only once the head is
+            # acknowledged, and Linux delays that acknowledgement on a kept-alive connection:
+            # 40 ms a request, a batch of 20 then took 0.9 s instead of 0.05 s. Asked now, the
+            # acknowledgement of what arrives next goes at once. Only a speed-up: a socket that
+            # refuses it (cut meanwhile by the deadline, say) fails where the answer is read.
+            with contextlib.suppress(OSError):
+                connection.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
 
 class _GuardedHTTPConnection(_GuardedMixin, HTTPConnection):

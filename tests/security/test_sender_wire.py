@@ -596,3 +596,33 @@ def test_a_cookie_one_webhook_sets_is_never_sent_to_another() -> None:
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux's")
+def test_a_kept_alive_request_asks_for_its_answer_to_be_acknowledged_at_once(
+        serve: Callable[..., RawServer]) -> None:
+    # A receiver that writes an answer's head and body apart with Nagle's algorithm on (Python's
+    # http.server, the JDK's HttpServer) sends the body only once the head is acknowledged, and
+    # on a kept-alive connection Linux delays that acknowledgement: 40 ms a request (python -m
+    # bench.sender measures it). The kernel says whether its next acknowledgement goes at once;
+    # unasked, it no longer does from a connection's second request on.
+    def answer(conn: socket.socket, index: int) -> bool:
+        head, body = OK[:-2], OK[-2:]
+        conn.sendall(head)
+        conn.sendall(body)
+        return True
+
+    server = serve(answer)
+    guard = sender_module._Guard(LOOPBACK, sender_module._getaddrinfo)
+    conn = sender_module._GuardedHTTPConnection("127.0.0.1", server.port, guard=guard)
+    at_once = []
+    try:
+        for _ in range(3):
+            conn.request("POST", "/hook", body=b"{}")
+            at_once.append(conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+            assert conn.getresponse().data == b"ok"
+    finally:
+        conn.close()
+
+    assert server.connections == 1
+    assert at_once == [1, 1, 1]
