@@ -155,6 +155,20 @@ def test_sends_body_and_headers() -> None:
     assert result.latency_ms >= 0  # measured, on every path
 
 
+def test_a_webhook_header_replaces_the_default_of_that_name_whatever_its_case() -> None:
+    sender = _sender()
+    with responses.RequestsMock() as mock:
+        mock.add(responses.POST, URL, body=b"ok", status=200)
+
+        sender.send(OutboundRequest(URL, {"user-agent": "crm-bridge/2"}, b"{}"))
+        sender.send(OutboundRequest(URL, {}, b"{}"))
+
+        mine, default = (call.request for call in mock.calls)
+    assert [v for k, v in mine.headers.items() if k.lower() == "user-agent"] == ["crm-bridge/2"]
+    assert default.headers["User-Agent"].startswith("python-requests/")
+    assert default.headers["Content-Length"] == "2"
+
+
 def test_does_not_follow_redirects() -> None:
     sender = _sender()
     elsewhere = "http://93.184.216.35/other"
