@@ -390,11 +390,14 @@ def test_tls_is_verified_against_the_host_name(
         assert server.requests == 0
 
 
-def test_a_gzip_bomb_is_read_no_further_than_the_cap(serve: Callable[..., RawServer]) -> None:
+# A redirect too: it is not followed, and its body was once read whole to note where it led.
+@pytest.mark.parametrize("status", [b"200 OK", b"302 Found"])
+def test_a_gzip_bomb_is_read_no_further_than_the_cap(
+        serve: Callable[..., RawServer], status: bytes) -> None:
     bomb = gzip.compress(bytes(256 * 2**20), compresslevel=9)  # 256 MiB of zeros, ~250 KiB
     server = serve(lambda conn, index: conn.sendall(
-        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
-        + bomb) is None)
+        b"HTTP/1.1 %s\r\nLocation: /elsewhere\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % (status, len(bomb)) + bomb) is None)
     to = sender(deadline=10.0, max_response_bytes=4096)
     tracemalloc.start()
     try:
@@ -403,9 +406,22 @@ def test_a_gzip_bomb_is_read_no_further_than_the_cap(serve: Callable[..., RawSer
     finally:
         tracemalloc.stop()
 
-    assert result.status_code == 200, result
+    assert result.status_code == int(status[:3]), result
     assert result.body_excerpt == bytes(4096)
     assert peak < 16 * 2**20  # what was allocated meanwhile, the bomb's 256 MiB nowhere
+
+
+def test_a_redirect_to_a_malformed_location_is_an_answer_not_a_crash(
+        serve: Callable[..., RawServer]) -> None:
+    # Redirects are not followed; reading where one led once raised out of the sender.
+    server = serve(lambda conn, index: conn.sendall(
+        b"HTTP/1.1 302 Found\r\nLocation: http://[::1\r\nContent-Length: 5\r\n\r\nmoved")
+        is None)
+
+    result, _ = post(sender(), f"http://127.0.0.1:{server.port}/hook")
+
+    assert (result.status_code, result.body_excerpt, result.error) == (302, b"moved", None)
+    assert classify(result) is Verdict.FAILED
 
 
 def test_a_trickled_tls_handshake_is_cut_at_the_deadline() -> None:
