@@ -816,8 +816,9 @@ class HttpSender:
         """The POST, handed to the session's adapter itself. What ``Session.request`` adds on
         the way (settings merged from the session and the environment, its cookies, hooks,
         redirects) is nothing a webhook's POST uses, and cost 30% of a POST's CPU here:
-        requests checks each setting against protocols, slow to check on Python 3.11. The
-        session's own headers (its User-Agent) still go, under the request's."""
+        requests checks each setting against protocols, slow to check on Python 3.11. Nor does
+        a redirect get read whole, past the cap, to note where it led (``Session.send`` did).
+        The session's own headers (its User-Agent) still go, under the request's."""
         headers = CaseInsensitiveDict(self.session.headers)
         headers.update(request.headers)
         prepared = requests.PreparedRequest()
