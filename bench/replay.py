@@ -3,7 +3,7 @@
 
 One stack, one webhook (maxAllowedConnections = ``--max-connections``) to a receiver that answers
 after ``ANSWER_DELAY`` s, so that requests overlap. ``N`` dead deliveries are written straight
-into the tables (one ``INSERT ... SELECT`` each, as ``bench.retention`` writes its old rows): events
+into the tables (``run.write_history``, as ``bench.retention`` writes its old rows): events
 of ``run.event_data()``'s size received in the last hour, each with a delivery dead after one
 attempt answered 500. A live stream of ``LIVE_RATE`` events/s to the same webhook runs
 throughout: a warm-up, a window without the replay, then the replay as an operator starts it,
@@ -21,7 +21,6 @@ benchmark then exits 1.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -53,38 +52,10 @@ class Result:
 def fill(deliveries: int, webhook_id: str) -> float:
     """``deliveries`` events received in the last hour, each with a delivery to ``webhook_id``
     dead after one attempt answered 500; returns seconds."""
-    payload = json.dumps({"eventName": run.EVENT, "orgId": run.ORG, "data": run.event_data()})
-    now = time.time_ns() // 1_000_000
-    engine = sa.create_engine(run.PG_URL)
-    started = time.perf_counter()
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(
-                "INSERT INTO events (event_id, event_name, org_id, created_at_ms, received_at_ms, "
-                "payload, status) SELECT 'dead-' || g, :name, :org, :oldest + g * :step, "
-                ":oldest + g * :step, CAST(:payload AS jsonb) || jsonb_build_object("
-                "'eventId', 'dead-' || g, 'createdAt', :oldest + g * :step), 'dispatched' "
-                "FROM generate_series(1, :rows) AS g"),
-                {"name": run.EVENT, "org": run.ORG, "oldest": now - _HOUR_MS,
-                 "step": max(1, _HOUR_MS // 2 // deliveries), "payload": payload,
-                 "rows": deliveries})
-            conn.execute(sa.text(
-                "INSERT INTO deliveries (id, event_pk, webhook_id, status, attempt_count, "
-                "ingested_at_ms, started_at_ms, ended_at_ms, last_status_code, last_error) "
-                f"SELECT '{DEAD_PREFIX}' || pk, pk, :hook, 'dead', 1, received_at_ms, "
-                "received_at_ms + 3, received_at_ms + 8, 500, 'HTTP 500' FROM events "
-                "WHERE event_id LIKE 'dead-%'"), {"hook": webhook_id})
-            conn.execute(sa.text(
-                "INSERT INTO attempts (delivery_id, number, started_at_ms, latency_ms, "
-                "status_code, outcome, response_excerpt) SELECT id, 1, started_at_ms, 5, 500, "
-                f"'dead', 'down' FROM deliveries WHERE id LIKE '{DEAD_PREFIX}%'"))
-        with engine.connect() as conn:
-            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
-            auto.execute(sa.text("VACUUM ANALYZE events, deliveries, attempts"))
-            auto.execute(sa.text("CHECKPOINT"))
-    finally:
-        engine.dispose()
-    return time.perf_counter() - started
+    return run.write_history(webhook_id, deliveries, events="dead-", deliveries=DEAD_PREFIX,
+                             oldest_ms=time.time_ns() // 1_000_000 - _HOUR_MS,
+                             spread_ms=_HOUR_MS // 2,
+                             ended=run.Ended("dead", 500, "down", error="HTTP 500"))
 
 
 class _Stream:

@@ -16,7 +16,6 @@ the 99th percentile of a few thousand deliveries, and one hiccup of the machine 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -34,38 +33,9 @@ _SPREAD_MS = _DAY_MS  # the old rows' received times, over one day
 
 def fill(rows: int, webhook_id: str) -> float:
     """``rows`` old events, each with a delivered delivery and its attempt; returns seconds."""
-    payload = json.dumps({"eventName": run.EVENT, "orgId": run.ORG, "data": run.event_data()})
-    oldest = time.time_ns() // 1_000_000 - OLD_DAYS * _DAY_MS
-    engine = sa.create_engine(run.PG_URL)
-    started = time.perf_counter()
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(
-                "INSERT INTO events (event_id, event_name, org_id, created_at_ms, received_at_ms, "
-                "payload, status) SELECT 'old-' || g, :name, :org, :oldest, "
-                ":oldest + g * :step, CAST(:payload AS jsonb), 'dispatched' "
-                "FROM generate_series(1, :rows) AS g"),
-                {"name": run.EVENT, "org": run.ORG, "oldest": oldest,
-                 "step": max(1, _SPREAD_MS // rows), "payload": payload, "rows": rows})
-            conn.execute(sa.text(
-                "INSERT INTO deliveries (id, event_pk, webhook_id, status, attempt_count, "
-                "ingested_at_ms, started_at_ms, ended_at_ms, last_status_code) "
-                "SELECT 'msg_old_' || pk, pk, :hook, 'delivered', 1, received_at_ms, "
-                "received_at_ms + 3, received_at_ms + 8, 200 FROM events "
-                "WHERE event_id LIKE 'old-%'"), {"hook": webhook_id})
-            conn.execute(sa.text(
-                "INSERT INTO attempts (delivery_id, number, started_at_ms, latency_ms, "
-                "status_code, outcome, response_excerpt) SELECT id, 1, started_at_ms, 5, 200, "
-                "'delivered', 'ok' FROM deliveries WHERE id LIKE 'msg_old_%'"))
-        with engine.connect() as conn:
-            # Written out before the clock runs: a checkpoint flushing a million rows' pages
-            # during the first window made "without a purge" the slowest of the three.
-            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
-            auto.execute(sa.text("VACUUM ANALYZE events, deliveries, attempts"))
-            auto.execute(sa.text("CHECKPOINT"))
-    finally:
-        engine.dispose()
-    return time.perf_counter() - started
+    return run.write_history(webhook_id, rows, events="old-", deliveries="msg_old_",
+                             oldest_ms=time.time_ns() // 1_000_000 - OLD_DAYS * _DAY_MS,
+                             spread_ms=_SPREAD_MS, ended=run.Ended("delivered", 200, "ok"))
 
 
 class Purging:
