@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 import requests
+import sqlalchemy as sa
 
 from bench import run
 from bench.receiver import Receiver
@@ -140,12 +141,62 @@ def offered_load(receiver: Receiver, events_per_s: float, seconds: float, delive
 
 
 def latency(receiver: Receiver, rate: float, seconds: float) -> str:
-    """In a running fan-out-1 stack: offered load = ``rate`` deliveries/s."""
+    """In a running fan-out-1 stack: offered load = ``rate`` deliveries/s. Besides the
+    latencies, how busy the machine's CPUs were meanwhile, and where the time went
+    (``stages``)."""
     from notifier import publish
 
+    since_ms, cpu = time.time_ns() // 1_000_000, cpu_times()
     lat, note = offered_load(receiver, rate, seconds, 1, lambda: publish(
         run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
-    return f"{percentiles(lat)}; {note}"
+    busy = busy_since(cpu)
+    shown = f"; the machine's CPUs {busy:.0%} busy" if busy is not None else ""
+    return f"{percentiles(lat)}; {note}{shown}; {stages(since_ms)}"
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """The machine's CPU time so far, busy and in all (clock ticks, Linux's /proc/stat)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(n) for n in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def busy_since(before: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time spent busy since ``before`` (``cpu_times``)."""
+    now = cpu_times()
+    if before is None or now is None or now[1] == before[1]:
+        return None
+    return (now[0] - before[0]) / (now[1] - before[1])
+
+
+def stages(since_ms: int) -> str:
+    """Where the time of the deliveries of the events published since ``since_ms`` went, from
+    the database: from publish to the ingest that stored the event (the broker, and the wait for
+    a worker's earlier ingest), and from there to the first attempt's start (the store itself,
+    the lease, the delivery task's hop and linger, the claim)."""
+    engine = sa.create_engine(run.PG_URL)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT e.received_at_ms - e.created_at_ms, a.started_at_ms - e.received_at_ms "
+                "FROM events e JOIN deliveries d ON d.event_pk = e.pk "
+                "JOIN attempts a ON a.delivery_id = d.id AND a.number = 1 "
+                "WHERE e.created_at_ms >= %s", (since_ms,)).all()
+    finally:
+        engine.dispose()
+    if not rows:
+        return "stages: no attempts recorded"
+
+    def at(values: list[int], q: float) -> int:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+    stored, sent = [r[0] for r in rows], [r[1] for r in rows]
+    return (f"publish to stored p50 {at(stored, 0.5)} ms, p99 {at(stored, 0.99)} ms; stored to "
+            f"sent p50 {at(sent, 0.5)} ms, p99 {at(sent, 0.99)} ms (from the database, n={len(rows)})")
 
 
 # ---------------------------------------------------------------- POST /v3/events
