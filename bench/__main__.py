@@ -165,7 +165,7 @@ def repeat(row: Row, times: int, once: Callable[[], run.Sample]) -> None:
 
 def table(rows: list[Row], floor_b: Row | None) -> str:
     head = (f"{'scenario':<32} {'deliveries':>10} {'median/s':>9} {'range/s':>13} "
-            f"{'/FloorB':>8} {'peak RSS MiB':>13}")
+            f"{'/FloorB':>8} {'peak RSS MiB':>13} {'CPU us':>7}")
     lines = [head, "-" * len(head)]
     base = floor_b.median if floor_b and floor_b.samples else None
     for row in rows:
@@ -181,8 +181,11 @@ def table(rows: list[Row], floor_b: Row | None) -> str:
             ratio = f"{row.median / base:.2f}" if base and not row.name.startswith("receiver") else "-"
         peak = max(s.peak_rss for s in row.samples)
         mem = f"{peak / 2**20:.0f}" if peak else "-"
+        cpu = [s.cpu_us for s in row.samples if s.cpu_us]
+        cpu_us = f"{statistics.median(cpu):.0f}" if cpu else "-"
         lines.append(f"{row.name:<32} {row.samples[0].deliveries:>10} {row.median:>9.0f} "
-                     f"{f'{min(rates):.0f}-{max(rates):.0f}':>13} {ratio:>8} {mem:>13}")
+                     f"{f'{min(rates):.0f}-{max(rates):.0f}':>13} {ratio:>8} {mem:>13} "
+                     f"{cpu_us:>7}")
     return "\n".join(lines)
 
 
@@ -299,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             base_row.samples.append(base)
             row.samples.append(sample)
             row.paired.append(sample.rate / base.rate)
-            print(f"  round {i + 1}/{args.repeat}: Floor B {base.rate:.0f}/s, {row.name} "
+            print(f"  round {i + 1}/{args.repeat}: Floor B {base.rate:.0f}/s "
+                  f"(CPU {base.cpu_us:.0f} us a POST in its worker), {row.name} "
                   f"{sample.rate:.0f}/s = {row.paired[-1]:.2f} {'; '.join(sample.notes)}",
                   flush=True)
 
@@ -541,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmedian of {args.repeat}; /FloorB ending in p: the median of the ratios of each "
           f"round to the Floor B round run just before it (Floor B's row: every such round); "
           f"peak RSS = summed RSS of the worker process tree (Floor A: "
-          f"its loop processes); {time.monotonic() - started:.0f}s in all")
+          f"its loop processes); CPU us = the median CPU time the workers' process trees used a "
+          f"delivery (user and system; Floor B: a POST); {time.monotonic() - started:.0f}s in all")
     for note in notes:
         print(note)
     return 1 if failed or any(not r.samples for r in rows) else 0

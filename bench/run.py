@@ -65,6 +65,7 @@ class Sample:
     deliveries: int
     peak_rss: int = 0
     notes: list[str] = field(default_factory=list)
+    cpu_us: float = 0.0  # CPU time its workers used a delivery (``CpuUse``), if measured
 
     @property
     def rate(self) -> float:
@@ -106,6 +107,51 @@ def tree_rss(pids: list[int]) -> int:
                 with contextlib.suppress(psutil.Error):
                     total += proc.memory_info().rss
     return total
+
+
+def tree_cpu(pids: list[int]) -> float:
+    """Summed CPU seconds (user and system) the processes ``pids`` and all their descendants
+    have used so far."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+    return total
+
+
+def postgres_cpu() -> float:
+    """Summed CPU seconds the PostgreSQL server's processes have used so far (those this user may
+    read; all of them when the benchmark runs as root, as it does in CI)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is not None and (proc.info["name"] or "").startswith("postgres"):
+            total += times.user + times.system
+    return total
+
+
+class CpuUse:
+    """The CPU time some process trees, and PostgreSQL's processes, used from when it is made
+    until ``stop()``, per delivery (``per``): a cost that the machine's speed moves less than a
+    rate. A process that ended meanwhile (a prefork child replaced) takes its time with it."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self._workers, self._postgres = tree_cpu(pids), postgres_cpu()
+        self.workers = self.postgres = 0.0
+
+    def stop(self) -> None:
+        self.workers = tree_cpu(self.pids) - self._workers
+        self.postgres = postgres_cpu() - self._postgres
+
+    def per(self, deliveries: int) -> str:
+        n = max(1, deliveries)
+        return (f"CPU {self.workers / n * 1e6:.0f} us a delivery in the workers, "
+                f"{self.postgres / n * 1e6:.0f} us in PostgreSQL")
 
 
 class RssSampler:
@@ -344,11 +390,14 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
             app.send_task("bench.post", args=[payload], producer=producer, queue=FLOOR_B_QUEUE)
     fill = time.perf_counter() - t0
     with RssSampler([procs.procs["floor-b"].pid]) as rss:
+        cpu = CpuUse([procs.procs["floor-b"].pid])
         t0 = time.perf_counter()
         procs.resume(FLOOR_B_BROKER, "floor-b", FLOOR_B_QUEUE)
         _wait(receiver, start_count + deliveries, deliveries, "Floor B")
         seconds = time.perf_counter() - t0
-    return Sample(seconds, deliveries, rss.peak, [f"(queue filled at {deliveries / fill:.0f}/s)"])
+        cpu.stop()
+    return Sample(seconds, deliveries, rss.peak, [f"(queue filled at {deliveries / fill:.0f}/s)"],
+                  cpu_us=cpu.workers / deliveries * 1e6)
 
 
 # ---------------------------------------------------------------- notifier
@@ -608,22 +657,25 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
         raise BenchError("notifier: the paused worker consumed from its queue")
     tasks_before, wal_before = delivery_tasks(procs), wal_bytes()
     with RssSampler(worker_pids(procs)) as rss:
+        cpu = CpuUse(worker_pids(procs))
         t0 = time.perf_counter()
         procs.resume(NOTIFIER_BROKER, "notifier", QUEUE)
         _wait(receiver, start_count + events * fanout, events * fanout, "notifier")
         seconds = time.perf_counter() - t0
-    # The receiver counts a request when it answers; the attempt is recorded just after.
-    deadline = time.monotonic() + 30
-    while (counts := _db_counts())[0] < events * fanout and time.monotonic() < deadline:
-        time.sleep(0.1)
+        # The receiver counts a request when it answers; the attempt is recorded just after.
+        deadline = time.monotonic() + 30
+        while (counts := _db_counts())[0] < events * fanout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cpu.stop()
     delivered, total, attempts = counts
     tasks = max(1, delivery_tasks(procs) - tasks_before)
     wal = (wal_bytes() - wal_before) / max(1, delivered)
     note = (f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at "
             f"{events / fill:.0f}/s); {events / ingest_batches():.1f} events per ingest batch; "
             f"{tasks} delivery tasks ({delivered / tasks:.1f} deliveries each); {wal:.0f} B of "
-            f"WAL per delivery")
+            f"WAL per delivery; {cpu.per(delivered)}")
     if (delivered, total, attempts) != (events * fanout,) * 3:
         raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
                          f"deliveries and attempts, {note}")
-    return Sample(seconds, events * fanout, rss.peak, [note])
+    return Sample(seconds, events * fanout, rss.peak, [note],
+                  cpu_us=cpu.workers / max(1, delivered) * 1e6)
