@@ -97,30 +97,31 @@ def body() -> dict[str, Any]:
 # ---------------------------------------------------------------- memory
 
 
-def tree_rss(pids: list[int]) -> int:
-    """Summed RSS of the processes ``pids`` and all their descendants, now."""
-    total = 0
+def _tree(pids: list[int]) -> Iterator[psutil.Process]:
+    """The processes ``pids`` and all their descendants, those still there."""
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
+            yield from [root, *root.children(recursive=True)]
+
+
+def _summed(pids: list[int], read: Callable[[psutil.Process], float]) -> float:
+    total = 0.0
+    for proc in _tree(pids):
+        with contextlib.suppress(psutil.Error):
+            total += read(proc)
     return total
+
+
+def tree_rss(pids: list[int]) -> int:
+    """Summed RSS of the processes ``pids`` and all their descendants, now."""
+    return int(_summed(pids, lambda proc: proc.memory_info().rss))
 
 
 def tree_cpu(pids: list[int]) -> float:
     """Summed CPU seconds (user and system) the processes ``pids`` and all their descendants
     have used so far."""
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-    return total
+    return _summed(pids, lambda proc: sum(proc.cpu_times()[:2]))
 
 
 def postgres_cpu() -> float:
