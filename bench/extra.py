@@ -17,7 +17,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import redis
 import requests
 import sqlalchemy as sa
@@ -146,31 +148,23 @@ def latency(receiver: Receiver, rate: float, seconds: float) -> str:
     (``stages``)."""
     from notifier import publish
 
-    since_ms, cpu = time.time_ns() // 1_000_000, cpu_times()
+    since_ms, cpu = time.time_ns() // 1_000_000, psutil.cpu_times()
     lat, note = offered_load(receiver, rate, seconds, 1, lambda: publish(
         run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
-    busy = busy_since(cpu)
-    shown = f"; the machine's CPUs {busy:.0%} busy" if busy is not None else ""
-    return f"{percentiles(lat)}; {note}{shown}; {stages(since_ms)}"
+    return (f"{percentiles(lat)}; {note}; the machine's CPUs {busy_since(cpu):.0%} busy; "
+            f"{stages(since_ms)}")
 
 
-def cpu_times() -> tuple[int, int] | None:
-    """The machine's CPU time so far, busy and in all (clock ticks, Linux's /proc/stat)."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(n) for n in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle, iowait
-    return sum(ticks) - idle, sum(ticks)
+def busy_since(before: Any) -> float:
+    """The share of the machine's CPU time spent busy (neither idle nor waiting for I/O) since
+    ``before`` (``psutil.cpu_times()``)."""
+    now = psutil.cpu_times()
 
+    def idle(times: Any) -> float:
+        return float(times.idle + getattr(times, "iowait", 0.0))
 
-def busy_since(before: tuple[int, int] | None) -> float | None:
-    """The share of the machine's CPU time spent busy since ``before`` (``cpu_times``)."""
-    now = cpu_times()
-    if before is None or now is None or now[1] == before[1]:
-        return None
-    return (now[0] - before[0]) / (now[1] - before[1])
+    spent = sum(now) - sum(before)
+    return (spent - (idle(now) - idle(before))) / spent if spent > 0 else 0.0
 
 
 def stages(since_ms: int) -> str:
@@ -188,15 +182,8 @@ def stages(since_ms: int) -> str:
                 "WHERE e.created_at_ms >= %s", (since_ms,)).all()
     finally:
         engine.dispose()
-    if not rows:
-        return "stages: no attempts recorded"
-
-    def at(values: list[int], q: float) -> int:
-        return sorted(values)[min(len(values) - 1, int(q * len(values)))]
-
-    stored, sent = [r[0] for r in rows], [r[1] for r in rows]
-    return (f"publish to stored p50 {at(stored, 0.5)} ms, p99 {at(stored, 0.99)} ms; stored to "
-            f"sent p50 {at(sent, 0.5)} ms, p99 {at(sent, 0.99)} ms (from the database, n={len(rows)})")
+    return (f"from the database, publish to stored: {percentiles([r[0] for r in rows])}; "
+            f"stored to sent: {percentiles([r[1] for r in rows])}")
 
 
 # ---------------------------------------------------------------- POST /v3/events

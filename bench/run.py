@@ -149,10 +149,13 @@ class CpuUse:
         self.workers = tree_cpu(self.pids) - self._workers
         self.postgres = postgres_cpu() - self._postgres
 
+    def workers_us(self, deliveries: int) -> float:
+        """The workers' CPU time a delivery, in microseconds."""
+        return self.workers / max(1, deliveries) * 1e6
+
     def per(self, deliveries: int) -> str:
-        n = max(1, deliveries)
-        return (f"CPU {self.workers / n * 1e6:.0f} us a delivery in the workers, "
-                f"{self.postgres / n * 1e6:.0f} us in PostgreSQL")
+        return (f"CPU {self.workers_us(deliveries):.0f} us a delivery in the workers, "
+                f"{self.postgres / max(1, deliveries) * 1e6:.0f} us in PostgreSQL")
 
 
 class RssSampler:
@@ -398,7 +401,7 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
         seconds = time.perf_counter() - t0
         cpu.stop()
     return Sample(seconds, deliveries, rss.peak, [f"(queue filled at {deliveries / fill:.0f}/s)"],
-                  cpu_us=cpu.workers / deliveries * 1e6)
+                  cpu_us=cpu.workers_us(deliveries))
 
 
 # ---------------------------------------------------------------- notifier
@@ -679,4 +682,4 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
         raise BenchError(f"notifier fan-out {fanout}: expected {events * fanout} delivered "
                          f"deliveries and attempts, {note}")
     return Sample(seconds, events * fanout, rss.peak, [note],
-                  cpu_us=cpu.workers / max(1, delivered) * 1e6)
+                  cpu_us=cpu.workers_us(delivered))
