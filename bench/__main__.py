@@ -50,7 +50,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     on = argparse.BooleanOptionalAction
     parser.add_argument("--latency", action=on,
                         help="end-to-end p50/p95/p99 at half of notifier's fan-out-1 rate (default on)")
-    parser.add_argument("--latency-seconds", type=float, help="offered-load duration (default 20; quick 5)")
+    parser.add_argument("--latency-seconds", type=float,
+                        help="offered-load duration of each latency window, one window a "
+                             "--repeat (default 20; quick 5)")
     parser.add_argument("--latency-rate", type=float, metavar="R",
                         help="offer R deliveries/s instead of half of fan-out 1's rate: the same "
                              "load for runs of two versions to compare")
@@ -337,10 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                             rate = args.latency_rate or row.median / 2
                             offered = ("as asked" if args.latency_rate else
                                        "half of fan-out 1")
+                            windows = f"{args.repeat} x " if args.repeat > 1 else ""
                             print(f"  latency at {rate:.0f} deliveries/s ({offered}) for "
-                                  f"{args.latency_seconds:.0f}s ...", flush=True)
+                                  f"{windows}{args.latency_seconds:.0f}s ...", flush=True)
                             notes.append(f"latency at {rate:.0f}/s offered ({offered}): "
-                                         + extra.latency(receiver, rate, args.latency_seconds))
+                                         + extra.latency(receiver, procs, rate,
+                                                         args.latency_seconds, args.repeat))
                             print(f"  {notes[-1]}", flush=True)
                 except run.BenchError as exc:
                     row.error = str(exc).splitlines()[0]

@@ -142,17 +142,60 @@ def offered_load(receiver: Receiver, events_per_s: float, seconds: float, delive
     return receiver.latencies(mark), note
 
 
-def latency(receiver: Receiver, rate: float, seconds: float) -> str:
-    """In a running fan-out-1 stack: offered load = ``rate`` deliveries/s. Besides the
-    latencies, how busy the machine's CPUs were meanwhile, and where the time went
+def latency(receiver: Receiver, procs: run.Processes, rate: float, seconds: float,
+            windows: int = 1) -> str:
+    """In a running fan-out-1 stack: offered load = ``rate`` deliveries/s for ``windows``
+    windows of ``seconds``, back to back. The latencies of them all together, and each window's
+    p99 (one stall weighs on one window's p99: their spread says how much to trust one);
+    besides, how busy the machine's CPUs were meanwhile, how the events and deliveries were
+    batched and what a delivery cost the workers (``Window``), and where the time went
     (``stages``)."""
     from notifier import publish
 
     since_ms, cpu = time.time_ns() // 1_000_000, psutil.cpu_times()
-    lat, note = offered_load(receiver, rate, seconds, 1, lambda: publish(
-        run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
-    return (f"{percentiles(lat)}; {note}; the machine's CPUs {busy_since(cpu):.0%} busy; "
-            f"{stages(since_ms)}")
+    pooled: list[float] = []
+    each: list[float] = []
+    notes: list[str] = []
+    with Window(procs) as window:
+        for _ in range(windows):
+            lat, note = offered_load(receiver, rate, seconds, 1, lambda: publish(
+                run.EVENT, bench_data(), org_id=run.ORG, broker_url=run.NOTIFIER_BROKER))
+            pooled += lat
+            each.append(p99(lat))
+            notes.append(f"window {len(notes) + 1}: {note}" if windows > 1 else note)
+    spread = (f"; each {seconds:.0f} s window's p99: {', '.join(f'{v:.1f}' for v in each)} ms"
+              if windows > 1 else "")
+    return (f"{percentiles(pooled)}{spread}; {'; '.join(notes)}; the machine's CPUs "
+            f"{busy_since(cpu):.0%} busy; {window.summary(len(pooled))}; {stages(since_ms)}")
+
+
+class Window:
+    """What the workers did over an offered load (``with Window(procs) as w``): how many events
+    an ingest batch stored and deliveries a delivery task carried, and the workers' and
+    PostgreSQL's CPU time a delivery (``run.CpuUse``). At a steady rate these batches are
+    smaller than in a drain, and each costs the same: a delivery costs more CPU than in the
+    drain that measured the capacity, so that half of it is not half of the machine."""
+
+    def __init__(self, procs: run.Processes) -> None:
+        self.procs = procs
+
+    def __enter__(self) -> Window:
+        self.since_ms = time.time_ns() // 1_000_000
+        self.tasks = run.delivery_tasks(self.procs)
+        self.cpu = run.CpuUse(run.worker_pids(self.procs))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.cpu.stop()
+        self.tasks = run.delivery_tasks(self.procs) - self.tasks
+        self.batches = int(run.pg_value(
+            "SELECT count(DISTINCT received_at_ms) FROM events WHERE created_at_ms >= "
+            f"{self.since_ms}", run.PG_URL))
+
+    def summary(self, deliveries: int) -> str:
+        return (f"{deliveries / max(1, self.batches):.1f} events per ingest batch, "
+                f"{deliveries / max(1, self.tasks):.1f} deliveries per delivery task, "
+                f"{self.cpu.per(deliveries)}")
 
 
 def busy_since(before: Any) -> float:
