@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,40 +105,49 @@ def _tree(pids: list[int]) -> Iterator[psutil.Process]:
             yield from [root, *root.children(recursive=True)]
 
 
-def _summed(pids: list[int], read: Callable[[psutil.Process], float]) -> float:
-    total = 0.0
-    for proc in _tree(pids):
+def _each(procs: Iterable[psutil.Process], read: Callable[[psutil.Process], float]
+          ) -> dict[int, float]:
+    """``read(proc)`` of each process still there, by pid."""
+    values: dict[int, float] = {}
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
-            total += read(proc)
-    return total
+            values[proc.pid] = read(proc)
+    return values
 
 
 def tree_rss(pids: list[int]) -> int:
     """Summed RSS of the processes ``pids`` and all their descendants, now."""
-    return int(_summed(pids, lambda proc: proc.memory_info().rss))
+    return int(sum(_each(_tree(pids), lambda proc: proc.memory_info().rss).values()))
 
 
-def tree_cpu(pids: list[int]) -> float:
-    """Summed CPU seconds (user and system) the processes ``pids`` and all their descendants
-    have used so far."""
-    return _summed(pids, lambda proc: sum(proc.cpu_times()[:2]))
+def _cpu(proc: psutil.Process) -> float:
+    return float(sum(proc.cpu_times()[:2]))  # user and system
 
 
-def postgres_cpu() -> float:
-    """Summed CPU seconds the PostgreSQL server's processes have used so far (those this user may
-    read; all of them when the benchmark runs as root, as it does in CI)."""
-    total = 0.0
-    for proc in psutil.process_iter(["name", "cpu_times"]):
-        times = proc.info["cpu_times"]
-        if times is not None and (proc.info["name"] or "").startswith("postgres"):
-            total += times.user + times.system
-    return total
+def tree_cpu(pids: list[int]) -> dict[int, float]:
+    """The CPU seconds each of the processes ``pids`` and all their descendants has used so
+    far, by pid."""
+    return _each(_tree(pids), _cpu)
+
+
+def postgres_cpu() -> dict[int, float]:
+    """The CPU seconds each of the PostgreSQL server's processes has used so far, by pid (those
+    this user may read; all of them when the benchmark runs as root, as it does in CI)."""
+    return _each((proc for proc in psutil.process_iter(["name"])
+                  if (proc.info["name"] or "").startswith("postgres")), _cpu)
+
+
+def _used_since(before: dict[int, float], now: dict[int, float]) -> float:
+    """The CPU seconds used between two readings, by the processes there at the second (a
+    process that ended meanwhile, a prefork child replaced or a database connection closed,
+    takes its time with it: never counted as time given back)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in now.items())
 
 
 class CpuUse:
     """The CPU time some process trees, and PostgreSQL's processes, used from when it is made
     until ``stop()``, per delivery (``per``): a cost that the machine's speed moves less than a
-    rate. A process that ended meanwhile (a prefork child replaced) takes its time with it."""
+    rate. A process that ended meanwhile takes its time with it (``_used_since``)."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
@@ -146,8 +155,8 @@ class CpuUse:
         self.workers = self.postgres = 0.0
 
     def stop(self) -> None:
-        self.workers = tree_cpu(self.pids) - self._workers
-        self.postgres = postgres_cpu() - self._postgres
+        self.workers = _used_since(self._workers, tree_cpu(self.pids))
+        self.postgres = _used_since(self._postgres, postgres_cpu())
 
     def workers_us(self, deliveries: int) -> float:
         """The workers' CPU time a delivery, in microseconds."""
