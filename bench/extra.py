@@ -152,7 +152,6 @@ def latency(receiver: Receiver, procs: run.Processes, rate: float, seconds: floa
     (``stages``)."""
     from notifier import publish
 
-    since_ms, cpu = time.time_ns() // 1_000_000, psutil.cpu_times()
     pooled: list[float] = []
     each: list[float] = []
     notes: list[str] = []
@@ -165,35 +164,36 @@ def latency(receiver: Receiver, procs: run.Processes, rate: float, seconds: floa
             notes.append(f"window {len(notes) + 1}: {note}" if windows > 1 else note)
     spread = (f"; each {seconds:.0f} s window's p99: {', '.join(f'{v:.1f}' for v in each)} ms"
               if windows > 1 else "")
-    return (f"{percentiles(pooled)}{spread}; {'; '.join(notes)}; the machine's CPUs "
-            f"{busy_since(cpu):.0%} busy; {window.summary(len(pooled))}; {stages(since_ms)}")
+    return (f"{percentiles(pooled)}{spread}; {'; '.join(notes)}; "
+            f"{window.summary(len(pooled))}; {stages(window.since_ms)}")
 
 
 class Window:
-    """What the workers did over an offered load (``with Window(procs) as w``): how many events
-    an ingest batch stored and deliveries a delivery task carried, and the workers' and
-    PostgreSQL's CPU time a delivery (``run.CpuUse``). At a steady rate these batches are
-    smaller than in a drain, and each costs the same: a delivery costs more CPU than in the
-    drain that measured the capacity, so that half of it is not half of the machine."""
+    """What the machine and the workers did over an offered load (``with Window(procs) as w``):
+    how busy the CPUs were, how many events an ingest batch stored and deliveries a delivery
+    task carried, and the workers' and PostgreSQL's CPU time a delivery (``run.CpuUse``). At a
+    steady rate these batches are smaller than in a drain, and each costs the same: a delivery
+    costs more CPU than in the drain that measured the capacity, so that half of it is not half
+    of the machine."""
 
     def __init__(self, procs: run.Processes) -> None:
         self.procs = procs
 
     def __enter__(self) -> Window:
-        self.since_ms = time.time_ns() // 1_000_000
-        self.tasks = run.delivery_tasks(self.procs)
+        self.since_ms, self._machine = time.time_ns() // 1_000_000, psutil.cpu_times()
+        self._tasks_before = run.delivery_tasks(self.procs)
         self.cpu = run.CpuUse(run.worker_pids(self.procs))
         return self
 
     def __exit__(self, *_: object) -> None:
         self.cpu.stop()
-        self.tasks = run.delivery_tasks(self.procs) - self.tasks
-        self.batches = int(run.pg_value(
-            "SELECT count(DISTINCT received_at_ms) FROM events WHERE created_at_ms >= "
-            f"{self.since_ms}", run.PG_URL))
+        self.busy = busy_since(self._machine)
+        self.tasks = run.delivery_tasks(self.procs) - self._tasks_before
+        self.batches = run.ingest_batches(self.since_ms)
 
     def summary(self, deliveries: int) -> str:
-        return (f"{deliveries / max(1, self.batches):.1f} events per ingest batch, "
+        return (f"the machine's CPUs {self.busy:.0%} busy; "
+                f"{deliveries / self.batches:.1f} events per ingest batch, "
                 f"{deliveries / max(1, self.tasks):.1f} deliveries per delivery task, "
                 f"{self.cpu.per(deliveries)}")
 

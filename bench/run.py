@@ -622,10 +622,11 @@ def wal_bytes() -> int:
     return int(pg_value("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
 
 
-def ingest_batches() -> int:
-    """How many transactions stored the events: one batch stamps its events with one
-    received_at_ms."""
-    return max(1, int(pg_value("SELECT count(DISTINCT received_at_ms) FROM events", PG_URL)))
+def ingest_batches(since_ms: int = 0) -> int:
+    """How many transactions stored the events (those published since ``since_ms``): one batch
+    stamps its events with one received_at_ms."""
+    return max(1, int(pg_value("SELECT count(DISTINCT received_at_ms) FROM events "
+                               f"WHERE created_at_ms >= {int(since_ms)}", PG_URL)))
 
 
 def _db_counts() -> tuple[int, int, int]:
