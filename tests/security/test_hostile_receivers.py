@@ -31,15 +31,18 @@ GZIP_BOMB = gzip.compress(bytes(200 * 2**20), compresslevel=9)  # 200 MiB of zer
 
 class Hostile:
     """A raw HTTP/1.1 server: reads each request, then answers as ``behaviours[path]`` says,
-    recording connections open per path and every webhook-id sent while an earlier send of
-    it was still open."""
+    recording the connections of each path the sender held open at once, and every webhook-id
+    sent while the sender held an earlier send of it open.
+
+    A connection counts as open until the sender's FIN or reset is in (its TCP state), not until
+    this server's thread for it gets round to finishing: after a short answer that thread may
+    wait for the GIL while the sender, done, opens its next connection."""
 
     def __init__(self, behaviours: dict[str, Callable[[socket.socket], None]]) -> None:
         self.behaviours = behaviours
         self.lock = threading.Lock()
-        self.open: dict[str, int] = defaultdict(int)
+        self.live: list[tuple[str, str, socket.socket]] = []  # (path, webhook-id, connection)
         self.peak: dict[str, int] = defaultdict(int)
-        self.open_ids: dict[str, int] = defaultdict(int)
         self.overlaps: list[str] = []
         self.requests: dict[str, int] = defaultdict(int)
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -70,24 +73,35 @@ class Hostile:
             headers = {k.strip().lower(): v.strip() for k, _, v in
                        (line.partition(":") for line in lines[1:])}
             webhook_id = headers.get("webhook-id", "")
+            entry = (path, webhook_id, conn)
             with self.lock:
                 self.requests[path] += 1
-                self.open[path] += 1
-                self.peak[path] = max(self.peak[path], self.open[path])
-                if self.open_ids[webhook_id]:
+                # Under the lock a listed connection is not closed yet: its thread takes it
+                # off the list (below) before ``with conn`` closes it.
+                held = [(p, w) for p, w, c in self.live if _held_by_sender(c)]
+                self.peak[path] = max(self.peak[path], 1 + sum(p == path for p, _ in held))
+                if any(w == webhook_id for _, w in held):
                     self.overlaps.append(webhook_id)
-                self.open_ids[webhook_id] += 1
+                self.live.append(entry)
             try:
                 self.behaviours[path](conn)
             except OSError:
                 pass  # the sender cut the connection: what these receivers are for
             finally:
                 with self.lock:
-                    self.open[path] -= 1
-                    self.open_ids[webhook_id] -= 1
+                    self.live.remove(entry)
 
     def close(self) -> None:
         self.server.close()
+
+
+_TCP_ESTABLISHED = 1  # tcp_info's first byte, the connection's state (linux/tcp_states.h)
+
+
+def _held_by_sender(conn: socket.socket) -> bool:
+    """Whether the sender still holds ``conn``: no FIN or reset of its has come in. Linux's
+    TCP_INFO tells even with the request's body unread, which a peek at the data would not."""
+    return conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
 
 
 def _closed_within(conn: socket.socket, seconds: float) -> bool:
@@ -221,3 +235,35 @@ def test_hostile_receivers_are_bounded_and_recorded(
     assert receiver.at("/internal") == []
     print(f"another org's delivery arrived {other_waited:.2f}s after it was published")
     assert other_waited < 2 * (DEADLINE + SLACK)
+
+
+def test_a_connection_counts_as_open_while_the_sender_holds_it() -> None:
+    """The evidence the test above reads: a connection the sender closed no longer counts,
+    even while this server's thread for it has not finished (as when it waits for the GIL);
+    one the sender still holds does, and so does a send of a webhook-id it still holds."""
+    finish = threading.Event()
+
+    def answered_then_held_up(conn: socket.socket) -> None:
+        garbage(conn)
+        finish.wait(30)
+
+    server = Hostile({"/p": answered_then_held_up})
+
+    def request(webhook_id: bytes) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", server.port))
+        conn.sendall(b"POST /p HTTP/1.1\r\nwebhook-id: %s\r\nContent-Length: 2\r\n\r\n{}"
+                     % webhook_id)
+        assert conn.recv(65536)  # answered: counted
+        return conn
+
+    try:
+        request(b"a").close()
+        with request(b"a"):
+            assert (dict(server.peak), server.overlaps) == ({"/p": 1}, [])
+            with request(b"b"):
+                assert (dict(server.peak), server.overlaps) == ({"/p": 2}, [])
+                with request(b"a"):
+                    assert (dict(server.peak), server.overlaps) == ({"/p": 3}, ["a"])
+    finally:
+        finish.set()
+        server.close()
