@@ -171,13 +171,14 @@ def _enqueue(services: Services, queued: Iterable[store.Queued], *, replay: bool
 def _offer(services: Services, queued: Iterable[store.Queued], send: SendLease) -> int:
     """Queue deliveries and send a lease for every free slot of their webhooks; returns how
     many leases were sent."""
+    offers = [(webhook_id, items[0].limit, [(i.delivery_id, i.score) for i in items])
+              for webhook_id, items in _by_webhook(queued).items()]
+    if not offers:
+        return 0
     sent, lost = 0, False
-    for webhook_id, items in _by_webhook(queued).items():
-        try:
-            leases = services.queues.offer(
-                webhook_id, items[0].limit, [(i.delivery_id, i.score) for i in items],
-                batch=services.settings.batch_size, lease_ms=services.lease_ms, now_ms=now_ms())
-        except StateLost:  # queued all the same; they go once Redis is rebuilt
+    for leases in services.queues.offer_many(offers, batch=services.settings.batch_size,
+                                             lease_ms=services.lease_ms, now_ms=now_ms()):
+        if leases is None:  # queued all the same; they go once Redis is rebuilt
             lost = True
             continue
         for lease in leases:

@@ -45,7 +45,7 @@ The database stays the source of truth; everything here can be rebuilt from it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -60,9 +60,9 @@ T = TypeVar("T")
 
 # Lua functions shared by the scripts below (each script is one atomic call).
 _ENQUEUE_FN = """
-local function enqueue(p, wh, kind, limit, items, first)
+local function enqueue(p, wh, kind, limit, items, first, last)
   redis.call('HSET', p .. ':limit', wh, limit)
-  for i = first, #items, 2 do
+  for i = first, last or #items, 2 do
     redis.call('ZADD', p .. ':' .. kind .. ':' .. wh, 'NX', items[i + 1], items[i])
   end
   redis.call('SADD', p .. ':queued', wh)
@@ -201,11 +201,20 @@ enqueue(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV, 5)
 return 1
 """
 
-# Enqueue, then dispatch: what ingest does for every webhook an event reaches, in one call.
+# Enqueue, then dispatch: what ingest does for every webhook its events reach, in one call.
+# Each webhook is its id, its limit and its count of deliveries, then their ids and scores; its
+# reply is the leases dispatched, or false while Redis has lost its state.
 _OFFER = _ENQUEUE_FN + _DISPATCH_FN + """
-enqueue(ARGV[1], ARGV[2], 'q', ARGV[3], ARGV, 10)
-return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
-                tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
+local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local slow_ms, linger, fast = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local out, i = {}, 8
+while i <= #ARGV do
+  local wh, last = ARGV[i], i + 2 + 2 * tonumber(ARGV[i + 2])
+  enqueue(p, wh, 'q', ARGV[i + 1], ARGV, i + 3, last)
+  out[#out + 1] = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
+  i = last + 1
+end
+return out
 """
 
 # Put deliveries back at the head of a webhook's queue, before all that waits there, in the
@@ -578,6 +587,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _state_lost(webhook_id: str) -> StateLost:
+    return StateLost(f"webhook {webhook_id}: Redis lost its state; nothing is dispatched until "
+                     "it is rebuilt from the database")
+
+
+# Most deliveries ``Queues.offer_many`` queues in one call (Redis does nothing else meanwhile).
+OFFER_CALL_ITEMS = 2000
+
+
 class Queues:
     """The Redis side of delivery: queues, slots, parked retries. Safe to share per process."""
 
@@ -642,12 +660,43 @@ class Queues:
               lease_ms: int, now_ms: int) -> list[Lease]:
         """``enqueue`` then ``dispatch``, in one call. ``StateLost`` (the deliveries queued, none
         dispatched) while Redis has lost its state and is not rebuilt."""
-        flat: list[Any] = []
-        for delivery_id, score in items:
-            flat += [delivery_id, score]
-        return self._leases(webhook_id, self._script(
-            "offer", webhook_id, limit, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
-            self.fast_leases, *flat))
+        (leases,) = self.offer_many([(webhook_id, limit, items)], batch=batch, lease_ms=lease_ms,
+                                    now_ms=now_ms)
+        if leases is None:
+            raise _state_lost(webhook_id)
+        return leases
+
+    def offer_many(self, offers: Iterable[tuple[str, int, Iterable[tuple[str, int]]]], *,
+                   batch: int, lease_ms: int,
+                   now_ms: int) -> Iterator[list[Lease] | None]:
+        """``offer`` for several webhooks (``(webhook_id, limit, deliveries)`` each), in one call
+        for as many as carry up to ``OFFER_CALL_ITEMS`` deliveries (a bigger one goes alone):
+        ingest reaches every webhook of an ingest batch this way, not with a round trip each.
+
+        Yields each webhook's leases, in order, or None (its deliveries queued, none dispatched)
+        while Redis has lost its state and is not rebuilt; a call's before the next call is
+        made, so that the leases of a call are the caller's to send even if a later call fails.
+        """
+        head = [batch, now_ms, lease_ms, self.slow_ms, self.linger_ms, self.fast_leases]
+        call: list[tuple[str, list[Any]]] = []  # each webhook and its part of the arguments
+        carried = 0  # deliveries in ``call``
+        for webhook_id, limit, items in offers:
+            pairs: list[Any] = []
+            for delivery_id, score in items:
+                pairs += [delivery_id, score]
+            if call and carried + len(pairs) // 2 > OFFER_CALL_ITEMS:
+                yield from self._offer_call(head, call)
+                call, carried = [], 0
+            call.append((webhook_id, [webhook_id, limit, len(pairs) // 2, *pairs]))
+            carried += len(pairs) // 2
+        if call:
+            yield from self._offer_call(head, call)
+
+    def _offer_call(self, head: list[Any],
+                    call: list[tuple[str, list[Any]]]) -> list[list[Lease] | None]:
+        replies = self._script("offer", *head, *(arg for _, args in call for arg in args))
+        return [None if reply is None else self._leases(webhook_id, reply)
+                for (webhook_id, _), reply in zip(call, replies, strict=True)]
 
     def set_limit(self, webhook_id: str, limit: int) -> None:
         self._run(lambda: self.client.hset(f"{self.prefix}:limit", webhook_id, limit))
@@ -666,8 +715,7 @@ class Queues:
     @staticmethod
     def _leases(webhook_id: str, flat: list[Any] | None) -> list[Lease]:
         if flat is None:
-            raise StateLost(f"webhook {webhook_id}: Redis lost its state; nothing is dispatched "
-                            "until it is rebuilt from the database")
+            raise _state_lost(webhook_id)
         return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")),
                       slow=bool(int(flat[i + 2])), linger_ms=int(flat[i + 3]))
                 for i in range(0, len(flat), 4)]

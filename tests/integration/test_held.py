@@ -240,7 +240,7 @@ def test_held_deliveries_whose_queueing_failed_are_queued_by_the_next_deliver_he
     def away(*args: Any, **kwargs: Any) -> Any:
         raise QueueUnavailable("Redis did not answer")
 
-    monkeypatch.setattr(services.queues, "offer", away)
+    monkeypatch.setattr(services.queues, "offer_many", away)
     with pytest.raises(QueueUnavailable):  # the caller is told (503), and may try again
         webhooks.update_webhook(context, ORG, hook_id, {"active": True, "deliverHeld": True},
                                 now_ms=pipeline.now_ms())

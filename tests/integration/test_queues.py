@@ -485,3 +485,43 @@ def test_offer_queues_every_item_and_set_limit_caps_the_next_dispatch(queues: Qu
 
     assert [lease.delivery_ids for lease in queues.dispatch(
         "w", batch=1, lease_ms=LEASE, now_ms=1)] == [("b",), ("c",)]
+
+
+def _script_calls(queues: Queues) -> int:
+    stats = queues.client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+               for name in ("evalsha", "eval"))
+
+
+def test_offer_many_reaches_every_webhook_in_one_call_up_to_its_size(
+        queues: Queues, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingest reaches the webhooks of an ingest batch in one round trip, not one a webhook; each
+    webhook's leases as ``offer`` gives them; a call is split, at a webhook, past its size."""
+    queues.client  # noqa: B018 - its scripts registered before counting
+    before = _script_calls(queues)
+    replies = list(queues.offer_many(
+        [("w1", 2, [("a", 1), ("b", 2), ("c", 3)]), ("w2", 1, [("d", 4)]), ("w3", 1, [])],
+        batch=2, lease_ms=LEASE, now_ms=0))
+    assert _script_calls(queues) == before + 1
+    assert [[lease.delivery_ids for lease in leases or ()] for leases in replies] == [
+        [("a", "b"), ("c",)], [("d",)], []]
+    assert [lease.webhook_id for leases in replies for lease in leases or ()] == ["w1", "w1", "w2"]
+    assert slots_held(queues, "w1", 1) == 2 and slots_held(queues, "w2", 1) == 1
+
+    monkeypatch.setattr("notifier.queues.OFFER_CALL_ITEMS", 3)
+    before = _script_calls(queues)
+    offered = queues.offer_many(
+        [("x1", 1, [("e", 5), ("f", 6)]), ("x2", 1, [("g", 7)]),
+         ("x3", 1, [("h", 8), ("i", 9), ("j", 10), ("k", 11)])], batch=5, lease_ms=LEASE, now_ms=0)
+    replies = [next(offered), next(offered)]
+    # A call's leases are the caller's before the next call is made (which may fail).
+    assert _script_calls(queues) == before + 1
+    replies += offered
+    assert _script_calls(queues) == before + 2  # x1 and x2 together, x3 (past the size) alone
+    assert [[lease.delivery_ids for lease in leases or ()] for leases in replies] == [
+        [("e", "f")], [("g",)], [("h", "i", "j", "k")]]
+
+    queues.client.flushdb()  # lost: queued all the same, nothing dispatched
+    assert list(queues.offer_many([("y1", 1, [("l", 1)]), ("y2", 1, [("m", 2)])],
+                                  batch=1, lease_ms=LEASE, now_ms=0)) == [None, None]
+    assert waiting(queues, "y1") == 1 and waiting(queues, "y2") == 1
