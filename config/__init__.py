@@ -290,8 +290,9 @@ class Settings:
     ingest_batch_size: int = _setting(
         _positive_int, "50",
         "Most ingest messages one ingest task takes together, stored in one transaction "
-        "(one queue call per webhook) up to NOTIFIER_MAX_EVENTS_PER_MESSAGE events; messages "
-        "that arrive while a worker's ingest task runs gather for its next.")
+        "(their webhooks queued in one Redis call, or a few) up to "
+        "NOTIFIER_MAX_EVENTS_PER_MESSAGE events; messages that arrive while a worker's ingest "
+        "task runs gather for its next.")
     ingest_retry_horizon: float = _setting(
         _positive_float, str(6 * 3600),
         "Seconds an event's ingest is retried after transient failures (the database or "

@@ -496,7 +496,8 @@ def _script_calls(queues: Queues) -> int:
 def test_offer_many_reaches_every_webhook_in_one_call_up_to_its_size(
         queues: Queues, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ingest reaches the webhooks of an ingest batch in one round trip, not one a webhook; each
-    webhook's leases as ``offer`` gives them; a call is split, at a webhook, past its size."""
+    webhook's leases as ``offer`` gives them; a call is split, at a webhook, past its size in
+    deliveries or in webhooks."""
     queues.client  # noqa: B018 - its scripts registered before counting
     before = _script_calls(queues)
     replies = list(queues.offer_many(
@@ -520,6 +521,14 @@ def test_offer_many_reaches_every_webhook_in_one_call_up_to_its_size(
     assert _script_calls(queues) == before + 2  # x1 and x2 together, x3 (past the size) alone
     assert [[lease.delivery_ids for lease in leases or ()] for leases in replies] == [
         [("e", "f")], [("g",)], [("h", "i", "j", "k")]]
+
+    monkeypatch.setattr("notifier.queues.OFFER_CALL_WEBHOOKS", 2)
+    before = _script_calls(queues)
+    replies = list(queues.offer_many([(f"z{n}", 1, [(f"zd{n}", n)]) for n in range(5)],
+                                     batch=5, lease_ms=LEASE, now_ms=0))
+    assert _script_calls(queues) == before + 3  # two webhooks a call at most
+    assert [lease.delivery_ids for leases in replies for lease in leases or ()] == [
+        (f"zd{n}",) for n in range(5)]
 
     queues.client.flushdb()  # lost: queued all the same, nothing dispatched
     assert list(queues.offer_many([("y1", 1, [("l", 1)]), ("y2", 1, [("m", 2)])],
