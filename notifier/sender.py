@@ -676,6 +676,12 @@ class _Lookups:
         self._running = 0  # lookups handed to a thread and not finished, abandoned or not
         self._threads = 0
 
+    @property
+    def running(self) -> int:
+        """Lookups under way, abandoned by their requests or not."""
+        with self._lock:
+            return self._running
+
     def resolve(self, resolver: Resolver, host: str, port: int,
                 timer: _Timer) -> Sequence[tuple[Any, ...]]:
         """``resolver``'s answer for ``host``, waited for until ``timer``'s deadline."""

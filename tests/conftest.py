@@ -251,7 +251,7 @@ class Received:
     body: bytes
     at: float
     status: int = 200  # what the receiver answered (0: nothing, the sender went away mid-request)
-    began: float = 0.0  # when its handling started (``at`` is when it ended)
+    began: float = 0.0  # when its handling started (``at``: when its answer started out)
 
 
 @dataclass
@@ -308,15 +308,22 @@ class Receiver:
                     # mid-request): no answer reaches it, and none is recorded (status 0).
                     reply = Reply(0)
                 answering = False
+
+                def received() -> Received:
+                    return Received(self.path, {k.lower(): v for k, v in self.headers.items()},
+                                    body, time.monotonic(), reply.status, began)
+
                 try:
                     time.sleep(reply.delay)
                     if gate := receiver.gates.get(self.path):
                         gate.pass_through()
-                    # No longer open once its answer is on the way: its sender may then take
-                    # the next request of the slot (a new task's) before this thread, behind
-                    # the others for the GIL, has recorded its end, and a peak counted from
-                    # that end would be this answer's tail, not two requests held at once.
-                    receiver._answering(self.path)
+                    # Recorded, and no longer open, before its answer goes out: its sender may
+                    # read the answer and go on (look at what was received, or take the slot's
+                    # next request) before this thread, behind the others for the GIL, gets
+                    # any further. Recorded after the answer, a request the sender had seen
+                    # answered could be missing from ``requests``, and a peak counted from
+                    # there would be this answer's tail, not two requests held at once.
+                    receiver._answering(self.path, received())
                     answering = True
                     if not reply.status:
                         return
@@ -327,9 +334,8 @@ class Receiver:
                     self.end_headers()
                     self.wfile.write(b"ok")
                 finally:
-                    receiver._end(self.path, Received(
-                        self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                        time.monotonic(), reply.status, began), answering)
+                    if not answering:  # (the handling failed: a gate or a script's error)
+                        receiver._answering(self.path, received())
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -369,14 +375,9 @@ class Receiver:
             # The request is counted when its handling starts: arrival is what tests observe.
             return reply
 
-    def _answering(self, path: str) -> None:
+    def _answering(self, path: str, received: Received) -> None:
         with self.lock:
             self.in_flight[path] -= 1
-
-    def _end(self, path: str, received: Received, answered: bool) -> None:
-        with self.lock:
-            if not answered:
-                self.in_flight[path] -= 1
             self.requests.append(received)
             self.lock.notify_all()
 
