@@ -93,9 +93,18 @@ def test_notifier_up_delivers_on_the_embedded_default(tmp_path: Path, receiver: 
                        and second in task["args"] for task in flower_tasks(second))
 
         wait_until(flower_shows_its_ingest_succeeded, 30, "Flower to show the ingest task")
-        health = requests.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
-        assert health.json()["data"] == {"database": "ok", "redis": "ok", "broker": "ok",
-                                         "workers": 2, "unconsumed": {}, "status": "ok"}
+
+        def health() -> dict[str, Any]:
+            data: dict[str, Any] = requests.get(f"http://127.0.0.1:{api_port}/health",
+                                                timeout=10).json()["data"]
+            return data
+
+        # A worker busy as the survey asks answers after its 0.3 s and is not counted: a later
+        # check, a second on, asks again.
+        answer = wait_until(lambda: (found := health())["workers"] == 2 and found, 30,
+                            "/health to count both workers")
+        assert answer == {"database": "ok", "redis": "ok", "broker": "ok", "workers": 2,
+                          "unconsumed": {}, "status": "ok"}
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)

@@ -119,6 +119,10 @@ def test_a_webhook_disabled_for_failing_too_long_sends_one_webhook_disabled_with
     (kept,) = rows(database, Alert)
     assert (kept.kind, kept.webhook_id, kept.data["reason"]) == (
         "webhookDisabled", broken, body["data"]["reason"])
+    # Counted once, as it was raised: the count reaches Redis as the task that raised it ends,
+    # which may be after its alert was delivered by another worker process.
+    queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
+    wait_until(lambda: queues.counts().get("alerts|webhookDisabled"), 30, "the alert counted")
     samples = requests.get(f"{base}/metrics", timeout=10).text
     counted = {sample.labels.get("kind"): sample.value
                for family in text_string_to_metric_families(samples)

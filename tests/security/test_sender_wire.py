@@ -132,6 +132,12 @@ def sender(**options: Any) -> HttpSender:
     return HttpSender(**settings)
 
 
+# How soon after a 0.5 s deadline a request is cut, at most, as seen from the test: room for a
+# pause of the test's process (its garbage collector, a busy machine) that is not the sender's.
+# Left uncut, a trickle takes a minute.
+DEADLINE_CUT = 2.0
+
+
 def post(to: HttpSender, url: str) -> Any:
     started = time.monotonic()
     result = to.send(OutboundRequest(url, {"webhook-id": "msg_1"}, b"{}"))
@@ -146,7 +152,7 @@ def test_a_trickled_response_is_cut_at_the_deadline(serve: Callable[..., RawServ
     assert isinstance(result.error, DeadlineExceeded), result
     assert "NOTIFIER_HTTP_DEADLINE" in str(result.error)
     assert classify(result) is Verdict.RETRY
-    assert 0.5 <= took < 1.0
+    assert 0.5 <= took < DEADLINE_CUT
 
 
 def test_a_pooled_connection_is_cut_at_the_deadline(serve: Callable[..., RawServer]) -> None:
@@ -160,7 +166,7 @@ def test_a_pooled_connection_is_cut_at_the_deadline(serve: Callable[..., RawServ
     assert first.status_code == 200
     assert (server.connections, server.requests) == (1, 2)  # the second rode the first's
     assert isinstance(second.error, DeadlineExceeded), second
-    assert 0.5 <= took < 1.0
+    assert 0.5 <= took < DEADLINE_CUT
 
 
 def test_a_finished_request_leaves_no_deadline_on_its_connection(
@@ -282,7 +288,7 @@ def test_the_deadline_holds_in_a_forked_process(serve: Callable[..., RawServer])
     child.join(timeout=10)
 
     assert error == "DeadlineExceeded"
-    assert 0.5 <= took < 1.0
+    assert 0.5 <= took < DEADLINE_CUT
 
 
 class Resolver:
@@ -444,7 +450,7 @@ def test_a_trickled_tls_handshake_is_cut_at_the_deadline() -> None:
         server.close()
 
     assert isinstance(result.error, DeadlineExceeded), result
-    assert 0.5 <= took < 1.0
+    assert 0.5 <= took < DEADLINE_CUT
 
 
 class HangingResolver(Resolver):
@@ -487,12 +493,15 @@ def test_a_lookup_that_hangs_ends_at_the_deadline(
     result, took = post(sender(resolver=resolver, deadline=0.5),
                         f"http://hook.test:{server.port}/hook")
 
-    assert (resolver.asked, resolver.answered) == (1, 0)  # given up on, still hanging
+    # Given up on, still hanging (asked by a lookup thread: maybe after the deadline, when the
+    # machine held that thread up for the whole of it):
+    wait_until(lambda: resolver.asked == 1, 10, "the lookup to be asked")
+    assert resolver.answered == 0
     assert isinstance(result.error, DeadlineExceeded), result
     assert "lookup of 'hook.test'" in str(result.error)
     assert "NOTIFIER_HTTP_DEADLINE" in str(result.error)
     assert classify(result) is Verdict.RETRY
-    assert 0.5 <= took < 1.5
+    assert 0.5 <= took < DEADLINE_CUT
     resolver.release.set()
     wait_until(lambda: resolver.answered == 1, 10, "the abandoned lookup to answer")
     assert server.connections == 0  # its late answer is dropped
@@ -508,7 +517,8 @@ def test_a_lookup_that_outlasts_the_deadline_is_a_timeout_not_a_refusal(
     result, _ = post(sender(resolver=resolver, deadline=0.2),
                      f"http://hook.test:{server.port}/hook")
 
-    assert (resolver.asked, resolver.answered) == (1, 0)
+    wait_until(lambda: resolver.asked == 1, 10, "the lookup to be asked")
+    assert resolver.answered == 0
     assert isinstance(result.error, DeadlineExceeded), result
     assert classify(result) is Verdict.RETRY
     assert server.connections == 0
