@@ -56,6 +56,16 @@ def test_trickles_one_byte_at_a_time() -> None:
     assert receiver.count == 1  # counted as it arrived: the answer never ends
 
 
+def _answered(record: Path) -> int:
+    """Requests whose answers went, or whose connections closed first, as the receiver's
+    answers logs (``record``) say so far."""
+    lines = []
+    for file in record.glob("answers-*.log"):
+        text = file.read_text()
+        lines += text[:text.rfind("\n") + 1].splitlines()  # (a line being written: next time)
+    return sum(int(line.split(" ")[1]) for line in lines)
+
+
 def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -87,7 +97,8 @@ def test_a_delayed_answer_goes_to_no_later_connection_on_the_same_descriptor() -
 
 def test_counts_the_most_requests_in_flight_at_once_from_their_arrivals_and_answers(
         tmp_path: Path) -> None:
-    with Receiver(2, delay=0.2, record=tmp_path / "requests") as receiver:
+    record = tmp_path / "requests"
+    with Receiver(2, delay=0.2, record=record) as receiver:
         socks = [socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
                  for _ in range(3)]
         for sock in socks:  # three at once, over both processes
@@ -97,12 +108,16 @@ def test_counts_the_most_requests_in_flight_at_once_from_their_arrivals_and_answ
         for _ in range(3):  # one after the other: one at a time
             _post(socks[0])
             assert socks[0].recv(100).startswith(b"HTTP/1.1 200")
+        answered = _answered(record)  # (each logged before its answer went)
         gone = socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
         _post(gone, webhook_id="msg_gone")
         wait_until(lambda: any(r.webhook_id == "msg_gone" for r in receiver.records()), 5,
                    "the receiver to record it")
         gone.close()  # before its answer: it is over, however long its answer was due
-        time.sleep(0.3)
+        # Its end logged, at the close or at its answer if that came first: a receiver that
+        # logged neither would count it open from here on, and this wait fails.
+        wait_until(lambda: _answered(record) == answered + 1, 5,
+                   "the receiver to log the early request's end")
         for sock in socks:
             _post(sock)
         for sock in socks:

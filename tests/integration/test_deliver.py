@@ -27,9 +27,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def services(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Services]:
+    # A task hands on the leases it has not started by NOTIFIER_SLOW_WEBHOOK_MS from its start
+    # (never past the 5 s NOTIFIER_BATCH_TIME_BUDGET). These tests hand on nothing (no_hand_on),
+    # and on a loaded machine a lease waiting for one of its task's threads (five leases, four
+    # threads) could wait past the default 1 s: handed on to no one, it was never sent.
     made = build_services(load_settings({
         "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
-        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8"}))
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        "NOTIFIER_SLOW_WEBHOOK_MS": "10000"}))
     yield made
     made.db.dispose()
 
@@ -435,9 +440,11 @@ def test_a_delivery_met_in_time_is_recorded_before_its_sla_falls_due_while_its_t
     services: Services, receiver: Receiver
 ) -> None:
     store.create_org(services.db, 1, "org 1", now_ms=0)
+    # An SLA of 3 s: the first answer and its record come well within it on a loaded machine
+    # (checked below), and the second request is still held open past it.
     create_webhook(services.db, services.catalog, services.vault, org_id=1, name="h",
                    url=receiver.url("/h"), event_names=["pointsIssued"], now_ms=0,
-                   sla_in_seconds=1)
+                   sla_in_seconds=3)
     leases: list[Lease] = []
     for n in range(2):
         pipeline.accept(services, {"eventName": "pointsIssued", "orgId": 1,
@@ -453,7 +460,12 @@ def test_a_delivery_met_in_time_is_recorded_before_its_sla_falls_due_while_its_t
                                kwargs={"hand_on": no_hand_on})
     sending.start()
     try:
-        wait_until(lambda: len(receiver.requests) == 1, 30, "the first answer")
+        # The task has the first answer and has gone on to the second delivery: its request is
+        # open (held by the gate), before either SLA is due.
+        wait_until(lambda: len(receiver.requests) == 1 and receiver.in_flight["/h"] == 1, 30,
+                   "the first answer, and the second request open")
+        assert pipeline.now_ms() < min(in_time.sla_due_at_ms or 0, held.sla_due_at_ms or 0), (
+            "the first answer came after its SLA was due: nothing was tested")
         due = max(in_time.sla_due_at_ms or 0, held.sla_due_at_ms or 0)
         wait_until(lambda: pipeline.now_ms() > due, 5, "both SLAs due")
         breaches = store.flag_sla_breaches(services.db, now_ms=pipeline.now_ms(), batch=10)
@@ -476,7 +488,9 @@ def test_a_delivery_met_in_time_is_recorded_in_time_while_another_lease_of_its_t
 ) -> None:
     # Review of c54432c (leases sent side by side): failed before its fix.
     store.create_org(services.db, 1, "org 1", now_ms=0)
-    for path, sla in (("/fast", 1), ("/held", 3600)):
+    # An SLA of 3 s: both requests open, and the fast one answered and recorded, well within it
+    # on a loaded machine (checked below).
+    for path, sla in (("/fast", 3), ("/held", 3600)):
         create_webhook(services.db, services.catalog, services.vault, org_id=1, name=path[1:],
                        url=receiver.url(path), event_names=["pointsIssued"], now_ms=0,
                        sla_in_seconds=sla)
@@ -501,6 +515,8 @@ def test_a_delivery_met_in_time_is_recorded_in_time_while_another_lease_of_its_t
         answer_fast.set()
         wait_until(lambda: len(receiver.at("/fast")) == 1, 30, "the fast one answered")
         due = in_time.sla_due_at_ms
+        assert pipeline.now_ms() < due, (
+            "the fast one was answered after its SLA was due: nothing was tested")
         wait_until(lambda: pipeline.now_ms() > due, 5, "its SLA due")
         breaches = store.flag_sla_breaches(services.db, now_ms=pipeline.now_ms(), batch=10)
     finally:
@@ -563,7 +579,10 @@ def test_leases_past_the_concurrency_not_started_by_the_deadline_are_handed_on(
     services = build_services(load_settings({
         "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
         "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
-        "NOTIFIER_SEND_CONCURRENCY": "2", "NOTIFIER_SLOW_WEBHOOK_MS": "300"}))
+        # The deadline runs from the task's start, before its take, claim and reads: 2 s leaves
+        # a loaded machine the time to start the second lease before it (at 0.3 s, a slow start
+        # had all three waiting handed on), and the two not started are handed on all the same.
+        "NOTIFIER_SEND_CONCURRENCY": "2", "NOTIFIER_SLOW_WEBHOOK_MS": "2000"}))
     try:
         leases = leases_of(services, receiver, 1, webhooks=4)
         paths = [f"/1/{n}" for n in range(4)]
@@ -574,10 +593,14 @@ def test_leases_past_the_concurrency_not_started_by_the_deadline_are_handed_on(
         sending.start()
         try:
             # Two leases side by side, their requests held; the two waiting for a thread are
-            # handed on at the deadline, to tasks of their own.
-            wait_until(lambda: len(handed) == 2, 30, "two leases handed on")
-            open_paths = [path for path in paths if receiver.in_flight[path]]
-            assert len(open_paths) == 2
+            # handed on at the deadline, to tasks of their own. (The hand-on can come before
+            # the second request reaches the receiver: both are waited for.)
+            def handed_and_open() -> list[str]:
+                open_now = [path for path in paths if receiver.in_flight[path]]
+                return open_now if len(handed) >= 2 and len(open_now) >= 2 else []
+
+            open_paths = wait_until(handed_and_open, 30, "two leases handed on, two requests open")
+            assert len(handed) == 2 and len(open_paths) == 2
         finally:
             for gate in gates:
                 gate.set()

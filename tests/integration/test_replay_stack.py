@@ -27,6 +27,19 @@ DOWN = 40
 LIVE = 3
 
 
+@pytest.fixture
+def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
+    """The shared fast settings, with deadlines that no answer of the receiver comes near: on a
+    loaded machine, an answer held up in the test process past the stack's 1 s read timeout is
+    cut and sent again (at-least-once, with the same webhook-id), a request and an attempt more
+    than these tests count ("each once", every replayed attempt answered 200). The slot lease
+    stays just above the delivery task's time limit that they make (1 + 5 + 1 s): the slots of
+    the leases a replay in a request queued come back only when it runs out."""
+    stack_env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "5", "NOTIFIER_HTTP_DEADLINE": "5",
+                      "NOTIFIER_SLOT_LEASE_SECONDS": "8"})
+    return stack_env
+
+
 def deliveries(database: Database, status: DeliveryStatus | None = None) -> dict[str, str]:
     with database.session() as session:
         query = select(Delivery.id, Delivery.status)
