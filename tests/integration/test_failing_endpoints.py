@@ -131,7 +131,12 @@ def test_a_dead_endpoint_opens_its_breaker_and_gets_probes_only_until_it_recover
     stack.env.update({"NOTIFIER_BREAKER_FAILURES": "3",
                       "NOTIFIER_BREAKER_COOLDOWN": str(COOLDOWN),
                       "NOTIFIER_BREAKER_COOLDOWN_MAX": str(COOLDOWN_MAX),
-                      "NOTIFIER_DISABLE_FAILING_AFTER": "0"})
+                      "NOTIFIER_DISABLE_FAILING_AFTER": "0",
+                      # Its 503s come at once: no request is cut by a read timeout and sent
+                      # again (on a loaded machine, past the stack's 1 s) while this test
+                      # counts requests against attempts.
+                      "NOTIFIER_HTTP_READ_TIMEOUT": "15", "NOTIFIER_HTTP_DEADLINE": "15",
+                      "NOTIFIER_SLOT_LEASE_SECONDS": "20"})
     dead = hook(stack, database, receiver, "/dead")
     healthy = hook(stack, database, receiver, "/healthy")
     operations(stack, database, receiver)

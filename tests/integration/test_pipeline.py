@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -297,23 +298,26 @@ def test_a_worker_stopped_while_it_gathers_events_loses_none_of_them(
 ) -> None:
     hook(stack, database, receiver, "/stop", max_allowed_connections=4)
     receiver.hold("/stop", 0.05)
+    # Batches larger than the burst: what arrives while the first batch runs gathers for the
+    # next, all of it, and nothing flushes it before that batch is done.
+    stack.env["NOTIFIER_INGEST_BATCH_SIZE"] = "1000"
     stack.worker("w1", concurrency=2)
     sent = {send(stack, data=customer(0))}
     wait_until(lambda: count_events(database) == 1, 60, "the first event stored")
     broker = redis.Redis.from_url(stack.settings.broker_url)
-    most = 2 * stack.settings.ingest_batch_size  # what its two pool processes' batches hold
-    # The events table locked, as a database slow to write would hold it: the batches the
-    # worker runs wait, and what it takes meanwhile gathers for its next. Unlocked, the worker
-    # could store the whole burst before this process, held up, stopped it (it takes under a
-    # second), and nothing was gathered at the stop.
+    # The events table locked, as a database slow to write would hold it: the burst's first
+    # event goes alone, its batch waits for the lock, and what the worker takes meanwhile
+    # gathers. Unlocked, the worker could store the whole burst before this process, held up,
+    # stopped it (it takes under a second), and nothing was gathered at the stop.
     with database.engine.connect() as connection, connection.begin():
         connection.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
         sent |= {send(stack, data=customer(n)) for n in range(1, 300)}
-        wait_until(lambda: broker.llen(QUEUE) < 299 - most, 60,
-                   f"the worker to take more than {most} events (the rest gathered)")
+        wait_until(lambda: broker.llen(QUEUE) == 0, 60,
+                   "the worker to take the burst (its first event's batch held, the rest gathered)")
         # A warm shutdown mid-burst: the events the worker had gathered but not stored go back
         # to the broker (they were never acknowledged), marked as delivered before.
-        stack.kill("w1", signal.SIGTERM)
+        os.killpg(stack.processes["w1"].pid, signal.SIGTERM)
+    stack.processes["w1"].wait(timeout=30)  # (the lock let go: nothing it runs waits for it)
     gathered = restored_ingests(stack)
     assert gathered, "the worker held no gathered event when it stopped: nothing was tested"
     assert count_events(database) < 300

@@ -31,9 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 KIB, MIB = 1024, 1024 * 1024
 # A liveness bound, not a speed one: an API that answers at all answers this fast here, on a
-# busy machine too. The defects it guards against stand far above it: the broker pool's
-# deadlock never answered, and /health waited 5.08 s behind the reference upload below when
-# the upload ran on the event loop.
+# busy machine too. The defect it guards against stands far above it: the broker pool's
+# deadlock never answered.
 ALIVE_SECONDS = 2.5
 
 
@@ -250,13 +249,16 @@ def test_a_large_reference_upload_does_not_block_a_concurrent_health(
     answer: dict[str, requests.Response] = {}
 
     def upload() -> None:
+        started = time.monotonic()
         try:
             answer["upload"] = requests.post(
                 f"{live_api.base}/v3/reference", data=body, timeout=120,
                 headers={**live_api.auth, "Content-Type": "application/x-ndjson"})
         finally:
+            took["upload"] = time.monotonic() - started
             done.set()
 
+    took: dict[str, float] = {}
     thread = threading.Thread(target=upload)
     thread.start()
     # Every call made while the upload runs counts, the one still open as it ends too: a
@@ -270,6 +272,9 @@ def test_a_large_reference_upload_does_not_block_a_concurrent_health(
     assert answer["upload"].status_code == 200, answer["upload"].text[:300]
     assert answer["upload"].json()["data"] == {"tills": 55_000}
     assert calls >= 3, f"only {calls} /health calls answered while the upload ran"
-    assert slowest < ALIVE_SECONDS, (
-        f"/health waited {slowest:.2f} s behind the upload (liveness bound {ALIVE_SECONDS} s): "
+    # Against the upload's own time, not a fixed bound, so that it holds on a fast machine and
+    # a busy one: run on the event loop, the parse and load (most of the upload) held one call
+    # for all of it.
+    assert slowest < took["upload"] / 2, (
+        f"/health waited {slowest:.2f} s of the upload's {took['upload']:.2f} s behind it: "
         "the upload ran on the event loop")

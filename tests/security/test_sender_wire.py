@@ -537,8 +537,10 @@ def test_lookups_left_hanging_are_bounded_and_the_next_fails_at_once(
         thread.start()
     for thread in senders:
         thread.join(10)
-    # Every one left hanging past its request's deadline, each holding a lookup thread:
-    assert (stuck.asked, stuck.answered, _LOOKUPS.running) == (_LOOKUPS.limit, 0, _LOOKUPS.limit)
+    # Every one left hanging past its request's deadline, each holding a lookup thread (asked
+    # by that thread, maybe after the deadline):
+    wait_until(lambda: stuck.asked == _LOOKUPS.limit, 10, "every lookup asked")
+    assert (stuck.answered, _LOOKUPS.running) == (0, _LOOKUPS.limit)
     fresh = Resolver("127.0.0.1")
 
     result, took = post(sender(resolver=fresh, deadline=5.0), url)
@@ -628,7 +630,7 @@ def test_the_receiver_records_a_request_before_its_answer_reaches_the_sender() -
 
     receiver.server.RequestHandlerClass = HeldUpAfterEachWrite
     try:
-        answered, _ = post(sender(deadline=5.0), receiver.url("/a"))
+        answered, _ = post(sender(timeout=(1.0, 5.0), deadline=5.0), receiver.url("/a"))
 
         assert answered.status_code == 200, answered
         assert [r.path for r in receiver.requests] == ["/a"]

@@ -113,8 +113,7 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_hold_the_cap(
     took = time.monotonic() - started
     for kill in kills:
         # Begun before the leases were looked at (so a lease seen carried it), and answered
-        # only after the kill was sent (no earlier than its hold after it began; its end as
-        # recorded is no proof: the receiver's thread may have written the answer before).
+        # only after the kill was sent (no earlier than its hold after it began).
         kill.cut = {r.headers["webhook-id"] for r in receiver.requests
                     if r.began < kill.looked and r.began + HELD > kill.at}
         # The kill landed on work in flight: a request open across it, of a delivery that a
