@@ -32,7 +32,7 @@ from notifier.pipeline import build_services
 from notifier.queues import Lease, Queues
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Reply, Stack, create_webhook, wait_until
+from tests.conftest import PATIENT, Receiver, Reply, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -115,16 +115,6 @@ def settled(database: Database, status: DeliveryStatus, count: int = 1) -> Any:
     return lambda: len(deliveries(database, status=status)) >= count
 
 
-def patient(stack: Stack) -> None:
-    """Deadlines that no answer of the receiver comes near, for the processes started after: on
-    a loaded machine, an answer held up in this process past the stack's 1 s read timeout is
-    cut and sent again (at-least-once, with the same webhook-id), a request and an attempt
-    more than a test that counts them expects. The slot lease stays above the delivery task's
-    time limit that they make."""
-    stack.env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "15", "NOTIFIER_HTTP_DEADLINE": "15",
-                      "NOTIFIER_SLOT_LEASE_SECONDS": "20"})
-
-
 def test_fan_out_delivers_every_event_once_to_each_subscriber_signed(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
@@ -139,7 +129,7 @@ def test_fan_out_delivers_every_event_once_to_each_subscriber_signed(
         )
     hook(stack, database, receiver, "/other", events=("tierUpgraded",))
     # Once: each delivery's one request and one attempt are counted exactly.
-    patient(stack)
+    stack.env.update(PATIENT)
     stack.worker("w1")
     stack.worker("w2")
     stack.beat()
@@ -170,7 +160,7 @@ def test_server_errors_are_retried_until_delivered(
 ) -> None:
     hook(stack, database, receiver, "/flaky")
     receiver.script("/flaky", 500, 500, 200)
-    patient(stack)  # its three attempts, and no other
+    stack.env.update(PATIENT)  # its three attempts, and no other
     stack.worker()
     stack.beat()
 
@@ -189,7 +179,7 @@ def test_client_error_fails_after_one_attempt(
 ) -> None:
     hook(stack, database, receiver, "/bad")
     receiver.script("/bad", Reply(400))
-    patient(stack)  # one attempt (sent again, it would be answered 200)
+    stack.env.update(PATIENT)  # one attempt (sent again, it would be answered 200)
     stack.worker()
     stack.beat()
 
@@ -205,7 +195,7 @@ def test_client_error_fails_after_one_attempt(
 def test_retry_after_is_honoured(stack: Stack, receiver: Receiver, database: Database) -> None:
     hook(stack, database, receiver, "/busy")
     receiver.script("/busy", Reply(429, {"Retry-After": "2"}), Reply(200))
-    patient(stack)  # the 429 read (cut, it would be sent again after 0.3 s)
+    stack.env.update(PATIENT)  # the 429 read (cut, it would be sent again after 0.3 s)
     stack.worker()
     stack.beat()
 
@@ -361,7 +351,7 @@ def test_the_same_event_id_is_delivered_once_per_webhook(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
     hook(stack, database, receiver, "/once")
-    patient(stack)  # once: the first delivery is not sent again
+    stack.env.update(PATIENT)  # once: the first delivery is not sent again
     # One solo worker takes tasks in order, so once the marker arrives, the duplicate's ingest
     # (sent before it) has run, and any delivery it made would have arrived first.
     stack.worker("solo", concurrency=1, pool="solo")
@@ -383,7 +373,7 @@ def test_replay_from_the_celery_command_keeps_the_webhook_id(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
     hook(stack, database, receiver, "/replay")
-    patient(stack)  # the second request is the replay's, not a retry of the first
+    stack.env.update(PATIENT)  # the second request is the replay's, not a retry of the first
     stack.worker()
     send(stack)
     (first,) = receiver.wait_for(1, "/replay")
@@ -435,7 +425,7 @@ def test_metrics_show_what_the_workers_did(
     flaky, _ = hook(stack, database, receiver, "/flaky")
     receiver.script("/bad", 400, 400)
     receiver.script("/flaky", 503, 503)
-    patient(stack)  # the eight attempts, and no other
+    stack.env.update(PATIENT)  # the eight attempts, and no other
     stack.worker()
     stack.beat()
     base = stack.web()
@@ -517,7 +507,7 @@ def test_a_webhook_that_fails_every_attempt_for_too_long_is_deactivated(
     # test_failing_endpoints.py); and this test saves the webhook without the pipeline's context,
     # which closes the breaker on activation.
     stack.env["NOTIFIER_BREAKER_FAILURES"] = "0"
-    patient(stack)  # every attempt answered (503), none cut by a timeout
+    stack.env.update(PATIENT)  # every attempt answered (503), none cut by a timeout
     stack.worker()
     stack.beat()
     vault = vault_for(stack.settings.secret_keys, stack.settings.data_dir)

@@ -19,7 +19,7 @@ from notifier.db import Database
 from notifier.models import Delivery, DeliveryStatus, Webhook
 from notifier.schemas import load_catalog
 from notifier.vault import vault_for
-from tests.conftest import Receiver, Reply, Stack, create_webhook, wait_until
+from tests.conftest import PATIENT, Receiver, Reply, Stack, create_webhook, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -31,8 +31,7 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
     """The shared fast settings, with deadlines that let a request stay open for seconds (and a
     slot lease above the delivery task's limit they make), and beat's SLA check at its
     default interval."""
-    stack_env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "15", "NOTIFIER_HTTP_DEADLINE": "15",
-                      "NOTIFIER_SLOT_LEASE_SECONDS": "20"})
+    stack_env.update(PATIENT)
     del stack_env["NOTIFIER_SLA_CHECK_INTERVAL"]
     return stack_env
 

@@ -14,7 +14,7 @@ from sqlalchemy import make_url, select
 
 from notifier.db import Database
 from notifier.models import Delivery, DeliveryStatus
-from tests.conftest import Receiver, Reply, Stack, wait_until
+from tests.conftest import PATIENT, Receiver, Reply, Stack, wait_until
 from tests.security.conftest import ORG
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -54,12 +54,9 @@ def test_no_header_value_signing_secret_api_key_or_database_password_in_any_log(
     # ignores it): it must not be printed by any of them.
     stack.env["NOTIFIER_DATABASE_URL"] = make_url(stack.settings.database_url).set(
         password=DB_PASSWORD).render_as_string(hide_password=False)
-    # Deadlines that no answer of the receiver comes near: on a loaded machine, an answer held
-    # up in this process past the stack's 1 s read timeout is cut and sent again, and takes a
-    # scripted answer meant for the next request (/flaky's retries, /bad's 400s) or the 200
-    # that comes after them.
-    stack.env.update({"NOTIFIER_HTTP_READ_TIMEOUT": "15", "NOTIFIER_HTTP_DEADLINE": "15",
-                      "NOTIFIER_SLOT_LEASE_SECONDS": "20"})
+    # None cut and sent again: it would take a scripted answer meant for the next request
+    # (/flaky's retries, /bad's 400s) or the 200 that comes after them.
+    stack.env.update(PATIENT)
     base = stack.web()
     stack.worker("fast", queues="notifier,notifier.deliver")
     stack.worker("slow", pool="threads", concurrency=2, queues="notifier.slow")
