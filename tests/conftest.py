@@ -323,7 +323,7 @@ class Receiver:
                     # any further. Recorded after the answer, a request the sender had seen
                     # answered could be missing from ``requests``, and a peak counted from
                     # there would be this answer's tail, not two requests held at once.
-                    receiver._answering(self.path, received())
+                    receiver._handled(self.path, received())
                     answering = True
                     if not reply.status:
                         return
@@ -335,7 +335,7 @@ class Receiver:
                     self.wfile.write(b"ok")
                 finally:
                     if not answering:  # (the handling failed: a gate or a script's error)
-                        receiver._answering(self.path, received())
+                        receiver._handled(self.path, received())
 
             def log_message(self, *_: Any) -> None:
                 pass
@@ -375,7 +375,9 @@ class Receiver:
             # The request is counted when its handling starts: arrival is what tests observe.
             return reply
 
-    def _answering(self, path: str, received: Received) -> None:
+    def _handled(self, path: str, received: Received) -> None:
+        """A request's handling is over, its answer about to go out (or none): no longer in
+        flight, and recorded."""
         with self.lock:
             self.in_flight[path] -= 1
             self.requests.append(received)
