@@ -1,16 +1,27 @@
 """The event catalog: one draft-06 JSON schema per event name, loaded once from ``schemas/``.
 
 ``$ref``s resolve against the files in that folder only; nothing is ever fetched over the network.
+
+jsonschema decides what is valid and names the problem. An event is first checked by its
+schema compiled to Python (fastjsonschema, about 20 times faster: jsonschema's check was near
+half of an ingest's time in the workers), which can only let it pass sooner: whatever the
+compiled check refuses, or fails on, jsonschema checks again and has the last word.
+``tests/unit/test_schema_compiled.py`` shows the compiled check passes nothing jsonschema refuses,
+over every event of the catalog and thousands of variations of them.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
-from collections.abc import Iterable, Mapping
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft6Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
@@ -20,6 +31,8 @@ from referencing.jsonschema import DRAFT6
 from notifier.errors import InvalidEvent
 
 __all__ = ["SCHEMAS_DIR", "EventCatalog", "json_path", "load_catalog"]
+
+log = logging.getLogger(__name__)
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 _NOT_EVENTS = {"commonEvent.json", "catalog.json"}
@@ -47,6 +60,9 @@ class EventCatalog:
             (name, DRAFT6.create_resource(schema)) for name, schema in files.items()).crawl()
         self._check_refs(files)
         self._validators: dict[str, Draft6Validator] = {}
+        # Compiled on first use (about 60 ms each: 5 s for the whole catalog, in every process).
+        self._compiled: dict[str, Callable[[Any], Any] | None] = {}
+        self._compiling = threading.Lock()
         for path in sorted(folder.glob("*.json")):
             if path.name in _NOT_EVENTS:
                 continue
@@ -122,12 +138,65 @@ class EventCatalog:
         if not isinstance(name, str):
             raise InvalidEvent("$.eventName", "is required and must be a string")
         validator = self._validator(name)
-        if validator.is_valid(event):  # the common case, without collecting every error
+        if self._passes_compiled(name, event):  # the common case, at a twentieth of the cost
             return
         error: ValidationError | None = best_match(validator.iter_errors(event))
         if error is not None:
             raise InvalidEvent(json_path(error.absolute_path), error.message,
                                rule=str(error.validator))
+
+    def _passes_compiled(self, event_name: str, event: Mapping[str, Any]) -> bool:
+        """Whether the event's compiled schema passes it; False when it refuses it, fails on
+        it, or could not be compiled (jsonschema then decides)."""
+        check = self._compiled[event_name] if event_name in self._compiled \
+            else self._compile(event_name)
+        if check is None:
+            return False
+        try:
+            check(event)
+        except Exception:  # refused (JsonSchemaValueException), or a value it does not handle
+            return False
+        return True
+
+    def _compile(self, event_name: str) -> Callable[[Any], Any] | None:
+        """The event's schema compiled, once (None, for good, if it cannot be: jsonschema then
+        checks every such event alone, as it did before)."""
+        with self._compiling:
+            if event_name not in self._compiled:
+                try:
+                    # A copy: fastjsonschema rewrites the $refs of what it is given in place.
+                    self._compiled[event_name] = fastjsonschema.compile(
+                        copy.deepcopy(self._validator(event_name).schema),
+                        handlers=_OnlyFrom(self),
+                        # Only checks: no formats (as jsonschema, format_checker=None), and never
+                        # a default written into the event.
+                        use_formats=False, use_default=False)
+                except Exception as exc:
+                    log.warning("the schema of %s is not compiled, jsonschema checks its events "
+                                "alone: %s: %s", event_name, type(exc).__name__, exc)
+                    self._compiled[event_name] = None
+            return self._compiled[event_name]
+
+
+class _OnlyFrom(Mapping[str, Callable[[str], Any]]):
+    """fastjsonschema's ``$ref`` handlers by URI scheme. It fetches a scheme it has no handler
+    for over the network; this one has a handler for every scheme, ``EventCatalog._retrieve``,
+    which serves the folder's own files and refuses anything else."""
+
+    def __init__(self, catalog: EventCatalog) -> None:
+        self._catalog = catalog
+
+    def __getitem__(self, scheme: str) -> Callable[[str], Any]:
+        return lambda uri: self._catalog._retrieve(uri).contents
+
+    def __contains__(self, scheme: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:  # (not empty: "no handlers" to a check of its truth)
+        return iter(("",))
+
+    def __len__(self) -> int:
+        return 1
 
 
 def _refs(node: Any) -> Iterable[str]:
