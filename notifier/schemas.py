@@ -5,7 +5,8 @@
 jsonschema decides what is valid and names the problem. An event is first checked by its
 schema compiled to Python (fastjsonschema, about 20 times faster: jsonschema's check was near
 half of an ingest's time in the workers), which can only let it pass sooner: whatever the
-compiled check refuses, or fails on, jsonschema checks again and has the last word.
+compiled check refuses or fails on, and every event of a schema that could not be compiled,
+jsonschema checks again and has the last word.
 ``tests/unit/test_schema_compiled.py`` shows the compiled check passes nothing jsonschema refuses,
 over every event of the catalog and thousands of variations of them.
 """
