@@ -419,8 +419,9 @@ def _flat(schema: Any) -> dict[str, Any]:
     return flat
 
 
-def _example(schema: Any) -> Any:
-    """The smallest value of ``schema`` with every required property filled in."""
+def _example(schema: Any, *, every: bool = False) -> Any:
+    """The smallest value of ``schema`` with every required property filled in; with ``every``,
+    every property it names, and an item in each array (the tests' fullest events)."""
     schema = _flat(schema)
     if "const" in schema:
         return schema["const"]
@@ -428,10 +429,10 @@ def _example(schema: Any) -> Any:
         return schema["enum"][0]
     if "default" in schema:
         return schema["default"]
-    return _example_of_type(schema)
+    return _example_of_type(schema, every)
 
 
-def _example_of_type(schema: dict[str, Any]) -> Any:
+def _example_of_type(schema: dict[str, Any], every: bool) -> Any:
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -439,9 +440,11 @@ def _example_of_type(schema: dict[str, Any]) -> Any:
         kind = "object" if schema.get("properties") or schema.get("required") else None
     if kind == "object":
         properties = schema.get("properties", {})
-        return {name: _example(properties.get(name, {})) for name in schema.get("required", ())}
+        names = properties if every else schema.get("required", ())
+        return {name: _example(properties.get(name, {}), every=every) for name in names}
     if kind == "array":
-        return [_example(schema.get("items", {})) for _ in range(schema.get("minItems", 0))]
+        items = max(schema.get("minItems", 0), every)
+        return [_example(schema.get("items", {}), every=every) for _ in range(items)]
     if kind == "string":
         text = "example".ljust(schema.get("minLength", 0), "x")
         return text[:schema["maxLength"]] if "maxLength" in schema else text

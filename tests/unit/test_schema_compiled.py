@@ -15,7 +15,7 @@ import pytest
 from referencing.exceptions import NoSuchResource
 
 from notifier.errors import InvalidEvent
-from notifier.logs import _flat, example_event
+from notifier.logs import _example, _flat, example_event
 from notifier.schemas import SCHEMAS_DIR, EventCatalog, _OnlyFrom, load_catalog
 
 CATALOG = load_catalog()
@@ -25,31 +25,6 @@ CATALOG = load_catalog()
 VALUES: list[Any] = [None, True, False, 0, -1, 7, 2.5, 1.0, 3.0, -0.5, -0.0, 10 ** 20, 2 ** 63,
                      1e308, float("nan"), float("inf"), "", "example", "x" * 300, "\U0001f600",
                      [], ["example"], [1, 2], [{}], {}, {"x": 1}]
-
-
-def _full(schema: Any) -> Any:
-    """A value of ``schema`` with every property it names filled in (not only the required
-    ones), so that the variations reach every part of the schema."""
-    schema = _flat(schema)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None and (schema.get("properties") or schema.get("required")):
-        kind = "object"
-    if kind == "object":
-        return {name: _full(sub) for name, sub in schema.get("properties", {}).items()}
-    if kind == "array":
-        return [_full(schema.get("items", {}))] if schema.get("maxItems", 1) else []
-    if kind == "string":
-        return "example"[:schema.get("maxLength", 7)].ljust(schema.get("minLength", 0), "x")
-    if kind in ("integer", "number"):
-        number = 2 if kind == "integer" else 2.5
-        return min(max(number, schema.get("minimum", number)), schema.get("maximum", number))
-    return {"boolean": True, "null": None}.get(kind or "", "example")
 
 
 def _schema_at(schema: Any, part: Any) -> Any:
@@ -64,12 +39,11 @@ def _schema_at(schema: Any, part: Any) -> Any:
 def _edges(governs: dict[str, Any], value: Any) -> list[Any]:
     """Values on either side of the bounds ``governs`` sets."""
     edges: list[Any] = []
-    for low, high in (("minLength", "maxLength"),):
-        for char in ("x", "\U0001f600"):  # (one code point, two UTF-16 units)
-            if low in governs:
-                edges += [char * governs[low], char * max(0, governs[low] - 1)]
-            if high in governs:
-                edges += [char * governs[high], char * (governs[high] + 1)]
+    for char in ("x", "\U0001f600"):  # (one code point, two UTF-16 units)
+        if "minLength" in governs:
+            edges += [char * governs["minLength"], char * max(0, governs["minLength"] - 1)]
+        if "maxLength" in governs:
+            edges += [char * governs["maxLength"], char * (governs["maxLength"] + 1)]
     for bound in ("minimum", "maximum"):
         if bound in governs:
             at = governs[bound]
@@ -77,6 +51,9 @@ def _edges(governs: dict[str, Any], value: Any) -> list[Any]:
     if "maxItems" in governs and isinstance(value, list) and value:
         edges += [value[:1] * governs["maxItems"], value[:1] * (governs["maxItems"] + 1)]
     return edges
+
+
+_LEFT_OUT = object()  # (a variation that leaves the property out)
 
 
 def _fingerprint(schema: Any) -> str:
@@ -91,12 +68,15 @@ def _variations(event: dict[str, Any], schema: dict[str, Any],
     (``seen``): the events share most of their parts (``internal/*.json``). Every value of every
     event is replaced by null and by a value of another type whatever was seen."""
 
-    def varied(path: tuple[Any, ...], change: Any) -> dict[str, Any]:
+    def varied(path: tuple[Any, ...], value: Any = _LEFT_OUT) -> dict[str, Any]:
         copied = copy.deepcopy(event)
         node = copied
         for part in path[:-1]:
             node = node[part]
-        change(node, path[-1])
+        if value is _LEFT_OUT:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
         return copied
 
     def new(*key: Any) -> bool:
@@ -111,17 +91,16 @@ def _variations(event: dict[str, Any], schema: dict[str, Any],
             # Whatever was seen, every part of every event is checked at all: null, and a value
             # of another type (a part its compiled code left unchecked would pass them).
             for candidate in (None, 7 if isinstance(value, str) else "example"):
-                yield varied(path, lambda node, part, v=candidate: node.__setitem__(part, v))
+                yield varied(path, candidate)
             for candidate in [*VALUES, *_edges(governs, value)]:
                 if new(here, "is", _fingerprint(candidate)):
-                    yield varied(path, lambda node, part, v=candidate: node.__setitem__(part, v))
+                    yield varied(path, candidate)
         if isinstance(value, dict):
             if new(here, "added"):
-                yield varied((*path, "unexpectedProperty"),
-                             lambda node, part: node.__setitem__(part, "example"))
+                yield varied((*path, "unexpectedProperty"), "example")
             for key, item in value.items():
                 if new(here, "without", key):
-                    yield varied((*path, key), lambda node, part: node.__delitem__(part))
+                    yield varied((*path, key))
                 yield from walk(item, _schema_at(governs, key), (*path, key))
         elif isinstance(value, list):
             for index, item in enumerate(value):
@@ -132,7 +111,7 @@ def _variations(event: dict[str, Any], schema: dict[str, Any],
 
 def _starts(name: str) -> list[dict[str, Any]]:
     """The event's minimal example, and its fullest one when jsonschema takes it."""
-    full = _full(CATALOG.resolved(name))
+    full = _example(CATALOG.resolved(name), every=True)
     full.update(eventName=name, eventId="e-1", orgId=51186, createdAt=1750224535590)
     starts = [example_event(CATALOG, name)]
     if CATALOG._validator(name).is_valid(full):
