@@ -304,9 +304,11 @@ class Settings:
         "by the slow lane (the threads worker), so it cannot hold up the others.")
     fast_lane_leases: int = _setting(
         _positive_int, "1",
-        "Most leases of one webhook in the fast lane at once; its others go by the slow lane "
-        "however fast it answers, so that a webhook that turns slow holds at most this many "
-        "prefork processes. Keep it below the prefork workers' concurrency.")
+        "Most tasks of one webhook in the fast lane at once (each its lease, and up to "
+        "NOTIFIER_SEND_CONCURRENCY - 1 more of its slots taken with it, sent side by side); its "
+        "other leases go by the slow lane however fast it answers, so that a webhook that "
+        "turns slow holds at most this many prefork processes. Keep it below the prefork "
+        "workers' concurrency.")
     sweep_interval: float = _setting(
         _positive_float, "1",
         "Seconds between beat sweeps: due retries, expired leases, lost work.")

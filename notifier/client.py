@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -212,8 +212,11 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
 
     Fast-lane leases that start together (at once, or after the same linger) share tasks of up
     to ``most`` deliveries: the first lease is the task's own, the others ride as ``more``
-    (traffic spread over many webhooks would otherwise cost one task per delivery), one lease of
-    a webhook a task. A slow-lane lease goes alone. ``claimed_until``: see ``pipeline.deliver``.
+    (traffic spread over many webhooks would otherwise cost one task per delivery). A webhook's
+    fast-lane lease and the leases riding with it (``Lease.rides``) go in one task, never split
+    (they hold one prefork process); another fast-lane lease of the same webhook goes in a task
+    of its own. A slow-lane lease goes alone, and so does a riding lease sent without its
+    fast-lane one, by the slow lane. ``claimed_until``: see ``pipeline.deliver``.
     """
     groups: dict[int, list[Lease]] = defaultdict(list)  # by linger
 
@@ -222,29 +225,49 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
             _send(app, group[0], group[1:], claimed_until)
             group.clear()
 
-    for lease in leases:
-        group = groups[lease.linger_ms]
-        # Two slots of one webhook in one task would be used one after the other.
-        if lease.slow or any(held.webhook_id == lease.webhook_id for held in group):
-            _send(app, lease, (), claimed_until)
+    for unit in _units(leases):
+        first = unit[0]
+        if first.slow or first.rides:
+            _send(app, first, (), claimed_until)
             continue
-        if sum(len(held.delivery_ids) for held in group) + len(lease.delivery_ids) > most:
+        group = groups[first.linger_ms]
+        if any(held.webhook_id == first.webhook_id for held in group):
+            _send(app, first, unit[1:], claimed_until)
+            continue
+        if sum(len(lease.delivery_ids) for lease in (*group, *unit)) > most:
             send_group(group)
-        group.append(lease)
+        group += unit
     for group in groups.values():
         send_group(group)
 
 
+def _units(leases: Iterable[Lease]) -> Iterator[list[Lease]]:
+    """The leases in the units they are sent in: a fast-lane lease with the leases riding with
+    it (those of its webhook right after it), any other lease alone."""
+    unit: list[Lease] = []
+    for lease in leases:
+        if lease.rides and unit and unit[0].webhook_id == lease.webhook_id and not unit[0].slow:
+            unit.append(lease)
+            continue
+        if unit:
+            yield unit
+        unit = [lease]
+    if unit:
+        yield unit
+
+
 def _send(app: Celery, lease: Lease, more: Sequence[Lease], claimed_until: int | None) -> None:
     kwargs: dict[str, Any] = {}
-    if lease.slow:
+    # (A riding lease is a task's own only when sent without its fast-lane lease.)
+    slow = lease.slow or lease.rides
+    if slow:
         kwargs["slow"] = True
     if more:
         kwargs["more"] = [lease_args(other) for other in more]
     if claimed_until is not None:
         kwargs["claimed_until"] = claimed_until
     app.send_task(DELIVER_TASK, args=lease_args(lease), kwargs=kwargs or None,
-                  queue=SLOW_QUEUE if lease.slow else DELIVER_QUEUE,
+                  queue=SLOW_QUEUE if slow else DELIVER_QUEUE,
                   countdown=lease.linger_ms / 1000 if lease.linger_ms else None)
 
 

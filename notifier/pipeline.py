@@ -143,6 +143,7 @@ def build_services(settings: Settings) -> Services:
         queues=Queues(settings.redis_url, settings.redis_prefix,
                       slow_ms=settings.slow_webhook_ms, linger_ms=settings.batch_linger_ms,
                       fast_leases=settings.fast_lane_leases,
+                      riders=settings.send_concurrency - 1,
                       breaker_failures=settings.breaker_failures,
                       breaker_cooldown_ms=round(settings.breaker_cooldown * 1000),
                       breaker_cooldown_max_ms=round(settings.breaker_cooldown_max * 1000)),
@@ -432,8 +433,9 @@ HandOn = Callable[[Sequence[Lease], int | None], None]
 def deliver(services: Services, leases: Sequence[Lease], send: SendLease, *, hand_on: HandOn,
             claimed_until: int | None = None,
             interruptions: tuple[type[BaseException], ...] = ()) -> None:
-    """Send the deliveries of a task's leases (one per webhook), each lease's one after another
-    over its slot, then give the slots back and ``send`` the leases that follow (what queued
+    """Send the deliveries of a task's leases (one per webhook, but for those riding with a
+    webhook's fast-lane lease: ``Lease.rides``), each lease's one after another over its slot,
+    then give the slots back and ``send`` the leases that follow (what queued
     while these were out).
 
     The round trips are the task's, not each lease's: one Redis call takes every lease (topped
@@ -1025,9 +1027,13 @@ class _Task:
             self._waiting.clear()
             handed = {lot.lease for lot in lots}
             self._held = [lease for lease in self._held if lease not in handed]
+            # A lease of a webhook this task still sends to (one riding with its fast-lane
+            # lease) goes on by the slow lane: that webhook keeps to this one prefork process.
+            sending = {lease.webhook_id for lease in self._held}
         if lots:
             log.info("%d lease(s) handed on: their task ran past its deadline", len(lots))
-            hand_on([lot.lease for lot in lots], self.claimed_until)
+            hand_on([replace(lot.lease, slow=True) if lot.lease.webhook_id in sending
+                     else lot.lease for lot in lots], self.claimed_until)
 
     @contextlib.contextmanager
     def _handed_on_at_deadline(self, hand_on: HandOn) -> Iterator[None]:

@@ -37,7 +37,10 @@ what queues meanwhile, so a steady trickle rides in few tasks instead of one tas
 A webhook that answers slowly gets its leases marked ``slow``: they go to the slow lane (a
 threads worker) and cannot take the prefork processes every other webhook needs. So do a
 webhook's leases beyond its first ``fast_leases`` live ones, so that a webhook that turns slow
-all at once holds at most that many prefork processes, never all of them.
+all at once holds at most that many prefork processes, never all of them; except that up to
+``riders`` more, dispatched with a fast-lane one, ride in its task and its process (``rides``):
+a fast webhook's burst is sent side by side in the fast lane, not one lease a task by the slow
+lane's one process.
 
 The database stays the source of truth; everything here can be rebuilt from it.
 """
@@ -93,7 +96,7 @@ local function live_leases(slots, now)
   return n
 end
 
-local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
+local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
   -- A Redis that lost its state grants nothing (false) until it is rebuilt: the requests of the
   -- database's live claims may still be open, and only the rebuild counts them.
   if redis.call('EXISTS', p .. ':epoch') == 0 then return false end
@@ -119,7 +122,9 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   local slow = (not latency or tonumber(latency) >= slow_ms) and 1 or 0
   -- Past its first `fast` live leases in the fast lane (their tokens end in 'f') a webhook's
   -- leases go by the slow lane however fast it answered: if it turns slow at once, it holds
-  -- at most `fast` of the prefork processes, never all of them.
+  -- at most `fast` of the prefork processes, never all of them. But up to `riders` more leases
+  -- dispatched with a fast one here ride in its task (lane 2), sent side by side with it in the
+  -- one prefork process it holds: a fast webhook's burst stays in the fast lane.
   local fast_live = 0
   if slow == 0 then
     for _, held in ipairs(redis.call('ZRANGEBYSCORE', slots, now, '+inf')) do
@@ -130,6 +135,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
   -- wait behind a replay's full batches (a probe is one slot in all: it may be a replay).
   local reserve = (limit > 1 and not probe_at) and 1 or 0
   local out = {}
+  local led, rode = false, 0  -- a fast lease dispatched in this call; leases riding with it
   while free > 0 do
     -- Live deliveries first; replays only while none waits (one more ZCARD, then only).
     local from, waiting = q, redis.call('ZCARD', q)
@@ -156,11 +162,19 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
     for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
     -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
     -- task still out with a lease from before must never give back a newer lease's slot.
-    local lane = (slow == 0 and fast_live < fast) and 0 or 1
-    if lane == 0 then fast_live = fast_live + 1 end
-    -- A replay lease's token holds an 'R' (see take); a fast-lane lease's ends in 'f'.
+    local lane = 1
+    if slow == 0 and fast_live < fast then
+      lane, led = 0, true
+    elseif slow == 0 and led and rode < riders then
+      -- It rides in the task of the fast lease before it, and starts with it: no linger of
+      -- its own (client.send_leases keeps it with that lease, lingering or not).
+      lane, rode, wait = 2, rode + 1, 0
+    end
+    if lane ~= 1 then fast_live = fast_live + 1 end
+    -- A replay lease's token holds an 'R' (see take); a prefork process's ends in 'f' (a lease
+    -- riding with another's too: it holds that process).
     local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (from == r and 'R' or '')
-                  .. (lane == 0 and 'f' or '')
+                  .. (lane ~= 1 and 'f' or '')
     local expiry = now + lease
     local joined = table.concat(ids, ',')
     redis.call('ZADD', slots, expiry, token)
@@ -193,7 +207,7 @@ end
 
 _DISPATCH = _DISPATCH_FN + """
 return dispatch(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-                tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+                tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
 """
 
 _ENQUEUE = _ENQUEUE_FN + """
@@ -207,11 +221,12 @@ return 1
 _OFFER = _ENQUEUE_FN + _DISPATCH_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger, fast = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local out, i = {}, 8
+local riders = tonumber(ARGV[8])
+local out, i = {}, 9
 while i <= #ARGV do
   local wh, last = ARGV[i], i + 2 + 2 * tonumber(ARGV[i + 2])
   enqueue(p, wh, 'q', ARGV[i + 1], ARGV, i + 3, last)
-  out[#out + 1] = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
+  out[#out + 1] = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
   i = last + 1
 end
 return out
@@ -323,19 +338,20 @@ return out
 
 # Give slots back, noting how long each webhook's slowest response of the batch took (jumping
 # up at once, easing down by 30% per faster batch), since when it has been failing (the first
-# failed attempt after its last success) and its run of failures for its circuit breaker, then
-# dispatch what waits. A task's claim token ('': none) also gives back the slot rebuilt from its
-# claim, if Redis lost its state meanwhile. Each reply: whether the slot was still held, the
-# webhook's failing mark (0: none), whether Redis lost its state (nothing dispatched), what
-# became of its breaker (0: nothing, 1: it opened, 2: it closed after being open), then the
-# dispatched leases.
+# failed attempt after its last success) and its run of failures for its circuit breaker; then,
+# every slot given back, dispatch what waits. A task's claim token ('': none) also gives back
+# the slot rebuilt from its claim, if Redis lost its state meanwhile. Each reply: whether the
+# slot was still held, the webhook's failing mark (0: none), whether Redis lost its state
+# (nothing dispatched), what became of its breaker (0: nothing, 1: it opened, 2: it closed after
+# being open), then the dispatched leases.
 _RELEASE = _STARTED_FN + _DISPATCH_FN + _CLAIM_SLOT_FN + """
 local p, batch, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local slow_ms, linger, fast = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local trip, cool, cool_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local riders = tonumber(ARGV[8])
+local trip, cool, cool_max = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local marks, runs = p .. ':failing', p .. ':breaker:runs'
-local out = {}
-for i = 11, #ARGV, 7 do
+local given = {}
+for i = 12, #ARGV, 7 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   local failures = tonumber(ARGV[i + 6])
@@ -391,7 +407,14 @@ for i = 11, #ARGV, 7 do
     set_open(p, wh, now + cool, cool, '')
     breaker_change = 1
   end
-  local released = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast)
+  given[#given + 1] = {wh, held, breaker_change}
+end
+-- Then what waits is dispatched, once every slot is given back: a task's leases of one webhook
+-- (one in the fast lane and those riding with it) free their prefork process together.
+local out = {}
+for _, back in ipairs(given) do
+  local wh, held, breaker_change = back[1], back[2], back[3]
+  local released = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
   local lost = 0
   if not released then released, lost = {}, 1 end
   table.insert(released, 1, breaker_change)
@@ -510,6 +533,10 @@ class Lease:
     # Wait this long before starting, gathering what queues meanwhile (a short batch beside a
     # busy slot).
     linger_ms: int = 0
+    # A further slot of a webhook, dispatched with its fast-lane lease (the one before it): it
+    # rides in that lease's task, which sends both side by side in the one prefork process it
+    # holds (``client.send_leases``); sent without it, it goes by the slow lane.
+    rides: bool = False
     # Failed attempts in a row after which the lease stops, its webhook's circuit breaker about
     # to open (or the lease its probe: 1); 0: no limit. Known once taken (``Queues.take_many``).
     failures_allowed: int = 0
@@ -602,7 +629,8 @@ class Queues:
     """The Redis side of delivery: queues, slots, parked retries. Safe to share per process."""
 
     def __init__(self, url: str, prefix: str, *, slow_ms: int = 1000, linger_ms: int = 0,
-                 fast_leases: int = 1, breaker_failures: int = 0, breaker_cooldown_ms: int = 10_000,
+                 fast_leases: int = 1, riders: int = 0, breaker_failures: int = 0,
+                 breaker_cooldown_ms: int = 10_000,
                  breaker_cooldown_max_ms: int = 600_000) -> None:
         self.url = url
         self.prefix = prefix
@@ -610,6 +638,9 @@ class Queues:
         self.linger_ms = linger_ms
         # Most live leases of one webhook in the fast lane (NOTIFIER_FAST_LANE_LEASES).
         self.fast_leases = fast_leases
+        # Most further leases of a webhook dispatched with a fast-lane one that ride in its task
+        # (NOTIFIER_SEND_CONCURRENCY - 1: it sends them side by side with it).
+        self.riders = riders
         # A webhook's circuit breaker opens after this many failed attempts in a row (0: never),
         # for this cool-down, doubled after each failed probe up to the most
         # (NOTIFIER_BREAKER_FAILURES, NOTIFIER_BREAKER_COOLDOWN, NOTIFIER_BREAKER_COOLDOWN_MAX).
@@ -680,7 +711,8 @@ class Queues:
         while Redis has lost its state and is not rebuilt; a call's before the next call is
         made, so that the leases of a call are the caller's to send even if a later call fails.
         """
-        head = [batch, now_ms, lease_ms, self.slow_ms, self.linger_ms, self.fast_leases]
+        head = [batch, now_ms, lease_ms, self.slow_ms, self.linger_ms, self.fast_leases,
+                self.riders]
         call: list[tuple[str, list[Any]]] = []  # each webhook and its part of the arguments
         carried = 0  # deliveries in ``call``
         for webhook_id, limit, items in offers:
@@ -714,14 +746,15 @@ class Queues:
         """
         return self._leases(webhook_id, self._script(
             "dispatch", webhook_id, batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
-            self.fast_leases))
+            self.fast_leases, self.riders))
 
     @staticmethod
     def _leases(webhook_id: str, flat: list[Any] | None) -> list[Lease]:
         if flat is None:
             raise _state_lost(webhook_id)
         return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")),
-                      slow=bool(int(flat[i + 2])), linger_ms=int(flat[i + 3]))
+                      slow=int(flat[i + 2]) == 1, linger_ms=int(flat[i + 3]),
+                      rides=int(flat[i + 2]) == 2)
                 for i in range(0, len(flat), 4)]
 
     def take_many(self, leases: Sequence[Lease], *, batch: int,
@@ -771,7 +804,8 @@ class Queues:
         if not flat:
             return []
         replies = self._script("release", batch, now_ms, lease_ms, self.slow_ms, self.linger_ms,
-                               self.fast_leases, self.breaker_failures, self.breaker_cooldown_ms,
+                               self.fast_leases, self.riders, self.breaker_failures,
+                               self.breaker_cooldown_ms,
                                self.breaker_cooldown_max_ms, *flat)
         return [Released(bool(reply[0]), int(reply[1]), self._leases(lease.webhook_id, reply[4:]),
                          state_lost=bool(reply[2]), breaker_opened=int(reply[3]) == 1,

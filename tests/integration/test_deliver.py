@@ -625,3 +625,51 @@ def test_leases_past_the_concurrency_not_started_by_the_deadline_are_handed_on(
                                             + [DeliveryStatus.IN_FLIGHT] * 2)
     finally:
         services.db.dispose()
+
+
+def test_a_lease_handed_on_while_its_task_sends_to_its_webhook_goes_by_the_slow_lane(
+    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    services = build_services(load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        # Two at once (one lease may ride with a fast-lane one), batches of one.
+        "NOTIFIER_SEND_CONCURRENCY": "2", "NOTIFIER_SLOW_WEBHOOK_MS": "2000",
+        "NOTIFIER_BATCH_SIZE": "1"}))
+    try:
+        store.create_org(services.db, 3, "org 3", now_ms=0)
+        name_of = {}
+        for name, slots in (("x", 1), ("w", 2), ("y", 1)):
+            webhook_id, _ = create_webhook(
+                services.db, services.catalog, services.vault, org_id=3, name=name,
+                url=receiver.url(f"/3/{name}"), event_names=["pointsIssued"],
+                max_allowed_connections=slots, now_ms=0)
+            name_of[webhook_id] = name
+            # Measured fast: its leases go by the fast lane.
+            services.queues.client.hset(f"{services.settings.redis_prefix}:latency", webhook_id, 5)
+        leases: list[Lease] = []
+        pipeline.accept_many(services, [
+            {"eventName": "pointsIssued", "orgId": 3,
+             "data": {"customerIdentifiers": {"customerId": n}}} for n in range(2)], leases.append)
+        lease = {(name_of[lease.webhook_id], lease.rides): lease for lease in leases}
+        assert not any(held.slow for held in leases) and len(lease) == 4
+        gates = [receiver.gate(path) for path in ("/3/x", "/3/w")]  # their requests held open
+        handed: list[Lease] = []
+        sending = threading.Thread(target=pipeline.deliver, args=(
+            services, [lease["x", False], lease["w", False], lease["w", True], lease["y", False]],
+            lambda _: None), kwargs={"hand_on": lambda held, _: handed.extend(held)})
+        sending.start()
+        try:
+            # x and w's fast-lane lease side by side, their requests held; w's riding lease and
+            # y's wait for a thread, and are handed on at the deadline: w's by the slow lane, as
+            # its webhook keeps to this task's prefork process, y's by its own lane.
+            wait_until(lambda: len(handed) == 2 and receiver.in_flight["/3/x"]
+                       and receiver.in_flight["/3/w"], 30, "two leases handed on, two open")
+            assert sorted((name_of[held.webhook_id], held.slow) for held in handed) == [
+                ("w", True), ("y", False)]
+        finally:
+            for gate in gates:
+                gate.set()
+            sending.join(30)
+    finally:
+        services.db.dispose()

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, make_url, select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from notifier import pipeline, publish, store, webhooks
+from notifier import pipeline, publish, publish_many, store, webhooks
 from notifier.client import DELIVER_QUEUE, DELIVER_TASK, INGEST_TASK, QUEUE, SLOW_QUEUE, lease_args, producer
 from notifier.db import Database
 from notifier.models import Attempt, Delivery, DeliveryStatus, Event, EventStatus, Webhook
@@ -717,6 +717,40 @@ def test_a_webhook_that_turns_slow_moves_to_the_slow_lane_and_stops_holding_up_t
     assert len(receiver.at("/turns")) < 3 + 12  # 7 seen here; 22 without the slow lane
     receiver.wait_for(23, "/turns", timeout=60)
     assert "notifier.deliver" in stack.log("slow") and "succeeded" in stack.log("slow")
+
+
+def test_a_fast_webhooks_burst_goes_side_by_side_in_one_prefork_task_within_its_cap(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(stack, database, receiver, "/burst", max_allowed_connections=4)
+    stack.env.update(PATIENT)  # the nine requests, and no other
+    # Batches of 2: the burst's 8 deliveries fill the 4 slots, which the task sends side by
+    # side (NOTIFIER_SEND_CONCURRENCY, 4).
+    stack.env["NOTIFIER_BATCH_SIZE"] = "2"
+    stack.worker("fast", concurrency=2, queues="notifier,notifier.deliver")
+    stack.worker("slow", pool="threads", concurrency=4, queues="notifier.slow")
+    send(stack, data=customer(0))  # never measured: by the slow lane, and measured fast
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 1), 30, "the first delivered")
+
+    receiver.hold("/burst", 0.3)
+    # One message: one ingest, whose one Redis call takes the webhook's 4 slots.
+    publish_many([{"eventName": "pointsIssued", "data": customer(n)} for n in range(1, 9)],
+                 org_id=ORG, broker_url=stack.settings.broker_url)
+
+    receiver.wait_for(9, "/burst", timeout=60)
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 9), 30, "9 delivered rows")
+    # The 4 slots were used at once, and never more; by one task of the prefork worker (its
+    # first lease in the fast lane, the 3 others riding with it), not one task each by the
+    # slow lane's one process, which sent the first delivery only.
+    assert receiver.peak["/burst"] == 4
+
+    def delivery_tasks() -> tuple[int, int]:
+        return tuple(sum(1 for line in stack.log(worker).splitlines()
+                         if "notifier.deliver[" in line and "succeeded" in line)
+                     for worker in ("fast", "slow"))  # type: ignore[return-value]
+
+    wait_until(lambda: min(delivery_tasks()) >= 1, 30, "the delivery tasks logged")
+    assert delivery_tasks() == (1, 1)
 
 
 def test_traffic_spread_over_webhooks_shares_delivery_tasks(

@@ -281,6 +281,38 @@ def test_a_webhook_measured_fast_has_at_most_its_fast_lane_leases_in_the_fast_la
     lanes.client.close()
 
 
+def test_a_fast_webhooks_slots_taken_together_ride_with_its_fast_lane_lease(
+        queues: Queues) -> None:
+    riding = Queues(queues.url, queues.prefix, riders=2, linger_ms=20)
+    fill(riding, "w", 6, 1)
+    (measured,) = riding.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
+    riding.release_many([(measured, Report(took_ms=5))], batch=1, lease_ms=LEASE, now_ms=0)
+    fill(riding, "w", 6, 12)
+
+    leases = riding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
+
+    # Six slots: the fast-lane lease, two riding with it (to go in its task and its prefork
+    # process), the rest by the slow lane. None lingers: the short one rides with a busy slot.
+    assert [(lease.slow, lease.rides) for lease in leases] == [
+        (False, False), (False, True), (False, True), (True, False), (True, False), (True, False)]
+    assert [lease.linger_ms for lease in leases] == [0] * 6
+    # The process is held until all three are given back: one given back alone frees no fast
+    # lease; the three given back together dispatch the next fast one and its riders.
+    fill(riding, "w", 6, 30)
+    (alone,) = riding.release_many([(leases[1], Report(took_ms=5))], batch=2, lease_ms=LEASE,
+                                   now_ms=2)
+    assert [(lease.slow, lease.rides) for lease in alone.leases] == [(True, False)]
+    together = riding.release_many([(lease, Report(took_ms=5)) for lease in (leases[0], leases[2])],
+                                   batch=2, lease_ms=LEASE, now_ms=3)
+    assert [(lease.slow, lease.rides) for given in together for lease in given.leases] == [
+        (False, False), (False, True)]
+    # A webhook not measured yet (presumed slow) has nothing ride: every lease by the slow lane.
+    fill(riding, "new", 3, 6)
+    assert [(lease.slow, lease.rides) for lease in riding.dispatch(
+        "new", batch=2, lease_ms=LEASE, now_ms=4)] == [(True, False)] * 3
+    riding.client.close()
+
+
 def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
         queues: Queues) -> None:
     assert not queues.claim_rebuild(60_000)  # whole
