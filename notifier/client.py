@@ -227,7 +227,7 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
 
     for unit in _units(leases):
         first = unit[0]
-        if first.slow or first.rides:
+        if first.slow or first.rides:  # (alone in its unit)
             _send(app, first, (), claimed_until)
             continue
         group = groups[first.linger_ms]
@@ -246,7 +246,8 @@ def _units(leases: Iterable[Lease]) -> Iterator[list[Lease]]:
     it (those of its webhook right after it), any other lease alone."""
     unit: list[Lease] = []
     for lease in leases:
-        if lease.rides and unit and unit[0].webhook_id == lease.webhook_id and not unit[0].slow:
+        if (lease.rides and unit and unit[0].webhook_id == lease.webhook_id
+                and not (unit[0].slow or unit[0].rides)):
             unit.append(lease)
             continue
         if unit:

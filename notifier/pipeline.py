@@ -1027,13 +1027,19 @@ class _Task:
             self._waiting.clear()
             handed = {lot.lease for lot in lots}
             self._held = [lease for lease in self._held if lease not in handed]
-            # A lease of a webhook this task still sends to (one riding with its fast-lane
-            # lease) goes on by the slow lane: that webhook keeps to this one prefork process.
-            sending = {lease.webhook_id for lease in self._held}
-        if lots:
-            log.info("%d lease(s) handed on: their task ran past its deadline", len(lots))
-            hand_on([replace(lot.lease, slow=True) if lot.lease.webhook_id in sending
-                     else lot.lease for lot in lots], self.claimed_until)
+            # Each goes on in a task of its own, by its lane; but a webhook keeps to one
+            # prefork process: a lease of a webhook this task still sends to, or another lease
+            # of a webhook handed on here (those riding with its fast-lane lease), goes on by
+            # the slow lane.
+            keeping = {lease.webhook_id for lease in self._held}
+            leases: list[Lease] = []
+            for lot in lots:
+                lease = lot.lease
+                leases.append(replace(lease, slow=True) if lease.webhook_id in keeping else lease)
+                keeping.add(lease.webhook_id)
+        if leases:
+            log.info("%d lease(s) handed on: their task ran past its deadline", len(leases))
+            hand_on(leases, self.claimed_until)
 
     @contextlib.contextmanager
     def _handed_on_at_deadline(self, hand_on: HandOn) -> Iterator[None]:

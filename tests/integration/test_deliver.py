@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -627,8 +627,15 @@ def test_leases_past_the_concurrency_not_started_by_the_deadline_are_handed_on(
         services.db.dispose()
 
 
-def test_a_lease_handed_on_while_its_task_sends_to_its_webhook_goes_by_the_slow_lane(
-    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
+@pytest.mark.parametrize(("order", "handed_on"), [
+    # w's riding lease waits while its fast-lane lease is sent: the rider goes by the slow lane.
+    (("x", "w", "w+", "y"), [("w", True), ("y", False)]),
+    # w's lease and its rider both wait: one goes on by its lane, the other by the slow lane.
+    (("x", "y", "w", "w+"), [("w", False), ("w", True)]),
+])
+def test_leases_handed_on_keep_a_webhook_to_one_prefork_process(
+    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
+    order: tuple[str, ...], handed_on: list[tuple[str, bool]]
 ) -> None:
     services = build_services(load_settings({
         "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
@@ -651,22 +658,22 @@ def test_a_lease_handed_on_while_its_task_sends_to_its_webhook_goes_by_the_slow_
         pipeline.accept_many(services, [
             {"eventName": "pointsIssued", "orgId": 3,
              "data": {"customerIdentifiers": {"customerId": n}}} for n in range(2)], leases.append)
-        lease = {(name_of[lease.webhook_id], lease.rides): lease for lease in leases}
-        assert not any(held.slow for held in leases) and len(lease) == 4
-        gates = [receiver.gate(path) for path in ("/3/x", "/3/w")]  # their requests held open
+        named = {name_of[lease.webhook_id] + ("+" if lease.rides else ""): lease
+                 for lease in leases}
+        assert sorted(named) == ["w", "w+", "x", "y"] and not any(lease.slow for lease in leases)
+        # The two sent first have their requests held open; the others wait for a thread.
+        gates = [receiver.gate(f"/3/{name.rstrip('+')}") for name in order[:2]]
         handed: list[Lease] = []
-        sending = threading.Thread(target=pipeline.deliver, args=(
-            services, [lease["x", False], lease["w", False], lease["w", True], lease["y", False]],
-            lambda _: None), kwargs={"hand_on": lambda held, _: handed.extend(held)})
+        # As the task has them from its message: which lease rides is not told.
+        task = [replace(named[name], rides=False) for name in order]
+        sending = threading.Thread(target=pipeline.deliver, args=(services, task, lambda _: None),
+                                   kwargs={"hand_on": lambda held, _: handed.extend(held)})
         sending.start()
         try:
-            # x and w's fast-lane lease side by side, their requests held; w's riding lease and
-            # y's wait for a thread, and are handed on at the deadline: w's by the slow lane, as
-            # its webhook keeps to this task's prefork process, y's by its own lane.
-            wait_until(lambda: len(handed) == 2 and receiver.in_flight["/3/x"]
-                       and receiver.in_flight["/3/w"], 30, "two leases handed on, two open")
-            assert sorted((name_of[held.webhook_id], held.slow) for held in handed) == [
-                ("w", True), ("y", False)]
+            wait_until(lambda: len(handed) == 2 and all(
+                receiver.in_flight[f"/3/{name.rstrip('+')}"] for name in order[:2]), 30,
+                "two leases handed on, two requests open")
+            assert [(name_of[lease.webhook_id], lease.slow) for lease in handed] == handed_on
         finally:
             for gate in gates:
                 gate.set()

@@ -98,3 +98,11 @@ def test_a_riding_lease_sent_without_its_fast_lane_lease_goes_alone_by_the_slow_
     assert [(task["args"][0], task["queue"], task["kwargs"]) for task in app.sent] == [
         ("w", SLOW_QUEUE, {"slow": True}), ("x", SLOW_QUEUE, {"slow": True}),
         ("a", DELIVER_QUEUE, None)]
+
+
+def test_riding_leases_of_one_webhook_sent_without_their_fast_lane_lease_each_go_alone() -> None:
+    app: Any = App()
+    send_leases(app, [lease("w", rides=True), lease("w", 2, rides=True)], most=20)
+
+    assert [(task["args"][2], task["queue"], task["kwargs"]) for task in app.sent] == [
+        (["msg_w_0"], SLOW_QUEUE, {"slow": True}), (["msg_w_0", "msg_w_1"], SLOW_QUEUE, {"slow": True})]
