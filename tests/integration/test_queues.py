@@ -287,29 +287,31 @@ def test_a_fast_webhooks_slots_taken_together_ride_with_its_fast_lane_lease(
     fill(riding, "w", 6, 1)
     (measured,) = riding.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
     riding.release_many([(measured, Report(took_ms=5))], batch=1, lease_ms=LEASE, now_ms=0)
-    fill(riding, "w", 6, 12)
+    fill(riding, "w", 6, 5)
 
     leases = riding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
 
-    # Six slots: the fast-lane lease, two riding with it (to go in its task and its prefork
-    # process), the rest by the slow lane. None lingers: the short one rides with a busy slot.
-    assert [(lease.slow, lease.rides) for lease in leases] == [
-        (False, False), (False, True), (False, True), (True, False), (True, False), (True, False)]
-    assert [lease.linger_ms for lease in leases] == [0] * 6
+    # The fast-lane lease and two riding with it, to go in its task and its prefork process;
+    # the short one does not linger beside the busy slot: it starts with the others.
+    assert [(lease.slow, lease.rides, len(lease.delivery_ids), lease.linger_ms)
+            for lease in leases] == [(False, False, 2, 0), (False, True, 2, 0), (False, True, 1, 0)]
+    # Past them, the webhook's leases go by the slow lane.
+    riding.enqueue("w", 6, [(f"e{i}", 10 + i) for i in range(16)])
+    assert [(lease.slow, lease.rides) for lease in riding.dispatch(
+        "w", batch=2, lease_ms=LEASE, now_ms=2)] == [(True, False)] * 3
     # The process is held until all three are given back: one given back alone frees no fast
-    # lease; the three given back together dispatch the next fast one and its riders.
-    fill(riding, "w", 6, 30)
+    # lease; the others given back together dispatch the next fast one and its rider.
     (alone,) = riding.release_many([(leases[1], Report(took_ms=5))], batch=2, lease_ms=LEASE,
-                                   now_ms=2)
+                                   now_ms=3)
     assert [(lease.slow, lease.rides) for lease in alone.leases] == [(True, False)]
     together = riding.release_many([(lease, Report(took_ms=5)) for lease in (leases[0], leases[2])],
-                                   batch=2, lease_ms=LEASE, now_ms=3)
+                                   batch=2, lease_ms=LEASE, now_ms=4)
     assert [(lease.slow, lease.rides) for given in together for lease in given.leases] == [
         (False, False), (False, True)]
     # A webhook not measured yet (presumed slow) has nothing ride: every lease by the slow lane.
     fill(riding, "new", 3, 6)
     assert [(lease.slow, lease.rides) for lease in riding.dispatch(
-        "new", batch=2, lease_ms=LEASE, now_ms=4)] == [(True, False)] * 3
+        "new", batch=2, lease_ms=LEASE, now_ms=5)] == [(True, False)] * 3
     riding.client.close()
 
 
