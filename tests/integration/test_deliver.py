@@ -25,16 +25,21 @@ from tests.conftest import Receiver, create_webhook, refusing_delivered, slots_h
 pytestmark = pytest.mark.integration
 
 
+def built(database_url: str, redis_url: str, tmp_path: Path, **settings: str) -> Services:
+    """The services of a worker on these stores, sending to loopback, with ``settings``."""
+    return build_services(load_settings({
+        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        **settings}))
+
+
 @pytest.fixture
 def services(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Services]:
     # A task hands on the leases it has not started by NOTIFIER_SLOW_WEBHOOK_MS from its start
     # (never past the 5 s NOTIFIER_BATCH_TIME_BUDGET). These tests hand on nothing (no_hand_on),
     # and on a loaded machine a lease waiting for one of its task's threads (five leases, four
     # threads) could wait past the default 1 s: handed on to no one, it was never sent.
-    made = build_services(load_settings({
-        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
-        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
-        "NOTIFIER_SLOW_WEBHOOK_MS": "10000"}))
+    made = built(database_url, redis_url, tmp_path, NOTIFIER_SLOW_WEBHOOK_MS="10000")
     yield made
     made.db.dispose()
 
@@ -584,13 +589,11 @@ def test_a_time_limit_landing_as_the_helper_threads_start_stops_those_started(
 def test_leases_past_the_concurrency_not_started_by_the_deadline_are_handed_on(
     database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
 ) -> None:
-    services = build_services(load_settings({
-        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
-        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
-        # The deadline runs from the task's start, before its take, claim and reads: 2 s leaves
-        # a loaded machine the time to start the second lease before it (at 0.3 s, a slow start
-        # had all three waiting handed on), and the two not started are handed on all the same.
-        "NOTIFIER_SEND_CONCURRENCY": "2", "NOTIFIER_SLOW_WEBHOOK_MS": "2000"}))
+    # The deadline runs from the task's start, before its take, claim and reads: 2 s leaves a
+    # loaded machine the time to start the second lease before it (at 0.3 s, a slow start had
+    # all three waiting handed on), and the two not started are handed on all the same.
+    services = built(database_url, redis_url, tmp_path, NOTIFIER_SEND_CONCURRENCY="2",
+                     NOTIFIER_SLOW_WEBHOOK_MS="2000")
     try:
         leases = leases_of(services, receiver, 1, webhooks=4)
         paths = [f"/1/{n}" for n in range(4)]
@@ -637,12 +640,9 @@ def test_leases_handed_on_keep_a_webhook_to_one_prefork_process(
     database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver,
     order: tuple[str, ...], handed_on: list[tuple[str, bool]]
 ) -> None:
-    services = build_services(load_settings({
-        "NOTIFIER_DATA_DIR": str(tmp_path), "NOTIFIER_DATABASE_URL": database_url,
-        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
-        # Two at once (one lease may ride with a fast-lane one), batches of one.
-        "NOTIFIER_SEND_CONCURRENCY": "2", "NOTIFIER_SLOW_WEBHOOK_MS": "2000",
-        "NOTIFIER_BATCH_SIZE": "1"}))
+    # Two at once (one lease may ride with a fast-lane one), batches of one.
+    services = built(database_url, redis_url, tmp_path, NOTIFIER_SEND_CONCURRENCY="2",
+                     NOTIFIER_SLOW_WEBHOOK_MS="2000", NOTIFIER_BATCH_SIZE="1")
     try:
         store.create_org(services.db, 3, "org 3", now_ms=0)
         name_of = {}
