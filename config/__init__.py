@@ -305,7 +305,8 @@ class Settings:
     fast_lane_leases: int = _setting(
         _positive_int, "1",
         "Most tasks of one webhook in the fast lane at once (each its lease, and up to "
-        "NOTIFIER_SEND_CONCURRENCY - 1 more of its slots taken with it, sent side by side); its "
+        "NOTIFIER_SEND_CONCURRENCY - 1 more of its slots, taken with it or as its task starts, "
+        "sent side by side); its "
         "other leases go by the slow lane however fast it answers, so that a webhook that "
         "turns slow holds at most this many prefork processes. Keep it below the prefork "
         "workers' concurrency.")

@@ -804,10 +804,12 @@ class _Task:
         services = self.services
         batch, lease_ms = services.settings.batch_size, services.lease_ms
         taken = services.queues.take_many(self._held, batch=batch, now_ms=now_ms())
-        for lease, held in zip(self._held, taken, strict=True):
+        for lease, held in zip(self._held, taken.leases, strict=True):
             if held is None:  # given back or expired: the webhook's queue goes on without it
                 pump(services, [lease.webhook_id], send)
-        self._held = [lease for lease in taken if lease is not None]
+        # Those that boarded a fast-lane lease are the task's too: sent beside it, given back
+        # with it.
+        self._held = [lease for lease in taken.leases if lease is not None] + taken.boarded
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
         done += [(lot, _fail_lot(lot, self.ledger)) for lot in lots

@@ -15,6 +15,9 @@ Keys, under the configured prefix ``P``:
 - ``P:leases``        every lease ``webhook|token`` by expiry, with its deliveries in ``P:lease:items``
 - ``P:unstarted``     hash webhook -> token of its one short lease whose task has not started
                       (for at most 10 s: then it is presumed lost and another may be dispatched)
+- ``P:boarding``      hash webhook -> ``<token>|<riders>``: its fast-lane lease whose task has not
+                      started (for at most 10 s, as above), and how many leases ride with it;
+                      what queues meanwhile waits to board it as it starts (see take)
 - ``P:latency``       hash webhook -> its recent slowest response (ms), which picks its lane
 - ``P:failing``       hash webhook -> the time of its first failed attempt since its last success
 - ``P:breaker:runs`` hash webhook -> its consecutive failed attempts (its circuit breaker)
@@ -40,7 +43,9 @@ webhook's leases beyond its first ``fast_leases`` live ones, so that a webhook t
 all at once holds at most that many prefork processes, never all of them; except that up to
 ``riders`` more, dispatched with a fast-lane one, ride in its task and its process (``rides``):
 a fast webhook's burst is sent side by side in the fast lane, not one lease a task by the slow
-lane's one process.
+lane's one process. What queues for a webhook while its fast-lane lease waits to start waits for
+it too, as much as could still ride with it, and boards it as it starts (``boarding``): a burst
+that begins with a lone event rides as well, and so does a busy webhook's share of its slots.
 
 The database stays the source of truth; everything here can be rebuilt from it.
 """
@@ -57,7 +62,8 @@ import redis.exceptions
 
 from notifier.errors import QueueUnavailable, StateLost
 
-__all__ = ["BREAKER_STATES", "Breaker", "Lease", "QueueState", "Queues", "Released", "Report"]
+__all__ = ["BREAKER_STATES", "Breaker", "Lease", "QueueState", "Queues", "Released", "Report",
+           "Taken"]
 
 T = TypeVar("T")
 
@@ -131,11 +137,28 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
       if string.sub(held, -1) == 'f' then fast_live = fast_live + 1 end
     end
   end
+  -- Leases that could still board its fast-lane lease waiting to start (see take): a lease that
+  -- would go by the slow lane waits for it instead, while it leaves that many slots free or no
+  -- more than their batches waits. So a burst after a lone event, or the slots a busy webhook's
+  -- slow-lane leases give back, go side by side in that lease's process too.
+  local room = 0
+  if slow == 0 and not probe_at then
+    local boarding = redis.call('HGET', p .. ':boarding', wh)
+    if boarding then
+      local token, rode = string.match(boarding, '^([^|]+)|(%d+)$')
+      local expiry = redis.call('ZSCORE', slots, token)
+      if expiry and tonumber(expiry) >= now
+          and now - tonumber(string.match(token, '^%d+')) < 10000 then
+        room = riders - tonumber(rode)
+      end
+    end
+  end
   -- Replays leave a webhook of several slots one for live deliveries, which would otherwise
   -- wait behind a replay's full batches (a probe is one slot in all: it may be a replay).
   local reserve = (limit > 1 and not probe_at) and 1 or 0
   local out = {}
   local led, rode = false, 0  -- a fast lease dispatched in this call; leases riding with it
+  local leader  -- the last such lease of live deliveries (it may board more)
   while free > 0 do
     -- Live deliveries first; replays only while none waits (one more ZCARD, then only).
     local from, waiting = q, redis.call('ZCARD', q)
@@ -157,11 +180,6 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
       -- Beside replays only, nothing is gathered by waiting: it goes at once.
       if live > 0 and live_leases(slots, now) > 0 then wait = linger end
     end
-    local popped = redis.call('ZPOPMIN', from, size)
-    local ids = {}
-    for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
-    -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
-    -- task still out with a lease from before must never give back a newer lease's slot.
     local lane = 1
     if slow == 0 and fast_live < fast then
       lane, led = 0, true
@@ -169,8 +187,15 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
       -- It rides in the task of the fast lease before it, and starts with it: no linger of
       -- its own (client.send_leases keeps it with that lease, lingering or not).
       lane, rode, wait = 2, rode + 1, 0
+    elseif from == q and room > 0 and (free <= room or waiting <= room * batch) then
+      break  -- it waits to board the fast-lane lease waiting to start
     end
     if lane ~= 1 then fast_live = fast_live + 1 end
+    local popped = redis.call('ZPOPMIN', from, size)
+    local ids = {}
+    for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+    -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
+    -- task still out with a lease from before must never give back a newer lease's slot.
     -- A replay lease's token holds an 'R' (see take); a prefork process's ends in 'f' (a lease
     -- riding with another's too: it holds that process).
     local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (from == r and 'R' or '')
@@ -181,6 +206,10 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
     redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
     redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
     if size < batch and from == q then redis.call('HSET', p .. ':unstarted', wh, token) end
+    if lane == 0 and from == q then
+      leader = token
+      redis.call('HSET', p .. ':boarding', wh, token .. '|0')
+    end
     if probe_at then set_open(p, wh, probe_at, cooldown, token) end
     out[#out + 1] = token
     out[#out + 1] = joined
@@ -189,6 +218,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
     free = free - 1
     live = live + 1
   end
+  if leader and rode > 0 then redis.call('HSET', p .. ':boarding', wh, leader .. '|' .. rode) end
   if redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
     redis.call('SREM', p .. ':queued', wh)
   end
@@ -201,6 +231,10 @@ _STARTED_FN = """
 local function started(p, wh, token)
   if redis.call('HGET', p .. ':unstarted', wh) == token then
     redis.call('HDEL', p .. ':unstarted', wh)
+  end
+  local boarding = redis.call('HGET', p .. ':boarding', wh)
+  if boarding and string.sub(boarding, 1, #token + 1) == token .. '|' then
+    redis.call('HDEL', p .. ':boarding', wh)
   end
 end
 """
@@ -246,14 +280,21 @@ end
 """
 
 # The lease as its task starts, topped up with what queued meanwhile (see Queues.take_many),
-# and how many failures in a row it may have before it stops (0: no limit).
+# how many failures in a row it may have before it stops (0: no limit), and the leases that
+# boarded it (their tokens and deliveries).
 _TAKE_FN = _STARTED_FN + _BREAKER_FN + _TO_HEAD_FN + """
-local function take(p, wh, token, batch, now, trip)
-  local member = wh .. '|' .. token
-  local expiry = redis.call('ZSCORE', p .. ':slots:' .. wh, token)
+local function take(p, wh, token, batch, now, trip, riders)
+  local member, slots = wh .. '|' .. token, p .. ':slots:' .. wh
+  local expiry = redis.call('ZSCORE', slots, token)
   -- A lease that was given back or expired carries nothing: its slot is no longer ours, and
   -- the sweeper has re-queued what it held.
   if not expiry or tonumber(expiry) < now then return false end
+  -- A fast-lane lease that what queued was left to board (see dispatch): how many more may.
+  local room = 0
+  local boarding = redis.call('HGET', p .. ':boarding', wh)
+  if boarding and string.sub(boarding, 1, #token + 1) == token .. '|' then
+    room = riders - tonumber(string.sub(boarding, #token + 2))
+  end
   started(p, wh, token)
   local q, r = p .. ':q:' .. wh, p .. ':r:' .. wh
   local items = redis.call('HGET', p .. ':lease:items', member) or ''
@@ -261,12 +302,12 @@ local function take(p, wh, token, batch, now, trip)
   if probe_at then
     -- The breaker opened since this lease was dispatched: only its probe goes (as it is, one
     -- failure allowed); any other lease gives what it carries back to the head of the queue.
-    if probing == token then return {items, 1} end
+    if probing == token then return {items, 1, {}} end
     local ids = {}
     for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
     if #ids > 0 then to_head(p, wh, ids, now) end
     redis.call('HSET', p .. ':lease:items', member, '')
-    return {'', 1}
+    return {'', 1, {}}
   end
   local allowed = 0
   if trip > 0 then
@@ -288,18 +329,41 @@ local function take(p, wh, token, batch, now, trip)
   end
   if topped then
     redis.call('HSET', p .. ':lease:items', member, items)
-    if redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
-      redis.call('SREM', p .. ':queued', wh)
+  end
+  -- What queued is left on board: up to `room` more leases, in the webhook's free slots, ride
+  -- in this task (their tokens end in 'f': they hold its process), and expire with this one.
+  local boarded = {}
+  if room > 0 and from == q then
+    local free = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
+                 - redis.call('ZCOUNT', slots, now, '+inf')
+    for _ = 1, math.min(room, free) do
+      local popped = redis.call('ZPOPMIN', q, batch)
+      if #popped == 0 then break end
+      local ids = {}
+      for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+      local more = now .. '-' .. redis.call('INCR', p .. ':seq') .. 'f'
+      local joined = table.concat(ids, ',')
+      redis.call('ZADD', slots, expiry, more)
+      redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. more)
+      redis.call('HSET', p .. ':lease:items', wh .. '|' .. more, joined)
+      boarded[#boarded + 1] = more
+      boarded[#boarded + 1] = joined
     end
   end
-  return {items, allowed}
+  if (topped or #boarded > 0) and redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
+    redis.call('SREM', p .. ':queued', wh)
+  end
+  return {items, allowed, boarded}
 end
 """
 
 _TAKE = _TAKE_FN + """
 local p, batch, now, trip = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local riders = tonumber(ARGV[5])
 local out = {}
-for i = 5, #ARGV, 2 do out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now, trip) end
+for i = 6, #ARGV, 2 do
+  out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now, trip, riders)
+end
 return out
 """
 
@@ -543,6 +607,17 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """A task's leases as it starts (``Queues.take_many``)."""
+
+    # Each lease given, topped up; None where it is no longer held.
+    leases: list[Lease | None]
+    # Further slots of their webhooks taken for what waited to board a fast-lane lease: they
+    # ride in the task (``Lease.rides``).
+    boarded: list[Lease]
+
+
+@dataclass(frozen=True)
 class Report:
     """What a lease's batch did, told when its slot is given back: the slowest response picks
     the webhook's lane, and its failures say since when the webhook has been failing."""
@@ -608,6 +683,10 @@ class QueueState:
 def _kind(replay: bool) -> str:
     """The key of a webhook's live queue (``q``) or of its replays (``r``)."""
     return "r" if replay else "q"
+
+
+def _ids(joined: bytes | str) -> tuple[str, ...]:
+    return tuple(i for i in _text(joined).split(",") if i)
 
 
 def _text(value: bytes | str) -> str:
@@ -757,10 +836,9 @@ class Queues:
                       rides=int(flat[i + 2]) == 2)
                 for i in range(0, len(flat), 4)]
 
-    def take_many(self, leases: Sequence[Lease], *, batch: int,
-                  now_ms: int) -> list[Lease | None]:
+    def take_many(self, leases: Sequence[Lease], *, batch: int, now_ms: int) -> Taken:
         """The leases (of one delivery task) as their task starts, in one call: each topped up
-        to ``batch`` with what queued meanwhile.
+        to ``batch`` with what queued meanwhile, and the leases that boarded them.
 
         A task waits in the broker after its leases are dispatched; deliveries queued for a
         webhook in that time ride along instead of each waiting for a task of its own. None for
@@ -768,15 +846,30 @@ class Queues:
         ``failures_allowed`` is what its webhook's circuit breaker leaves it; a lease whose
         webhook's breaker opened since it was dispatched carries nothing (what it carried goes
         back to the head of the queue), unless it is the breaker's probe.
+
+        A fast-lane lease also takes up to ``riders`` (less those dispatched with it) more of its
+        webhook's free slots for what is left in its queue (``Taken.boarded``): what queued
+        while it waited to start, and was left for it (see the module's docstring).
         """
         flat: list[Any] = []
         for lease in leases:
             flat += [lease.webhook_id, lease.token]
-        taken = self._script("take", batch, now_ms, self.breaker_failures, *flat) if flat else []
-        return [None if reply is None else
-                replace(lease, delivery_ids=tuple(i for i in _text(reply[0]).split(",") if i),
-                        linger_ms=0, failures_allowed=int(reply[1]))
-                for lease, reply in zip(leases, taken, strict=True)]
+        taken = (self._script("take", batch, now_ms, self.breaker_failures, self.riders, *flat)
+                 if flat else [])
+        held: list[Lease | None] = []
+        boarded: list[Lease] = []
+        for lease, reply in zip(leases, taken, strict=True):
+            if reply is None:
+                held.append(None)
+                continue
+            allowed = int(reply[1])
+            held.append(replace(lease, delivery_ids=_ids(reply[0]), linger_ms=0,
+                                failures_allowed=allowed))
+            more = reply[2]
+            boarded += [Lease(lease.webhook_id, _text(more[i]), _ids(more[i + 1]), rides=True,
+                              failures_allowed=allowed)
+                        for i in range(0, len(more), 2)]
+        return Taken(held, boarded)
 
     def still_held(self, leases: Sequence[Lease], *, now_ms: int) -> list[bool]:
         """Whether each lease still holds its slot (not given back, expired, or lost by Redis)."""

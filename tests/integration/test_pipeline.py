@@ -753,6 +753,58 @@ def test_a_fast_webhooks_burst_goes_side_by_side_in_one_prefork_task_within_its_
     assert delivery_tasks() == (1, 1)
 
 
+def test_a_burst_that_begins_with_a_lone_event_boards_its_fast_lane_task(
+    stack: Stack, receiver: Receiver, database: Database
+) -> None:
+    hook(stack, database, receiver, "/burst", max_allowed_connections=4)
+    hook(stack, database, receiver, "/busy", events=("tierUpgraded",))
+    stack.env.update(PATIENT)  # the requests, and no other
+    stack.env["NOTIFIER_BATCH_SIZE"] = "2"  # the burst's 7 fill the lone event's 4 slots
+    stack.worker("ingest", concurrency=1, queues="notifier")
+    # One prefork process, so that the lone event's task waits to start behind another.
+    stack.worker("fast", concurrency=1, queues="notifier.deliver")
+    stack.worker("slow", pool="threads", concurrency=4, queues="notifier.slow")
+
+    def ingested(count: int) -> bool:
+        """``count`` deliveries stored, and every ingest task that stored them done (their
+        leases dispatched after the commit)."""
+        lines = [line for line in stack.log("ingest").splitlines() if "notifier.ingest[" in line]
+        return (len(deliveries(database)) == count
+                and sum("Received" in line for line in lines)
+                == sum("succeeded" in line for line in lines))
+
+    def delivery_tasks() -> tuple[int, int]:
+        return tuple(sum(1 for line in stack.log(worker).splitlines()
+                         if "notifier.deliver[" in line and "succeeded" in line)
+                     for worker in ("fast", "slow"))  # type: ignore[return-value]
+
+    # Never measured: each webhook's first delivery goes by the slow lane, and is measured fast.
+    send(stack, data=customer(0))
+    send(stack, "tierUpgraded", data=customer(0))
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 2), 30, "the first two delivered")
+    # The prefork process is held by a request to the other webhook...
+    held = receiver.gate("/busy")
+    send(stack, "tierUpgraded", data=customer(1))
+    wait_until(lambda: receiver.in_flight["/busy"] == 1, 30, "the held request open")
+    # ... while a lone event, then a burst, come for this one.
+    receiver.hold("/burst", 0.3)
+    send(stack, data=customer(1))
+    wait_until(lambda: ingested(4), 30, "the lone event ingested")
+    publish_many([{"eventName": "pointsIssued", "data": customer(n)} for n in range(2, 9)],
+                 org_id=ORG, broker_url=stack.settings.broker_url)
+    wait_until(lambda: ingested(11), 30, "the burst ingested")
+    held.set()
+
+    receiver.wait_for(9, "/burst", timeout=60)
+    wait_until(settled(database, DeliveryStatus.DELIVERED, 11), 30, "11 delivered rows")
+    # The burst waited for the lone event's task, and boarded it as it started: the 4 slots
+    # used at once, never more, by one task of the prefork process; not one slow-lane task per
+    # lease while the lone event's task waited to start.
+    assert receiver.peak["/burst"] == 4
+    wait_until(lambda: sum(delivery_tasks()) >= 4, 30, "the delivery tasks logged")
+    assert delivery_tasks() == (2, 2)  # the held request's and the burst's; the two first
+
+
 def test_traffic_spread_over_webhooks_shares_delivery_tasks(
     stack: Stack, receiver: Receiver, database: Database
 ) -> None:
