@@ -803,13 +803,19 @@ class _Task:
     def run(self, send: SendLease, hand_on: HandOn) -> None:
         services = self.services
         batch, lease_ms = services.settings.batch_size, services.lease_ms
-        taken = services.queues.take_many(self._held, batch=batch, now_ms=now_ms())
-        for lease, held in zip(self._held, taken.leases, strict=True):
-            if held is None:  # given back or expired: the webhook's queue goes on without it
-                pump(services, [lease.webhook_id], send)
+        leases = self._held
+        taken = services.queues.take_many(leases, batch=batch, lease_ms=lease_ms,
+                                          now_ms=now_ms())
         # Those that boarded a fast-lane lease are the task's too: sent beside it, given back
-        # with it.
-        self._held = [lease for lease in taken.leases if lease is not None] + taken.boarded
+        # with it (or carried on with it).
+        self._held = taken.held
+        if taken.dispatched:  # (those of a lease that moved out go in a task of their own)
+            hand_on(taken.dispatched, None)
+        dispatched = {lease.webhook_id for lease in taken.dispatched}
+        for lease, held in zip(leases, taken.leases, strict=True):
+            # Given back or expired: the webhook's queue goes on without it.
+            if held is None and lease.webhook_id not in dispatched:
+                pump(services, [lease.webhook_id], send)
         lots = self._claim()
         done = [(lot, Report()) for lot in lots if not lot.claimed]
         done += [(lot, _fail_lot(lot, self.ledger)) for lot in lots

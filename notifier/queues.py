@@ -52,6 +52,7 @@ The database stays the source of truth; everything here can be rebuilt from it.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -207,7 +208,8 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
     redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
     if size < batch and from == q then redis.call('HSET', p .. ':unstarted', wh, token) end
     if lane == 0 and from == q then
-      leader = token
+      -- (Those that could board it ride with it now; an earlier one's room is no longer ours.)
+      leader, room = token, 0
       redis.call('HSET', p .. ':boarding', wh, token .. '|0')
     end
     if probe_at then set_open(p, wh, probe_at, cooldown, token) end
@@ -280,19 +282,26 @@ end
 """
 
 # The lease as its task starts, topped up with what queued meanwhile (see Queues.take_many),
-# how many failures in a row it may have before it stops (0: no limit), and the leases that
-# boarded it (their tokens and deliveries).
-_TAKE_FN = _STARTED_FN + _BREAKER_FN + _TO_HEAD_FN + """
-local function take(p, wh, token, batch, now, trip, riders)
+# how many failures in a row it may have before it stops (0: no limit), the leases that
+# boarded it (their tokens and deliveries), and the leases dispatched as it started (as
+# dispatch gives them), to send at once. A fast-lane lease that what queued waits for (see
+# dispatch) boards it (`mode` 1: its task holds no other webhook), or moves out to a task of its
+# own with it (2: the task's other leases are other webhooks'; its slot is given back, what it
+# carried goes back to the head of the queue, and the queue is dispatched: a fast-lane lease
+# and those riding with it), or neither (0); what still waits then is dispatched.
+_TAKE_FN = _STARTED_FN + _DISPATCH_FN + _TO_HEAD_FN + """
+local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger, fast, riders)
   local member, slots = wh .. '|' .. token, p .. ':slots:' .. wh
   local expiry = redis.call('ZSCORE', slots, token)
   -- A lease that was given back or expired carries nothing: its slot is no longer ours, and
   -- the sweeper has re-queued what it held.
   if not expiry or tonumber(expiry) < now then return false end
-  -- A fast-lane lease that what queued was left to board (see dispatch): how many more may.
-  local room = 0
+  -- A fast-lane lease that what queued was left to board (see dispatch): how many more may,
+  -- as long as dispatch leaves them to it.
+  local room = -1
   local boarding = redis.call('HGET', p .. ':boarding', wh)
-  if boarding and string.sub(boarding, 1, #token + 1) == token .. '|' then
+  if boarding and string.sub(boarding, 1, #token + 1) == token .. '|'
+      and now - tonumber(string.match(token, '^%d+')) < 10000 then
     room = riders - tonumber(string.sub(boarding, #token + 2))
   end
   started(p, wh, token)
@@ -302,12 +311,12 @@ local function take(p, wh, token, batch, now, trip, riders)
   if probe_at then
     -- The breaker opened since this lease was dispatched: only its probe goes (as it is, one
     -- failure allowed); any other lease gives what it carries back to the head of the queue.
-    if probing == token then return {items, 1, {}} end
+    if probing == token then return {items, 1, {}, {}} end
     local ids = {}
     for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
     if #ids > 0 then to_head(p, wh, ids, now) end
     redis.call('HSET', p .. ':lease:items', member, '')
-    return {'', 1, {}}
+    return {'', 1, {}, {}}
   end
   local allowed = 0
   if trip > 0 then
@@ -315,6 +324,20 @@ local function take(p, wh, token, batch, now, trip, riders)
   end
   local count = 0
   for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
+  if room >= 0 and mode == 2 and redis.call('ZCARD', q) > batch - count
+      and redis.call('ZCOUNT', slots, now, '+inf')
+          < tonumber(redis.call('HGET', p .. ':limit', wh) or '1') then
+    -- More waits than it takes, and a slot is free: it moves out, to a task of its own with
+    -- those riding with it.
+    local ids = {}
+    for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
+    redis.call('ZREM', slots, token)
+    redis.call('ZREM', p .. ':leases', member)
+    redis.call('HDEL', p .. ':lease:items', member)
+    if #ids > 0 then to_head(p, wh, ids, now) end
+    return {false, allowed, {}, dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
+                                or {}}
+  end
   local topped = false
   -- Topped up from its own queue only: a live lease takes no replays (they would hold up the
   -- live deliveries after it), a replay lease no live delivery (it would wait behind replays).
@@ -330,10 +353,10 @@ local function take(p, wh, token, batch, now, trip, riders)
   if topped then
     redis.call('HSET', p .. ':lease:items', member, items)
   end
-  -- What queued is left on board: up to `room` more leases, in the webhook's free slots, ride
-  -- in this task (their tokens end in 'f': they hold its process), and expire with this one.
-  local boarded = {}
-  if room > 0 and from == q then
+  -- What queued boards it: up to `room` more leases, in the webhook's free slots, ride in this
+  -- task (their tokens end in 'f': they hold its process), and expire with this one.
+  local boarded, dispatched = {}, {}
+  if room > 0 and mode == 1 then
     local free = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
                  - redis.call('ZCOUNT', slots, now, '+inf')
     for _ = 1, math.min(room, free) do
@@ -350,19 +373,25 @@ local function take(p, wh, token, batch, now, trip, riders)
       boarded[#boarded + 1] = joined
     end
   end
-  if (topped or #boarded > 0) and redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
+  -- What waited for it and did not board goes as dispatch sends it (by the slow lane).
+  if room >= 0 and redis.call('ZCARD', q) > 0 then
+    dispatched = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders) or {}
+  elseif (topped or #boarded > 0) and redis.call('ZCARD', q) == 0
+      and redis.call('ZCARD', r) == 0 then
     redis.call('SREM', p .. ':queued', wh)
   end
-  return {items, allowed, boarded}
+  return {items, allowed, boarded, dispatched}
 end
 """
 
 _TAKE = _TAKE_FN + """
 local p, batch, now, trip = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local riders = tonumber(ARGV[5])
+local lease, slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local fast, riders = tonumber(ARGV[8]), tonumber(ARGV[9])
 local out = {}
-for i = 6, #ARGV, 2 do
-  out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now, trip, riders)
+for i = 10, #ARGV, 3 do
+  out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now, trip, tonumber(ARGV[i + 2]), lease,
+                       slow_ms, linger, fast, riders)
 end
 return out
 """
@@ -610,11 +639,20 @@ class Lease:
 class Taken:
     """A task's leases as it starts (``Queues.take_many``)."""
 
-    # Each lease given, topped up; None where it is no longer held.
+    # Each lease given, topped up; None where it is no longer held (or moved out).
     leases: list[Lease | None]
-    # Further slots of their webhooks taken for what waited to board a fast-lane lease: they
-    # ride in the task (``Lease.rides``).
-    boarded: list[Lease]
+    # Each lease's boarders: further slots of its webhook taken for what waited to board it.
+    # They ride in the task (``Lease.rides``).
+    boarded: list[tuple[Lease, ...]]
+    # Leases dispatched as the task started, to send at once (those of a lease that moved out,
+    # or what waited to board one and did not).
+    dispatched: list[Lease]
+
+    @property
+    def held(self) -> list[Lease]:
+        """The leases the task holds now, each followed by its boarders."""
+        return [held for lease, more in zip(self.leases, self.boarded, strict=True) if lease
+                for held in (lease, *more)]
 
 
 @dataclass(frozen=True)
@@ -836,9 +874,10 @@ class Queues:
                       rides=int(flat[i + 2]) == 2)
                 for i in range(0, len(flat), 4)]
 
-    def take_many(self, leases: Sequence[Lease], *, batch: int, now_ms: int) -> Taken:
+    def take_many(self, leases: Sequence[Lease], *, batch: int, lease_ms: int,
+                  now_ms: int) -> Taken:
         """The leases (of one delivery task) as their task starts, in one call: each topped up
-        to ``batch`` with what queued meanwhile, and the leases that boarded them.
+        to ``batch`` with what queued meanwhile.
 
         A task waits in the broker after its leases are dispatched; deliveries queued for a
         webhook in that time ride along instead of each waiting for a task of its own. None for
@@ -847,29 +886,39 @@ class Queues:
         webhook's breaker opened since it was dispatched carries nothing (what it carried goes
         back to the head of the queue), unless it is the breaker's probe.
 
-        A fast-lane lease also takes up to ``riders`` (less those dispatched with it) more of its
-        webhook's free slots for what is left in its queue (``Taken.boarded``): what queued
-        while it waited to start, and was left for it (see the module's docstring).
+        What queued for a webhook while its fast-lane lease waited to start, left to board it
+        (see the module's docstring), boards it in up to ``riders`` (less those dispatched with
+        it) more of the webhook's free slots (``Taken.boarded``) when the task holds no other
+        webhook's lease. In a task shared with other webhooks, the lease moves out instead (None
+        here): its slot is given back and its webhook's queue dispatched, a fast-lane lease and
+        those riding with it in a task of their own. What waited for it and is left goes as
+        dispatch sends it (``Taken.dispatched``, to send at once).
         """
         flat: list[Any] = []
+        webhooks = collections.Counter(lease.webhook_id for lease in leases)
         for lease in leases:
-            flat += [lease.webhook_id, lease.token]
-        taken = (self._script("take", batch, now_ms, self.breaker_failures, self.riders, *flat)
-                 if flat else [])
-        held: list[Lease | None] = []
-        boarded: list[Lease] = []
-        for lease, reply in zip(leases, taken, strict=True):
-            if reply is None:
-                held.append(None)
-                continue
-            allowed = int(reply[1])
-            held.append(replace(lease, delivery_ids=_ids(reply[0]), linger_ms=0,
-                                failures_allowed=allowed))
-            more = reply[2]
-            boarded += [Lease(lease.webhook_id, _text(more[i]), _ids(more[i + 1]), rides=True,
-                              failures_allowed=allowed)
-                        for i in range(0, len(more), 2)]
-        return Taken(held, boarded)
+            mode = 1 if len(webhooks) == 1 else 2 if webhooks[lease.webhook_id] == 1 else 0
+            flat += [lease.webhook_id, lease.token, mode]
+        replies = self._script("take", batch, now_ms, self.breaker_failures, lease_ms,
+                               self.slow_ms, self.linger_ms, self.fast_leases, self.riders,
+                               *flat) if flat else []
+        taken = Taken([], [], [])
+        for lease, reply in zip(leases, replies, strict=True):
+            if reply is None or reply[0] is None:  # no longer held, or moved out
+                taken.leases.append(None)
+                taken.boarded.append(())
+            else:
+                allowed = int(reply[1])
+                taken.leases.append(replace(lease, delivery_ids=_ids(reply[0]), linger_ms=0,
+                                            failures_allowed=allowed))
+                more = reply[2]
+                taken.boarded.append(tuple(
+                    Lease(lease.webhook_id, _text(more[i]), _ids(more[i + 1]), rides=True,
+                          failures_allowed=allowed)
+                    for i in range(0, len(more), 2)))
+            if reply is not None:
+                taken.dispatched.extend(self._leases(lease.webhook_id, reply[3]))
+        return taken
 
     def still_held(self, leases: Sequence[Lease], *, now_ms: int) -> list[bool]:
         """Whether each lease still holds its slot (not given back, expired, or lost by Redis)."""

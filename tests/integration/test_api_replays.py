@@ -67,7 +67,7 @@ def test_a_replay_answers_its_count_and_id_and_its_progress(api: Api) -> None:
     replay_id = answer["replayId"]
     # One short lease is sent; it takes the rest as its task starts (see Queues.take_many).
     (lease,) = api.leases
-    (taken,) = api.services.queues.take_many([lease], batch=20, now_ms=now_ms()).leases
+    (taken,) = api.services.queues.take_many([lease], lease_ms=60_000, batch=20, now_ms=now_ms()).leases
     assert taken is not None and sorted(taken.delivery_ids) == sorted(dead)
 
     progress = api.call("GET", f"/v3/webHooks/{hook}/replays/{replay_id}").json()["data"]

@@ -31,7 +31,7 @@ def fill(queues: Queues, count: int, limit: int = 1, first: int = 0) -> None:
 
 
 def taken(queues: Queues, lease: Lease, now: int, batch: int = 2) -> Lease:
-    (started,) = queues.take_many([lease], batch=batch, now_ms=now).leases
+    (started,) = queues.take_many([lease], lease_ms=LEASE, batch=batch, now_ms=now).leases
     assert started is not None
     return started
 
@@ -161,7 +161,7 @@ def test_a_success_in_a_batch_starts_the_run_again_and_no_breaker_when_off(
     off.enqueue("w", 1, [(f"d{i}", i) for i in range(20)])
     (lease,) = off.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
     for now in range(10):
-        (started,) = off.take_many([lease], batch=1, now_ms=now).leases
+        (started,) = off.take_many([lease], lease_ms=LEASE, batch=1, now_ms=now).leases
         assert started is not None and started.failures_allowed == 0
         (released,) = off.release_many([(lease, Report(took_ms=5, failures=1))], batch=1,
                                        lease_ms=LEASE, now_ms=now)

@@ -322,6 +322,44 @@ def test_a_task_whose_record_finds_the_database_away_sends_again_and_loses_no_de
     assert [slots_held(services.queues, lease.webhook_id, now_ms=0) for lease in leases] == [0] * 3
 
 
+def test_a_burst_boards_its_fast_lane_lease_and_a_retry_carries_the_boarders_on(
+    services: Services, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create_org(services.db, 1, "org 1", now_ms=0)
+    webhook_id, _ = create_webhook(services.db, services.catalog, services.vault, org_id=1,
+                                   name="h", url=receiver.url("/h"),
+                                   event_names=["pointsIssued"], max_allowed_connections=4,
+                                   now_ms=0)
+    services.queues.client.hset(f"{services.settings.redis_prefix}:latency", webhook_id, 5)
+    events = [{"eventName": "pointsIssued", "orgId": 1,
+               "data": {"customerIdentifiers": {"customerId": n}}} for n in range(61)]
+    leases: list[Lease] = []
+    pipeline.accept(services, events[0], leases.append)  # a lone event: a fast-lane lease
+    pipeline.accept_many(services, events[1:], leases.append)  # a burst: it waits for it
+    (leader,) = leases
+    assert not leader.slow and len(leader.delivery_ids) == 1
+
+    def database_away(*_: Any, **__: Any) -> Any:
+        raise StoreUnavailable("database: the connection was lost")
+
+    # The task stops after it took its lease and the burst boarded it: its retry carries them
+    # all on, and nothing is handed on or left in a slot.
+    monkeypatch.setattr(store, "claim", database_away)
+    with pytest.raises(DeliveryInterrupted) as stopped:
+        pipeline.deliver(services, [leader], no_send, hand_on=no_hand_on)
+    monkeypatch.undo()
+    carried = stopped.value.leases
+    assert [len(lease.delivery_ids) for lease in carried] == [20, 20, 20, 1]
+    assert slots_held(services.queues, webhook_id, now_ms=0) == 4
+
+    pipeline.deliver(services, carried, no_send, hand_on=no_hand_on)
+
+    assert statuses(services) == [DeliveryStatus.DELIVERED] * 61
+    assert len(receiver.wait_for(61, "/h", unique=True)) == 61
+    assert receiver.peak["/h"] <= 4
+    assert slots_held(services.queues, webhook_id, now_ms=0) == 0
+
+
 def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
     services: Services, receiver: Receiver
 ) -> None:

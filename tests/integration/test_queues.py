@@ -47,7 +47,7 @@ def test_one_short_batch_at_a_time_waits_to_start_and_gathers_what_queues_meanwh
     lingering.enqueue("w", 3, [("late0", 10)])
     # A free slot remains, but the short batch not yet started will carry it.
     assert lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1) == []
-    (started,) = lingering.take_many([first], batch=1, now_ms=1).leases
+    (started,) = lingering.take_many([first], lease_ms=LEASE, batch=1, now_ms=1).leases
     assert started is not None and started.delivery_ids == ("d0",)
 
     (second,) = lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=1)
@@ -55,7 +55,7 @@ def test_one_short_batch_at_a_time_waits_to_start_and_gathers_what_queues_meanwh
 
     lingering.enqueue("w", 3, [("late1", 11), ("late2", 12)])
     assert lingering.dispatch("w", batch=4, lease_ms=LEASE, now_ms=2) == []
-    (held,) = lingering.take_many([second], batch=4, now_ms=3).leases
+    (held,) = lingering.take_many([second], lease_ms=LEASE, batch=4, now_ms=3).leases
     assert held is not None and held.delivery_ids == ("late0", "late1", "late2")
 
     lingering.enqueue("w", 3, [("late3", 13)])
@@ -117,7 +117,7 @@ def test_a_lease_from_before_a_flush_never_gives_back_a_newer_leases_slot(
     (released,) = queues.release_many([(old, Report())], batch=1, lease_ms=LEASE, now_ms=2_001)
     assert released.held is False
 
-    (taken,) = queues.take_many([new], batch=1, now_ms=2_002).leases
+    (taken,) = queues.take_many([new], lease_ms=LEASE, batch=1, now_ms=2_002).leases
     assert taken is not None and taken.delivery_ids == new.delivery_ids
 
 
@@ -138,7 +138,7 @@ def test_a_short_batch_whose_task_never_starts_holds_up_the_next_for_10_s_only(
     assert next_.delivery_ids == ("late",)
     # The lost one still holds its slot until its lease runs out.
     assert slots_held(queues, "w", 11_000) == 2
-    (late,) = queues.take_many([lost], batch=4, now_ms=11_001).leases
+    (late,) = queues.take_many([lost], lease_ms=LEASE, batch=4, now_ms=11_001).leases
     assert late is not None  # late, but still its own
 
 
@@ -147,7 +147,7 @@ def test_a_lease_is_topped_up_when_its_task_starts(queues: Queues) -> None:
     (lease,) = queues.dispatch("w", batch=3, lease_ms=LEASE, now_ms=0)
     queues.enqueue("w", 1, [(f"late{i}", 10 + i) for i in range(4)])
 
-    (held,) = queues.take_many([lease], batch=3, now_ms=1).leases
+    (held,) = queues.take_many([lease], lease_ms=LEASE, batch=3, now_ms=1).leases
 
     assert held is not None and held.delivery_ids == ("d0", "late0", "late1")
     assert waiting(queues, "w") == 2
@@ -159,10 +159,10 @@ def test_a_lease_no_longer_held_carries_nothing(queues: Queues) -> None:
     fill(queues, "w", 1, 2)
     (lease,) = queues.dispatch("w", batch=1, lease_ms=LEASE, now_ms=0)
 
-    assert queues.take_many([lease], batch=5, now_ms=LEASE + 1).leases == [None]  # expired
+    assert queues.take_many([lease], lease_ms=LEASE, batch=5, now_ms=LEASE + 1).leases == [None]  # expired
     (released,) = queues.release_many([(lease, Report())], batch=1, lease_ms=LEASE, now_ms=0)
     (following,) = released.leases
-    assert queues.take_many([lease], batch=5, now_ms=0).leases == [None]  # given back
+    assert queues.take_many([lease], lease_ms=LEASE, batch=5, now_ms=0).leases == [None]  # given back
     assert following.delivery_ids == ("d1",)  # the next lease has it, not the old one
 
 
@@ -176,7 +176,7 @@ def test_the_leases_of_a_task_are_taken_and_given_back_in_one_call_each(queues: 
     # b's slot: no longer ours.
     queues.release_many([(leases[1], Report())], batch=2, lease_ms=LEASE, now_ms=0)
 
-    a, b, c = queues.take_many(leases, batch=2, now_ms=1).leases
+    a, b, c = queues.take_many(leases, lease_ms=LEASE, batch=2, now_ms=1).leases
 
     assert a is not None and a.delivery_ids == ("d0", "a-late")
     assert b is None
@@ -338,14 +338,16 @@ def test_a_burst_after_a_lone_event_boards_the_fast_lane_lease_waiting_to_start(
     boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(6)])
     assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2) == []
 
-    taken = boarding.take_many([leader], batch=2, now_ms=3)
+    taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=3)
 
     # It is topped up, and the burst boards it in three more of the webhook's slots: they ride
     # in its task (their tokens count as the fast lane's), and expire with it.
     assert [lease and lease.delivery_ids for lease in taken.leases] == [("a", "b0")]
-    assert [lease.delivery_ids for lease in taken.boarded] == [("b1", "b2"), ("b3", "b4"), ("b5",)]
-    assert shape(taken.boarded) == [(False, True, 2), (False, True, 2), (False, True, 1)]
-    assert all(lease.token.endswith("f") for lease in taken.boarded)
+    (boarded,) = taken.boarded
+    assert [lease.delivery_ids for lease in boarded] == [("b1", "b2"), ("b3", "b4"), ("b5",)]
+    assert shape(boarded) == [(False, True, 2), (False, True, 2), (False, True, 1)]
+    assert all(lease.token.endswith("f") for lease in boarded)
+    assert taken.held == [taken.leases[0], *boarded] and taken.dispatched == []
     assert waiting(boarding, "w") == 0 and slots_held(boarding, "w", LEASE + 2) == 0
     assert slots_held(boarding, "w", 3) == 4
     # Started, it takes no more: what queues next goes by the slow lane at once.
@@ -354,7 +356,7 @@ def test_a_burst_after_a_lone_event_boards_the_fast_lane_lease_waiting_to_start(
     # Given back together, the four dispatch the next fast-lane lease and those riding with it.
     boarding.enqueue("w", 8, [(f"d{i}", 40 + i) for i in range(8)])
     released = boarding.release_many(
-        [(lease, Report(took_ms=5)) for lease in [*taken.leases, *taken.boarded] if lease],
+        [(lease, Report(took_ms=5)) for lease in taken.held],
         batch=2, lease_ms=LEASE, now_ms=5)
     assert [shape(given.leases) for given in released] == [
         [(False, False, 2), (False, True, 2), (False, True, 2), (False, True, 2)], [], [], []]
@@ -379,9 +381,73 @@ def test_a_busy_webhook_leaves_its_fast_lane_lease_the_slots_it_can_board(
     assert shape(given.leases) == [(True, False, 2)]
     assert slots_held(boarding, "w", 3) == 2
 
-    taken = boarding.take_many([leader], batch=2, now_ms=4)
-    assert shape(taken.boarded) == [(False, True, 2)] * 3
+    taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=4)
+    assert shape(taken.boarded[0]) == [(False, True, 2)] * 3
     assert slots_held(boarding, "w", 4) == 5 and waiting(boarding, "w") == 40 - 2 - 2 - 1 - 6
+    boarding.client.close()
+
+
+def test_a_fast_lane_lease_boards_no_more_than_its_webhooks_free_slots(queues: Queues) -> None:
+    boarding = Queues(queues.url, queues.prefix, riders=3)
+    measured_fast(boarding, "w", 8)
+    boarding.enqueue("w", 8, [("a", 10)])
+    (leader,) = boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
+    boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(6)])
+    assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2) == []
+    boarding.set_limit("w", 3)  # lowered meanwhile: two slots are free, not three
+
+    taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=3)
+
+    assert shape(taken.boarded[0]) == [(False, True, 2), (False, True, 2)]
+    assert slots_held(boarding, "w", 3) == 3 and waiting(boarding, "w") == 1
+    assert taken.dispatched == []  # no slot is left: it waits for one to be given back
+    boarding.client.close()
+
+
+def test_a_fast_lane_lease_sharing_a_task_moves_out_to_one_of_its_own_with_the_burst(
+        queues: Queues) -> None:
+    boarding = Queues(queues.url, queues.prefix, riders=3)
+    for webhook in ("w", "v"):
+        measured_fast(boarding, webhook, 8)
+        boarding.enqueue(webhook, 8, [(f"{webhook}-a", 10)])
+    # Two lone events' fast-lane leases, to share a task (client.send_leases).
+    leaders = [boarding.dispatch(webhook, batch=2, lease_ms=LEASE, now_ms=1)[0]
+               for webhook in ("w", "v")]
+    boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(5)])
+    assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2) == []
+
+    taken = boarding.take_many(leaders, lease_ms=LEASE, batch=2, now_ms=3)
+
+    # w's lease leaves the task: its slot given back, and w's queue (what it carried first)
+    # dispatched as a fast-lane lease with those riding with it, to send at once in a task of
+    # their own; v's, with nothing waiting, stays.
+    assert taken.leases[0] is None and taken.boarded == [(), ()]
+    assert taken.leases[1] is not None and taken.leases[1].delivery_ids == ("v-a",)
+    assert [lease.delivery_ids for lease in taken.dispatched] == [
+        ("w-a", "b0"), ("b1", "b2"), ("b3", "b4")]
+    assert shape(taken.dispatched) == [(False, False, 2), (False, True, 2), (False, True, 2)]
+    assert slots_held(boarding, "w", 3) == 3 and waiting(boarding, "w") == 0
+    # The lease that moved out is no longer held: given back, it frees nothing twice.
+    (given,) = boarding.release_many([(leaders[0], Report(took_ms=5))], batch=2,
+                                     lease_ms=LEASE, now_ms=4)
+    assert not given.held and slots_held(boarding, "w", 4) == 3
+    boarding.client.close()
+
+
+def test_what_a_new_fast_lane_lease_takes_with_it_is_no_longer_left_for_an_earlier_one(
+        queues: Queues) -> None:
+    # Two fast-lane leases a webhook (NOTIFIER_FAST_LANE_LEASES=2): the second, dispatched
+    # while the first waits to start, takes those that ride with it, and the rest goes by the
+    # slow lane into the free slots: none is left for the first, which can no longer board.
+    boarding = Queues(queues.url, queues.prefix, riders=3, fast_leases=2)
+    measured_fast(boarding, "w", 8)
+    boarding.enqueue("w", 8, [("a", 10)])
+    boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
+    boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(20)])
+
+    assert shape(boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2)) == [
+        (False, False, 2), *[(False, True, 2)] * 3, *[(True, False, 2)] * 3]
+    assert slots_held(boarding, "w", 2) == 8 and waiting(boarding, "w") == 6
     boarding.client.close()
 
 
@@ -398,9 +464,9 @@ def test_a_fast_lane_lease_not_started_in_10_s_is_no_longer_waited_for(
     assert shape(boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=10_001)) == [
         (True, False, 2), (True, False, 2)]
     # Started late after all, it takes what it carries, and boards nothing.
-    taken = boarding.take_many([leader], batch=2, now_ms=10_002)
+    taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=10_002)
     assert [lease and lease.delivery_ids for lease in taken.leases] == [("a",)]
-    assert taken.boarded == []
+    assert taken.boarded == [()]
     boarding.client.close()
 
 
@@ -503,7 +569,7 @@ def test_replays_wait_behind_live_deliveries_however_old_they_are(queues: Queues
     # A live one queued meanwhile goes before the replay, and tops up from it (its queue
     # empty): the slot carries both, and the cap holds.
     (second,) = released.leases
-    (topped,) = queues.take_many([second], batch=2, now_ms=2).leases
+    (topped,) = queues.take_many([second], lease_ms=LEASE, batch=2, now_ms=2).leases
     # A live one queued meanwhile goes before the replay. Its lease takes no replay when it
     # starts: a webhook's replays would hold up the live deliveries that come after it.
     assert topped is not None and topped.delivery_ids == ("live2",)
@@ -543,7 +609,7 @@ def test_replays_leave_a_webhook_of_several_slots_one_for_live_deliveries(
     queues.enqueue("w", 3, [("live0", 1000)])
     (live,) = queues.dispatch("w", batch=20, lease_ms=LEASE, now_ms=1)
     assert live.delivery_ids == ("live0",)
-    (started,) = queues.take_many([live], batch=20, now_ms=2).leases
+    (started,) = queues.take_many([live], lease_ms=LEASE, batch=20, now_ms=2).leases
     assert started is not None and started.delivery_ids == ("live0",)  # no replay beside it
 
     # A replay's slot given back beside the live one's: the free one is kept for live ones.
@@ -557,7 +623,7 @@ def test_replays_leave_a_webhook_of_several_slots_one_for_live_deliveries(
     # ... which takes no live delivery behind its replays as it starts: the live one gets the
     # slot kept for it.
     queues.enqueue("w", 3, [("live1", 1001)])
-    (started,) = queues.take_many([tail], batch=20, now_ms=5).leases
+    (started,) = queues.take_many([tail], lease_ms=LEASE, batch=20, now_ms=5).leases
     assert started is not None and started.delivery_ids == ("old40", "old41", "old42")
     assert waiting(queues, "w") == 1
     (live,) = queues.dispatch("w", batch=20, lease_ms=LEASE, now_ms=6)
