@@ -45,7 +45,9 @@ all at once holds at most that many prefork processes, never all of them; except
 a fast webhook's burst is sent side by side in the fast lane, not one lease a task by the slow
 lane's one process. What queues for a webhook while its fast-lane lease waits to start waits for
 it too, as much as could still ride with it, and boards it as it starts (``boarding``): a burst
-that begins with a lone event rides as well, and so does a busy webhook's share of its slots.
+that begins with a lone event rides as well, and so does a busy webhook's share of its slots. A
+lease that shares its task with other webhooks' moves out instead, to a task of its own with
+what waited for it (``Queues.take_many``).
 
 The database stays the source of truth; everything here can be rebuilt from it.
 """
