@@ -213,10 +213,11 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
     Fast-lane leases that start together (at once, or after the same linger) share tasks of up
     to ``most`` deliveries: the first lease is the task's own, the others ride as ``more``
     (traffic spread over many webhooks would otherwise cost one task per delivery). A webhook's
-    fast-lane lease and the leases riding with it (``Lease.rides``) go in one task, never split
-    (they hold one prefork process); another fast-lane lease of the same webhook goes in a task
-    of its own. A slow-lane lease goes alone, and so does a riding lease sent without its
-    fast-lane one, by the slow lane. ``claimed_until``: see ``pipeline.deliver``.
+    fast-lane lease and the leases riding with it (``Lease.rides``) go in one task of their own,
+    never split (they hold one prefork process, and what waits for that lease boards it as it
+    starts); another fast-lane lease of the same webhook goes in a task of its own. A slow-lane
+    lease goes alone, and so does a riding lease sent without its fast-lane one, by the slow
+    lane. ``claimed_until``: see ``pipeline.deliver``.
     """
     groups: dict[int, list[Lease]] = defaultdict(list)  # by linger
 
@@ -227,8 +228,10 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
 
     for unit in _units(leases):
         first = unit[0]
-        if first.slow or first.rides:  # (alone in its unit)
-            _send(app, first, (), claimed_until)
+        if first.slow or first.rides or len(unit) > 1:
+            # (a lease alone in its unit; or a unit with riders, whose task what waits for
+            # its fast-lane lease boards: see Queues.take_many)
+            _send(app, first, unit[1:], claimed_until)
             continue
         group = groups[first.linger_ms]
         if any(held.webhook_id == first.webhook_id for held in group):

@@ -810,7 +810,7 @@ class _Task:
         # with it (or carried on with it).
         self._held = taken.held
         if taken.dispatched:  # (those of a lease that moved out go in a task of their own)
-            hand_on(taken.dispatched, None)
+            self._send_now(taken.dispatched, send, hand_on)
         dispatched = {lease.webhook_id for lease in taken.dispatched}
         for lease, held in zip(leases, taken.leases, strict=True):
             # Given back or expired: the webhook's queue goes on without it.
@@ -843,6 +843,20 @@ class _Task:
         if any(given_back.state_lost for given_back in released):
             recover(services, send)
         _send_new_alerts(services, self.aftermath.kept, send)
+
+    def _send_now(self, leases: Sequence[Lease], send: SendLease, hand_on: HandOn) -> None:
+        """Send leases dispatched as the task starts at once, in tasks of their own; failing
+        that (the broker away), with those the task sends as it ends, so that the task still
+        sends what it holds."""
+        try:
+            hand_on(leases, None)
+        except self.interruptions:
+            raise
+        except Exception as exc:
+            log.warning("%d lease(s) not sent at once, they go as the task ends: %s",
+                        len(leases), faults.summary(exc))
+            for lease in leases:
+                send(lease)
 
     def _send_side_by_side(self, first: _Lot, hand_on: HandOn) -> list[tuple[_Lot, Report]]:
         """Send ``first`` and the waiting lots, up to ``NOTIFIER_SEND_CONCURRENCY`` at once:

@@ -354,10 +354,20 @@ local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger
   end
   if topped then
     redis.call('HSET', p .. ':lease:items', member, items)
+    if redis.call('ZCARD', q) == 0 and redis.call('ZCARD', r) == 0 then
+      redis.call('SREM', p .. ':queued', wh)
+    end
   end
-  -- What queued boards it: up to `room` more leases, in the webhook's free slots, ride in this
-  -- task (their tokens end in 'f': they hold its process), and expire with this one.
-  local boarded, dispatched = {}, {}
+  -- What waited for it boards it once the task's every lease is topped up (see board).
+  return {items, allowed, {}, {}}, room >= 0 and {wh, room, mode, expiry} or nil
+end
+
+-- What queued boards a lease as it starts: up to `room` more leases, in the webhook's free
+-- slots, ride in its task (their tokens end in 'f': they hold its process), and expire with it.
+-- What waited for it and did not board goes as dispatch sends it (by the slow lane).
+local function board(p, wh, room, mode, expiry, batch, now, lease, slow_ms, linger, fast, riders)
+  local q, slots = p .. ':q:' .. wh, p .. ':slots:' .. wh
+  local boarded = {}
   if room > 0 and mode == 1 then
     local free = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
                  - redis.call('ZCOUNT', slots, now, '+inf')
@@ -375,14 +385,11 @@ local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger
       boarded[#boarded + 1] = joined
     end
   end
-  -- What waited for it and did not board goes as dispatch sends it (by the slow lane).
-  if room >= 0 and redis.call('ZCARD', q) > 0 then
-    dispatched = dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders) or {}
-  elseif (topped or #boarded > 0) and redis.call('ZCARD', q) == 0
-      and redis.call('ZCARD', r) == 0 then
-    redis.call('SREM', p .. ':queued', wh)
+  if redis.call('ZCARD', q) > 0 then
+    return boarded, dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders) or {}
   end
-  return {items, allowed, boarded, dispatched}
+  if redis.call('ZCARD', p .. ':r:' .. wh) == 0 then redis.call('SREM', p .. ':queued', wh) end
+  return boarded, {}
 end
 """
 
@@ -390,10 +397,19 @@ _TAKE = _TAKE_FN + """
 local p, batch, now, trip = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, slow_ms, linger = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local fast, riders = tonumber(ARGV[8]), tonumber(ARGV[9])
-local out = {}
+local out, boarding = {}, {}
 for i = 10, #ARGV, 3 do
-  out[#out + 1] = take(p, ARGV[i], ARGV[i + 1], batch, now, trip, tonumber(ARGV[i + 2]), lease,
-                       slow_ms, linger, fast, riders)
+  local reply, waited = take(p, ARGV[i], ARGV[i + 1], batch, now, trip, tonumber(ARGV[i + 2]),
+                             lease, slow_ms, linger, fast, riders)
+  out[#out + 1] = reply
+  if waited then boarding[#boarding + 1] = {#out, waited} end
+end
+-- Once every lease is topped up (a short one riding with a fast-lane lease takes what queued
+-- before anything boards that lease).
+for _, each in ipairs(boarding) do
+  local wh, room, mode, expiry = unpack(each[2])
+  out[each[1]][3], out[each[1]][4] = board(p, wh, room, mode, expiry, batch, now, lease, slow_ms,
+                                           linger, fast, riders)
 end
 return out
 """

@@ -360,6 +360,47 @@ def test_a_burst_boards_its_fast_lane_lease_and_a_retry_carries_the_boarders_on(
     assert slots_held(services.queues, webhook_id, now_ms=0) == 0
 
 
+def test_a_lease_sharing_its_task_moves_out_with_its_burst_even_with_the_broker_away(
+    services: Services, receiver: Receiver
+) -> None:
+    store.create_org(services.db, 1, "org 1", now_ms=0)
+    hooks = {}
+    for name, event_name in (("w", "pointsIssued"), ("x", "tierUpgraded")):
+        hooks[name], _ = create_webhook(services.db, services.catalog, services.vault, org_id=1,
+                                        name=name, url=receiver.url(f"/{name}"),
+                                        event_names=[event_name], max_allowed_connections=4,
+                                        now_ms=0)
+        services.queues.client.hset(f"{services.settings.redis_prefix}:latency", hooks[name], 5)
+
+    def event(name: str, n: int) -> dict[str, Any]:
+        return {"eventName": name, "orgId": 1, "data": {"customerIdentifiers": {"customerId": n}}}
+
+    leases: list[Lease] = []
+    # Two lone events: two webhooks' fast-lane leases, which share a task; then a burst for w.
+    pipeline.accept_many(services, [event("pointsIssued", 0), event("tierUpgraded", 0)],
+                         leases.append)
+    pipeline.accept_many(services, [event("pointsIssued", n) for n in range(1, 31)],
+                         leases.append)
+    assert sorted(lease.webhook_id for lease in leases) == sorted(hooks.values())
+
+    def broker_away(handed: Sequence[Lease], claimed_until: int | None) -> None:
+        raise OSError("broker: connection refused")
+
+    sent: list[Lease] = []
+    pipeline.deliver(services, leases, sent.append, hand_on=broker_away)
+
+    # x's lease was sent; w's moved out: its burst (and the lone event it carried) dispatched as
+    # a fast-lane lease and those riding with it, sent as the task ended since the broker was
+    # away at its start.
+    assert len(receiver.wait_for(1, "/x")) == 1 and receiver.at("/w") == []
+    assert [(lease.webhook_id, lease.slow, lease.rides, len(lease.delivery_ids))
+            for lease in sent] == [(hooks["w"], False, False, 20), (hooks["w"], False, True, 11)]
+    pipeline.deliver(services, sent, no_send, hand_on=no_hand_on)
+    assert len(receiver.wait_for(31, "/w", unique=True)) == 31
+    assert statuses(services) == [DeliveryStatus.DELIVERED] * 32
+    assert [slots_held(services.queues, hook, now_ms=0) for hook in hooks.values()] == [0, 0]
+
+
 def test_a_delivery_sent_twice_by_a_duplicate_event_leaves_no_retry_parked(
     services: Services, receiver: Receiver
 ) -> None:

@@ -387,6 +387,24 @@ def test_a_busy_webhook_leaves_its_fast_lane_lease_the_slots_it_can_board(
     boarding.client.close()
 
 
+def test_a_short_lease_riding_with_a_fast_lane_one_is_topped_up_before_anything_boards(
+        queues: Queues) -> None:
+    boarding = Queues(queues.url, queues.prefix, riders=3)
+    measured_fast(boarding, "w", 8)
+    boarding.enqueue("w", 8, [(f"a{i}", 10 + i) for i in range(3)])
+    unit = boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
+    assert shape(unit) == [(False, False, 2), (False, True, 1)]
+    boarding.enqueue("w", 8, [("b0", 20)])  # left for the short rider to gather
+    assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2) == []
+
+    taken = boarding.take_many(unit, lease_ms=LEASE, batch=2, now_ms=3)
+
+    assert [lease and lease.delivery_ids for lease in taken.leases] == [("a0", "a1"), ("a2", "b0")]
+    assert taken.boarded == [(), ()] and taken.dispatched == []
+    assert slots_held(boarding, "w", 3) == 2
+    boarding.client.close()
+
+
 def test_a_fast_lane_lease_boards_no_more_than_its_webhooks_free_slots(queues: Queues) -> None:
     boarding = Queues(queues.url, queues.prefix, riders=3)
     measured_fast(boarding, "w", 8)
