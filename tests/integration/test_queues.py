@@ -325,17 +325,32 @@ def shape(leases: Iterable[Lease]) -> list[tuple[bool, bool, int]]:
     return [(lease.slow, lease.rides, len(lease.delivery_ids)) for lease in leases]
 
 
+@pytest.fixture
+def boarding(queues: Queues) -> Iterator[Queues]:
+    """Queues whose fast-lane leases may have 3 more ride with them (NOTIFIER_SEND_CONCURRENCY
+    4)."""
+    made = Queues(queues.url, queues.prefix, riders=3)
+    yield made
+    made.client.close()
+
+
+def lone_then_burst(boarding: Queues, limit: int, burst: int, *, lease_ms: int = LEASE) -> Lease:
+    """Webhook w, measured fast, gets a lone event (``a``), whose fast-lane lease is dispatched
+    (batches of 2) and waits to start, then ``burst`` more (``b0``, ``b1``, ...): that lease."""
+    measured_fast(boarding, "w", limit)
+    boarding.enqueue("w", limit, [("a", 10)])
+    (leader,) = boarding.dispatch("w", batch=2, lease_ms=lease_ms, now_ms=1)
+    boarding.enqueue("w", limit, [(f"b{i}", 20 + i) for i in range(burst)])
+    return leader
+
+
 def test_a_burst_after_a_lone_event_boards_the_fast_lane_lease_waiting_to_start(
-        queues: Queues) -> None:
-    boarding = Queues(queues.url, queues.prefix, riders=3)
-    measured_fast(boarding, "w", 8)
-    boarding.enqueue("w", 8, [("a", 10)])
-    (leader,) = boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
+        boarding: Queues) -> None:
+    leader = lone_then_burst(boarding, 8, 6)
     assert shape([leader]) == [(False, False, 1)]  # a lone event: short, in the fast lane
 
     # While its task waits to start, a burst waits for it too: as much as could still ride
     # with it (3 leases of 2), not one slow-lane lease each.
-    boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(6)])
     assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2) == []
 
     taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=3)
@@ -360,16 +375,11 @@ def test_a_burst_after_a_lone_event_boards_the_fast_lane_lease_waiting_to_start(
         batch=2, lease_ms=LEASE, now_ms=5)
     assert [shape(given.leases) for given in released] == [
         [(False, False, 2), (False, True, 2), (False, True, 2), (False, True, 2)], [], [], []]
-    boarding.client.close()
 
 
 def test_a_busy_webhook_leaves_its_fast_lane_lease_the_slots_it_can_board(
-        queues: Queues) -> None:
-    boarding = Queues(queues.url, queues.prefix, riders=3)
-    measured_fast(boarding, "w", 5)
-    boarding.enqueue("w", 5, [("a", 10)])
-    (leader,) = boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
-    boarding.enqueue("w", 5, [(f"b{i}", 20 + i) for i in range(40)])
+        boarding: Queues) -> None:
+    leader = lone_then_burst(boarding, 5, 40)
 
     # More waits than could board: the slow lane takes what the slots beyond the three that
     # could board carry, and those three are kept for it.
@@ -384,12 +394,10 @@ def test_a_busy_webhook_leaves_its_fast_lane_lease_the_slots_it_can_board(
     taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=4)
     assert shape(taken.boarded[0]) == [(False, True, 2)] * 3
     assert slots_held(boarding, "w", 4) == 5 and waiting(boarding, "w") == 40 - 2 - 2 - 1 - 6
-    boarding.client.close()
 
 
 def test_a_short_lease_riding_with_a_fast_lane_one_is_topped_up_before_anything_boards(
-        queues: Queues) -> None:
-    boarding = Queues(queues.url, queues.prefix, riders=3)
+        boarding: Queues) -> None:
     measured_fast(boarding, "w", 8)
     boarding.enqueue("w", 8, [(f"a{i}", 10 + i) for i in range(3)])
     unit = boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
@@ -402,15 +410,11 @@ def test_a_short_lease_riding_with_a_fast_lane_one_is_topped_up_before_anything_
     assert [lease and lease.delivery_ids for lease in taken.leases] == [("a0", "a1"), ("a2", "b0")]
     assert taken.boarded == [(), ()] and taken.dispatched == []
     assert slots_held(boarding, "w", 3) == 2
-    boarding.client.close()
 
 
-def test_a_fast_lane_lease_boards_no_more_than_its_webhooks_free_slots(queues: Queues) -> None:
-    boarding = Queues(queues.url, queues.prefix, riders=3)
-    measured_fast(boarding, "w", 8)
-    boarding.enqueue("w", 8, [("a", 10)])
-    (leader,) = boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=1)
-    boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(6)])
+def test_a_fast_lane_lease_boards_no_more_than_its_webhooks_free_slots(
+        boarding: Queues) -> None:
+    leader = lone_then_burst(boarding, 8, 6)
     assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=2) == []
     boarding.set_limit("w", 3)  # lowered meanwhile: two slots are free, not three
 
@@ -419,12 +423,10 @@ def test_a_fast_lane_lease_boards_no_more_than_its_webhooks_free_slots(queues: Q
     assert shape(taken.boarded[0]) == [(False, True, 2), (False, True, 2)]
     assert slots_held(boarding, "w", 3) == 3 and waiting(boarding, "w") == 1
     assert taken.dispatched == []  # no slot is left: it waits for one to be given back
-    boarding.client.close()
 
 
 def test_a_fast_lane_lease_sharing_a_task_moves_out_to_one_of_its_own_with_the_burst(
-        queues: Queues) -> None:
-    boarding = Queues(queues.url, queues.prefix, riders=3)
+        boarding: Queues) -> None:
     for webhook in ("w", "v"):
         measured_fast(boarding, webhook, 8)
         boarding.enqueue(webhook, 8, [(f"{webhook}-a", 10)])
@@ -449,7 +451,6 @@ def test_a_fast_lane_lease_sharing_a_task_moves_out_to_one_of_its_own_with_the_b
     (given,) = boarding.release_many([(leaders[0], Report(took_ms=5))], batch=2,
                                      lease_ms=LEASE, now_ms=4)
     assert not given.held and slots_held(boarding, "w", 4) == 3
-    boarding.client.close()
 
 
 def test_what_a_new_fast_lane_lease_takes_with_it_is_no_longer_left_for_an_earlier_one(
@@ -470,12 +471,8 @@ def test_what_a_new_fast_lane_lease_takes_with_it_is_no_longer_left_for_an_earli
 
 
 def test_a_fast_lane_lease_not_started_in_10_s_is_no_longer_waited_for(
-        queues: Queues) -> None:
-    boarding = Queues(queues.url, queues.prefix, riders=3)
-    measured_fast(boarding, "w", 8)
-    boarding.enqueue("w", 8, [("a", 10)])
-    (leader,) = boarding.dispatch("w", batch=2, lease_ms=60_000, now_ms=1)
-    boarding.enqueue("w", 8, [(f"b{i}", 20 + i) for i in range(4)])
+        boarding: Queues) -> None:
+    leader = lone_then_burst(boarding, 8, 4, lease_ms=60_000)
     assert boarding.dispatch("w", batch=2, lease_ms=LEASE, now_ms=9_999) == []
 
     # Presumed lost (its slot held until its lease expires): the slow lane takes the rest.
@@ -485,7 +482,6 @@ def test_a_fast_lane_lease_not_started_in_10_s_is_no_longer_waited_for(
     taken = boarding.take_many([leader], lease_ms=LEASE, batch=2, now_ms=10_002)
     assert [lease and lease.delivery_ids for lease in taken.leases] == [("a",)]
     assert taken.boarded == [()]
-    boarding.client.close()
 
 
 def test_a_lost_state_is_rebuilt_by_one_and_grants_nothing_until_it_is(
