@@ -226,20 +226,17 @@ def send_leases(app: Celery, leases: Iterable[Lease], *, most: int,
             _send(app, group[0], group[1:], claimed_until)
             group.clear()
 
-    for unit in _units(leases):
-        first = unit[0]
-        if first.slow or first.rides or len(unit) > 1:
-            # (a lease alone in its unit; or a unit with riders, whose task what waits for
-            # its fast-lane lease boards: see Queues.take_many)
-            _send(app, first, unit[1:], claimed_until)
-            continue
+    for first, *riding in _units(leases):
         group = groups[first.linger_ms]
-        if any(held.webhook_id == first.webhook_id for held in group):
-            _send(app, first, unit[1:], claimed_until)
+        # A task of its own: a slow-lane lease, a lone rider, a unit with riders (what waits
+        # for its fast-lane lease boards that task: Queues.take_many), a second of a webhook.
+        if (first.slow or first.rides or riding
+                or any(held.webhook_id == first.webhook_id for held in group)):
+            _send(app, first, riding, claimed_until)
             continue
-        if sum(len(lease.delivery_ids) for lease in (*group, *unit)) > most:
+        if sum(len(lease.delivery_ids) for lease in group) + len(first.delivery_ids) > most:
             send_group(group)
-        group += unit
+        group.append(first)
     for group in groups.values():
         send_group(group)
 

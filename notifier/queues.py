@@ -95,7 +95,26 @@ local function set_open(p, wh, at, cool, probe)
 end
 """
 
-_DISPATCH_FN = _BREAKER_FN + """
+# A lease made (its slot held until `expiry`, carrying the deliveries `joined`), or forgotten
+# (1 if its slot was still held); and whether a lease was dispatched less than 10 s ago (a
+# token begins with its dispatch time): one whose task has not started by then is presumed lost.
+_LEASE_FN = """
+local function hold_lease(p, wh, token, expiry, joined)
+  redis.call('ZADD', p .. ':slots:' .. wh, expiry, token)
+  redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
+  redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
+end
+local function drop_lease(p, wh, token)
+  redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
+  redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
+  return redis.call('ZREM', p .. ':slots:' .. wh, token)
+end
+local function recent(token, now)
+  return now - tonumber(string.match(token, '^%d+')) < 10000
+end
+"""
+
+_DISPATCH_FN = _BREAKER_FN + _LEASE_FN + """
 -- How many of a webhook's live leases carry live deliveries (a replay lease's token holds an 'R').
 local function live_leases(slots, now)
   local n = 0
@@ -150,8 +169,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
     if boarding then
       local token, rode = string.match(boarding, '^([^|]+)|(%d+)$')
       local expiry = redis.call('ZSCORE', slots, token)
-      if expiry and tonumber(expiry) >= now
-          and now - tonumber(string.match(token, '^%d+')) < 10000 then
+      if expiry and tonumber(expiry) >= now and recent(token, now) then
         room = riders - tonumber(rode)
       end
     end
@@ -179,7 +197,7 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
       -- One whose task has not started 10 s after it was dispatched (the token begins with that
       -- time) is presumed lost to gathering; it keeps its slot until its lease expires.
       local unstarted = redis.call('HGET', p .. ':unstarted', wh)
-      if unstarted and now - tonumber(string.match(unstarted, '^%d+')) < 10000 then break end
+      if unstarted and recent(unstarted, now) then break end
       -- Beside replays only, nothing is gathered by waiting: it goes at once.
       if live > 0 and live_leases(slots, now) > 0 then wait = linger end
     end
@@ -203,11 +221,8 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
     -- riding with another's too: it holds that process).
     local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (from == r and 'R' or '')
                   .. (lane ~= 1 and 'f' or '')
-    local expiry = now + lease
     local joined = table.concat(ids, ',')
-    redis.call('ZADD', slots, expiry, token)
-    redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
-    redis.call('HSET', p .. ':lease:items', wh .. '|' .. token, joined)
+    hold_lease(p, wh, token, now + lease, joined)
     if size < batch and from == q then redis.call('HSET', p .. ':unstarted', wh, token) end
     if lane == 0 and from == q then
       -- (Those that could board it ride with it now; an earlier one's room is no longer ours.)
@@ -302,8 +317,7 @@ local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger
   -- as long as dispatch leaves them to it.
   local room = -1
   local boarding = redis.call('HGET', p .. ':boarding', wh)
-  if boarding and string.sub(boarding, 1, #token + 1) == token .. '|'
-      and now - tonumber(string.match(token, '^%d+')) < 10000 then
+  if boarding and string.sub(boarding, 1, #token + 1) == token .. '|' and recent(token, now) then
     room = riders - tonumber(string.sub(boarding, #token + 2))
   end
   started(p, wh, token)
@@ -333,9 +347,7 @@ local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger
     -- those riding with it.
     local ids = {}
     for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
-    redis.call('ZREM', slots, token)
-    redis.call('ZREM', p .. ':leases', member)
-    redis.call('HDEL', p .. ':lease:items', member)
+    drop_lease(p, wh, token)
     if #ids > 0 then to_head(p, wh, ids, now) end
     return {false, allowed, {}, dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
                                 or {}}
@@ -378,9 +390,7 @@ local function board(p, wh, room, mode, expiry, batch, now, lease, slow_ms, ling
       for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
       local more = now .. '-' .. redis.call('INCR', p .. ':seq') .. 'f'
       local joined = table.concat(ids, ',')
-      redis.call('ZADD', slots, expiry, more)
-      redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. more)
-      redis.call('HSET', p .. ':lease:items', wh .. '|' .. more, joined)
+      hold_lease(p, wh, more, expiry, joined)
       boarded[#boarded + 1] = more
       boarded[#boarded + 1] = joined
     end
@@ -417,20 +427,17 @@ return out
 # A slot rebuilt from a live claim of the database, named after the claim's token (see
 # Queues.hold_claims). Never the name of a lease (those begin with a digit).
 _CLAIM_SLOT_FN = """
-local function claim_slot(wh, claim)
-  return 'claim-' .. claim, wh .. '|claim-' .. claim
+local function claim_slot(claim)
+  return 'claim-' .. claim
 end
 """
 
-_HOLD_CLAIMS = _CLAIM_SLOT_FN + """
+_HOLD_CLAIMS = _CLAIM_SLOT_FN + _LEASE_FN + """
 local p, now = ARGV[1], tonumber(ARGV[2])
 for i = 3, #ARGV, 4 do
   local wh, claim, expiry, items = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if tonumber(expiry) > now then
-    local token, member = claim_slot(wh, claim)
-    redis.call('ZADD', p .. ':slots:' .. wh, expiry, token)
-    redis.call('ZADD', p .. ':leases', expiry, member)
-    redis.call('HSET', p .. ':lease:items', member, items)
+    hold_lease(p, wh, claim_slot(claim), expiry, items)
   end
 end
 return 1
@@ -466,16 +473,9 @@ for i = 12, #ARGV, 7 do
   local wh, token, took = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local delivered, failing = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   local failures = tonumber(ARGV[i + 6])
-  redis.call('ZREM', p .. ':leases', wh .. '|' .. token)
-  redis.call('HDEL', p .. ':lease:items', wh .. '|' .. token)
   started(p, wh, token)
-  local held = redis.call('ZREM', p .. ':slots:' .. wh, token)
-  if ARGV[i + 5] ~= '' then
-    local claimed, member = claim_slot(wh, ARGV[i + 5])
-    redis.call('ZREM', p .. ':slots:' .. wh, claimed)
-    redis.call('ZREM', p .. ':leases', member)
-    redis.call('HDEL', p .. ':lease:items', member)
-  end
+  local held = drop_lease(p, wh, token)
+  if ARGV[i + 5] ~= '' then drop_lease(p, wh, claim_slot(ARGV[i + 5])) end
   if took >= 0 then
     local before = tonumber(redis.call('HGET', p .. ':latency', wh) or '-1')
     redis.call('HSET', p .. ':latency', wh, math.max(took, math.floor(before * 0.7)))
