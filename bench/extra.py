@@ -384,8 +384,7 @@ def _spread(receiver: Receiver, procs: run.Processes, orgs: list[int],
         publish(run.EVENT, data, org_id=orgs[i % len(orgs)], broker_url=run.NOTIFIER_BROKER)
     tasks_before = run.delivery_tasks(procs)
     with run.RssSampler(run.worker_pids(procs)) as rss:
-        t0 = time.perf_counter()
-        procs.resume(run.NOTIFIER_BROKER, "notifier", QUEUE)
+        t0, wake = procs.resume_timed(run.NOTIFIER_BROKER, "notifier", QUEUE)
         run._wait(receiver, start_count + deliveries, deliveries, f"{len(orgs)} webhooks")
         seconds = time.perf_counter() - t0
     tasks = max(1, run.delivery_tasks(procs) - tasks_before)
@@ -396,7 +395,7 @@ def _spread(receiver: Receiver, procs: run.Processes, orgs: list[int],
         raise run.BenchError(f"{len(orgs)} webhooks: expected {deliveries} delivered, db {counts}")
     return run.Sample(seconds, deliveries, rss.peak,
                       [f"({len(orgs)} orgs x 1 webhook, events round-robin; {tasks} delivery "
-                       f"tasks, {deliveries / tasks:.1f} deliveries each)"])
+                       f"tasks, {deliveries / tasks:.1f} deliveries each; {run.woke(wake)})"])
 
 
 # ---------------------------------------------------------------- backlog
@@ -470,6 +469,10 @@ def backlog(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
         if receiver.count != start_count + 100:
             raise run.BenchError("backlog: a delivery went out while delivery was paused")
 
+        # The fast lane's worker must consume nothing when its delivery queue is resumed, or
+        # it would take from it only when its BRPOP over the ingest queue, in flight, times out
+        # (up to 1 s; see run.Processes.resume_timed).
+        procs.pause(broker, "notifier", QUEUE)
         before_drain()
         # (The receiver counted Floor B's requests meanwhile: the database says what notifier
         # attempted.)
@@ -481,6 +484,7 @@ def backlog(receiver: Receiver, folder: Path, concurrency: int, deliveries: int,
             t0 = time.perf_counter()
             procs.resume(broker, "notifier", DELIVER_QUEUE)
             procs.resume(broker, "slow", SLOW_QUEUE)
+            procs.resume(broker, "notifier", QUEUE)  # (beat's sweeps)
             run._wait(receiver, start_count + deliveries, deliveries, "backlog drain")
             seconds = time.perf_counter() - t0
         _wait_until(lambda: run._db_counts() == (deliveries,) * 3, 60, "every attempt recorded")

@@ -261,6 +261,33 @@ class Processes:
         if not reply:
             raise BenchError(f"worker {name} did not answer add_consumer")
 
+    def resume_timed(self, broker_url: str, name: str, queue: str) -> tuple[float, float]:
+        """Resume ``queue``, filled while paused: ``(t0, wake)``, the ``perf_counter()`` at which
+        the worker took its first message (the drain's start) and how long after the resume.
+
+        A worker still consuming another queue takes up to a second to take from a queue added
+        back: kombu's BRPOP over its other queues, already in flight, waits up to 1 s (its
+        timeout) before the next one names the new queue. A worker of one queue (Floor B's) has
+        none in flight and takes at once. That second is the bench's pause, not the work timed,
+        so drains are timed from the first message taken, for every worker alike: when the queue
+        shrank already by the time the worker answered, from the resume itself."""
+        client = redis.Redis.from_url(broker_url)
+        try:
+            seen = int(client.llen(queue))
+            resumed = time.perf_counter()
+            self.resume(broker_url, name, queue)
+            deadline, polls = time.monotonic() + 5, 0
+            # (beat's tasks may join a notifier queue meanwhile: a take is the length falling)
+            while (length := int(client.llen(queue))) >= seen:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"worker {name} took nothing from {queue} in 5 s")
+                seen, polls = length, polls + 1
+                time.sleep(0.001)
+            took = time.perf_counter() if polls else resumed
+        finally:
+            client.close()
+        return took, took - resumed
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -276,6 +303,11 @@ class Processes:
             # The prefork children are in the same group; make sure none outlives its parent.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def woke(wake: float) -> str:
+    """A round's note of how long its worker took to take its first message, untimed."""
+    return f"first message taken {wake * 1000:.0f} ms after the resume, not timed"
 
 
 def _timeout(deliveries: int) -> float:
@@ -404,12 +436,12 @@ def floor_b(receiver: Receiver, procs: Processes, deliveries: int) -> Sample:
     fill = time.perf_counter() - t0
     with RssSampler([procs.procs["floor-b"].pid]) as rss:
         cpu = CpuUse([procs.procs["floor-b"].pid])
-        t0 = time.perf_counter()
-        procs.resume(FLOOR_B_BROKER, "floor-b", FLOOR_B_QUEUE)
+        t0, wake = procs.resume_timed(FLOOR_B_BROKER, "floor-b", FLOOR_B_QUEUE)
         _wait(receiver, start_count + deliveries, deliveries, "Floor B")
         seconds = time.perf_counter() - t0
         cpu.stop()
-    return Sample(seconds, deliveries, rss.peak, [f"(queue filled at {deliveries / fill:.0f}/s)"],
+    return Sample(seconds, deliveries, rss.peak,
+                  [f"(queue filled at {deliveries / fill:.0f}/s; {woke(wake)})"],
                   cpu_us=cpu.workers_us(deliveries))
 
 
@@ -672,8 +704,7 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     tasks_before, wal_before = delivery_tasks(procs), wal_bytes()
     with RssSampler(worker_pids(procs)) as rss:
         cpu = CpuUse(worker_pids(procs))
-        t0 = time.perf_counter()
-        procs.resume(NOTIFIER_BROKER, "notifier", QUEUE)
+        t0, wake = procs.resume_timed(NOTIFIER_BROKER, "notifier", QUEUE)
         _wait(receiver, start_count + events * fanout, events * fanout, "notifier")
         seconds = time.perf_counter() - t0
         # The receiver counts a request when it answers; the attempt is recorded just after.
@@ -685,7 +716,7 @@ def notifier(receiver: Receiver, procs: Processes, deliveries: int, fanout: int,
     tasks = max(1, delivery_tasks(procs) - tasks_before)
     wal = (wal_bytes() - wal_before) / max(1, delivered)
     note = (f"db: {delivered}/{total} delivered, {attempts} attempts (queue filled at "
-            f"{events / fill:.0f}/s); {events / ingest_batches():.1f} events per ingest batch; "
+            f"{events / fill:.0f}/s; {woke(wake)}); {events / ingest_batches():.1f} events per ingest batch; "
             f"{tasks} delivery tasks ({delivered / tasks:.1f} deliveries each); {wal:.0f} B of "
             f"WAL per delivery; {cpu.per(delivered)}")
     if (delivered, total, attempts) != (events * fanout,) * 3:
