@@ -55,7 +55,7 @@ class Tally:
     The fields of the Redis hash: ``events|<outcome>``, ``fanned_out``, ``attempts|<webhook>|
     <outcome>``, ``<histogram>|<bucket index>`` with ``<histogram>|sum_ms``, ``sla_breaches``,
     ``webhooks_disabled``, ``alerts|<kind>``, ``delivery_tasks``, ``delivery_task_leases``,
-    ``ingest_batches``.
+    ``delivery_task_boarders``, ``ingest_batches``.
     """
 
     def __init__(self) -> None:
@@ -80,6 +80,11 @@ class Tally:
     def delivery_task(self, leases: int) -> None:
         """A delivery task ran, sent with ``leases`` leases (a webhook's slot each)."""
         self._add(("delivery_tasks", 1), ("delivery_task_leases", leases))
+
+    def boarded(self, leases: int) -> None:
+        """``leases`` more slots of a webhook were taken as a task started, for what waited to
+        board its fast-lane lease (``Queues.take_many``)."""
+        self._add(("delivery_task_boarders", leases))
 
     def webhook_disabled(self) -> None:
         self._add(("webhooks_disabled", 1))
@@ -148,6 +153,10 @@ class ServiceCollector(Collector):
                       "webhook's slot each) the delivery tasks were sent with: over "
                       "notifier_delivery_tasks_total, how many webhooks a task serves.",
                       counts.get("delivery_task_leases", 0))
+        yield _single(CounterMetricFamily, "notifier_delivery_task_boarders", "Leases taken "
+                      "as a delivery task started, beside those it was sent with, for what "
+                      "waited to board its webhook's fast-lane lease: sent in its process.",
+                      counts.get("delivery_task_boarders", 0))
         yield _single(CounterMetricFamily, "notifier_webhooks_disabled", "Webhooks notifier "
                       "deactivated: every attempt failed for NOTIFIER_DISABLE_FAILING_AFTER.",
                       counts.get("webhooks_disabled", 0))

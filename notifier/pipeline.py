@@ -809,6 +809,7 @@ class _Task:
         # Those that boarded a fast-lane lease are the task's too: sent beside it, given back
         # with it (or carried on with it).
         self._held = taken.held
+        self.tally.boarded(sum(map(len, taken.boarded)))
         if taken.dispatched:  # (those of a lease that moved out go in a task of their own)
             self._send_now(taken.dispatched, send, hand_on)
         dispatched = {lease.webhook_id for lease in taken.dispatched}

@@ -803,6 +803,10 @@ def test_a_burst_that_begins_with_a_lone_event_boards_its_fast_lane_task(
     assert receiver.peak["/burst"] == 4
     wait_until(lambda: sum(delivery_tasks()) >= 4, 30, "the delivery tasks logged")
     assert delivery_tasks() == (2, 2)  # the held request's and the burst's; the two first
+    # Its three boarders counted (notifier_delivery_task_boarders_total), as its task ended.
+    queues = Queues(stack.settings.redis_url, stack.settings.redis_prefix)
+    wait_until(lambda: queues.counts().get("delivery_task_boarders") == 3, 30,
+               "the three boarders counted")
 
 
 def test_traffic_spread_over_webhooks_shares_delivery_tasks(
