@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             row.samples.append(sample)
             row.paired.append(sample.rate / base.rate)
             print(f"  round {i + 1}/{args.repeat}: Floor B {base.rate:.0f}/s "
-                  f"(CPU {base.cpu_us:.0f} us a POST in its worker), {row.name} "
+                  f"(CPU {base.cpu_us:.0f} us a POST in its worker) {' '.join(base.notes)}, "
+                  f"{row.name} "
                   f"{sample.rate:.0f}/s = {row.paired[-1]:.2f} {'; '.join(sample.notes)}",
                   flush=True)
 
