@@ -269,24 +269,9 @@ class Processes:
         back: kombu's BRPOP over its other queues, already in flight, waits up to 1 s (its
         timeout) before the next one names the new queue. A worker of one queue (Floor B's) has
         none in flight and takes at once. That second is the bench's pause, not the work timed,
-        so drains are timed from the first message taken, for every worker alike: when the queue
-        shrank already by the time the worker answered, from the resume itself."""
-        client = redis.Redis.from_url(broker_url)
-        try:
-            seen = int(client.llen(queue))
-            resumed = time.perf_counter()
-            self.resume(broker_url, name, queue)
-            deadline, polls = time.monotonic() + 5, 0
-            # (beat's tasks may join a notifier queue meanwhile: a take is the length falling)
-            while (length := int(client.llen(queue))) >= seen:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"worker {name} took nothing from {queue} in 5 s")
-                seen, polls = length, polls + 1
-                time.sleep(0.001)
-            took = time.perf_counter() if polls else resumed
-        finally:
-            client.close()
-        return took, took - resumed
+        so drains are timed from the first message taken, for every worker alike: a watcher,
+        started before the resume, polls the queue's length every millisecond until it falls."""
+        return first_take(broker_url, queue, lambda: self.resume(broker_url, name, queue))
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -303,6 +288,41 @@ class Processes:
             # The prefork children are in the same group; make sure none outlives its parent.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def first_take(broker_url: str, queue: str, resume: Callable[[], None]) -> tuple[float, float]:
+    """``resume()``, then ``(t0, wake)``: when ``queue``'s length first fell, watched from before
+    the resume, and how long after the resume that was (see ``Processes.resume_timed``)."""
+    client = redis.Redis.from_url(broker_url)
+    took: list[float] = []
+    ready, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        seen = int(client.llen(queue))
+        ready.set()
+        # (beat's tasks may join a notifier queue meanwhile: a take is the length falling)
+        while not done.is_set():
+            length = int(client.llen(queue))
+            if length < seen:
+                took.append(time.perf_counter())
+                return
+            seen = length
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, name="first-take", daemon=True)
+    try:
+        watcher.start()
+        ready.wait(5)
+        resumed = time.perf_counter()
+        resume()
+        watcher.join(5)
+    finally:
+        done.set()
+        watcher.join(1)
+        client.close()
+    if not took:
+        raise BenchError(f"nothing was taken from {queue} in 5 s after the resume")
+    return took[0], took[0] - resumed
 
 
 def woke(wake: float) -> str:
