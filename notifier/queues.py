@@ -98,7 +98,24 @@ end
 # A lease made (its slot held until `expiry`, carrying the deliveries `joined`), or forgotten
 # (1 if its slot was still held); and whether a lease was dispatched less than 10 s ago (a
 # token begins with its dispatch time): one whose task has not started by then is presumed lost.
+# A new lease's token, and its deliveries: up to `n` popped from the head of a queue, or those a
+# lease carries (`items`, comma separated).
 _LEASE_FN = """
+local function new_token(p, now, suffix)
+  -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
+  -- task still out with a lease from before must never give back a newer lease's slot.
+  return now .. '-' .. redis.call('INCR', p .. ':seq') .. suffix
+end
+local function pop(key, n)
+  local popped, ids = redis.call('ZPOPMIN', key, n), {}
+  for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+  return ids
+end
+local function split(items)
+  local ids = {}
+  for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
+  return ids
+end
 local function hold_lease(p, wh, token, expiry, joined)
   redis.call('ZADD', p .. ':slots:' .. wh, expiry, token)
   redis.call('ZADD', p .. ':leases', expiry, wh .. '|' .. token)
@@ -212,15 +229,10 @@ local function dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
       break  -- it waits to board the fast-lane lease waiting to start
     end
     if lane ~= 1 then fast_live = fast_live + 1 end
-    local popped = redis.call('ZPOPMIN', from, size)
-    local ids = {}
-    for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
-    -- The time in it keeps a token unique when Redis is flushed and ':seq' starts again: a
-    -- task still out with a lease from before must never give back a newer lease's slot.
+    local ids = pop(from, size)
     -- A replay lease's token holds an 'R' (see take); a prefork process's ends in 'f' (a lease
     -- riding with another's too: it holds that process).
-    local token = now .. '-' .. redis.call('INCR', p .. ':seq') .. (from == r and 'R' or '')
-                  .. (lane ~= 1 and 'f' or '')
+    local token = new_token(p, now, (from == r and 'R' or '') .. (lane ~= 1 and 'f' or ''))
     local joined = table.concat(ids, ',')
     hold_lease(p, wh, token, now + lease, joined)
     if size < batch and from == q then redis.call('HSET', p .. ':unstarted', wh, token) end
@@ -328,8 +340,7 @@ local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger
     -- The breaker opened since this lease was dispatched: only its probe goes (as it is, one
     -- failure allowed); any other lease gives what it carries back to the head of the queue.
     if probing == token then return {items, 1, {}, {}} end
-    local ids = {}
-    for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
+    local ids = split(items)
     if #ids > 0 then to_head(p, wh, ids, now) end
     redis.call('HSET', p .. ':lease:items', member, '')
     return {'', 1, {}, {}}
@@ -338,15 +349,13 @@ local function take(p, wh, token, batch, now, trip, mode, lease, slow_ms, linger
   if trip > 0 then
     allowed = math.max(1, trip - tonumber(redis.call('HGET', p .. ':breaker:runs', wh) or '0'))
   end
-  local count = 0
-  for _ in string.gmatch(items, '[^,]+') do count = count + 1 end
+  local count = #split(items)
   if room >= 0 and mode == 2 and redis.call('ZCARD', q) > batch - count
       and redis.call('ZCOUNT', slots, now, '+inf')
           < tonumber(redis.call('HGET', p .. ':limit', wh) or '1') then
     -- More waits than it takes, and a slot is free: it moves out, to a task of its own with
     -- those riding with it.
-    local ids = {}
-    for id in string.gmatch(items, '[^,]+') do ids[#ids + 1] = id end
+    local ids = split(items)
     drop_lease(p, wh, token)
     if #ids > 0 then to_head(p, wh, ids, now) end
     return {false, allowed, {}, dispatch(p, wh, batch, now, lease, slow_ms, linger, fast, riders)
@@ -384,11 +393,9 @@ local function board(p, wh, room, mode, expiry, batch, now, lease, slow_ms, ling
     local free = tonumber(redis.call('HGET', p .. ':limit', wh) or '1')
                  - redis.call('ZCOUNT', slots, now, '+inf')
     for _ = 1, math.min(room, free) do
-      local popped = redis.call('ZPOPMIN', q, batch)
-      if #popped == 0 then break end
-      local ids = {}
-      for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
-      local more = now .. '-' .. redis.call('INCR', p .. ':seq') .. 'f'
+      local ids = pop(q, batch)
+      if #ids == 0 then break end
+      local more = new_token(p, now, 'f')
       local joined = table.concat(ids, ',')
       hold_lease(p, wh, more, expiry, joined)
       boarded[#boarded + 1] = more
@@ -887,7 +894,7 @@ class Queues:
     def _leases(webhook_id: str, flat: list[Any] | None) -> list[Lease]:
         if flat is None:
             raise _state_lost(webhook_id)
-        return [Lease(webhook_id, _text(flat[i]), tuple(_text(flat[i + 1]).split(",")),
+        return [Lease(webhook_id, _text(flat[i]), _ids(flat[i + 1]),
                       slow=int(flat[i + 2]) == 1, linger_ms=int(flat[i + 3]),
                       rides=int(flat[i + 2]) == 2)
                 for i in range(0, len(flat), 4)]
