@@ -105,16 +105,20 @@ def honcho(stack: Stack, tmp_path: Path) -> Iterator[Honcho]:
 
 
 def _up(honcho: Honcho) -> dict[str, Any]:
-    """/health once every process answers: the database, Redis, the broker and both workers."""
+    """/health once every process answers: the database, Redis, the broker and both workers,
+    and Flower hears both workers' events (it shows only the task events sent once it listens:
+    answering HTTP, it may not listen yet)."""
     assert honcho.alive(), honcho.log()
     try:
         answer = requests.get(f"{honcho.url('web')}/health", timeout=10)
-        flower = requests.get(f"{honcho.url('flower')}/api/workers", auth=FLOWER_AUTH,
-                              timeout=10)
+        # (status: the workers Flower knows from their events, and whether each is alive)
+        flower = requests.get(f"{honcho.url('flower')}/api/workers", params={"status": "true"},
+                              auth=FLOWER_AUTH, timeout=10)
     except requests.ConnectionError:
         return {}
     data: dict[str, Any] = answer.json()["data"]
-    return data if answer.status_code == 200 and data["workers"] >= 2 and flower.ok else {}
+    heard = flower.ok and sum(map(bool, flower.json().values())) >= 2
+    return data if answer.status_code == 200 and data["workers"] >= 2 and heard else {}
 
 
 def _flower_tasks(honcho: Honcho) -> dict[str, dict[str, Any]]:
